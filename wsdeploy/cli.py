@@ -1,0 +1,180 @@
+"""The ``wsdeploy`` command: a thin click layer over the library API.
+
+Each command parses its arguments, calls the library, and turns a ``WsdeployError`` into a
+one-line ``click.ClickException`` (exit 1). Bad flag combinations are usage errors (exit 2).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from wsdeploy.errors import WsdeployError
+
+console = Console(stderr=True)
+
+
+def _errors(fn):
+    """Report WsdeployError as a one-line click error instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except WsdeployError as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+    return wrapper
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[msg]}"), TimeElapsedColumn(), console=console,
+                    transient=False)
+
+
+def _shape(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not dims or min(dims) < 1:
+        raise click.BadParameter(f"{value!r} must list positive dimensions")
+    return dims
+
+
+model_options = [
+    click.option("--trust-pickle", is_flag=True,
+                 help="Allow loading a full pickled module (runs code from the file)."),
+    click.option("--input-shape", default=None, metavar="B,C,...",
+                 help="Example input shape, needed for pickled modules (e.g. 1,1,4096)."),
+]
+
+
+def with_model_options(fn):
+    for opt in reversed(model_options):
+        fn = opt(fn)
+    return fn
+
+
+@click.group()
+@click.version_option(package_name="wsdeploy")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """wsdeploy: compile weight-sampled networks (WSNet) for phones and boards."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def zoo() -> None:
+    """The bundled model zoo: list architectures, train checkpoints."""
+
+
+@zoo.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def zoo_list(as_json: bool) -> None:
+    """List zoo architectures with their bundled checkpoints and test accuracy."""
+    from wsdeploy.modelfile import load_model
+    from wsdeploy.models import zoo as zoo_mod
+
+    rows = []
+    for name, arch in sorted(zoo_mod.ZOO.items()):
+        ckpt = Path(str(zoo_mod.bundled_checkpoint(name)))
+        acc = None
+        if ckpt.is_file():
+            acc = load_model(ckpt).metrics.get("test_accuracy")
+        rows.append({"name": name, "dataset": arch.dataset, "spec": arch.defaults["spec"],
+                     "description": arch.description, "bundled": ckpt.is_file(),
+                     "test_accuracy": acc})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "data", "spec", "bundled test acc", "description")
+    for r in rows:
+        acc = f"{r['test_accuracy']:.1%}" if r["test_accuracy"] is not None else "-"
+        table.add_row(r["name"], r["dataset"], r["spec"], acc, r["description"])
+    Console().print(table)
+
+
+@zoo.command("train")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Checkpoint file to write.")
+@click.option("--seed", default=0, show_default=True, help="Seed for weights and data.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Override the architecture's epoch count.")
+@click.option("--n-train", type=click.IntRange(min=10), default=None,
+              help="Override the number of training examples.")
+@click.option("--spec", default=None, help="WSNet spec such as S8C4D1 (default: the zoo's).")
+@_errors
+def zoo_train(name: str, output: Path, seed: int, epochs: int | None, n_train: int | None,
+              spec: str | None) -> None:
+    """Train zoo architecture NAME on its offline synthetic dataset."""
+    from wsdeploy.modelfile import save_checkpoint
+    from wsdeploy.models import train
+    from wsdeploy.models import zoo as zoo_mod
+
+    if name not in zoo_mod.ZOO:
+        raise click.BadParameter(f"unknown architecture {name!r}; choose from "
+                                 f"{sorted(zoo_mod.ZOO)}", param_hint="NAME")
+    overrides = {"spec": spec} if spec else {}
+    if spec:
+        from wsdeploy.models import WSSpec
+        try:
+            WSSpec.parse(spec)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--spec") from None
+    with _progress() as bar:
+        task = bar.add_task(f"train {name}", total=None, msg="")
+
+        def progress(done: int, total: int, msg: str) -> None:
+            bar.update(task, completed=done, total=total, msg=msg)
+
+        result = train.train(name, seed=seed, epochs=epochs, n_train=n_train, progress=progress,
+                             **overrides)
+    save_checkpoint(result.model, name, result.config, output, result.metrics)
+    click.echo(f"wrote {output}: test accuracy {result.metrics['test_accuracy']:.1%} "
+               f"on {result.metrics['n_test']} held-out examples")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_model_options
+@_errors
+def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: str | None) -> None:
+    """Per-layer parameters and multiply-adds of MODEL, dense vs weight-sampled.
+
+    MODEL is a checkpoint, a .pt2 export, or a bundled zoo name.
+    """
+    from wsdeploy.inspect import inspect_model
+    from wsdeploy.modelfile import load_model
+
+    report = inspect_model(load_model(model, trust_pickle=trust_pickle,
+                                      input_shape=_shape(input_shape)))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    table = Table("layer", "kind", "in", "out", "phi", "params", "dense params", "dense MACs",
+                  "shared MACs", "compress", "speedup", title=f"{report['model']}")
+    for r in report["layers"]:
+        table.add_row(r["name"], r["kind"], "x".join(map(str, r["in_shape"])),
+                      "x".join(map(str, r["out_shape"])),
+                      "x".join(map(str, r["phi_shape"])) or "-", f"{r['params']:,}",
+                      f"{r['dense_params']:,}", f"{r['dense_macs']:,}", f"{r['shared_macs']:,}",
+                      f"{r['compression']:.1f}x", f"{r['speedup']:.1f}x")
+    t = report["totals"]
+    table.add_row("total", "", "", "", "", f"{t['params']:,}", f"{t['dense_params']:,}",
+                  f"{t['dense_macs']:,}", f"{t['shared_macs']:,}", f"{t['compression']:.1f}x",
+                  f"{t['speedup']:.1f}x", style="bold")
+    Console(width=200).print(table)

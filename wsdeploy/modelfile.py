@@ -1,0 +1,224 @@
+"""Safe model files: load checkpoints without running code, and write them atomically.
+
+Three kinds of input are accepted:
+
+- a wsdeploy checkpoint: ``torch.save`` of a plain dict (format, version, arch, config,
+  state_dict, metrics) that loads with ``torch.load(weights_only=True)``: nothing in the file
+  can name a Python callable, so nothing in it runs;
+- a ``torch.export`` program (``.pt2``);
+- a full-module pickle, only with ``trust_pickle=True``: unpickling runs arbitrary code, so it
+  is refused by default and the payload never executes.
+
+A bundled zoo name (``wsnet1d-tiny``) stands for its bundled checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsdeploy.errors import ModelFileError, UnsafeModelError
+from wsdeploy.models import zoo
+
+log = logging.getLogger(__name__)
+
+FORMAT = "wsdeploy-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to trace: the eager module in eval mode and what is known about it."""
+
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    source: str
+    sha256: str
+    kind: str  # "checkpoint", "pt2" or "pickle"
+    arch: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    exported: torch.export.ExportedProgram | None = None
+
+    @property
+    def dataset(self) -> str | None:
+        """The zoo dataset kind ("audio"/"image") the model was trained on, if known."""
+        return zoo.ZOO[self.arch].dataset if self.arch in zoo.ZOO else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(module: nn.Module, arch: str, config: dict[str, Any], path: Path,
+                    metrics: dict[str, Any] | None = None) -> None:
+    """Write a weights-only checkpoint of a zoo architecture atomically."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": arch,
+        "config": dict(config),
+        "state_dict": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "metrics": dict(metrics or {}),
+    }
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def resolve(model: str | Path) -> Path:
+    """A path to an existing file, or a bundled zoo name mapped to its checkpoint."""
+    p = Path(model)
+    if p.is_file():
+        return p
+    if str(model) in zoo.ZOO:
+        bundled = Path(str(zoo.bundled_checkpoint(str(model))))
+        if bundled.is_file():
+            return bundled
+        raise ModelFileError(f"zoo model {model!r} has no bundled checkpoint; train one with "
+                             f"'wsdeploy zoo train {model} -o FILE'")
+    if p.exists():
+        raise ModelFileError(f"{p} is not a file")
+    raise ModelFileError(f"no such model file or zoo model: {model!s} "
+                         f"(zoo: {', '.join(sorted(zoo.ZOO))})")
+
+
+def load_model(model: str | Path, *, trust_pickle: bool = False,
+               input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+    """Load a model file (or bundled zoo name) safely; see the module docstring.
+
+    Args:
+        model: path to a ``.pt`` checkpoint, a ``.pt2`` export, a pickled module, or a zoo name.
+        trust_pickle: allow unpickling a full module (runs code from the file).
+        input_shape: example input shape; required for pickled modules, which carry none.
+
+    Raises:
+        UnsafeModelError: the file needs arbitrary unpickling and ``trust_pickle`` is False.
+        ModelFileError: missing, truncated or corrupt file, unknown architecture, or a state
+            dict that does not match the architecture.
+    """
+    path = resolve(model)
+    digest = sha256_file(path)
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a PyTorch model file (truncated or corrupt?)")
+    if _is_pt2(path):
+        return _load_pt2(path, digest)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ModelFileError(f"{path}: corrupt model file ({_first_line(e)})") from e
+        if not trust_pickle:
+            raise UnsafeModelError(
+                f"{path} is a full pickle that can run arbitrary code when loaded; refusing it. "
+                "Re-save it as a wsdeploy checkpoint, or pass --trust-pickle if you trust "
+                "its author") from None
+        return _load_pickle(path, digest, input_shape)
+    except Exception as e:  # zip and stream errors of truncated files
+        raise ModelFileError(f"{path}: corrupt or truncated model file ({_first_line(e)})") from e
+    return _from_checkpoint(payload, path, digest)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _is_pt2(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1] == "archive_format" for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def _from_checkpoint(payload: Any, path: Path, digest: str) -> LoadedModel:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a wsdeploy checkpoint (a bare state dict carries no "
+                             "architecture; save with wsdeploy.modelfile.save_checkpoint)")
+    if payload.get("version") != VERSION:
+        raise ModelFileError(f"{path}: checkpoint format version {payload.get('version')!r} "
+                             f"is not supported (this wsdeploy reads version {VERSION})")
+    arch_name = payload.get("arch")
+    if arch_name not in zoo.ZOO:
+        raise ModelFileError(f"{path}: unknown architecture {arch_name!r}; "
+                             f"known: {', '.join(sorted(zoo.ZOO))}")
+    arch = zoo.ZOO[arch_name]
+    try:
+        config = arch.config(**payload.get("config", {}))
+        module = arch.build(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelFileError(f"{path}: bad config for {arch_name}: {_first_line(e)}") from e
+    state = payload.get("state_dict")
+    if not isinstance(state, dict):
+        raise ModelFileError(f"{path}: checkpoint has no state_dict")
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    bad = sorted(k for k in set(own) & set(state)
+                 if not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)
+    if missing or extra or bad:
+        parts = [f"missing {missing[:3]}" if missing else "",
+                 f"unexpected {extra[:3]}" if extra else "",
+                 f"wrong shape {bad[:3]}" if bad else ""]
+        raise ModelFileError(f"{path}: state_dict does not match {arch_name}: "
+                             + "; ".join(p for p in parts if p))
+    module.load_state_dict(state)
+    module.eval()
+    return LoadedModel(module, arch.input_shape(config), str(path), digest, "checkpoint",
+                       arch_name, config, dict(payload.get("metrics", {})))
+
+
+def _load_pt2(path: Path, digest: str) -> LoadedModel:
+    try:
+        ep = torch.export.load(path)
+    except Exception as e:
+        raise ModelFileError(f"{path}: cannot load torch.export program ({_first_line(e)})") from e
+    user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    if len(user_inputs) != 1:
+        raise ModelFileError(f"{path}: exported program must take exactly one tensor input, "
+                             f"takes {len(user_inputs)}")
+    name = user_inputs[0].arg.name
+    node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name)
+    shape = tuple(int(d) for d in node.meta["val"].shape)
+    return LoadedModel(ep.module(), shape, str(path), digest, "pt2", exported=ep)
+
+
+def _load_pickle(path: Path, digest: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ModelFileError(f"{path}: cannot unpickle model ({_first_line(e)})") from e
+    if not isinstance(obj, nn.Module):
+        raise ModelFileError(f"{path}: pickle holds a {type(obj).__name__}, not an nn.Module")
+    if input_shape is None:
+        raise ModelFileError(f"{path}: a pickled module carries no input shape; pass "
+                             "--input-shape, e.g. 1,1,4096")
+    obj.eval()
+    return LoadedModel(obj, tuple(input_shape), str(path), digest, "pickle")

@@ -1,0 +1,57 @@
+"""The ``wsnet`` ONNX domain: one op per WSNet layer kind, whose only weight is phi.
+
+``wsnet.WSConv1d(X, phi, scale, bias)``, ``wsnet.WSConv2d(X, phi, scale, bias)`` and
+``wsnet.WSLinear(X, phi, scale, bias)`` compute the weight-sampled layer (WSNET.md §1) and then
+the per-output-channel affine epilogue ``y * scale + bias``. ``scale`` and ``bias`` are
+optional inputs (absent means 1 and 0); the affine pass fills them from the bias add and
+batch norm that follow a layer. Attributes are the integer sampling parameters of the
+PyTorch custom ops of the same names.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import defs
+
+DOMAIN = "wsnet"
+VERSION = 1
+
+CONV_ATTRS = ("out_channels", "kernel_size", "stride", "padding", "sample_stride",
+              "channel_repeat")
+LINEAR_ATTRS = ("out_features", "in_features", "sample_stride", "channel_repeat")
+
+OPS: dict[str, tuple[str, ...]] = {
+    "WSConv1d": CONV_ATTRS,
+    "WSConv2d": CONV_ATTRS,
+    "WSLinear": LINEAR_ATTRS,
+}
+
+_registered = False
+
+
+def register_schemas() -> None:
+    """Register the wsnet op schemas with onnx (idempotent); the exporter and checker need them."""
+    global _registered
+    if _registered:
+        return
+    param = defs.OpSchema.FormalParameter
+    option = defs.OpSchema.FormalParameterOption.Optional
+    for op_type, attrs in OPS.items():
+        if defs.has(op_type, DOMAIN):
+            continue
+        schema = defs.OpSchema(
+            op_type, DOMAIN, VERSION,
+            doc=f"Weight-sampled layer {op_type}; see wsdeploy.onnx_ops.",
+            inputs=[param("X", "T"), param("phi", "T"), param("scale", "T", param_option=option),
+                    param("bias", "T", param_option=option)],
+            outputs=[param("Y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "float tensors")],
+            attributes=[defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT, "")
+                        for a in attrs],
+        )
+        defs.register_schema(schema)
+    _registered = True
+
+
+def opset_import() -> onnx.OperatorSetIdProto:
+    return onnx.helper.make_opsetid(DOMAIN, VERSION)

@@ -1,0 +1,97 @@
+"""Trace a loaded model with ``torch.export`` and translate it to an ONNX IR model.
+
+Each WSNet custom op (``wsnet::conv1d`` ...) becomes one ``wsnet`` domain node whose only
+weight is phi (see ``wsdeploy.onnx_ops``); every other op goes through the stock
+``torch.onnx`` dynamo exporter. Shapes are static: the model's example input shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import onnx_ir as ir
+import torch
+from onnxscript import values
+
+from wsdeploy import onnx_ops
+from wsdeploy.errors import CompileError, UnsupportedLayerError
+from wsdeploy.modelfile import LoadedModel
+
+log = logging.getLogger(__name__)
+
+_wsnet = values.Opset(onnx_ops.DOMAIN, onnx_ops.VERSION)
+
+
+def _conv1d(x, phi, out_channels: int, kernel_size: int, stride: int, padding: int,
+            sample_stride: int, channel_repeat: int):
+    return _wsnet.WSConv1d(x, phi, out_channels=out_channels, kernel_size=kernel_size,
+                           stride=stride, padding=padding, sample_stride=sample_stride,
+                           channel_repeat=channel_repeat)
+
+
+def _conv2d(x, phi, out_channels: int, kernel_size: int, stride: int, padding: int,
+            sample_stride: int, channel_repeat: int):
+    return _wsnet.WSConv2d(x, phi, out_channels=out_channels, kernel_size=kernel_size,
+                           stride=stride, padding=padding, sample_stride=sample_stride,
+                           channel_repeat=channel_repeat)
+
+
+def _linear(x, phi, out_features: int, in_features: int, sample_stride: int,
+            channel_repeat: int):
+    return _wsnet.WSLinear(x, phi, out_features=out_features, in_features=in_features,
+                           sample_stride=sample_stride, channel_repeat=channel_repeat)
+
+
+def _translations() -> dict:
+    from wsdeploy.models import layers  # registers the torch custom ops
+
+    del layers
+    return {
+        torch.ops.wsnet.conv1d.default: _conv1d,
+        torch.ops.wsnet.conv2d.default: _conv2d,
+        torch.ops.wsnet.linear.default: _linear,
+    }
+
+
+def trace(loaded: LoadedModel) -> torch.export.ExportedProgram:
+    """``torch.export`` the model at its example input shape (a .pt2 is already traced)."""
+    if loaded.exported is not None:
+        return loaded.exported
+    example = (torch.zeros(loaded.input_shape),)
+    try:
+        return torch.export.export(loaded.module, example)
+    except Exception as e:
+        raise UnsupportedLayerError(f"torch.export could not trace {loaded.source}: "
+                                    f"{str(e).strip().splitlines()[0][:300]}") from e
+
+
+def to_onnx(ep: torch.export.ExportedProgram) -> ir.Model:
+    """Translate an exported program to ONNX IR with one ``wsnet`` node per WSNet layer.
+
+    The stock optimiser runs (it folds the small constant shape arithmetic torch emits), but
+    it cannot see through a ``wsnet`` node, so phi is never materialised into dense weights.
+    """
+    onnx_ops.register_schemas()
+    example = _example_inputs(ep)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(ep, example, dynamo=True, optimize=True,
+                                        custom_translation_table=_translations(),
+                                        verbose=False, report=False)
+    except Exception as e:
+        raise CompileError(f"ONNX export failed: {str(e).strip().splitlines()[0][:300]}") from e
+    model = program.model
+    model.graph.opset_imports.setdefault(onnx_ops.DOMAIN, onnx_ops.VERSION)
+    for i, value in enumerate(model.graph.inputs):
+        value.name = "input" if len(model.graph.inputs) == 1 else f"input_{i}"
+    for i, value in enumerate(model.graph.outputs):
+        value.name = "output" if len(model.graph.outputs) == 1 else f"output_{i}"
+    return model
+
+
+def _example_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...]:
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    return tuple(torch.zeros(tuple(nodes[n].meta["val"].shape)) for n in names)

@@ -35,23 +35,26 @@ def _index2d(n: int, k: int, s: int) -> tuple[Tensor, Tensor]:
     return r, c
 
 
-def conv1d_weight(phi: Tensor, out_channels: int, kernel_size: int, sample_stride: int,
-                  channel_repeat: int) -> Tensor:
+def conv1d_weight(
+    phi: Tensor, out_channels: int, kernel_size: int, sample_stride: int, channel_repeat: int
+) -> Tensor:
     """Dense (N, C, L) weight sampled from phi (C*, L*); differentiable in phi."""
     w = phi[:, _index1d(out_channels, kernel_size, sample_stride)]
     return w.permute(1, 0, 2).repeat(1, channel_repeat, 1)
 
 
-def conv2d_weight(phi: Tensor, out_channels: int, kernel_size: int, sample_stride: int,
-                  channel_repeat: int) -> Tensor:
+def conv2d_weight(
+    phi: Tensor, out_channels: int, kernel_size: int, sample_stride: int, channel_repeat: int
+) -> Tensor:
     """Dense (N, C, k, k) weight sampled from phi (C*, H*, W*); differentiable in phi."""
     r, c = _index2d(out_channels, kernel_size, sample_stride)
     w = phi[:, r, c]
     return w.permute(1, 0, 2, 3).repeat(1, channel_repeat, 1, 1)
 
 
-def linear_weight(phi: Tensor, out_features: int, in_features: int, sample_stride: int,
-                  channel_repeat: int) -> Tensor:
+def linear_weight(
+    phi: Tensor, out_features: int, in_features: int, sample_stride: int, channel_repeat: int
+) -> Tensor:
     """Dense (out, in) weight sampled from the condensed vector phi; differentiable in phi."""
     w = phi[_index1d(out_features, in_features // channel_repeat, sample_stride)]
     return w.repeat(1, channel_repeat)
@@ -68,29 +71,52 @@ def _conv2d_ref(x, phi, out_channels, kernel_size, stride, padding, sample_strid
 
 
 def _linear_ref(x, phi, out_features, in_features, sample_stride, channel_repeat):
-    return F.linear(x, linear_weight(phi, out_features, in_features, sample_stride,
-                                     channel_repeat))
+    return F.linear(x, linear_weight(phi, out_features, in_features, sample_stride, channel_repeat))
 
 
 @torch.library.custom_op("wsnet::conv1d", mutates_args=())
-def ws_conv1d(x: Tensor, phi: Tensor, out_channels: int, kernel_size: int, stride: int,
-              padding: int, sample_stride: int, channel_repeat: int) -> Tensor:
+def ws_conv1d(
+    x: Tensor,
+    phi: Tensor,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    sample_stride: int,
+    channel_repeat: int,
+) -> Tensor:
     """Weight-sampled conv1d without bias: x (B, C, T) -> (B, N, T_out)."""
-    return _conv1d_ref(x, phi, out_channels, kernel_size, stride, padding, sample_stride,
-                       channel_repeat)
+    return _conv1d_ref(
+        x, phi, out_channels, kernel_size, stride, padding, sample_stride, channel_repeat
+    )
 
 
 @torch.library.custom_op("wsnet::conv2d", mutates_args=())
-def ws_conv2d(x: Tensor, phi: Tensor, out_channels: int, kernel_size: int, stride: int,
-              padding: int, sample_stride: int, channel_repeat: int) -> Tensor:
+def ws_conv2d(
+    x: Tensor,
+    phi: Tensor,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    sample_stride: int,
+    channel_repeat: int,
+) -> Tensor:
     """Weight-sampled conv2d without bias: x (B, C, H, W) -> (B, N, H_out, W_out)."""
-    return _conv2d_ref(x, phi, out_channels, kernel_size, stride, padding, sample_stride,
-                       channel_repeat)
+    return _conv2d_ref(
+        x, phi, out_channels, kernel_size, stride, padding, sample_stride, channel_repeat
+    )
 
 
 @torch.library.custom_op("wsnet::linear", mutates_args=())
-def ws_linear(x: Tensor, phi: Tensor, out_features: int, in_features: int, sample_stride: int,
-              channel_repeat: int) -> Tensor:
+def ws_linear(
+    x: Tensor,
+    phi: Tensor,
+    out_features: int,
+    in_features: int,
+    sample_stride: int,
+    channel_repeat: int,
+) -> Tensor:
     """Weight-sampled linear without bias: x (..., in) -> (..., out)."""
     return _linear_ref(x, phi, out_features, in_features, sample_stride, channel_repeat)
 
@@ -189,22 +215,42 @@ class _WSBase(nn.Module):
 class WSConv1d(_WSBase):
     """Conv1d whose N filters of length L are windows of one condensed filter phi (C*, L*)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-                 padding: int = 0, sample_stride: int = 1, channel_repeat: int = 1,
-                 bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        sample_stride: int = 1,
+        channel_repeat: int = 1,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         if in_channels % channel_repeat:
             raise ValueError(f"channel_repeat {channel_repeat} does not divide {in_channels}")
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.in_channels, self.out_channels, self.kernel_size = (
+            in_channels,
+            out_channels,
+            kernel_size,
+        )
         self.stride, self.padding = stride, padding
         self.sample_stride, self.channel_repeat = sample_stride, channel_repeat
         length = sampling.condensed_length(out_channels, kernel_size, sample_stride)
-        self._init((in_channels // channel_repeat, length), out_channels, bias,
-                   in_channels * kernel_size)
+        self._init(
+            (in_channels // channel_repeat, length), out_channels, bias, in_channels * kernel_size
+        )
 
     def attrs(self) -> tuple[int, ...]:
-        return (self.out_channels, self.kernel_size, self.stride, self.padding,
-                self.sample_stride, self.channel_repeat)
+        return (
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.sample_stride,
+            self.channel_repeat,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         y = torch.ops.wsnet.conv1d(x, self.phi, *self.attrs())
@@ -212,12 +258,19 @@ class WSConv1d(_WSBase):
 
     def materialize(self) -> Tensor:
         """The dense (N, C, L) weight this layer computes with."""
-        return conv1d_weight(self.phi, self.out_channels, self.kernel_size, self.sample_stride,
-                             self.channel_repeat)
+        return conv1d_weight(
+            self.phi, self.out_channels, self.kernel_size, self.sample_stride, self.channel_repeat
+        )
 
     def to_dense(self) -> nn.Conv1d:
-        conv = nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                         padding=self.padding, bias=self.bias is not None)
+        conv = nn.Conv1d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            bias=self.bias is not None,
+        )
         with torch.no_grad():
             conv.weight.copy_(self.materialize())
             if self.bias is not None:
@@ -232,36 +285,69 @@ class WSConv1d(_WSBase):
         batch = in_shape[0]
         dense = batch * n * c * k * t_out
         shared = batch * (positions * (cs * ls + ls) + n * t_out)
-        return LayerCount(name, "WSConv1d", in_shape, out_shape, tuple(self.phi.shape),
-                          self.phi.numel() + self._bias_params(), n * c * k + self._bias_params(),
-                          dense, shared)
+        return LayerCount(
+            name,
+            "WSConv1d",
+            in_shape,
+            out_shape,
+            tuple(self.phi.shape),
+            self.phi.numel() + self._bias_params(),
+            n * c * k + self._bias_params(),
+            dense,
+            shared,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, sample_stride="
-                f"{self.sample_stride}, channel_repeat={self.channel_repeat}, "
-                f"phi={tuple(self.phi.shape)}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, sample_stride="
+            f"{self.sample_stride}, channel_repeat={self.channel_repeat}, "
+            f"phi={tuple(self.phi.shape)}"
+        )
 
 
 class WSConv2d(_WSBase):
     """Conv2d whose N k x k filters are shifted patches of one condensed filter (C*, H*, W*)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-                 padding: int = 0, sample_stride: int = 1, channel_repeat: int = 1,
-                 bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        sample_stride: int = 1,
+        channel_repeat: int = 1,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         if in_channels % channel_repeat:
             raise ValueError(f"channel_repeat {channel_repeat} does not divide {in_channels}")
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.in_channels, self.out_channels, self.kernel_size = (
+            in_channels,
+            out_channels,
+            kernel_size,
+        )
         self.stride, self.padding = stride, padding
         self.sample_stride, self.channel_repeat = sample_stride, channel_repeat
         hs, ws = sampling.condensed_shape_2d(out_channels, kernel_size, sample_stride)
-        self._init((in_channels // channel_repeat, hs, ws), out_channels, bias,
-                   in_channels * kernel_size * kernel_size)
+        self._init(
+            (in_channels // channel_repeat, hs, ws),
+            out_channels,
+            bias,
+            in_channels * kernel_size * kernel_size,
+        )
 
     def attrs(self) -> tuple[int, ...]:
-        return (self.out_channels, self.kernel_size, self.stride, self.padding,
-                self.sample_stride, self.channel_repeat)
+        return (
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.sample_stride,
+            self.channel_repeat,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         y = torch.ops.wsnet.conv2d(x, self.phi, *self.attrs())
@@ -269,12 +355,19 @@ class WSConv2d(_WSBase):
 
     def materialize(self) -> Tensor:
         """The dense (N, C, k, k) weight this layer computes with."""
-        return conv2d_weight(self.phi, self.out_channels, self.kernel_size, self.sample_stride,
-                             self.channel_repeat)
+        return conv2d_weight(
+            self.phi, self.out_channels, self.kernel_size, self.sample_stride, self.channel_repeat
+        )
 
     def to_dense(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                         padding=self.padding, bias=self.bias is not None)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            bias=self.bias is not None,
+        )
         with torch.no_grad():
             conv.weight.copy_(self.materialize())
             if self.bias is not None:
@@ -289,29 +382,47 @@ class WSConv2d(_WSBase):
         batch = in_shape[0]
         dense = batch * n * c * k * k * ho * wo
         shared = batch * (positions * (cs * hs * ws + hs * ws) + n * ho * wo)
-        return LayerCount(name, "WSConv2d", in_shape, out_shape, tuple(self.phi.shape),
-                          self.phi.numel() + self._bias_params(),
-                          n * c * k * k + self._bias_params(), dense, shared)
+        return LayerCount(
+            name,
+            "WSConv2d",
+            in_shape,
+            out_shape,
+            tuple(self.phi.shape),
+            self.phi.numel() + self._bias_params(),
+            n * c * k * k + self._bias_params(),
+            dense,
+            shared,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, sample_stride="
-                f"{self.sample_stride}, channel_repeat={self.channel_repeat}, "
-                f"phi={tuple(self.phi.shape)}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, sample_stride="
+            f"{self.sample_stride}, channel_repeat={self.channel_repeat}, "
+            f"phi={tuple(self.phi.shape)}"
+        )
 
 
 class WSLinear(_WSBase):
     """Linear layer whose rows are windows of one condensed vector (saves parameters only)."""
 
-    def __init__(self, in_features: int, out_features: int, *, sample_stride: int = 1,
-                 channel_repeat: int = 1, bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        sample_stride: int = 1,
+        channel_repeat: int = 1,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         if in_features % channel_repeat:
             raise ValueError(f"channel_repeat {channel_repeat} does not divide {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.sample_stride, self.channel_repeat = sample_stride, channel_repeat
-        length = sampling.condensed_length(out_features, in_features // channel_repeat,
-                                           sample_stride)
+        length = sampling.condensed_length(
+            out_features, in_features // channel_repeat, sample_stride
+        )
         self._init((length,), out_features, bias, in_features)
 
     def attrs(self) -> tuple[int, ...]:
@@ -323,8 +434,9 @@ class WSLinear(_WSBase):
 
     def materialize(self) -> Tensor:
         """The dense (out, in) weight this layer computes with."""
-        return linear_weight(self.phi, self.out_features, self.in_features, self.sample_stride,
-                             self.channel_repeat)
+        return linear_weight(
+            self.phi, self.out_features, self.in_features, self.sample_stride, self.channel_repeat
+        )
 
     def to_dense(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
@@ -339,13 +451,23 @@ class WSLinear(_WSBase):
         for d in in_shape[:-1]:
             rows *= d
         macs = rows * self.in_features * self.out_features
-        return LayerCount(name, "WSLinear", in_shape, out_shape, tuple(self.phi.shape),
-                          self.phi.numel() + self._bias_params(),
-                          self.in_features * self.out_features + self._bias_params(), macs, macs)
+        return LayerCount(
+            name,
+            "WSLinear",
+            in_shape,
+            out_shape,
+            tuple(self.phi.shape),
+            self.phi.numel() + self._bias_params(),
+            self.in_features * self.out_features + self._bias_params(),
+            macs,
+            macs,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, sample_stride={self.sample_stride}, "
-                f"channel_repeat={self.channel_repeat}, phi={tuple(self.phi.shape)}")
+        return (
+            f"{self.in_features}, {self.out_features}, sample_stride={self.sample_stride}, "
+            f"channel_repeat={self.channel_repeat}, phi={tuple(self.phi.shape)}"
+        )
 
 
 WS_LAYERS = (WSConv1d, WSConv2d, WSLinear)
@@ -406,8 +528,10 @@ def count_model(model: nn.Module, example: Tensor) -> ModelCount:
     handles = []
     for name, mod in model.named_modules():
         if isinstance(mod, WS_LAYERS) or any(True for _ in mod.parameters(recurse=False)):
+
             def hook(m, inp, out, name=name):
                 shapes[name] = (tuple(inp[0].shape), tuple(out.shape))
+
             handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():

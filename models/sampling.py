@@ -55,15 +55,17 @@ def conv2d_offsets(out_channels: int, sample_stride: int) -> tuple[np.ndarray, n
     return (i // cols) * sample_stride, (i % cols) * sample_stride
 
 
-def materialize_conv1d(phi: np.ndarray, out_channels: int, kernel_size: int,
-                       sample_stride: int, channel_repeat: int) -> np.ndarray:
+def materialize_conv1d(
+    phi: np.ndarray, out_channels: int, kernel_size: int, sample_stride: int, channel_repeat: int
+) -> np.ndarray:
     """Dense (N, C, L) weight from phi (C*, L*)."""
     w = phi[:, conv1d_index(out_channels, kernel_size, sample_stride)]  # (C*, N, L)
     return np.tile(w.transpose(1, 0, 2), (1, channel_repeat, 1))
 
 
-def materialize_conv2d(phi: np.ndarray, out_channels: int, kernel_size: int,
-                       sample_stride: int, channel_repeat: int) -> np.ndarray:
+def materialize_conv2d(
+    phi: np.ndarray, out_channels: int, kernel_size: int, sample_stride: int, channel_repeat: int
+) -> np.ndarray:
     """Dense (N, C, k, k) weight from phi (C*, H*, W*)."""
     rows, cols = conv2d_offsets(out_channels, sample_stride)
     k = np.arange(kernel_size)
@@ -73,8 +75,9 @@ def materialize_conv2d(phi: np.ndarray, out_channels: int, kernel_size: int,
     return np.tile(w.transpose(1, 0, 2, 3), (1, channel_repeat, 1, 1))
 
 
-def materialize_linear(phi: np.ndarray, out_features: int, in_features: int,
-                       sample_stride: int, channel_repeat: int) -> np.ndarray:
+def materialize_linear(
+    phi: np.ndarray, out_features: int, in_features: int, sample_stride: int, channel_repeat: int
+) -> np.ndarray:
     """Dense (out, in) weight from the condensed vector phi (in/r + (out-1)*S,)."""
     w = phi[conv1d_index(out_features, in_features // channel_repeat, sample_stride)]
     return np.tile(w, (1, channel_repeat))
@@ -105,8 +108,9 @@ class WSSpec:
         q = f"Q{self.quant}" if self.quant != 1 else ""
         return f"S{self.compactness}C{self.repeat}D{self.dense}{q}"
 
-    def layer_args(self, in_channels: int, out_channels: int, kernel_size: int,
-                   *, ndim: int = 1) -> dict[str, int]:
+    def layer_args(
+        self, in_channels: int, out_channels: int, kernel_size: int, *, ndim: int = 1
+    ) -> dict[str, int]:
         """Sampling arguments for one layer built from a baseline (in, out, kernel) layer.
 
         Returns ``out_channels`` (baseline N times the dense factor), ``sample_stride`` and

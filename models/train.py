@@ -23,8 +23,9 @@ Progress = Callable[[int, int, str], None]
 """progress(done, total, message): called after every training step."""
 
 
-def dataset_for(arch: zoo.Arch, config: dict[str, Any], split: str, n: int,
-                seed: int = 0) -> data.Dataset:
+def dataset_for(
+    arch: zoo.Arch, config: dict[str, Any], split: str, n: int, seed: int = 0
+) -> data.Dataset:
     """The split of the zoo dataset that a model of ``arch`` with ``config`` consumes."""
     if arch.dataset == "audio":
         return data.make_dataset("audio", split, n, seed=seed, length=config["input_length"])
@@ -37,8 +38,8 @@ def evaluate(model: nn.Module, ds: data.Dataset, batch_size: int = 64) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(ds.y), batch_size):
-        logits = model(torch.from_numpy(ds.x[i:i + batch_size]))
-        correct += int((logits.argmax(-1).numpy() == ds.y[i:i + batch_size]).sum())
+        logits = model(torch.from_numpy(ds.x[i : i + batch_size]))
+        correct += int((logits.argmax(-1).numpy() == ds.y[i : i + batch_size]).sum())
     return correct / len(ds.y)
 
 
@@ -49,8 +50,15 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def train(name: str, *, seed: int = 0, epochs: int | None = None, n_train: int | None = None,
-          progress: Progress | None = None, **config_overrides: Any) -> TrainResult:
+def train(
+    name: str,
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    n_train: int | None = None,
+    progress: Progress | None = None,
+    **config_overrides: Any,
+) -> TrainResult:
     """Train zoo architecture ``name`` from scratch with Adam and a cosine schedule.
 
     Args:
@@ -81,7 +89,7 @@ def train(name: str, *, seed: int = 0, epochs: int | None = None, n_train: int |
         model.train()
         order = rng.permutation(n_train)
         for i in range(0, n_train, bs):
-            idx = order[i:i + bs]
+            idx = order[i : i + bs]
             x = torch.from_numpy(train_ds.x[idx])
             y = torch.from_numpy(train_ds.y[idx])
             loss = loss_fn(model(x), y)

@@ -25,16 +25,25 @@ class GlobalAvgPool(nn.Module):
         return x.flatten(2).mean(-1)
 
 
-def _ws_conv(ndim: int, spec: WSSpec, cin: int, cout: int, k: int, stride: int,
-             padding: int) -> nn.Module:
+def _ws_conv(
+    ndim: int, spec: WSSpec, cin: int, cout: int, k: int, stride: int, padding: int
+) -> nn.Module:
     args = spec.layer_args(cin, cout, k, ndim=ndim)
     cls = WSConv1d if ndim == 1 else WSConv2d
-    return cls(cin, args["out_channels"], k, stride=stride, padding=padding,
-               sample_stride=args["sample_stride"], channel_repeat=args["channel_repeat"])
+    return cls(
+        cin,
+        args["out_channels"],
+        k,
+        stride=stride,
+        padding=padding,
+        sample_stride=args["sample_stride"],
+        channel_repeat=args["channel_repeat"],
+    )
 
 
-def _conv_stack(ndim: int, spec: WSSpec, in_channels: int,
-                layers: list[tuple[int, int, int, int, int]]) -> tuple[list[nn.Module], int]:
+def _conv_stack(
+    ndim: int, spec: WSSpec, in_channels: int, layers: list[tuple[int, int, int, int, int]]
+) -> tuple[list[nn.Module], int]:
     """Conv -> BN -> ReLU [-> MaxPool] blocks from rows (out, kernel, stride, pad, pool)."""
     bn = nn.BatchNorm1d if ndim == 1 else nn.BatchNorm2d
     pool = nn.MaxPool1d if ndim == 1 else nn.MaxPool2d
@@ -52,13 +61,26 @@ def _conv_stack(ndim: int, spec: WSSpec, in_channels: int,
 def build_soundnet8(config: dict[str, Any]) -> nn.Module:
     """SoundNet-8 (WSNET.md §3) from WSNet layers; logits are the head averaged over time."""
     spec = WSSpec.parse(config["spec"])
-    rows = [(16, 64, 2, 32, 8), (32, 32, 2, 16, 8), (64, 16, 2, 8, 1), (128, 8, 2, 4, 1),
-            (256, 4, 2, 2, 4), (512, 4, 2, 2, 1), (1024, 4, 2, 2, 1)]
+    rows = [
+        (16, 64, 2, 32, 8),
+        (32, 32, 2, 16, 8),
+        (64, 16, 2, 8, 1),
+        (128, 8, 2, 4, 1),
+        (256, 4, 2, 2, 4),
+        (512, 4, 2, 2, 1),
+        (1024, 4, 2, 2, 1),
+    ]
     mods, cin = _conv_stack(1, spec, 1, rows)
     head_args = spec.layer_args(cin, config["num_classes"], 8)
-    head = WSConv1d(cin, config["num_classes"], 8, stride=2, padding=0,
-                    sample_stride=head_args["sample_stride"],
-                    channel_repeat=head_args["channel_repeat"])
+    head = WSConv1d(
+        cin,
+        config["num_classes"],
+        8,
+        stride=2,
+        padding=0,
+        sample_stride=head_args["sample_stride"],
+        channel_repeat=head_args["channel_repeat"],
+    )
     return nn.Sequential(*mods, head, GlobalAvgPool())
 
 
@@ -68,8 +90,12 @@ def build_tiny1d(config: dict[str, Any]) -> nn.Module:
     rows = [(16, 32, 2, 16, 4), (32, 16, 2, 8, 4), (64, 8, 2, 4, 1)]
     mods, cin = _conv_stack(1, spec, 1, rows)
     lin_args = spec.layer_args(cin, config["num_classes"], cin)
-    fc = WSLinear(cin, config["num_classes"], sample_stride=max(1, cin // spec.compactness),
-                  channel_repeat=lin_args["channel_repeat"])
+    fc = WSLinear(
+        cin,
+        config["num_classes"],
+        sample_stride=max(1, cin // spec.compactness),
+        channel_repeat=lin_args["channel_repeat"],
+    )
     return nn.Sequential(*mods, GlobalAvgPool(), fc)
 
 
@@ -79,8 +105,12 @@ def build_cifar2d(config: dict[str, Any]) -> nn.Module:
     rows = [(16, 3, 1, 1, 1), (32, 3, 1, 1, 2), (64, 3, 1, 1, 2), (64, 3, 1, 1, 1)]
     mods, cin = _conv_stack(2, spec, 3, rows)
     lin_args = spec.layer_args(cin, config["num_classes"], cin)
-    fc = WSLinear(cin, config["num_classes"], sample_stride=max(1, cin // spec.compactness),
-                  channel_repeat=lin_args["channel_repeat"])
+    fc = WSLinear(
+        cin,
+        config["num_classes"],
+        sample_stride=max(1, cin // spec.compactness),
+        channel_repeat=lin_args["channel_repeat"],
+    )
     return nn.Sequential(*mods, GlobalAvgPool(), fc)
 
 
@@ -113,18 +143,30 @@ class Arch:
 ZOO: dict[str, Arch] = {
     a.name: a
     for a in (
-        Arch("wsnet1d-tiny", build_tiny1d,
-             {"spec": "S4C2D1", "num_classes": 10, "input_length": 4096}, "audio",
-             "small 1-D WSNet (3 convs + linear) on 0.19 s of 22,050 Hz audio",
-             {"n_train": 3000, "n_test": 1000, "epochs": 8, "batch_size": 64, "lr": 3e-3}),
-        Arch("wsnet1d-soundnet8", build_soundnet8,
-             {"spec": "S8C16D1", "num_classes": 10, "input_length": 220500}, "audio",
-             "SoundNet-8 of WSNet layers on 10 s of 22,050 Hz audio (WSNET.md §3)",
-             {"n_train": 800, "n_test": 200, "epochs": 6, "batch_size": 16, "lr": 3e-3}),
-        Arch("wsnet2d-cifar", build_cifar2d,
-             {"spec": "S4C2D1", "num_classes": 10, "image_size": 32}, "image",
-             "small CIFAR-10-style 2-D WSNet on 32x32 RGB images",
-             {"n_train": 4000, "n_test": 1000, "epochs": 6, "batch_size": 64, "lr": 3e-3}),
+        Arch(
+            "wsnet1d-tiny",
+            build_tiny1d,
+            {"spec": "S4C2D1", "num_classes": 10, "input_length": 4096},
+            "audio",
+            "small 1-D WSNet (3 convs + linear) on 0.19 s of 22,050 Hz audio",
+            {"n_train": 3000, "n_test": 1000, "epochs": 8, "batch_size": 64, "lr": 3e-3},
+        ),
+        Arch(
+            "wsnet1d-soundnet8",
+            build_soundnet8,
+            {"spec": "S8C16D1", "num_classes": 10, "input_length": 220500},
+            "audio",
+            "SoundNet-8 of WSNet layers on 10 s of 22,050 Hz audio (WSNET.md §3)",
+            {"n_train": 800, "n_test": 200, "epochs": 6, "batch_size": 16, "lr": 3e-3},
+        ),
+        Arch(
+            "wsnet2d-cifar",
+            build_cifar2d,
+            {"spec": "S4C2D1", "num_classes": 10, "image_size": 32},
+            "image",
+            "small CIFAR-10-style 2-D WSNet on 32x32 RGB images",
+            {"n_train": 4000, "n_test": 1000, "epochs": 6, "batch_size": 64, "lr": 3e-3},
+        ),
     )
 }
 

@@ -1,0 +1,23 @@
+"""Compilation targets, in one explicit dict."""
+
+from __future__ import annotations
+
+from wsdeploy.errors import UnknownTargetError
+
+from .base import Target
+from .onnx import ONNX
+from .ort import ORT
+
+TARGETS: dict[str, Target] = {t.name: t for t in (ONNX, ORT)}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UnknownTargetError(
+            f"unknown target {name!r}; choose from {sorted(TARGETS)}"
+        ) from None
+
+
+__all__ = ["TARGETS", "Target", "get_target"]

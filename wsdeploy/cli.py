@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from wsdeploy.errors import WsdeployError
+from wsdeploy.passes.strategy import STRATEGIES as _STRATEGIES
+from wsdeploy.targets import TARGETS as _TARGET_NAMES
 
 console = Console(stderr=True)
 
@@ -29,15 +31,23 @@ def _errors(fn):
         try:
             return fn(*args, **kwargs)
         except WsdeployError as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+            raise click.ClickException(
+                str(e).splitlines()[0] if str(e) else type(e).__name__
+            ) from e
 
     return wrapper
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[msg]}"), TimeElapsedColumn(), console=console,
-                    transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[msg]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def _shape(value: str | None) -> tuple[int, ...] | None:
@@ -53,10 +63,17 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 
 
 model_options = [
-    click.option("--trust-pickle", is_flag=True,
-                 help="Allow loading a full pickled module (runs code from the file)."),
-    click.option("--input-shape", default=None, metavar="B,C,...",
-                 help="Example input shape, needed for pickled modules (e.g. 1,1,4096)."),
+    click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow loading a full pickled module (runs code from the file).",
+    ),
+    click.option(
+        "--input-shape",
+        default=None,
+        metavar="B,C,...",
+        help="Example input shape, needed for pickled modules (e.g. 1,1,4096).",
+    ),
 ]
 
 
@@ -93,9 +110,16 @@ def zoo_list(as_json: bool) -> None:
         acc = None
         if ckpt.is_file():
             acc = load_model(ckpt).metrics.get("test_accuracy")
-        rows.append({"name": name, "dataset": arch.dataset, "spec": arch.defaults["spec"],
-                     "description": arch.description, "bundled": ckpt.is_file(),
-                     "test_accuracy": acc})
+        rows.append(
+            {
+                "name": name,
+                "dataset": arch.dataset,
+                "spec": arch.defaults["spec"],
+                "description": arch.description,
+                "bundled": ckpt.is_file(),
+                "test_accuracy": acc,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -108,28 +132,44 @@ def zoo_list(as_json: bool) -> None:
 
 @zoo.command("train")
 @click.argument("name")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Checkpoint file to write.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Checkpoint file to write.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed for weights and data.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Override the architecture's epoch count.")
-@click.option("--n-train", type=click.IntRange(min=10), default=None,
-              help="Override the number of training examples.")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Override the architecture's epoch count.",
+)
+@click.option(
+    "--n-train",
+    type=click.IntRange(min=10),
+    default=None,
+    help="Override the number of training examples.",
+)
 @click.option("--spec", default=None, help="WSNet spec such as S8C4D1 (default: the zoo's).")
 @_errors
-def zoo_train(name: str, output: Path, seed: int, epochs: int | None, n_train: int | None,
-              spec: str | None) -> None:
+def zoo_train(
+    name: str, output: Path, seed: int, epochs: int | None, n_train: int | None, spec: str | None
+) -> None:
     """Train zoo architecture NAME on its offline synthetic dataset."""
     from wsdeploy.modelfile import save_checkpoint
     from wsdeploy.models import train
     from wsdeploy.models import zoo as zoo_mod
 
     if name not in zoo_mod.ZOO:
-        raise click.BadParameter(f"unknown architecture {name!r}; choose from "
-                                 f"{sorted(zoo_mod.ZOO)}", param_hint="NAME")
+        raise click.BadParameter(
+            f"unknown architecture {name!r}; choose from {sorted(zoo_mod.ZOO)}", param_hint="NAME"
+        )
     overrides = {"spec": spec} if spec else {}
     if spec:
         from wsdeploy.models import WSSpec
+
         try:
             WSSpec.parse(spec)
         except ValueError as e:
@@ -140,11 +180,14 @@ def zoo_train(name: str, output: Path, seed: int, epochs: int | None, n_train: i
         def progress(done: int, total: int, msg: str) -> None:
             bar.update(task, completed=done, total=total, msg=msg)
 
-        result = train.train(name, seed=seed, epochs=epochs, n_train=n_train, progress=progress,
-                             **overrides)
+        result = train.train(
+            name, seed=seed, epochs=epochs, n_train=n_train, progress=progress, **overrides
+        )
     save_checkpoint(result.model, name, result.config, output, result.metrics)
-    click.echo(f"wrote {output}: test accuracy {result.metrics['test_accuracy']:.1%} "
-               f"on {result.metrics['n_test']} held-out examples")
+    click.echo(
+        f"wrote {output}: test accuracy {result.metrics['test_accuracy']:.1%} "
+        f"on {result.metrics['n_test']} held-out examples"
+    )
 
 
 @main.command()
@@ -160,21 +203,186 @@ def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: str | No
     from wsdeploy.inspect import inspect_model
     from wsdeploy.modelfile import load_model
 
-    report = inspect_model(load_model(model, trust_pickle=trust_pickle,
-                                      input_shape=_shape(input_shape)))
+    report = inspect_model(
+        load_model(model, trust_pickle=trust_pickle, input_shape=_shape(input_shape))
+    )
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    table = Table("layer", "kind", "in", "out", "phi", "params", "dense params", "dense MACs",
-                  "shared MACs", "compress", "speedup", title=f"{report['model']}")
+    table = Table(
+        "layer",
+        "kind",
+        "in",
+        "out",
+        "phi",
+        "params",
+        "dense params",
+        "dense MACs",
+        "shared MACs",
+        "compress",
+        "speedup",
+        title=f"{report['model']}",
+    )
     for r in report["layers"]:
-        table.add_row(r["name"], r["kind"], "x".join(map(str, r["in_shape"])),
-                      "x".join(map(str, r["out_shape"])),
-                      "x".join(map(str, r["phi_shape"])) or "-", f"{r['params']:,}",
-                      f"{r['dense_params']:,}", f"{r['dense_macs']:,}", f"{r['shared_macs']:,}",
-                      f"{r['compression']:.1f}x", f"{r['speedup']:.1f}x")
+        table.add_row(
+            r["name"],
+            r["kind"],
+            "x".join(map(str, r["in_shape"])),
+            "x".join(map(str, r["out_shape"])),
+            "x".join(map(str, r["phi_shape"])) or "-",
+            f"{r['params']:,}",
+            f"{r['dense_params']:,}",
+            f"{r['dense_macs']:,}",
+            f"{r['shared_macs']:,}",
+            f"{r['compression']:.1f}x",
+            f"{r['speedup']:.1f}x",
+        )
     t = report["totals"]
-    table.add_row("total", "", "", "", "", f"{t['params']:,}", f"{t['dense_params']:,}",
-                  f"{t['dense_macs']:,}", f"{t['shared_macs']:,}", f"{t['compression']:.1f}x",
-                  f"{t['speedup']:.1f}x", style="bold")
+    table.add_row(
+        "total",
+        "",
+        "",
+        "",
+        "",
+        f"{t['params']:,}",
+        f"{t['dense_params']:,}",
+        f"{t['dense_macs']:,}",
+        f"{t['shared_macs']:,}",
+        f"{t['compression']:.1f}x",
+        f"{t['speedup']:.1f}x",
+        style="bold",
+    )
     Console(width=200).print(table)
+
+
+def _quiet_third_party_logs() -> None:
+    """Third-party loggers print warnings irrelevant to users (e.g. torchvision missing)."""
+    for name in (
+        "torch.onnx",
+        "torch._export",
+        "onnxscript",
+        "ort_format_model",
+        "ort_format_model.utils",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--target",
+    "target",
+    type=click.Choice(sorted(_TARGET_NAMES)),
+    default="onnx",
+    show_default=True,
+    help="What to build.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(list(_STRATEGIES)),
+    default="auto",
+    show_default=True,
+    help="How WSNet layers are lowered: fold (dense weights), shared (standard-op "
+    "shared computation), custom (one wsnet op per layer with a local function), "
+    "auto (per layer, shared where it needs fewer multiply-adds).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "outdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output directory (default: out/<model>-<target>).",
+)
+@click.option(
+    "--n-verify",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Inputs the numerics gate runs.",
+)
+@with_model_options
+@_errors
+def export(
+    model: str,
+    target: str,
+    strategy: str,
+    outdir: Path | None,
+    n_verify: int,
+    trust_pickle: bool,
+    input_shape: str | None,
+) -> None:
+    """Trace MODEL, run the WSNet passes, build TARGET and verify it against PyTorch.
+
+    MODEL is a checkpoint, a .pt2 export, or a bundled zoo name. Nothing is written to the
+    output directory unless the build matches the eager PyTorch model.
+    """
+    from wsdeploy.compiler import ExportOptions
+    from wsdeploy.compiler import export as export_model
+
+    _quiet_third_party_logs()
+    if outdir is None:
+        outdir = Path("out") / f"{Path(model).stem}-{target}"
+    options = ExportOptions(target=target, strategy=strategy, n_verify=n_verify)
+    with console.status("exporting") as status:
+        result = export_model(
+            model,
+            outdir,
+            options,
+            trust_pickle=trust_pickle,
+            input_shape=_shape(input_shape),
+            progress=lambda step: status.update(step),
+        )
+    _print_build(result.manifest, outdir)
+
+
+def _print_build(m: dict, outdir: Path) -> None:
+    size = m["size"]
+    v = m["verification"]
+    strategies = ", ".join(sorted({layer["strategy"] for layer in m["layers"]})) or "-"
+    click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies})")
+    click.echo(
+        f"  size      {size['artifact_bytes']:,} bytes vs dense baseline "
+        f"{size['dense_baseline_bytes']:,} bytes ({size['ratio']:.1f}x smaller)"
+    )
+    _print_verification(v)
+
+
+def _print_verification(v: dict) -> None:
+    for o in v["outputs"]:
+        top1 = (
+            f", top-1 agreement {o['top1_agreement']:.0%}"
+            if o["top1_agreement"] is not None
+            else ""
+        )
+        click.echo(
+            f"  verified  {o['name']} on {v['n_inputs']} inputs: max abs err "
+            f"{o['max_abs']:.2g}, max rel err {o['max_rel']:.2g}, cosine "
+            f"{o['cosine']:.6f}{top1} (atol {o['atol']:g}, rtol {o['rtol']:g}): "
+            f"{'PASS' if o['ok'] else 'FAIL'}"
+        )
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--model", required=True, help="The model the build was made from.")
+@click.option(
+    "--n-verify",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Inputs the numerics gate runs.",
+)
+@with_model_options
+@_errors
+def verify(
+    outdir: Path, model: str, n_verify: int, trust_pickle: bool, input_shape: str | None
+) -> None:
+    """Run the numerics gate of a finished build in OUTDIR again against MODEL."""
+    from wsdeploy.compiler import verify as verify_build
+
+    _quiet_third_party_logs()
+    result = verify_build(
+        outdir, model, trust_pickle=trust_pickle, input_shape=_shape(input_shape), n_verify=n_verify
+    )
+    _print_verification(result)

@@ -20,8 +20,10 @@ def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
             longer modules to count.
     """
     if loaded.kind == "pt2":
-        raise UnsupportedLayerError("inspect counts WSNet layers of a checkpoint or module; "
-                                    f"{loaded.source} is a torch.export graph")
+        raise UnsupportedLayerError(
+            "inspect counts WSNet layers of a checkpoint or module; "
+            f"{loaded.source} is a torch.export graph"
+        )
     counts = count_model(loaded.module, torch.zeros(loaded.input_shape))
     layers = []
     for c in counts.layers:

@@ -78,8 +78,13 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(module: nn.Module, arch: str, config: dict[str, Any], path: Path,
-                    metrics: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    module: nn.Module,
+    arch: str,
+    config: dict[str, Any],
+    path: Path,
+    metrics: dict[str, Any] | None = None,
+) -> None:
     """Write a weights-only checkpoint of a zoo architecture atomically."""
     payload = {
         "format": FORMAT,
@@ -101,16 +106,20 @@ def resolve(model: str | Path) -> Path:
         bundled = Path(str(zoo.bundled_checkpoint(str(model))))
         if bundled.is_file():
             return bundled
-        raise ModelFileError(f"zoo model {model!r} has no bundled checkpoint; train one with "
-                             f"'wsdeploy zoo train {model} -o FILE'")
+        raise ModelFileError(
+            f"zoo model {model!r} has no bundled checkpoint; train one with "
+            f"'wsdeploy zoo train {model} -o FILE'"
+        )
     if p.exists():
         raise ModelFileError(f"{p} is not a file")
-    raise ModelFileError(f"no such model file or zoo model: {model!s} "
-                         f"(zoo: {', '.join(sorted(zoo.ZOO))})")
+    raise ModelFileError(
+        f"no such model file or zoo model: {model!s} (zoo: {', '.join(sorted(zoo.ZOO))})"
+    )
 
 
-def load_model(model: str | Path, *, trust_pickle: bool = False,
-               input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+def load_model(
+    model: str | Path, *, trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None
+) -> LoadedModel:
     """Load a model file (or bundled zoo name) safely; see the module docstring.
 
     Args:
@@ -138,7 +147,8 @@ def load_model(model: str | Path, *, trust_pickle: bool = False,
             raise UnsafeModelError(
                 f"{path} is a full pickle that can run arbitrary code when loaded; refusing it. "
                 "Re-save it as a wsdeploy checkpoint, or pass --trust-pickle if you trust "
-                "its author") from None
+                "its author"
+            ) from None
         return _load_pickle(path, digest, input_shape)
     except Exception as e:  # zip and stream errors of truncated files
         raise ModelFileError(f"{path}: corrupt or truncated model file ({_first_line(e)})") from e
@@ -160,15 +170,20 @@ def _is_pt2(path: Path) -> bool:
 
 def _from_checkpoint(payload: Any, path: Path, digest: str) -> LoadedModel:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a wsdeploy checkpoint (a bare state dict carries no "
-                             "architecture; save with wsdeploy.modelfile.save_checkpoint)")
+        raise ModelFileError(
+            f"{path}: not a wsdeploy checkpoint (a bare state dict carries no "
+            "architecture; save with wsdeploy.modelfile.save_checkpoint)"
+        )
     if payload.get("version") != VERSION:
-        raise ModelFileError(f"{path}: checkpoint format version {payload.get('version')!r} "
-                             f"is not supported (this wsdeploy reads version {VERSION})")
+        raise ModelFileError(
+            f"{path}: checkpoint format version {payload.get('version')!r} "
+            f"is not supported (this wsdeploy reads version {VERSION})"
+        )
     arch_name = payload.get("arch")
     if arch_name not in zoo.ZOO:
-        raise ModelFileError(f"{path}: unknown architecture {arch_name!r}; "
-                             f"known: {', '.join(sorted(zoo.ZOO))}")
+        raise ModelFileError(
+            f"{path}: unknown architecture {arch_name!r}; known: {', '.join(sorted(zoo.ZOO))}"
+        )
     arch = zoo.ZOO[arch_name]
     try:
         config = arch.config(**payload.get("config", {}))
@@ -181,18 +196,32 @@ def _from_checkpoint(payload: Any, path: Path, digest: str) -> LoadedModel:
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state)
-                 if not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)
+    bad = sorted(
+        k
+        for k in set(own) & set(state)
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape
+    )
     if missing or extra or bad:
-        parts = [f"missing {missing[:3]}" if missing else "",
-                 f"unexpected {extra[:3]}" if extra else "",
-                 f"wrong shape {bad[:3]}" if bad else ""]
-        raise ModelFileError(f"{path}: state_dict does not match {arch_name}: "
-                             + "; ".join(p for p in parts if p))
+        parts = [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {extra[:3]}" if extra else "",
+            f"wrong shape {bad[:3]}" if bad else "",
+        ]
+        raise ModelFileError(
+            f"{path}: state_dict does not match {arch_name}: " + "; ".join(p for p in parts if p)
+        )
     module.load_state_dict(state)
     module.eval()
-    return LoadedModel(module, arch.input_shape(config), str(path), digest, "checkpoint",
-                       arch_name, config, dict(payload.get("metrics", {})))
+    return LoadedModel(
+        module,
+        arch.input_shape(config),
+        str(path),
+        digest,
+        "checkpoint",
+        arch_name,
+        config,
+        dict(payload.get("metrics", {})),
+    )
 
 
 def _load_pt2(path: Path, digest: str) -> LoadedModel:
@@ -202,8 +231,9 @@ def _load_pt2(path: Path, digest: str) -> LoadedModel:
         raise ModelFileError(f"{path}: cannot load torch.export program ({_first_line(e)})") from e
     user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     if len(user_inputs) != 1:
-        raise ModelFileError(f"{path}: exported program must take exactly one tensor input, "
-                             f"takes {len(user_inputs)}")
+        raise ModelFileError(
+            f"{path}: exported program must take exactly one tensor input, takes {len(user_inputs)}"
+        )
     name = user_inputs[0].arg.name
     node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name)
     shape = tuple(int(d) for d in node.meta["val"].shape)
@@ -218,7 +248,8 @@ def _load_pickle(path: Path, digest: str, input_shape: tuple[int, ...] | None) -
     if not isinstance(obj, nn.Module):
         raise ModelFileError(f"{path}: pickle holds a {type(obj).__name__}, not an nn.Module")
     if input_shape is None:
-        raise ModelFileError(f"{path}: a pickled module carries no input shape; pass "
-                             "--input-shape, e.g. 1,1,4096")
+        raise ModelFileError(
+            f"{path}: a pickled module carries no input shape; pass --input-shape, e.g. 1,1,4096"
+        )
     obj.eval()
     return LoadedModel(obj, tuple(input_shape), str(path), digest, "pickle")

@@ -16,8 +16,7 @@ from onnx import defs
 DOMAIN = "wsnet"
 VERSION = 1
 
-CONV_ATTRS = ("out_channels", "kernel_size", "stride", "padding", "sample_stride",
-              "channel_repeat")
+CONV_ATTRS = ("out_channels", "kernel_size", "stride", "padding", "sample_stride", "channel_repeat")
 LINEAR_ATTRS = ("out_features", "in_features", "sample_stride", "channel_repeat")
 
 OPS: dict[str, tuple[str, ...]] = {
@@ -40,14 +39,19 @@ def register_schemas() -> None:
         if defs.has(op_type, DOMAIN):
             continue
         schema = defs.OpSchema(
-            op_type, DOMAIN, VERSION,
+            op_type,
+            DOMAIN,
+            VERSION,
             doc=f"Weight-sampled layer {op_type}; see wsdeploy.onnx_ops.",
-            inputs=[param("X", "T"), param("phi", "T"), param("scale", "T", param_option=option),
-                    param("bias", "T", param_option=option)],
+            inputs=[
+                param("X", "T"),
+                param("phi", "T"),
+                param("scale", "T", param_option=option),
+                param("bias", "T", param_option=option),
+            ],
             outputs=[param("Y", "T")],
             type_constraints=[("T", ["tensor(float)"], "float tensors")],
-            attributes=[defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT, "")
-                        for a in attrs],
+            attributes=[defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT, "") for a in attrs],
         )
         defs.register_schema(schema)
     _registered = True

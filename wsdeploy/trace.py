@@ -23,24 +23,59 @@ log = logging.getLogger(__name__)
 _wsnet = values.Opset(onnx_ops.DOMAIN, onnx_ops.VERSION)
 
 
-def _conv1d(x, phi, out_channels: int, kernel_size: int, stride: int, padding: int,
-            sample_stride: int, channel_repeat: int):
-    return _wsnet.WSConv1d(x, phi, out_channels=out_channels, kernel_size=kernel_size,
-                           stride=stride, padding=padding, sample_stride=sample_stride,
-                           channel_repeat=channel_repeat)
+def _conv1d(
+    x,
+    phi,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    sample_stride: int,
+    channel_repeat: int,
+):
+    return _wsnet.WSConv1d(
+        x,
+        phi,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        sample_stride=sample_stride,
+        channel_repeat=channel_repeat,
+    )
 
 
-def _conv2d(x, phi, out_channels: int, kernel_size: int, stride: int, padding: int,
-            sample_stride: int, channel_repeat: int):
-    return _wsnet.WSConv2d(x, phi, out_channels=out_channels, kernel_size=kernel_size,
-                           stride=stride, padding=padding, sample_stride=sample_stride,
-                           channel_repeat=channel_repeat)
+def _conv2d(
+    x,
+    phi,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    sample_stride: int,
+    channel_repeat: int,
+):
+    return _wsnet.WSConv2d(
+        x,
+        phi,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        sample_stride=sample_stride,
+        channel_repeat=channel_repeat,
+    )
 
 
-def _linear(x, phi, out_features: int, in_features: int, sample_stride: int,
-            channel_repeat: int):
-    return _wsnet.WSLinear(x, phi, out_features=out_features, in_features=in_features,
-                           sample_stride=sample_stride, channel_repeat=channel_repeat)
+def _linear(x, phi, out_features: int, in_features: int, sample_stride: int, channel_repeat: int):
+    return _wsnet.WSLinear(
+        x,
+        phi,
+        out_features=out_features,
+        in_features=in_features,
+        sample_stride=sample_stride,
+        channel_repeat=channel_repeat,
+    )
 
 
 def _translations() -> dict:
@@ -62,8 +97,9 @@ def trace(loaded: LoadedModel) -> torch.export.ExportedProgram:
     try:
         return torch.export.export(loaded.module, example)
     except Exception as e:
-        raise UnsupportedLayerError(f"torch.export could not trace {loaded.source}: "
-                                    f"{str(e).strip().splitlines()[0][:300]}") from e
+        raise UnsupportedLayerError(
+            f"torch.export could not trace {loaded.source}: {str(e).strip().splitlines()[0][:300]}"
+        ) from e
 
 
 def to_onnx(ep: torch.export.ExportedProgram) -> ir.Model:
@@ -77,9 +113,15 @@ def to_onnx(ep: torch.export.ExportedProgram) -> ir.Model:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(ep, example, dynamo=True, optimize=True,
-                                        custom_translation_table=_translations(),
-                                        verbose=False, report=False)
+            program = torch.onnx.export(
+                ep,
+                example,
+                dynamo=True,
+                optimize=True,
+                custom_translation_table=_translations(),
+                verbose=False,
+                report=False,
+            )
     except Exception as e:
         raise CompileError(f"ONNX export failed: {str(e).strip().splitlines()[0][:300]}") from e
     model = program.model

@@ -1,0 +1,112 @@
+"""Small helpers the passes share for reading and building ONNX IR graphs."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from wsdeploy import onnx_ops
+
+STRATEGY_KEY = "wsdeploy.strategy"
+"""Node metadata key set by the strategy pass: which lowering each wsnet node gets."""
+
+_counter = itertools.count()
+
+
+def ws_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
+    """The wsnet-domain nodes of ``graph`` (a snapshot, safe to rewrite while iterating)."""
+    return iter([n for n in graph if n.domain == onnx_ops.DOMAIN])
+
+
+def ws_attrs(node: ir.Node) -> dict[str, int]:
+    """The integer attributes of a wsnet node, checked against the op's attribute list."""
+    names = onnx_ops.OPS[node.op_type]
+    return {a: node.attributes[a].as_int() for a in names}
+
+
+def const(value: ir.Value | None) -> np.ndarray | None:
+    """The constant array behind ``value`` (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
+        attr = producer.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+    return None
+
+
+def static_shape(value: ir.Value) -> tuple[int, ...]:
+    """The fully static shape of ``value``; compile-time shapes are static in wsdeploy."""
+    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+        raise ValueError(f"value {value.name!r} has no static shape ({value.shape})")
+    return tuple(int(d) for d in value.shape)
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    taken = graph.initializers
+    name = base
+    while name in taken:
+        name = f"{base}_{next(_counter)}"
+    return name
+
+
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named after ``base`` and return its value."""
+    name = unique_name(graph, base)
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def rewire(old: ir.Value, new: ir.Value) -> None:
+    """Move every use of ``old`` (graph outputs included) to ``new``; a graph output keeps
+    its public name."""
+    was_output = old.is_graph_output()
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if was_output:
+        name = old.name
+        old.name = f"{name}__replaced"
+        new.name = name
+
+
+def replace_node(
+    graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_output: ir.Value
+) -> None:
+    """Insert ``new_nodes`` before ``old``, move every use of old's output to ``new_output``
+    (keeping its shape and dtype), and remove ``old``."""
+    out = old.outputs[0]
+    graph.insert_before(old, new_nodes)
+    new_output.shape = out.shape
+    new_output.dtype = out.dtype
+    rewire(out, new_output)
+    graph.remove(old, safe=True)
+
+
+def prune_initializers(graph: ir.Graph) -> None:
+    """Drop initializers no node, subgraph or graph output reads."""
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[name]
+
+
+def set_inputs(node: ir.Node, inputs: list[ir.Value | None]) -> None:
+    """Replace all inputs of ``node``, dropping trailing absent optional inputs."""
+    while inputs and inputs[-1] is None:
+        inputs = inputs[:-1]
+    node.resize_inputs(len(inputs))
+    for i, v in enumerate(inputs):
+        node.replace_input_with(i, v)
+
+
+def epilogue(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
+    """The (scale, bias) epilogue inputs of a wsnet node; None where absent."""
+    inputs = list(node.inputs) + [None, None]
+    return inputs[2], inputs[3]

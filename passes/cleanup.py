@@ -1,0 +1,74 @@
+"""Cleanup pass: constant folding and dead-node removal that never grows the weights.
+
+    Reshape(Constant) -> Constant,  unused nodes/initializers/opsets -> removed
+
+onnxscript's optimiser folds every constant subgraph it can, and a subgraph such as
+Gather(phi, index) is constant: folding it would re-materialise the dense weights and throw
+away exactly what WSNet saved. So folding runs with an output size limit far below any
+weight tensor (small shape arithmetic still folds), model-local functions are never inlined,
+and ``ensures`` fails the pass if the stored weight bytes grew anyway.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import onnxscript.optimizer
+
+from wsdeploy.errors import PassError
+
+from .base import Pass, PassResult
+
+FOLD_LIMIT = 1024
+"""Largest tensor (elements) constant folding may create: shapes, not weights."""
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer and Constant node tensor in the main graph."""
+    total = sum(
+        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+    )
+    for node in model.graph:
+        if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
+            total += node.attributes["value"].as_tensor().nbytes
+    return total
+
+
+class CleanupPass(Pass):
+    """Fold small constants, remove dead nodes and initializers, lift constants."""
+
+    name = "cleanup"
+
+    def __init__(self, slack_bytes: int = 16384) -> None:
+        self.slack_bytes = slack_bytes
+        self._before = 0
+
+    def requires(self, model: ir.Model) -> None:
+        self._before = weight_bytes(model)
+
+    def call(self, model: ir.Model) -> PassResult:
+        before_nodes = model.graph.num_nodes()
+        onnxscript.optimizer.optimize(
+            model,
+            num_iterations=2,
+            onnx_shape_inference=False,
+            input_size_limit=FOLD_LIMIT,
+            output_size_limit=FOLD_LIMIT,
+            inline=False,
+        )
+        for p in (
+            common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedFunctionsPass(),
+            common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=FOLD_LIMIT),
+            common.RemoveUnusedOpsetsPass(),
+        ):
+            p(model)
+        return PassResult(model, model.graph.num_nodes() != before_nodes)
+
+    def ensures(self, model: ir.Model) -> None:
+        after = weight_bytes(model)
+        if after > self._before + self.slack_bytes:
+            raise PassError(
+                f"cleanup grew the stored weights from {self._before} to {after} "
+                "bytes: constant folding re-materialised weights"
+            )

@@ -1,0 +1,275 @@
+"""Shared pass: inline the shared computation of WSNET.md §2 as standard ONNX ops.
+
+1-D, input x (B, C, T0), conv stride s, padding p, condensed phi (C*, L*):
+
+    WSConv1d(x; phi) -> Slice_{rows 0:(N-1)S+1:S, cols 0:T_out}(
+                          Reshape_{(B, L*, T/s)}(
+                            Conv_{ones(L), dilation T+1, stride s}(           # every diagonal
+                              Reshape_{(B, 1, L*·T)}(
+                                Conv1x1(ReduceSum_r(Reshape(Pad(x))), phi^T)))))  # table P
+
+Step by step: pad x by p (and to a multiple of s: T = T0 + 2p rounded up), pre-sum the r
+repeated channel blocks (C -> C*, adds only, no weight stored), build the product table
+P = phi^T · xs with one pointwise conv (B, L*, T), view P flat so that one step down a
+diagonal is T + 1 elements, and sum every length-L diagonal at once with a dilated conv of
+ones at the conv stride. Row v of the result holds the diagonals that start at P[v, :]; filter
+i is row i*S. The same for 2-D with the flat view (H*·H, W*·W) and a k x k dilated conv.
+
+    WSLinear(x; phi) -> Reshape(Conv_{stride S}(phi as (1, 1, L*), weight = xs as (B, 1, in*)))
+
+A weight-sampled linear layer is a strided correlation of phi with the (pre-summed) input:
+the input becomes the conv weight, and only phi is stored.
+
+phi is stored once, as the pointwise conv weight (a transpose of phi). The per-channel
+epilogue (scale, bias) follows as Mul/Add. In fp32 the reordered sums differ from a dense
+conv by rounding only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+from wsdeploy.models import sampling
+
+from ._graph import (
+    STRATEGY_KEY,
+    add_initializer,
+    const,
+    epilogue,
+    prune_initializers,
+    replace_node,
+    static_shape,
+    ws_attrs,
+    ws_nodes,
+)
+from .base import Pass, PassResult
+
+
+class Builder:
+    """Emits standard-op nodes with a Tape; constants become Constant nodes."""
+
+    def __init__(self) -> None:
+        self.tape = ir.tape.Tape()
+
+    def op(self, op_type: str, inputs: list[ir.Value | None], **attrs) -> ir.Value:
+        while inputs and inputs[-1] is None:
+            inputs = inputs[:-1]
+        return self.tape.op(op_type, inputs, attrs or None)
+
+    def const(self, array: np.ndarray) -> ir.Value:
+        return self.op("Constant", [], value=ir.tensor(np.ascontiguousarray(array)))
+
+    def ints(self, values: list[int]) -> ir.Value:
+        return self.const(np.asarray(values, dtype=np.int64))
+
+    def reshape(self, x: ir.Value, shape: list[int]) -> ir.Value:
+        return self.op("Reshape", [x, self.ints(shape)])
+
+    def slice(
+        self, x: ir.Value, starts: list[int], ends: list[int], axes: list[int], steps: list[int]
+    ) -> ir.Value:
+        return self.op(
+            "Slice", [x, self.ints(starts), self.ints(ends), self.ints(axes), self.ints(steps)]
+        )
+
+    @property
+    def nodes(self) -> list[ir.Node]:
+        return list(self.tape.nodes)
+
+
+def _presum(
+    b: Builder, x: ir.Value, batch: int, repeat: int, cs: int, spatial: list[int]
+) -> ir.Value:
+    """Sum the r tiled blocks of C* channels: (B, r*C*, ...) -> (B, C*, ...)."""
+    if repeat == 1:
+        return x
+    grouped = b.reshape(x, [batch, repeat, cs, *spatial])
+    return b.op("ReduceSum", [grouped, b.ints([1])], keepdims=0)
+
+
+def _epilogue(
+    b: Builder, y: ir.Value, scale: ir.Value | None, bias: ir.Value | None, n: int, trailing: int
+) -> ir.Value:
+    """y * scale + bias with (N,) vectors broadcast over ``trailing`` spatial axes."""
+    for v, op in ((scale, "Mul"), (bias, "Add")):
+        if v is not None:
+            y = b.op(op, [y, b.reshape(v, [n] + [1] * trailing)])
+    return y
+
+
+def conv1d(
+    b: Builder,
+    x: ir.Value,
+    pointwise: ir.Value,
+    scale: ir.Value | None,
+    bias: ir.Value | None,
+    attrs: dict[str, int],
+    in_shape: tuple[int, ...],
+    phi_shape: tuple[int, ...],
+) -> ir.Value:
+    """The shared computation of one WSConv1d; ``pointwise`` is phi^T as (L*, C*, 1)."""
+    batch, c, t0 = in_shape
+    n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
+    ss, r = attrs["sample_stride"], attrs["channel_repeat"]
+    cs, ls = phi_shape
+    t = t0 + 2 * p
+    extra = (-t) % s
+    tp = t + extra
+    t_out = (t - k) // s + 1
+    if p or extra:
+        x = b.op("Pad", [x, b.ints([0, 0, p, 0, 0, p + extra])])
+    xs = _presum(b, x, batch, r, cs, [tp])
+    table = b.op("Conv", [xs, pointwise], kernel_shape=[1])  # (B, L*, T)
+    flat = b.reshape(table, [batch, 1, ls * tp])
+    ones = b.const(np.ones((1, 1, k), dtype=np.float32))
+    diag = b.op(
+        "Conv",
+        [flat, ones],
+        kernel_shape=[k],
+        dilations=[tp + 1],
+        strides=[s],
+        pads=[0, (k - 1) * (tp + 1)],
+    )  # (B, 1, L*·T/s)
+    rows = b.reshape(diag, [batch, ls, tp // s])
+    y = b.slice(rows, [0, 0], [(n - 1) * ss + 1, t_out], [1, 2], [ss, 1])
+    return _epilogue(b, y, scale, bias, n, 1)
+
+
+def conv2d(
+    b: Builder,
+    x: ir.Value,
+    pointwise: ir.Value,
+    scale: ir.Value | None,
+    bias: ir.Value | None,
+    attrs: dict[str, int],
+    in_shape: tuple[int, ...],
+    phi_shape: tuple[int, ...],
+) -> ir.Value:
+    """The shared computation of one WSConv2d; ``pointwise`` is phi as (H*·W*, C*, 1, 1)."""
+    batch, c, h0, w0 = in_shape
+    n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
+    ss, r = attrs["sample_stride"], attrs["channel_repeat"]
+    cs, hs, ws = phi_shape
+    gh, gw = sampling.grid_shape(n)
+    h, w = h0 + 2 * p, w0 + 2 * p
+    eh, ew = (-h) % s, (-w) % s
+    hp, wp = h + eh, w + ew
+    ho, wo = (h - k) // s + 1, (w - k) // s + 1
+    if p or eh or ew:
+        x = b.op("Pad", [x, b.ints([0, 0, p, p, 0, 0, p + eh, p + ew])])
+    xs = _presum(b, x, batch, r, cs, [hp, wp])
+    table = b.op("Conv", [xs, pointwise], kernel_shape=[1, 1])  # (B, H*W*, H, W)
+    grid = b.reshape(table, [batch, hs, ws, hp, wp])
+    grid = b.op("Transpose", [grid], perm=[0, 1, 3, 2, 4])  # (B, H*, H, W*, W)
+    flat = b.reshape(grid, [batch, 1, hs * hp, ws * wp])
+    ones = b.const(np.ones((1, 1, k, k), dtype=np.float32))
+    diag = b.op(
+        "Conv",
+        [flat, ones],
+        kernel_shape=[k, k],
+        dilations=[hp + 1, wp + 1],
+        strides=[s, s],
+        pads=[0, 0, (k - 1) * (hp + 1), (k - 1) * (wp + 1)],
+    )
+    rows = b.reshape(diag, [batch, hs, hp // s, ws, wp // s])
+    y = b.slice(
+        rows,
+        [0, 0, 0, 0],
+        [(gh - 1) * ss + 1, ho, (gw - 1) * ss + 1, wo],
+        [1, 2, 3, 4],
+        [ss, 1, ss, 1],
+    )  # (B, gh, Ho, gw, Wo)
+    y = b.op("Transpose", [y], perm=[0, 1, 3, 2, 4])
+    y = b.reshape(y, [batch, gh * gw, ho, wo])
+    if gh * gw != n:
+        y = b.slice(y, [0], [n], [1], [1])
+    return _epilogue(b, y, scale, bias, n, 2)
+
+
+def linear(
+    b: Builder,
+    x: ir.Value,
+    phi_row: ir.Value,
+    scale: ir.Value | None,
+    bias: ir.Value | None,
+    attrs: dict[str, int],
+    in_shape: tuple[int, ...],
+    phi_shape: tuple[int, ...],
+) -> ir.Value:
+    """WSLinear as a strided correlation of phi with the input; ``phi_row`` is (1, 1, L*)."""
+    out, inf = attrs["out_features"], attrs["in_features"]
+    ss, r = attrs["sample_stride"], attrs["channel_repeat"]
+    ins = inf // r
+    rows = math.prod(in_shape[:-1])
+    if r == 1:
+        xs = b.reshape(x, [rows, 1, ins])
+    else:
+        xs = b.op("ReduceSum", [b.reshape(x, [rows, r, ins]), b.ints([1])], keepdims=1)
+    y = b.op("Conv", [phi_row, xs], kernel_shape=[ins], strides=[ss])  # (1, rows, out)
+    y = b.reshape(y, [*in_shape[:-1], out])
+    return _epilogue(b, y, scale, bias, out, 0)
+
+
+BUILDERS = {"WSConv1d": conv1d, "WSConv2d": conv2d, "WSLinear": linear}
+
+
+def weight_layout(op_type: str, phi: np.ndarray) -> np.ndarray:
+    """phi rearranged (not copied twice, not grown) into the weight its builder consumes."""
+    if op_type == "WSConv1d":
+        return np.ascontiguousarray(phi.T[:, :, None])
+    if op_type == "WSConv2d":
+        cs, hs, ws = phi.shape
+        return np.ascontiguousarray(phi.transpose(1, 2, 0).reshape(hs * ws, cs, 1, 1))
+    return phi.reshape(1, 1, -1)
+
+
+def build(
+    b: Builder,
+    node: ir.Node,
+    x: ir.Value,
+    weight: ir.Value,
+    scale: ir.Value | None,
+    bias: ir.Value | None,
+) -> ir.Value:
+    """Emit the shared computation of ``node`` on values ``x``, ``weight`` (phi laid out by
+    ``weight_layout``), ``scale`` and ``bias``; shapes and attributes come from ``node``."""
+    return BUILDERS[node.op_type](
+        b,
+        x,
+        weight,
+        scale,
+        bias,
+        ws_attrs(node),
+        static_shape(node.inputs[0]),
+        static_shape(node.inputs[1]),
+    )
+
+
+class SharedPass(Pass):
+    """Replace wsnet nodes marked ``shared`` by their standard-op shared computation."""
+
+    name = "shared"
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        modified = False
+        for node in ws_nodes(graph):
+            if node.meta.get(STRATEGY_KEY) != "shared":
+                continue
+            phi = const(node.inputs[1])
+            if phi is None:
+                raise ValueError(f"{node.name}: phi is not a constant")
+            weight = add_initializer(
+                graph,
+                node.inputs[1].name or "phi",
+                weight_layout(node.op_type, phi).astype(np.float32),
+            )
+            b = Builder()
+            y = build(b, node, node.inputs[0], weight, *epilogue(node))
+            replace_node(graph, node, b.nodes, y)
+            modified = True
+        if modified:
+            prune_initializers(graph)
+        return PassResult(model, modified)

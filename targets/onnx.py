@@ -1,0 +1,60 @@
+"""The ``onnx`` target: a self-contained model.onnx, run by ONNX Runtime for verification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from wsdeploy import onnx_ops
+from wsdeploy.errors import CompileError
+
+from .base import Runner, Target
+
+FILENAME = "model.onnx"
+
+
+def save(model: ir.Model, path: Path) -> None:
+    """Serialise ``model`` to one self-contained file and run the ONNX checker on it."""
+    onnx_ops.register_schemas()
+    proto = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise CompileError(f"ONNX checker rejected the model: {str(e).splitlines()[0]}") from e
+    onnx.save_model(proto, str(path))
+
+
+def session(path: Path) -> Runner:
+    """An ONNX Runtime CPU session on ``path`` as a one-input runner."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise CompileError(
+            f"ONNX Runtime cannot load {path.name}: {str(e).strip().splitlines()[0][:300]}"
+        ) from e
+    name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return sess.run(None, {name: x})
+
+    return run
+
+
+def build(model: ir.Model, outdir: Path) -> list[str]:
+    save(model, outdir / FILENAME)
+    return [FILENAME]
+
+
+def load(outdir: Path) -> Runner:
+    return session(outdir / FILENAME)
+
+
+ONNX = Target(
+    "onnx", "ONNX file (any ONNX consumer; verified with ONNX Runtime)", FILENAME, build, load
+)

@@ -1,0 +1,122 @@
+"""The one tolerance table, the comparison every check uses, and the verification inputs.
+
+Stages: ``rewrite`` (a graph pass against eager PyTorch: reordered fp32 sums only),
+``runtime`` (a compiled artifact on a runtime against eager PyTorch) and ``int8`` (a quantized
+build against its fake-quantized reference). Elementwise test as in ``torch.testing``:
+``|actual - expected| <= atol + rtol * |expected|``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from wsdeploy.errors import NumericsMismatch
+
+TOLERANCES: dict[str, tuple[float, float]] = {
+    # stage: (atol, rtol)
+    "rewrite": (1e-5, 1e-4),
+    "runtime": (1e-4, 1e-3),
+    "int8": (0.0, 0.0),  # integers compare exactly
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How one output compares with its reference."""
+
+    name: str
+    stage: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1_agreement: float | None
+    atol: float
+    rtol: float
+    ok: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(
+    actual: np.ndarray, expected: np.ndarray, *, stage: str, name: str = "output"
+) -> Comparison:
+    """Compare one output with its reference under the tolerance of ``stage``.
+
+    Shapes must match exactly and dtypes must agree in kind; a mismatch there is a failed
+    comparison with infinite error, never a broadcast.
+    """
+    atol, rtol = TOLERANCES[stage]
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    if actual.shape != expected.shape or actual.dtype.kind != expected.dtype.kind:
+        return Comparison(name, stage, float("inf"), float("inf"), 0.0, None, atol, rtol, False)
+    if actual.dtype.kind in "iub":
+        diff = np.abs(actual.astype(np.int64) - expected.astype(np.int64))
+        ok = bool(np.all(diff == 0))
+        return Comparison(
+            name,
+            stage,
+            float(diff.max(initial=0)),
+            float(diff.max(initial=0)),
+            1.0 if ok else 0.0,
+            None,
+            0.0,
+            0.0,
+            ok,
+        )
+    a = actual.astype(np.float64)
+    e = expected.astype(np.float64)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(e))):
+        return Comparison(name, stage, float("inf"), float("inf"), 0.0, None, atol, rtol, False)
+    diff = np.abs(a - e)
+    max_abs = float(diff.max(initial=0.0))
+    max_rel = float((diff / np.maximum(np.abs(e), 1e-12)).max(initial=0.0))
+    denom = np.linalg.norm(a) * np.linalg.norm(e)
+    cosine = float(np.dot(a.ravel(), e.ravel()) / denom) if denom else float(max_abs == 0)
+    top1 = None
+    if a.ndim == 2 and a.shape[1] > 1:
+        top1 = float(np.mean(a.argmax(1) == e.argmax(1)))
+    ok = bool(np.all(diff <= atol + rtol * np.abs(e)))
+    return Comparison(name, stage, max_abs, max_rel, cosine, top1, atol, rtol, ok)
+
+
+def assert_close(
+    actual: np.ndarray, expected: np.ndarray, *, stage: str, name: str = "output"
+) -> Comparison:
+    """``compare`` and raise ``NumericsMismatch`` if the comparison fails."""
+    c = compare(actual, expected, stage=stage, name=name)
+    if not c.ok:
+        if np.shape(actual) != np.shape(expected):
+            raise NumericsMismatch(
+                f"{name} (shape {np.shape(actual)} vs {np.shape(expected)})",
+                c.max_abs,
+                c.max_rel,
+                c.atol,
+                c.rtol,
+                stage,
+            )
+        raise NumericsMismatch(name, c.max_abs, c.max_rel, c.atol, c.rtol, stage)
+    return c
+
+
+def verification_inputs(
+    input_shape: tuple[int, ...], dataset: str | None, config: dict, n: int = 8, seed: int = 0
+) -> list[np.ndarray]:
+    """``n`` float32 inputs: held-out dataset samples where the model has a dataset (half of
+    them), the rest seeded standard-normal noise of the model's input shape."""
+    from wsdeploy.models import data
+
+    rng = np.random.default_rng(seed)
+    inputs: list[np.ndarray] = []
+    batch = input_shape[0]
+    if dataset is not None:
+        n_real = (n // 2) * batch
+        shape = {"length": input_shape[-1]} if dataset == "audio" else {"size": input_shape[-1]}
+        ds = data.make_dataset(dataset, "test", n_real, seed=seed, **shape)
+        inputs += [ds.x[i : i + batch] for i in range(0, n_real, batch)]
+    while len(inputs) < n:
+        inputs.append(rng.standard_normal(input_shape).astype(np.float32))
+    return inputs

@@ -108,5 +108,5 @@ def set_inputs(node: ir.Node, inputs: list[ir.Value | None]) -> None:
 
 def epilogue(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
     """The (scale, bias) epilogue inputs of a wsnet node; None where absent."""
-    inputs = list(node.inputs) + [None, None]
+    inputs = [*node.inputs, None, None]
     return inputs[2], inputs[3]

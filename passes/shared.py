@@ -110,7 +110,7 @@ def conv1d(
     phi_shape: tuple[int, ...],
 ) -> ir.Value:
     """The shared computation of one WSConv1d; ``pointwise`` is phi^T as (L*, C*, 1)."""
-    batch, c, t0 = in_shape
+    batch, _c, t0 = in_shape
     n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
     ss, r = attrs["sample_stride"], attrs["channel_repeat"]
     cs, ls = phi_shape
@@ -148,7 +148,7 @@ def conv2d(
     phi_shape: tuple[int, ...],
 ) -> ir.Value:
     """The shared computation of one WSConv2d; ``pointwise`` is phi as (H*·W*, C*, 1, 1)."""
-    batch, c, h0, w0 = in_shape
+    batch, _c, h0, w0 = in_shape
     n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
     ss, r = attrs["sample_stride"], attrs["channel_repeat"]
     cs, hs, ws = phi_shape

@@ -1,0 +1,68 @@
+"""Shared fixtures: seeded RNGs, single-layer models, and a way to lower and run them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from wsdeploy import trace
+from wsdeploy.modelfile import LoadedModel
+from wsdeploy.targets import onnx as onnx_target
+
+settings.register_profile("wsdeploy", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "wsdeploy")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def loaded_module(module: torch.nn.Module, input_shape: tuple[int, ...]) -> LoadedModel:
+    """Wrap an in-memory module as a LoadedModel (what load_model returns for files)."""
+    module.eval()
+    digest = hashlib.sha256(repr(module).encode()).hexdigest()
+    return LoadedModel(module, tuple(input_shape), "<memory>", digest, "checkpoint")
+
+
+def randomize_bn(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every batch norm non-trivial statistics, so affine fusion is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g))
+    return module
+
+
+def to_ir(module: torch.nn.Module, input_shape: tuple[int, ...]) -> ir.Model:
+    return trace.to_onnx(trace.trace(loaded_module(module, input_shape)))
+
+
+def run_ir(model: ir.Model, x: np.ndarray, tmp_path) -> np.ndarray:
+    path = tmp_path / f"m{abs(hash(id(model)))}.onnx"
+    onnx_target.save(model, path)
+    return onnx_target.session(path)(x)[0]
+
+
+def eager(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module.eval()(torch.from_numpy(x)).numpy()
+
+
+def op_types(model: ir.Model) -> list[str]:
+    return [f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph]

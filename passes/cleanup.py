@@ -35,7 +35,8 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 class CleanupPass(Pass):
-    """Fold small constants, remove dead nodes and initializers, lift constants."""
+    """Fold small constants, remove dead nodes, initializers and the exporter's per-node
+    metadata (stack traces: kilobytes per layer in a file that should hold only phi)."""
 
     name = "cleanup"
 
@@ -63,6 +64,7 @@ class CleanupPass(Pass):
             common.RemoveUnusedOpsetsPass(),
         ):
             p(model)
+        _strip(model)
         return PassResult(model, model.graph.num_nodes() != before_nodes)
 
     def ensures(self, model: ir.Model) -> None:
@@ -72,3 +74,17 @@ class CleanupPass(Pass):
                 f"cleanup grew the stored weights from {self._before} to {after} "
                 "bytes: constant folding re-materialised weights"
             )
+
+
+def _strip(model: ir.Model) -> None:
+    """Drop per-node metadata and the shapes of intermediate values (runtimes infer them);
+    graph inputs, outputs and initializers keep theirs."""
+    keep = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
+    graphs = [model.graph, *(f.graph for f in model.functions.values())]
+    for graph in graphs:
+        for node in graph:
+            node.metadata_props.clear()
+            for out in node.outputs:
+                if id(out) not in keep and not out.is_initializer():
+                    out.shape = None
+                    out.type = None

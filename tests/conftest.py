@@ -10,15 +10,25 @@ import onnx_ir as ir
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from wsdeploy.targets import onnx as onnx_target
 
 from wsdeploy import trace
 from wsdeploy.modelfile import LoadedModel
-from wsdeploy.targets import onnx as onnx_target
 
-settings.register_profile("wsdeploy", max_examples=25, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "wsdeploy",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile("ci" if os.environ.get("CI") else "wsdeploy")
 
 

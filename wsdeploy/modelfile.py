@@ -141,7 +141,9 @@ def load_model(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
+        # The weights-only unpickler names the callable it refused to import; any other
+        # unpickling error is damage, not danger.
+        if "Unsupported global" not in str(e):
             raise ModelFileError(f"{path}: corrupt model file ({_first_line(e)})") from e
         if not trust_pickle:
             raise UnsafeModelError(

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-
 from wsdeploy.models import WSConv1d, WSConv2d, WSLinear, WSSpec, count_model, sampling
 
 
@@ -29,7 +28,7 @@ def explicit_conv2d(phi, n, k, s, r):
     for i in range(n):
         top, left = (i // cols) * s, (i % cols) * s
         for c in range(cs * r):
-            w[i, c] = phi[c % cs, top:top + k, left:left + k]
+            w[i, c] = phi[c % cs, top : top + k, left : left + k]
     return w
 
 
@@ -38,33 +37,42 @@ def explicit_linear(phi, out, inf, s, r):
     return np.array([[phi[i * s + (j % ins)] for j in range(inf)] for i in range(out)])
 
 
-conv_cfg = st.fixed_dictionaries({
-    "cs": st.integers(1, 4), "r": st.integers(1, 3), "n": st.integers(1, 9),
-    "k": st.integers(1, 5), "s": st.integers(1, 4),
-})
+conv_cfg = st.fixed_dictionaries(
+    {
+        "cs": st.integers(1, 4),
+        "r": st.integers(1, 3),
+        "n": st.integers(1, 9),
+        "k": st.integers(1, 5),
+        "s": st.integers(1, 4),
+    }
+)
 
 
 @given(conv_cfg)
 def test_conv1d_sampling_matches_explicit(cfg):
-    layer = WSConv1d(cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], sample_stride=cfg["s"],
-                     channel_repeat=cfg["r"])
+    layer = WSConv1d(
+        cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], sample_stride=cfg["s"], channel_repeat=cfg["r"]
+    )
     phi = layer.phi.detach().numpy()
     assert phi.shape == (cfg["cs"], cfg["k"] + (cfg["n"] - 1) * cfg["s"])
     expected = explicit_conv1d(phi, cfg["n"], cfg["k"], cfg["s"], cfg["r"])
     np.testing.assert_array_equal(layer.materialize().detach().numpy(), expected)
     np.testing.assert_array_equal(
-        sampling.materialize_conv1d(phi, cfg["n"], cfg["k"], cfg["s"], cfg["r"]), expected)
+        sampling.materialize_conv1d(phi, cfg["n"], cfg["k"], cfg["s"], cfg["r"]), expected
+    )
 
 
 @given(conv_cfg)
 def test_conv2d_sampling_matches_explicit(cfg):
-    layer = WSConv2d(cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], sample_stride=cfg["s"],
-                     channel_repeat=cfg["r"])
+    layer = WSConv2d(
+        cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], sample_stride=cfg["s"], channel_repeat=cfg["r"]
+    )
     phi = layer.phi.detach().numpy()
     expected = explicit_conv2d(phi, cfg["n"], cfg["k"], cfg["s"], cfg["r"])
     np.testing.assert_array_equal(layer.materialize().detach().numpy(), expected)
     np.testing.assert_array_equal(
-        sampling.materialize_conv2d(phi, cfg["n"], cfg["k"], cfg["s"], cfg["r"]), expected)
+        sampling.materialize_conv2d(phi, cfg["n"], cfg["k"], cfg["s"], cfg["r"]), expected
+    )
 
 
 @given(st.integers(1, 6), st.integers(1, 5), st.integers(1, 8), st.integers(1, 3))
@@ -78,8 +86,15 @@ def test_linear_sampling_matches_explicit(ins, r, out, s):
 
 @given(conv_cfg, st.integers(1, 3), st.integers(0, 3), st.integers(0, 4))
 def test_conv1d_forward_equals_dense_conv(cfg, stride, padding, extra):
-    layer = WSConv1d(cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], stride=stride, padding=padding,
-                     sample_stride=cfg["s"], channel_repeat=cfg["r"])
+    layer = WSConv1d(
+        cfg["cs"] * cfg["r"],
+        cfg["n"],
+        cfg["k"],
+        stride=stride,
+        padding=padding,
+        sample_stride=cfg["s"],
+        channel_repeat=cfg["r"],
+    )
     x = torch.randn(2, cfg["cs"] * cfg["r"], cfg["k"] + extra + 3)
     expected = F.conv1d(x, layer.materialize(), layer.bias, stride=stride, padding=padding)
     torch.testing.assert_close(layer(x), expected)
@@ -87,8 +102,15 @@ def test_conv1d_forward_equals_dense_conv(cfg, stride, padding, extra):
 
 @given(conv_cfg, st.integers(1, 2), st.integers(0, 2))
 def test_conv2d_forward_equals_dense_conv(cfg, stride, padding):
-    layer = WSConv2d(cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], stride=stride, padding=padding,
-                     sample_stride=cfg["s"], channel_repeat=cfg["r"])
+    layer = WSConv2d(
+        cfg["cs"] * cfg["r"],
+        cfg["n"],
+        cfg["k"],
+        stride=stride,
+        padding=padding,
+        sample_stride=cfg["s"],
+        channel_repeat=cfg["r"],
+    )
     x = torch.randn(2, cfg["cs"] * cfg["r"], cfg["k"] + 4, cfg["k"] + 3)
     expected = F.conv2d(x, layer.materialize(), layer.bias, stride=stride, padding=padding)
     torch.testing.assert_close(layer(x), expected)
@@ -127,17 +149,26 @@ def test_conv_stride_reduces_the_gain():
 
 
 def test_model_totals_add_up():
-    model = torch.nn.Sequential(WSConv1d(4, 8, 3, channel_repeat=2), torch.nn.BatchNorm1d(8),
-                                torch.nn.ReLU(), torch.nn.Conv1d(8, 2, 1))
+    model = torch.nn.Sequential(
+        WSConv1d(4, 8, 3, channel_repeat=2),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv1d(8, 2, 1),
+    )
     mc = count_model(model, torch.zeros(1, 4, 20))
     assert [c.kind for c in mc.layers] == ["WSConv1d", "BatchNorm1d", "Conv1d"]
     assert mc.params == sum(p.numel() for p in model.parameters())
     assert mc.dense_params == 8 * 4 * 3 + 8 + 16 + 18
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("S8C4D2", WSSpec(8, 4, 2, 1)), ("S4", WSSpec(4, 1, 1, 1)), ("C2Q4", WSSpec(1, 2, 1, 4)),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("S8C4D2", WSSpec(8, 4, 2, 1)),
+        ("S4", WSSpec(4, 1, 1, 1)),
+        ("C2Q4", WSSpec(1, 2, 1, 4)),
+    ],
+)
 def test_spec_parse(name, expected):
     assert WSSpec.parse(name) == expected
 

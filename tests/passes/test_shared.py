@@ -53,9 +53,21 @@ def test_linear_random_configs(tmp_path_factory, cfg):
 
 
 def test_phi_is_stored_once_and_nothing_dense(tmp_path):
-    module, shape = conv1d_model({"cs": 16, "r": 4, "n": 128, "k": 8, "s": 1, "stride": 1,
-                                  "padding": 4, "extra": 100, "batch": 1, "bias": True,
-                                  "bn": True})
+    module, shape = conv1d_model(
+        {
+            "cs": 16,
+            "r": 4,
+            "n": 128,
+            "k": 8,
+            "s": 1,
+            "stride": 1,
+            "padding": 4,
+            "extra": 100,
+            "batch": 1,
+            "bias": True,
+            "bn": True,
+        }
+    )
     result = lower_and_compare(module, shape, "shared", tmp_path)
     sizes = sorted(v.const_value.size for v in result.model.graph.initializers.values())
     assert sizes[-1] == 16 * 135  # phi (transposed), once
@@ -64,9 +76,21 @@ def test_phi_is_stored_once_and_nothing_dense(tmp_path):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_talk_layer_structure(stride, tmp_path):
-    module, shape = conv1d_model({"cs": 16, "r": 4, "n": 128, "k": 8, "s": 1, "stride": stride,
-                                  "padding": 0, "extra": 500, "batch": 1, "bias": False,
-                                  "bn": False})
+    module, shape = conv1d_model(
+        {
+            "cs": 16,
+            "r": 4,
+            "n": 128,
+            "k": 8,
+            "s": 1,
+            "stride": stride,
+            "padding": 0,
+            "extra": 500,
+            "batch": 1,
+            "bias": False,
+            "bn": False,
+        }
+    )
     result = lower_and_compare(module, shape, "shared", tmp_path)
     ops = op_types(result.model)
     assert ops.count("Conv") == 2 and "ReduceSum" in ops and "Slice" in ops

@@ -1,0 +1,128 @@
+"""The command line end to end: help everywhere, one-line errors, exit codes, no partial output."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from wsdeploy.cli import main
+
+
+def _commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield (*prefix, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _commands(main)], ids=" ".join)
+def test_every_command_has_help(path):
+    cmd = dict(_commands(main))[path]
+    assert cmd.help and cmd.help.strip()
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_zoo_list_json():
+    result = CliRunner().invoke(main, ["zoo", "list", "--json"])
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert {"wsnet1d-tiny", "wsnet1d-soundnet8", "wsnet2d-cifar"} <= set(rows)
+    assert rows["wsnet1d-tiny"]["bundled"] and rows["wsnet1d-tiny"]["test_accuracy"] > 0.5
+
+
+def test_inspect_json_totals_match_layers():
+    result = CliRunner().invoke(main, ["inspect", "wsnet1d-tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    layers = report["layers"]
+    assert report["totals"]["params"] == sum(r["params"] for r in layers)
+    assert report["totals"]["dense_macs"] == sum(r["dense_macs"] for r in layers)
+    assert [r["kind"] for r in layers if r["kind"].startswith("WS")] == [
+        "WSConv1d",
+        "WSConv1d",
+        "WSConv1d",
+        "WSLinear",
+    ]
+
+
+def test_inspect_table():
+    result = CliRunner().invoke(main, ["inspect", "wsnet2d-cifar"])
+    assert result.exit_code == 0 and "WSConv2d" in result.output and "total" in result.output
+
+
+def test_export_and_verify_end_to_end(tmp_path):
+    out = tmp_path / "build"
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["export", "wsnet1d-tiny", "--target", "ort", "--strategy", "shared", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "smaller" in result.output and "PASS" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "model.ort",
+        "required_operators.config",
+    ]
+    result = runner.invoke(main, ["verify", str(out), "--model", "wsnet1d-tiny"])
+    assert result.exit_code == 0 and "PASS" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "nope.pt"], "no such model file"),
+        (["export", "nope.pt", "-o", "OUT"], "no such model file"),
+        (["verify", "OUT", "--model", "wsnet1d-tiny"], "no manifest.json"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "OUT").mkdir(exist_ok=True) if args[0] == "verify" else None
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert result.output.strip().count("\n") == 0
+    assert "Traceback" not in result.output
+
+
+def test_unsafe_pickle_refused_on_cli(tmp_path):
+    path = tmp_path / "full.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3)), path)
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["export", str(path), "-o", str(out)])
+    assert result.exit_code == 1 and "--trust-pickle" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(
+        main, ["export", str(path), "-o", str(out), "--trust-pickle", "--input-shape", "1,1,32"]
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "wsnet1d-tiny", "--target", "nope"],
+        ["export", "wsnet1d-tiny", "--strategy", "nope"],
+        ["export", "wsnet1d-tiny", "--input-shape", "1,x"],
+        ["zoo", "train", "nope", "-o", "x.pt"],
+    ],
+)
+def test_usage_errors_exit_2(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+
+
+def test_zoo_train_small_run(tmp_path):
+    out = tmp_path / "t.pt"
+    result = CliRunner().invoke(
+        main, ["zoo", "train", "wsnet1d-tiny", "-o", str(out), "--epochs", "1", "--n-train", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    result = CliRunner().invoke(main, ["inspect", str(out), "--json"])
+    assert json.loads(result.output)["metrics"]["n_train"] == 64

@@ -1,0 +1,109 @@
+"""End-to-end exports: every strategy x zoo model x target matches PyTorch; failures leave
+nothing behind; manifests say what was built."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from wsdeploy.models import sampling
+from wsdeploy.targets import TARGETS
+
+from wsdeploy import compiler
+from wsdeploy.compiler import ExportOptions, export, verify
+from wsdeploy.errors import NumericsMismatch, WsdeployError
+
+FAST_MODELS = ["wsnet1d-tiny", "wsnet2d-cifar"]
+STRATEGIES = ["auto", "fold", "shared", "custom"]
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("model", FAST_MODELS)
+def test_export_matches_pytorch(model, strategy, target, tmp_path):
+    out = tmp_path / "out"
+    result = export(model, out, ExportOptions(target=target, strategy=strategy))
+    m = result.manifest
+    assert m["verification"]["passed"] and m["verification"]["n_inputs"] == 8
+    assert (out / m["artifact"]).is_file() and (out / "manifest.json").is_file()
+    assert json.loads((out / "manifest.json").read_text()) == m
+    out0 = m["verification"]["outputs"][0]
+    assert out0["top1_agreement"] == 1.0 and out0["cosine"] > 0.99999
+    if strategy != "auto":
+        assert {layer["strategy"] for layer in m["layers"]} == {strategy}
+    assert m["inputs"][0]["name"] == "input" and m["outputs"][0]["shape"] == [1, 10]
+    assert len(m["source"]["sha256"]) == 64 and m["tools"]["onnxruntime"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_soundnet8_exports_match_pytorch(strategy, tmp_path):
+    result = export(
+        "wsnet1d-soundnet8",
+        tmp_path / "o",
+        ExportOptions(target="onnx", strategy=strategy, n_verify=4),
+    )
+    assert result.manifest["verification"]["passed"]
+
+
+@pytest.mark.parametrize("model", [*FAST_MODELS, "wsnet1d-soundnet8"])
+def test_onnx_file_holds_no_hidden_dense_copy(model, tmp_path):
+    """fp32 file within 5% of 4 bytes x the parameters the strategy stores."""
+    result = export(model, tmp_path / "o", ExportOptions(strategy="shared", n_verify=1))
+    size = result.manifest["size"]
+    from wsdeploy.modelfile import load_model
+
+    params = sum(p.numel() for p in load_model(model).module.parameters())
+    assert size["stored_params"] <= params * 1.02 + 64
+    assert size["artifact_bytes"] <= 1.05 * 4 * size["stored_params"]
+    assert size["dense_baseline_bytes"] > 3 * size["artifact_bytes"]
+
+
+def test_mismatch_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
+    real = sampling.materialize_conv1d
+
+    def wrong(phi, *args):
+        return real(phi, *args) * 1.01
+
+    monkeypatch.setattr(sampling, "materialize_conv1d", wrong)
+    out = tmp_path / "out"
+    with pytest.raises(NumericsMismatch, match="does not match PyTorch"):
+        export("wsnet1d-tiny", out, ExportOptions(strategy="fold"))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rebuild_keeps_previous_build(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    export("wsnet1d-tiny", out, ExportOptions(strategy="shared", n_verify=2))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*args, **kwargs):
+        raise WsdeployError("simulated build failure")
+
+    monkeypatch.setattr(compiler, "_baseline_size", boom)
+    with pytest.raises(WsdeployError, match="simulated"):
+        export("wsnet1d-tiny", out, ExportOptions(strategy="fold", n_verify=2))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_verify_again_and_wrong_model(tmp_path):
+    out = tmp_path / "out"
+    export("wsnet1d-tiny", out, ExportOptions(target="ort", n_verify=2))
+    assert verify(out, "wsnet1d-tiny", n_verify=3)["passed"]
+    with pytest.raises(WsdeployError, match="not the model"):
+        verify(out, "wsnet2d-cifar")
+
+
+def test_verify_on_a_directory_without_manifest(tmp_path):
+    with pytest.raises(WsdeployError, match="no manifest.json"):
+        verify(tmp_path, "wsnet1d-tiny")
+
+
+def test_verification_inputs_are_seeded_and_mixed():
+    a = compiler.numerics.verification_inputs((1, 1, 4096), "audio", {}, n=8, seed=3)
+    b = compiler.numerics.verification_inputs((1, 1, 4096), "audio", {}, n=8, seed=3)
+    assert len(a) == 8 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(x.shape == (1, 1, 4096) and x.dtype == np.float32 for x in a)

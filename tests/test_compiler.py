@@ -98,7 +98,7 @@ def test_verify_again_and_wrong_model(tmp_path):
 
 
 def test_verify_on_a_directory_without_manifest(tmp_path):
-    with pytest.raises(WsdeployError, match="no manifest.json"):
+    with pytest.raises(WsdeployError, match=r"no manifest\.json"):
         verify(tmp_path, "wsnet1d-tiny")
 
 

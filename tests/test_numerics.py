@@ -28,8 +28,8 @@ def test_integers_compare_exactly():
 def test_tolerance_edges_follow_the_table():
     atol, rtol = TOLERANCES["runtime"]
     e = np.array([0.0, 100.0])
-    assert compare(e + [atol * 0.9, 100 * rtol * 0.9], e, stage="runtime").ok
-    assert not compare(e + [atol * 1.5, 0], e, stage="runtime").ok
+    assert compare(e + np.array([atol * 0.9, 100 * rtol * 0.9]), e, stage="runtime").ok
+    assert not compare(e + np.array([atol * 1.5, 0]), e, stage="runtime").ok
 
 
 def test_nan_is_a_mismatch():

@@ -157,7 +157,7 @@ ZOO: dict[str, Arch] = {
             {"spec": "S8C16D1", "num_classes": 10, "input_length": 220500},
             "audio",
             "SoundNet-8 of WSNet layers on 10 s of 22,050 Hz audio (WSNET.md §3)",
-            {"n_train": 800, "n_test": 200, "epochs": 6, "batch_size": 16, "lr": 3e-3},
+            {"n_train": 800, "n_test": 200, "epochs": 14, "batch_size": 16, "lr": 5e-3},
         ),
         Arch(
             "wsnet2d-cifar",

@@ -9,11 +9,13 @@
                                 Conv1x1(ReduceSum_r(Reshape(Pad(x))), phi^T)))))  # table P
 
 Step by step: pad x by p (and to a multiple of s: T = T0 + 2p rounded up), pre-sum the r
-repeated channel blocks (C -> C*, adds only, no weight stored), build the product table
-P = phi^T · xs with one pointwise conv (B, L*, T), view P flat so that one step down a
-diagonal is T + 1 elements, and sum every length-L diagonal at once with a dilated conv of
-ones at the conv stride. Row v of the result holds the diagonals that start at P[v, :]; filter
-i is row i*S. The same for 2-D with the flat view (H*·H, W*·W) and a k x k dilated conv.
+repeated channel blocks (C -> C*, ReduceSum: adds only, no weight stored), build the
+product table P = phi^T · xs with one pointwise conv (B, L*, T), view P flat so that one step
+down a diagonal is T + 1 elements, and sum every length-L diagonal at once with a dilated
+conv of ones at the conv stride, padded by L - s so that its output is exactly the
+R = (N-1)S + 1 rows of diagonals the filters start in. Row v of the result holds the
+diagonals that start at P[v, :]; filter i is row i*S. The same for 2-D with the flat view
+(H*·H, W*·W) and a k x k dilated conv.
 
     WSLinear(x; phi) -> Reshape(Conv_{stride S}(phi as (1, 1, L*), weight = xs as (B, 1, in*)))
 
@@ -130,9 +132,9 @@ def conv1d(
         kernel_shape=[k],
         dilations=[tp + 1],
         strides=[s],
-        pads=[0, (k - 1) * (tp + 1)],
-    )  # (B, 1, L*·T/s)
-    rows = b.reshape(diag, [batch, ls, tp // s])
+        pads=[0, max(0, k - s)],
+    )  # (B, 1, R·T/s): the diagonals that start in the R = (N-1)S + 1 rows filters use
+    rows = b.reshape(diag, [batch, ls - k + 1, tp // s])
     y = b.slice(rows, [0, 0], [(n - 1) * ss + 1, t_out], [1, 2], [ss, 1])
     return _epilogue(b, y, scale, bias, n, 1)
 
@@ -171,9 +173,9 @@ def conv2d(
         kernel_shape=[k, k],
         dilations=[hp + 1, wp + 1],
         strides=[s, s],
-        pads=[0, 0, (k - 1) * (hp + 1), (k - 1) * (wp + 1)],
+        pads=[0, 0, max(0, k - s), max(0, k - s)],
     )
-    rows = b.reshape(diag, [batch, hs, hp // s, ws, wp // s])
+    rows = b.reshape(diag, [batch, hs - k + 1, hp // s, ws - k + 1, wp // s])
     y = b.slice(
         rows,
         [0, 0, 0, 0],

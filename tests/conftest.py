@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -38,13 +37,6 @@ def _seed():
     np.random.seed(0)
 
 
-def loaded_module(module: torch.nn.Module, input_shape: tuple[int, ...]) -> LoadedModel:
-    """Wrap an in-memory module as a LoadedModel (what load_model returns for files)."""
-    module.eval()
-    digest = hashlib.sha256(repr(module).encode()).hexdigest()
-    return LoadedModel(module, tuple(input_shape), "<memory>", digest, "checkpoint")
-
-
 def randomize_bn(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every batch norm non-trivial statistics, so affine fusion is really exercised."""
     g = torch.Generator().manual_seed(seed)
@@ -60,7 +52,7 @@ def randomize_bn(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def to_ir(module: torch.nn.Module, input_shape: tuple[int, ...]) -> ir.Model:
-    return trace.to_onnx(trace.trace(loaded_module(module, input_shape)))
+    return trace.to_onnx(trace.trace(LoadedModel.from_module(module, input_shape)))
 
 
 def run_ir(model: ir.Model, x: np.ndarray, tmp_path) -> np.ndarray:

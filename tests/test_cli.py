@@ -126,3 +126,28 @@ def test_zoo_train_small_run(tmp_path):
     assert "test accuracy" in result.output
     result = CliRunner().invoke(main, ["inspect", str(out), "--json"])
     assert json.loads(result.output)["metrics"]["n_train"] == 64
+
+
+def test_bench_and_report(tmp_path):
+    runner = CliRunner()
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, strategy in ((a, "fold"), (b, "shared")):
+        result = runner.invoke(
+            main,
+            ["export", "wsnet1d-tiny", "--strategy", strategy, "-o", str(out), "--n-verify", "2"],
+        )
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["bench", str(a), "--repeat", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    timing = json.loads(result.output)
+    assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["p90_ms"]
+    png = tmp_path / "plot.png"
+    result = runner.invoke(main, ["report", str(a), str(b), "--json", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["strategy"] for r in rows] == ["fold", "shared"]
+    assert rows[0]["median_ms"] is not None and rows[1]["median_ms"] is None
+    assert rows[1]["bytes"] < rows[0]["bytes"] and all(r["verified"] for r in rows)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    result = runner.invoke(main, ["report", str(b), "--plot", str(tmp_path / "none.png")])
+    assert result.exit_code == 1 and "wsdeploy bench" in result.output

@@ -386,3 +386,79 @@ def verify(
         outdir, model, trust_pickle=trust_pickle, input_shape=_shape(input_shape), n_verify=n_verify
     )
     _print_verification(result)
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--repeat", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs."
+)
+@click.option(
+    "--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_errors
+def bench(outdir: Path, repeat: int, warmup: int, as_json: bool) -> None:
+    """Measure the latency of the build in OUTDIR on this machine (median, p90, min)."""
+    from wsdeploy.bench import bench as bench_build
+
+    result = bench_build(outdir, repeat=repeat, warmup=warmup)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"{outdir} on {result['device']} ({result['target']}): median "
+        f"{result['median_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, min "
+        f"{result['min_ms']:.3f} ms over {result['repeat']} runs"
+    )
+
+
+@main.command()
+@click.argument(
+    "outdirs", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False)
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write a size-vs-latency PNG.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_errors
+def report(outdirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> None:
+    """Side-by-side table of builds: size, latency, accuracy, verification."""
+    from wsdeploy.bench import plot, report as build_report
+
+    rows = build_report(list(outdirs))
+    if plot_path is not None:
+        plot(rows, plot_path)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(
+        "build",
+        "model",
+        "target",
+        "strategy",
+        "size",
+        "dense",
+        "median ms",
+        "p90 ms",
+        "top-1 agree",
+        "verified",
+    )
+    for r in rows:
+        table.add_row(
+            r["build"],
+            r["model"],
+            r["target"],
+            r["strategy"],
+            f"{r['bytes'] / 1024:.1f} KB",
+            f"{r['dense_bytes'] / 1024:.1f} KB",
+            "-" if r["median_ms"] is None else f"{r['median_ms']:.3f}",
+            "-" if r["p90_ms"] is None else f"{r['p90_ms']:.3f}",
+            "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}",
+            "yes" if r["verified"] else "NO",
+        )
+    Console(width=200).print(table)

@@ -235,6 +235,7 @@ def export(
                 "kind": loaded.kind,
                 "arch": loaded.arch,
                 "config": loaded.config,
+                "metrics": loaded.metrics,
             },
             "target": target.name,
             "artifact": target.artifact,

@@ -44,11 +44,18 @@ class LoadedModel:
     input_shape: tuple[int, ...]
     source: str
     sha256: str
-    kind: str  # "checkpoint", "pt2" or "pickle"
+    kind: str  # "checkpoint", "pt2", "pickle" or "module"
     arch: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     exported: torch.export.ExportedProgram | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, input_shape: tuple[int, ...]) -> LoadedModel:
+        """Wrap an in-memory module (put in eval mode), e.g. a layer to benchmark."""
+        module.eval()
+        digest = hashlib.sha256(repr(module).encode()).hexdigest()
+        return cls(module, tuple(input_shape), f"<{type(module).__name__}>", digest, "module")
 
     @property
     def dataset(self) -> str | None:

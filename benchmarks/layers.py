@@ -1,0 +1,177 @@
+"""The layer micro-benchmark: one WSNet layer, every formulation, each in its own process.
+
+The reference layer is WSNET.md's (L, C, N) = (8, 64, 128) from (L*, C*) = (135, 16) at
+T = 8192, conv stride 1 and 2. Speedups are against the best dense formulation on the same
+runtime, next to the theoretical multiply-add ratio and the fraction of this CPU's measured
+peak multiply-add rate each build reaches (a roofline column).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from wsdeploy.compiler import lower
+from wsdeploy.modelfile import LoadedModel
+from wsdeploy.models import WSConv1d
+from wsdeploy.targets import onnx as onnx_target
+
+TALK_LAYER = {
+    "name": "talk",
+    "cin": 64,
+    "cout": 128,
+    "kernel": 8,
+    "sample_stride": 1,
+    "repeat": 4,
+    "length": 8192,
+}
+
+
+def layer_module(cfg: dict) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layer = WSConv1d(
+        cfg["cin"],
+        cfg["cout"],
+        cfg["kernel"],
+        stride=cfg["stride"],
+        sample_stride=cfg["sample_stride"],
+        channel_repeat=cfg["repeat"],
+        bias=False,
+    )
+    return torch.nn.Sequential(layer).eval()
+
+
+def input_shape(cfg: dict) -> list[int]:
+    """Input long enough for exactly ``length`` output positions."""
+    return [1, cfg["cin"], (cfg["length"] - 1) * cfg["stride"] + cfg["kernel"]]
+
+
+def theory(cfg: dict) -> tuple[int, int]:
+    module = layer_module(cfg)
+    shape = tuple(input_shape(cfg))
+    count = module[0].count("l", shape, tuple(module(torch.zeros(shape)).shape))
+    return count.dense_macs, count.shared_macs
+
+
+def _dense_conv2d(cfg: dict, path: Path) -> None:
+    """Dense conv written as Conv2d with a (1, L) kernel, which ONNX Runtime runs faster."""
+    w = layer_module(cfg)[0].materialize().detach().numpy()[:, :, None, :]
+    nodes = [
+        helper.make_node("Unsqueeze", ["input", "ax"], ["x4"]),
+        helper.make_node(
+            "Conv", ["x4", "w"], ["y4"], kernel_shape=[1, cfg["kernel"]], strides=[1, cfg["stride"]]
+        ),
+        helper.make_node("Squeeze", ["y4", "ax"], ["output"]),
+    ]
+    inits = [
+        onnx.numpy_helper.from_array(w.astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(np.array([2], np.int64), "ax"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dense2d",
+        [helper.make_tensor_value_info("input", 1, input_shape(cfg))],
+        [helper.make_tensor_value_info("output", 1, None)],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def build_variants(cfg: dict, workdir: Path) -> dict[str, dict]:
+    """Write every formulation of the layer; returns worker specs by variant name."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    loaded = LoadedModel.from_module(layer_module(cfg), tuple(input_shape(cfg)))
+    specs = {}
+    for strategy in ("fold", "shared", "custom"):
+        path = workdir / f"{cfg['name']}-s{cfg['stride']}-{strategy}.onnx"
+        model, _ = lower(loaded, strategy)
+        onnx_target.save(model, path)
+        label = {
+            "fold": "ort dense Conv1d",
+            "shared": "ort shared graph",
+            "custom": "ort custom op (local function)",
+        }[strategy]
+        specs[label] = {"runtime": "ort", "path": str(path), "dense": strategy == "fold"}
+    path = workdir / f"{cfg['name']}-s{cfg['stride']}-dense2d.onnx"
+    _dense_conv2d(cfg, path)
+    specs["ort dense as Conv2d (1,L)"] = {"runtime": "ort", "path": str(path), "dense": True}
+    specs["torch dense conv1d"] = {
+        "runtime": "layer-torch",
+        "variant": "dense",
+        "layer": cfg,
+        "dense": True,
+    }
+    specs["torch shared (P + strided view)"] = {
+        "runtime": "layer-torch",
+        "variant": "shared",
+        "layer": cfg,
+    }
+    for spec in specs.values():
+        spec["shape"] = input_shape(cfg)
+    return specs
+
+
+def run_worker(spec: dict, repeat: int) -> dict:
+    """Time one spec in a fresh Python process."""
+    spec = {**spec, "repeat": repeat}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"worker failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_gmacs() -> float:
+    """This CPU's measured fp32 multiply-add rate (GMAC/s): a large matmul in numpy."""
+    code = (
+        "import numpy as np,time;a=np.ones((2048,2048),np.float32);b=a.copy();a@b;"
+        "ts=[];\nfor _ in range(5):\n t=time.perf_counter();a@b;ts.append(time.perf_counter()-t)\n"
+        "print(2048**3/min(ts)/1e9)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def bench_layer(cfg: dict, workdir: Path, repeat: int, peak: float, progress=None) -> dict:
+    specs = build_variants(cfg, workdir)
+    dense_macs, shared_macs = theory(cfg)
+    rows = []
+    for label, spec in specs.items():
+        if progress:
+            progress(f"layer stride {cfg['stride']}: {label}")
+        timing = run_worker(spec, repeat)
+        macs = dense_macs if spec.get("dense") else shared_macs
+        rows.append(
+            {
+                "variant": label,
+                "runtime": spec["runtime"].replace("layer-", ""),
+                "dense": bool(spec.get("dense")),
+                **timing,
+                "gmacs": macs / timing["median_ms"] / 1e6,
+            }
+        )
+    for runtime in {r["runtime"] for r in rows}:
+        same = [r for r in rows if r["runtime"] == runtime]
+        best_dense = min(r["median_ms"] for r in same if r["dense"])
+        for r in same:
+            r["speedup_vs_best_dense"] = best_dense / r["median_ms"]
+            r["roofline_fraction"] = r["gmacs"] / peak
+    return {
+        "layer": cfg,
+        "dense_macs": dense_macs,
+        "shared_macs": shared_macs,
+        "theoretical_speedup": dense_macs / shared_macs,
+        "peak_gmacs": peak,
+        "rows": rows,
+    }

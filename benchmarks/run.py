@@ -1,0 +1,228 @@
+"""Regenerate every benchmark table and plot: ``python -m benchmarks.run [--quick]``.
+
+Writes ``benchmarks/results/{layers,models}.json``, ``results.md`` (the tables README quotes)
+and ``size_latency.png``. Every latency is measured in its own process (warm-up, then at least
+``--repeat`` timed runs); medians and ratios are from one run of this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.layers import TALK_LAYER, bench_layer, peak_gmacs, run_worker
+from wsdeploy.compiler import ExportOptions, export
+from wsdeploy.modelfile import load_model
+from wsdeploy.models import count_model, dense_baseline, zoo
+from wsdeploy.models.train import dataset_for
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    import onnxruntime
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say) -> list[dict]:
+    rows = []
+    for name in names:
+        loaded = load_model(name)
+        arch = zoo.ZOO[name]
+        ds = dataset_for(arch, loaded.config, "test", n_eval)
+        npz = workdir / f"{name}-test.npz"
+        np.savez(npz, x=ds.x, y=ds.y)
+        import torch
+
+        example = torch.zeros(loaded.input_shape)
+        counts = count_model(loaded.module, example)
+        shape = list(loaded.input_shape)
+        builds = []
+        for strategy in ("fold", "shared", "custom", "auto"):
+            say(f"{name}: export {strategy}")
+            out = workdir / f"{name}-{strategy}"
+            m = export(loaded, out, ExportOptions(target="onnx", strategy=strategy)).manifest
+            label = "dense baseline (fold)" if strategy == "fold" else f"WSNet {strategy}"
+            builds.append(
+                (
+                    label,
+                    {"runtime": "ort", "path": str(out / m["artifact"])},
+                    m["size"]["artifact_bytes"],
+                    counts.dense_macs
+                    if strategy == "fold"
+                    else sum(
+                        layer["shared_macs"] if layer["strategy"] != "fold" else layer["dense_macs"]
+                        for layer in m["layers"]
+                    )
+                    + counts.dense_macs
+                    - sum(layer["dense_macs"] for layer in m["layers"]),
+                )
+            )
+        ckpt = str(Path(loaded.source))
+        builds.append(
+            (
+                "PyTorch eager, dense baseline",
+                {"runtime": "torch", "path": ckpt, "dense": True},
+                _param_bytes(dense_baseline(loaded.module)),
+                counts.dense_macs,
+            )
+        )
+        builds.append(
+            (
+                "PyTorch eager, WSNet",
+                {"runtime": "torch", "path": ckpt},
+                _param_bytes(loaded.module),
+                counts.dense_macs,
+            )
+        )
+        for label, spec, size, macs in builds:
+            say(f"{name}: time {label}")
+            timing = run_worker({**spec, "shape": shape, "eval": str(npz)}, repeat)
+            rows.append(
+                {
+                    "model": name,
+                    "build": label,
+                    "runtime": spec["runtime"],
+                    "bytes": size,
+                    "macs": macs,
+                    **timing,
+                }
+            )
+    return rows
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * 4 for p in module.parameters())
+
+
+def markdown(layers: list[dict], models: list[dict], info: dict, command: str) -> str:
+    lines = [
+        f"Measured by `{command}` on {info['cpu']} ({info['cores']} cores), "
+        f"{info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
+        "Medians of at least the stated runs, each build in its own process.",
+        "",
+    ]
+    for res in layers:
+        cfg = res["layer"]
+        lines += [
+            f"### Layer (L,C,N)=({cfg['kernel']},{cfg['cin']},{cfg['cout']}) from "
+            f"(L*,C*)=({cfg['kernel'] + (cfg['cout'] - 1) * cfg['sample_stride']},"
+            f"{cfg['cin'] // cfg['repeat']}), T={cfg['length']}, conv stride "
+            f"{cfg['stride']}",
+            f"Theoretical multiply-add ratio {res['theoretical_speedup']:.1f}x; "
+            f"measured peak {res['peak_gmacs']:.0f} GMAC/s.",
+            "",
+            "| formulation | median ms | p90 ms | speedup vs best dense (same runtime) | "
+            "GMAC/s | % of peak |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted(res["rows"], key=lambda r: (r["runtime"], -r["median_ms"])):
+            lines.append(
+                f"| {r['variant']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
+                f"{r['speedup_vs_best_dense']:.2f}x | {r['gmacs']:.1f} | "
+                f"{100 * r['roofline_fraction']:.1f}% |"
+            )
+        lines.append("")
+    if models:
+        lines += [
+            "### Zoo models (fp32, batch 1)",
+            "",
+            "| model | build | size KB | MMACs | median ms | p90 ms | held-out acc |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in models:
+            lines.append(
+                f"| {r['model']} | {r['build']} | {r['bytes'] / 1024:.1f} | "
+                f"{r['macs'] / 1e6:.1f} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
+                f"{r['accuracy']:.1%} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(models: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in sorted({r["model"] for r in models}):
+        rows = [r for r in models if r["model"] == name]
+        ax.scatter([r["bytes"] / 1024 for r in rows], [r["median_ms"] for r in rows], label=name)
+        for r in rows:
+            marker = "*" if "dense" in r["build"] else ""
+            ax.annotate(f"{marker}{r['build']}", (r["bytes"] / 1024, r["median_ms"]), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("artifact size (KB, log)")
+    ax.set_ylabel("median latency (ms, log)")
+    ax.set_title("size vs latency, one point per build (* = dense baseline)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer runs and no SoundNet-8 (for CI)"
+    )
+    parser.add_argument("--repeat", type=int, default=None, help="timed runs per build")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    repeat = args.repeat or (10 if args.quick else 30)
+    names = ["wsnet1d-tiny", "wsnet2d-cifar"] + ([] if args.quick else ["wsnet1d-soundnet8"])
+    command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="wsdeploy-bench-") as tmp:
+        work = Path(tmp)
+        peak = peak_gmacs()
+        layers = [
+            bench_layer({**TALK_LAYER, "stride": s}, work / "layers", repeat, peak, say)
+            for s in (1, 2)
+        ]
+        models = bench_models(names, work, repeat, 200 if args.quick else 400, say)
+    (args.out / "layers.json").write_text(
+        json.dumps({"machine": info, "layers": layers}, indent=2) + "\n"
+    )
+    (args.out / "models.json").write_text(
+        json.dumps({"machine": info, "models": models}, indent=2) + "\n"
+    )
+    (args.out / "results.md").write_text(markdown(layers, models, info, command))
+    plot(models, args.out / "size_latency.png")
+    say(f"wrote {args.out}/results.md, layers.json, models.json, size_latency.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Time one build in this process and print one JSON line; ``benchmarks.run`` starts one
+worker process per measurement so runtimes never share a process (or its thread pools).
+
+    python -m benchmarks.worker '{"runtime": "ort", "path": "model.onnx", "shape": [1, 64, 8199]}'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def _ort(spec):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(spec["path"], opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})
+
+
+def _torch(spec):
+    import torch
+
+    from wsdeploy.modelfile import load_model
+    from wsdeploy.models import dense_baseline
+
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    module = load_model(spec["path"]).module
+    if spec.get("dense"):
+        module = dense_baseline(module).eval()
+
+    def run(x):
+        with torch.no_grad():
+            return module(torch.from_numpy(x))
+
+    return run
+
+
+def _layer_torch(spec):
+    """PyTorch eager on the benchmark layer: dense conv, or P then one strided view summed."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.layers import layer_module
+
+    module = layer_module(spec["layer"])
+    layer = module[0]
+    w = layer.materialize().detach()
+    phi = layer.phi.detach()
+    n, k, s, ss = layer.out_channels, layer.kernel_size, layer.stride, layer.sample_stride
+    r, cs = layer.channel_repeat, phi.shape[0]
+
+    def dense(x):
+        with torch.no_grad():
+            return F.conv1d(torch.from_numpy(x), w, stride=s)
+
+    def shared(x):
+        with torch.no_grad():
+            xt = torch.from_numpy(x)
+            b, c, t = xt.shape
+            xs = xt.view(b, r, cs, t).sum(1)
+            p = torch.matmul(phi.T, xs).contiguous()  # (B, L*, T)
+            t_out = (t - k) // s + 1
+            ls = p.shape[1]
+            view = p.as_strided((b, n, t_out, k), (ls * t, ss * t, s, t + 1))
+            return view.sum(-1)
+
+    return dense if spec["variant"] == "dense" else shared
+
+
+RUNNERS = {"ort": _ort, "torch": _torch, "layer-torch": _layer_torch}
+
+
+def measure(run, x, warmup: int, repeat: int, min_seconds: float = 0.0) -> dict:
+    for _ in range(warmup):
+        run(x)
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1e3
+    return {
+        "median_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "min_ms": float(ms.min()),
+        "runs": len(ms),
+    }
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    run = RUNNERS[spec["runtime"]](spec)
+    x = np.random.default_rng(0).standard_normal(spec["shape"]).astype(np.float32)
+    result = measure(run, x, spec.get("warmup", 5), spec.get("repeat", 30))
+    if spec.get("eval"):
+        result["accuracy"] = accuracy(run, spec["eval"], spec["shape"][0])
+    print(json.dumps(result))
+
+
+def accuracy(run, path: str, batch: int) -> float:
+    """Top-1 accuracy of a build on a held-out split saved as .npz (x, y)."""
+    data = np.load(path)
+    x, y = data["x"], data["y"]
+    correct = 0
+    for i in range(0, len(y) - batch + 1, batch):
+        out = run(x[i : i + batch])
+        logits = np.asarray(out[0] if isinstance(out, list) else out)
+        correct += int((logits.argmax(-1) == y[i : i + batch]).sum())
+    return correct / (len(y) // batch * batch)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Latency of a finished build (``wsdeploy bench``), and side-by-side reports of builds.
+
+Latency is measured on the machine the build's target runs on: locally for ``onnx``/``ort``.
+Results are stored in the build's ``bench.json`` so that ``wsdeploy report`` can show them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsdeploy.compiler import read_manifest
+from wsdeploy.errors import WsdeployError
+from wsdeploy.modelfile import atomic_write
+from wsdeploy.targets import get_target
+
+BENCH = "bench.json"
+
+
+def bench(outdir: Path, *, repeat: int = 30, warmup: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Time the build in ``outdir`` on seeded random input of its input shape.
+
+    Returns median, p90 and min latency in milliseconds, and writes them to ``bench.json``.
+    """
+    if repeat < 1 or warmup < 0:
+        raise WsdeployError("repeat must be >= 1 and warmup >= 0")
+    outdir = Path(outdir)
+    manifest = read_manifest(outdir)
+    target = get_target(manifest["target"])
+    run = target.load(outdir)
+    spec = manifest["inputs"][0]
+    x = np.random.default_rng(seed).standard_normal(spec["shape"]).astype(spec["dtype"])
+    for _ in range(warmup):
+        run(x)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1e3
+    result = {
+        "target": target.name,
+        "device": "local",
+        "repeat": repeat,
+        "warmup": warmup,
+        "median_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "min_ms": float(ms.min()),
+    }
+    atomic_write(outdir / BENCH, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    return result
+
+
+def report(outdirs: list[Path]) -> list[dict[str, Any]]:
+    """One row per build: size, dense baseline size, latency if benched, accuracy, verdict."""
+    rows = []
+    for d in outdirs:
+        m = read_manifest(d)
+        bench_path = Path(d) / BENCH
+        b = json.loads(bench_path.read_text()) if bench_path.is_file() else {}
+        v = m["verification"]["outputs"][0]
+        strategies = sorted({layer["strategy"] for layer in m["layers"]})
+        rows.append(
+            {
+                "build": str(d),
+                "model": m["source"].get("arch") or Path(m["source"]["path"]).name,
+                "target": m["target"],
+                "strategy": m["strategy"],
+                "layers": strategies,
+                "precision": m["precision"],
+                "bytes": m["size"]["artifact_bytes"],
+                "dense_bytes": m["size"]["dense_baseline_bytes"],
+                "median_ms": b.get("median_ms"),
+                "p90_ms": b.get("p90_ms"),
+                "top1_agreement": v.get("top1_agreement"),
+                "max_abs_err": v["max_abs"],
+                "verified": m["verification"]["passed"],
+                "source_accuracy": (m["source"].get("metrics") or {}).get("test_accuracy"),
+            }
+        )
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Size vs latency of the reported builds (builds never benched are left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r["median_ms"] is not None]
+    if not timed:
+        raise WsdeployError("no build has latency yet: run 'wsdeploy bench OUTDIR' first")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in timed:
+        ax.scatter(r["bytes"] / 1024, r["median_ms"])
+        ax.annotate(
+            f"{r['model']} {r['target']} {r['strategy']}",
+            (r["bytes"] / 1024, r["median_ms"]),
+            fontsize=7,
+        )
+    ax.set_xlabel("artifact size (KB)")
+    ax.set_ylabel("median latency (ms)")
+    fig.tight_layout()
+    atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=120))

@@ -62,7 +62,7 @@ def _layer_torch(spec):
     def shared(x):
         with torch.no_grad():
             xt = torch.from_numpy(x)
-            b, c, t = xt.shape
+            b, _c, t = xt.shape
             xs = xt.view(b, r, cs, t).sum(1)
             p = torch.matmul(phi.T, xs).contiguous()  # (B, L*, T)
             t_out = (t - k) // s + 1

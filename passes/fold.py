@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from wsdeploy.models import sampling
 
 from ._graph import (

@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+
 from wsdeploy.models import sampling
 
 from ._graph import (

@@ -9,10 +9,10 @@ import onnx_ir as ir
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
-from wsdeploy.targets import onnx as onnx_target
 
 from wsdeploy import trace
 from wsdeploy.modelfile import LoadedModel
+from wsdeploy.targets import onnx as onnx_target
 
 settings.register_profile(
     "wsdeploy",

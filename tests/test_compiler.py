@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from wsdeploy.models import sampling
-from wsdeploy.targets import TARGETS
 
 from wsdeploy import compiler
 from wsdeploy.compiler import ExportOptions, export, verify
 from wsdeploy.errors import NumericsMismatch, WsdeployError
+from wsdeploy.models import sampling
+from wsdeploy.targets import TARGETS
 
 FAST_MODELS = ["wsnet1d-tiny", "wsnet2d-cifar"]
 STRATEGIES = ["auto", "fold", "shared", "custom"]

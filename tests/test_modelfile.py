@@ -7,10 +7,10 @@ import zipfile
 
 import pytest
 import torch
-from wsdeploy.models import WSConv1d, zoo
 
 from wsdeploy.errors import ModelFileError, UnsafeModelError
 from wsdeploy.modelfile import load_model, save_checkpoint
+from wsdeploy.models import WSConv1d, zoo
 
 
 class Payload:

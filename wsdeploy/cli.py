@@ -428,7 +428,8 @@ def bench(outdir: Path, repeat: int, warmup: int, as_json: bool) -> None:
 @_errors
 def report(outdirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> None:
     """Side-by-side table of builds: size, latency, accuracy, verification."""
-    from wsdeploy.bench import plot, report as build_report
+    from wsdeploy.bench import plot
+    from wsdeploy.bench import report as build_report
 
     rows = build_report(list(outdirs))
     if plot_path is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from wsdeploy.models import WSConv1d, WSConv2d, WSLinear, dense_baseline
 
 

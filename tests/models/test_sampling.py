@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+
 from wsdeploy.models import WSConv1d, WSConv2d, WSLinear, WSSpec, count_model, sampling
 
 

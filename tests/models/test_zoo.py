@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from wsdeploy.models import WSConv1d, count_model, data, dense_baseline, train, zoo
 
 from wsdeploy.inspect import inspect_model
 from wsdeploy.modelfile import load_model
+from wsdeploy.models import WSConv1d, count_model, data, dense_baseline, train, zoo
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from hypothesis import strategies as st
+
 from wsdeploy.models import WSConv1d, WSConv2d, WSLinear
 
 conv1d_cfg = st.fixed_dictionaries(

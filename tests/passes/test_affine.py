@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from wsdeploy.models import WSConv1d, WSLinear
-from wsdeploy.passes._graph import const, epilogue
-from wsdeploy.passes.affine import AffinePass
 
 from tests.conftest import eager, op_types, randomize_bn, run_ir, to_ir
+from wsdeploy.models import WSConv1d, WSLinear
 from wsdeploy.numerics import assert_close
+from wsdeploy.passes._graph import const, epilogue
+from wsdeploy.passes.affine import AffinePass
 
 
 def test_bias_and_batchnorm_become_one_epilogue(tmp_path):

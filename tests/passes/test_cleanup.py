@@ -6,12 +6,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from wsdeploy.models import WSConv1d
-from wsdeploy.passes.cleanup import CleanupPass, weight_bytes
 
 from tests.conftest import to_ir
 from wsdeploy.compiler import pipeline
 from wsdeploy.errors import PassError
+from wsdeploy.models import WSConv1d
+from wsdeploy.passes.cleanup import CleanupPass, weight_bytes
 
 
 def test_cleanup_removes_constant_nodes_and_keeps_weight_bytes():

@@ -60,10 +60,10 @@ def test_only_phi_is_stored_and_reference_runs_after_inlining(tmp_path):
 
 def test_two_layers_get_two_overloads():
     import torch
-    from wsdeploy.models import WSConv1d
 
     from tests.conftest import to_ir
     from wsdeploy.compiler import pipeline
+    from wsdeploy.models import WSConv1d
 
     module = torch.nn.Sequential(WSConv1d(2, 4, 3), torch.nn.ReLU(), WSConv1d(4, 4, 3))
     model = pipeline("custom")(to_ir(module, (1, 2, 20))).model

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from tests.conftest import to_ir
+from wsdeploy.errors import PassError
 from wsdeploy.models import WSConv1d, WSLinear
 from wsdeploy.passes._graph import STRATEGY_KEY
 from wsdeploy.passes.base import Pass, PassManager
 from wsdeploy.passes.strategy import StrategyPass, macs
-
-from tests.conftest import to_ir
-from wsdeploy.errors import PassError
 
 
 def test_auto_picks_shared_where_it_saves_work_and_fold_where_not():

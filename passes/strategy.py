@@ -2,10 +2,11 @@
 
     WSConv(x; phi) -> WSConv(x; phi) {wsdeploy.strategy = fold | shared | custom}
 
-``auto`` picks ``shared`` where the shared computation needs fewer multiply-adds than the
-dense convolution, or the same number while storing fewer weights (a weight-sampled linear
-layer computes as much either way but stores only phi), and ``fold`` where sharing would cost
-more arithmetic (for example a first layer with one input channel and a long sample window).
+``auto`` picks ``shared`` (``custom`` on targets with native wsnet kernels) where the shared
+computation needs fewer multiply-adds than the dense convolution, or the same number while
+storing fewer weights (a weight-sampled linear layer computes as much either way but stores
+only phi), and ``fold`` where sharing would cost more arithmetic (for example a first layer
+with one input channel and a long sample window).
 The lowering passes (fold, shared, custom) then act only on the nodes marked for them.
 """
 
@@ -42,12 +43,15 @@ def macs(node: ir.Node) -> tuple[int, int]:
     return dense, shared
 
 
-def choose(node: ir.Node, strategy: str) -> str:
-    """The lowering for one node under ``strategy``."""
+def choose(node: ir.Node, strategy: str, native: bool = False) -> str:
+    """The lowering for one node under ``strategy``; ``native`` targets run wsnet nodes with
+    their own kernels, so ``auto`` keeps a shared layer as a ``custom`` node for them."""
     if strategy != "auto":
         return strategy
     dense, shared = macs(node)
-    return "shared" if shared <= dense else "fold"
+    if shared > dense:
+        return "fold"
+    return "custom" if native else "shared"
 
 
 class StrategyPass(Pass):
@@ -55,14 +59,15 @@ class StrategyPass(Pass):
 
     name = "strategy"
 
-    def __init__(self, strategy: str = "auto") -> None:
+    def __init__(self, strategy: str = "auto", native: bool = False) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
         self.strategy = strategy
+        self.native = native
 
     def call(self, model: ir.Model) -> PassResult:
         modified = False
         for node in ws_nodes(model.graph):
-            node.meta[STRATEGY_KEY] = choose(node, self.strategy)
+            node.meta[STRATEGY_KEY] = choose(node, self.strategy, self.native)
             modified = True
         return PassResult(model, modified)

@@ -7,8 +7,9 @@ from wsdeploy.errors import UnknownTargetError
 from .base import Target
 from .onnx import ONNX
 from .ort import ORT
+from .x86_64 import X86_64
 
-TARGETS: dict[str, Target] = {t.name: t for t in (ONNX, ORT)}
+TARGETS: dict[str, Target] = {t.name: t for t in (ONNX, ORT, X86_64)}
 
 
 def get_target(name: str) -> Target:

@@ -20,13 +20,21 @@ class Target:
         name: the ``--target`` name.
         description: one line for ``--help`` and the manifest.
         artifact: file name of the main artifact inside the output directory.
-        build: writes the artifact (and any side files) for a model into a directory and
-            returns the names of the files it wrote.
-        load: returns a function running the artifact in a directory on one input.
+        build: ``build(model, outdir, cpu)`` writes the artifact (and any side files) for a
+            model into a directory and returns the names of the files it wrote; ``cpu`` names
+            a specific processor where the target supports it (else None).
+        load: ``load(outdir, device)`` returns a function running the artifact in a directory
+            on one input, on this machine (``device=None``) or on a remote device
+            (``"host:port"`` of a TVM RPC server) where the target supports it.
+        native_wsnet: the target runs wsnet nodes with its own kernels, so the ``auto``
+            strategy keeps them as nodes instead of inlining the standard-op graph.
+        cpus: help text for ``--cpu``; empty if the target takes none.
     """
 
     name: str
     description: str
     artifact: str
-    build: Callable[[ir.Model, Path], list[str]]
-    load: Callable[[Path], Runner]
+    build: Callable[[ir.Model, Path, str | None], list[str]]
+    load: Callable[[Path, str | None], Runner]
+    native_wsnet: bool = False
+    cpus: str = ""

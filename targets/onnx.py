@@ -46,12 +46,12 @@ def session(path: Path) -> Runner:
     return run
 
 
-def build(model: ir.Model, outdir: Path) -> list[str]:
+def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
     save(model, outdir / FILENAME)
     return [FILENAME]
 
 
-def load(outdir: Path) -> Runner:
+def load(outdir: Path, device: str | None = None) -> Runner:
     return session(outdir / FILENAME)
 
 

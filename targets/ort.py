@@ -26,7 +26,7 @@ FILENAME = "model.ort"
 CONFIG = "required_operators.config"
 
 
-def build(model: ir.Model, outdir: Path) -> list[str]:
+def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
     from onnxruntime.tools.convert_onnx_models_to_ort import (
         OptimizationStyle,
         convert_onnx_models_to_ort,
@@ -59,7 +59,7 @@ def build(model: ir.Model, outdir: Path) -> list[str]:
     return [FILENAME, CONFIG]
 
 
-def load(outdir: Path) -> Runner:
+def load(outdir: Path, device: str | None = None) -> Runner:
     return onnx_target.session(outdir / FILENAME)
 
 

@@ -107,3 +107,23 @@ def test_verification_inputs_are_seeded_and_mixed():
     b = compiler.numerics.verification_inputs((1, 1, 4096), "audio", {}, n=8, seed=3)
     assert len(a) == 8 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert all(x.shape == (1, 1, 4096) and x.dtype == np.float32 for x in a)
+
+
+def test_pt2_export_end_to_end(tmp_path):
+    import torch
+
+    from wsdeploy.models import WSConv1d, WSLinear
+
+    module = torch.nn.Sequential(
+        WSConv1d(2, 8, 5, stride=2, padding=2, channel_repeat=2),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        WSLinear(8 * 16, 4, sample_stride=8),
+    ).eval()
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(module, (torch.randn(1, 2, 32),)), path)
+    result = export(path, tmp_path / "o", ExportOptions(strategy="custom"))
+    assert result.manifest["source"]["kind"] == "pt2"
+    assert [layer["op"] for layer in result.manifest["layers"]] == ["WSConv1d", "WSLinear"]
+    assert verify(tmp_path / "o", path)["passed"]

@@ -31,7 +31,7 @@ def bench(outdir: Path, *, repeat: int = 30, warmup: int = 5, seed: int = 0) -> 
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
     target = get_target(manifest["target"])
-    run = target.load(outdir)
+    run = target.load(outdir, None)
     spec = manifest["inputs"][0]
     x = np.random.default_rng(seed).standard_normal(spec["shape"]).astype(spec["dtype"])
     for _ in range(warmup):

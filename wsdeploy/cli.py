@@ -295,6 +295,12 @@ def _quiet_third_party_logs() -> None:
     help="Output directory (default: out/<model>-<target>).",
 )
 @click.option(
+    "--cpu",
+    default=None,
+    help="A specific processor for TVM targets: LLVM CPU name (cortex-a76), TVM target tag "
+    "(raspberry-pi/4b-aarch64) or JSON target dict. Default: this machine (x86_64).",
+)
+@click.option(
     "--n-verify",
     type=click.IntRange(min=1),
     default=8,
@@ -308,6 +314,7 @@ def export(
     target: str,
     strategy: str,
     outdir: Path | None,
+    cpu: str | None,
     n_verify: int,
     trust_pickle: bool,
     input_shape: str | None,
@@ -323,7 +330,9 @@ def export(
     _quiet_third_party_logs()
     if outdir is None:
         outdir = Path("out") / f"{Path(model).stem}-{target}"
-    options = ExportOptions(target=target, strategy=strategy, n_verify=n_verify)
+    if cpu is not None and not _TARGET_NAMES[target].cpus:
+        raise click.UsageError(f"--cpu does not apply to target {target!r}")
+    options = ExportOptions(target=target, strategy=strategy, n_verify=n_verify, cpu=cpu)
     with console.status("exporting") as status:
         result = export_model(
             model,

@@ -25,7 +25,7 @@ import torch
 
 from wsdeploy import __version__, numerics, trace
 from wsdeploy.errors import NumericsMismatch, WsdeployError
-from wsdeploy.modelfile import LoadedModel, load_model
+from wsdeploy.modelfile import LoadedModel, default_mode, load_model
 from wsdeploy.passes._graph import STRATEGY_KEY, static_shape, ws_nodes
 from wsdeploy.passes.affine import AffinePass
 from wsdeploy.passes.base import PassManager
@@ -48,6 +48,7 @@ class ExportOptions:
 
     target: str = "onnx"
     strategy: str = "auto"
+    cpu: str | None = None  # a specific processor, for targets that take one
     precision: str = "fp32"
     n_verify: int = 8
     seed: int = 0
@@ -59,12 +60,12 @@ class ExportResult:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def pipeline(strategy: str) -> PassManager:
-    """The pass sequence for one strategy."""
+def pipeline(strategy: str, native: bool = False) -> PassManager:
+    """The pass sequence for one strategy (``native``: see ``StrategyPass``)."""
     return PassManager(
         [
             AffinePass(),
-            StrategyPass(strategy),
+            StrategyPass(strategy, native),
             FoldPass(),
             SharedPass(),
             CustomPass(),
@@ -73,16 +74,21 @@ def pipeline(strategy: str) -> PassManager:
     )
 
 
-def lower(loaded: LoadedModel, strategy: str) -> tuple[ir.Model, list[dict[str, Any]]]:
-    """Trace the model and run the passes; returns the model and one record per WSNet layer."""
+def lower(
+    loaded: LoadedModel, strategy: str, native: bool = False
+) -> tuple[ir.Model, list[dict[str, Any]]]:
+    """Trace the model and run the passes; returns the model and one record per WSNet layer.
+
+    ``native``: the target runs wsnet nodes itself (see ``StrategyPass``).
+    """
     if strategy not in STRATEGIES:
         raise WsdeployError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
     model = trace.to_onnx(trace.trace(loaded))
     layers = []
-    # Record the layers before lowering: the strategy pass marks nodes, the lowering passes
-    # then replace them.
-    marker = PassManager([AffinePass(), StrategyPass(strategy)])
-    marker(model)
+    # The layers are recorded between marking (affine, strategy) and lowering, which
+    # replaces the nodes.
+    passes = pipeline(strategy, native).passes
+    PassManager(passes[:2])(model)
     for node in ws_nodes(model.graph):
         dense, shared = macs(node)
         layers.append(
@@ -96,7 +102,7 @@ def lower(loaded: LoadedModel, strategy: str) -> tuple[ir.Model, list[dict[str, 
                 "shared_macs": shared,
             }
         )
-    pipeline(strategy)(model)
+    PassManager(passes[2:])(model)
     return model, layers
 
 
@@ -153,12 +159,14 @@ def _dir_size(files: list[str], root: Path) -> int:
     return sum((root / f).stat().st_size for f in files)
 
 
-def _baseline_size(loaded: LoadedModel, target_name: str) -> int:
-    """Size of the dense baseline: the same model with every WSNet layer folded."""
-    target = get_target(target_name)
+def _baseline_size(loaded: LoadedModel, options: ExportOptions) -> int:
+    """Size of the dense baseline: the same model with every WSNet layer folded, built for
+    the same target."""
+    target = get_target(options.target)
     model, _ = lower(loaded, "fold")
     with tempfile.TemporaryDirectory(prefix="wsdeploy-base-") as tmp:
-        return _dir_size([target.artifact], Path(tmp)) if target.build(model, Path(tmp)) else 0
+        target.build(model, Path(tmp), options.cpu)
+        return _dir_size([target.artifact], Path(tmp))
 
 
 def replace_dir(staging: Path, outdir: Path) -> None:
@@ -205,6 +213,8 @@ def export(
     if options.precision != "fp32":
         raise WsdeployError(f"precision {options.precision!r} is not available yet; use fp32")
     target = get_target(options.target)
+    if options.cpu is not None and not target.cpus:
+        raise WsdeployError(f"target {target.name!r} takes no --cpu")
     loaded = (
         model
         if isinstance(model, LoadedModel)
@@ -212,21 +222,22 @@ def export(
     )
     t0 = time.perf_counter()
     say("trace and lower")
-    lowered, layers = lower(loaded, options.strategy)
+    lowered, layers = lower(loaded, options.strategy, target.native_wsnet)
     outdir = Path(outdir)
     outdir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+    os.chmod(staging, default_mode(directory=True))
     try:
         say(f"build {target.name}")
-        files = target.build(lowered, staging)
+        files = target.build(lowered, staging, options.cpu)
         say("verify against PyTorch")
         inputs = numerics.verification_inputs(
             loaded.input_shape, loaded.dataset, loaded.config, n=options.n_verify, seed=options.seed
         )
-        verification = check(loaded, target.load(staging), inputs)
+        verification = check(loaded, target.load(staging, None), inputs)
         say("dense baseline size")
         size = _dir_size([target.artifact], staging)
-        baseline = _baseline_size(loaded, target.name)
+        baseline = _baseline_size(loaded, options)
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "source": {
@@ -241,6 +252,7 @@ def export(
             "artifact": target.artifact,
             "files": files,
             "strategy": options.strategy,
+            "cpu": options.cpu,
             "precision": options.precision,
             "layers": layers,
             "inputs": _io(lowered.graph.inputs),
@@ -298,8 +310,10 @@ def verify(
     input_shape: tuple[int, ...] | None = None,
     n_verify: int = 8,
     seed: int = 0,
+    rpc: str | None = None,
 ) -> dict[str, Any]:
-    """Re-run the numerics gate of a finished build against the eager model."""
+    """Re-run the numerics gate of a finished build against the eager model, on this machine
+    or (``rpc="host:port"``) on the device behind a TVM RPC server."""
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
     loaded = load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
@@ -313,7 +327,7 @@ def verify(
     inputs = numerics.verification_inputs(
         loaded.input_shape, loaded.dataset, loaded.config, n=n_verify, seed=seed
     )
-    return check(loaded, target.load(outdir), inputs)
+    return check(loaded, target.load(outdir, rpc), inputs)
 
 
 __all__ = [

@@ -1,0 +1,415 @@
+"""What the TVM targets share: import the passed ONNX graph into Relax, give every kernel a
+schedule, build, and run.
+
+- Import: TVM's ONNX importer looks converters up by op type and has no hook for custom
+  domains, so its converter table is extended with the wsnet ops for the duration of one
+  import (``_wsnet_converters``). A wsnet node never becomes a dense conv: WSConv1d becomes
+  the fused shared-computation kernel of ``tvm_kernels`` (its per-channel epilogue, and a
+  following ReLU, fused in); WSConv2d and WSLinear become TE shared computations.
+- Schedules: TVM 0.27 has no default CPU schedule, and unscheduled loops are slow. Every
+  PrimFunc not already marked ``tirx.is_scheduled`` gets a generic one (``schedule_cpu``):
+  producers inlined, outer spatial loops fused and parallel, the innermost spatial loop
+  vectorised where the block has no reduction. MetaSchedule records, where present, win.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from wsdeploy.errors import CompileError
+from wsdeploy.models import sampling
+
+log = logging.getLogger(__name__)
+
+
+def _tvm():
+    import tvm  # imported lazily: TVM takes a second to load and only these targets need it
+
+    return tvm
+
+
+def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r):
+    """TE shared computation of WSConv2d: pre-sum, product table, 2-D diagonal sums."""
+    tvm = _tvm()
+    te = tvm.te
+    b_, _c, h0, w0 = (int(d) for d in x.shape)
+    cs, hs, ws = (int(d) for d in phi.shape)
+    gw = sampling.grid_shape(n)[1]
+    ho, wo = (h0 + 2 * p - k) // s + 1, (w0 + 2 * p - k) // s + 1
+    uh, uw = (ho - 1) * s + k, (wo - 1) * s + k
+    rr = te.reduce_axis((0, r), name="rr")
+    zero = tvm.tirx.const(0, x.dtype)
+
+    def xval(b, c, u, v):
+        inside = tvm.tirx.all(u >= p, u < h0 + p, v >= p, v < w0 + p)
+        return tvm.tirx.if_then_else(inside, x[b, c, u - p, v - p], zero)
+
+    xs = te.compute(
+        (b_, cs, uh, uw), lambda b, c, u, v: te.sum(xval(b, c + rr * cs, u, v), axis=rr), name="xs"
+    )
+    cc = te.reduce_axis((0, cs), name="cc")
+    table = te.compute(
+        (b_, hs, ws, uh, uw),
+        lambda b, a, e, u, v: te.sum(phi[cc, a, e] * xs[b, cc, u, v], axis=cc),
+        name="P",
+    )
+    ka = te.reduce_axis((0, k), name="ka")
+    kb = te.reduce_axis((0, k), name="kb")
+
+    def out(b, i, th, tw):
+        gi, gj = i // gw, i % gw
+        return te.sum(table[b, gi * ss + ka, gj * ss + kb, th * s + ka, tw * s + kb], axis=[ka, kb])
+
+    y = te.compute((b_, n, ho, wo), out, name="y")
+    return _epilogue_te(y, scale, shift, 1)
+
+
+def ws_linear_te(x, phi, scale, shift, out_features, in_features, ss, r):
+    """TE weight-sampled linear: y[b, i] = sum_j phi[i*S + j mod in*] * x[b, j]."""
+    tvm = _tvm()
+    te = tvm.te
+    rows = int(np.prod([int(d) for d in x.shape[:-1]]))
+    ins = in_features // r
+    x2 = (
+        te.compute((rows, in_features), lambda i, j: x[(*_unflat(i, x.shape[:-1]), j)], name="x2")
+        if len(x.shape) != 2
+        else x
+    )
+    rr = te.reduce_axis((0, r), name="rr")
+    xs = te.compute((rows, ins), lambda b, j: te.sum(x2[b, j + rr * ins], axis=rr), name="xs")
+    jj = te.reduce_axis((0, ins), name="jj")
+    y = te.compute(
+        (rows, out_features), lambda b, i: te.sum(phi[i * ss + jj] * xs[b, jj], axis=jj), name="y"
+    )
+    y = _epilogue_te(y, scale, shift, 1)
+    if len(x.shape) != 2:
+        shape = [int(d) for d in x.shape[:-1]] + [out_features]
+        y = te.compute(shape, lambda *idx: y[_flat(idx[:-1], x.shape[:-1]), idx[-1]], name="yr")
+    return y
+
+
+def _flat(idx, shape):
+    flat = 0
+    for i, d in zip(idx, shape, strict=True):
+        flat = flat * int(d) + i
+    return flat
+
+
+def _unflat(i, shape):
+    out = []
+    for d in reversed([int(d) for d in shape]):
+        out.append(i % d)
+        i = i // d
+    return tuple(reversed(out))
+
+
+def _epilogue_te(y, scale, shift, axis):
+    te = _tvm().te
+    if scale is not None:
+        y = te.compute(y.shape, lambda *i: y(*i) * scale[i[axis]], name="scale")
+    if shift is not None:
+        y = te.compute(y.shape, lambda *i: y(*i) + shift[i[axis]], name="shift")
+    return y
+
+
+def _shape(expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape)
+
+
+def _wsnet_converters(vl: int) -> dict[str, Any]:
+    """ONNX converters for the wsnet ops, for a target with ``vl`` float lanes."""
+    tvm = _tvm()
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from .tvm_kernels import make_ws_conv1d
+
+    def epilogue_args(inputs):
+        scale = inputs[2] if len(inputs) > 2 else None
+        shift = inputs[3] if len(inputs) > 3 else None
+        return scale, shift
+
+    class WSConv1d(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, phi = inputs[0], inputs[1]
+            scale, shift = epilogue_args(inputs)
+            b, c, t = _shape(x)
+            n = attr["out_channels"]
+            if scale is not None or shift is not None:
+                scale = scale if scale is not None else relax.const(np.ones(n, np.float32))
+                shift = shift if shift is not None else relax.const(np.zeros(n, np.float32))
+                args, epilogue = [x, phi, scale, shift], "affine"
+            else:
+                args, epilogue = [x, phi], "none"
+            func, info = make_ws_conv1d(
+                b,
+                c,
+                t,
+                n,
+                attr["kernel_size"],
+                attr["stride"],
+                attr["padding"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                VL=vl,
+                epilogue=epilogue,
+            )
+            gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d")
+            out = relax.TensorType([b, n, info["To"]], "float32")
+            return bb.emit(relax.call_tir(gv, args, out))
+
+    class WSConv2d(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            scale, shift = epilogue_args(inputs)
+            return bb.emit_te(
+                ws_conv2d_te,
+                inputs[0],
+                inputs[1],
+                scale,
+                shift,
+                attr["out_channels"],
+                attr["kernel_size"],
+                attr["stride"],
+                attr["padding"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                primfunc_name_hint="wsnet_conv2d",
+            )
+
+    class WSLinear(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            scale, shift = epilogue_args(inputs)
+            return bb.emit_te(
+                ws_linear_te,
+                inputs[0],
+                inputs[1],
+                scale,
+                shift,
+                attr["out_features"],
+                attr["in_features"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                primfunc_name_hint="wsnet_linear",
+            )
+
+    del tvm
+    return {"WSConv1d": WSConv1d, "WSConv2d": WSConv2d, "WSLinear": WSLinear}
+
+
+@contextlib.contextmanager
+def _extended_onnx_frontend(vl: int):
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+    extra = _wsnet_converters(vl)
+    onnx_frontend._get_convert_map = lambda: {**original(), **extra}
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+def import_model(model: ir.Model, vl: int):
+    """The passed ONNX graph as a Relax IRModule, wsnet nodes as our kernels."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = ir.to_proto(model)
+    del proto.functions[:]  # the wsnet ops' ONNX definitions; TVM gets our kernels instead
+    shapes = {v.name: list(v.shape) for v in model.graph.inputs}
+    try:
+        with _extended_onnx_frontend(vl):
+            mod = from_onnx(
+                proto, shape_dict=shapes, dtype_dict="float32", opset=_default_opset(proto)
+            )
+    except Exception as e:
+        raise CompileError(
+            f"TVM could not import the graph: {str(e).strip().splitlines()[-1][:300]}"
+        ) from e
+    return _fuse_relu(mod)
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _fuse_relu(mod):
+    """relu(call_tir(ws_conv1d affine kernel)) -> the kernel's affine+relu variant.
+
+    Relax's operator fusion never fuses into an opaque hand-written kernel, so an activation
+    after a WSNet layer would be one more pass over memory; the kernel applies it for free.
+    """
+    from tvm import relax
+    from tvm.relax.dpl import is_op, wildcard
+
+    ws = is_op("relax.call_tir")(wildcard(), wildcard(), add_constraint=False)
+    pattern = is_op("relax.nn.relu")(ws)
+
+    def rewrite(expr, matches):
+        call = matches[ws]
+        gv = call.args[0]
+        func = mod[gv]
+        if not gv.name_hint.startswith("wsnet_conv1d") or len(func.params) != 5:
+            return expr
+        relu = func.with_attr("wsdeploy.relu", True)
+        del relu
+        return expr
+
+    del pattern, rewrite, relax
+    return mod
+
+
+def schedule_cpu(mod, vl: int):
+    """Give every unscheduled PrimFunc a generic parallel/vectorised CPU schedule."""
+    tvm = _tvm()
+    from tvm import s_tir, tirx
+
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+            continue
+        try:
+            sch = s_tir.Schedule(func)
+            _schedule_blocks(sch, vl)
+            mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        except Exception as e:  # a shape the generic rules cannot handle stays as it is
+            log.debug("generic schedule skipped %s: %s", gv.name_hint, e)
+    del tvm
+    return mod
+
+
+def _schedule_blocks(sch, vl: int) -> None:
+    root = sch.get_sblock("root")
+    blocks = list(sch.get_child_blocks(root))
+    # Inline every injective producer into its consumers; what remains are reductions and
+    # the output block.
+    for blk in blocks[:-1]:
+        with contextlib.suppress(Exception):
+            sch.compute_inline(blk)
+    for blk in sch.get_child_blocks(root):
+        kinds = [int(it.iter_type) for it in sch.get(blk).iter_vars]  # 0: spatial
+        loops = sch.get_loops(blk)
+        n_spatial = 0
+        while n_spatial < len(kinds) and kinds[n_spatial] == 0:
+            n_spatial += 1
+        if n_spatial == 0:
+            continue
+        if n_spatial == len(kinds):  # purely spatial: fuse, vectorise the tail, parallel
+            fused = sch.fuse(*loops[:n_spatial])
+            extent = int(sch.get(fused).extent)
+            if extent % vl == 0 and extent >= vl:
+                outer, inner = sch.split(fused, [None, vl])
+                sch.vectorize(inner)
+                sch.parallel(outer)
+            else:
+                sch.parallel(fused)
+        else:  # reduction: parallel over the fused outer spatial loops
+            fused = sch.fuse(*loops[: max(1, n_spatial - 1)]) if n_spatial > 1 else loops[0]
+            sch.parallel(fused)
+
+
+def compile_module(mod, target, vl: int):
+    """Schedule and compile an imported module for a TVM target."""
+    tvm = _tvm()
+    from tvm import relax
+
+    try:
+        with target:
+            mod = relax.get_default_pipeline(target)(mod)
+        mod = schedule_cpu(mod, vl)
+        return tvm.compile(mod, target=target)
+    except Exception as e:
+        raise CompileError(f"TVM build failed: {str(e).strip().splitlines()[-1][:300]}") from e
+
+
+def export_library(executable, path: Path, cross_compiler: str | None = None) -> None:
+    tvm = _tvm()
+    kwargs = {}
+    if cross_compiler:
+        kwargs["fcompile"] = tvm.support.cc.cross_compiler(cross_compiler)
+    try:
+        executable.export_library(str(path), **kwargs)
+    except Exception as e:
+        raise CompileError(
+            f"exporting the shared library failed: {str(e).strip().splitlines()[-1][:300]}"
+        ) from e
+
+
+def local_runner(path: Path):
+    """Run a built library on this machine's CPU with the Relax VM."""
+    tvm = _tvm()
+    from tvm import relax
+
+    lib = tvm.runtime.load_module(str(path))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        out = vm["main"](tvm.runtime.tensor(x))
+        outs = out if isinstance(out, tvm.ir.Array | list | tuple) else [out]
+        return [o.numpy() for o in outs]
+
+    return run
+
+
+def resolve_target(cpu: str | None, default: dict[str, Any], triple: str):
+    """A TVM target from ``--cpu``: None (the default), a JSON target dict, a TVM target tag
+    (``raspberry-pi/4b-aarch64``) or an LLVM CPU name (``cortex-a76``, ``skylake-avx512``)."""
+    import json
+
+    tvm = _tvm()
+    try:
+        if cpu is None:
+            spec: Any = default
+        elif cpu.lstrip().startswith("{"):
+            spec = json.loads(cpu)
+        elif "/" in cpu:
+            spec = cpu
+        else:
+            spec = {**{k: v for k, v in default.items() if k != "mcpu"}, "mcpu": cpu}
+        target = tvm.target.Target(spec)
+    except Exception as e:
+        raise CompileError(f"not a TVM target: {cpu!r} ({str(e).strip().splitlines()[-1]})") from e
+    mtriple = str(target.attrs.get("mtriple", "")) or str(
+        target.host.attrs.get("mtriple", "") if target.host else ""
+    )
+    if target.kind.name != "llvm" or not mtriple.startswith(triple):
+        raise CompileError(f"--cpu {cpu!r} is not a {triple} CPU target (got {mtriple or '?'})")
+    return target
+
+
+def vector_lanes(target) -> int:
+    """float32 lanes of the target's SIMD registers: NEON 4, AVX2 8, AVX-512 16."""
+    from tvm.target import codegen
+
+    mtriple = str(target.attrs.get("mtriple", ""))
+    if mtriple.startswith("aarch64"):
+        return 4
+    if codegen.llvm_cpu_has_features(["avx512f"], target):
+        return 16
+    if codegen.llvm_cpu_has_features(["avx2"], target):
+        return 8
+    return 4
+
+
+def build(
+    model: ir.Model, outdir: Path, target, *, library: str, cross_compiler: str | None = None
+) -> list[str]:
+    """Import, schedule, compile and export one model; writes ``library`` and ``tvm.json``."""
+    import json
+
+    vl = vector_lanes(target)
+    mod = import_model(model, vl)
+    executable = compile_module(mod, target, vl)
+    export_library(executable, outdir / library, cross_compiler)
+    (outdir / "tvm.json").write_text(
+        json.dumps({"target": str(target), "vector_lanes": vl, "library": library}, indent=2) + "\n"
+    )
+    return [library, "tvm.json"]

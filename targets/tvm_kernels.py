@@ -1,0 +1,199 @@
+"""TVM kernels for the wsnet ops: a hand-scheduled fused WSConv1d, TE for the others.
+
+make_ws_conv1d(...) -> (tirx.PrimFunc, info), fast without any tuning:
+    ws_conv1d(x (B,C,T), phi (C*,L*), y (B,N,T_out))                     epilogue="none"
+    ws_conv1d(x, phi, scale (N,), shift (N,), y)  y = conv*scale+shift     epilogue="affine"
+    ws_conv1d(x, phi, scale, shift, y)  y = max(conv*scale+shift, 0)     epilogue="affine_relu"
+      (scale/shift = the wsnet node's epilogue: folded bias and batch norm)
+
+Per tile of TT output positions (T.parallel over batch x tiles), everything in cache:
+  1. xs_t[c*, ph, w] = sum_r x[b, c*+r*C*, (t0+w)*s + ph - p]   phase-split: u = (t0+w)*s + ph
+     (s == 2: unit-stride 32-lane loads + T.Shuffle de-interleave, no gathers)
+  2. P_t[v, ph, w] = sum_c* phi[c*, v] * xs_t[c*, ph, w]        register tile VB x (WB*16)
+  3. y[b, i, t0+j] = sum_k P_t[i*S+k, k % s, j + k // s]        8 vector loads per 16 outputs
+The phase split makes all inner accesses unit-stride for any conv stride s. W (N,C,L) is
+never formed and P only exists as one (L*, s, ~TT) tile (L2 resident).
+The last tile is clamped to t0 = T_out - TT (recomputes a few outputs, no predicates);
+tiles touching the zero padding / the end of x take a guarded scalar path for step 1.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+
+def _pick(n, lo, hi):
+    """Largest divisor of n in [lo, hi], or None."""
+    for d in range(hi, lo - 1, -1):
+        if n % d == 0:
+            return d
+    return None
+
+
+def vector_lanes(vl: int, t_out: int) -> int:
+    """The widest power-of-two vector (at most ``vl`` lanes) that fits ``t_out`` outputs."""
+    lanes = 1
+    while lanes * 2 <= min(vl, t_out):
+        lanes *= 2
+    return lanes
+
+
+def make_ws_conv1d(
+    B,
+    C,
+    T_in,
+    N,
+    L,
+    s,
+    p,
+    S,
+    r,
+    *,
+    TT=128,
+    VB=None,
+    WB=None,
+    VL=16,
+    epilogue="none",
+    phases=(1, 2, 3),
+    dtype="float32",
+    name="ws_conv1d",
+):
+    """The fused kernel for one WSConv1d shape; ``VL`` is the target's float vector width."""
+    Cs = C // r
+    Ls = L + (N - 1) * S
+    To = (T_in + 2 * p - L) // s + 1
+    VL = vector_lanes(VL, To)
+    assert Cs * r == C and To >= VL, "need C divisible by r"
+    TT = min(TT, To - To % VL)
+    n_tiles = (To + TT - 1) // TT
+    KW = (L - 1) // s  # extra columns per phase beyond the tile
+    WT = (TT + KW + VL - 1) // VL * VL  # tile width per phase, whole vectors
+    nWV = WT // VL
+    WB = WB or _pick(nWV, 1, 4) or 1  # vectors per register block along w
+    VB = VB or _pick(Ls, 4, 8) or 4  # rows per register block along v
+    assert nWV % WB == 0
+    nVB, Lrem, nWB, TV = Ls // VB, Ls % VB, nWV // WB, TT // VL
+    NT = n_tiles * B
+    PH1, PH2, PH3 = (1 in phases), (2 in phases), (3 in phases)
+    EPI = epilogue != "none"
+    RELU = epilogue == "affine_relu"
+    EV = [2 * ln for ln in range(VL)]  # de-interleave indices for s == 2
+    OD = [2 * ln + 1 for ln in range(VL)]
+    zero = T.float32(0) if dtype == "float32" else T.float16(0)
+
+    @T.macro
+    def tile(x, phi, y, scale, shift, bt):
+        b = bt // n_tiles
+        t0 = T.min((bt % n_tiles) * TT, To - TT)
+        xs_t = T.alloc_buffer((Cs, s, WT), dtype)
+        P_t = T.alloc_buffer((Ls, s, WT), dtype)
+        # ---- 1. channel pre-sum (+ zero padding) into the phase-split tile
+        if PH1 and t0 * s - p >= 0 and (t0 + WT) * s - p <= T_in:
+            if s == 1:
+                for c, wv in T.grid(Cs, nWV):
+                    for ln in T.vectorized(VL):
+                        xs_t[c, 0, wv * VL + ln] = x[b, c, t0 + wv * VL + ln - p]
+                    for rr in range(1, r):
+                        for ln in T.vectorized(VL):
+                            xs_t[c, 0, wv * VL + ln] = (
+                                xs_t[c, 0, wv * VL + ln] + x[b, c + rr * Cs, t0 + wv * VL + ln - p]
+                            )
+            elif s == 2 and VL > 1:
+                for c, wv in T.grid(Cs, nWV):
+                    a2 = T.alloc_buffer((2 * VL,), dtype, scope="local")
+                    u0 = (t0 + wv * VL) * 2 - p
+                    a2[T.Ramp(0, 1, 2 * VL)] = x[b, c, T.Ramp(u0, 1, 2 * VL)]
+                    for rr in range(1, r):
+                        a2[T.Ramp(0, 1, 2 * VL)] = (
+                            a2[T.Ramp(0, 1, 2 * VL)] + x[b, c + rr * Cs, T.Ramp(u0, 1, 2 * VL)]
+                        )
+                    xs_t[c, 0, T.Ramp(wv * VL, 1, VL)] = T.Shuffle([a2[T.Ramp(0, 1, 2 * VL)]], EV)
+                    xs_t[c, 1, T.Ramp(wv * VL, 1, VL)] = T.Shuffle([a2[T.Ramp(0, 1, 2 * VL)]], OD)
+            else:  # generic stride: strided (gather) loads
+                for c, ph, wv in T.grid(Cs, s, nWV):
+                    for ln in T.vectorized(VL):
+                        xs_t[c, ph, wv * VL + ln] = x[b, c, (t0 + wv * VL + ln) * s + ph - p]
+                    for rr in range(1, r):
+                        for ln in T.vectorized(VL):
+                            xs_t[c, ph, wv * VL + ln] = (
+                                xs_t[c, ph, wv * VL + ln]
+                                + x[b, c + rr * Cs, (t0 + wv * VL + ln) * s + ph - p]
+                            )
+        elif PH1:
+            for c, ph, w in T.grid(Cs, s, WT):
+                xs_t[c, ph, w] = zero
+                for rr in range(r):
+                    if (t0 + w) * s + ph - p >= 0 and (t0 + w) * s + ph - p < T_in:
+                        xs_t[c, ph, w] = xs_t[c, ph, w] + x[b, c + rr * Cs, (t0 + w) * s + ph - p]
+        # ---- 2. P tile = phi^T @ xs_t, register blocked VB x (WB*VL)
+        for vo, ph, wo in T.grid(nVB if PH2 else 0, s, nWB):
+            acc = T.alloc_buffer((VB, WB * VL), dtype, scope="local")
+            for vi in T.unroll(VB):
+                for wi in T.unroll(WB):
+                    for ln in T.vectorized(VL):
+                        acc[vi, wi * VL + ln] = zero
+            for c in range(Cs):
+                for vi in T.unroll(VB):
+                    for wi in T.unroll(WB):
+                        for ln in T.vectorized(VL):
+                            acc[vi, wi * VL + ln] = (
+                                acc[vi, wi * VL + ln]
+                                + phi[c, vo * VB + vi] * xs_t[c, ph, wo * WB * VL + wi * VL + ln]
+                            )
+            for vi in T.unroll(VB):
+                for wi in T.unroll(WB):
+                    for ln in T.vectorized(VL):
+                        P_t[vo * VB + vi, ph, wo * WB * VL + wi * VL + ln] = acc[vi, wi * VL + ln]
+        for vr, ph, wv in T.grid(Lrem if PH2 else 0, s, nWV):  # leftover rows (L* % VB)
+            acc1 = T.alloc_buffer((VL,), dtype, scope="local")
+            for ln in T.vectorized(VL):
+                acc1[ln] = zero
+            for c in range(Cs):
+                for ln in T.vectorized(VL):
+                    acc1[ln] = acc1[ln] + phi[c, nVB * VB + vr] * xs_t[c, ph, wv * VL + ln]
+            for ln in T.vectorized(VL):
+                P_t[nVB * VB + vr, ph, wv * VL + ln] = acc1[ln]
+        # ---- 3. diagonal sums for all N filters (+ fused per-channel affine + ReLU)
+        for i, tv in T.grid(N if PH3 else 0, TV):
+            acc2 = T.alloc_buffer((VL,), dtype, scope="local")
+            for ln in T.vectorized(VL):
+                acc2[ln] = P_t[i * S, 0, tv * VL + ln]
+            for k in T.unroll(1, L):
+                for ln in T.vectorized(VL):
+                    acc2[ln] = acc2[ln] + P_t[i * S + k, k % s, tv * VL + k // s + ln]
+            for ln in T.vectorized(VL):
+                if RELU:
+                    y[b, i, t0 + tv * VL + ln] = T.max(acc2[ln] * scale[i] + shift[i], zero)
+                elif EPI:
+                    y[b, i, t0 + tv * VL + ln] = acc2[ln] * scale[i] + shift[i]
+                else:
+                    y[b, i, t0 + tv * VL + ln] = acc2[ln]
+
+    if not EPI:
+
+        @T.prim_func(private=True)
+        def f(
+            x: T.Buffer((B, C, T_in), dtype),
+            phi: T.Buffer((Cs, Ls), dtype),
+            y: T.Buffer((B, N, To), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bt in T.parallel(NT):
+                tile(x, phi, y, None, None, bt)
+
+    else:
+
+        @T.prim_func(private=True)
+        def f(
+            x: T.Buffer((B, C, T_in), dtype),
+            phi: T.Buffer((Cs, Ls), dtype),
+            scale: T.Buffer((N,), dtype),
+            shift: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, To), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bt in T.parallel(NT):
+                tile(x, phi, y, scale, shift, bt)
+
+    info = dict(TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs)
+    return f.with_attr("global_symbol", name), info

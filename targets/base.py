@@ -29,6 +29,8 @@ class Target:
         native_wsnet: the target runs wsnet nodes with its own kernels, so the ``auto``
             strategy keeps them as nodes instead of inlining the standard-op graph.
         cpus: help text for ``--cpu``; empty if the target takes none.
+        runs_here: whether its artifacts run on this machine (else verification needs a
+            device: ``--rpc``).
     """
 
     name: str
@@ -38,3 +40,4 @@ class Target:
     load: Callable[[Path, str | None], Runner]
     native_wsnet: bool = False
     cpus: str = ""
+    runs_here: Callable[[], bool] = lambda: True

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from wsdeploy.errors import CompileError
 from wsdeploy.models import sampling
+from wsdeploy.passes._graph import rewire
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,11 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
             scale, shift = epilogue_args(inputs)
             b, c, t = _shape(x)
             n = attr["out_channels"]
-            if scale is not None or shift is not None:
+            relu = attr.get("relu", 0) == 1
+            if scale is not None or shift is not None or relu:
                 scale = scale if scale is not None else relax.const(np.ones(n, np.float32))
                 shift = shift if shift is not None else relax.const(np.zeros(n, np.float32))
-                args, epilogue = [x, phi, scale, shift], "affine"
+                args, epilogue = [x, phi, scale, shift], "affine_relu" if relu else "affine"
             else:
                 args, epilogue = [x, phi], "none"
             func, info = make_ws_conv1d(
@@ -223,7 +225,7 @@ def import_model(model: ir.Model, vl: int):
     """The passed ONNX graph as a Relax IRModule, wsnet nodes as our kernels."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    proto = ir.to_proto(model)
+    proto = ir.to_proto(fuse_relu(model))
     del proto.functions[:]  # the wsnet ops' ONNX definitions; TVM gets our kernels instead
     shapes = {v.name: list(v.shape) for v in model.graph.inputs}
     try:
@@ -235,37 +237,35 @@ def import_model(model: ir.Model, vl: int):
         raise CompileError(
             f"TVM could not import the graph: {str(e).strip().splitlines()[-1][:300]}"
         ) from e
-    return _fuse_relu(mod)
+    return mod
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _fuse_relu(mod):
-    """relu(call_tir(ws_conv1d affine kernel)) -> the kernel's affine+relu variant.
+def fuse_relu(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` in which a ReLU right after a WSConv1d is the node's ``relu=1``.
 
     Relax's operator fusion never fuses into an opaque hand-written kernel, so an activation
     after a WSNet layer would be one more pass over memory; the kernel applies it for free.
+    The attribute is private to this target: the ONNX file never carries it.
     """
-    from tvm import relax
-    from tvm.relax.dpl import is_op, wildcard
-
-    ws = is_op("relax.call_tir")(wildcard(), wildcard(), add_constraint=False)
-    pattern = is_op("relax.nn.relu")(ws)
-
-    def rewrite(expr, matches):
-        call = matches[ws]
-        gv = call.args[0]
-        func = mod[gv]
-        if not gv.name_hint.startswith("wsnet_conv1d") or len(func.params) != 5:
-            return expr
-        relu = func.with_attr("wsdeploy.relu", True)
-        del relu
-        return expr
-
-    del pattern, rewrite, relax
-    return mod
+    model = ir.from_proto(ir.to_proto(model))
+    for node in list(model.graph):
+        if node.domain != "wsnet" or node.op_type != "WSConv1d":
+            continue
+        out = node.outputs[0]
+        uses = out.uses()
+        if len(uses) != 1 or out.is_graph_output():
+            continue
+        relu = uses[0].node
+        if relu.op_type != "Relu" or relu.domain != "":
+            continue
+        node.attributes["relu"] = ir.AttrInt64("relu", 1)
+        rewire(relu.outputs[0], out)
+        model.graph.remove(relu, safe=True)
+    return model
 
 
 def schedule_cpu(mod, vl: int):
@@ -311,9 +311,35 @@ def _schedule_blocks(sch, vl: int) -> None:
                 sch.parallel(outer)
             else:
                 sch.parallel(fused)
-        else:  # reduction: parallel over the fused outer spatial loops
-            fused = sch.fuse(*loops[: max(1, n_spatial - 1)]) if n_spatial > 1 else loops[0]
-            sch.parallel(fused)
+        else:
+            _schedule_reduction(sch, blk, loops, n_spatial, vl)
+
+
+def _lanes_dividing(extent: int, vl: int) -> int:
+    lanes = vl
+    while lanes > 1 and extent % lanes:
+        lanes //= 2
+    return lanes
+
+
+def _schedule_reduction(sch, blk, loops, n_spatial: int, vl: int) -> None:
+    """Spatial loops (..., t) and reduction loops (r...): parallel over the outer spatial
+    loops, t split into vectors with the reductions in between, so every step of the
+    reduction is one vector multiply-add over consecutive outputs."""
+    spatial, reduction = loops[:n_spatial], loops[n_spatial:]
+    inner = spatial[-1]
+    lanes = _lanes_dividing(int(sch.get(inner).extent), vl)
+    outer_spatial = spatial[:-1]
+    if lanes > 1:
+        t_outer, t_inner = sch.split(inner, [None, lanes])
+        sch.reorder(*outer_spatial, t_outer, *reduction, t_inner)
+        sch.decompose_reduction(blk, reduction[0])
+        sch.vectorize(t_inner)
+        par = [*outer_spatial, t_outer]
+    else:
+        par = list(spatial)
+    fused = sch.fuse(*par) if len(par) > 1 else par[0]
+    sch.parallel(fused)
 
 
 def compile_module(mod, target, vl: int):
@@ -351,11 +377,17 @@ def local_runner(path: Path):
     lib = tvm.runtime.load_module(str(path))
     vm = relax.VirtualMachine(lib, tvm.cpu())
 
+    dev = tvm.cpu()
+
     def run(x: np.ndarray) -> list[np.ndarray]:
-        out = vm["main"](tvm.runtime.tensor(x))
-        outs = out if isinstance(out, tvm.ir.Array | list | tuple) else [out]
+        vm.set_input("main", tvm.runtime.tensor(x, dev))
+        vm.invoke_stateful("main")
+        out = vm.get_outputs("main")
+        outs = out if isinstance(out, tuple | list) else [out]
         return [o.numpy() for o in outs]
 
+    run.vm = vm  # type: ignore[attr-defined]  (bench uses the VM's time_evaluator)
+    run.device = dev  # type: ignore[attr-defined]
     return run
 
 
@@ -413,3 +445,50 @@ def build(
         json.dumps({"target": str(target), "vector_lanes": vl, "library": library}, indent=2) + "\n"
     )
     return [library, "tvm.json"]
+
+
+def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
+    """Run a built library on the device behind a TVM RPC server at ``host:port``.
+
+    The library is uploaded once; each call sets the input, invokes ``main`` and copies the
+    outputs back (calling ``vm["main"]`` over RPC would return remote references).
+    """
+    tvm = _tvm()
+    from tvm import relax, rpc
+
+    host, port = parse_address(address)
+    try:
+        remote = rpc.connect(host, port, session_timeout=int(timeout))
+        remote.upload(str(path))
+        lib = remote.load_module(path.name)
+    except Exception as e:
+        raise CompileError(
+            f"cannot use the device at {address}: {str(e).strip().splitlines()[-1][:200]}"
+        ) from e
+    dev = remote.cpu()
+    vm = relax.VirtualMachine(lib, dev)
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        try:
+            vm.set_input("main", tvm.runtime.tensor(x, dev))
+            vm.invoke_stateful("main")
+            out = vm.get_outputs("main")
+        except Exception as e:
+            raise CompileError(
+                f"the device at {address} failed while running the model: "
+                f"{str(e).strip().splitlines()[-1][:200]}"
+            ) from e
+        outs = out if isinstance(out, tuple | list) else [out]
+        return [o.numpy() for o in outs]
+
+    run.vm = vm  # type: ignore[attr-defined]  (bench uses the VM's time_evaluator)
+    run.device = dev  # type: ignore[attr-defined]
+    return run
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port), with a clear error for anything else."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CompileError(f"bad device address {address!r}; expected HOST:PORT")
+    return host, int(port)

@@ -21,10 +21,15 @@ from wsdeploy.targets import get_target
 BENCH = "bench.json"
 
 
-def bench(outdir: Path, *, repeat: int = 30, warmup: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Time the build in ``outdir`` on seeded random input of its input shape.
+def bench(
+    outdir: Path, *, repeat: int = 30, warmup: int = 5, seed: int = 0, rpc: str | None = None
+) -> dict[str, Any]:
+    """Time the build in ``outdir`` on seeded random input of its input shape, on this
+    machine or on the device behind the TVM RPC server ``rpc`` ("host:port").
 
-    Returns median, p90 and min latency in milliseconds, and writes them to ``bench.json``.
+    TVM builds are timed on the device by the VM's own time evaluator (no network in the
+    measurement); other builds by a wall-clock loop around each run. Returns median, p90
+    and min latency in milliseconds, and writes them to ``bench.json``.
     """
     if repeat < 1 or warmup < 0:
         raise WsdeployError("repeat must be >= 1 and warmup >= 0")

@@ -256,7 +256,11 @@ def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: str | No
 
 
 def _quiet_third_party_logs() -> None:
-    """Third-party loggers print warnings irrelevant to users (e.g. torchvision missing)."""
+    """Third-party loggers and warnings say things irrelevant to users (e.g. torchvision
+    missing, TVM importer notes); -v shows wsdeploy's own log."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"(tvm|torch|onnxscript|onnx_ir)\b.*")
     for name in (
         "torch.onnx",
         "torch._export",
@@ -307,6 +311,12 @@ def _quiet_third_party_logs() -> None:
     show_default=True,
     help="Inputs the numerics gate runs.",
 )
+@click.option(
+    "--rpc",
+    default=None,
+    metavar="HOST:PORT",
+    help="Verify on the device behind this TVM RPC server (arm64 builds).",
+)
 @with_model_options
 @_errors
 def export(
@@ -316,6 +326,7 @@ def export(
     outdir: Path | None,
     cpu: str | None,
     n_verify: int,
+    rpc: str | None,
     trust_pickle: bool,
     input_shape: str | None,
 ) -> None:
@@ -332,7 +343,7 @@ def export(
         outdir = Path("out") / f"{Path(model).stem}-{target}"
     if cpu is not None and not _TARGET_NAMES[target].cpus:
         raise click.UsageError(f"--cpu does not apply to target {target!r}")
-    options = ExportOptions(target=target, strategy=strategy, n_verify=n_verify, cpu=cpu)
+    options = ExportOptions(target=target, strategy=strategy, n_verify=n_verify, cpu=cpu, rpc=rpc)
     with console.status("exporting") as status:
         result = export_model(
             model,
@@ -382,17 +393,34 @@ def _print_verification(v: dict) -> None:
     show_default=True,
     help="Inputs the numerics gate runs.",
 )
+@click.option(
+    "--rpc",
+    default=None,
+    metavar="HOST:PORT",
+    help="Run on the device behind this TVM RPC server (arm64 builds).",
+)
 @with_model_options
 @_errors
 def verify(
-    outdir: Path, model: str, n_verify: int, trust_pickle: bool, input_shape: str | None
+    outdir: Path,
+    model: str,
+    n_verify: int,
+    rpc: str | None,
+    trust_pickle: bool,
+    input_shape: str | None,
 ) -> None:
-    """Run the numerics gate of a finished build in OUTDIR again against MODEL."""
+    """Run the numerics gate of a finished build in OUTDIR again against MODEL, here or on
+    the device behind --rpc."""
     from wsdeploy.compiler import verify as verify_build
 
     _quiet_third_party_logs()
     result = verify_build(
-        outdir, model, trust_pickle=trust_pickle, input_shape=_shape(input_shape), n_verify=n_verify
+        outdir,
+        model,
+        trust_pickle=trust_pickle,
+        input_shape=_shape(input_shape),
+        n_verify=n_verify,
+        rpc=rpc,
     )
     _print_verification(result)
 
@@ -405,13 +433,20 @@ def verify(
 @click.option(
     "--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first."
 )
+@click.option(
+    "--rpc",
+    default=None,
+    metavar="HOST:PORT",
+    help="Measure on the device behind this TVM RPC server.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_errors
-def bench(outdir: Path, repeat: int, warmup: int, as_json: bool) -> None:
-    """Measure the latency of the build in OUTDIR on this machine (median, p90, min)."""
+def bench(outdir: Path, repeat: int, warmup: int, rpc: str | None, as_json: bool) -> None:
+    """Measure the latency of the build in OUTDIR (median, p90, min), on this machine or on
+    the device behind --rpc."""
     from wsdeploy.bench import bench as bench_build
 
-    result = bench_build(outdir, repeat=repeat, warmup=warmup)
+    result = bench_build(outdir, repeat=repeat, warmup=warmup, rpc=rpc)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -49,6 +49,7 @@ class ExportOptions:
     target: str = "onnx"
     strategy: str = "auto"
     cpu: str | None = None  # a specific processor, for targets that take one
+    rpc: str | None = None  # "host:port" of a TVM RPC server on the device that verifies
     precision: str = "fp32"
     n_verify: int = 8
     seed: int = 0
@@ -215,6 +216,12 @@ def export(
     target = get_target(options.target)
     if options.cpu is not None and not target.cpus:
         raise WsdeployError(f"target {target.name!r} takes no --cpu")
+    if options.rpc is None and not target.runs_here():
+        raise WsdeployError(
+            f"{target.name} builds are verified on the device itself: pass "
+            "--rpc HOST:PORT of its TVM RPC server ('wsdeploy device start' "
+            "starts an emulated one on this machine)"
+        )
     loaded = (
         model
         if isinstance(model, LoadedModel)
@@ -234,7 +241,8 @@ def export(
         inputs = numerics.verification_inputs(
             loaded.input_shape, loaded.dataset, loaded.config, n=options.n_verify, seed=options.seed
         )
-        verification = check(loaded, target.load(staging, None), inputs)
+        verification = check(loaded, target.load(staging, options.rpc), inputs)
+        verification["device"] = options.rpc or "local"
         say("dense baseline size")
         size = _dir_size([target.artifact], staging)
         baseline = _baseline_size(loaded, options)

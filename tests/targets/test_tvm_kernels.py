@@ -1,0 +1,156 @@
+"""The TVM wsnet kernels against a numpy reference, over random layer configurations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wsdeploy.models import sampling
+
+tvm = pytest.importorskip("tvm")
+
+from wsdeploy.targets import tvm_build  # noqa: E402
+from wsdeploy.targets.tvm_kernels import make_ws_conv1d  # noqa: E402
+
+TARGET = tvm.target.Target.from_device(tvm.cpu())
+
+
+def conv_ref(x, w, stride, padding):
+    """Dense convolution in numpy (float64), the oracle of every kernel here."""
+    x = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + [(padding, padding)] * (x.ndim - 2))
+    k = w.shape[2:]
+    win = np.lib.stride_tricks.sliding_window_view(x, k, axis=tuple(range(2, x.ndim)))
+    win = win[(slice(None), slice(None), *(slice(None, None, stride) for _ in k))]
+    if x.ndim == 3:
+        return np.einsum("bctk,nck->bnt", win, w)
+    return np.einsum("bchwij,ncij->bnhw", win, w)
+
+
+def _run(func, args, out_shape):
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return out.numpy()
+
+
+conv1d_cfg = st.fixed_dictionaries(
+    {
+        "b": st.integers(1, 2),
+        "cs": st.integers(1, 5),
+        "r": st.integers(1, 3),
+        "n": st.integers(1, 20),
+        "k": st.integers(1, 9),
+        "s": st.integers(1, 4),
+        "S": st.integers(1, 4),
+        "p": st.integers(0, 5),
+        "t_out": st.integers(1, 300),
+        "epilogue": st.sampled_from(["none", "affine", "affine_relu"]),
+        "vl": st.sampled_from([4, 8, 16]),
+    }
+)
+
+
+@given(conv1d_cfg)
+def test_fused_conv1d_kernel_matches_reference(cfg):
+    rng = np.random.default_rng(0)
+    c, n, k, s, p = cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], cfg["s"], cfg["p"]
+    t_in = max(1, (cfg["t_out"] - 1) * s + k - 2 * p)
+    t_out = (t_in + 2 * p - k) // s + 1
+    phi = rng.standard_normal((cfg["cs"], sampling.condensed_length(n, k, cfg["S"])))
+    phi = phi.astype(np.float32)
+    x = rng.standard_normal((cfg["b"], c, t_in)).astype(np.float32)
+    func, info = make_ws_conv1d(
+        cfg["b"], c, t_in, n, k, s, p, cfg["S"], cfg["r"], VL=cfg["vl"], epilogue=cfg["epilogue"]
+    )
+    assert info["To"] == t_out
+    w = sampling.materialize_conv1d(phi, n, k, cfg["S"], cfg["r"])
+    expected = conv_ref(x, w, s, p)
+    args = [x, phi]
+    if cfg["epilogue"] != "none":
+        scale = rng.standard_normal(n).astype(np.float32)
+        shift = rng.standard_normal(n).astype(np.float32)
+        args += [scale, shift]
+        expected = expected * scale[:, None] + shift[:, None]
+        if cfg["epilogue"] == "affine_relu":
+            expected = np.maximum(expected, 0)
+    got = _run(func, args, expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(c * k))
+
+
+conv2d_cfg = st.fixed_dictionaries(
+    {
+        "cs": st.integers(1, 3),
+        "r": st.integers(1, 2),
+        "n": st.integers(1, 10),
+        "k": st.integers(1, 4),
+        "s": st.integers(1, 2),
+        "S": st.integers(1, 3),
+        "p": st.integers(0, 2),
+        "h": st.integers(4, 9),
+        "affine": st.booleans(),
+    }
+)
+
+
+@given(conv2d_cfg)
+def test_conv2d_te_matches_reference(cfg):
+    from tvm import te
+
+    rng = np.random.default_rng(1)
+    c, n, k = cfg["cs"] * cfg["r"], cfg["n"], cfg["k"]
+    h = max(cfg["h"], k)
+    hs, ws = sampling.condensed_shape_2d(n, k, cfg["S"])
+    phi = rng.standard_normal((cfg["cs"], hs, ws)).astype(np.float32)
+    x = rng.standard_normal((1, c, h, h + 1)).astype(np.float32)
+    xp, pp = te.placeholder(x.shape, name="x"), te.placeholder(phi.shape, name="phi")
+    sp = bp = None
+    args = [x, phi]
+    expected = conv_ref(
+        x, sampling.materialize_conv2d(phi, n, k, cfg["S"], cfg["r"]), cfg["s"], cfg["p"]
+    )
+    if cfg["affine"]:
+        scale, shift = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n)
+        shift = shift.astype(np.float32)
+        sp, bp = te.placeholder((n,), name="scale"), te.placeholder((n,), name="shift")
+        args += [scale, shift]
+        expected = expected * scale[:, None, None] + shift[:, None, None]
+    y = tvm_build.ws_conv2d_te(xp, pp, sp, bp, n, k, cfg["s"], cfg["p"], cfg["S"], cfg["r"])
+    params = [xp, pp] + ([sp, bp] if cfg["affine"] else []) + [y]
+    got = _run(te.create_prim_func(params), args, expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(c * k * k))
+
+
+@pytest.mark.parametrize("shape", [(3, 12), (2, 2, 12)])
+def test_linear_te_matches_reference(shape):
+    from tvm import te
+
+    rng = np.random.default_rng(2)
+    out, inf, ss, r = 5, 12, 2, 3
+    phi = rng.standard_normal(inf // r + (out - 1) * ss).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32)
+    expected = x.astype(np.float64) @ sampling.materialize_linear(phi, out, inf, ss, r).T
+    xp, pp = te.placeholder(shape, name="x"), te.placeholder(phi.shape, name="phi")
+    y = tvm_build.ws_linear_te(xp, pp, None, None, out, inf, ss, r)
+    got = _run(te.create_prim_func([xp, pp, y]), [x, phi], expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vector_lanes_follow_the_cpu():
+    assert (
+        tvm_build.vector_lanes(
+            tvm.target.Target(
+                {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}
+            )
+        )
+        == 16
+    )
+    assert (
+        tvm_build.vector_lanes(
+            tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+        )
+        == 8
+    )
+    assert tvm_build.vector_lanes(tvm.target.Target("raspberry-pi/4b-aarch64")) == 4

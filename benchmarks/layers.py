@@ -99,6 +99,18 @@ def build_variants(cfg: dict, workdir: Path) -> dict[str, dict]:
             "custom": "ort custom op (local function)",
         }[strategy]
         specs[label] = {"runtime": "ort", "path": str(path), "dense": strategy == "fold"}
+    from wsdeploy.targets import x86_64
+
+    for strategy, label in (("custom", "tvm fused WSNet kernel"), ("fold", "tvm dense conv1d")):
+        model, _ = lower(loaded, strategy, native=True)
+        out = workdir / f"{cfg['name']}-s{cfg['stride']}-tvm-{strategy}"
+        out.mkdir(exist_ok=True)
+        x86_64.build(model, out)
+        specs[label] = {
+            "runtime": "tvm",
+            "path": str(out / x86_64.LIBRARY),
+            "dense": strategy == "fold",
+        }
     path = workdir / f"{cfg['name']}-s{cfg['stride']}-dense2d.onnx"
     _dense_conv2d(cfg, path)
     specs["ort dense as Conv2d (1,L)"] = {"runtime": "ort", "path": str(path), "dense": True}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -73,12 +74,28 @@ def _layer_torch(spec):
     return dense if spec["variant"] == "dense" else shared
 
 
-RUNNERS = {"ort": _ort, "torch": _torch, "layer-torch": _layer_torch}
+def _tvm(spec):
+    from wsdeploy.targets.tvm_build import local_runner
+
+    return local_runner(Path(spec["path"]))
+
+
+RUNNERS = {"ort": _ort, "torch": _torch, "layer-torch": _layer_torch, "tvm": _tvm}
 
 
 def measure(run, x, warmup: int, repeat: int, min_seconds: float = 0.0) -> dict:
-    for _ in range(warmup):
+    for _ in range(max(1, warmup)):
         run(x)
+    vm = getattr(run, "vm", None)
+    if vm is not None:  # TVM: the VM's own evaluator, input already set by the warm-up
+        evaluator = vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=repeat)
+        ms = np.array(evaluator("main").results) * 1e3
+        return {
+            "median_ms": float(np.median(ms)),
+            "p90_ms": float(np.percentile(ms, 90)),
+            "min_ms": float(ms.min()),
+            "runs": len(ms),
+        }
     times = []
     start = time.perf_counter()
     while len(times) < repeat or time.perf_counter() - start < min_seconds:

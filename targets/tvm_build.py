@@ -268,6 +268,50 @@ def fuse_relu(model: ir.Model) -> ir.Model:
     return model
 
 
+def _conv_legalizer(vl: int):
+    """Legalize plain float32 convolutions (NCW/NCHW, groups 1) to our vectorised direct
+    convolution; anything else keeps TVM's own legalization."""
+    tvm = _tvm()
+    from tvm import relax, topi
+
+    from .tvm_kernels import make_dense_conv
+
+    def legalize(bb, call):
+        a = call.attrs
+        data, weight = call.args
+        ndim = len(data.ty.shape) - 2
+        layouts = {1: ("NCW", "OIW"), 2: ("NCHW", "OIHW")}[ndim]
+        default = tvm.ir.Op.get(call.op.name).get_attr("FLegalize")
+        if (
+            int(a.groups) != 1
+            or (a.data_layout, a.kernel_layout) != layouts
+            or str(data.ty.dtype) != "float32"
+            or str(weight.ty.dtype) != "float32"
+            or (a.out_dtype and str(a.out_dtype) not in ("", "float32"))
+        ):
+            return default(bb, call)
+        pad = [int(p) for p in a.padding]  # (before..., after...)
+        if any(pad):
+            before, after = [0, 0, *pad[:ndim]], [0, 0, *pad[ndim:]]
+            data = bb.emit_te(topi.nn.pad, data, before, after, primfunc_name_hint="pad")
+        b, c, *spatial = (int(d) for d in data.ty.shape)
+        n, _, *kernel = (int(d) for d in weight.ty.shape)
+        func, out_shape = make_dense_conv(
+            b,
+            c,
+            spatial,
+            n,
+            kernel,
+            [int(v) for v in a.strides],
+            [int(v) for v in a.dilation],
+            VL=vl,
+        )
+        gv = bb.add_func(func.without_attr("global_symbol"), f"dense_conv{ndim}d")
+        return relax.call_tir(gv, [data, weight], relax.TensorType(list(out_shape), "float32"))
+
+    return legalize
+
+
 def schedule_cpu(mod, vl: int):
     """Give every unscheduled PrimFunc a generic parallel/vectorised CPU schedule."""
     tvm = _tvm()
@@ -348,6 +392,8 @@ def compile_module(mod, target, vl: int):
     from tvm import relax
 
     try:
+        conv = _conv_legalizer(vl)
+        mod = relax.transform.LegalizeOps({"relax.nn.conv1d": conv, "relax.nn.conv2d": conv})(mod)
         with target:
             mod = relax.get_default_pipeline(target)(mod)
         mod = schedule_cpu(mod, vl)

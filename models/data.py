@@ -361,7 +361,7 @@ def _square(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, px: float) -
 def _triangle(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, px: float) -> np.ndarray:
     lu, lv, r = _place(rng, u, v, np.pi)
     normals = np.pi / 2 + np.arange(3) * (2 * np.pi / 3)
-    dist = np.min([0.5 * r - (np.cos(a) * lu + np.sin(a) * lv) for a in normals], axis=0)
+    dist = np.min([0.6 * r - (np.cos(a) * lu + np.sin(a) * lv) for a in normals], axis=0)
     return _edge(dist, px)
 
 
@@ -381,7 +381,7 @@ def _cross(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, px: float) ->
 
 def _blob(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, px: float) -> np.ndarray:
     lu, lv, r = _place(rng, u, v, np.pi)
-    sigma = 0.5 * r
+    sigma = 0.6 * r
     aspect = rng.uniform(0.6, 1.0)
     return np.exp(-0.5 * ((lu / sigma) ** 2 + (lv / (aspect * sigma)) ** 2))
 

@@ -109,21 +109,33 @@ class WSSpec:
         return f"S{self.compactness}C{self.repeat}D{self.dense}{q}"
 
     def layer_args(
-        self, in_channels: int, out_channels: int, kernel_size: int, *, ndim: int = 1
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        ndim: int = 1,
+        min_condensed: int = 1,
     ) -> dict[str, int]:
         """Sampling arguments for one layer built from a baseline (in, out, kernel) layer.
 
         Returns ``out_channels`` (baseline N times the dense factor), ``sample_stride`` and
         ``channel_repeat``. The sample stride aims at a spatial compactness of ``a``
         (``L / S`` for 1-D, ``(k / S)**2`` for 2-D) and is divided by the dense factor;
-        the channel repeat is the largest divisor of ``in_channels`` not above ``b``.
+        the channel repeat is the largest divisor of ``in_channels`` not above ``b`` that
+        leaves at least ``min_condensed`` condensed channels (a narrow early layer summed
+        down to one or two channels cannot learn; the wide late layers hold the weights).
         """
         if ndim == 1:
             stride = max(1, round(kernel_size / self.compactness))
         else:
             stride = max(1, round(kernel_size / math.sqrt(self.compactness)))
         stride = max(1, stride // self.dense)
-        repeat = max(d for d in range(1, min(self.repeat, in_channels) + 1) if in_channels % d == 0)
+        repeat = max(
+            d
+            for d in range(1, min(self.repeat, in_channels) + 1)
+            if in_channels % d == 0 and (d == 1 or in_channels // d >= min_condensed)
+        )
         return {
             "out_channels": out_channels * self.dense,
             "sample_stride": stride,

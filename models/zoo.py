@@ -26,9 +26,16 @@ class GlobalAvgPool(nn.Module):
 
 
 def _ws_conv(
-    ndim: int, spec: WSSpec, cin: int, cout: int, k: int, stride: int, padding: int
+    ndim: int,
+    spec: WSSpec,
+    cin: int,
+    cout: int,
+    k: int,
+    stride: int,
+    padding: int,
+    min_condensed: int = 1,
 ) -> nn.Module:
-    args = spec.layer_args(cin, cout, k, ndim=ndim)
+    args = spec.layer_args(cin, cout, k, ndim=ndim, min_condensed=min_condensed)
     cls = WSConv1d if ndim == 1 else WSConv2d
     return cls(
         cin,
@@ -42,7 +49,11 @@ def _ws_conv(
 
 
 def _conv_stack(
-    ndim: int, spec: WSSpec, in_channels: int, layers: list[tuple[int, int, int, int, int]]
+    ndim: int,
+    spec: WSSpec,
+    in_channels: int,
+    layers: list[tuple[int, int, int, int, int]],
+    min_condensed: int = 1,
 ) -> tuple[list[nn.Module], int]:
     """Conv -> BN -> ReLU [-> MaxPool] blocks from rows (out, kernel, stride, pad, pool)."""
     bn = nn.BatchNorm1d if ndim == 1 else nn.BatchNorm2d
@@ -50,7 +61,7 @@ def _conv_stack(
     mods: list[nn.Module] = []
     cin = in_channels
     for cout, k, stride, pad, pool_k in layers:
-        conv = _ws_conv(ndim, spec, cin, cout, k, stride, pad)
+        conv = _ws_conv(ndim, spec, cin, cout, k, stride, pad, min_condensed)
         cin = conv.out_channels
         mods += [conv, bn(cin), nn.ReLU()]
         if pool_k > 1:
@@ -70,8 +81,9 @@ def build_soundnet8(config: dict[str, Any]) -> nn.Module:
         (512, 4, 2, 2, 1),
         (1024, 4, 2, 2, 1),
     ]
-    mods, cin = _conv_stack(1, spec, 1, rows)
-    head_args = spec.layer_args(cin, config["num_classes"], 8)
+    keep = config["min_condensed_channels"]
+    mods, cin = _conv_stack(1, spec, 1, rows, keep)
+    head_args = spec.layer_args(cin, config["num_classes"], 8, min_condensed=keep)
     head = WSConv1d(
         cin,
         config["num_classes"],
@@ -154,7 +166,12 @@ ZOO: dict[str, Arch] = {
         Arch(
             "wsnet1d-soundnet8",
             build_soundnet8,
-            {"spec": "S8C16D1", "num_classes": 10, "input_length": 220500},
+            {
+                "spec": "S8C16D1",
+                "num_classes": 10,
+                "input_length": 220500,
+                "min_condensed_channels": 16,
+            },
             "audio",
             "SoundNet-8 of WSNet layers on 10 s of 22,050 Hz audio (WSNET.md §3)",
             {"n_train": 800, "n_test": 200, "epochs": 14, "batch_size": 16, "lr": 5e-3},

@@ -36,20 +36,28 @@ def bench(
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
     target = get_target(manifest["target"])
-    run = target.load(outdir, None)
+    run = target.load(outdir, rpc)
     spec = manifest["inputs"][0]
     x = np.random.default_rng(seed).standard_normal(spec["shape"]).astype(spec["dtype"])
-    for _ in range(warmup):
+    for _ in range(max(1, warmup)):
         run(x)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1e3
+    vm = getattr(run, "vm", None)
+    if vm is not None:  # TVM: time on the device; the warm-up run has set the input
+        evaluator = vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=repeat)
+        ms = np.array(evaluator("main").results) * 1e3
+    else:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - t0)
+        ms = np.array(times) * 1e3
+    from wsdeploy import device
+
     result = {
         "target": target.name,
-        "device": "local",
+        "device": rpc or "local",
+        "emulated": rpc is not None and device.is_emulated(rpc),
         "repeat": repeat,
         "warmup": warmup,
         "median_ms": float(np.median(ms)),

@@ -450,6 +450,12 @@ def bench(outdir: Path, repeat: int, warmup: int, rpc: str | None, as_json: bool
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    if result["emulated"]:
+        click.echo(
+            "note: the emulated arm64 device runs under qemu; its latency is NOT a "
+            "device measurement",
+            err=True,
+        )
     click.echo(
         f"{outdir} on {result['device']} ({result['target']}): median "
         f"{result['median_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, min "
@@ -507,3 +513,61 @@ def report(outdirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> 
             "yes" if r["verified"] else "NO",
         )
     Console(width=200).print(table)
+
+
+@main.group()
+def device() -> None:
+    """An emulated arm64 device on this machine (qemu + TVM's RPC server), for verifying
+    arm64 builds. Its latency is not a device measurement (emulation is far slower)."""
+
+
+_cache_option = click.option(
+    "--cache",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where the device is built and cached (default ~/.cache/wsdeploy/arm64-device).",
+)
+
+
+@device.command("start")
+@click.option(
+    "--port",
+    type=click.IntRange(1024, 65534),
+    default=9190,
+    show_default=True,
+    help="Loopback port of the RPC server.",
+)
+@click.option("--mirror", default=None, help="Debian mirror URL (default: apt's).")
+@_cache_option
+@_errors
+def device_start(port: int, mirror: str | None, cache: Path | None) -> None:
+    """Build (once, ~1 min) and start the emulated arm64 device; prints its address."""
+    from wsdeploy import device as dev
+
+    with console.status("starting the emulated arm64 device") as status:
+        info = dev.start(port, cache=cache, mirror=mirror, progress=status.update)
+    click.echo(
+        f"emulated arm64 device listening at {info.address} (pid {info.pid}); "
+        f"use --rpc {info.address}; 'wsdeploy device stop' ends it"
+    )
+
+
+@device.command("stop")
+@_cache_option
+@_errors
+def device_stop(cache: Path | None) -> None:
+    """Stop the emulated arm64 device and every process it started."""
+    from wsdeploy import device as dev
+
+    click.echo("stopped" if dev.stop(cache) else "no emulated device was running")
+
+
+@device.command("status")
+@_cache_option
+@_errors
+def device_status(cache: Path | None) -> None:
+    """Say whether the emulated arm64 device runs, and where."""
+    from wsdeploy import device as dev
+
+    info = dev.status(cache)
+    click.echo(f"running at {info.address} (pid {info.pid})" if info else "not running")

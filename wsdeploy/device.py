@@ -31,7 +31,7 @@ How it is built (host tools: ``qemu-user-static``, ``debootstrap``; the cross co
 
 * ``debootstrap --foreign --arch=arm64 --variant=minbase --include=python3 bookworm`` from the
   Debian mirror apt uses on this host (``/etc/apt/sources.list*``; override with the
-  ``WSDEPLOY_DEBIAN_MIRROR`` environment variable). ``--foreign`` only downloads, so every
+  ``mirror`` argument, ``--mirror`` on the command line). ``--foreign`` only downloads, so every
   ``.deb`` is unpacked with ``dpkg-deb -x`` instead of running the second stage in a chroot.
 * The host's pip fetches manylinux aarch64 wheels with ``--platform ... --target site/``.
   The TVM wheel's compiler library (``tvm/lib/libtvm_compiler.so``, ~250 MB) is deleted: a
@@ -53,6 +53,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -89,6 +90,7 @@ _MARKER = "COMPLETE"
 _STATE = "server.json"
 _SETUP_TIMEOUT = 1800.0
 _STOP_GRACE = 5.0
+_DOCS = ("doc", "man", "info", "locale")
 _LOCAL_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "[::1]"})
 
 # Servers started by this Python process, kept so that stop() can reap them (no zombies) and
@@ -158,7 +160,12 @@ def default_cache() -> Path:
     return Path.home() / ".cache" / "wsdeploy" / "arm64-device"
 
 
-def setup(cache: Path | None = None, *, progress: Callable[[str], None] | None = None) -> Path:
+def setup(
+    cache: Path | None = None,
+    *,
+    mirror: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
     """Build the emulated arm64 device once; later calls reuse the complete cache.
 
     The build happens in ``<cache>/.build-XXXX`` and is renamed to ``<cache>/device`` only after
@@ -166,6 +173,7 @@ def setup(cache: Path | None = None, *, progress: Callable[[str], None] | None =
 
     Args:
         cache: Cache directory; default ``~/.cache/wsdeploy/arm64-device``.
+        mirror: Debian mirror URL; default: the one apt uses on this machine.
         progress: Called with a one-line message before each long step.
 
     Returns:
@@ -187,18 +195,23 @@ def setup(cache: Path | None = None, *, progress: Callable[[str], None] | None =
         for stale in cache.glob(".build-*"):
             shutil.rmtree(stale, ignore_errors=True)
         build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+        build.chmod(0o755)
         log = cache / "setup.log"
         t0 = time.monotonic()
         try:
             log.write_text("")
-            _build(build, qemu, debootstrap, log, progress)
+            _build(build, qemu, debootstrap, log, mirror or _debian_mirror(), progress)
             (build / _MARKER).write_text(json.dumps(expected, indent=1) + "\n")
             if device.exists():
                 _say(progress, f"replacing the incomplete or outdated device in {device}")
                 if status(cache) is not None:
                     stop(cache)
-                shutil.rmtree(device)
-            build.rename(device)
+                old = Path(tempfile.mkdtemp(prefix=".build-old-", dir=cache))
+                device.rename(old / "device")
+                build.rename(device)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                build.rename(device)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
@@ -211,11 +224,11 @@ def _build(
     qemu: str,
     debootstrap: str,
     log: Path,
+    mirror: str,
     progress: Callable[[str], None] | None,
 ) -> None:
     """Fill ``build`` with rootfs/, site/, lib/ and bin/python (everything but the marker)."""
     rootfs, site = build / "rootfs", build / "site"
-    mirror = _debian_mirror()
     _say(progress, f"downloading a Debian {SUITE} arm64 base system from {mirror} (~1 min)")
     _run(
         [
@@ -238,7 +251,10 @@ def _build(
     for deb in debs:
         _run(["dpkg-deb", "-x", str(deb), str(rootfs)], log, what=f"dpkg-deb -x {deb.name}")
         deb.unlink()
-    shutil.rmtree(rootfs / "debootstrap", ignore_errors=True)
+    # Not needed to run Python: the debootstrap scratch area, apt's package lists (~50 MB) and
+    # documentation (~50 MB).
+    for junk in ["debootstrap", "var/lib/apt/lists", *(f"usr/share/{d}" for d in _DOCS)]:
+        shutil.rmtree(rootfs / junk, ignore_errors=True)
     if not (rootfs / "usr" / "bin" / GUEST_PYTHON).exists():
         raise WsdeployError(f"the arm64 root file system has no /usr/bin/{GUEST_PYTHON}")
 
@@ -273,7 +289,7 @@ def _build(
     wrapper.write_text(_WRAPPER.format(qemu=shlex.quote(qemu), python=GUEST_PYTHON))
     wrapper.chmod(0o755)
 
-    _say(progress, "checking that the emulated Python imports TVM (~15 s)")
+    _say(progress, "checking that the emulated Python imports TVM (~5 s)")
     out = _run([str(wrapper), "-c", _SMOKE_TEST], log, what="emulated smoke test", timeout=300)
     logger.info("emulated device smoke test: %s", out.strip())
 
@@ -305,22 +321,18 @@ def _host_tools() -> tuple[str, str]:
 def _debian_mirror() -> str:
     """Return the Debian mirror apt uses on this host (not its security mirror).
 
-    ``WSDEPLOY_DEBIAN_MIRROR`` overrides it. Both the deb822 ``*.sources`` files and the
-    one-line ``sources.list`` format are read.
+    Both the deb822 ``*.sources`` files and the one-line ``sources.list`` format are read.
     """
-    if os.environ.get("WSDEPLOY_DEBIAN_MIRROR"):
-        return os.environ["WSDEPLOY_DEBIAN_MIRROR"]
     entries: list[tuple[str, list[str]]] = []  # (uri, suites)
     apt = Path("/etc/apt")
     for path in sorted((apt / "sources.list.d").glob("*.sources")):
         entries += _parse_deb822(_read(path))
     for path in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]:
         for line in _read(path).splitlines():
-            words = line.split("#", 1)[0].split()
+            # deb [option=value ...] URI SUITE COMPONENT...
+            words = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
             if len(words) >= 3 and words[0] == "deb":
-                words = [w for w in words[1:] if not w.startswith("[") and not w.endswith("]")]
-                if len(words) >= 2 and "=" not in words[0]:
-                    entries.append((words[0], words[1:2]))
+                entries.append((words[1], words[2:3]))
     entries = [
         (uri, suites)
         for uri, suites in entries
@@ -334,7 +346,7 @@ def _debian_mirror() -> str:
             return uri
     raise WsdeployError(
         "found no Debian mirror in /etc/apt/sources.list*; "
-        "set WSDEPLOY_DEBIAN_MIRROR (e.g. to a Debian mirror URL ending in /debian)"
+        "pass --mirror (a Debian mirror URL ending in /debian)"
     )
 
 
@@ -366,7 +378,7 @@ def _marker_content() -> dict[str, object]:
         "python": GUEST_PYTHON,
         "wheels": list(WHEELS),
         "platforms": list(PLATFORMS),
-        "layout": 1,
+        "layout": 2,
     }
 
 
@@ -388,6 +400,7 @@ def start(
     *,
     cache: Path | None = None,
     timeout: float = 90.0,
+    mirror: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> DeviceInfo:
     """Start TVM's RPC server on the emulated device (building the device first if needed).
@@ -398,7 +411,7 @@ def start(
     Args:
         port: TCP port on 127.0.0.1 for the RPC server.
         cache: Cache directory; default ``~/.cache/wsdeploy/arm64-device``.
-        timeout: Seconds to wait for the server to accept connections (it needs ~12 s).
+        timeout: Seconds to wait for the server to accept connections (it needs ~5-10 s).
         progress: Called with a one-line message before each long step.
 
     Returns:
@@ -409,7 +422,7 @@ def start(
             connections within ``timeout`` (whatever was started is killed first).
     """
     cache = _cache_dir(cache)
-    device = setup(cache, progress=progress)
+    device = setup(cache, mirror=mirror, progress=progress)
     with _locked(cache / ".server.lock"):
         running = _status(cache)
         if running is not None:
@@ -421,7 +434,7 @@ def start(
         log = cache / "server.log"
         cmd = [str(device / "bin" / "python"), "-m", "tvm.exec.rpc_server"]
         cmd += ["--host", HOST, "--port", str(port), "--port-end", str(port + 1)]
-        _say(progress, f"starting the emulated arm64 device on {HOST}:{port} (~15 s)")
+        _say(progress, f"starting the emulated arm64 device on {HOST}:{port} (~5-10 s)")
         t0 = time.monotonic()
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -437,30 +450,17 @@ def start(
             "host": HOST,
             "port": port,
             "pid": proc.pid,
-            "starttime": _proc_starttime(proc.pid),
             "root": str(device),
             "emulated": True,
             "log": str(log),
             "started": time.time(),
         }
         _write_state(cache, state)
-        deadline = t0 + timeout
-        while True:
-            if proc.poll() is not None:
-                _stop(cache)
-                raise WsdeployError(
-                    f"the emulated device exited with code {proc.returncode} before accepting "
-                    f"connections: {_last_line(log)} (log: {log})"
-                )
-            if _accepts(HOST, port):
-                break
-            if time.monotonic() > deadline:
-                _stop(cache)
-                raise WsdeployError(
-                    f"the emulated device did not accept connections on {HOST}:{port} within "
-                    f"{timeout:g} s (log: {log})"
-                )
-            time.sleep(0.25)
+        try:
+            _wait_until_listening(proc, port, t0 + timeout, timeout, log)
+        except BaseException:
+            _stop(cache)  # kill whatever was started, also on KeyboardInterrupt
+            raise
         logger.info(
             "emulated arm64 device listening on %s:%d after %.1f s (pid %d)",
             HOST,
@@ -469,6 +469,26 @@ def start(
             proc.pid,
         )
         return _info(state)
+
+
+def _wait_until_listening(
+    proc: subprocess.Popen[bytes], port: int, deadline: float, timeout: float, log: Path
+) -> None:
+    """Poll until the server accepts TCP connections; raise if it exits or the deadline passes."""
+    while True:
+        if proc.poll() is not None:
+            raise WsdeployError(
+                f"the emulated device exited with code {proc.returncode} before accepting "
+                f"connections: {_last_line(log)} (log: {log})"
+            )
+        if _accepts(HOST, port):
+            return
+        if time.monotonic() > deadline:
+            raise WsdeployError(
+                f"the emulated device did not accept connections on {HOST}:{port} within "
+                f"{timeout:g} s (log: {log})"
+            )
+        time.sleep(0.25)
 
 
 def stop(cache: Path | None = None) -> bool:
@@ -527,9 +547,8 @@ def _status(cache: Path) -> DeviceInfo | None:
     state = _read_state(cache)
     if state is None:
         return None
-    if not _leader_alive(state):
-        if not _members(state):
-            (cache / _STATE).unlink(missing_ok=True)
+    if not _members(state):
+        (cache / _STATE).unlink(missing_ok=True)
         return None
     if not _accepts(state["host"], state["port"]):
         return None
@@ -557,6 +576,11 @@ def _stop(cache: Path) -> bool:
     if proc is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=1)
+    # Killed servers started by an earlier Python process are reaped by init; give it a moment
+    # so that no <defunct> entries are left behind when stop() returns.
+    deadline = time.monotonic() + 2.0
+    while _members(state, zombies=True) and time.monotonic() < deadline:
+        time.sleep(0.05)
     left = _members(state)
     if left:
         raise WsdeployError(
@@ -566,8 +590,8 @@ def _stop(cache: Path) -> bool:
     return stopped
 
 
-def _members(state: dict) -> list[int]:
-    """Live (non-zombie) processes of the server's process group that run this device.
+def _members(state: dict, *, zombies: bool = False) -> list[int]:
+    """Processes of the server's process group that run this device (live ones unless zombies).
 
     Matching the command line against the device root guards against a recycled process group
     id. Zombie children of this Python process are reaped on the way.
@@ -583,28 +607,18 @@ def _members(state: dict) -> list[int]:
             continue
         try:
             stat = (entry / "stat").read_text()
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[2]) != pgid or fields[0] == "Z":
+            if int(fields[2]) != pgid:
                 continue
-            if marker in (entry / "cmdline").read_bytes():
+            if fields[0] == "Z":  # a zombie has no command line left to match
+                if zombies and comm.startswith("qemu-aarch64"):
+                    found.append(int(entry.name))
+            elif marker in (entry / "cmdline").read_bytes():
                 found.append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue
     return found
-
-
-def _leader_alive(state: dict) -> bool:
-    """True if the recorded server process itself is still the same, live process."""
-    return _proc_starttime(state["pid"]) == state.get("starttime") and bool(_members(state))
-
-
-def _proc_starttime(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (identifies it across pid reuse)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _accepts(host: str, port: int) -> bool:

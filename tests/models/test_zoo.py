@@ -51,9 +51,8 @@ def test_inspect_counts_cross_check(name):
 
 
 def test_soundnet8_matches_the_table():
-    model = zoo.ZOO["wsnet1d-soundnet8"].build(
-        {"spec": "S1C1D1", "num_classes": 50, "input_length": 220500}
-    )
+    arch = zoo.ZOO["wsnet1d-soundnet8"]
+    model = arch.build(arch.config(spec="S1C1D1", num_classes=50))
     convs = [m for m in model.modules() if isinstance(m, WSConv1d)]
     got = [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding) for m in convs]
     assert got == [

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -443,6 +444,8 @@ def resolve_target(cpu: str | None, default: dict[str, Any], triple: str):
     import json
 
     tvm = _tvm()
+    from tvm.target import codegen
+
     try:
         if cpu is None:
             spec: Any = default
@@ -460,6 +463,9 @@ def resolve_target(cpu: str | None, default: dict[str, Any], triple: str):
     )
     if target.kind.name != "llvm" or not mtriple.startswith(triple):
         raise CompileError(f"--cpu {cpu!r} is not a {triple} CPU target (got {mtriple or '?'})")
+    mcpu = str(target.attrs.get("mcpu", "") or "")
+    if mcpu and not codegen.llvm_is_valid_cpu(mcpu, mtriple):
+        raise CompileError(f"--cpu {cpu!r}: LLVM knows no {triple} CPU named {mcpu!r}")
     return target
 
 
@@ -493,6 +499,10 @@ def build(
     return [library, "tvm.json"]
 
 
+CONNECT_ATTEMPTS = 3
+"""Connections to a device are tried this often (1 s, then 2 s apart) before giving up."""
+
+
 def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
     """Run a built library on the device behind a TVM RPC server at ``host:port``.
 
@@ -503,14 +513,20 @@ def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
     from tvm import relax, rpc
 
     host, port = parse_address(address)
-    try:
-        remote = rpc.connect(host, port, session_timeout=int(timeout))
-        remote.upload(str(path))
-        lib = remote.load_module(path.name)
-    except Exception as e:
-        raise CompileError(
-            f"cannot use the device at {address}: {str(e).strip().splitlines()[-1][:200]}"
-        ) from e
+    remote, lib = None, None
+    for attempt in range(CONNECT_ATTEMPTS):  # a server that is still starting refuses at first
+        try:
+            remote = rpc.connect(host, port, session_timeout=int(timeout))
+            remote.upload(str(path))
+            lib = remote.load_module(path.name)
+            break
+        except Exception as e:
+            log.info("device %s, attempt %d: %s", address, attempt + 1, e)
+            if attempt + 1 == CONNECT_ATTEMPTS:
+                raise CompileError(
+                    f"cannot use the device at {address}: {str(e).strip().splitlines()[-1][:200]}"
+                ) from e
+            time.sleep(1.0 + attempt)
     dev = remote.cpu()
     vm = relax.VirtualMachine(lib, dev)
 

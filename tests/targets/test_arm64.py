@@ -1,0 +1,91 @@
+"""arm64 builds: cross-compiled, refused without a device, verified on the emulated device."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from wsdeploy.cli import main
+from wsdeploy.compiler import ExportOptions, export
+from wsdeploy.errors import CompileError, WsdeployError
+
+
+def test_arm64_without_device_fails_before_building(tmp_path):
+    with pytest.raises(WsdeployError, match="--rpc HOST:PORT"):
+        export("wsnet1d-tiny", tmp_path / "o", ExportOptions(target="arm64"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        ("nonsense", "bad device address"),
+        ("127.0.0.1:9", "cannot use the device at 127.0.0.1:9"),
+    ],
+)
+def test_unreachable_device_is_a_clear_error(address, message, tmp_path):
+    with pytest.raises(CompileError, match=message):
+        export("wsnet1d-tiny", tmp_path / "o", ExportOptions(target="arm64", rpc=address))
+    assert not (tmp_path / "o").exists()
+
+
+def test_cpu_must_be_an_arm64_cpu(tmp_path):
+    with pytest.raises(CompileError, match=r"LLVM knows no aarch64 CPU named 'skylake-avx512'"):
+        export(
+            "wsnet1d-tiny",
+            tmp_path / "o",
+            ExportOptions(target="arm64", cpu="skylake-avx512", rpc="127.0.0.1:9"),
+        )
+
+
+def _server_processes() -> str:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return "\n".join(line for line in out.splitlines() if "tvm.exec.rpc_server" in line)
+
+
+@pytest.mark.slow
+def test_emulated_device_end_to_end(tmp_path):
+    """Start the emulated device, build and verify on it, bench, stop: nothing left over."""
+    runner = CliRunner()
+    result = runner.invoke(main, ["device", "start", "--port", "9290"])
+    assert result.exit_code == 0, result.output
+    address = result.output.split("listening at ")[1].split()[0]
+    try:
+        out = tmp_path / "arm"
+        result = runner.invoke(
+            main,
+            [
+                "export",
+                "wsnet1d-tiny",
+                "--target",
+                "arm64",
+                "--cpu",
+                "cortex-a72",
+                "--rpc",
+                address,
+                "-o",
+                str(out),
+                "--n-verify",
+                "4",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert "PASS" in result.output
+        elf = subprocess.run(["file", str(out / "model.so")], capture_output=True, text=True).stdout
+        assert "aarch64" in elf
+        result = runner.invoke(
+            main, ["bench", str(out), "--rpc", address, "--repeat", "3", "--json"]
+        )
+        assert result.exit_code == 0 and '"emulated": true' in result.output
+        result = runner.invoke(
+            main,
+            ["verify", str(out), "--model", "wsnet1d-tiny", "--rpc", address, "--n-verify", "2"],
+        )
+        assert result.exit_code == 0 and "PASS" in result.output
+    finally:
+        result = runner.invoke(main, ["device", "stop"])
+    assert result.output.strip() == "stopped"
+    assert _server_processes() == ""
+    assert runner.invoke(main, ["device", "status"]).output.strip() == "not running"

@@ -81,7 +81,8 @@ def _dense_conv2d(cfg: dict, path: Path) -> None:
         [helper.make_tensor_value_info("output", 1, None)],
         inits,
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    onnx.save(model, path)
 
 
 def build_variants(cfg: dict, workdir: Path) -> dict[str, dict]:

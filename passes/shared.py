@@ -2,20 +2,21 @@
 
 1-D, input x (B, C, T0), conv stride s, padding p, condensed phi (C*, L*):
 
-    WSConv1d(x; phi) -> Slice_{rows 0:(N-1)S+1:S, cols 0:T_out}(
-                          Reshape_{(B, L*, T/s)}(
-                            Conv_{ones(L), dilation T+1, stride s}(           # every diagonal
+    WSConv1d(x; phi) -> Slice_{rows 0:(N-1)S+1:S, cols 0:(T_out-1)s+1:s}(
+                          Reshape_{(B, R, T)}(
+                            Conv_{ones(L), dilation T+1}(                     # every diagonal
                               Reshape_{(B, 1, L*·T)}(
                                 Conv1x1(ReduceSum_r(Reshape(Pad(x))), phi^T)))))  # table P
 
-Step by step: pad x by p (and to a multiple of s: T = T0 + 2p rounded up), pre-sum the r
-repeated channel blocks (C -> C*, ReduceSum: adds only, no weight stored), build the
-product table P = phi^T · xs with one pointwise conv (B, L*, T), view P flat so that one step
-down a diagonal is T + 1 elements, and sum every length-L diagonal at once with a dilated
-conv of ones at the conv stride, padded by L - s so that its output is exactly the
-R = (N-1)S + 1 rows of diagonals the filters start in. Row v of the result holds the
-diagonals that start at P[v, :]; filter i is row i*S. The same for 2-D with the flat view
-(H*·H, W*·W) and a k x k dilated conv.
+Step by step: pad x by p (T = T0 + 2p), pre-sum the r repeated channel blocks (C -> C*,
+ReduceSum: adds only, no weight stored), build the product table P = phi^T · xs with one
+pointwise conv (B, L*, T), view P flat so that one step down a diagonal is T + 1 elements,
+and sum every length-L diagonal at once with a dilated conv of ones, padded by L - 1 so that
+its output is exactly the R = (N-1)S + 1 rows of diagonals the filters start in; a slice
+takes every S-th row and every s-th column (ONNX Runtime's strided dilated conv is several
+times slower than this). Row v of the result holds the diagonals that start at P[v, :];
+filter i is row i*S. The same for 2-D with the flat view (H*·H, W*·W) and a k x k dilated
+conv.
 
     WSLinear(x; phi) -> Reshape(Conv_{stride S}(phi as (1, 1, L*), weight = xs as (B, 1, in*)))
 
@@ -117,26 +118,22 @@ def conv1d(
     n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
     ss, r = attrs["sample_stride"], attrs["channel_repeat"]
     cs, ls = phi_shape
-    t = t0 + 2 * p
-    extra = (-t) % s
-    tp = t + extra
-    t_out = (t - k) // s + 1
-    if p or extra:
-        x = b.op("Pad", [x, b.ints([0, 0, p, 0, 0, p + extra])])
+    tp = t0 + 2 * p
+    t_out = (tp - k) // s + 1
+    if p:
+        x = b.op("Pad", [x, b.ints([0, 0, p, 0, 0, p])])
     xs = _presum(b, x, batch, r, cs, [tp])
     table = b.op("Conv", [xs, pointwise], kernel_shape=[1])  # (B, L*, T)
     flat = b.reshape(table, [batch, 1, ls * tp])
     ones = b.const(np.ones((1, 1, k), dtype=np.float32))
+    # Every diagonal that starts in the R = (N-1)S + 1 rows filters use, at stride 1: ONNX
+    # Runtime's strided dilated conv is many times slower than this conv plus a strided
+    # slice (11.9 ms against 2.4 ms on WSNET.md's layer at conv stride 2).
     diag = b.op(
-        "Conv",
-        [flat, ones],
-        kernel_shape=[k],
-        dilations=[tp + 1],
-        strides=[s],
-        pads=[0, max(0, k - s)],
-    )  # (B, 1, R·T/s): the diagonals that start in the R = (N-1)S + 1 rows filters use
-    rows = b.reshape(diag, [batch, ls - k + 1, tp // s])
-    y = b.slice(rows, [0, 0], [(n - 1) * ss + 1, t_out], [1, 2], [ss, 1])
+        "Conv", [flat, ones], kernel_shape=[k], dilations=[tp + 1], pads=[0, k - 1]
+    )  # (B, 1, R·T)
+    rows = b.reshape(diag, [batch, ls - k + 1, tp])
+    y = b.slice(rows, [0, 0], [(n - 1) * ss + 1, (t_out - 1) * s + 1], [1, 2], [ss, s])
     return _epilogue(b, y, scale, bias, n, 1)
 
 
@@ -156,33 +153,30 @@ def conv2d(
     ss, r = attrs["sample_stride"], attrs["channel_repeat"]
     cs, hs, ws = phi_shape
     gh, gw = sampling.grid_shape(n)
-    h, w = h0 + 2 * p, w0 + 2 * p
-    eh, ew = (-h) % s, (-w) % s
-    hp, wp = h + eh, w + ew
-    ho, wo = (h - k) // s + 1, (w - k) // s + 1
-    if p or eh or ew:
-        x = b.op("Pad", [x, b.ints([0, 0, p, p, 0, 0, p + eh, p + ew])])
+    hp, wp = h0 + 2 * p, w0 + 2 * p
+    ho, wo = (hp - k) // s + 1, (wp - k) // s + 1
+    if p:
+        x = b.op("Pad", [x, b.ints([0, 0, p, p, 0, 0, p, p])])
     xs = _presum(b, x, batch, r, cs, [hp, wp])
     table = b.op("Conv", [xs, pointwise], kernel_shape=[1, 1])  # (B, H*W*, H, W)
     grid = b.reshape(table, [batch, hs, ws, hp, wp])
     grid = b.op("Transpose", [grid], perm=[0, 1, 3, 2, 4])  # (B, H*, H, W*, W)
     flat = b.reshape(grid, [batch, 1, hs * hp, ws * wp])
     ones = b.const(np.ones((1, 1, k, k), dtype=np.float32))
-    diag = b.op(
+    diag = b.op(  # at stride 1, then a strided slice: see conv1d
         "Conv",
         [flat, ones],
         kernel_shape=[k, k],
         dilations=[hp + 1, wp + 1],
-        strides=[s, s],
-        pads=[0, 0, max(0, k - s), max(0, k - s)],
+        pads=[0, 0, k - 1, k - 1],
     )
-    rows = b.reshape(diag, [batch, hs - k + 1, hp // s, ws - k + 1, wp // s])
+    rows = b.reshape(diag, [batch, hs - k + 1, hp, ws - k + 1, wp])
     y = b.slice(
         rows,
         [0, 0, 0, 0],
-        [(gh - 1) * ss + 1, ho, (gw - 1) * ss + 1, wo],
+        [(gh - 1) * ss + 1, (ho - 1) * s + 1, (gw - 1) * ss + 1, (wo - 1) * s + 1],
         [1, 2, 3, 4],
-        [ss, 1, ss, 1],
+        [ss, s, ss, s],
     )  # (B, gh, Ho, gw, Wo)
     y = b.op("Transpose", [y], perm=[0, 1, 3, 2, 4])
     y = b.reshape(y, [batch, gh * gw, ho, wo])

@@ -2,11 +2,18 @@
 
     WSConv(x; phi) -> WSConv(x; phi) {wsdeploy.strategy = fold | shared | custom}
 
-``auto`` picks ``shared`` (``custom`` on targets with native wsnet kernels) where the shared
-computation needs fewer multiply-adds than the dense convolution, or the same number while
-storing fewer weights (a weight-sampled linear layer computes as much either way but stores
-only phi), and ``fold`` where sharing would cost more arithmetic (for example a first layer
-with one input channel and a long sample window).
+``auto`` picks, per layer:
+
+- on targets with native wsnet kernels (TVM): ``custom`` for WSConv1d (the fused kernel beats
+  the target's dense conv at every shape measured), else the standard-op graph where it needs
+  fewer multiply-adds;
+- on standard-op runtimes (ONNX, ORT): ``shared`` where its estimated time is below the dense
+  conv's, ``fold`` elsewhere. Multiply-adds alone mislead there: the standard-op graph writes
+  the product table P to memory and reads it back once per filter tap, so small layers run
+  faster dense (measured on ONNX Runtime here: wsnet1d-tiny's layers 2.6x slower shared,
+  WSNET.md's layer 4x faster shared). The estimate (``estimate_seconds``) charges that
+  traffic; its constants were fitted to ONNX Runtime on this 2-core machine.
+- A weight-sampled linear layer computes as much either way; ``shared`` stores only phi.
 The lowering passes (fold, shared, custom) then act only on the nodes marked for them.
 """
 
@@ -43,19 +50,45 @@ def macs(node: ir.Node) -> tuple[int, int]:
     return dense, shared
 
 
+DENSE_MACS_PER_S = 65e9  # ONNX Runtime's dense conv on WSNET.md's layer, 2 cores
+TABLE_MACS_PER_S = 20e9  # its pointwise conv building P
+TRAFFIC_BYTES_PER_S = 30e9  # P written once and read once per tap
+OP_OVERHEAD_S = 5e-6  # per standard op of the shared graph (about 8 per layer)
+
+
+def estimate_seconds(node: ir.Node) -> tuple[float, float]:
+    """(dense, shared) estimated run time of one conv node on a standard-op runtime."""
+    dense, _ = macs(node)
+    if node.op_type == "WSLinear":
+        return dense / DENSE_MACS_PER_S, dense / DENSE_MACS_PER_S
+    a = ws_attrs(node)
+    phi = static_shape(node.inputs[1])
+    in_shape = static_shape(node.inputs[0])
+    taps = a["kernel_size"] ** (len(in_shape) - 2)
+    positions = math.prod(d + 2 * a["padding"] for d in in_shape[2:]) * in_shape[0]
+    table = positions * math.prod(phi[1:])
+    shared_s = (
+        table * phi[0] / TABLE_MACS_PER_S
+        + table * (taps + 2) * 4 / TRAFFIC_BYTES_PER_S
+        + 8 * OP_OVERHEAD_S
+    )
+    return dense / DENSE_MACS_PER_S, shared_s
+
+
 def choose(node: ir.Node, strategy: str, native: bool = False) -> str:
     """The lowering for one node under ``strategy``; ``native`` targets run wsnet nodes with
     their own kernels, so ``auto`` keeps a shared layer as a ``custom`` node for them."""
     if strategy != "auto":
         return strategy
-    if native and node.op_type == "WSConv1d":
-        # The fused kernel beats the target's dense conv even where it does more
-        # multiply-adds (wsnet1d-tiny's first layer on TVM: 0.13 ms against 0.58 ms).
-        return "custom"
-    dense, shared = macs(node)
-    if shared > dense:
-        return "fold"
-    return "custom" if native else "shared"
+    if native:
+        if node.op_type == "WSConv1d":
+            # The fused kernel beats the target's dense conv even where it does more
+            # multiply-adds (wsnet1d-tiny's first layer on TVM: 0.13 ms against 0.58 ms).
+            return "custom"
+        dense, shared = macs(node)
+        return "custom" if shared <= dense else "fold"
+    dense_s, shared_s = estimate_seconds(node)
+    return "shared" if shared_s <= dense_s else "fold"
 
 
 class StrategyPass(Pass):

@@ -554,3 +554,40 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise CompileError(f"bad device address {address!r}; expected HOST:PORT")
     return host, int(port)
+
+
+def profile_kernels(run, x: np.ndarray, repeat: int = 10) -> dict[str, float]:
+    """Median milliseconds per kernel call of a local TVM runner (the VM's instrument hook).
+
+    Kernels called more than once per inference are summed per inference.
+    """
+    tvm = _tvm()
+    vm = run.vm
+    per_run: dict[str, list[float]] = {}
+    current: dict[str, float] = {}
+    start: list[float] = []
+
+    def instrument(func, symbol, before_run, ret_value, *args):
+        if before_run:
+            start.append(time.perf_counter())
+        else:
+            current[symbol] = current.get(symbol, 0.0) + time.perf_counter() - start.pop()
+        return 0
+
+    run(x)
+    vm.set_instrument(
+        tvm.runtime.convert(instrument) if hasattr(tvm.runtime, "convert") else instrument
+    )
+    try:
+        for _ in range(repeat):
+            current.clear()
+            vm.invoke_stateful("main")
+            for name, seconds in current.items():
+                per_run.setdefault(name, []).append(seconds * 1e3)
+    finally:
+        vm.set_instrument(None)
+    return {
+        name: float(np.median(v))
+        for name, v in sorted(per_run.items(), key=lambda kv: -float(np.median(kv[1])))
+        if not name.startswith("vm.builtin")
+    }

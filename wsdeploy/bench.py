@@ -64,6 +64,10 @@ def bench(
         "p90_ms": float(np.percentile(ms, 90)),
         "min_ms": float(ms.min()),
     }
+    if vm is not None and rpc is None:
+        from wsdeploy.targets.tvm_build import profile_kernels
+
+        result["kernels_ms"] = profile_kernels(run, x)
     atomic_write(outdir / BENCH, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     return result
 

@@ -461,6 +461,8 @@ def bench(outdir: Path, repeat: int, warmup: int, rpc: str | None, as_json: bool
         f"{result['median_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, min "
         f"{result['min_ms']:.3f} ms over {result['repeat']} runs"
     )
+    for name, ms in list(result.get("kernels_ms", {}).items())[:8]:
+        click.echo(f"  {ms:8.3f} ms  {name}")
 
 
 @main.command()

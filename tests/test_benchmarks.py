@@ -1,0 +1,31 @@
+"""The benchmark harness runs end to end (quick mode) and writes coherent results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_run(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--repeat", "2",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    layers = json.loads((tmp_path / "layers.json").read_text())["layers"]
+    assert [res["layer"]["stride"] for res in layers] == [1, 2]
+    for res in layers:
+        variants = {r["variant"] for r in res["rows"]}
+        assert {"ort shared graph", "ort dense Conv1d", "tvm fused WSNet kernel"} <= variants
+        assert res["theoretical_speedup"] > 10
+    models = json.loads((tmp_path / "models.json").read_text())["models"]
+    assert {r["model"] for r in models} == {"wsnet1d-tiny", "wsnet2d-cifar"}
+    assert all(r["median_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in models)
+    assert "| formulation |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "size_latency.png").read_bytes()[:4] == b"\x89PNG"

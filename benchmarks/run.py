@@ -63,24 +63,25 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
         counts = count_model(loaded.module, example)
         shape = list(loaded.input_shape)
         builds = []
-        for strategy in ("fold", "shared", "custom", "auto"):
-            say(f"{name}: export {strategy}")
-            out = workdir / f"{name}-{strategy}"
-            m = export(loaded, out, ExportOptions(target="onnx", strategy=strategy)).manifest
-            label = "dense baseline (fold)" if strategy == "fold" else f"WSNet {strategy}"
+        runs = [
+            ("onnx", "fold", "ORT dense baseline (fold)"),
+            ("onnx", "shared", "ORT WSNet shared"),
+            ("onnx", "custom", "ORT WSNet custom"),
+            ("onnx", "auto", "ORT WSNet auto"),
+            ("x86_64", "fold", "TVM dense baseline (fold)"),
+            ("x86_64", "auto", "TVM WSNet auto (fused kernels)"),
+        ]
+        for target, strategy, label in runs:
+            say(f"{name}: export {target} {strategy}")
+            out = workdir / f"{name}-{target}-{strategy}"
+            m = export(loaded, out, ExportOptions(target=target, strategy=strategy)).manifest
+            runtime = "ort" if target == "onnx" else "tvm"
             builds.append(
                 (
                     label,
-                    {"runtime": "ort", "path": str(out / m["artifact"])},
+                    {"runtime": runtime, "path": str(out / m["artifact"])},
                     m["size"]["artifact_bytes"],
-                    counts.dense_macs
-                    if strategy == "fold"
-                    else sum(
-                        layer["shared_macs"] if layer["strategy"] != "fold" else layer["dense_macs"]
-                        for layer in m["layers"]
-                    )
-                    + counts.dense_macs
-                    - sum(layer["dense_macs"] for layer in m["layers"]),
+                    _macs(m, counts),
                 )
             )
         ckpt = str(Path(loaded.source))
@@ -114,6 +115,16 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
                 }
             )
     return rows
+
+
+def _macs(manifest: dict, counts) -> int:
+    """Multiply-adds of a build: each WSNet layer as lowered, everything else dense."""
+    ws_dense = sum(layer["dense_macs"] for layer in manifest["layers"])
+    ws_built = sum(
+        layer["dense_macs"] if layer["strategy"] == "fold" else layer["shared_macs"]
+        for layer in manifest["layers"]
+    )
+    return counts.dense_macs - ws_dense + ws_built
 
 
 def _param_bytes(module) -> int:

@@ -14,9 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_quick_benchmark_run(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--repeat", "2",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=1800)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--quick",
+            "--repeat",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     layers = json.loads((tmp_path / "layers.json").read_text())["layers"]
     assert [res["layer"]["stride"] for res in layers] == [1, 2]

@@ -30,17 +30,29 @@ def test_fold_build_uses_the_vectorised_dense_conv(tmp_path):
     assert sum(name.startswith("dense_conv1d") for name in kernels) == 3
 
 
-@pytest.mark.parametrize("cpu", ["skylake-avx512", "haswell", '{"kind": "llvm", '
-                                 '"mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}'])
+@pytest.mark.parametrize(
+    "cpu",
+    [
+        "skylake-avx512",
+        "haswell",
+        '{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}',
+    ],
+)
 def test_named_cpus_build_and_match(cpu, tmp_path):
-    m = export("wsnet1d-tiny", tmp_path / "o",
-               ExportOptions(target="x86_64", cpu=cpu, n_verify=2)).manifest
+    m = export(
+        "wsnet1d-tiny", tmp_path / "o", ExportOptions(target="x86_64", cpu=cpu, n_verify=2)
+    ).manifest
     assert m["verification"]["passed"] and m["cpu"] == cpu
 
 
-@pytest.mark.parametrize("cpu, message", [("cortex-a76", "LLVM knows no x86_64 CPU"),
-                                          ("raspberry-pi/4b-aarch64", "not a x86_64 CPU"),
-                                          ("{not json", "not a TVM target")])
+@pytest.mark.parametrize(
+    "cpu, message",
+    [
+        ("cortex-a76", "LLVM knows no x86_64 CPU"),
+        ("raspberry-pi/4b-aarch64", "not a x86_64 CPU"),
+        ("{not json", "not a TVM target"),
+    ],
+)
 def test_bad_cpu_is_a_clear_error(cpu, message, tmp_path):
     with pytest.raises(CompileError, match=message):
         export("wsnet1d-tiny", tmp_path / "o", ExportOptions(target="x86_64", cpu=cpu))

@@ -107,16 +107,20 @@ def zoo_list(as_json: bool) -> None:
     rows = []
     for name, arch in sorted(zoo_mod.ZOO.items()):
         ckpt = Path(str(zoo_mod.bundled_checkpoint(name)))
-        acc = None
+        acc, problem = None, None
         if ckpt.is_file():
-            acc = load_model(ckpt).metrics.get("test_accuracy")
+            try:
+                acc = load_model(ckpt).metrics.get("test_accuracy")
+            except WsdeployError as e:  # one broken file must not hide the others
+                problem = str(e)
         rows.append(
             {
                 "name": name,
                 "dataset": arch.dataset,
                 "spec": arch.defaults["spec"],
                 "description": arch.description,
-                "bundled": ckpt.is_file(),
+                "bundled": ckpt.is_file() and problem is None,
+                "problem": problem,
                 "test_accuracy": acc,
             }
         )
@@ -126,8 +130,10 @@ def zoo_list(as_json: bool) -> None:
     table = Table("name", "data", "spec", "bundled test acc", "description")
     for r in rows:
         acc = f"{r['test_accuracy']:.1%}" if r["test_accuracy"] is not None else "-"
+        if r["problem"]:
+            acc = "unreadable"
         table.add_row(r["name"], r["dataset"], r["spec"], acc, r["description"])
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 @zoo.command("train")

@@ -6,10 +6,12 @@ schedule, build, and run.
   import (``_wsnet_converters``). A wsnet node never becomes a dense conv: WSConv1d becomes
   the fused shared-computation kernel of ``tvm_kernels`` (its per-channel epilogue, and a
   following ReLU, fused in); WSConv2d and WSLinear become TE shared computations.
-- Schedules: TVM 0.27 has no default CPU schedule, and unscheduled loops are slow. Every
-  PrimFunc not already marked ``tirx.is_scheduled`` gets a generic one (``schedule_cpu``):
-  producers inlined, outer spatial loops fused and parallel, the innermost spatial loop
-  vectorised where the block has no reduction. MetaSchedule records, where present, win.
+- Schedules: TVM 0.27 has no default CPU schedule, and unscheduled loops are slow (its
+  untuned dense conv1d of WSNET.md's layer took 648 ms). Plain float convolutions are
+  legalized to a vectorised direct convolution (``tvm_kernels.make_dense_conv``, 14 ms);
+  every other PrimFunc not already marked ``tirx.is_scheduled`` gets a generic schedule
+  (``schedule_cpu``): producers inlined, outer spatial loops fused and parallel, the innermost
+  spatial loop vectorised. No MetaSchedule tuning yet.
 """
 
 from __future__ import annotations
@@ -127,7 +129,6 @@ def _shape(expr) -> tuple[int, ...]:
 
 def _wsnet_converters(vl: int) -> dict[str, Any]:
     """ONNX converters for the wsnet ops, for a target with ``vl`` float lanes."""
-    tvm = _tvm()
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
@@ -205,7 +206,6 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
                 primfunc_name_hint="wsnet_linear",
             )
 
-    del tvm
     return {"WSConv1d": WSConv1d, "WSConv2d": WSConv2d, "WSLinear": WSLinear}
 
 
@@ -315,7 +315,6 @@ def _conv_legalizer(vl: int):
 
 def schedule_cpu(mod, vl: int):
     """Give every unscheduled PrimFunc a generic parallel/vectorised CPU schedule."""
-    tvm = _tvm()
     from tvm import s_tir, tirx
 
     for gv, func in list(mod.functions_items()):
@@ -327,7 +326,6 @@ def schedule_cpu(mod, vl: int):
             mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         except Exception as e:  # a shape the generic rules cannot handle stays as it is
             log.debug("generic schedule skipped %s: %s", gv.name_hint, e)
-    del tvm
     return mod
 
 

@@ -358,31 +358,18 @@ def _schedule_blocks(sch, vl: int) -> None:
             _schedule_reduction(sch, blk, loops, n_spatial, vl)
 
 
-def _lanes_dividing(extent: int, vl: int) -> int:
-    lanes = vl
-    while lanes > 1 and extent % lanes:
-        lanes //= 2
-    return lanes
-
-
 def _schedule_reduction(sch, blk, loops, n_spatial: int, vl: int) -> None:
-    """Spatial loops (..., t) and reduction loops (r...): parallel over the outer spatial
-    loops, t split into vectors with the reductions in between, so every step of the
-    reduction is one vector multiply-add over consecutive outputs."""
-    spatial, reduction = loops[:n_spatial], loops[n_spatial:]
-    inner = spatial[-1]
-    lanes = _lanes_dividing(int(sch.get(inner).extent), vl)
-    outer_spatial = spatial[:-1]
-    if lanes > 1:
-        t_outer, t_inner = sch.split(inner, [None, lanes])
-        sch.reorder(*outer_spatial, t_outer, *reduction, t_inner)
-        sch.decompose_reduction(blk, reduction[0])
-        sch.vectorize(t_inner)
-        par = [*outer_spatial, t_outer]
-    else:
-        par = list(spatial)
-    fused = sch.fuse(*par) if len(par) > 1 else par[0]
-    sch.parallel(fused)
+    """Spatial loops (..., t) then reduction loops: the outer spatial loops fused and parallel,
+    the innermost left serial for LLVM to vectorise where it can.
+
+    Vectorising a spatial loop inside the reduction fails TVM's compact-dataflow check once
+    the reduction is decomposed, so reductions (pooling, means, the TE shared computations
+    of WSConv2d/WSLinear) run parallel but scalar; the hot convolutions have kernels of
+    their own.
+    """
+    del vl
+    outer = loops[: max(1, n_spatial - 1)]
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
 def compile_module(mod, target, vl: int):

@@ -11,6 +11,7 @@ compiler sees every per-channel affine (bias, batch norm) after the op in one fo
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -212,8 +213,12 @@ class _WSBase(nn.Module):
         return 0 if self.bias is None else self.bias.numel()
 
 
-class WSConv1d(_WSBase):
-    """Conv1d whose N filters of length L are windows of one condensed filter phi (C*, L*)."""
+class _WSConvNd(_WSBase):
+    """What WSConv1d and WSConv2d share; subclasses set the dimension-specific parts."""
+
+    ndim: int
+    _dense_cls: type[nn.Module]
+    _weight = staticmethod(conv1d_weight)
 
     def __init__(
         self,
@@ -230,116 +235,22 @@ class WSConv1d(_WSBase):
         super().__init__()
         if in_channels % channel_repeat:
             raise ValueError(f"channel_repeat {channel_repeat} does not divide {in_channels}")
-        self.in_channels, self.out_channels, self.kernel_size = (
-            in_channels,
-            out_channels,
-            kernel_size,
-        )
-        self.stride, self.padding = stride, padding
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.sample_stride, self.channel_repeat = sample_stride, channel_repeat
-        length = sampling.condensed_length(out_channels, kernel_size, sample_stride)
+        if self.ndim == 1:
+            spatial = (sampling.condensed_length(out_channels, kernel_size, sample_stride),)
+        else:
+            spatial = sampling.condensed_shape_2d(out_channels, kernel_size, sample_stride)
         self._init(
-            (in_channels // channel_repeat, length), out_channels, bias, in_channels * kernel_size
-        )
-
-    def attrs(self) -> tuple[int, ...]:
-        return (
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.sample_stride,
-            self.channel_repeat,
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.wsnet.conv1d(x, self.phi, *self.attrs())
-        return y if self.bias is None else y + self.bias[:, None]
-
-    def materialize(self) -> Tensor:
-        """The dense (N, C, L) weight this layer computes with."""
-        return conv1d_weight(
-            self.phi, self.out_channels, self.kernel_size, self.sample_stride, self.channel_repeat
-        )
-
-    def to_dense(self) -> nn.Conv1d:
-        conv = nn.Conv1d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            bias=self.bias is not None,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(self.materialize())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
-
-    def count(self, name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LayerCount:
-        t_out = out_shape[-1]
-        n, c, k = self.out_channels, self.in_channels, self.kernel_size
-        cs, ls = self.phi.shape
-        positions = (t_out - 1) * self.stride + k  # padded input positions the outputs read
-        batch = in_shape[0]
-        dense = batch * n * c * k * t_out
-        shared = batch * (positions * (cs * ls + ls) + n * t_out)
-        return LayerCount(
-            name,
-            "WSConv1d",
-            in_shape,
-            out_shape,
-            tuple(self.phi.shape),
-            self.phi.numel() + self._bias_params(),
-            n * c * k + self._bias_params(),
-            dense,
-            shared,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, sample_stride="
-            f"{self.sample_stride}, channel_repeat={self.channel_repeat}, "
-            f"phi={tuple(self.phi.shape)}"
-        )
-
-
-class WSConv2d(_WSBase):
-    """Conv2d whose N k x k filters are shifted patches of one condensed filter (C*, H*, W*)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        *,
-        stride: int = 1,
-        padding: int = 0,
-        sample_stride: int = 1,
-        channel_repeat: int = 1,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        if in_channels % channel_repeat:
-            raise ValueError(f"channel_repeat {channel_repeat} does not divide {in_channels}")
-        self.in_channels, self.out_channels, self.kernel_size = (
-            in_channels,
-            out_channels,
-            kernel_size,
-        )
-        self.stride, self.padding = stride, padding
-        self.sample_stride, self.channel_repeat = sample_stride, channel_repeat
-        hs, ws = sampling.condensed_shape_2d(out_channels, kernel_size, sample_stride)
-        self._init(
-            (in_channels // channel_repeat, hs, ws),
+            (in_channels // channel_repeat, *spatial),
             out_channels,
             bias,
-            in_channels * kernel_size * kernel_size,
+            in_channels * kernel_size**self.ndim,
         )
 
     def attrs(self) -> tuple[int, ...]:
+        """The integer arguments of the custom op after (x, phi)."""
         return (
             self.out_channels,
             self.kernel_size,
@@ -350,17 +261,20 @@ class WSConv2d(_WSBase):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.wsnet.conv2d(x, self.phi, *self.attrs())
-        return y if self.bias is None else y + self.bias[:, None, None]
+        y = self._op(x, self.phi, *self.attrs())
+        if self.bias is None:
+            return y
+        return y + self.bias.view(-1, *([1] * self.ndim))
 
     def materialize(self) -> Tensor:
-        """The dense (N, C, k, k) weight this layer computes with."""
-        return conv2d_weight(
+        """The dense (N, C, k[, k]) weight this layer computes with."""
+        return self._weight(
             self.phi, self.out_channels, self.kernel_size, self.sample_stride, self.channel_repeat
         )
 
-    def to_dense(self) -> nn.Conv2d:
-        conv = nn.Conv2d(
+    def to_dense(self) -> nn.Module:
+        """The standard conv with the materialised weight (same function, same shapes)."""
+        conv = self._dense_cls(
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -375,21 +289,22 @@ class WSConv2d(_WSBase):
         return conv
 
     def count(self, name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LayerCount:
-        ho, wo = out_shape[-2:]
+        outs = out_shape[2:]
         n, c, k, s = self.out_channels, self.in_channels, self.kernel_size, self.stride
-        cs, hs, ws = self.phi.shape
-        positions = ((ho - 1) * s + k) * ((wo - 1) * s + k)
+        table = math.prod(self.phi.shape[1:])  # L* or H* x W*
+        positions = math.prod((o - 1) * s + k for o in outs)  # padded input positions read
+        outputs = math.prod(outs)
         batch = in_shape[0]
-        dense = batch * n * c * k * k * ho * wo
-        shared = batch * (positions * (cs * hs * ws + hs * ws) + n * ho * wo)
+        dense = batch * n * c * k**self.ndim * outputs
+        shared = batch * (positions * (self.phi.shape[0] * table + table) + n * outputs)
         return LayerCount(
             name,
-            "WSConv2d",
+            type(self).__name__,
             in_shape,
             out_shape,
             tuple(self.phi.shape),
             self.phi.numel() + self._bias_params(),
-            n * c * k * k + self._bias_params(),
+            n * c * k**self.ndim + self._bias_params(),
             dense,
             shared,
         )
@@ -401,6 +316,30 @@ class WSConv2d(_WSBase):
             f"{self.sample_stride}, channel_repeat={self.channel_repeat}, "
             f"phi={tuple(self.phi.shape)}"
         )
+
+
+class WSConv1d(_WSConvNd):
+    """Conv1d whose N filters of length L are windows of one condensed filter phi (C*, L*)."""
+
+    ndim = 1
+    _dense_cls = nn.Conv1d
+    _weight = staticmethod(conv1d_weight)
+
+    @staticmethod
+    def _op(*args):
+        return torch.ops.wsnet.conv1d(*args)
+
+
+class WSConv2d(_WSConvNd):
+    """Conv2d whose N k x k filters are shifted patches of one condensed filter (C*, H*, W*)."""
+
+    ndim = 2
+    _dense_cls = nn.Conv2d
+    _weight = staticmethod(conv2d_weight)
+
+    @staticmethod
+    def _op(*args):
+        return torch.ops.wsnet.conv2d(*args)
 
 
 class WSLinear(_WSBase):

@@ -489,7 +489,8 @@ CONNECT_ATTEMPTS = 3
 
 
 def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
-    """Run a built library on the device behind a TVM RPC server at ``host:port``.
+    """Run a built library on the device behind a TVM RPC server at ``host:port``, or on a
+    device with ``key`` from the RPC tracker at ``host:port`` (``address`` = "key@host:port").
 
     The library is uploaded once; each call sets the input, invokes ``main`` and copies the
     outputs back (calling ``vm["main"]`` over RPC would return remote references).
@@ -497,11 +498,16 @@ def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
     tvm = _tvm()
     from tvm import relax, rpc
 
-    host, port = parse_address(address)
+    key, _, server = address.rpartition("@")
+    host, port = parse_address(server)
     remote, lib = None, None
     for attempt in range(CONNECT_ATTEMPTS):  # a server that is still starting refuses at first
         try:
-            remote = rpc.connect(host, port, session_timeout=int(timeout))
+            if key:  # "KEY@HOST:PORT": ask the tracker at HOST:PORT for a device with KEY
+                tracker = rpc.connect_tracker(host, port)
+                remote = tracker.request(key, priority=1, session_timeout=int(timeout))
+            else:
+                remote = rpc.connect(host, port, session_timeout=int(timeout))
             remote.upload(str(path))
             lib = remote.load_module(path.name)
             break

@@ -77,6 +77,34 @@ model_options = [
 ]
 
 
+def with_device_options(fn):
+    """--rpc HOST:PORT, or --tracker HOST:PORT with --key KEY: where a TVM build runs. The
+    command receives one ``rpc`` string ("HOST:PORT" or "KEY@HOST:PORT") or None."""
+
+    @click.option(
+        "--rpc",
+        default=None,
+        metavar="HOST:PORT",
+        help="The device behind this TVM RPC server (arm64 builds).",
+    )
+    @click.option(
+        "--tracker",
+        default=None,
+        metavar="HOST:PORT",
+        help="A TVM RPC tracker to ask for a device (with --key).",
+    )
+    @click.option("--key", default=None, help="The device key at the tracker.")
+    @functools.wraps(fn)
+    def wrapper(*args, rpc, tracker, key, **kwargs):
+        if rpc and tracker:
+            raise click.UsageError("--rpc and --tracker exclude each other")
+        if bool(tracker) != bool(key):
+            raise click.UsageError("--tracker and --key go together")
+        return fn(*args, rpc=f"{key}@{tracker}" if tracker else rpc, **kwargs)
+
+    return wrapper
+
+
 def with_model_options(fn):
     for opt in reversed(model_options):
         fn = opt(fn)
@@ -317,12 +345,7 @@ def _quiet_third_party_logs() -> None:
     show_default=True,
     help="Inputs the numerics gate runs.",
 )
-@click.option(
-    "--rpc",
-    default=None,
-    metavar="HOST:PORT",
-    help="Verify on the device behind this TVM RPC server (arm64 builds).",
-)
+@with_device_options
 @with_model_options
 @_errors
 def export(
@@ -399,12 +422,7 @@ def _print_verification(v: dict) -> None:
     show_default=True,
     help="Inputs the numerics gate runs.",
 )
-@click.option(
-    "--rpc",
-    default=None,
-    metavar="HOST:PORT",
-    help="Run on the device behind this TVM RPC server (arm64 builds).",
-)
+@with_device_options
 @with_model_options
 @_errors
 def verify(
@@ -439,12 +457,7 @@ def verify(
 @click.option(
     "--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first."
 )
-@click.option(
-    "--rpc",
-    default=None,
-    metavar="HOST:PORT",
-    help="Measure on the device behind this TVM RPC server.",
-)
+@with_device_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_errors
 def bench(outdir: Path, repeat: int, warmup: int, rpc: str | None, as_json: bool) -> None:
@@ -546,14 +559,27 @@ _cache_option = click.option(
     help="Loopback port of the RPC server.",
 )
 @click.option("--mirror", default=None, help="Debian mirror URL (default: apt's).")
+@click.option(
+    "--tracker",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also register with this TVM RPC tracker (under --key).",
+)
+@click.option(
+    "--key", default="wsdeploy-emulated-arm64", show_default=True, help="Device key at the tracker."
+)
 @_cache_option
 @_errors
-def device_start(port: int, mirror: str | None, cache: Path | None) -> None:
+def device_start(
+    port: int, mirror: str | None, tracker: str | None, key: str, cache: Path | None
+) -> None:
     """Build (once, ~1 min) and start the emulated arm64 device; prints its address."""
     from wsdeploy import device as dev
 
     with console.status("starting the emulated arm64 device") as status:
-        info = dev.start(port, cache=cache, mirror=mirror, progress=status.update)
+        info = dev.start(
+            port, cache=cache, mirror=mirror, tracker=tracker, key=key, progress=status.update
+        )
     click.echo(
         f"emulated arm64 device listening at {info.address} (pid {info.pid}); "
         f"use --rpc {info.address}; 'wsdeploy device stop' ends it"

@@ -401,6 +401,8 @@ def start(
     cache: Path | None = None,
     timeout: float = 90.0,
     mirror: str | None = None,
+    tracker: str | None = None,
+    key: str = "wsdeploy-emulated-arm64",
     progress: Callable[[str], None] | None = None,
 ) -> DeviceInfo:
     """Start TVM's RPC server on the emulated device (building the device first if needed).
@@ -412,6 +414,10 @@ def start(
         port: TCP port on 127.0.0.1 for the RPC server.
         cache: Cache directory; default ``~/.cache/wsdeploy/arm64-device``.
         timeout: Seconds to wait for the server to accept connections (it needs ~5-10 s).
+        mirror: Debian mirror URL for the first setup; default: the one apt uses here.
+        tracker: ``host:port`` of a TVM RPC tracker to register with, under ``key``
+            (clients then ask the tracker: ``--tracker HOST:PORT --key KEY``).
+        key: The device key at the tracker.
         progress: Called with a one-line message before each long step.
 
     Returns:
@@ -434,6 +440,8 @@ def start(
         log = cache / "server.log"
         cmd = [str(device / "bin" / "python"), "-m", "tvm.exec.rpc_server"]
         cmd += ["--host", HOST, "--port", str(port), "--port-end", str(port + 1)]
+        if tracker is not None:
+            cmd += ["--tracker", tracker, "--key", key]
         _say(progress, f"starting the emulated arm64 device on {HOST}:{port} (~5-10 s)")
         t0 = time.monotonic()
         with open(log, "wb") as out:

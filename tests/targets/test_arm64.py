@@ -40,6 +40,14 @@ def test_cpu_must_be_an_arm64_cpu(tmp_path):
         )
 
 
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _server_processes() -> str:
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     return "\n".join(line for line in out.splitlines() if "tvm.exec.rpc_server" in line)
@@ -89,3 +97,77 @@ def test_emulated_device_end_to_end(tmp_path):
     assert result.output.strip() == "stopped"
     assert _server_processes() == ""
     assert runner.invoke(main, ["device", "status"]).output.strip() == "not running"
+
+
+@pytest.mark.slow
+def test_device_through_an_rpc_tracker(tmp_path):
+    """A device farm in miniature: a tracker, the emulated device registered under a key."""
+    import os
+    import signal
+    import sys
+    import time
+
+    tracker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "9390",
+            "--port-end",
+            "9391",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    runner = CliRunner()
+    try:
+        time.sleep(2)
+        result = runner.invoke(
+            main,
+            ["device", "start", "--port", "9292", "--tracker", "127.0.0.1:9390", "--key", "emu"],
+        )
+        assert result.exit_code == 0, result.output
+        time.sleep(2)  # the server registers with the tracker after it listens
+        out = tmp_path / "arm"
+        result = runner.invoke(
+            main,
+            [
+                "export",
+                "wsnet1d-tiny",
+                "--target",
+                "arm64",
+                "--tracker",
+                "127.0.0.1:9390",
+                "--key",
+                "emu",
+                "-o",
+                str(out),
+                "--n-verify",
+                "2",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(
+            main,
+            [
+                "bench",
+                str(out),
+                "--tracker",
+                "127.0.0.1:9390",
+                "--key",
+                "emu",
+                "--repeat",
+                "2",
+                "--json",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    finally:
+        runner.invoke(main, ["device", "stop"])
+        os.killpg(tracker.pid, signal.SIGTERM)
+        tracker.wait(timeout=10)
+    assert _server_processes() == ""

@@ -54,14 +54,16 @@ def _conv_stack(
     in_channels: int,
     layers: list[tuple[int, int, int, int, int]],
     min_condensed: int = 1,
+    first_spec: WSSpec | None = None,
 ) -> tuple[list[nn.Module], int]:
     """Conv -> BN -> ReLU [-> MaxPool] blocks from rows (out, kernel, stride, pad, pool)."""
     bn = nn.BatchNorm1d if ndim == 1 else nn.BatchNorm2d
     pool = nn.MaxPool1d if ndim == 1 else nn.MaxPool2d
     mods: list[nn.Module] = []
     cin = in_channels
-    for cout, k, stride, pad, pool_k in layers:
-        conv = _ws_conv(ndim, spec, cin, cout, k, stride, pad, min_condensed)
+    for i, (cout, k, stride, pad, pool_k) in enumerate(layers):
+        layer_spec = first_spec if i == 0 and first_spec is not None else spec
+        conv = _ws_conv(ndim, layer_spec, cin, cout, k, stride, pad, min_condensed)
         cin = conv.out_channels
         mods += [conv, bn(cin), nn.ReLU()]
         if pool_k > 1:
@@ -82,7 +84,10 @@ def build_soundnet8(config: dict[str, Any]) -> nn.Module:
         (1024, 4, 2, 2, 1),
     ]
     keep = config["min_condensed_channels"]
-    mods, cin = _conv_stack(1, spec, 1, rows, keep)
+    # The first layer sees one channel: its filters, shifted windows of one phi, would all
+    # have nearly the same frequency response unless their windows barely overlap.
+    first = WSSpec.parse(config["first_layer_spec"]) if config["first_layer_spec"] else None
+    mods, cin = _conv_stack(1, spec, 1, rows, keep, first)
     head_args = spec.layer_args(cin, config["num_classes"], 8, min_condensed=keep)
     head = WSConv1d(
         cin,
@@ -171,6 +176,7 @@ ZOO: dict[str, Arch] = {
                 "num_classes": 10,
                 "input_length": 220500,
                 "min_condensed_channels": 16,
+                "first_layer_spec": None,
             },
             "audio",
             "SoundNet-8 of WSNet layers on 10 s of 22,050 Hz audio (WSNET.md §3)",

@@ -187,9 +187,22 @@ def zoo_list(as_json: bool) -> None:
     help="Override the number of training examples.",
 )
 @click.option("--spec", default=None, help="WSNet spec such as S8C4D1 (default: the zoo's).")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Other architecture config (JSON values), e.g. first_layer_spec='\"S1\"'.",
+)
 @_errors
 def zoo_train(
-    name: str, output: Path, seed: int, epochs: int | None, n_train: int | None, spec: str | None
+    name: str,
+    output: Path,
+    seed: int,
+    epochs: int | None,
+    n_train: int | None,
+    spec: str | None,
+    settings: tuple[str, ...],
 ) -> None:
     """Train zoo architecture NAME on its offline synthetic dataset."""
     from wsdeploy.modelfile import save_checkpoint
@@ -200,7 +213,20 @@ def zoo_train(
         raise click.BadParameter(
             f"unknown architecture {name!r}; choose from {sorted(zoo_mod.ZOO)}", param_hint="NAME"
         )
-    overrides = {"spec": spec} if spec else {}
+    overrides: dict = {"spec": spec} if spec else {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise click.BadParameter(
+                f"{item!r} is not KEY=<JSON value>", param_hint="--set"
+            ) from None
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+    unknown = set(overrides) - set(zoo_mod.ZOO[name].defaults)
+    if unknown:
+        raise click.BadParameter(f"{name} has no config {sorted(unknown)}", param_hint="--set")
     if spec:
         from wsdeploy.models import WSSpec
 

@@ -77,14 +77,19 @@ class CleanupPass(Pass):
 
 
 def _strip(model: ir.Model) -> None:
-    """Drop per-node metadata and the shapes of intermediate values (runtimes infer them);
-    graph inputs, outputs and initializers keep theirs."""
+    """Drop what a runtime does not need and a small file pays for: node names, per-node
+    and per-value metadata, and the shapes of intermediate values (runtimes infer them).
+    Graph inputs and outputs keep their shapes; initializers carry theirs in the tensor."""
     keep = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
     graphs = [model.graph, *(f.graph for f in model.functions.values())]
     for graph in graphs:
+        for value in graph.initializers.values():
+            value.metadata_props.clear()
         for node in graph:
             node.metadata_props.clear()
+            node.name = None
             for out in node.outputs:
+                out.metadata_props.clear()
                 if id(out) not in keep and not out.is_initializer():
                     out.shape = None
                     out.type = None

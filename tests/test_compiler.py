@@ -50,16 +50,34 @@ def test_soundnet8_exports_match_pytorch(strategy, tmp_path):
     assert result.manifest["verification"]["passed"]
 
 
+@pytest.mark.parametrize("strategy", ["shared", "custom"])
 @pytest.mark.parametrize("model", [*FAST_MODELS, "wsnet1d-soundnet8"])
-def test_onnx_file_holds_no_hidden_dense_copy(model, tmp_path):
-    """fp32 file within 5% of 4 bytes x the parameters the strategy stores."""
-    result = export(model, tmp_path / "o", ExportOptions(strategy="shared", n_verify=1))
-    size = result.manifest["size"]
+def test_onnx_file_holds_no_hidden_dense_copy(model, strategy, tmp_path):
+    """The weights in the fp32 file are phi (plus per-channel scale and shift) and nothing
+    else; the whole file is within 5% of 4 bytes x the parameters stored where weights
+    dominate (SoundNet-8's standard-op file). The small models' graphs, and the custom
+    files' function definitions, cost a few KB of structure whatever they store, which
+    the per-node assertion bounds."""
+    import onnx
+
     from wsdeploy.modelfile import load_model
 
+    out = tmp_path / "o"
+    size = export(model, out, ExportOptions(strategy=strategy, n_verify=1)).manifest["size"]
+    proto = onnx.load(out / "model.onnx")
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    float_elems = sum(
+        int(np.prod(t.dims))
+        for t in proto.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+    )
     params = sum(p.numel() for p in load_model(model).module.parameters())
-    assert size["stored_params"] <= params * 1.02 + 64
-    assert size["artifact_bytes"] <= 1.05 * 4 * size["stored_params"]
+    assert float_elems <= params * 1.01 + 64  # phi, per-channel scale and shift, ones
+    assert weight_bytes <= 4 * float_elems + 8 * (size["stored_params"] - float_elems)
+    nodes = len(proto.graph.node) + sum(len(f.node) for f in proto.functions)
+    assert size["artifact_bytes"] - weight_bytes <= 160 * nodes
+    if model == "wsnet1d-soundnet8" and strategy == "shared":
+        assert size["artifact_bytes"] <= 1.05 * 4 * size["stored_params"]
     assert size["dense_baseline_bytes"] > 3 * size["artifact_bytes"]
 
 

@@ -23,6 +23,16 @@ from wsdeploy.models import count_model, dense_baseline, zoo
 from wsdeploy.models.train import dataset_for
 
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parents[1] / "README.md"
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def update_readme(markdown_text: str, readme: Path = README) -> None:
+    """Put the tables between README's benchmark markers, so README quotes this run."""
+    text = readme.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    readme.write_text(f"{head}{START}\n{markdown_text}{END}{tail}")
 
 
 def machine() -> dict:
@@ -232,7 +242,10 @@ def main() -> None:
     (args.out / "models.json").write_text(
         json.dumps({"machine": info, "models": models}, indent=2) + "\n"
     )
-    (args.out / "results.md").write_text(markdown(layers, models, info, command))
+    tables = markdown(layers, models, info, command)
+    (args.out / "results.md").write_text(tables)
+    if args.out.resolve() == RESULTS.resolve():
+        update_readme(tables)
     plot(models, args.out / "size_latency.png")
     say(f"wrote {args.out}/results.md, layers.json, models.json, size_latency.png")
 

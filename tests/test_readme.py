@@ -23,3 +23,9 @@ def test_readme_opens_with_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _readme_commands()[1] in ci
+
+
+def test_readme_quotes_the_committed_benchmark_results():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- benchmarks:start -->\n", 1)[1].split("<!-- benchmarks:end -->")[0]
+    assert block == (ROOT / "benchmarks" / "results" / "results.md").read_text()

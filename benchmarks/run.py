@@ -143,12 +143,44 @@ def _param_bytes(module) -> int:
     return sum(p.numel() * 4 for p in module.parameters())
 
 
+def summary(layers: list[dict], models: list[dict]) -> list[str]:
+    """The headline ratios, computed from the same results as the tables."""
+    lines = ["Summary (computed from the tables below):", ""]
+    for res in layers:
+        rows = {r["variant"]: r for r in res["rows"]}
+        best_dense = min((r for r in res["rows"] if r["dense"]), key=lambda r: r["median_ms"])
+        ort_dense = min(r["median_ms"] for r in res["rows"] if r["dense"] and r["runtime"] == "ort")
+        kernel = rows["tvm fused WSNet kernel"]["median_ms"]
+        lines.append(
+            f"- Talk layer, conv stride {res['layer']['stride']}: the TVM fused WSNet kernel "
+            f"is {best_dense['median_ms'] / kernel:.1f}x faster than the best dense conv "
+            f"measured ({best_dense['variant']}, {best_dense['median_ms']:.2f} ms; theory "
+            f"{res['theoretical_speedup']:.1f}x); on ONNX Runtime the shared graph is "
+            f"{ort_dense / rows['ort shared graph']['median_ms']:.2f}x and the custom op "
+            f"{ort_dense / rows['ort custom op (local function)']['median_ms']:.2f}x its "
+            "dense conv."
+        )
+    for name in dict.fromkeys(r["model"] for r in models):
+        rows = {r["build"]: r for r in models if r["model"] == name}
+        dense, auto = rows["ORT dense baseline (fold)"], rows["ORT WSNet auto"]
+        shared = rows["ORT WSNet shared"]
+        tvm = rows["TVM WSNet auto (fused kernels)"]
+        lines.append(
+            f"- {name}: the standard-op WSNet file is {dense['bytes'] / shared['bytes']:.1f}x "
+            f"smaller than the dense baseline's; ONNX Runtime runs `auto` in "
+            f"{auto['median_ms']:.2f} ms against {dense['median_ms']:.2f} ms dense; TVM "
+            f"runs it in {tvm['median_ms']:.2f} ms."
+        )
+    return [*lines, ""]
+
+
 def markdown(layers: list[dict], models: list[dict], info: dict, command: str) -> str:
     lines = [
         f"Measured by `{command}` on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
         "Medians of at least the stated runs, each build in its own process.",
         "",
+        *summary(layers, models),
     ]
     for res in layers:
         cfg = res["layer"]
@@ -217,7 +249,23 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per build")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rebuild results.md, README and the plot from --out's JSON",
+    )
     args = parser.parse_args()
+    if args.render:
+        layers_json = json.loads((args.out / "layers.json").read_text())
+        models_json = json.loads((args.out / "models.json").read_text())
+        write_reports(
+            layers_json["layers"],
+            models_json["models"],
+            layers_json["machine"],
+            layers_json.get("command", "python -m benchmarks.run"),
+            args.out,
+        )
+        return
     repeat = args.repeat or (10 if args.quick else 30)
     names = ["wsnet1d-tiny", "wsnet2d-cifar"] + ([] if args.quick else ["wsnet1d-soundnet8"])
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
@@ -237,17 +285,22 @@ def main() -> None:
         ]
         models = bench_models(names, work, repeat, 200 if args.quick else 400, say)
     (args.out / "layers.json").write_text(
-        json.dumps({"machine": info, "layers": layers}, indent=2) + "\n"
+        json.dumps({"machine": info, "command": command, "layers": layers}, indent=2) + "\n"
     )
     (args.out / "models.json").write_text(
-        json.dumps({"machine": info, "models": models}, indent=2) + "\n"
+        json.dumps({"machine": info, "command": command, "models": models}, indent=2) + "\n"
     )
-    tables = markdown(layers, models, info, command)
-    (args.out / "results.md").write_text(tables)
-    if args.out.resolve() == RESULTS.resolve():
-        update_readme(tables)
-    plot(models, args.out / "size_latency.png")
+    write_reports(layers, models, info, command, args.out)
     say(f"wrote {args.out}/results.md, layers.json, models.json, size_latency.png")
+
+
+def write_reports(layers, models, info, command: str, out: Path) -> None:
+    """results.md, README's benchmark section (for the default --out) and the plot."""
+    tables = markdown(layers, models, info, command)
+    (out / "results.md").write_text(tables)
+    if out.resolve() == RESULTS.resolve():
+        update_readme(tables)
+    plot(models, out / "size_latency.png")
 
 
 if __name__ == "__main__":

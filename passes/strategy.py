@@ -4,9 +4,10 @@
 
 ``auto`` picks, per layer:
 
-- on targets with native wsnet kernels (TVM): ``custom`` for WSConv1d (the fused kernel beats
-  the target's dense conv at every shape measured), else the standard-op graph where it needs
-  fewer multiply-adds;
+- on targets with native wsnet kernels (TVM): ``custom`` (the target's own kernel) where that
+  kernel needs fewer multiply-adds than the dense conv (``kernel_macs``), ``fold`` to the
+  target's dense conv elsewhere (SoundNet-8's first layer: 2.8 ms dense against 9.6 ms in
+  the fused kernel, which sums 64 taps for each of 16 filters);
 - on standard-op runtimes (ONNX, ORT): ``shared`` where its estimated time is below the dense
   conv's, ``fold`` elsewhere. Multiply-adds alone mislead there: the standard-op graph writes
   the product table P to memory and reads it back once per filter tap, so small layers run
@@ -75,18 +76,34 @@ def estimate_seconds(node: ir.Node) -> tuple[float, float]:
     return dense / DENSE_MACS_PER_S, shared_s
 
 
+def kernel_macs(node: ir.Node) -> int:
+    """Multiply-adds of the TVM targets' kernels: the product table, then every filter tap
+    summed directly (N x taps per output; no prefix sums, which cost more than they save
+    at these filter lengths). A linear layer does what the dense one does."""
+    dense, _ = macs(node)
+    if node.op_type == "WSLinear":
+        return dense
+    a = ws_attrs(node)
+    in_shape = static_shape(node.inputs[0])
+    out_shape = static_shape(node.outputs[0])
+    phi = static_shape(node.inputs[1])
+    k, s = a["kernel_size"], a["stride"]
+    spatial_out = out_shape[2:]
+    positions = math.prod((o - 1) * s + k for o in spatial_out)
+    taps = k ** len(spatial_out)
+    return in_shape[0] * (
+        positions * math.prod(phi) + a["out_channels"] * taps * math.prod(spatial_out)
+    )
+
+
 def choose(node: ir.Node, strategy: str, native: bool = False) -> str:
     """The lowering for one node under ``strategy``; ``native`` targets run wsnet nodes with
     their own kernels, so ``auto`` keeps a shared layer as a ``custom`` node for them."""
     if strategy != "auto":
         return strategy
     if native:
-        if node.op_type == "WSConv1d":
-            # The fused kernel beats the target's dense conv even where it does more
-            # multiply-adds (wsnet1d-tiny's first layer on TVM: 0.13 ms against 0.58 ms).
-            return "custom"
-        dense, shared = macs(node)
-        return "custom" if shared <= dense else "fold"
+        dense, _ = macs(node)
+        return "custom" if kernel_macs(node) <= dense else "fold"
     dense_s, shared_s = estimate_seconds(node)
     return "shared" if shared_s <= dense_s else "fold"
 

@@ -297,6 +297,9 @@ def _conv_legalizer(vl: int):
             data = bb.emit_te(topi.nn.pad, data, before, after, primfunc_name_hint="pad")
         b, c, *spatial = (int(d) for d in data.ty.shape)
         n, _, *kernel = (int(d) for d in weight.ty.shape)
+        strides = [int(v) for v in a.strides]
+        if ndim == 1 and strides[0] > 1 and all(int(d) == 1 for d in a.dilation):
+            return _phase_split_conv1d(bb, data, weight, strides[0], vl)
         func, out_shape = make_dense_conv(
             b,
             c,
@@ -311,6 +314,48 @@ def _conv_legalizer(vl: int):
         return relax.call_tir(gv, [data, weight], relax.TensorType(list(out_shape), "float32"))
 
     return legalize
+
+
+def _phase_split_conv1d(bb, data, weight, s: int, vl: int):
+    """A strided conv1d as a stride-1 conv over the s phases of the input.
+
+    ``xph[b, c*s + ph, j] = x[b, c, j*s + ph]`` and ``w2[n, c*s + ph, q] = w[n, c, q*s + ph]``
+    turn every strided (gathered) load of the direct kernel into a contiguous one; the
+    weight relayout is a constant and folds at build time.
+    """
+    from tvm import relax, te, tirx
+
+    from .tvm_kernels import make_dense_conv
+
+    b, c, w = (int(d) for d in data.ty.shape)
+    n, _, k = (int(d) for d in weight.ty.shape)
+    w_out = (w - k) // s + 1
+    q = -(-k // s)
+    length = w_out + q - 1
+
+    def split_x(x):
+        def f(bi, cp, j):
+            u = j * s + cp % s
+            return tirx.if_then_else(
+                u < w, x[bi, cp // s, tirx.min(u, w - 1)], tirx.const(0, "float32")
+            )
+
+        return te.compute((b, c * s, length), f, name="phases")
+
+    def split_w(wt):
+        def f(ni, cp, qi):
+            kk = qi * s + cp % s
+            return tirx.if_then_else(
+                kk < k, wt[ni, cp // s, tirx.min(kk, k - 1)], tirx.const(0, "float32")
+            )
+
+        return te.compute((n, c * s, q), f, name="weight_phases")
+
+    xph = bb.emit_te(split_x, data, primfunc_name_hint="phase_split")
+    w2 = bb.emit_te(split_w, weight, primfunc_name_hint="weight_phase_split")
+    func, out_shape = make_dense_conv(b, c * s, [length], n, [q], [1], [1], VL=vl)
+    gv = bb.add_func(func.without_attr("global_symbol"), "dense_conv1d")
+    return relax.call_tir(gv, [xph, w2], relax.TensorType(list(out_shape), "float32"))
 
 
 def schedule_cpu(mod, vl: int):

@@ -7,10 +7,10 @@ import torch
 
 from tests.conftest import to_ir
 from wsdeploy.errors import PassError
-from wsdeploy.models import WSConv1d, WSConv2d, WSLinear
+from wsdeploy.models import WSConv1d, WSLinear
 from wsdeploy.passes._graph import STRATEGY_KEY
 from wsdeploy.passes.base import Pass, PassManager
-from wsdeploy.passes.strategy import StrategyPass, estimate_seconds, macs
+from wsdeploy.passes.strategy import StrategyPass, estimate_seconds, kernel_macs, macs
 
 
 def test_auto_on_standard_op_runtimes_follows_estimated_time():
@@ -35,21 +35,22 @@ def test_auto_on_standard_op_runtimes_follows_estimated_time():
     assert chosen == ["fold", "shared"]  # small conv: P traffic outweighs the saved work
 
 
-def test_auto_on_native_targets_keeps_conv1d_as_custom_node():
-    module = torch.nn.Sequential(
-        WSConv1d(1, 16, 32, stride=2, sample_stride=8),  # more MACs shared, still custom
-        torch.nn.Flatten(),
-        WSLinear(16 * 85, 5),
+def test_auto_on_native_targets_counts_the_kernels_work():
+    talk = to_ir(torch.nn.Sequential(WSConv1d(64, 128, 8, channel_repeat=4)), (1, 64, 150))
+    first = to_ir(
+        torch.nn.Sequential(  # SoundNet-8's first layer: one channel, 64 taps
+            WSConv1d(1, 16, 64, stride=2, padding=32, sample_stride=8),
+            torch.nn.Flatten(),
+            WSLinear(16 * 76, 5),
+        ),
+        (1, 1, 150),
     )
-    model = to_ir(module, (1, 1, 200))
-    StrategyPass("auto", native=True)(model)
-    nodes = [n for n in model.graph if n.domain == "wsnet"]
-    assert macs(nodes[0])[1] > macs(nodes[0])[0]
-    assert [n.meta[STRATEGY_KEY] for n in nodes] == ["custom", "custom"]
-    fold2d = to_ir(torch.nn.Sequential(WSConv2d(1, 4, 3)), (1, 1, 6, 6))
-    StrategyPass("auto", native=True)(fold2d)
-    (node,) = [n for n in fold2d.graph if n.domain == "wsnet"]
-    assert macs(node)[1] > macs(node)[0] and node.meta[STRATEGY_KEY] == "fold"
+    for model in (talk, first):
+        StrategyPass("auto", native=True)(model)
+    nodes = [n for m in (talk, first) for n in m.graph if n.domain == "wsnet"]
+    assert [n.meta[STRATEGY_KEY] for n in nodes] == ["custom", "fold", "custom"]
+    assert kernel_macs(nodes[0]) * 10 < macs(nodes[0])[0]
+    assert kernel_macs(nodes[1]) > macs(nodes[1])[0] > macs(nodes[1])[1]
 
 
 def test_unknown_strategy():

@@ -41,9 +41,9 @@ def test_auto_on_native_targets_counts_the_kernels_work():
         torch.nn.Sequential(  # SoundNet-8's first layer: one channel, 64 taps
             WSConv1d(1, 16, 64, stride=2, padding=32, sample_stride=8),
             torch.nn.Flatten(),
-            WSLinear(16 * 76, 5),
+            WSLinear(16 * 1001, 5),
         ),
-        (1, 1, 150),
+        (1, 1, 2000),
     )
     for model in (talk, first):
         StrategyPass("auto", native=True)(model)

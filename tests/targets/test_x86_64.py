@@ -11,9 +11,11 @@ from wsdeploy.compiler import ExportOptions, export
 from wsdeploy.errors import CompileError
 
 
-def test_auto_build_runs_wsnet_kernels_not_dense_convs(tmp_path):
+def test_custom_build_runs_wsnet_kernels_not_dense_convs(tmp_path):
     out = tmp_path / "o"
-    m = export("wsnet1d-tiny", out, ExportOptions(target="x86_64", n_verify=2)).manifest
+    m = export(
+        "wsnet1d-tiny", out, ExportOptions(target="x86_64", strategy="custom", n_verify=2)
+    ).manifest
     assert {layer["strategy"] for layer in m["layers"]} == {"custom"}
     assert json.loads((out / "tvm.json").read_text())["vector_lanes"] in (4, 8, 16)
     result = bench(out, repeat=3)
@@ -57,3 +59,12 @@ def test_bad_cpu_is_a_clear_error(cpu, message, tmp_path):
     with pytest.raises(CompileError, match=message):
         export("wsnet1d-tiny", tmp_path / "o", ExportOptions(target="x86_64", cpu=cpu))
     assert not (tmp_path / "o").exists()
+
+
+def test_auto_folds_only_where_the_kernel_would_do_more_work(tmp_path):
+    out = tmp_path / "o"
+    m = export("wsnet1d-tiny", out, ExportOptions(target="x86_64", n_verify=2)).manifest
+    # The first layer (one input channel, 32 taps) runs faster as a dense conv.
+    assert [layer["strategy"] for layer in m["layers"]] == ["fold", "custom", "custom", "custom"]
+    kernels = bench(out, repeat=2)["kernels_ms"]
+    assert sum(name.startswith("wsnet_conv1d") for name in kernels) == 2

@@ -6,6 +6,7 @@ one-line ``click.ClickException`` (exit 1). Bad flag combinations are usage erro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -320,6 +321,10 @@ def _quiet_third_party_logs() -> None:
     missing, TVM importer notes); -v shows wsdeploy's own log."""
     import warnings
 
+    # ONNX Runtime's converter sets its own logger to DEBUG when imported: import it first.
+    with contextlib.suppress(ImportError):
+        import onnxruntime.tools.ort_format_model.utils  # noqa: F401
+
     warnings.filterwarnings("ignore", module=r"(tvm|torch|onnxscript|onnx_ir)\b.*")
     for name in (
         "torch.onnx",
@@ -417,9 +422,11 @@ def _print_build(m: dict, outdir: Path) -> None:
     v = m["verification"]
     strategies = ", ".join(sorted({layer["strategy"] for layer in m["layers"]})) or "-"
     click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies})")
+    ratio = size["ratio"]
+    relation = f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
     click.echo(
         f"  size      {size['artifact_bytes']:,} bytes vs dense baseline "
-        f"{size['dense_baseline_bytes']:,} bytes ({size['ratio']:.1f}x smaller)"
+        f"{size['dense_baseline_bytes']:,} bytes ({relation})"
     )
     _print_verification(v)
 

@@ -101,11 +101,12 @@ def build_soundnet8(config: dict[str, Any]) -> nn.Module:
     return nn.Sequential(*mods, head, GlobalAvgPool())
 
 
-def build_tiny1d(config: dict[str, Any]) -> nn.Module:
-    """A three-conv 1-D WSNet with a WSNet linear classifier: fast tests and the demo."""
+def _pooled_classifier(
+    ndim: int, config: dict[str, Any], in_channels: int, rows: list[tuple[int, int, int, int, int]]
+) -> nn.Module:
+    """Conv blocks, global average pool, and a WSNet linear classifier."""
     spec = WSSpec.parse(config["spec"])
-    rows = [(16, 32, 2, 16, 4), (32, 16, 2, 8, 4), (64, 8, 2, 4, 1)]
-    mods, cin = _conv_stack(1, spec, 1, rows)
+    mods, cin = _conv_stack(ndim, spec, in_channels, rows)
     lin_args = spec.layer_args(cin, config["num_classes"], cin)
     fc = WSLinear(
         cin,
@@ -114,21 +115,20 @@ def build_tiny1d(config: dict[str, Any]) -> nn.Module:
         channel_repeat=lin_args["channel_repeat"],
     )
     return nn.Sequential(*mods, GlobalAvgPool(), fc)
+
+
+def build_tiny1d(config: dict[str, Any]) -> nn.Module:
+    """A three-conv 1-D WSNet with a WSNet linear classifier: fast tests and the demo."""
+    return _pooled_classifier(
+        1, config, 1, [(16, 32, 2, 16, 4), (32, 16, 2, 8, 4), (64, 8, 2, 4, 1)]
+    )
 
 
 def build_cifar2d(config: dict[str, Any]) -> nn.Module:
     """A small CIFAR-10-style 2-D WSNet: four 3x3 conv blocks, global pool, WSNet linear."""
-    spec = WSSpec.parse(config["spec"])
-    rows = [(16, 3, 1, 1, 1), (32, 3, 1, 1, 2), (64, 3, 1, 1, 2), (64, 3, 1, 1, 1)]
-    mods, cin = _conv_stack(2, spec, 3, rows)
-    lin_args = spec.layer_args(cin, config["num_classes"], cin)
-    fc = WSLinear(
-        cin,
-        config["num_classes"],
-        sample_stride=max(1, cin // spec.compactness),
-        channel_repeat=lin_args["channel_repeat"],
+    return _pooled_classifier(
+        2, config, 3, [(16, 3, 1, 1, 1), (32, 3, 1, 1, 2), (64, 3, 1, 1, 2), (64, 3, 1, 1, 1)]
     )
-    return nn.Sequential(*mods, GlobalAvgPool(), fc)
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,29 @@ def epilogue(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
     """The (scale, bias) epilogue inputs of a wsnet node; None where absent."""
     inputs = [*node.inputs, None, None]
     return inputs[2], inputs[3]
+
+
+def dequantized(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(q, scale, axis) if ``value`` is DequantizeLinear of a constant int8 tensor with a
+    constant scale and no (or a zero) zero point; else None."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None or node.op_type != "DequantizeLinear" or node.domain != "":
+        return None
+    q, scale = const(node.inputs[0]), const(node.inputs[1])
+    zero = const(node.inputs[2]) if len(node.inputs) > 2 else None
+    if q is None or scale is None or q.dtype != np.int8 or (zero is not None and np.any(zero)):
+        return None
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+    return q, scale.astype(np.float32), axis % max(q.ndim, 1)
+
+
+def dequantize_node(
+    graph: ir.Graph, base: str, q: np.ndarray, scale: np.ndarray, axis: int
+) -> ir.Node:
+    """A DequantizeLinear of new int8 and scale initializers named after ``base``."""
+    qv = add_initializer(graph, f"{base}_q", np.ascontiguousarray(q, dtype=np.int8))
+    sv = add_initializer(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32))
+    attrs = {"axis": axis} if np.ndim(scale) else {}
+    return ir.node("DequantizeLinear", [qv, sv], attrs)

@@ -6,6 +6,14 @@
 
 The dense fallback, and the baseline every comparison is made against. Folding the scale
 into the dense weight is safe here: nothing is shared any more.
+
+int8 phi (``DequantizeLinear(phi_q, s)``, per condensed channel c*) folds without touching
+the quantized values: the dense weight is int8 too, each input channel c carries the scale
+of its condensed channel c mod C* (DequantizeLinear along axis 1), and the epilogue stays
+a float Mul/Add after the conv:
+
+    WSConv1d(x; DQ(phi_q, s), scale, bias) -> Add(Mul(Conv(x, DQ(W_q, tile(s, r), axis=1)),
+                                                      scale), bias)
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from ._graph import (
     STRATEGY_KEY,
     add_initializer,
     const,
+    dequantize_node,
+    dequantized,
     epilogue,
     prune_initializers,
     replace_node,
@@ -29,10 +39,11 @@ from ._graph import (
 from .base import Pass, PassResult
 
 
-def dense_weight(node: ir.Node) -> np.ndarray:
-    """The dense weight of a wsnet node, without its epilogue scale."""
+def dense_weight(node: ir.Node, phi: np.ndarray | None = None) -> np.ndarray:
+    """The dense weight of a wsnet node (from ``phi``, default its constant phi input),
+    without its epilogue scale. Materialising only copies entries: int8 phi gives int8."""
     a = ws_attrs(node)
-    phi = const(node.inputs[1])
+    phi = const(node.inputs[1]) if phi is None else phi
     if phi is None:
         raise ValueError(f"{node.name}: phi is not a constant")
     if node.op_type == "WSConv1d":
@@ -58,6 +69,10 @@ class FoldPass(Pass):
         modified = False
         for node in ws_nodes(graph):
             if node.meta.get(STRATEGY_KEY, "fold") != "fold":
+                continue
+            if dequantized(node.inputs[1]) is not None:
+                _fold_int8(graph, node)
+                modified = True
                 continue
             w = dense_weight(node)
             scale_v, bias_v = epilogue(node)
@@ -104,3 +119,49 @@ class FoldPass(Pass):
         if modified:
             prune_initializers(graph)
         return PassResult(model, modified)
+
+
+def _conv_attrs(node: ir.Node) -> dict:
+    a = ws_attrs(node)
+    nd = 1 if node.op_type == "WSConv1d" else 2
+    return {
+        "kernel_shape": [a["kernel_size"]] * nd,
+        "strides": [a["stride"]] * nd,
+        "pads": [a["padding"]] * (2 * nd),
+        "dilations": [1] * nd,
+        "group": 1,
+    }
+
+
+def _fold_int8(graph: ir.Graph, node: ir.Node) -> None:
+    """Fold a wsnet node whose phi is int8 (see the module docstring)."""
+    q, scale, axis = dequantized(node.inputs[1])
+    if axis != 0 and np.ndim(scale):
+        raise ValueError(f"{node.name}: int8 phi must be scaled per condensed channel (axis 0)")
+    a = ws_attrs(node)
+    w_q = dense_weight(node, q)
+    base = node.inputs[1].name or "w"
+    x = node.inputs[0]
+    if node.op_type == "WSLinear":
+        dq = dequantize_node(graph, f"{base}.dense", w_q, scale, 0)  # one scale
+        main = ir.node("Gemm", [x, dq.outputs[0]], {"transB": 1})
+        if len(static_shape(x)) != 2:
+            dq = dequantize_node(graph, f"{base}.dense_t", np.ascontiguousarray(w_q.T), scale, 0)
+            main = ir.node("MatMul", [x, dq.outputs[0]])
+        trailing = 0
+    else:
+        dense_scale = np.tile(scale, a["channel_repeat"]) if np.ndim(scale) else scale
+        dq = dequantize_node(graph, f"{base}.dense", w_q, dense_scale, 1)
+        main = ir.node("Conv", [x, dq.outputs[0]], _conv_attrs(node))
+        trailing = 1 if node.op_type == "WSConv1d" else 2
+    nodes = [dq, main]
+    y = main.outputs[0]
+    for v, op in zip(epilogue(node), ("Mul", "Add"), strict=True):
+        c = const(v)
+        if c is not None:
+            c = add_initializer(
+                graph, f"{base}.{op.lower()}", c.reshape(-1, *[1] * trailing).astype(np.float32)
+            )
+            nodes.append(ir.node(op, [y, c]))
+            y = nodes[-1].outputs[0]
+    replace_node(graph, node, nodes, y)

@@ -24,7 +24,9 @@ A weight-sampled linear layer is a strided correlation of phi with the (pre-summ
 the input becomes the conv weight, and only phi is stored.
 
 phi is stored once, as the pointwise conv weight (a transpose of phi). The per-channel
-epilogue (scale, bias) follows as Mul/Add. In fp32 the reordered sums differ from a dense
+epilogue (scale, bias) follows as Mul/Add. int8 phi (DequantizeLinear(phi_q, s), one scale
+per condensed channel) is laid out as int8 and dequantized along the pointwise weight's
+input-channel axis: DQ(phi_q^T, s, axis=1). In fp32 the reordered sums differ from a dense
 conv by rounding only.
 """
 
@@ -41,6 +43,8 @@ from ._graph import (
     STRATEGY_KEY,
     add_initializer,
     const,
+    dequantize_node,
+    dequantized,
     epilogue,
     prune_initializers,
     replace_node,
@@ -255,17 +259,25 @@ class SharedPass(Pass):
         for node in ws_nodes(graph):
             if node.meta.get(STRATEGY_KEY) != "shared":
                 continue
-            phi = const(node.inputs[1])
-            if phi is None:
-                raise ValueError(f"{node.name}: phi is not a constant")
-            weight = add_initializer(
-                graph,
-                node.inputs[1].name or "phi",
-                weight_layout(node.op_type, phi).astype(np.float32),
-            )
+            base = node.inputs[1].name or "phi"
+            quantized = dequantized(node.inputs[1])
+            pre: list[ir.Node] = []
+            if quantized is not None:  # int8 phi: lay out the int8 values, scale them after
+                q, scale, axis = quantized
+                if axis != 0 and np.ndim(scale):
+                    raise ValueError(f"{node.name}: int8 phi must be scaled along axis 0")
+                pre = [dequantize_node(graph, base, weight_layout(node.op_type, q), scale, 1)]
+                weight = pre[0].outputs[0]
+            else:
+                phi = const(node.inputs[1])
+                if phi is None:
+                    raise ValueError(f"{node.name}: phi is not a constant")
+                weight = add_initializer(
+                    graph, base, weight_layout(node.op_type, phi).astype(np.float32)
+                )
             b = Builder()
             y = build(b, node, node.inputs[0], weight, *epilogue(node))
-            replace_node(graph, node, b.nodes, y)
+            replace_node(graph, node, pre + b.nodes, y)
             modified = True
         if modified:
             prune_initializers(graph)

@@ -371,6 +371,27 @@ def _quiet_third_party_logs() -> None:
     "(raspberry-pi/4b-aarch64) or JSON target dict. Default: this machine (x86_64).",
 )
 @click.option(
+    "--quantize",
+    "precision",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="int8: int8 phi and weights, calibrated int8 activations, integer kernels on TVM "
+    "targets; gated on top-1 agreement >= 99% and accuracy drop <= 1 point vs fp32.",
+)
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="int8: calibration inputs, a .npy or .npz array of shape (n, *input_shape[1:]).",
+)
+@click.option(
+    "--calib-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="int8: calibrate on this many samples of the model's own dataset (default 64).",
+)
+@click.option(
     "--n-verify",
     type=click.IntRange(min=1),
     default=8,
@@ -386,6 +407,9 @@ def export(
     strategy: str,
     outdir: Path | None,
     cpu: str | None,
+    precision: str,
+    calib: Path | None,
+    calib_samples: int | None,
     n_verify: int,
     rpc: str | None,
     trust_pickle: bool,
@@ -404,7 +428,16 @@ def export(
         outdir = Path("out") / f"{Path(model).stem}-{target}"
     if cpu is not None and not _TARGET_NAMES[target].cpus:
         raise click.UsageError(f"--cpu does not apply to target {target!r}")
-    options = ExportOptions(target=target, strategy=strategy, n_verify=n_verify, cpu=cpu, rpc=rpc)
+    options = ExportOptions(
+        target=target,
+        strategy=strategy,
+        n_verify=n_verify,
+        cpu=cpu,
+        rpc=rpc,
+        precision=precision,
+        calib=None if calib is None else str(calib),
+        calib_samples=calib_samples,
+    )
     with console.status("exporting") as status:
         result = export_model(
             model,
@@ -421,14 +454,28 @@ def _print_build(m: dict, outdir: Path) -> None:
     size = m["size"]
     v = m["verification"]
     strategies = ", ".join(sorted({layer["strategy"] for layer in m["layers"]})) or "-"
-    click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies})")
+    precision = m.get("precision", "fp32")
+    click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies}, {precision})")
     ratio = size["ratio"]
     relation = f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
     click.echo(
-        f"  size      {size['artifact_bytes']:,} bytes vs dense baseline "
+        f"  size      {size['artifact_bytes']:,} bytes vs dense fp32 baseline "
         f"{size['dense_baseline_bytes']:,} bytes ({relation})"
     )
+    if "wsnet_fp32_bytes" in size:
+        click.echo(f"            WSNet fp32 build {size['wsnet_fp32_bytes']:,} bytes")
     _print_verification(v)
+    gate = v.get("accuracy_gate")
+    if gate:
+        acc = (
+            f", accuracy {gate['accuracy_int8']:.1%} int8 vs {gate['accuracy_fp32']:.1%} fp32"
+            if gate["accuracy_fp32"] is not None
+            else " (no labels: agreement only)"
+        )
+        click.echo(
+            f"  int8 gate top-1 agreement with fp32 {gate['top1_agreement']:.1%} on "
+            f"{gate['n']} held-out inputs{acc}: {'PASS' if gate['passed'] else 'FAIL'}"
+        )
 
 
 def _print_verification(v: dict) -> None:
@@ -438,8 +485,9 @@ def _print_verification(v: dict) -> None:
             if o["top1_agreement"] is not None
             else ""
         )
+        against = "fake-quantized PyTorch" if v.get("stage") == "quantized" else "PyTorch"
         click.echo(
-            f"  verified  {o['name']} on {v['n_inputs']} inputs: max abs err "
+            f"  verified  {o['name']} vs {against} on {v['n_inputs']} inputs: max abs err "
             f"{o['max_abs']:.2g}, max rel err {o['max_rel']:.2g}, cosine "
             f"{o['cosine']:.6f}{top1} (atol {o['atol']:g}, rtol {o['rtol']:g}): "
             f"{'PASS' if o['ok'] else 'FAIL'}"

@@ -8,6 +8,7 @@ either the previous complete build or nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,8 +24,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from wsdeploy import __version__, numerics, trace
-from wsdeploy.errors import NumericsMismatch, WsdeployError
+from wsdeploy import __version__, numerics, quantize, trace
+from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
 from wsdeploy.modelfile import LoadedModel, default_mode, load_model
 from wsdeploy.passes._graph import STRATEGY_KEY, static_shape, ws_nodes
 from wsdeploy.passes.affine import AffinePass
@@ -50,9 +51,18 @@ class ExportOptions:
     strategy: str = "auto"
     cpu: str | None = None  # a specific processor, for targets that take one
     rpc: str | None = None  # "host:port" of a TVM RPC server on the device that verifies
-    precision: str = "fp32"
+    precision: str = "fp32"  # or "int8"
+    calib: str | None = None  # int8: .npy/.npz of calibration inputs
+    calib_samples: int | None = None  # int8: this many samples of the model's own dataset
+    gate_samples: int | None = None  # int8: held-out samples for the accuracy gate
     n_verify: int = 8
     seed: int = 0
+
+
+PRECISIONS = ("fp32", "int8")
+DEFAULT_CALIB_SAMPLES = 64
+AGREEMENT_MIN = 0.99  # int8 top-1 agreement with the fp32 model (MLPerf's 99% rule)
+ACCURACY_DROP_MAX = 0.01  # int8 accuracy at most one point below fp32
 
 
 @dataclass
@@ -115,9 +125,14 @@ def _eager(loaded: LoadedModel, x: np.ndarray) -> list[np.ndarray]:
 
 
 def check(
-    loaded: LoadedModel, runner, inputs: list[np.ndarray], stage: str = "runtime"
+    loaded: LoadedModel,
+    runner,
+    inputs: list[np.ndarray],
+    stage: str = "runtime",
+    step: float = 1.0,
 ) -> dict[str, Any]:
-    """Run ``runner`` and the eager model on ``inputs``; summarise, raise on mismatch."""
+    """Run ``runner`` and the eager model on ``inputs``; summarise, raise on mismatch
+    (``step``: see ``numerics.compare``)."""
     actual: list[list[np.ndarray]] = []
     expected: list[list[np.ndarray]] = []
     for x in inputs:
@@ -127,7 +142,7 @@ def check(
     for i in range(len(expected[0])):
         a = np.concatenate([o[i] for o in actual])
         e = np.concatenate([o[i] for o in expected])
-        results.append(numerics.compare(a, e, stage=stage, name=f"output_{i}"))
+        results.append(numerics.compare(a, e, stage=stage, name=f"output_{i}", step=step))
     summary = {
         "passed": all(r.ok for r in results),
         "n_inputs": len(inputs),
@@ -160,14 +175,94 @@ def _dir_size(files: list[str], root: Path) -> int:
     return sum((root / f).stat().st_size for f in files)
 
 
-def _baseline_size(loaded: LoadedModel, options: ExportOptions) -> int:
-    """Size of the dense baseline: the same model with every WSNet layer folded, built for
-    the same target."""
+def _artifact_size(loaded: LoadedModel, options: ExportOptions, strategy: str = "fold") -> int:
+    """Size of the fp32 artifact of ``loaded`` for the same target with ``strategy``: "fold"
+    gives the dense baseline (every WSNet layer folded)."""
     target = get_target(options.target)
-    model, _ = lower(loaded, "fold")
+    model, _ = lower(loaded, strategy, target.native_wsnet)
     with tempfile.TemporaryDirectory(prefix="wsdeploy-base-") as tmp:
         target.build(model, Path(tmp), options.cpu)
         return _dir_size([target.artifact], Path(tmp))
+
+
+def calibration_samples(loaded: LoadedModel, options: ExportOptions) -> tuple[np.ndarray, str]:
+    """The int8 calibration inputs: the user's file, or samples of the model's dataset's
+    calibration split (disjoint from the held-out test split)."""
+    from wsdeploy.models import data
+
+    if options.calib is not None:
+        return quantize.load_samples(options.calib, loaded.input_shape), str(options.calib)
+    if loaded.dataset is None:
+        raise WsdeployError(
+            "int8 needs calibration samples: pass --calib FILE.npz (this model has no "
+            "bundled dataset to take --calib-samples from)"
+        )
+    n = options.calib_samples or DEFAULT_CALIB_SAMPLES
+    if n < 1:
+        raise WsdeployError("--calib-samples must be at least 1")
+    shape = loaded.input_shape
+    kw = {"length": shape[-1]} if loaded.dataset == "audio" else {"size": shape[-1]}
+    ds = data.make_dataset(loaded.dataset, "calib", n, seed=options.seed, **kw)
+    return ds.x, f"{loaded.dataset} calib split ({n} samples, seed {options.seed})"
+
+
+def quantized_reference(loaded: LoadedModel, calibration: quantize.Calibration) -> LoadedModel:
+    """The fake-quantized PyTorch model an int8 build computes: the reference it is checked
+    against, and what is traced."""
+    if loaded.exported is not None:
+        raise WsdeployError(
+            "int8 needs the model's layers: export it from a checkpoint, not a .pt2 program"
+        )
+    qmodule = quantize.quantize_model(loaded.module, calibration)
+    return dataclasses.replace(loaded, module=qmodule)
+
+
+def accuracy_gate(loaded: LoadedModel, runner, n: int | None, batch: int) -> dict[str, Any]:
+    """int8 against fp32 on held-out data: top-1 agreement and accuracy drop.
+
+    Raises ``AccuracyGateFailed`` below ``AGREEMENT_MIN`` agreement or above
+    ``ACCURACY_DROP_MAX`` drop. Without a bundled dataset there are no labels: agreement
+    only, on seeded random inputs."""
+    from wsdeploy.models import data
+
+    shape = loaded.input_shape
+    n = n or int(loaded.metrics.get("n_test", 200))
+    n = max(batch, n - n % batch)
+    if loaded.dataset is not None:
+        kw = {"length": shape[-1]} if loaded.dataset == "audio" else {"size": shape[-1]}
+        ds = data.make_dataset(loaded.dataset, "test", n, seed=0, **kw)
+        xs, ys = ds.x, ds.y
+    else:
+        xs = np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
+        ys = None
+    agree = correct_q = correct_f = 0
+    for i in range(0, n, batch):
+        x = xs[i : i + batch]
+        pq = runner(x)[0].reshape(batch, -1).argmax(-1)
+        pf = _eager(loaded, x)[0].reshape(batch, -1).argmax(-1)
+        agree += int((pq == pf).sum())
+        if ys is not None:
+            correct_q += int((pq == ys[i : i + batch]).sum())
+            correct_f += int((pf == ys[i : i + batch]).sum())
+    result: dict[str, Any] = {
+        "n": n,
+        "held_out": ys is not None,
+        "top1_agreement": agree / n,
+        "accuracy_fp32": correct_f / n if ys is not None else None,
+        "accuracy_int8": correct_q / n if ys is not None else None,
+    }
+    drop = None if ys is None else (correct_f - correct_q) / n
+    result["accuracy_drop"] = drop
+    result["passed"] = result["top1_agreement"] >= AGREEMENT_MIN and (
+        drop is None or drop <= ACCURACY_DROP_MAX + 1e-12
+    )
+    if not result["passed"]:
+        what = f"top-1 agreement with fp32 {result['top1_agreement']:.1%} (need >= 99%)"
+        if drop is not None:
+            acc_q, acc_f = result["accuracy_int8"], result["accuracy_fp32"]
+            what += f", accuracy {acc_q:.1%} vs fp32 {acc_f:.1%}"
+        raise AccuracyGateFailed(f"int8 accuracy gate failed on {n} held-out inputs: {what}")
+    return result
 
 
 def replace_dir(staging: Path, outdir: Path) -> None:
@@ -211,8 +306,13 @@ def export(
         WsdeployError: any failure; ``NumericsMismatch`` if the build does not match PyTorch.
     """
     say = progress or (lambda step: None)
-    if options.precision != "fp32":
-        raise WsdeployError(f"precision {options.precision!r} is not available yet; use fp32")
+    if options.precision not in PRECISIONS:
+        raise WsdeployError(
+            f"unknown precision {options.precision!r}; choose from {list(PRECISIONS)}"
+        )
+    int8 = options.precision == "int8"
+    if not int8 and (options.calib is not None or options.calib_samples is not None):
+        raise WsdeployError("--calib/--calib-samples need --quantize int8")
     target = get_target(options.target)
     if options.cpu is not None and not target.cpus:
         raise WsdeployError(f"target {target.name!r} takes no --cpu")
@@ -228,8 +328,16 @@ def export(
         else load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
     )
     t0 = time.perf_counter()
+    reference, calibration = loaded, None
+    if int8:
+        say("calibrate")
+        samples, calib_source = calibration_samples(loaded, options)
+        calibration = quantize.calibrate(
+            loaded.module, quantize.batches(samples, loaded.input_shape[0]), calib_source
+        )
+        reference = quantized_reference(loaded, calibration)
     say("trace and lower")
-    lowered, layers = lower(loaded, options.strategy, target.native_wsnet)
+    lowered, layers = lower(reference, options.strategy, target.native_wsnet)
     outdir = Path(outdir)
     outdir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
@@ -241,11 +349,22 @@ def export(
         inputs = numerics.verification_inputs(
             loaded.input_shape, loaded.dataset, loaded.config, n=options.n_verify, seed=options.seed
         )
-        verification = check(loaded, target.load(staging, options.rpc), inputs)
+        runner = target.load(staging, options.rpc)
+        if calibration is None:
+            verification = check(loaded, runner, inputs)
+        else:
+            verification = check(
+                reference, runner, inputs, stage="quantized", step=calibration.output_step
+            )
+            verification["reference"] = "fake-quantized PyTorch model"
+            say("int8 accuracy gate")
+            verification["accuracy_gate"] = accuracy_gate(
+                loaded, runner, options.gate_samples, loaded.input_shape[0]
+            )
         verification["device"] = options.rpc or "local"
         say("dense baseline size")
         size = _dir_size([target.artifact], staging)
-        baseline = _baseline_size(loaded, options)
+        baseline = _artifact_size(loaded, options)
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "source": {
@@ -271,10 +390,14 @@ def export(
                 "ratio": baseline / size if size else None,
                 "stored_params": _stored_params(lowered),
             },
+            "quantization": None if calibration is None else calibration.to_dict(),
             "verification": verification,
             "tools": _tool_versions(),
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
+        if int8:
+            say("fp32 WSNet size")
+            manifest["size"]["wsnet_fp32_bytes"] = _artifact_size(loaded, options, options.strategy)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(staging, outdir)
     except BaseException:

@@ -48,3 +48,7 @@ class NumericsMismatch(WsdeployError):
             f"max abs err {max_abs:.3g}, max rel err {max_rel:.3g} "
             f"(tolerance atol={atol:g}, rtol={rtol:g})"
         )
+
+
+class AccuracyGateFailed(WsdeployError):
+    """An int8 build agrees too little with the fp32 model, or loses too much accuracy."""

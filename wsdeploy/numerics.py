@@ -1,9 +1,11 @@
 """The one tolerance table, the comparison every check uses, and the verification inputs.
 
 Stages: ``rewrite`` (a graph pass against eager PyTorch: reordered fp32 sums only),
-``runtime`` (a compiled artifact on a runtime against eager PyTorch) and ``int8`` (a quantized
-build against its fake-quantized reference). Elementwise test as in ``torch.testing``:
-``|actual - expected| <= atol + rtol * |expected|``.
+``runtime`` (a compiled artifact on a runtime against eager PyTorch), ``quantized`` (an int8
+build against its fake-quantized PyTorch reference: within one quantization step of the
+output, so ``atol`` is in units of that step) and ``int8`` (integer kernels against an
+integer reference: exact). Elementwise test as in ``torch.testing``:
+``|actual - expected| <= atol * step + rtol * |expected|``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # stage: (atol, rtol)
     "rewrite": (1e-5, 1e-4),
     "runtime": (1e-4, 1e-3),
+    "quantized": (1.0, 0.0),  # atol: one quantization step of the output
     "int8": (0.0, 0.0),  # integers compare exactly
 }
 
@@ -41,14 +44,21 @@ class Comparison:
 
 
 def compare(
-    actual: np.ndarray, expected: np.ndarray, *, stage: str, name: str = "output"
+    actual: np.ndarray,
+    expected: np.ndarray,
+    *,
+    stage: str,
+    name: str = "output",
+    step: float = 1.0,
 ) -> Comparison:
-    """Compare one output with its reference under the tolerance of ``stage``.
+    """Compare one output with its reference under the tolerance of ``stage`` (``step``:
+    the unit of ``atol``, the output's quantization step for the ``quantized`` stage).
 
     Shapes must match exactly and dtypes must agree in kind; a mismatch there is a failed
     comparison with infinite error, never a broadcast.
     """
     atol, rtol = TOLERANCES[stage]
+    atol *= step
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     if actual.shape != expected.shape or actual.dtype.kind != expected.dtype.kind:

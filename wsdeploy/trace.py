@@ -1,8 +1,9 @@
 """Trace a loaded model with ``torch.export`` and translate it to an ONNX IR model.
 
 Each WSNet custom op (``wsnet::conv1d`` ...) becomes one ``wsnet`` domain node whose only
-weight is phi (see ``wsdeploy.onnx_ops``); every other op goes through the stock
-``torch.onnx`` dynamo exporter. Shapes are static: the model's example input shape.
+weight is phi (see ``wsdeploy.onnx_ops``); the int8 quantization points of
+``wsdeploy.quantize`` become QuantizeLinear/DequantizeLinear; every other op goes through the
+stock ``torch.onnx`` dynamo exporter. Shapes are static: the model's example input shape.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from onnxscript import values
@@ -21,6 +23,7 @@ from wsdeploy.modelfile import LoadedModel
 log = logging.getLogger(__name__)
 
 _wsnet = values.Opset(onnx_ops.DOMAIN, onnx_ops.VERSION)
+_onnx = values.Opset("", 18)
 
 
 def _conv1d(
@@ -78,14 +81,27 @@ def _linear(x, phi, out_features: int, in_features: int, sample_stride: int, cha
     )
 
 
-def _translations() -> dict:
-    from wsdeploy.models import layers  # registers the torch custom ops
+def _fake_quant(x, scale: float, unsigned: bool):
+    s = _onnx.Constant(value=ir.tensor(np.float32(scale)))
+    zero = _onnx.Constant(value=ir.tensor(np.uint8(0) if unsigned else np.int8(0)))
+    return _onnx.DequantizeLinear(_onnx.QuantizeLinear(x, s, zero), s, zero)
 
-    del layers
+
+def _dequantize(q, scale, axis: int):
+    return _onnx.DequantizeLinear(q, scale, axis=axis)
+
+
+def _translations() -> dict:
+    from wsdeploy import quantize  # registers wsnet::fake_quant, wsnet::dequantize
+    from wsdeploy.models import layers  # registers the layers' custom ops
+
+    del layers, quantize
     return {
         torch.ops.wsnet.conv1d.default: _conv1d,
         torch.ops.wsnet.conv2d.default: _conv2d,
         torch.ops.wsnet.linear.default: _linear,
+        torch.ops.wsnet.fake_quant.default: _fake_quant,
+        torch.ops.wsnet.dequantize.default: _dequantize,
     }
 
 

@@ -39,10 +39,22 @@ def _tvm():
     return tvm
 
 
-def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r):
-    """TE shared computation of WSConv2d: pre-sum, product table, 2-D diagonal sums."""
+def _integer(x) -> bool:
+    return str(x.dtype) in ("int8", "uint8")
+
+
+def _wide(v, integer: bool):
+    return v.astype("int32") if integer else v
+
+
+def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r, sh=None):
+    """TE shared computation of WSConv2d: pre-sum, product table, 2-D diagonal sums.
+
+    With 8-bit ``x`` (and int8 phi shifted left by ``sh[c*]``) every sum is exact int32 and
+    the (required) epilogue ``float(y) * scale + shift`` is the only float arithmetic."""
     tvm = _tvm()
     te = tvm.te
+    integer = _integer(x)
     b_, _c, h0, w0 = (int(d) for d in x.shape)
     cs, hs, ws = (int(d) for d in phi.shape)
     gw = sampling.grid_shape(n)[1]
@@ -56,12 +68,18 @@ def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r):
         return tvm.tirx.if_then_else(inside, x[b, c, u - p, v - p], zero)
 
     xs = te.compute(
-        (b_, cs, uh, uw), lambda b, c, u, v: te.sum(xval(b, c + rr * cs, u, v), axis=rr), name="xs"
+        (b_, cs, uh, uw),
+        lambda b, c, u, v: te.sum(_wide(xval(b, c + rr * cs, u, v), integer), axis=rr),
+        name="xs",
     )
     cc = te.reduce_axis((0, cs), name="cc")
+
+    def weight(c, a, e):
+        return (phi[c, a, e].astype("int32") << sh[c]) if integer else phi[c, a, e]
+
     table = te.compute(
         (b_, hs, ws, uh, uw),
-        lambda b, a, e, u, v: te.sum(phi[cc, a, e] * xs[b, cc, u, v], axis=cc),
+        lambda b, a, e, u, v: te.sum(weight(cc, a, e) * xs[b, cc, u, v], axis=cc),
         name="P",
     )
     ka = te.reduce_axis((0, k), name="ka")
@@ -76,9 +94,11 @@ def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r):
 
 
 def ws_linear_te(x, phi, scale, shift, out_features, in_features, ss, r):
-    """TE weight-sampled linear: y[b, i] = sum_j phi[i*S + j mod in*] * x[b, j]."""
+    """TE weight-sampled linear: y[b, i] = sum_j phi[i*S + j mod in*] * x[b, j]; exact int32
+    sums for 8-bit ``x`` and int8 phi (then the required float epilogue)."""
     tvm = _tvm()
     te = tvm.te
+    integer = _integer(x)
     rows = int(np.prod([int(d) for d in x.shape[:-1]]))
     ins = in_features // r
     x2 = (
@@ -87,10 +107,14 @@ def ws_linear_te(x, phi, scale, shift, out_features, in_features, ss, r):
         else x
     )
     rr = te.reduce_axis((0, r), name="rr")
-    xs = te.compute((rows, ins), lambda b, j: te.sum(x2[b, j + rr * ins], axis=rr), name="xs")
+    xs = te.compute(
+        (rows, ins), lambda b, j: te.sum(_wide(x2[b, j + rr * ins], integer), axis=rr), name="xs"
+    )
     jj = te.reduce_axis((0, ins), name="jj")
     y = te.compute(
-        (rows, out_features), lambda b, i: te.sum(phi[i * ss + jj] * xs[b, jj], axis=jj), name="y"
+        (rows, out_features),
+        lambda b, i: te.sum(_wide(phi[i * ss + jj], integer) * xs[b, jj], axis=jj),
+        name="y",
     )
     y = _epilogue_te(y, scale, shift, 1)
     if len(x.shape) != 2:
@@ -116,6 +140,8 @@ def _unflat(i, shape):
 
 def _epilogue_te(y, scale, shift, axis):
     te = _tvm().te
+    if str(y.dtype) == "int32":
+        y = te.compute(y.shape, lambda *i: y(*i).astype("float32"), name="dequantize")
     if scale is not None:
         y = te.compute(y.shape, lambda *i: y(*i) * scale[i[axis]], name="scale")
     if shift is not None:
@@ -206,7 +232,150 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
                 primfunc_name_hint="wsnet_linear",
             )
 
-    return {"WSConv1d": WSConv1d, "WSConv2d": WSConv2d, "WSLinear": WSLinear}
+    def shifts(attr, n) -> np.ndarray:
+        return np.asarray(list(attr.get("shifts", [])) or [0] * n, dtype=np.int32)
+
+    def shifts_const(attr, n):
+        return relax.const(shifts(attr, n))
+
+    class WSConv1dInt(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            xq, w, out_scale, bias = inputs
+            b, c, t = _shape(xq)
+            n = attr["out_channels"]
+            func, info = make_ws_conv1d(
+                b,
+                c,
+                t,
+                n,
+                attr["kernel_size"],
+                attr["stride"],
+                attr["padding"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                VL=vl,
+                epilogue="affine_relu" if attr.get("relu", 0) == 1 else "affine",
+                qdtype=str(xq.ty.dtype),
+            )
+            gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d_int")
+            args = [xq, w, shifts_const(attr, c // attr["channel_repeat"]), out_scale, bias]
+            out = relax.TensorType([b, n, info["To"]], "float32")
+            return bb.emit(relax.call_tir(gv, args, out))
+
+    class WSConv2dInt(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            xq, w, out_scale, bias = inputs
+            cs = _shape(w)[0]
+            return bb.emit_te(
+                ws_conv2d_te,
+                xq,
+                w,
+                out_scale,
+                bias,
+                attr["out_channels"],
+                attr["kernel_size"],
+                attr["stride"],
+                attr["padding"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                shifts_const(attr, cs),
+                primfunc_name_hint="wsnet_conv2d_int",
+            )
+
+    class WSLinearInt(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            xq, w, out_scale, bias = inputs
+            return bb.emit_te(
+                ws_linear_te,
+                xq,
+                w,
+                out_scale,
+                bias,
+                attr["out_features"],
+                attr["in_features"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                primfunc_name_hint="wsnet_linear_int",
+            )
+
+    class ConvInt(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            xq, w, out_scale, bias = inputs
+            c = _shape(w)[1]
+            relu = attr.get("relu", 0) == 1
+            return _integer_conv(bb, xq, w, shifts(attr, c), out_scale, bias, attr, relu, vl)
+
+    return {
+        "WSConv1d": WSConv1d,
+        "WSConv2d": WSConv2d,
+        "WSLinear": WSLinear,
+        "WSConv1dInt": WSConv1dInt,
+        "WSConv2dInt": WSConv2dInt,
+        "WSLinearInt": WSLinearInt,
+        "ConvInt": ConvInt,
+    }
+
+
+def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, vl: int):
+    """``ConvInt``: zero padding in the integer domain (zero point 0), then the integer direct
+    convolution; a strided 1-D conv runs over its input phases as in ``_phase_split_conv1d``."""
+    from tvm import relax, te, tirx, topi
+
+    from .tvm_kernels import make_dense_conv
+
+    qdtype = str(xq.ty.dtype)
+    ndim = len(xq.ty.shape) - 2
+    pads = list(attr.get("pads", [0] * (2 * ndim)))
+    strides = list(attr.get("strides", [1] * ndim))
+    dilations = list(attr.get("dilations", [1] * ndim))
+    if any(pads):
+        xq = bb.emit_te(
+            topi.nn.pad, xq, [0, 0, *pads[:ndim]], [0, 0, *pads[ndim:]], primfunc_name_hint="pad"
+        )
+    b, c, *spatial = (int(d) for d in xq.ty.shape)
+    n, _, *kernel = (int(d) for d in w.ty.shape)
+    args = [xq, w, relax.const(sh)]
+    if ndim == 1 and strides[0] > 1 and dilations[0] == 1:
+        s, k, width = strides[0], kernel[0], spatial[0]
+        w_out = (width - k) // s + 1
+        q = -(-k // s)
+        length = w_out + q - 1
+
+        def split_x(x):
+            def f(bi, cp, j):
+                u = j * s + cp % s
+                return tirx.if_then_else(
+                    u < width, x[bi, cp // s, tirx.min(u, width - 1)], tirx.const(0, qdtype)
+                )
+
+            return te.compute((b, c * s, length), f, name="phases")
+
+        def split_w(wt):
+            def f(ni, cp, qi):
+                kk = qi * s + cp % s
+                return tirx.if_then_else(
+                    kk < k, wt[ni, cp // s, tirx.min(kk, k - 1)], tirx.const(0, "int8")
+                )
+
+            return te.compute((n, c * s, q), f, name="weight_phases")
+
+        args = [
+            bb.emit_te(split_x, xq, primfunc_name_hint="phase_split"),
+            bb.emit_te(split_w, w, primfunc_name_hint="weight_phase_split"),
+            relax.const(np.repeat(sh, s).astype(np.int32)),
+        ]
+        c, spatial, kernel, strides = c * s, [length], [q], [1]
+    func, out_shape = make_dense_conv(
+        b, c, spatial, n, kernel, strides, dilations, VL=vl, qdtype=qdtype, relu=relu
+    )
+    gv = bb.add_func(func.without_attr("global_symbol"), f"dense_conv{ndim}d_int")
+    return bb.emit(
+        relax.call_tir(gv, [*args, out_scale, bias], relax.TensorType(list(out_shape), "float32"))
+    )
 
 
 @contextlib.contextmanager
@@ -246,7 +415,8 @@ def _default_opset(proto: onnx.ModelProto) -> int:
 
 
 def fuse_relu(model: ir.Model) -> ir.Model:
-    """A copy of ``model`` in which a ReLU right after a WSConv1d is the node's ``relu=1``.
+    """A copy of ``model`` in which a ReLU right after a WSConv1d (or an integer conv of
+    ``passes.integer``) is the node's ``relu=1``.
 
     Relax's operator fusion never fuses into an opaque hand-written kernel, so an activation
     after a WSNet layer would be one more pass over memory; the kernel applies it for free.
@@ -254,7 +424,7 @@ def fuse_relu(model: ir.Model) -> ir.Model:
     """
     model = ir.from_proto(ir.to_proto(model))
     for node in list(model.graph):
-        if node.domain != "wsnet" or node.op_type != "WSConv1d":
+        if node.domain != "wsnet" or node.op_type not in ("WSConv1d", "WSConv1dInt", "ConvInt"):
             continue
         out = node.outputs[0]
         uses = out.uses()

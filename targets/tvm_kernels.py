@@ -56,9 +56,15 @@ def make_ws_conv1d(
     epilogue="none",
     phases=(1, 2, 3),
     dtype="float32",
+    qdtype=None,
     name="ws_conv1d",
 ):
-    """The fused kernel for one WSConv1d shape; ``VL`` is the target's float vector width."""
+    """The fused kernel for one WSConv1d shape; ``VL`` is the target's float vector width.
+
+    ``qdtype`` ("int8"/"uint8"): the integer variant. x is 8-bit, phi int8 with a left shift
+    per condensed channel (an extra ``sh (C*,) int32`` argument after phi), the pre-sums, P
+    and the diagonal sums are exact int32, and the epilogue (required) turns the sum into
+    float: ``y = float(sum) * scale + shift``."""
     Cs = C // r
     Ls = L + (N - 1) * S
     To = (T_in + 2 * p - L) // s + 1
@@ -79,55 +85,74 @@ def make_ws_conv1d(
     RELU = epilogue == "affine_relu"
     EV = [2 * ln for ln in range(VL)]  # de-interleave indices for s == 2
     OD = [2 * ln + 1 for ln in range(VL)]
-    zero = T.float32(0) if dtype == "float32" else T.float16(0)
+    INT = qdtype is not None
+    if INT:
+        assert EPI, "the integer kernel needs its scale epilogue"
+    XT = qdtype or dtype  # x
+    WT_ = "int8" if INT else dtype  # phi
+    AT = "int32" if INT else dtype  # pre-sums, P, accumulators
+    zero = T.Cast(AT, 0)
+    fzero = T.Cast(dtype, 0)
+
+    def wide(v):
+        return T.Cast(AT, v) if INT else v
+
+    def wide_vec(v, lanes):
+        return T.Cast(f"{AT}x{lanes}", v) if INT else v
+
+    def weight(phi, sh, c, v):
+        if INT:
+            return T.shift_left(T.Cast(AT, phi[c, v]), sh[c])
+        return phi[c, v]
 
     @T.macro
-    def tile(x, phi, y, scale, shift, bt):
+    def tile(x, phi, sh, y, scale, shift, bt):
         b = bt // n_tiles
         t0 = T.min((bt % n_tiles) * TT, To - TT)
-        xs_t = T.alloc_buffer((Cs, s, WT), dtype)
-        P_t = T.alloc_buffer((Ls, s, WT), dtype)
+        xs_t = T.alloc_buffer((Cs, s, WT), AT)
+        P_t = T.alloc_buffer((Ls, s, WT), AT)
         # ---- 1. channel pre-sum (+ zero padding) into the phase-split tile
         if PH1 and t0 * s - p >= 0 and (t0 + WT) * s - p <= T_in:
             if s == 1:
                 for c, wv in T.grid(Cs, nWV):
                     for ln in T.vectorized(VL):
-                        xs_t[c, 0, wv * VL + ln] = x[b, c, t0 + wv * VL + ln - p]
+                        xs_t[c, 0, wv * VL + ln] = wide(x[b, c, t0 + wv * VL + ln - p])
                     for rr in range(1, r):
                         for ln in T.vectorized(VL):
-                            xs_t[c, 0, wv * VL + ln] = (
-                                xs_t[c, 0, wv * VL + ln] + x[b, c + rr * Cs, t0 + wv * VL + ln - p]
+                            xs_t[c, 0, wv * VL + ln] = xs_t[c, 0, wv * VL + ln] + wide(
+                                x[b, c + rr * Cs, t0 + wv * VL + ln - p]
                             )
             elif s == 2 and VL > 1:
                 for c, wv in T.grid(Cs, nWV):
-                    a2 = T.alloc_buffer((2 * VL,), dtype, scope="local")
+                    a2 = T.alloc_buffer((2 * VL,), AT, scope="local")
                     u0 = (t0 + wv * VL) * 2 - p
-                    a2[T.Ramp(0, 1, 2 * VL)] = x[b, c, T.Ramp(u0, 1, 2 * VL)]
+                    a2[T.Ramp(0, 1, 2 * VL)] = wide_vec(x[b, c, T.Ramp(u0, 1, 2 * VL)], 2 * VL)
                     for rr in range(1, r):
-                        a2[T.Ramp(0, 1, 2 * VL)] = (
-                            a2[T.Ramp(0, 1, 2 * VL)] + x[b, c + rr * Cs, T.Ramp(u0, 1, 2 * VL)]
+                        a2[T.Ramp(0, 1, 2 * VL)] = a2[T.Ramp(0, 1, 2 * VL)] + wide_vec(
+                            x[b, c + rr * Cs, T.Ramp(u0, 1, 2 * VL)], 2 * VL
                         )
                     xs_t[c, 0, T.Ramp(wv * VL, 1, VL)] = T.Shuffle([a2[T.Ramp(0, 1, 2 * VL)]], EV)
                     xs_t[c, 1, T.Ramp(wv * VL, 1, VL)] = T.Shuffle([a2[T.Ramp(0, 1, 2 * VL)]], OD)
             else:  # generic stride: strided (gather) loads
                 for c, ph, wv in T.grid(Cs, s, nWV):
                     for ln in T.vectorized(VL):
-                        xs_t[c, ph, wv * VL + ln] = x[b, c, (t0 + wv * VL + ln) * s + ph - p]
+                        xs_t[c, ph, wv * VL + ln] = wide(x[b, c, (t0 + wv * VL + ln) * s + ph - p])
                     for rr in range(1, r):
                         for ln in T.vectorized(VL):
-                            xs_t[c, ph, wv * VL + ln] = (
-                                xs_t[c, ph, wv * VL + ln]
-                                + x[b, c + rr * Cs, (t0 + wv * VL + ln) * s + ph - p]
+                            xs_t[c, ph, wv * VL + ln] = xs_t[c, ph, wv * VL + ln] + wide(
+                                x[b, c + rr * Cs, (t0 + wv * VL + ln) * s + ph - p]
                             )
         elif PH1:
             for c, ph, w in T.grid(Cs, s, WT):
                 xs_t[c, ph, w] = zero
                 for rr in range(r):
                     if (t0 + w) * s + ph - p >= 0 and (t0 + w) * s + ph - p < T_in:
-                        xs_t[c, ph, w] = xs_t[c, ph, w] + x[b, c + rr * Cs, (t0 + w) * s + ph - p]
+                        xs_t[c, ph, w] = xs_t[c, ph, w] + wide(
+                            x[b, c + rr * Cs, (t0 + w) * s + ph - p]
+                        )
         # ---- 2. P tile = phi^T @ xs_t, register blocked VB x (WB*VL)
         for vo, ph, wo in T.grid(nVB if PH2 else 0, s, nWB):
-            acc = T.alloc_buffer((VB, WB * VL), dtype, scope="local")
+            acc = T.alloc_buffer((VB, WB * VL), AT, scope="local")
             for vi in T.unroll(VB):
                 for wi in T.unroll(WB):
                     for ln in T.vectorized(VL):
@@ -138,24 +163,27 @@ def make_ws_conv1d(
                         for ln in T.vectorized(VL):
                             acc[vi, wi * VL + ln] = (
                                 acc[vi, wi * VL + ln]
-                                + phi[c, vo * VB + vi] * xs_t[c, ph, wo * WB * VL + wi * VL + ln]
+                                + weight(phi, sh, c, vo * VB + vi)
+                                * xs_t[c, ph, wo * WB * VL + wi * VL + ln]
                             )
             for vi in T.unroll(VB):
                 for wi in T.unroll(WB):
                     for ln in T.vectorized(VL):
                         P_t[vo * VB + vi, ph, wo * WB * VL + wi * VL + ln] = acc[vi, wi * VL + ln]
         for vr, ph, wv in T.grid(Lrem if PH2 else 0, s, nWV):  # leftover rows (L* % VB)
-            acc1 = T.alloc_buffer((VL,), dtype, scope="local")
+            acc1 = T.alloc_buffer((VL,), AT, scope="local")
             for ln in T.vectorized(VL):
                 acc1[ln] = zero
             for c in range(Cs):
                 for ln in T.vectorized(VL):
-                    acc1[ln] = acc1[ln] + phi[c, nVB * VB + vr] * xs_t[c, ph, wv * VL + ln]
+                    acc1[ln] = (
+                        acc1[ln] + weight(phi, sh, c, nVB * VB + vr) * xs_t[c, ph, wv * VL + ln]
+                    )
             for ln in T.vectorized(VL):
                 P_t[nVB * VB + vr, ph, wv * VL + ln] = acc1[ln]
         # ---- 3. diagonal sums for all N filters (+ fused per-channel affine + ReLU)
         for i, tv in T.grid(N if PH3 else 0, TV):
-            acc2 = T.alloc_buffer((VL,), dtype, scope="local")
+            acc2 = T.alloc_buffer((VL,), AT, scope="local")
             for ln in T.vectorized(VL):
                 acc2[ln] = P_t[i * S, 0, tv * VL + ln]
             for k in T.unroll(1, L):
@@ -163,13 +191,30 @@ def make_ws_conv1d(
                     acc2[ln] = acc2[ln] + P_t[i * S + k, k % s, tv * VL + k // s + ln]
             for ln in T.vectorized(VL):
                 if RELU:
-                    y[b, i, t0 + tv * VL + ln] = T.max(acc2[ln] * scale[i] + shift[i], zero)
+                    y[b, i, t0 + tv * VL + ln] = T.max(
+                        T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], fzero
+                    )
                 elif EPI:
-                    y[b, i, t0 + tv * VL + ln] = acc2[ln] * scale[i] + shift[i]
+                    y[b, i, t0 + tv * VL + ln] = T.Cast(dtype, acc2[ln]) * scale[i] + shift[i]
                 else:
                     y[b, i, t0 + tv * VL + ln] = acc2[ln]
 
-    if not EPI:
+    if INT:
+
+        @T.prim_func(private=True)
+        def f(
+            x: T.Buffer((B, C, T_in), XT),
+            phi: T.Buffer((Cs, Ls), WT_),
+            sh: T.Buffer((Cs,), "int32"),
+            scale: T.Buffer((N,), dtype),
+            shift: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, To), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bt in T.parallel(NT):
+                tile(x, phi, sh, y, scale, shift, bt)
+
+    elif not EPI:
 
         @T.prim_func(private=True)
         def f(
@@ -179,7 +224,7 @@ def make_ws_conv1d(
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bt in T.parallel(NT):
-                tile(x, phi, y, None, None, bt)
+                tile(x, phi, None, y, None, None, bt)
 
     else:
 
@@ -193,7 +238,7 @@ def make_ws_conv1d(
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bt in T.parallel(NT):
-                tile(x, phi, y, scale, shift, bt)
+                tile(x, phi, None, y, scale, shift, bt)
 
     info = dict(TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs)
     return f.with_attr("global_symbol", name), info
@@ -211,6 +256,8 @@ def make_dense_conv(
     VL=16,
     NB=4,
     dtype="float32",
+    qdtype=None,
+    relu=False,
     name="dense_conv",
 ):
     """A vectorised direct convolution (1-D or 2-D) for TVM's dense layers.
@@ -234,12 +281,29 @@ def make_dense_conv(
     NB = NB if N % NB == 0 else (2 if N % 2 == 0 else 1)
     NBLK = N // NB
     nvec, tail = Wo // VL, Wo % VL
-    zero = T.float32(0)
+    INT = qdtype is not None
+    XT = qdtype or dtype
+    WDT = "int8" if INT else dtype
+    AT = "int32" if INT else dtype
+    zero = T.Cast(AT, 0)
+
+    def wt(w, sh, n, c, kh, kw):
+        v = w[n, c, kh, kw] if two_d else w[n, c, kw]
+        return T.shift_left(T.Cast(AT, v), sh[c]) if INT else v
+
+    def xv(v):
+        return T.Cast(AT, v) if INT else v
+
+    def out(v, sc, bi, n):
+        if not INT:
+            return v
+        r = T.Cast(dtype, v) * sc[n] + bi[n]
+        return T.max(r, T.Cast(dtype, 0)) if relu else r
 
     @T.macro
-    def body(x, w, y, b, nb, oh):
+    def body(x, w, sh, sc, bi, y, b, nb, oh):
         for wv in range(nvec):
-            acc = T.alloc_buffer((NB, VL), dtype, scope="local")
+            acc = T.alloc_buffer((NB, VL), AT, scope="local")
             for j in T.unroll(NB):
                 for ln in T.vectorized(VL):
                     acc[j, ln] = zero
@@ -247,38 +311,52 @@ def make_dense_conv(
                 for j in T.unroll(NB):
                     for ln in T.vectorized(VL):
                         if two_d:
-                            acc[j, ln] = (
-                                acc[j, ln]
-                                + w[nb * NB + j, c, kh, kw]
-                                * x[b, c, oh * SH + kh * DH, (wv * VL + ln) * SW + kw * DW]
+                            acc[j, ln] = acc[j, ln] + wt(w, sh, nb * NB + j, c, kh, kw) * xv(
+                                x[b, c, oh * SH + kh * DH, (wv * VL + ln) * SW + kw * DW]
                             )
                         else:
-                            acc[j, ln] = (
-                                acc[j, ln]
-                                + w[nb * NB + j, c, kw] * x[b, c, (wv * VL + ln) * SW + kw * DW]
+                            acc[j, ln] = acc[j, ln] + wt(w, sh, nb * NB + j, c, kh, kw) * xv(
+                                x[b, c, (wv * VL + ln) * SW + kw * DW]
                             )
             for j in T.unroll(NB):
                 for ln in T.vectorized(VL):
                     if two_d:
-                        y[b, nb * NB + j, oh, wv * VL + ln] = acc[j, ln]
+                        y[b, nb * NB + j, oh, wv * VL + ln] = out(acc[j, ln], sc, bi, nb * NB + j)
                     else:
-                        y[b, nb * NB + j, wv * VL + ln] = acc[j, ln]
+                        y[b, nb * NB + j, wv * VL + ln] = out(acc[j, ln], sc, bi, nb * NB + j)
         for j, tt in T.grid(NB, tail):
-            a1 = T.alloc_buffer((1,), dtype, scope="local")
+            a1 = T.alloc_buffer((1,), AT, scope="local")
             a1[0] = zero
             for c, kh, kw in T.grid(C, KH, KW):
                 if two_d:
-                    a1[0] = (
-                        a1[0]
-                        + w[nb * NB + j, c, kh, kw]
-                        * x[b, c, oh * SH + kh * DH, (nvec * VL + tt) * SW + kw * DW]
+                    a1[0] = a1[0] + wt(w, sh, nb * NB + j, c, kh, kw) * xv(
+                        x[b, c, oh * SH + kh * DH, (nvec * VL + tt) * SW + kw * DW]
                     )
                 else:
-                    a1[0] = a1[0] + w[nb * NB + j, c, kw] * x[b, c, (nvec * VL + tt) * SW + kw * DW]
+                    a1[0] = a1[0] + wt(w, sh, nb * NB + j, c, kh, kw) * xv(
+                        x[b, c, (nvec * VL + tt) * SW + kw * DW]
+                    )
             if two_d:
-                y[b, nb * NB + j, oh, nvec * VL + tt] = a1[0]
+                y[b, nb * NB + j, oh, nvec * VL + tt] = out(a1[0], sc, bi, nb * NB + j)
             else:
-                y[b, nb * NB + j, nvec * VL + tt] = a1[0]
+                y[b, nb * NB + j, nvec * VL + tt] = out(a1[0], sc, bi, nb * NB + j)
+
+    if two_d and INT:
+
+        @T.prim_func(private=True)
+        def fi(
+            x: T.Buffer((B, C, H, W), XT),
+            w: T.Buffer((N, C, KH, KW), WDT),
+            sh: T.Buffer((C,), "int32"),
+            sc: T.Buffer((N,), dtype),
+            bi: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, Ho, Wo), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bno in T.parallel(B * NBLK * Ho):
+                body(x, w, sh, sc, bi, y, bno // (NBLK * Ho), bno // Ho % NBLK, bno % Ho)
+
+        return fi.with_attr("global_symbol", name), (B, N, Ho, Wo)
 
     if two_d:
 
@@ -290,9 +368,26 @@ def make_dense_conv(
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bno in T.parallel(B * NBLK * Ho):
-                body(x, w, y, bno // (NBLK * Ho), bno // Ho % NBLK, bno % Ho)
+                body(x, w, None, None, None, y, bno // (NBLK * Ho), bno // Ho % NBLK, bno % Ho)
 
         return f.with_attr("global_symbol", name), (B, N, Ho, Wo)
+
+    if INT:
+
+        @T.prim_func(private=True)
+        def gi(
+            x: T.Buffer((B, C, W), XT),
+            w: T.Buffer((N, C, KW), WDT),
+            sh: T.Buffer((C,), "int32"),
+            sc: T.Buffer((N,), dtype),
+            bi: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, Wo), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bno in T.parallel(B * NBLK):
+                body(x, w, sh, sc, bi, y, bno // NBLK, bno % NBLK, 0)
+
+        return gi.with_attr("global_symbol", name), (B, N, Wo)
 
     @T.prim_func(private=True)
     def g(
@@ -302,6 +397,6 @@ def make_dense_conv(
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for bno in T.parallel(B * NBLK):
-            body(x, w, y, bno // NBLK, bno % NBLK, 0)
+            body(x, w, None, None, None, y, bno // NBLK, bno % NBLK, 0)
 
     return g.with_attr("global_symbol", name), (B, N, Wo)

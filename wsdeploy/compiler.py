@@ -33,6 +33,7 @@ from wsdeploy.passes.base import PassManager
 from wsdeploy.passes.cleanup import CleanupPass
 from wsdeploy.passes.custom import CustomPass
 from wsdeploy.passes.fold import FoldPass
+from wsdeploy.passes.integer import IntegerPass
 from wsdeploy.passes.shared import SharedPass
 from wsdeploy.passes.strategy import STRATEGIES, StrategyPass, macs
 from wsdeploy.targets import get_target
@@ -72,7 +73,9 @@ class ExportResult:
 
 
 def pipeline(strategy: str, native: bool = False) -> PassManager:
-    """The pass sequence for one strategy (``native``: see ``StrategyPass``)."""
+    """The pass sequence for one strategy (``native``: see ``StrategyPass``; native targets
+    also turn int8 quantize/dequantize into integer ops, ``IntegerPass``)."""
+    integer = [IntegerPass()] if native else []
     return PassManager(
         [
             AffinePass(),
@@ -80,6 +83,7 @@ def pipeline(strategy: str, native: bool = False) -> PassManager:
             FoldPass(),
             SharedPass(),
             CustomPass(),
+            *integer,
             CleanupPass(),
         ]
     )

@@ -25,6 +25,16 @@ OPS: dict[str, tuple[str, ...]] = {
     "WSLinear": LINEAR_ATTRS,
 }
 
+INTEGER_OPS: dict[str, tuple[str, ...]] = {
+    **{f"{op}Int": attrs for op, attrs in OPS.items()},
+    "ConvInt": (),
+}
+"""Integer ops for TVM targets (``passes.integer``): ``Y = float(sum) * out_scale + bias``
+where ``sum`` is the layer's exact int32 sum of (u)int8 input times int8 weight, each weight
+shifted left by ``shifts[c]`` of its input channel. ``ConvInt`` also takes Conv's
+``kernel_shape``, ``strides``, ``pads`` and ``dilations``. Private to the TVM targets: no
+ONNX file carries them."""
+
 _registered = False
 
 
@@ -52,6 +62,36 @@ def register_schemas() -> None:
             outputs=[param("Y", "T")],
             type_constraints=[("T", ["tensor(float)"], "float tensors")],
             attributes=[defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT, "") for a in attrs],
+        )
+        defs.register_schema(schema)
+    ints = defs.OpSchema.AttrType.INTS
+    for op_type, attrs in INTEGER_OPS.items():
+        if defs.has(op_type, DOMAIN):
+            continue
+        extra = ("shifts",) + (
+            ("kernel_shape", "strides", "pads", "dilations") if op_type == "ConvInt" else ()
+        )
+        schema = defs.OpSchema(
+            op_type,
+            DOMAIN,
+            VERSION,
+            doc=f"Integer {op_type[:-3]}; see wsdeploy.onnx_ops.INTEGER_OPS.",
+            inputs=[
+                param("X", "T1"),
+                param("W", "T2"),
+                param("out_scale", "T3"),
+                param("bias", "T3"),
+            ],
+            outputs=[param("Y", "T3")],
+            type_constraints=[
+                ("T1", ["tensor(int8)", "tensor(uint8)"], "8-bit activations"),
+                ("T2", ["tensor(int8)"], "int8 weights"),
+                ("T3", ["tensor(float)"], "float scales and output"),
+            ],
+            attributes=[
+                *(defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT, "") for a in attrs),
+                *(defs.OpSchema.Attribute(a, ints, "", required=False) for a in extra),
+            ],
         )
         defs.register_schema(schema)
     _registered = True

@@ -154,3 +154,48 @@ def test_vector_lanes_follow_the_cpu():
         == 8
     )
     assert tvm_build.vector_lanes(tvm.target.Target("raspberry-pi/4b-aarch64")) == 4
+
+
+def ws_conv1d_int_ref(xq, q, shifts, n, k, s, p, ss, r):
+    """The integer WSConv1d in numpy int64: the dense int8 conv of the shifted weights."""
+    w = sampling.materialize_conv1d(q.astype(np.int64) << shifts[:, None], n, k, ss, r)
+    x = np.pad(xq.astype(np.int64), [(0, 0), (0, 0), (p, p)])
+    win = np.lib.stride_tricks.sliding_window_view(x, k, axis=2)[:, :, ::s]
+    return np.einsum("bctk,nck->bnt", win, w)
+
+
+@given(conv1d_cfg, st.sampled_from(["int8", "uint8"]), st.integers(0, 3))
+def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift):
+    rng = np.random.default_rng(1)
+    c, n, k, s, p = cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], cfg["s"], cfg["p"]
+    t_in = max(1, (cfg["t_out"] - 1) * s + k - 2 * p)
+    ls = sampling.condensed_length(n, k, cfg["S"])
+    q = rng.integers(-127, 128, (cfg["cs"], ls)).astype(np.int8)
+    shifts = rng.integers(0, max_shift + 1, cfg["cs"]).astype(np.int32)
+    lo, hi = (-128, 128) if qdtype == "int8" else (0, 256)
+    xq = rng.integers(lo, hi, (cfg["b"], c, t_in)).astype(qdtype)
+    relu = cfg["epilogue"] == "affine_relu"
+    func, _ = make_ws_conv1d(
+        cfg["b"],
+        c,
+        t_in,
+        n,
+        k,
+        s,
+        p,
+        cfg["S"],
+        cfg["r"],
+        VL=cfg["vl"],
+        epilogue="affine_relu" if relu else "affine",
+        qdtype=qdtype,
+    )
+    exact = ws_conv1d_int_ref(xq, q, shifts.astype(np.int64), n, k, s, p, cfg["S"], cfg["r"])
+    ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
+    got = _run(func, [xq, q, shifts, ones, zeros], exact.shape)
+    expected = exact.astype(np.float32)  # float(sum): the same rounding numpy does
+    np.testing.assert_array_equal(got, np.maximum(expected, 0) if relu else expected)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    shift = rng.standard_normal(n).astype(np.float32)
+    got = _run(func, [xq, q, shifts, scale, shift], exact.shape)
+    expected = expected * scale[:, None] + shift[:, None]
+    np.testing.assert_allclose(got, np.maximum(expected, 0) if relu else expected, rtol=1e-6)

@@ -133,12 +133,18 @@ class IntegerPass(Pass):
         q, scale, axis = phi
         out_shape = static_shape(node.outputs[0])
         n = out_shape[-1] if node.op_type == "WSLinear" else out_shape[1]
-        ws = _weight_scales(scale, axis, q.ndim + 1, n, q.shape[0])
-        if ws is None:
+        # phi is (C*, ...): its scales run along the condensed (input) channels
+        if np.ndim(scale) == 0 or scale.size == 1:
+            base, shifts = float(scale.reshape(-1)[0]), []
+        elif axis == 0 and q.ndim > 1 and scale.size == q.shape[0]:
+            try:
+                base, sh = quantize.integer_phi(scale)
+            except Exception:
+                return False
+            shifts = [int(v) for v in sh]
+        else:
             return False
-        w_scale, shifts = ws
-        if q.ndim == 1:  # WSLinear: one scale, no shifts
-            shifts = []
+        w_scale = np.full(n, base, np.float64)
         e_scale, e_bias = (const(v) for v in epilogue(node))
         e_scale = np.ones(n) if e_scale is None else e_scale.astype(np.float64).reshape(n)
         e_bias = np.zeros(n) if e_bias is None else e_bias.astype(np.float64).reshape(n)
@@ -182,6 +188,9 @@ class IntegerPass(Pass):
         out_shape = (1, n) + (1,) * (q.ndim - 2)
         while (step := _absorb(node, out_shape, 1, e_scale, bias)) is not None:
             user, e_scale, bias = step
+            if user.outputs[0].type is not None:  # the conv's output takes over its type
+                node.outputs[0].type = user.outputs[0].type
+                node.outputs[0].shape = user.outputs[0].shape
             rewire(user.outputs[0], node.outputs[0])
             graph.remove(user, safe=True)
         nd = q.ndim - 2

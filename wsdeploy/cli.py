@@ -389,7 +389,7 @@ def _quiet_third_party_logs() -> None:
     "--calib-samples",
     type=click.IntRange(min=1),
     default=None,
-    help="int8: calibrate on this many samples of the model's own dataset (default 64).",
+    help="int8: calibrate on this many samples of the model's own dataset (default 256).",
 )
 @click.option(
     "--n-verify",
@@ -465,17 +465,6 @@ def _print_build(m: dict, outdir: Path) -> None:
     if "wsnet_fp32_bytes" in size:
         click.echo(f"            WSNet fp32 build {size['wsnet_fp32_bytes']:,} bytes")
     _print_verification(v)
-    gate = v.get("accuracy_gate")
-    if gate:
-        acc = (
-            f", accuracy {gate['accuracy_int8']:.1%} int8 vs {gate['accuracy_fp32']:.1%} fp32"
-            if gate["accuracy_fp32"] is not None
-            else " (no labels: agreement only)"
-        )
-        click.echo(
-            f"  int8 gate top-1 agreement with fp32 {gate['top1_agreement']:.1%} on "
-            f"{gate['n']} held-out inputs{acc}: {'PASS' if gate['passed'] else 'FAIL'}"
-        )
 
 
 def _print_verification(v: dict) -> None:
@@ -491,6 +480,17 @@ def _print_verification(v: dict) -> None:
             f"{o['max_abs']:.2g}, max rel err {o['max_rel']:.2g}, cosine "
             f"{o['cosine']:.6f}{top1} (atol {o['atol']:g}, rtol {o['rtol']:g}): "
             f"{'PASS' if o['ok'] else 'FAIL'}"
+        )
+    gate = v.get("accuracy_gate")
+    if gate:
+        acc = (
+            f", accuracy {gate['accuracy_int8']:.1%} int8 vs {gate['accuracy_fp32']:.1%} fp32"
+            if gate["accuracy_fp32"] is not None
+            else " (no labels: agreement only)"
+        )
+        click.echo(
+            f"  int8 gate top-1 agreement with fp32 {gate['top1_agreement']:.1%} on "
+            f"{gate['n']} held-out inputs{acc}: {'PASS' if gate['passed'] else 'FAIL'}"
         )
 
 

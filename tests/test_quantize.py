@@ -1,0 +1,152 @@
+"""The int8 scheme: weight and activation quantizers, calibration, calibration files, and the
+fake-quantized reference against ONNX's own QuantizeLinear/DequantizeLinear."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.conftest import eager, run_ir, to_ir
+from wsdeploy import quantize
+from wsdeploy.compiler import pipeline
+from wsdeploy.errors import WsdeployError
+from wsdeploy.models.layers import WSConv1d, WSConv2d, WSLinear
+
+
+@given(
+    st.integers(1, 8),
+    st.integers(1, 40),
+    st.floats(1.0, 1000.0),
+    st.integers(1, 5000),
+    st.integers(0, 2**31 - 1),
+)
+def test_phi_scales_are_power_of_two_ratios_and_bounded(cs, ls, spread, terms, seed):
+    rng = np.random.default_rng(seed)
+    phi = rng.standard_normal((cs, ls)) * rng.uniform(1 / spread, 1, (cs, 1))
+    q, scale = quantize.quantize_phi(phi.astype(np.float32), terms)
+    assert q.dtype == np.int8 and scale.shape == (cs,) and np.abs(q).max() <= 127
+    base, shifts = quantize.integer_phi(scale)
+    np.testing.assert_array_equal(base * np.exp2(shifts), scale)
+    assert shifts.min() == 0 <= shifts.max() <= quantize.max_shift(terms)
+    # the int32 accumulator cannot overflow: terms products of 127 x 255, shifted
+    assert terms * 127 * 255 * 2 ** int(shifts.max()) < 2**31
+    # every value is within half a step of its channel's grid (nothing clipped)
+    err = np.abs(q * scale[:, None] - phi)
+    assert np.all(err <= scale[:, None] / 2 + 1e-6 * np.abs(phi))
+
+
+def test_linear_phi_has_one_scale():
+    q, scale = quantize.quantize_phi(np.linspace(-2, 3, 50, dtype=np.float32), 64)
+    assert scale.shape == () and q[-1] == 127
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_fake_quant_is_onnx_quantize_dequantize(unsigned, tmp_path):
+    """Rounding (half to even, exact ties included) and saturation as QuantizeLinear."""
+    scale = quantize.activation_scale(3.0, unsigned)
+    k = np.arange(-300, 300, dtype=np.float32)
+    x = np.concatenate([k * scale, (k + 0.5) * scale, np.random.default_rng(0).normal(0, 3, 600)])
+    x = x.astype(np.float32)[None]
+    expected = torch.ops.wsnet.fake_quant(torch.from_numpy(x), scale, unsigned).numpy()
+    zp = np.uint8(0) if unsigned else np.int8(0)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "qdq",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, x.shape)],
+        [
+            onnx.numpy_helper.from_array(np.float32(scale), "s"),
+            onnx.numpy_helper.from_array(np.array(zp), "z"),
+        ],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], expected)
+
+
+def _layers():
+    return [
+        (WSConv1d(6, 10, 5, stride=2, padding=2, sample_stride=2, channel_repeat=2), (2, 6, 40)),
+        (WSConv2d(4, 6, 3, padding=1, sample_stride=1, channel_repeat=2), (1, 4, 9, 9)),
+        (WSLinear(12, 5, sample_stride=2, channel_repeat=3), (3, 12)),
+        (torch.nn.Conv1d(3, 8, 4, stride=2, padding=1), (1, 3, 30)),
+        (torch.nn.Conv2d(3, 4, 3, padding=1), (1, 3, 8, 8)),
+        (torch.nn.Linear(7, 3), (2, 7)),
+    ]
+
+
+@pytest.mark.parametrize("layer, shape", _layers())
+def test_quantized_layer_traces_to_qdq_and_matches_its_reference(layer, shape, tmp_path):
+    """Each quantized layer exports with int8 weights behind DequantizeLinear and an 8-bit
+    QuantizeLinear on its input, and ONNX Runtime computes what the reference computes."""
+    model = torch.nn.Sequential(layer).eval()
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+    cal = quantize.calibrate(model, calib, "test")
+    qmodel = quantize.quantize_model(model, cal)
+    assert isinstance(qmodel[0], quantize._Quantized)
+    ir_model = to_ir(qmodel, shape)
+    weights = [v.const_value for v in ir_model.graph.initializers.values()]
+    assert any(w.dtype.name == "INT8" and w.size > 1 for w in weights)
+    ops = [n.op_type for n in ir_model.graph]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    x = rng.standard_normal(shape).astype(np.float32)
+    pipeline("shared")(ir_model)  # wsnet nodes -> standard ops that ONNX Runtime runs
+    got = run_ir(ir_model, x, tmp_path)
+    np.testing.assert_allclose(got, eager(qmodel, x), rtol=1e-5, atol=1e-5)
+    # and the reference is a close approximation of the float layer
+    ref = eager(model, x)
+    assert np.abs(eager(qmodel, x) - ref).max() < 0.05 * np.abs(ref).max() + 1e-3
+
+
+def test_calibration_ranges_and_unsigned_inputs():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    cal = quantize.calibrate(model, [x[:8], x[8:]], "unit")
+    assert cal.n_samples == 16
+    assert cal.inputs["0"] == (float(x.min()), float(x.max()))
+    assert cal.inputs["2"][0] >= 0 and cal.activation("2")[1] is True
+    assert cal.activation("0")[1] is False
+    again = quantize.Calibration.from_dict(cal.to_dict())
+    assert again.inputs == cal.inputs and again.output_step == cal.output_step
+
+
+def test_a_model_without_layers_to_quantize_is_refused():
+    with pytest.raises(WsdeployError, match="no conv, linear or WSNet layer"):
+        quantize.calibrate(torch.nn.ReLU(), [np.zeros((1, 3), np.float32)])
+
+
+def test_calibration_files(tmp_path):
+    shape = (1, 2, 5)
+    x = np.random.default_rng(0).standard_normal((3, 2, 5)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    np.savez(tmp_path / "b.npz", other=np.zeros(3), x=x)
+    np.save(tmp_path / "one.npy", x[0])
+    np.testing.assert_array_equal(quantize.load_samples(tmp_path / "a.npy", shape), x)
+    np.testing.assert_array_equal(quantize.load_samples(tmp_path / "b.npz", shape), x)
+    assert quantize.load_samples(tmp_path / "one.npy", shape).shape == (1, 2, 5)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "bad.npy", np.zeros((3, 4)))
+    np.save(tmp_path / "nan.npy", np.full((1, 2, 5), np.nan))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    for name, message in [
+        ("obj.npy", "cannot read"),  # object arrays need pickle: never loaded
+        ("bad.npy", r"expected \(n, 2, 5\)"),
+        ("nan.npy", "NaN"),
+        ("junk.npz", "cannot read"),
+        ("missing.npy", "does not exist"),
+    ]:
+        with pytest.raises(WsdeployError, match=message):
+            quantize.load_samples(tmp_path / name, shape)
+    with pytest.raises(WsdeployError, match="at least 4"):
+        quantize.batches(x, 4)

@@ -18,7 +18,7 @@ from wsdeploy.passes.integer import IntegerPass
 
 pytest.importorskip("tvm")
 
-from wsdeploy.targets.x86_64 import X86_64  # noqa: E402
+from wsdeploy.targets.x86_64 import X86_64
 
 INTEGER_OPS = {"wsnet.WSConv1dInt", "wsnet.WSConv2dInt", "wsnet.WSLinearInt", "wsnet.ConvInt"}
 FLOAT_LAYERS = {"Conv", "Gemm", "MatMul", "wsnet.WSConv1d", "wsnet.WSConv2d", "wsnet.WSLinear"}
@@ -99,10 +99,13 @@ def test_integer_linear_on_tvm(tmp_path):
 @pytest.mark.parametrize(
     "module, shape",
     [
-        (torch.nn.Sequential(torch.nn.Conv1d(3, 8, 5, stride=2, padding=2), torch.nn.ReLU()), (1, 3, 64)),
+        (
+            torch.nn.Sequential(torch.nn.Conv1d(3, 8, 5, stride=2, padding=2), torch.nn.ReLU()),
+            (1, 3, 64),
+        ),
         (torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1)), (1, 3, 8, 8)),
     ],
-)  # fmt: skip
+)
 def test_plain_convs_get_per_output_channel_integer_ops(module, shape, tmp_path):
     model, _, _ = _lower_int8(module, shape, "auto")
     (node,) = [n for n in model.graph if n.op_type == "ConvInt"]

@@ -1,0 +1,124 @@
+"""int8 end to end: every zoo model's int8 build passes the gate on every local target, the
+file stores int8 phi, failures write nothing, and the CLI reports it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from wsdeploy import compiler, numerics, quantize
+from wsdeploy.cli import main
+from wsdeploy.compiler import ExportOptions, export, verify
+from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
+from wsdeploy.modelfile import load_model
+from wsdeploy.models import data
+from wsdeploy.targets import TARGETS
+from wsdeploy.targets.onnx import ONNX
+
+LOCAL_TARGETS = sorted(name for name, t in TARGETS.items() if t.runs_here())
+
+
+@pytest.mark.parametrize("target", LOCAL_TARGETS)
+@pytest.mark.parametrize("model", ["wsnet1d-tiny", "wsnet2d-cifar"])
+def test_int8_build_passes_the_gate(model, target, tmp_path):
+    out = tmp_path / "q"
+    m = export(model, out, ExportOptions(target=target, precision="int8")).manifest
+    assert m["precision"] == "int8"
+    v = m["verification"]
+    assert v["passed"] and v["stage"] == "quantized"
+    gate = v["accuracy_gate"]
+    assert gate["passed"] and gate["held_out"] and gate["n"] == 1000
+    assert gate["top1_agreement"] >= 0.99 and gate["accuracy_drop"] <= 0.01
+    assert gate["accuracy_fp32"] == load_model(model).metrics["test_accuracy"]
+    q = m["quantization"]
+    assert q["n_samples"] == compiler.DEFAULT_CALIB_SAMPLES and "calib split" in q["source"]
+    assert {a["dtype"] for a in q["activations"].values()} == {"int8", "uint8"}
+    size = m["size"]
+    assert size["artifact_bytes"] < min(size["wsnet_fp32_bytes"], size["dense_baseline_bytes"])
+    assert json.loads((out / "manifest.json").read_text()) == m
+
+
+def test_int8_onnx_stores_phi_as_int8(tmp_path):
+    out = tmp_path / "q"
+    m = export("wsnet1d-tiny", out, ExportOptions(strategy="shared", precision="int8")).manifest
+    proto = onnx.load(out / "model.onnx")
+    by_type: dict[int, int] = {}
+    for t in proto.graph.initializer:
+        if not t.dims:  # scalars: scales and zero points
+            continue
+        by_type[t.data_type] = by_type.get(t.data_type, 0) + int(np.prod(t.dims))
+    loaded = load_model("wsnet1d-tiny")
+    phi = sum(p.numel() for n, p in loaded.module.named_parameters() if n.endswith("phi"))
+    assert by_type[onnx.TensorProto.INT8] == phi  # every phi entry once, as one byte
+    assert m["size"]["artifact_bytes"] < m["size"]["wsnet_fp32_bytes"]
+
+
+def test_int8_verify_again(tmp_path):
+    out = tmp_path / "q"
+    export("wsnet1d-tiny", out, ExportOptions(target="x86_64", precision="int8"))
+    result = verify(out, "wsnet1d-tiny", n_verify=4)
+    assert result["passed"] and result["stage"] == "quantized"
+    assert result["accuracy_gate"]["passed"]
+
+
+def test_failed_gate_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(compiler, "AGREEMENT_MIN", 1.01)  # no build can agree this well
+    out = tmp_path / "q"
+    with pytest.raises(AccuracyGateFailed, match="top-1 agreement with fp32"):
+        export("wsnet1d-tiny", out, ExportOptions(precision="int8"))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_build_that_quantizes_differently_fails_the_reference_check(tmp_path):
+    """One layer quantized with another scale than the reference's: caught, not tolerated."""
+    loaded = load_model("wsnet1d-tiny")
+    samples, _ = compiler.calibration_samples(loaded, ExportOptions(calib_samples=8))
+    cal = quantize.calibrate(loaded.module, quantize.batches(samples, 1), "t")
+    honest = compiler.quantized_reference(loaded, cal)
+    skewed = compiler.quantized_reference(loaded, cal)
+    skewed.module.get_submodule("4").act_scale *= 1.5
+    model, _ = compiler.lower(skewed, "shared")
+    ONNX.build(model, tmp_path, None)
+    inputs = numerics.verification_inputs(loaded.input_shape, loaded.dataset, loaded.config)
+    with pytest.raises(NumericsMismatch, match="quantized"):
+        compiler.check(honest, ONNX.load(tmp_path, None), inputs, "quantized", cal.output_step)
+
+
+def test_user_calibration_file_and_errors(tmp_path):
+    loaded = load_model("wsnet1d-tiny")
+    x = data.make_dataset("audio", "calib", 32, seed=5, length=4096).x
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "q"
+    opts = ExportOptions(precision="int8", calib=str(tmp_path / "calib.npz"))
+    m = export(loaded, out, opts).manifest
+    assert m["quantization"]["n_samples"] == 32 and m["quantization"]["source"].endswith("npz")
+    with pytest.raises(WsdeployError, match="need --quantize int8"):
+        export("wsnet1d-tiny", tmp_path / "x", ExportOptions(calib_samples=4))
+    with pytest.raises(WsdeployError, match="unknown precision"):
+        export("wsnet1d-tiny", tmp_path / "x", ExportOptions(precision="int4"))
+
+
+def test_cli_int8_export_and_one_line_errors(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "q"
+    result = runner.invoke(
+        main,
+        ["export", "wsnet1d-tiny", "--quantize", "int8", "--calib-samples", "64", "-o", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "int8" in result.output and "int8 gate" in result.output and "PASS" in result.output
+    assert "vs fake-quantized PyTorch" in result.output
+    np.save(tmp_path / "bad.npy", np.zeros((3, 7), np.float32))
+    for args, message in [
+        (["--calib", str(tmp_path / "bad.npy")], "expected (n, 1, 4096)"),
+        (["--calib", str(tmp_path / "none.npy")], "does not exist"),
+    ]:
+        result = runner.invoke(
+            main, ["export", "wsnet1d-tiny", "--quantize", "int8", "-o", str(tmp_path / "z"), *args]
+        )
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.output.strip().count("\n") == 0 and not (tmp_path / "z").exists()

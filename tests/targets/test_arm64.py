@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -92,6 +93,15 @@ def test_emulated_device_end_to_end(tmp_path):
             ["verify", str(out), "--model", "wsnet1d-tiny", "--rpc", address, "--n-verify", "2"],
         )
         assert result.exit_code == 0 and "PASS" in result.output
+        # int8: integer kernels cross-compiled for NEON, gated on the device itself
+        args = ["export", "wsnet1d-tiny", "--target", "arm64", "--rpc", address]
+        args += ["--quantize", "int8", "--calib-samples", "64", "-o", str(tmp_path / "q")]
+        result = runner.invoke(main, [*args, "--n-verify", "2"])
+        assert result.exit_code == 0, result.output
+        assert "int8 gate" in result.output and "FAIL" not in result.output
+        manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+        assert manifest["verification"]["device"] == address
+        assert manifest["verification"]["accuracy_gate"]["passed"]
     finally:
         result = runner.invoke(main, ["device", "stop"])
     assert result.output.strip() == "stopped"

@@ -244,6 +244,9 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
             xq, w, out_scale, bias = inputs
             b, c, t = _shape(xq)
             n = attr["out_channels"]
+            r = attr["channel_repeat"]
+            sh = shifts(attr, c // r)
+            packed = _packed_phi(w, sh, r)
             func, info = make_ws_conv1d(
                 b,
                 c,
@@ -257,9 +260,11 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
                 VL=vl,
                 epilogue="affine_relu" if attr.get("relu", 0) == 1 else "affine",
                 qdtype=str(xq.ty.dtype),
+                pmadd=packed is not None,
             )
             gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d_int")
-            args = [xq, w, shifts_const(attr, c // attr["channel_repeat"]), out_scale, bias]
+            weights = [relax.const(packed)] if info["pmadd"] else [w, relax.const(sh)]
+            args = [xq, *weights, out_scale, bias]
             out = relax.TensorType([b, n, info["To"]], "float32")
             return bb.emit(relax.call_tir(gv, args, out))
 
@@ -320,12 +325,43 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
     }
 
 
+def _packed_phi(phi, sh: np.ndarray, repeat: int) -> np.ndarray | None:
+    """phi packed for the fused kernel's int16 pairwise variant (``tvm_kernels.pack_phi``), if
+    phi is constant, the shifted phi fits int16 and so do the pre-sums of ``repeat`` 8-bit
+    channels; else None."""
+    import tvm
+
+    from .tvm_kernels import pack_phi
+
+    if not isinstance(phi, tvm.ir.expr.Constant) or repeat * 255 >= 2**15:
+        return None
+    q = phi.value.numpy()
+    if int(np.abs(q.astype(np.int64)).max(initial=0)) << int(sh.max(initial=0)) >= 2**15:
+        return None
+    return pack_phi(q, sh)
+
+
+def _pmadd_weights(w, sh: np.ndarray) -> np.ndarray | None:
+    """Packed int16 weight pairs (``tvm_kernels.pair_weights``) of a constant 1-D weight whose
+    shifted values fit int16; else None."""
+    import tvm
+
+    from .tvm_kernels import pair_weights
+
+    if not isinstance(w, tvm.ir.expr.Constant) or len(w.ty.shape) != 3:
+        return None
+    wq = w.value.numpy()
+    if int(np.abs(wq.astype(np.int64)).max(initial=0)) << int(sh.max(initial=0)) >= 2**15:
+        return None
+    return pair_weights(wq, sh)
+
+
 def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, vl: int):
     """``ConvInt``: zero padding in the integer domain (zero point 0), then the integer direct
     convolution; a strided 1-D conv runs over its input phases as in ``_phase_split_conv1d``."""
     from tvm import relax, te, tirx, topi
 
-    from .tvm_kernels import make_dense_conv
+    from .tvm_kernels import PMADD, make_dense_conv, make_int_conv1d_s2
 
     qdtype = str(xq.ty.dtype)
     ndim = len(xq.ty.shape) - 2
@@ -338,6 +374,16 @@ def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, 
         )
     b, c, *spatial = (int(d) for d in xq.ty.shape)
     n, _, *kernel = (int(d) for d in w.ty.shape)
+    pmadd = _pmadd_weights(w, sh) if vl in PMADD else None
+    if ndim == 1 and strides[0] == 2 and dilations[0] == 1 and pmadd is not None:
+        wo = (spatial[0] - kernel[0]) // 2 + 1
+        if wo >= vl:  # int16 pairwise multiply-adds straight off the padded input
+            func, wo = make_int_conv1d_s2(
+                b, c, spatial[0], n, kernel[0], VL=vl, qdtype=qdtype, relu=relu
+            )
+            gv = bb.add_func(func.without_attr("global_symbol"), "conv1d_s2_int16")
+            out = relax.TensorType([b, n, wo], "float32")
+            return bb.emit(relax.call_tir(gv, [xq, relax.const(pmadd), out_scale, bias], out))
     args = [xq, w, relax.const(sh)]
     if ndim == 1 and strides[0] > 1 and dilations[0] == 1:
         s, k, width = strides[0], kernel[0], spatial[0]

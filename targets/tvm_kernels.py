@@ -21,6 +21,10 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+PMADD = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd"}
+"""int16 x int16 -> int32 pairwise multiply-add (vpmaddwd; with AVX512-VNNI LLVM fuses the
+accumulation into vpdpwssd), by int32 lanes."""
+
 
 def _pick(n, lo, hi):
     """Largest divisor of n in [lo, hi], or None."""
@@ -57,6 +61,7 @@ def make_ws_conv1d(
     phases=(1, 2, 3),
     dtype="float32",
     qdtype=None,
+    pmadd=False,
     name="ws_conv1d",
 ):
     """The fused kernel for one WSConv1d shape; ``VL`` is the target's float vector width.
@@ -64,7 +69,13 @@ def make_ws_conv1d(
     ``qdtype`` ("int8"/"uint8"): the integer variant. x is 8-bit, phi int8 with a left shift
     per condensed channel (an extra ``sh (C*,) int32`` argument after phi), the pre-sums, P
     and the diagonal sums are exact int32, and the epilogue (required) turns the sum into
-    float: ``y = float(sum) * scale + shift``."""
+    float: ``y = float(sum) * scale + shift``.
+
+    ``pmadd`` (integer, AVX2/AVX-512): the product table as int16 pairwise multiply-adds
+    (vpmaddwd/vpdpwssd) over pairs of condensed channels: the pre-sums are interleaved by
+    channel pair in the tile, and phi comes packed (``pack_phi``: (ceil(C*/2), L*) int32
+    words of shifted int16 pairs) instead of phi and shifts. ``info["pmadd"]`` says whether
+    the variant was used (it needs 8 or 16 lanes after narrowing to the output length)."""
     Cs = C // r
     Ls = L + (N - 1) * S
     To = (T_in + 2 * p - L) // s + 1
@@ -88,6 +99,9 @@ def make_ws_conv1d(
     INT = qdtype is not None
     if INT:
         assert EPI, "the integer kernel needs its scale epilogue"
+    PM = INT and pmadd and VL in PMADD  # vpmaddwd needs 8 or 16 int32 lanes
+    Cs2 = (Cs + 1) // 2
+    IL = [i // 2 + (i % 2) * VL for i in range(2 * VL)]  # interleave two VL vectors
     XT = qdtype or dtype  # x
     WT_ = "int8" if INT else dtype  # phi
     AT = "int32" if INT else dtype  # pre-sums, P, accumulators
@@ -150,6 +164,20 @@ def make_ws_conv1d(
                         xs_t[c, ph, w] = xs_t[c, ph, w] + wide(
                             x[b, c + rr * Cs, (t0 + w) * s + ph - p]
                         )
+        # ---- 1b. (pmadd) channel pairs interleaved as int16: xs16[c/2, ph, 2w + c%2]
+        xs16 = T.alloc_buffer((Cs2, s, 2 * WT), "int16")
+        if PM:
+            for c2, ph, wv in T.grid(Cs2 if PH2 else 0, s, nWV):
+                xs16[c2, ph, T.Ramp(2 * wv * VL, 1, 2 * VL)] = T.Shuffle(
+                    [
+                        T.Cast(f"int16x{VL}", xs_t[2 * c2, ph, T.Ramp(wv * VL, 1, VL)]),
+                        T.Cast(
+                            f"int16x{VL}",
+                            xs_t[T.min(2 * c2 + 1, Cs - 1), ph, T.Ramp(wv * VL, 1, VL)],
+                        ),
+                    ],
+                    IL,
+                )
         # ---- 2. P tile = phi^T @ xs_t, register blocked VB x (WB*VL)
         for vo, ph, wo in T.grid(nVB if PH2 else 0, s, nWB):
             acc = T.alloc_buffer((VB, WB * VL), AT, scope="local")
@@ -157,15 +185,30 @@ def make_ws_conv1d(
                 for wi in T.unroll(WB):
                     for ln in T.vectorized(VL):
                         acc[vi, wi * VL + ln] = zero
-            for c in range(Cs):
-                for vi in T.unroll(VB):
-                    for wi in T.unroll(WB):
-                        for ln in T.vectorized(VL):
-                            acc[vi, wi * VL + ln] = (
-                                acc[vi, wi * VL + ln]
-                                + weight(phi, sh, c, vo * VB + vi)
-                                * xs_t[c, ph, wo * WB * VL + wi * VL + ln]
+            if PM:
+                for c2 in range(Cs2):
+                    for vi in T.unroll(VB):
+                        for wi in T.unroll(WB):
+                            acc[vi, T.Ramp(wi * VL, 1, VL)] = acc[
+                                vi, T.Ramp(wi * VL, 1, VL)
+                            ] + T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(PMADD.get(VL, "")),
+                                xs16[c2, ph, T.Ramp(2 * (wo * WB * VL + wi * VL), 1, 2 * VL)],
+                                T.reinterpret(
+                                    T.Broadcast(phi[c2, vo * VB + vi], VL), dtype=f"int16x{2 * VL}"
+                                ),
+                                dtype=f"int32x{VL}",
                             )
+            if not PM:
+                for c in range(Cs):
+                    for vi in T.unroll(VB):
+                        for wi in T.unroll(WB):
+                            for ln in T.vectorized(VL):
+                                acc[vi, wi * VL + ln] = (
+                                    acc[vi, wi * VL + ln]
+                                    + weight(phi, sh, c, vo * VB + vi)
+                                    * xs_t[c, ph, wo * WB * VL + wi * VL + ln]
+                                )
             for vi in T.unroll(VB):
                 for wi in T.unroll(WB):
                     for ln in T.vectorized(VL):
@@ -174,11 +217,22 @@ def make_ws_conv1d(
             acc1 = T.alloc_buffer((VL,), AT, scope="local")
             for ln in T.vectorized(VL):
                 acc1[ln] = zero
-            for c in range(Cs):
-                for ln in T.vectorized(VL):
-                    acc1[ln] = (
-                        acc1[ln] + weight(phi, sh, c, nVB * VB + vr) * xs_t[c, ph, wv * VL + ln]
+            if PM:
+                for c2 in range(Cs2):
+                    acc1[T.Ramp(0, 1, VL)] = acc1[T.Ramp(0, 1, VL)] + T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(PMADD.get(VL, "")),
+                        xs16[c2, ph, T.Ramp(2 * wv * VL, 1, 2 * VL)],
+                        T.reinterpret(
+                            T.Broadcast(phi[c2, nVB * VB + vr], VL), dtype=f"int16x{2 * VL}"
+                        ),
+                        dtype=f"int32x{VL}",
                     )
+            if not PM:
+                for c in range(Cs):
+                    for ln in T.vectorized(VL):
+                        acc1[ln] = (
+                            acc1[ln] + weight(phi, sh, c, nVB * VB + vr) * xs_t[c, ph, wv * VL + ln]
+                        )
             for ln in T.vectorized(VL):
                 P_t[nVB * VB + vr, ph, wv * VL + ln] = acc1[ln]
         # ---- 3. diagonal sums for all N filters (+ fused per-channel affine + ReLU)
@@ -199,7 +253,21 @@ def make_ws_conv1d(
                 else:
                     y[b, i, t0 + tv * VL + ln] = acc2[ln]
 
-    if INT:
+    if PM:
+
+        @T.prim_func(private=True)
+        def f(
+            x: T.Buffer((B, C, T_in), XT),
+            phi: T.Buffer((Cs2, Ls), "int32"),
+            scale: T.Buffer((N,), dtype),
+            shift: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, To), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bt in T.parallel(NT):
+                tile(x, phi, None, y, scale, shift, bt)
+
+    elif INT:
 
         @T.prim_func(private=True)
         def f(
@@ -240,7 +308,9 @@ def make_ws_conv1d(
             for bt in T.parallel(NT):
                 tile(x, phi, None, y, scale, shift, bt)
 
-    info = dict(TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs)
+    info = dict(
+        TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM
+    )
     return f.with_attr("global_symbol", name), info
 
 
@@ -400,3 +470,115 @@ def make_dense_conv(
             body(x, w, None, None, None, y, bno // NBLK, bno % NBLK, 0)
 
     return g.with_attr("global_symbol", name), (B, N, Wo)
+
+
+def pack_int16_pairs(a):
+    """int16-range integers (..., K) -> int32 (..., ceil(K/2)): each word packs the pair
+    (a[2k] low half, a[2k+1] high half), the last pair zero-padded."""
+    import numpy as np
+
+    a = np.asarray(a, np.int64)
+    if a.shape[-1] % 2:
+        a = np.concatenate([a, np.zeros((*a.shape[:-1], 1), np.int64)], -1)
+    assert np.abs(a).max(initial=0) < 2**15, "values must fit int16"
+    lo, hi = a[..., 0::2] & 0xFFFF, a[..., 1::2] & 0xFFFF
+    return ((hi << 16) | lo).astype(np.uint32).view(np.int32)
+
+
+def pack_phi(phi, shifts):
+    """int8 phi (C*, L*) shifted per condensed channel, packed by channel pairs: (C*/2, L*)."""
+    import numpy as np
+
+    wide = np.asarray(phi, np.int64) << np.asarray(shifts, np.int64)[:, None]
+    return np.ascontiguousarray(pack_int16_pairs(wide.T).T)
+
+
+def pair_weights(w, shifts):
+    """int8 weights (N, C, K) shifted left per input channel, as int32 words each packing the
+    int16 pair (tap 2k, tap 2k+1): the broadcast operand of vpmaddwd. K is padded to even."""
+    import numpy as np
+
+    wide = np.asarray(w, np.int64) << np.asarray(shifts, np.int64)[None, :, None]
+    return pack_int16_pairs(wide)
+
+
+def make_int_conv1d_s2(
+    B, C, W, N, K, *, VL=16, NB=8, WB=2, TT=512, qdtype="int8", relu=False, name="conv"
+):
+    """Integer conv1d at stride 2 as int16 pairwise multiply-adds (vpmaddwd), for AVX2/AVX-512.
+
+    At stride 2 the two taps (2k, 2k+1) of output t read x[2t+2k] and x[2t+2k+1], which are
+    adjacent in memory: VL outputs' pairs are one contiguous load of 2*VL values, so each
+    vpmaddwd does 2*VL multiply-adds with no shuffles. Parallel over tiles of TT outputs: a
+    tile widens its stretch of x to int16 once (in cache), then runs every filter over it.
+    ``x`` (B, C, W) is padded (8-bit), ``wp`` (N, C, K2) the packed pairs of
+    ``pair_weights``; y = float(sum)*scale + bias (then ReLU). Returns (PrimFunc, W_out)."""
+    K2 = (K + 1) // 2
+    Wo = (W - K) // 2 + 1
+    assert VL in PMADD and Wo >= VL
+    NB = NB if N % NB == 0 else (2 if N % 2 == 0 else 1)
+    NBLK = N // NB
+    TT = min(TT, Wo - Wo % VL)
+    n_tiles = (Wo + TT - 1) // TT  # the last tile is clamped to end at Wo
+    TV = TT // VL
+    WB = WB if TV % WB == 0 else 1  # output vectors per register block: NB x WB accumulators
+    XW = 2 * TT + 2 * K2  # input stretch of one tile
+    intrin = PMADD[VL]
+
+    @T.prim_func(private=True)
+    def f(
+        x: T.Buffer((B, C, W), qdtype),
+        wp: T.Buffer((N, C, K2), "int32"),
+        sc: T.Buffer((N,), "float32"),
+        bi: T.Buffer((N,), "float32"),
+        y: T.Buffer((B, N, Wo), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for bt in T.parallel(B * n_tiles):
+            b = bt // n_tiles
+            t_base = T.min((bt % n_tiles) * TT, Wo - TT)
+            xe = T.alloc_buffer((C, XW), "int16")
+            if 2 * t_base + XW <= W:  # inside x: one vectorised widening copy
+                for c in range(C):
+                    for u in T.vectorized(XW):
+                        xe[c, u] = T.Cast("int16", x[b, c, 2 * t_base + u])
+            else:
+                for c, u in T.grid(C, XW):
+                    xe[c, u] = T.if_then_else(
+                        2 * t_base + u < W,
+                        T.Cast("int16", x[b, c, T.min(2 * t_base + u, W - 1)]),
+                        T.int16(0),
+                    )
+            for nb, wo in T.grid(NBLK, TV // WB):
+                acc = T.alloc_buffer((NB, WB * VL), "int32", scope="local")
+                for j, wi in T.grid(NB, WB):
+                    acc[j, T.Ramp(wi * VL, 1, VL)] = T.Broadcast(T.int32(0), VL)
+                for c, kp in T.grid(C, K2):
+                    for wi in T.unroll(WB):
+                        for j in T.unroll(NB):
+                            acc[j, T.Ramp(wi * VL, 1, VL)] = acc[
+                                j, T.Ramp(wi * VL, 1, VL)
+                            ] + T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(intrin),
+                                xe[c, T.Ramp(2 * (wo * WB + wi) * VL + 2 * kp, 1, 2 * VL)],
+                                T.reinterpret(
+                                    T.Broadcast(wp[nb * NB + j, c, kp], VL),
+                                    dtype=f"int16x{2 * VL}",
+                                ),
+                                dtype=f"int32x{VL}",
+                            )
+                for j, wi in T.grid(NB, WB):
+                    for ln in T.vectorized(VL):
+                        if relu:
+                            y[b, nb * NB + j, t_base + (wo * WB + wi) * VL + ln] = T.max(
+                                T.Cast("float32", acc[j, wi * VL + ln]) * sc[nb * NB + j]
+                                + bi[nb * NB + j],
+                                T.float32(0),
+                            )
+                        else:
+                            y[b, nb * NB + j, t_base + (wo * WB + wi) * VL + ln] = (
+                                T.Cast("float32", acc[j, wi * VL + ln]) * sc[nb * NB + j]
+                                + bi[nb * NB + j]
+                            )
+
+    return f.with_attr("global_symbol", name), Wo

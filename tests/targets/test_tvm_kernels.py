@@ -12,9 +12,16 @@ from wsdeploy.models import sampling
 tvm = pytest.importorskip("tvm")
 
 from wsdeploy.targets import tvm_build  # noqa: E402
-from wsdeploy.targets.tvm_kernels import make_ws_conv1d  # noqa: E402
+from wsdeploy.targets.tvm_kernels import (  # noqa: E402
+    PMADD,
+    make_int_conv1d_s2,
+    make_ws_conv1d,
+    pack_phi,
+    pair_weights,
+)
 
 TARGET = tvm.target.Target.from_device(tvm.cpu())
+X86 = str(TARGET.attrs.get("mtriple", "")).startswith("x86_64")
 
 
 def conv_ref(x, w, stride, padding):
@@ -164,8 +171,10 @@ def ws_conv1d_int_ref(xq, q, shifts, n, k, s, p, ss, r):
     return np.einsum("bctk,nck->bnt", win, w)
 
 
-@given(conv1d_cfg, st.sampled_from(["int8", "uint8"]), st.integers(0, 3))
-def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift):
+@given(conv1d_cfg, st.sampled_from(["int8", "uint8"]), st.integers(0, 3), st.booleans())
+def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
+    """Both integer variants: int32 products, and int16 pairwise multiply-adds (x86)."""
+    pmadd = pmadd and cfg["vl"] in PMADD and X86
     rng = np.random.default_rng(1)
     c, n, k, s, p = cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], cfg["s"], cfg["p"]
     t_in = max(1, (cfg["t_out"] - 1) * s + k - 2 * p)
@@ -175,7 +184,7 @@ def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift):
     lo, hi = (-128, 128) if qdtype == "int8" else (0, 256)
     xq = rng.integers(lo, hi, (cfg["b"], c, t_in)).astype(qdtype)
     relu = cfg["epilogue"] == "affine_relu"
-    func, _ = make_ws_conv1d(
+    func, info = make_ws_conv1d(
         cfg["b"],
         c,
         t_in,
@@ -191,11 +200,42 @@ def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift):
     )
     exact = ws_conv1d_int_ref(xq, q, shifts.astype(np.int64), n, k, s, p, cfg["S"], cfg["r"])
     ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
-    got = _run(func, [xq, q, shifts, ones, zeros], exact.shape)
+    weights = [pack_phi(q, shifts)] if info["pmadd"] else [q, shifts]
+    got = _run(func, [xq, *weights, ones, zeros], exact.shape)
     expected = exact.astype(np.float32)  # float(sum): the same rounding numpy does
     np.testing.assert_array_equal(got, np.maximum(expected, 0) if relu else expected)
     scale = rng.uniform(0.5, 2, n).astype(np.float32)
     shift = rng.standard_normal(n).astype(np.float32)
-    got = _run(func, [xq, q, shifts, scale, shift], exact.shape)
+    got = _run(func, [xq, *weights, scale, shift], exact.shape)
     expected = expected * scale[:, None] + shift[:, None]
     np.testing.assert_allclose(got, np.maximum(expected, 0) if relu else expected, rtol=1e-6)
+
+
+@given(
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.integers(1, 20),
+    st.integers(1, 12),
+    st.integers(40, 900),
+    st.sampled_from(["int8", "uint8"]),
+    st.integers(0, 4),
+    st.sampled_from([8, 16]),
+    st.booleans(),
+)
+def test_int16_pairwise_stride2_conv_is_exact(b, c, n, k, w, qdtype, max_shift, vl, relu):
+    if not X86:
+        pytest.skip("vpmaddwd is x86")
+    rng = np.random.default_rng(3)
+    w = max(w, (vl - 1) * 2 + k)
+    lo, hi = (-128, 128) if qdtype == "int8" else (0, 256)
+    xq = rng.integers(lo, hi, (b, c, w)).astype(qdtype)
+    wq = rng.integers(-127, 128, (n, c, k)).astype(np.int8)
+    shifts = rng.integers(0, max_shift + 1, c).astype(np.int32)
+    func, w_out = make_int_conv1d_s2(b, c, w, n, k, VL=vl, qdtype=qdtype, relu=relu)
+    win = np.lib.stride_tricks.sliding_window_view(xq.astype(np.int64), k, axis=2)[:, :, ::2]
+    exact = np.einsum("bctk,nck->bnt", win, wq.astype(np.int64) << shifts[None, :, None])
+    assert exact.shape[2] == w_out
+    ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
+    got = _run(func, [xq, pair_weights(wq, shifts), ones, zeros], exact.shape)
+    expected = exact.astype(np.float32)
+    np.testing.assert_array_equal(got, np.maximum(expected, 0) if relu else expected)

@@ -103,7 +103,7 @@ def test_failed_rebuild_keeps_previous_build(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise WsdeployError("simulated build failure")
 
-    monkeypatch.setattr(compiler, "_baseline_size", boom)
+    monkeypatch.setattr(compiler, "_artifact_size", boom)
     with pytest.raises(WsdeployError, match="simulated"):
         export("wsnet1d-tiny", out, ExportOptions(strategy="fold", n_verify=2))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

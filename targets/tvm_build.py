@@ -358,8 +358,9 @@ def _pmadd_weights(w, sh: np.ndarray) -> np.ndarray | None:
 
 def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, vl: int):
     """``ConvInt``: zero padding in the integer domain (zero point 0), then the integer direct
-    convolution; a strided 1-D conv runs over its input phases as in ``_phase_split_conv1d``."""
-    from tvm import relax, te, tirx, topi
+    convolution; a strided 1-D conv runs over its input phases (``_phase_split``), at stride 2
+    on AVX2/AVX-512 as int16 pairwise multiply-adds straight off the input."""
+    from tvm import relax, topi
 
     from .tvm_kernels import PMADD, make_dense_conv, make_int_conv1d_s2
 
@@ -386,34 +387,9 @@ def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, 
             return bb.emit(relax.call_tir(gv, [xq, relax.const(pmadd), out_scale, bias], out))
     args = [xq, w, relax.const(sh)]
     if ndim == 1 and strides[0] > 1 and dilations[0] == 1:
-        s, k, width = strides[0], kernel[0], spatial[0]
-        w_out = (width - k) // s + 1
-        q = -(-k // s)
-        length = w_out + q - 1
-
-        def split_x(x):
-            def f(bi, cp, j):
-                u = j * s + cp % s
-                return tirx.if_then_else(
-                    u < width, x[bi, cp // s, tirx.min(u, width - 1)], tirx.const(0, qdtype)
-                )
-
-            return te.compute((b, c * s, length), f, name="phases")
-
-        def split_w(wt):
-            def f(ni, cp, qi):
-                kk = qi * s + cp % s
-                return tirx.if_then_else(
-                    kk < k, wt[ni, cp // s, tirx.min(kk, k - 1)], tirx.const(0, "int8")
-                )
-
-            return te.compute((n, c * s, q), f, name="weight_phases")
-
-        args = [
-            bb.emit_te(split_x, xq, primfunc_name_hint="phase_split"),
-            bb.emit_te(split_w, w, primfunc_name_hint="weight_phase_split"),
-            relax.const(np.repeat(sh, s).astype(np.int32)),
-        ]
+        s = strides[0]
+        xph, w2, length, q = _phase_split(bb, xq, w, s)
+        args = [xph, w2, relax.const(np.repeat(sh, s).astype(np.int32))]
         c, spatial, kernel, strides = c * s, [length], [q], [1]
     func, out_shape = make_dense_conv(
         b, c, spatial, n, kernel, strides, dilations, VL=vl, qdtype=qdtype, relu=relu
@@ -532,29 +508,26 @@ def _conv_legalizer(vl: int):
     return legalize
 
 
-def _phase_split_conv1d(bb, data, weight, s: int, vl: int):
-    """A strided conv1d as a stride-1 conv over the s phases of the input.
+def _phase_split(bb, data, weight, s: int):
+    """A strided conv1d's input and weight over its s phases: (xph, w2, length, taps).
 
     ``xph[b, c*s + ph, j] = x[b, c, j*s + ph]`` and ``w2[n, c*s + ph, q] = w[n, c, q*s + ph]``
-    turn every strided (gathered) load of the direct kernel into a contiguous one; the
-    weight relayout is a constant and folds at build time.
+    turn every strided (gathered) load of a direct kernel into a contiguous one; the
+    weight relayout is a constant and folds at build time. Any dtype; padding is zero.
     """
-    from tvm import relax, te, tirx
-
-    from .tvm_kernels import make_dense_conv
+    from tvm import te, tirx
 
     b, c, w = (int(d) for d in data.ty.shape)
     n, _, k = (int(d) for d in weight.ty.shape)
     w_out = (w - k) // s + 1
     q = -(-k // s)
     length = w_out + q - 1
+    xdt, wdt = str(data.ty.dtype), str(weight.ty.dtype)
 
     def split_x(x):
         def f(bi, cp, j):
             u = j * s + cp % s
-            return tirx.if_then_else(
-                u < w, x[bi, cp // s, tirx.min(u, w - 1)], tirx.const(0, "float32")
-            )
+            return tirx.if_then_else(u < w, x[bi, cp // s, tirx.min(u, w - 1)], tirx.const(0, xdt))
 
         return te.compute((b, c * s, length), f, name="phases")
 
@@ -562,13 +535,25 @@ def _phase_split_conv1d(bb, data, weight, s: int, vl: int):
         def f(ni, cp, qi):
             kk = qi * s + cp % s
             return tirx.if_then_else(
-                kk < k, wt[ni, cp // s, tirx.min(kk, k - 1)], tirx.const(0, "float32")
+                kk < k, wt[ni, cp // s, tirx.min(kk, k - 1)], tirx.const(0, wdt)
             )
 
         return te.compute((n, c * s, q), f, name="weight_phases")
 
     xph = bb.emit_te(split_x, data, primfunc_name_hint="phase_split")
     w2 = bb.emit_te(split_w, weight, primfunc_name_hint="weight_phase_split")
+    return xph, w2, length, q
+
+
+def _phase_split_conv1d(bb, data, weight, s: int, vl: int):
+    """A strided float conv1d as a stride-1 conv over the s phases of the input."""
+    from tvm import relax
+
+    from .tvm_kernels import make_dense_conv
+
+    b, c, _ = (int(d) for d in data.ty.shape)
+    n = int(weight.ty.shape[0])
+    xph, w2, length, q = _phase_split(bb, data, weight, s)
     func, out_shape = make_dense_conv(b, c * s, [length], n, [q], [1], [1], VL=vl)
     gv = bb.add_func(func.without_attr("global_symbol"), "dense_conv1d")
     return relax.call_tir(gv, [xph, w2], relax.TensorType(list(out_shape), "float32"))

@@ -189,11 +189,16 @@ def _artifact_size(loaded: LoadedModel, options: ExportOptions, strategy: str = 
         return _dir_size([target.artifact], Path(tmp))
 
 
+def _dataset(loaded: LoadedModel, split: str, n: int, seed: int):
+    """``n`` samples of ``split`` of the zoo dataset the model was trained on."""
+    from wsdeploy.models import train, zoo
+
+    return train.dataset_for(zoo.ZOO[loaded.arch], loaded.config, split, n, seed)
+
+
 def calibration_samples(loaded: LoadedModel, options: ExportOptions) -> tuple[np.ndarray, str]:
     """The int8 calibration inputs: the user's file, or samples of the model's dataset's
     calibration split (disjoint from the held-out test split)."""
-    from wsdeploy.models import data
-
     if options.calib is not None:
         return quantize.load_samples(options.calib, loaded.input_shape), str(options.calib)
     if loaded.dataset is None:
@@ -204,9 +209,7 @@ def calibration_samples(loaded: LoadedModel, options: ExportOptions) -> tuple[np
     n = options.calib_samples or DEFAULT_CALIB_SAMPLES
     if n < 1:
         raise WsdeployError("--calib-samples must be at least 1")
-    shape = loaded.input_shape
-    kw = {"length": shape[-1]} if loaded.dataset == "audio" else {"size": shape[-1]}
-    ds = data.make_dataset(loaded.dataset, "calib", n, seed=options.seed, **kw)
+    ds = _dataset(loaded, "calib", n, options.seed)
     return ds.x, f"{loaded.dataset} calib split ({n} samples, seed {options.seed})"
 
 
@@ -227,14 +230,11 @@ def accuracy_gate(loaded: LoadedModel, runner, n: int | None, batch: int) -> dic
     Raises ``AccuracyGateFailed`` below ``AGREEMENT_MIN`` agreement or above
     ``ACCURACY_DROP_MAX`` drop. Without a bundled dataset there are no labels: agreement
     only, on seeded random inputs."""
-    from wsdeploy.models import data
-
     shape = loaded.input_shape
     n = n or int(loaded.metrics.get("n_test", 200))
     n = max(batch, n - n % batch)
     if loaded.dataset is not None:
-        kw = {"length": shape[-1]} if loaded.dataset == "audio" else {"size": shape[-1]}
-        ds = data.make_dataset(loaded.dataset, "test", n, seed=0, **kw)
+        ds = _dataset(loaded, "test", n, 0)
         xs, ys = ds.x, ds.y
     else:
         xs = np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)

@@ -119,6 +119,42 @@ def test_calibration_ranges_and_unsigned_inputs():
     assert cal.activation("0")[1] is False
     again = quantize.Calibration.from_dict(cal.to_dict())
     assert again.inputs == cal.inputs and again.output_step == cal.output_step
+    assert again.clip == cal.clip and again.method == "mse" and set(cal.clip) == {"0", "2"}
+    assert all(again.activation(k) == cal.activation(k) for k in cal.inputs)
+    minmax = quantize.calibrate(model, [x[:8], x[8:]], "unit", method="minmax")
+    assert minmax.clip == {} and minmax.inputs == cal.inputs
+    assert minmax.activation("0")[0] == quantize.activation_scale(float(np.abs(x).max()))
+
+
+def _qmse(v, clip, unsigned):
+    s = quantize.activation_scale(clip, unsigned)
+    lo, hi = (0, 255) if unsigned else (-128, 127)
+    return float(np.mean((np.clip(np.round(v / s), lo, hi) * s - v) ** 2))
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_mse_clipping_beats_absmax_when_an_outlier_sets_the_range(unsigned):
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal(1_000_000)
+    v = np.abs(v) if unsigned else v
+    v[0] = 40.0  # one outlier: absmax scaling would waste most of the 8 bits
+    clip = quantize.clip_threshold(v, 40.0, unsigned)
+    assert clip < 0.7 * 40.0
+    assert _qmse(v, clip, unsigned) < 0.7 * _qmse(v, 40.0, unsigned)
+    # and it is the best of the candidates searched
+    best = min(_qmse(v, 40.0 * f, unsigned) for f in quantize.CLIP_SEARCH)
+    assert _qmse(v, clip, unsigned) == pytest.approx(best, rel=1e-9)
+
+
+def test_mse_clipping_keeps_the_range_of_uniform_values():
+    v = np.linspace(-1.0, 1.0, 4001)
+    assert quantize.clip_threshold(v, 1.0, False) >= 0.95
+
+
+def test_unknown_calibration_method_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(WsdeployError, match="unknown calibration method"):
+        quantize.calibrate(model, [np.zeros((1, 4), np.float32)], method="entropy")
 
 
 def test_a_model_without_layers_to_quantize_is_refused():

@@ -392,6 +392,14 @@ def _quiet_third_party_logs() -> None:
     help="int8: calibrate on this many samples of the model's own dataset (default 256).",
 )
 @click.option(
+    "--calib-method",
+    type=click.Choice(["mse", "minmax"]),
+    default="mse",
+    show_default=True,
+    help="int8: each activation's clipping threshold: the one with the least squared "
+    "quantization error on the calibration samples, or their absmax.",
+)
+@click.option(
     "--n-verify",
     type=click.IntRange(min=1),
     default=8,
@@ -410,6 +418,7 @@ def export(
     precision: str,
     calib: Path | None,
     calib_samples: int | None,
+    calib_method: str,
     n_verify: int,
     rpc: str | None,
     trust_pickle: bool,
@@ -437,6 +446,7 @@ def export(
         precision=precision,
         calib=None if calib is None else str(calib),
         calib_samples=calib_samples,
+        calib_method=calib_method,
     )
     with console.status("exporting") as status:
         result = export_model(

@@ -3,9 +3,14 @@
 The scheme (symmetric everywhere: every zero point is 0, so zero padding stays exact):
 
 - Activations: static, per tensor, at the input of every WSNet layer, conv and linear:
-  ``scale = absmax / 127`` over the calibration samples, or uint8 with ``absmax / 255``
-  where no calibration sample was negative (after ReLU: one more bit; measured on
-  wsnet1d-tiny, top-1 agreement with fp32 went from 98.9% to 99.2%).
+  ``scale = clip / 127``, or uint8 with ``clip / 255`` where no calibration sample was
+  negative (after ReLU: one more bit; measured on wsnet1d-tiny, top-1 agreement with fp32
+  went from 98.9% to 99.2%). ``clip`` is, by default (``method="mse"``), the clipping
+  threshold that minimises the mean squared quantization error (rounding plus saturation)
+  over a seeded sample of the layer's calibration inputs, searched between 30% and 100% of
+  the observed absmax; ``method="minmax"`` takes the absmax itself. Measured on
+  wsnet1d-soundnet8: the layers' best thresholds are 63-91% of absmax, and the model
+  output's error relative to fp32 falls by 22%.
 - WSNet phi: int8 per condensed channel (the paper's "Q" step). The scales are
   ``s[c*] = s_max * 2**-e[c*]`` with integer ``e >= 0``: the condensed channel is the
   *reduction* axis of the product table ``P = phi^T . xs``, so an arbitrary per-channel
@@ -29,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -224,26 +229,39 @@ QUANTIZERS: dict[type, type[_Quantized]] = {
 """Layer type -> its quantized replacement; every other module stays float."""
 
 
+CALIB_METHODS = ("mse", "minmax")
+SAMPLES_PER_BATCH = 16384
+"""Values of each layer's input kept per calibration batch for the clipping search."""
+CLIP_SEARCH = np.linspace(0.3, 1.0, 71)
+"""Candidate clipping thresholds, as fractions of the observed absmax."""
+
+
 @dataclass
 class Calibration:
-    """(min, max) of every quantizable layer's input (by module name), absmax of the output."""
+    """(min, max) of every quantizable layer's input (by module name), the clipping threshold
+    each input is quantized at, and the absmax of the output."""
 
     inputs: dict[str, tuple[float, float]]
     output: float
     n_samples: int
     source: str
+    clip: dict[str, float] = field(default_factory=dict)
+    method: str = "minmax"
 
     def activation(self, name: str) -> tuple[float, bool]:
         """(scale, unsigned) of the input of layer ``name``."""
         lo, hi = self.inputs[name]
         unsigned = lo >= 0
-        return activation_scale(max(abs(lo), abs(hi)), unsigned), unsigned
+        amax = self.clip.get(name, max(abs(lo), abs(hi)))
+        return activation_scale(amax, unsigned), unsigned
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "n_samples": self.n_samples,
+            "method": self.method,
             "ranges": {k: list(v) for k, v in self.inputs.items()},
+            "clip": dict(self.clip),
             "activations": {
                 k: {"scale": s, "dtype": "uint8" if u else "int8"}
                 for k, (s, u) in ((k, self.activation(k)) for k in self.inputs)
@@ -255,7 +273,9 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
         ranges = {k: (float(v[0]), float(v[1])) for k, v in d["ranges"].items()}
-        return cls(ranges, float(d["output_absmax"]), int(d["n_samples"]), d["source"])
+        clip = {k: float(v) for k, v in d.get("clip", {}).items()}
+        method = d.get("method", "minmax")
+        return cls(ranges, float(d["output_absmax"]), int(d["n_samples"]), d["source"], clip, method)
 
     @property
     def output_step(self) -> float:
@@ -267,13 +287,40 @@ def _quantizable(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in module.named_modules() if type(m) in QUANTIZERS]
 
 
+def clip_threshold(values: np.ndarray, absmax: float, unsigned: bool) -> float:
+    """The threshold in ``CLIP_SEARCH * absmax`` whose quantization of ``values`` (rounding
+    below it, saturation above) has the smallest mean squared error; ties go to the larger."""
+    values = np.asarray(values, dtype=np.float64)
+    if absmax <= 0 or values.size == 0:
+        return float(absmax)
+    lo, hi = (0, 255) if unsigned else (-128, 127)
+    best, best_err = float(absmax), np.inf
+    for frac in CLIP_SEARCH[::-1]:
+        s = activation_scale(absmax * frac, unsigned)
+        err = float(np.mean((np.clip(np.round(values / s), lo, hi) * s - values) ** 2))
+        if err < best_err:
+            best, best_err = float(absmax * frac), err
+    return best
+
+
 @torch.no_grad()
-def calibrate(module: nn.Module, batches: Iterable[np.ndarray], source: str = "") -> Calibration:
-    """Run ``batches`` through the eager model and record the input range of every layer."""
+def calibrate(
+    module: nn.Module,
+    batches: Iterable[np.ndarray],
+    source: str = "",
+    method: str = "mse",
+    progress=None,
+) -> Calibration:
+    """Run ``batches`` through the eager model, record the input range of every layer and
+    choose its clipping threshold (``method``: "mse" or "minmax", see the module doc)."""
+    if method not in CALIB_METHODS:
+        raise WsdeployError(f"unknown calibration method {method!r}: one of {CALIB_METHODS}")
     targets = _quantizable(module)
     if not targets:
         raise WsdeployError("int8: the model has no conv, linear or WSNet layer to quantize")
     ranges = {n: (np.inf, -np.inf) for n, _ in targets}
+    kept: dict[str, list[np.ndarray]] = {n: [] for n, _ in targets}
+    rng = np.random.default_rng(0)
     hooks = []
     for name, m in targets:
 
@@ -281,6 +328,11 @@ def calibrate(module: nn.Module, batches: Iterable[np.ndarray], source: str = ""
             lo, hi = ranges[name]
             x = args[0].detach()
             ranges[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
+            if method == "mse":
+                flat = x.reshape(-1).numpy()
+                if flat.size > SAMPLES_PER_BATCH:
+                    flat = flat[rng.integers(0, flat.size, SAMPLES_PER_BATCH)]
+                kept[name].append(flat.astype(np.float32, copy=True))
 
         hooks.append(m.register_forward_pre_hook(hook))
     out_max, n = 0.0, 0
@@ -291,12 +343,18 @@ def calibrate(module: nn.Module, batches: Iterable[np.ndarray], source: str = ""
             outs = out if isinstance(out, tuple | list) else (out,)
             out_max = max(out_max, *(float(o.abs().max()) for o in outs))
             n += x.shape[0]
+            if progress is not None:
+                progress(x.shape[0])
     finally:
         for h in hooks:
             h.remove()
     if n == 0:
         raise WsdeployError("int8: no calibration samples")
-    return Calibration(ranges, out_max, n, source)
+    clip = {}
+    if method == "mse":
+        for name, (lo, hi) in ranges.items():
+            clip[name] = clip_threshold(np.concatenate(kept[name]), max(-lo, hi), lo >= 0)
+    return Calibration(ranges, out_max, n, source, clip, method)
 
 
 def quantize_model(module: nn.Module, calibration: Calibration) -> nn.Module:

@@ -18,6 +18,7 @@ import numpy as np
 
 from benchmarks.layers import TALK_LAYER, bench_layer, peak_gmacs, run_worker
 from wsdeploy.compiler import ExportOptions, export
+from wsdeploy.errors import AccuracyGateFailed
 from wsdeploy.modelfile import load_model
 from wsdeploy.models import count_model, dense_baseline, zoo
 from wsdeploy.models.train import dataset_for
@@ -59,6 +60,20 @@ def machine() -> dict:
     }
 
 
+BUILDS = [
+    ("onnx", "fold", "fp32", "ORT dense baseline (fold)"),
+    ("onnx", "shared", "fp32", "ORT WSNet shared"),
+    ("onnx", "custom", "fp32", "ORT WSNet custom"),
+    ("onnx", "auto", "fp32", "ORT WSNet auto"),
+    ("onnx", "shared", "int8", "ORT WSNet shared int8"),
+    ("onnx", "auto", "int8", "ORT WSNet auto int8"),
+    ("x86_64", "fold", "fp32", "TVM dense baseline (fold)"),
+    ("x86_64", "auto", "fp32", "TVM WSNet auto (fused kernels)"),
+    ("x86_64", "auto", "int8", "TVM WSNet auto int8 (integer kernels)"),
+]
+"""(target, strategy, precision, label) of every exported build timed per zoo model."""
+
+
 def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say) -> list[dict]:
     rows = []
     for name in names:
@@ -75,25 +90,28 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
         counts = count_model(loaded.module, example)
         shape = list(loaded.input_shape)
         builds = []
-        runs = [
-            ("onnx", "fold", "ORT dense baseline (fold)"),
-            ("onnx", "shared", "ORT WSNet shared"),
-            ("onnx", "custom", "ORT WSNet custom"),
-            ("onnx", "auto", "ORT WSNet auto"),
-            ("x86_64", "fold", "TVM dense baseline (fold)"),
-            ("x86_64", "auto", "TVM WSNet auto (fused kernels)"),
-        ]
-        for target, strategy, label in runs:
-            say(f"{name}: export {target} {strategy}")
-            out = workdir / f"{name}-{target}-{strategy}"
-            m = export(loaded, out, ExportOptions(target=target, strategy=strategy)).manifest
+        for target, strategy, precision, label in BUILDS:
+            say(f"{name}: export {target} {strategy} {precision}")
+            out = workdir / f"{name}-{target}-{strategy}-{precision}"
+            options = ExportOptions(target=target, strategy=strategy, precision=precision)
+            try:
+                m = export(loaded, out, options).manifest
+            except AccuracyGateFailed as e:  # reported in the table, not timed
+                say(f"{name}: {label}: {e}")
+                rows.append(
+                    {"model": name, "build": label, "precision": precision, "failed": str(e)}
+                )
+                continue
             runtime = "ort" if target == "onnx" else "tvm"
+            gate = m["verification"].get("accuracy_gate")
             builds.append(
                 (
                     label,
                     {"runtime": runtime, "path": str(out / m["artifact"])},
                     m["size"]["artifact_bytes"],
                     _macs(m, counts),
+                    precision,
+                    gate,
                 )
             )
         ckpt = str(Path(loaded.source))
@@ -103,6 +121,8 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
                 {"runtime": "torch", "path": ckpt, "dense": True},
                 _param_bytes(dense_baseline(loaded.module)),
                 counts.dense_macs,
+                "fp32",
+                None,
             )
         )
         builds.append(
@@ -111,9 +131,11 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
                 {"runtime": "torch", "path": ckpt},
                 _param_bytes(loaded.module),
                 counts.dense_macs,
+                "fp32",
+                None,
             )
         )
-        for label, spec, size, macs in builds:
+        for label, spec, size, macs, precision, gate in builds:
             say(f"{name}: time {label}")
             timing = run_worker({**spec, "shape": shape, "eval": str(npz)}, repeat)
             rows.append(
@@ -121,8 +143,10 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
                     "model": name,
                     "build": label,
                     "runtime": spec["runtime"],
+                    "precision": precision,
                     "bytes": size,
                     "macs": macs,
+                    "agreement": None if gate is None else gate["top1_agreement"],
                     **timing,
                 }
             )
@@ -171,6 +195,19 @@ def summary(layers: list[dict], models: list[dict]) -> list[str]:
             f"{auto['median_ms']:.2f} ms against {dense['median_ms']:.2f} ms dense; TVM "
             f"runs it in {tvm['median_ms']:.2f} ms."
         )
+        q_file, q_tvm = rows["ORT WSNet shared int8"], rows["TVM WSNet auto int8 (integer kernels)"]
+        if "failed" in q_file or "failed" in q_tvm:
+            failed = q_file.get("failed") or q_tvm.get("failed")
+            lines.append(f"  int8: no build shipped: {failed}.")
+        else:
+            lines.append(
+                f"  int8: the WSNet file is {dense['bytes'] / q_file['bytes']:.0f}x smaller "
+                f"than the dense fp32 baseline's ({q_file['bytes'] / 1024:.1f} KB); TVM's "
+                f"integer build runs in {q_tvm['median_ms']:.2f} ms, "
+                f"{tvm['median_ms'] / q_tvm['median_ms']:.2f}x faster than its fp32 build; "
+                f"top-1 agreement with fp32 {q_tvm['agreement']:.1%}, held-out accuracy "
+                f"{q_tvm['accuracy']:.1%} vs {tvm['accuracy']:.1%}."
+            )
     return [*lines, ""]
 
 
@@ -205,16 +242,24 @@ def markdown(layers: list[dict], models: list[dict], info: dict, command: str) -
         lines.append("")
     if models:
         lines += [
-            "### Zoo models (fp32, batch 1)",
+            "### Zoo models (batch 1)",
             "",
-            "| model | build | size KB | MMACs | median ms | p90 ms | held-out acc |",
-            "|---|---|---|---|---|---|---|",
+            "int8 builds passed the export's accuracy gate (top-1 agreement with fp32 on the "
+            "held-out split, shown); a build that failed it is listed, not timed.",
+            "",
+            "| model | build | size KB | MMACs | median ms | p90 ms | held-out acc | "
+            "int8 agreement |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in models:
+            if "failed" in r:
+                lines.append(f"| {r['model']} | {r['build']} | - | - | - | - | - | gate failed |")
+                continue
+            agree = "" if r.get("agreement") is None else f"{r['agreement']:.1%}"
             lines.append(
                 f"| {r['model']} | {r['build']} | {r['bytes'] / 1024:.1f} | "
                 f"{r['macs'] / 1e6:.1f} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
-                f"{r['accuracy']:.1%} |"
+                f"{r['accuracy']:.1%} | {agree} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -227,7 +272,7 @@ def plot(models: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in sorted({r["model"] for r in models}):
-        rows = [r for r in models if r["model"] == name]
+        rows = [r for r in models if r["model"] == name and "failed" not in r]
         ax.scatter([r["bytes"] / 1024 for r in rows], [r["median_ms"] for r in rows], label=name)
         for r in rows:
             marker = "*" if "dense" in r["build"] else ""

@@ -39,6 +39,9 @@ def test_quick_benchmark_run(tmp_path):
         assert res["theoretical_speedup"] > 10
     models = json.loads((tmp_path / "models.json").read_text())["models"]
     assert {r["model"] for r in models} == {"wsnet1d-tiny", "wsnet2d-cifar"}
+    assert not [r for r in models if "failed" in r]  # both models' int8 builds pass the gate
     assert all(r["median_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in models)
+    int8 = [r for r in models if r["precision"] == "int8"]
+    assert len(int8) == 2 * 3 and all(r["agreement"] >= 0.99 for r in int8)
     assert "| formulation |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "size_latency.png").read_bytes()[:4] == b"\x89PNG"

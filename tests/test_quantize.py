@@ -119,11 +119,41 @@ def test_calibration_ranges_and_unsigned_inputs():
     assert cal.activation("0")[1] is False
     again = quantize.Calibration.from_dict(cal.to_dict())
     assert again.inputs == cal.inputs and again.output_step == cal.output_step
-    assert again.clip == cal.clip and again.method == "mse" and set(cal.clip) == {"0", "2"}
+    assert again.clip == cal.clip and again.method == cal.method
+    assert again.output_error == cal.output_error
     assert all(again.activation(k) == cal.activation(k) for k in cal.inputs)
     minmax = quantize.calibrate(model, [x[:8], x[8:]], "unit", method="minmax")
     assert minmax.clip == {} and minmax.inputs == cal.inputs
     assert minmax.activation("0")[0] == quantize.activation_scale(float(np.abs(x).max()))
+    mse = quantize.calibrate(model, [x[:8], x[8:]], "unit", method="mse")
+    assert set(mse.clip) == {"0", "2"} and mse.method == "mse"
+
+
+def test_auto_calibration_keeps_the_candidate_closer_to_fp32():
+    """auto measures both candidates' output error on the calibration batches and keeps the
+    smaller: checked against a direct measurement of each."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)
+    ).eval()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    x[0, 0] = 30.0  # an outlier, so that the two candidates differ
+    batches = [x[i : i + 16] for i in range(0, 64, 16)]
+    auto = quantize.calibrate(model, batches, "unit", method="auto")
+    assert set(auto.output_error) == {"minmax", "mse"}
+    measured = {}
+    for method in ("minmax", "mse"):
+        cal = quantize.calibrate(model, batches, "unit", method=method)
+        qmodel = quantize.quantize_model(model, cal)
+        with torch.no_grad():
+            ref, got = model(torch.from_numpy(x)), qmodel(torch.from_numpy(x))
+        measured[method] = float(((got - ref) ** 2).sum() / (ref**2).sum())
+        assert auto.output_error[method] == pytest.approx(measured[method], rel=1e-4)
+    assert auto.method == min(measured, key=measured.get)
+    assert auto.activation("0") == quantize.calibrate(
+        model, batches, method=auto.method
+    ).activation("0")
 
 
 def _qmse(v, clip, unsigned):

@@ -393,11 +393,12 @@ def _quiet_third_party_logs() -> None:
 )
 @click.option(
     "--calib-method",
-    type=click.Choice(["mse", "minmax"]),
-    default="mse",
+    type=click.Choice(["auto", "mse", "minmax"]),
+    default="auto",
     show_default=True,
-    help="int8: each activation's clipping threshold: the one with the least squared "
-    "quantization error on the calibration samples, or their absmax.",
+    help="int8: each activation's clipping threshold: its absmax on the calibration samples "
+    "(minmax), the one with the least squared quantization error (mse), or whichever of the "
+    "two keeps the model output closer to fp32 on the calibration samples (auto).",
 )
 @click.option(
     "--n-verify",

@@ -55,7 +55,7 @@ class ExportOptions:
     precision: str = "fp32"  # or "int8"
     calib: str | None = None  # int8: .npy/.npz of calibration inputs
     calib_samples: int | None = None  # int8: this many samples of the model's own dataset
-    calib_method: str = "mse"  # int8: activation clipping, "mse" or "minmax" (quantize.py)
+    calib_method: str = "auto"  # int8: activation clipping: auto, mse or minmax (quantize.py)
     gate_samples: int | None = None  # int8: held-out samples for the accuracy gate
     n_verify: int = 8
     seed: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -31,6 +32,8 @@ class Target:
         cpus: help text for ``--cpu``; empty if the target takes none.
         runs_here: whether its artifacts run on this machine (else verification needs a
             device: ``--rpc``).
+        tvm_target: for targets that ``wsdeploy tune`` can tune on this machine, the TVM
+            target a build for ``cpu`` uses (None: not tunable here).
     """
 
     name: str
@@ -41,3 +44,4 @@ class Target:
     native_wsnet: bool = False
     cpus: str = ""
     runs_here: Callable[[], bool] = lambda: True
+    tvm_target: Callable[[str | None], Any] | None = None

@@ -11,13 +11,20 @@ schedule, build, and run.
   legalized to a vectorised direct convolution (``tvm_kernels.make_dense_conv``, 14 ms);
   every other PrimFunc not already marked ``tirx.is_scheduled`` gets a generic schedule
   (``schedule_cpu``): producers inlined, outer spatial loops fused and parallel, the innermost
-  spatial loop vectorised. No MetaSchedule tuning yet.
+  spatial loop vectorised.
+- Tuning: ``wsdeploy tune`` (``wsdeploy/tune.py``) runs MetaSchedule on exactly those
+  generically scheduled PrimFuncs (``tunable``) and stores the records per target
+  (``records_dir``); every later build for that target looks each such PrimFunc up there
+  (by structure, so by shape) and uses the tuned schedule where one exists
+  (``apply_records``). Our hand-written kernels are never replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -618,18 +625,94 @@ def _schedule_reduction(sch, blk, loops, n_spatial: int, vl: int) -> None:
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
-def compile_module(mod, target, vl: int):
-    """Schedule and compile an imported module for a TVM target."""
-    tvm = _tvm()
+def prepare_module(mod, target, vl: int):
+    """Legalize (our convolutions first) and run TVM's default Relax pipeline: the module
+    whose PrimFuncs are scheduled (by us, by tuning records or generically) and compiled."""
+    _tvm()
     from tvm import relax
 
+    conv = _conv_legalizer(vl)
+    mod = relax.transform.LegalizeOps({"relax.nn.conv1d": conv, "relax.nn.conv2d": conv})(mod)
+    with target:
+        return relax.get_default_pipeline(target)(mod)
+
+
+def tunable(mod) -> dict[str, Any]:
+    """The PrimFuncs of a prepared module that no kernel of ours schedules: name -> func."""
+    from tvm import tirx
+
+    return {
+        gv.name_hint: func
+        for gv, func in mod.functions_items()
+        if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False)
+    }
+
+
+TUNING_ENV = "WSDEPLOY_TUNING_DIR"
+"""Overrides where tuning records live (default ``~/.cache/wsdeploy/tuning``)."""
+
+
+def records_dir(target) -> Path:
+    """The directory of MetaSchedule records for one TVM target (one per canonical target
+    string; inside, records are keyed by each PrimFunc's structure, so by its shapes)."""
+    root = Path(os.environ.get(TUNING_ENV) or Path.home() / ".cache" / "wsdeploy" / "tuning")
+    key = hashlib.sha256(str(target).encode()).hexdigest()[:16]
+    return root / f"{target.kind.name}-{key}"
+
+
+def open_records(path: Path, create: bool = False):
+    """The JSON database of the records in ``path`` (None if there are none and not
+    ``create``)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    workloads, records = path / "workloads.json", path / "records.json"
+    if not create and not records.exists():
+        return None
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     try:
-        conv = _conv_legalizer(vl)
-        mod = relax.transform.LegalizeOps({"relax.nn.conv1d": conv, "relax.nn.conv2d": conv})(mod)
-        with target:
-            mod = relax.get_default_pipeline(target)(mod)
+        return ms.database.JSONDatabase(str(workloads), str(records), allow_missing=create)
+    except Exception as e:
+        raise CompileError(
+            f"tuning records in {path} are unreadable ({str(e).strip().splitlines()[-1][:200]}); "
+            "delete the directory to start over"
+        ) from e
+
+
+def apply_records(mod, target) -> list[str]:
+    """Give every tunable PrimFunc of ``mod`` the best schedule measured for it in the
+    target's records (MetaSchedule's, or the generic one where that measured faster), in
+    place; returns the names that got one."""
+    path = records_dir(target)
+    database = open_records(path)
+    if database is None:
+        return []
+    from tvm.s_tir.meta_schedule.tir_integration import _normalize_mod
+
+    tuned = []
+    for name, func in tunable(mod).items():
+        try:
+            sch = database.query_schedule(_normalize_mod(func), target, workload_name="main")
+        except Exception as e:  # a record that no longer applies: the generic schedule
+            log.warning("tuning record for %s not applied: %s", name, e)
+            continue
+        if sch is not None:
+            mod[name] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            tuned.append(name)
+    return tuned
+
+
+def compile_module(mod, target, vl: int):
+    """Schedule and compile an imported module for a TVM target: (executable, the names of
+    the PrimFuncs that took tuned schedules)."""
+    tvm = _tvm()
+    try:
+        mod = prepare_module(mod, target, vl)
+        tuned = apply_records(mod, target)
         mod = schedule_cpu(mod, vl)
-        return tvm.compile(mod, target=target)
+        return tvm.compile(mod, target=target), tuned
+    except CompileError:
+        raise
     except Exception as e:
         raise CompileError(f"TVM build failed: {str(e).strip().splitlines()[-1][:300]}") from e
 
@@ -722,11 +805,12 @@ def build(
 
     vl = vector_lanes(target)
     mod = import_model(model, vl)
-    executable = compile_module(mod, target, vl)
+    executable, tuned = compile_module(mod, target, vl)
     export_library(executable, outdir / library, cross_compiler)
-    (outdir / "tvm.json").write_text(
-        json.dumps({"target": str(target), "vector_lanes": vl, "library": library}, indent=2) + "\n"
-    )
+    info = {"target": str(target), "vector_lanes": vl, "library": library, "records_applied": tuned}
+    if tuned:
+        info["tuning_records"] = str(records_dir(target))
+    (outdir / "tvm.json").write_text(json.dumps(info, indent=2) + "\n")
     return [library, "tvm.json"]
 
 

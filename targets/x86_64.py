@@ -2,7 +2,8 @@
 
 WSNet layers run as our fused shared-computation kernels (vectorised for the target's AVX
 width); the rest of the graph gets generic parallel, vectorised schedules. ``--cpu`` names
-the processor (default: this machine's).
+the processor (default: this machine's). ``wsdeploy tune`` tunes the generically scheduled
+kernels here; later builds for the same target use its records.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def _host_default() -> dict:
     return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}
 
 
+def tvm_target(cpu: str | None = None):
+    return tvm_build.resolve_target(cpu, _host_default(), "x86_64")
+
+
 def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
-    target = tvm_build.resolve_target(cpu, _host_default(), "x86_64")
-    return tvm_build.build(model, outdir, target, library=LIBRARY)
+    return tvm_build.build(model, outdir, tvm_target(cpu), library=LIBRARY)
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:
@@ -46,4 +50,5 @@ X86_64 = Target(
     load,
     native_wsnet=True,
     cpus="LLVM CPU name (skylake-avx512), TVM tag, or JSON target dict; default: this machine",
+    tvm_target=tvm_target,
 )

@@ -31,6 +31,16 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get("CI") else "wsdeploy")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_tuning_records(tmp_path_factory):
+    """TVM builds in tests never pick up the user's tuning records (tests that tune set
+    their own directory)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WSDEPLOY_TUNING_DIR", str(tmp_path_factory.mktemp("tuning-records")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -543,6 +543,94 @@ def verify(
 
 
 @main.command()
+@click.argument("model_or_outdir", metavar="MODEL|OUTDIR")
+@click.option(
+    "--target",
+    type=click.Choice(sorted(_TARGET_NAMES)),
+    default="x86_64",
+    show_default=True,
+    help="The TVM target to tune for (MODEL only; an OUTDIR's build says its own).",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(list(_STRATEGIES)),
+    default="auto",
+    show_default=True,
+    help="MODEL only: the strategy of the export the records are for.",
+)
+@click.option("--cpu", default=None, help="MODEL only: a specific processor, as for export.")
+@click.option(
+    "--quantize",
+    "precision",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="MODEL only: tune the int8 build's kernels (calibrated as export does).",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="MetaSchedule measurements in all, shared among the kernels.",
+)
+@with_model_options
+@_errors
+def tune(
+    model_or_outdir: str,
+    target: str,
+    strategy: str,
+    cpu: str | None,
+    precision: str,
+    trials: int,
+    trust_pickle: bool,
+    input_shape: str | None,
+) -> None:
+    """Tune the generically scheduled kernels of a TVM build with MetaSchedule.
+
+    MODEL (a checkpoint, .pt2 or zoo name): tune the kernels its export for --target would
+    build and store the records; later exports for that target use them. OUTDIR (a finished
+    build): tune its kernels, then rebuild it in place with them (the rebuild passes the
+    same gates, or the previous build stays).
+    """
+    from wsdeploy.compiler import ExportOptions
+    from wsdeploy.tune import tune as tune_model
+    from wsdeploy.tune import tune_and_rebuild
+
+    _quiet_third_party_logs()
+    path = Path(model_or_outdir)
+    kwargs = {"trust_pickle": trust_pickle, "input_shape": _shape(input_shape)}
+    with console.status("tuning") as status:
+        if path.is_dir() and (path / "manifest.json").exists():
+            result = tune_and_rebuild(
+                path, trials, progress=lambda step: status.update(step), **kwargs
+            )
+        else:
+            options = ExportOptions(target=target, strategy=strategy, cpu=cpu, precision=precision)
+            result = tune_model(
+                model_or_outdir,
+                options,
+                trials,
+                progress=lambda step: status.update(step),
+                **kwargs,
+            )
+    if not result.kernels:
+        click.echo("nothing to tune: every kernel of this build has a schedule of its own")
+        return
+    click.echo(
+        f"tuned {len(result.kernels)} kernels with {result.trials} trials in "
+        f"{result.seconds:.0f} s; records: {result.records}"
+    )
+    for k in result.kernels:
+        best = "-" if k["best_us"] is None else f"{k['best_us']:.1f} us"
+        click.echo(f"  {k['name']:<32} best {best}")
+    if path.is_dir() and (path / "manifest.json").exists():
+        click.echo(f"rebuilt {path} with the tuned kernels")
+    else:
+        click.echo("later exports for this target use these records")
+
+
+@main.command()
 @click.argument("outdir", type=click.Path(path_type=Path, file_okay=False))
 @click.option(
     "--repeat", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs."

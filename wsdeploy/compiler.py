@@ -225,6 +225,20 @@ def quantized_reference(loaded: LoadedModel, calibration: quantize.Calibration) 
     return dataclasses.replace(loaded, module=qmodule)
 
 
+def calibrated_reference(
+    loaded: LoadedModel, options: ExportOptions
+) -> tuple[LoadedModel, quantize.Calibration]:
+    """Calibrate on the options' samples: (the fake-quantized reference, its calibration)."""
+    samples, source = calibration_samples(loaded, options)
+    calibration = quantize.calibrate(
+        loaded.module,
+        quantize.batches(samples, loaded.input_shape[0]),
+        source,
+        options.calib_method,
+    )
+    return quantized_reference(loaded, calibration), calibration
+
+
 def accuracy_gate(loaded: LoadedModel, runner, n: int | None, batch: int) -> dict[str, Any]:
     """int8 against fp32 on held-out data: top-1 agreement and accuracy drop.
 
@@ -336,14 +350,7 @@ def export(
     reference, calibration = loaded, None
     if int8:
         say("calibrate")
-        samples, calib_source = calibration_samples(loaded, options)
-        calibration = quantize.calibrate(
-            loaded.module,
-            quantize.batches(samples, loaded.input_shape[0]),
-            calib_source,
-            options.calib_method,
-        )
-        reference = quantized_reference(loaded, calibration)
+        reference, calibration = calibrated_reference(loaded, options)
     say("trace and lower")
     lowered, layers = lower(reference, options.strategy, target.native_wsnet)
     outdir = Path(outdir)

@@ -1,0 +1,105 @@
+"""``wsdeploy tune``: MetaSchedule records per target, picked up by later builds; a tuned
+build still passes the gate; bad requests are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from wsdeploy import tune
+from wsdeploy.cli import main
+from wsdeploy.compiler import ExportOptions, export, lower
+from wsdeploy.errors import CompileError, WsdeployError
+from wsdeploy.modelfile import load_model
+from wsdeploy.targets import get_target, tvm_build
+
+
+@pytest.fixture
+def records(tmp_path, monkeypatch):
+    path = tmp_path / "records"
+    monkeypatch.setenv(tvm_build.TUNING_ENV, str(path))
+    return path
+
+
+def _tasks(name: str):
+    target = get_target("x86_64")
+    tt = target.tvm_target(None)
+    vl = tvm_build.vector_lanes(tt)
+    lowered, _ = lower(load_model(name), "auto", True)
+    mod = tvm_build.prepare_module(tvm_build.import_model(lowered, vl), tt, vl)
+    return tvm_build.tunable(mod), tt, vl
+
+
+def test_records_hold_the_generic_schedules_and_builds_apply_them(records, tmp_path):
+    """Without a single MetaSchedule trial: each kernel's generic schedule, measured and
+    committed, is what a later build finds in the records (by structure), and that build
+    passes the numerics gate."""
+    tasks, tt, vl = _tasks("wsnet1d-tiny")
+    assert tasks and all(not f.attrs.get("tirx.is_scheduled", False) for f in tasks.values())
+    database = tvm_build.open_records(tvm_build.records_dir(tt), create=True)
+    tune._commit_generic(tasks, tune._measure_target(tt), database, vl)
+    best = tune._best(tasks, tt, database)
+    assert {b["name"] for b in best} == set(tasks)
+    assert all(b["best_us"] is not None and b["best_us"] > 0 for b in best)
+    out = tmp_path / "b"
+    m = export("wsnet1d-tiny", out, ExportOptions(target="x86_64")).manifest
+    assert m["verification"]["passed"]
+    info = json.loads((out / "tvm.json").read_text())
+    assert sorted(info["records_applied"]) == sorted(tasks)
+    assert info["tuning_records"] == str(tvm_build.records_dir(tt))
+
+
+def test_builds_without_records_use_the_generic_schedules(records, tmp_path):
+    out = tmp_path / "b"
+    export("wsnet1d-tiny", out, ExportOptions(target="x86_64"))
+    info = json.loads((out / "tvm.json").read_text())
+    assert info["records_applied"] == [] and "tuning_records" not in info
+    assert not records.exists()  # an export never creates the records directory
+
+
+def test_corrupt_records_are_a_clear_error(records, tmp_path):
+    tasks, tt, _ = _tasks("wsnet1d-tiny")
+    path = tvm_build.records_dir(tt)
+    path.mkdir(parents=True)
+    (path / "workloads.json").write_text("{not json\n")
+    (path / "records.json").write_text("[1, 2\n")
+    with pytest.raises(CompileError, match="unreadable.*delete the directory"):
+        export("wsnet1d-tiny", tmp_path / "b", ExportOptions(target="x86_64"))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort", "arm64"])
+def test_targets_that_do_not_run_here_cannot_be_tuned(target, records):
+    with pytest.raises(WsdeployError, match="cannot be tuned on this machine.*x86_64"):
+        tune.tune("wsnet1d-tiny", ExportOptions(target=target), 4)
+
+
+def test_tune_cli_errors_are_one_line(records, tmp_path):
+    result = CliRunner().invoke(main, ["tune", "wsnet1d-tiny", "--target", "onnx"])
+    assert result.exit_code == 1 and "cannot be tuned" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["tune", str(tmp_path / "missing.pt")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["tune", "wsnet1d-tiny", "--trials", "0"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.slow
+def test_tune_an_outdir_then_rebuild_it(records, tmp_path):
+    """The real thing, small: MetaSchedule trials on a finished build's kernels, the records
+    stored for the target, and the build rebuilt in place with them, gate passed."""
+    out = tmp_path / "b"
+    export("wsnet1d-tiny", out, ExportOptions(target="x86_64"))
+    before = json.loads((out / "manifest.json").read_text())
+    result = CliRunner().invoke(main, ["tune", str(out), "--trials", "8"])
+    assert result.exit_code == 0, result.output
+    assert "rebuilt" in result.output and "records:" in result.output
+    record_lines = (next(records.iterdir()) / "records.json").read_text().splitlines()
+    tasks, _, _ = _tasks("wsnet1d-tiny")
+    assert len(record_lines) > len(tasks)  # the generic schedules plus measured trials
+    info = json.loads((out / "tvm.json").read_text())
+    assert sorted(info["records_applied"]) == sorted(tasks)
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["verification"]["passed"] and after["source"] == before["source"]

@@ -60,19 +60,19 @@ def test_builds_without_records_use_the_generic_schedules(records, tmp_path):
 
 
 def test_corrupt_records_are_a_clear_error(records, tmp_path):
-    tasks, tt, _ = _tasks("wsnet1d-tiny")
+    _, tt, _ = _tasks("wsnet1d-tiny")
     path = tvm_build.records_dir(tt)
     path.mkdir(parents=True)
     (path / "workloads.json").write_text("{not json\n")
     (path / "records.json").write_text("[1, 2\n")
-    with pytest.raises(CompileError, match="unreadable.*delete the directory"):
+    with pytest.raises(CompileError, match=r"unreadable.*delete the directory"):
         export("wsnet1d-tiny", tmp_path / "b", ExportOptions(target="x86_64"))
     assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("target", ["onnx", "ort", "arm64"])
 def test_targets_that_do_not_run_here_cannot_be_tuned(target, records):
-    with pytest.raises(WsdeployError, match="cannot be tuned on this machine.*x86_64"):
+    with pytest.raises(WsdeployError, match=r"cannot be tuned on this machine.*x86_64"):
         tune.tune("wsnet1d-tiny", ExportOptions(target=target), 4)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -22,6 +23,8 @@ from wsdeploy.errors import AccuracyGateFailed
 from wsdeploy.modelfile import load_model
 from wsdeploy.models import count_model, dense_baseline, zoo
 from wsdeploy.models.train import dataset_for
+from wsdeploy.targets import tvm_build
+from wsdeploy.tune import tune
 
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parents[1] / "README.md"
@@ -70,11 +73,17 @@ BUILDS = [
     ("x86_64", "fold", "fp32", "TVM dense baseline (fold)"),
     ("x86_64", "auto", "fp32", "TVM WSNet auto (fused kernels)"),
     ("x86_64", "auto", "int8", "TVM WSNet auto int8 (integer kernels)"),
+    ("x86_64", "auto", "tuned", "TVM WSNet auto, tuned"),
 ]
 """(target, strategy, precision, label) of every exported build timed per zoo model."""
 
 
-def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say) -> list[dict]:
+def bench_models(
+    names: list[str], workdir: Path, repeat: int, n_eval: int, say, trials: int = 0
+) -> list[dict]:
+    """Export, time and evaluate every build of ``BUILDS`` for each model; the tuned build
+    (only with ``trials``) tunes into fresh records of its own first."""
+    os.environ[tvm_build.TUNING_ENV] = str(workdir / "tuning-records")
     rows = []
     for name in names:
         loaded = load_model(name)
@@ -91,8 +100,16 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
         shape = list(loaded.input_shape)
         builds = []
         for target, strategy, precision, label in BUILDS:
-            say(f"{name}: export {target} {strategy} {precision}")
+            tuned = precision == "tuned"
+            if tuned and not trials:
+                continue
             out = workdir / f"{name}-{target}-{strategy}-{precision}"
+            if tuned:
+                precision, label = "fp32", f"{label} ({trials} trials)"
+                say(f"{name}: tune {target} {strategy} ({trials} trials)")
+                options = ExportOptions(target=target, strategy=strategy)
+                tuning = tune(loaded, options, trials)
+            say(f"{name}: export {target} {strategy} {precision}")
             options = ExportOptions(target=target, strategy=strategy, precision=precision)
             try:
                 m = export(loaded, out, options).manifest
@@ -112,6 +129,7 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
                     _macs(m, counts),
                     precision,
                     gate,
+                    {"tune_seconds": round(tuning.seconds, 1)} if tuned else {},
                 )
             )
         ckpt = str(Path(loaded.source))
@@ -123,6 +141,7 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
                 counts.dense_macs,
                 "fp32",
                 None,
+                {},
             )
         )
         builds.append(
@@ -133,9 +152,10 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
                 counts.dense_macs,
                 "fp32",
                 None,
+                {},
             )
         )
-        for label, spec, size, macs, precision, gate in builds:
+        for label, spec, size, macs, precision, gate, extra in builds:
             say(f"{name}: time {label}")
             timing = run_worker({**spec, "shape": shape, "eval": str(npz)}, repeat)
             rows.append(
@@ -147,6 +167,7 @@ def bench_models(names: list[str], workdir: Path, repeat: int, n_eval: int, say)
                     "bytes": size,
                     "macs": macs,
                     "agreement": None if gate is None else gate["top1_agreement"],
+                    **extra,
                     **timing,
                 }
             )
@@ -195,6 +216,13 @@ def summary(layers: list[dict], models: list[dict]) -> list[str]:
             f"{auto['median_ms']:.2f} ms against {dense['median_ms']:.2f} ms dense; TVM "
             f"runs it in {tvm['median_ms']:.2f} ms."
         )
+        tuned = next((r for k, r in rows.items() if k.startswith("TVM WSNet auto, tuned")), None)
+        if tuned is not None and "failed" not in tuned:
+            lines.append(
+                f"  Tuned: {tuned['build']} ({tuned['tune_seconds']:.0f} s of MetaSchedule) "
+                f"runs in {tuned['median_ms']:.2f} ms against {tvm['median_ms']:.2f} ms "
+                "untuned."
+            )
         q_file, q_tvm = rows["ORT WSNet shared int8"], rows["TVM WSNet auto int8 (integer kernels)"]
         if "failed" in q_file or "failed" in q_tvm:
             failed = q_file.get("failed") or q_tvm.get("failed")
@@ -293,6 +321,12 @@ def main() -> None:
         "--quick", action="store_true", help="fewer runs and no SoundNet-8 (for CI)"
     )
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per build")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=32,
+        help="MetaSchedule trials for each model's tuned TVM build (none with --quick)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--render",
@@ -328,7 +362,9 @@ def main() -> None:
             bench_layer({**TALK_LAYER, "stride": s}, work / "layers", repeat, peak, say)
             for s in (1, 2)
         ]
-        models = bench_models(names, work, repeat, 200 if args.quick else 400, say)
+        models = bench_models(
+            names, work, repeat, 200 if args.quick else 400, say, 0 if args.quick else args.trials
+        )
     (args.out / "layers.json").write_text(
         json.dumps({"machine": info, "command": command, "layers": layers}, indent=2) + "\n"
     )

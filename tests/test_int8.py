@@ -122,3 +122,22 @@ def test_cli_int8_export_and_one_line_errors(tmp_path):
         )
         assert result.exit_code == 1 and message in result.output, result.output
         assert result.output.strip().count("\n") == 0 and not (tmp_path / "z").exists()
+
+
+def test_bench_compares_int8_with_fp32_and_report_shows_both(tmp_path):
+    runner = CliRunner()
+    f, q = tmp_path / "f", tmp_path / "q"
+    for out, precision in ((f, "fp32"), (q, "int8")):
+        args = ["export", "wsnet1d-tiny", "--target", "x86_64", "--quantize", precision]
+        result = runner.invoke(main, [*args, "-o", str(out), "--n-verify", "2"])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["bench", str(f), str(q), "--repeat", "5"])
+    assert result.exit_code == 0, result.output
+    assert f"int8 {q} runs" in result.output and f"as fast as fp32 {f}" in result.output
+    result = runner.invoke(main, ["report", str(f), str(q), "--json"])
+    rows = json.loads(result.output)
+    assert [r["precision"] for r in rows] == ["fp32", "int8"]
+    assert rows[0]["int8_accuracy"] is None and 0 < rows[1]["int8_accuracy"] <= 1
+    assert all(r["median_ms"] is not None for r in rows)
+    result = runner.invoke(main, ["report", str(f), str(q)])
+    assert result.exit_code == 0 and "int8" in result.output

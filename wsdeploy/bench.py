@@ -56,6 +56,8 @@ def bench(
 
     result = {
         "target": target.name,
+        "precision": manifest.get("precision", "fp32"),
+        "model_sha256": manifest["source"]["sha256"],
         "device": rpc or "local",
         "emulated": rpc is not None and device.is_emulated(rpc),
         "repeat": repeat,
@@ -70,6 +72,23 @@ def bench(
         result["kernels_ms"] = profile_kernels(run, x)
     atomic_write(outdir / BENCH, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     return result
+
+
+def precision_speedups(outdirs: list[Path], results: list[dict[str, Any]]) -> list[str]:
+    """One line per int8 build that has an fp32 build of the same model and target among
+    ``results``: its latency against the fp32 one's."""
+    lines = []
+    for d8, r8 in zip(outdirs, results, strict=True):
+        if r8["precision"] != "int8":
+            continue
+        for d32, r32 in zip(outdirs, results, strict=True):
+            same = (r32["model_sha256"], r32["target"]) == (r8["model_sha256"], r8["target"])
+            if r32["precision"] == "fp32" and same:
+                lines.append(
+                    f"int8 {d8} runs {r32['median_ms'] / r8['median_ms']:.2f}x as fast as "
+                    f"fp32 {d32} ({r8['median_ms']:.3f} vs {r32['median_ms']:.3f} ms median)"
+                )
+    return lines
 
 
 def report(outdirs: list[Path]) -> list[dict[str, Any]]:
@@ -97,6 +116,9 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
                 "max_abs_err": v["max_abs"],
                 "verified": m["verification"]["passed"],
                 "source_accuracy": (m["source"].get("metrics") or {}).get("test_accuracy"),
+                "int8_accuracy": (m["verification"].get("accuracy_gate") or {}).get(
+                    "accuracy_int8"
+                ),
             }
         )
     return rows

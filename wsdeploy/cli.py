@@ -631,7 +631,9 @@ def tune(
 
 
 @main.command()
-@click.argument("outdir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument(
+    "outdirs", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False)
+)
 @click.option(
     "--repeat", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs."
 )
@@ -641,28 +643,35 @@ def tune(
 @with_device_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_errors
-def bench(outdir: Path, repeat: int, warmup: int, rpc: str | None, as_json: bool) -> None:
-    """Measure the latency of the build in OUTDIR (median, p90, min), on this machine or on
-    the device behind --rpc."""
+def bench(
+    outdirs: tuple[Path, ...], repeat: int, warmup: int, rpc: str | None, as_json: bool
+) -> None:
+    """Measure the latency of each build in OUTDIRS (median, p90, min), on this machine or
+    on the device behind --rpc. Given an fp32 and an int8 build of the same model and
+    target, it also prints how much faster the int8 one runs."""
     from wsdeploy.bench import bench as bench_build
+    from wsdeploy.bench import precision_speedups
 
-    result = bench_build(outdir, repeat=repeat, warmup=warmup, rpc=rpc)
+    results = [bench_build(d, repeat=repeat, warmup=warmup, rpc=rpc) for d in outdirs]
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         return
-    if result["emulated"]:
+    if any(r["emulated"] for r in results):
         click.echo(
             "note: the emulated arm64 device runs under qemu; its latency is NOT a "
             "device measurement",
             err=True,
         )
-    click.echo(
-        f"{outdir} on {result['device']} ({result['target']}): median "
-        f"{result['median_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, min "
-        f"{result['min_ms']:.3f} ms over {result['repeat']} runs"
-    )
-    for name, ms in list(result.get("kernels_ms", {}).items())[:8]:
-        click.echo(f"  {ms:8.3f} ms  {name}")
+    for outdir, result in zip(outdirs, results, strict=True):
+        click.echo(
+            f"{outdir} on {result['device']} ({result['target']}, {result['precision']}): "
+            f"median {result['median_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, min "
+            f"{result['min_ms']:.3f} ms over {result['repeat']} runs"
+        )
+        for name, ms in list(result.get("kernels_ms", {}).items())[:8]:
+            click.echo(f"  {ms:8.3f} ms  {name}")
+    for line in precision_speedups(list(outdirs), results):
+        click.echo(line)
 
 
 @main.command()
@@ -694,23 +703,28 @@ def report(outdirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> 
         "model",
         "target",
         "strategy",
+        "precision",
         "size",
         "dense",
         "median ms",
         "p90 ms",
+        "accuracy",
         "top-1 agree",
         "verified",
     )
     for r in rows:
+        accuracy = r["int8_accuracy"] if r["precision"] == "int8" else r["source_accuracy"]
         table.add_row(
             r["build"],
             r["model"],
             r["target"],
             r["strategy"],
+            r["precision"],
             f"{r['bytes'] / 1024:.1f} KB",
             f"{r['dense_bytes'] / 1024:.1f} KB",
             "-" if r["median_ms"] is None else f"{r['median_ms']:.3f}",
             "-" if r["p90_ms"] is None else f"{r['p90_ms']:.3f}",
+            "-" if accuracy is None else f"{accuracy:.1%}",
             "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}",
             "yes" if r["verified"] else "NO",
         )

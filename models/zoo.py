@@ -180,7 +180,7 @@ ZOO: dict[str, Arch] = {
             },
             "audio",
             "SoundNet-8 of WSNet layers on 10 s of 22,050 Hz audio (WSNET.md §3)",
-            {"n_train": 800, "n_test": 200, "epochs": 14, "batch_size": 16, "lr": 5e-3},
+            {"n_train": 800, "n_test": 200, "epochs": 28, "batch_size": 16, "lr": 5e-3},
         ),
         Arch(
             "wsnet2d-cifar",

@@ -8,6 +8,7 @@ and ``size_latency.png``. Every latency is measured in its own process (warm-up,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -63,6 +64,9 @@ def machine() -> dict:
     }
 
 
+RELAXED_AGREEMENT = 0.98
+"""The int8 gate's bar for a second attempt after a build fails the default 99% (labelled)."""
+
 BUILDS = [
     ("onnx", "fold", "fp32", "ORT dense baseline (fold)"),
     ("onnx", "shared", "fp32", "ORT WSNet shared"),
@@ -113,12 +117,22 @@ def bench_models(
             options = ExportOptions(target=target, strategy=strategy, precision=precision)
             try:
                 m = export(loaded, out, options).manifest
-            except AccuracyGateFailed as e:  # reported in the table, not timed
+            except AccuracyGateFailed as e:
+                # listed as failed; then built at a lower, labelled bar so that its size and
+                # latency are still measured
                 say(f"{name}: {label}: {e}")
                 rows.append(
                     {"model": name, "build": label, "precision": precision, "failed": str(e)}
                 )
-                continue
+                label = f"{label}, gate relaxed to {RELAXED_AGREEMENT:.0%} agreement"
+                options = dataclasses.replace(options, min_agreement=RELAXED_AGREEMENT)
+                try:
+                    m = export(loaded, out, options).manifest
+                except AccuracyGateFailed as e2:
+                    rows.append(
+                        {"model": name, "build": label, "precision": precision, "failed": str(e2)}
+                    )
+                    continue
             runtime = "ort" if target == "onnx" else "tvm"
             gate = m["verification"].get("accuracy_gate")
             builds.append(
@@ -188,6 +202,11 @@ def _param_bytes(module) -> int:
     return sum(p.numel() * 4 for p in module.parameters())
 
 
+def _ok(rows: dict[str, dict], prefix: str) -> dict | None:
+    """The first build whose label starts with ``prefix`` and that passed its gate."""
+    return next((r for k, r in rows.items() if k.startswith(prefix) and "failed" not in r), None)
+
+
 def summary(layers: list[dict], models: list[dict]) -> list[str]:
     """The headline ratios, computed from the same results as the tables."""
     lines = ["Summary (computed from the tables below):", ""]
@@ -223,18 +242,20 @@ def summary(layers: list[dict], models: list[dict]) -> list[str]:
                 f"runs in {tuned['median_ms']:.2f} ms against {tvm['median_ms']:.2f} ms "
                 "untuned."
             )
-        q_file, q_tvm = rows["ORT WSNet shared int8"], rows["TVM WSNet auto int8 (integer kernels)"]
-        if "failed" in q_file or "failed" in q_tvm:
-            failed = q_file.get("failed") or q_tvm.get("failed")
-            lines.append(f"  int8: no build shipped: {failed}.")
-        else:
+        failed = [r for r in rows.values() if r["precision"] == "int8" and "failed" in r]
+        for r in failed:
+            lines.append(f"  int8 {r['build']}: {r['failed']}.")
+        q_file = _ok(rows, "ORT WSNet shared int8")
+        q_tvm = _ok(rows, "TVM WSNet auto int8")
+        if q_file and q_tvm:
             lines.append(
-                f"  int8: the WSNet file is {dense['bytes'] / q_file['bytes']:.0f}x smaller "
-                f"than the dense fp32 baseline's ({q_file['bytes'] / 1024:.1f} KB); TVM's "
-                f"integer build runs in {q_tvm['median_ms']:.2f} ms, "
-                f"{tvm['median_ms'] / q_tvm['median_ms']:.2f}x faster than its fp32 build; "
-                f"top-1 agreement with fp32 {q_tvm['agreement']:.1%}, held-out accuracy "
-                f"{q_tvm['accuracy']:.1%} vs {tvm['accuracy']:.1%}."
+                f"  int8 ({q_tvm['build'].partition(', ')[2] or 'default 99% gate'}): the "
+                f"WSNet file is {dense['bytes'] / q_file['bytes']:.0f}x smaller than the dense "
+                f"fp32 baseline's ({q_file['bytes'] / 1024:.1f} KB); TVM's integer build runs "
+                f"in {q_tvm['median_ms']:.2f} ms, {tvm['median_ms'] / q_tvm['median_ms']:.2f}x "
+                f"as fast as its fp32 build; top-1 agreement with fp32 "
+                f"{q_tvm['agreement']:.1%}, held-out accuracy {q_tvm['accuracy']:.1%} vs "
+                f"{tvm['accuracy']:.1%}."
             )
     return [*lines, ""]
 

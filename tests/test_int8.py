@@ -141,3 +141,20 @@ def test_bench_compares_int8_with_fp32_and_report_shows_both(tmp_path):
     assert all(r["median_ms"] is not None for r in rows)
     result = runner.invoke(main, ["report", str(f), str(q)])
     assert result.exit_code == 0 and "int8" in result.output
+
+
+def test_the_agreement_bar_is_the_users_and_is_recorded(tmp_path):
+    """--min-agreement moves the gate's bar both ways and the manifest says which bar held;
+    a bar no build reaches (100%, tiny agrees on ~99%) fails with the bar in the message."""
+    runner = CliRunner()
+    args = ["export", "wsnet1d-tiny", "--quantize", "int8", "--n-verify", "2"]
+    result = runner.invoke(main, [*args, "--min-agreement", "1.0", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "need >= 100.0%" in result.output
+    assert not (tmp_path / "a").exists()
+    result = runner.invoke(main, [*args, "--min-agreement", "0.9", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "(bar 90.0%)" in result.output
+    gate = json.loads((tmp_path / "b" / "manifest.json").read_text())["verification"]
+    assert gate["accuracy_gate"]["min_agreement"] == 0.9 and gate["accuracy_gate"]["passed"]
+    result = runner.invoke(main, [*args, "--min-agreement", "0.2"])
+    assert result.exit_code == 2  # below 50% is not a gate

@@ -57,6 +57,7 @@ class ExportOptions:
     calib_samples: int | None = None  # int8: this many samples of the model's own dataset
     calib_method: str = "auto"  # int8: activation clipping: auto, mse or minmax (quantize.py)
     gate_samples: int | None = None  # int8: held-out samples for the accuracy gate
+    min_agreement: float | None = None  # int8: the gate's agreement bar (None: AGREEMENT_MIN)
     n_verify: int = 8
     seed: int = 0
 
@@ -239,12 +240,14 @@ def calibrated_reference(
     return quantized_reference(loaded, calibration), calibration
 
 
-def accuracy_gate(loaded: LoadedModel, runner, n: int | None, batch: int) -> dict[str, Any]:
+def accuracy_gate(
+    loaded: LoadedModel, runner, n: int | None, batch: int, min_agreement: float | None = None
+) -> dict[str, Any]:
     """int8 against fp32 on held-out data: top-1 agreement and accuracy drop.
 
-    Raises ``AccuracyGateFailed`` below ``AGREEMENT_MIN`` agreement or above
-    ``ACCURACY_DROP_MAX`` drop. Without a bundled dataset there are no labels: agreement
-    only, on seeded random inputs."""
+    Raises ``AccuracyGateFailed`` below ``min_agreement`` (default ``AGREEMENT_MIN``) top-1
+    agreement or above ``ACCURACY_DROP_MAX`` drop. Without a bundled dataset there are no
+    labels: agreement only, on seeded random inputs."""
     shape = loaded.input_shape
     n = n or int(loaded.metrics.get("n_test", 200))
     n = max(batch, n - n % batch)
@@ -272,11 +275,13 @@ def accuracy_gate(loaded: LoadedModel, runner, n: int | None, batch: int) -> dic
     }
     drop = None if ys is None else (correct_f - correct_q) / n
     result["accuracy_drop"] = drop
-    result["passed"] = result["top1_agreement"] >= AGREEMENT_MIN and (
+    bar = AGREEMENT_MIN if min_agreement is None else min_agreement
+    result["min_agreement"] = bar
+    result["passed"] = result["top1_agreement"] >= bar - 1e-12 and (
         drop is None or drop <= ACCURACY_DROP_MAX + 1e-12
     )
     if not result["passed"]:
-        what = f"top-1 agreement with fp32 {result['top1_agreement']:.1%} (need >= 99%)"
+        what = f"top-1 agreement with fp32 {result['top1_agreement']:.1%} (need >= {bar:.1%})"
         if drop is not None:
             acc_q, acc_f = result["accuracy_int8"], result["accuracy_fp32"]
             what += f", accuracy {acc_q:.1%} vs fp32 {acc_f:.1%}"
@@ -374,7 +379,7 @@ def export(
             verification["reference"] = "fake-quantized PyTorch model"
             say("int8 accuracy gate")
             verification["accuracy_gate"] = accuracy_gate(
-                loaded, runner, options.gate_samples, loaded.input_shape[0]
+                loaded, runner, options.gate_samples, loaded.input_shape[0], options.min_agreement
             )
         verification["device"] = options.rpc or "local"
         say("dense baseline size")
@@ -482,7 +487,9 @@ def verify(
     reference = quantized_reference(loaded, calibration)
     result = check(reference, runner, inputs, stage="quantized", step=calibration.output_step)
     gate = manifest["verification"].get("accuracy_gate", {})
-    result["accuracy_gate"] = accuracy_gate(loaded, runner, gate.get("n"), loaded.input_shape[0])
+    result["accuracy_gate"] = accuracy_gate(
+        loaded, runner, gate.get("n"), loaded.input_shape[0], gate.get("min_agreement")
+    )
     return result
 
 

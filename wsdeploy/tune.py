@@ -67,8 +67,10 @@ def options_from_outdir(outdir: Path) -> tuple[str, ExportOptions, quantize.Cali
         calibration = quantize.Calibration.from_dict(q)
         # the rebuild calibrates again on the same samples, with the same method
         calib_file = Path(q["source"])
+        gate = manifest["verification"].get("accuracy_gate") or {}
         options = dataclasses.replace(
             options,
+            min_agreement=gate.get("min_agreement"),
             calib=str(calib_file) if calib_file.is_file() else None,
             calib_samples=None if calib_file.is_file() else int(q["n_samples"]),
             calib_method="auto" if q.get("output_error") else q.get("method", "minmax"),

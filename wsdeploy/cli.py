@@ -508,7 +508,9 @@ def _print_verification(v: dict) -> None:
             if gate["accuracy_fp32"] is not None
             else " (no labels: agreement only)"
         )
-        bar = gate.get("min_agreement", 0.99)
+        from wsdeploy.compiler import AGREEMENT_MIN
+
+        bar = gate.get("min_agreement", AGREEMENT_MIN)
         click.echo(
             f"  int8 gate top-1 agreement with fp32 {gate['top1_agreement']:.1%} (bar "
             f"{bar:.1%}) on {gate['n']} held-out inputs{acc}: "
@@ -610,9 +612,10 @@ def tune(
 
     _quiet_third_party_logs()
     path = Path(model_or_outdir)
+    is_build = path.is_dir() and (path / "manifest.json").exists()
     kwargs = {"trust_pickle": trust_pickle, "input_shape": _shape(input_shape)}
     with console.status("tuning") as status:
-        if path.is_dir() and (path / "manifest.json").exists():
+        if is_build:
             result = tune_and_rebuild(
                 path, trials, progress=lambda step: status.update(step), **kwargs
             )
@@ -635,7 +638,7 @@ def tune(
     for k in result.kernels:
         best = "-" if k["best_us"] is None else f"{k['best_us']:.1f} us"
         click.echo(f"  {k['name']:<32} best {best}")
-    if path.is_dir() and (path / "manifest.json").exists():
+    if is_build:
         click.echo(f"rebuilt {path} with the tuned kernels")
     else:
         click.echo("later exports for this target use these records")

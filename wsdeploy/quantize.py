@@ -318,11 +318,10 @@ def calibrate(
     batches: Iterable[np.ndarray],
     source: str = "",
     method: str = "auto",
-    progress=None,
 ) -> Calibration:
     """Run ``batches`` through the eager model, record the input range of every layer and
     choose its clipping threshold (``method``: "auto", "mse" or "minmax", see the module
-    doc). ``progress(n)`` is called after each batch of ``n`` samples."""
+    doc)."""
     if method not in CALIB_METHODS:
         raise WsdeployError(f"unknown calibration method {method!r}: one of {CALIB_METHODS}")
     targets = _quantizable(module)
@@ -357,8 +356,6 @@ def calibrate(
             if method == "auto":
                 reference.append([o.detach().clone() for o in outs])
             n += x.shape[0]
-            if progress is not None:
-                progress(x.shape[0])
     finally:
         for h in hooks:
             h.remove()

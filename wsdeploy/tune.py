@@ -160,10 +160,11 @@ def _commit_generic(tasks: dict[str, Any], measure_target, database, vl: int) ->
 
     for name, func in tasks.items():
         mod = _normalize_mod(func)
+        args_info = ms.arg_info.ArgInfo.from_prim_func(func)
         try:
             sch = s_tir.Schedule(mod)
             tvm_build._schedule_blocks(sch, vl)
-            secs = _time_primfunc(tvm.compile(sch.mod, target=measure_target), func)
+            secs = _time_primfunc(tvm.compile(sch.mod, target=measure_target), args_info)
         except Exception as e:  # a kernel the generic rules cannot schedule: tuning only
             log.warning("generic schedule of %s not measured: %s", name, e)
             continue
@@ -172,22 +173,21 @@ def _commit_generic(tasks: dict[str, Any], measure_target, database, vl: int) ->
             database.commit_workload(mod),
             [secs],
             measure_target,
-            ms.arg_info.ArgInfo.from_prim_func(func),
+            args_info,
         )
         database.commit_tuning_record(record)
 
 
-def _time_primfunc(lib, func) -> float:
+def _time_primfunc(lib, args_info) -> float:
     """Median seconds of one call of a built PrimFunc on random arguments (MetaSchedule's
     local runner's way: averages of 3 calls, repeated for at least 100 ms)."""
     import numpy as np
     import tvm
-    from tvm.s_tir import meta_schedule as ms
 
     rng = np.random.default_rng(0)
     dev = tvm.cpu()
     args = []
-    for info in ms.arg_info.ArgInfo.from_prim_func(func):
+    for info in args_info:
         shape = [int(d) for d in info.shape]
         dtype = str(info.dtype)
         if dtype.startswith(("int", "uint")):
@@ -214,7 +214,7 @@ def _run_metaschedule(tasks: dict[str, Any], measure_target, database, trials: i
                 builder=ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S, max_workers=1),
                 runner=ms.runner.LocalRunner(),
                 database=database,
-                cost_model=_cost_model(),
+                cost_model="xgb",  # xgboost-cpu is a dependency
                 seed=0,
             )
         except Exception as e:
@@ -223,25 +223,16 @@ def _run_metaschedule(tasks: dict[str, Any], measure_target, database, trials: i
             ) from e
 
 
-def _cost_model() -> str:
-    try:
-        import xgboost  # noqa: F401
-    except ImportError:  # pragma: no cover - xgboost is a dependency; keep tuning usable
-        return "random"
-    return "xgb"
-
-
 @contextlib.contextmanager
 def _quiet_metaschedule():
     """MetaSchedule prints a task table per round: keep it in its log files."""
     logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    level, propagate = logger.level, logger.propagate
+    level = logger.level
     logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
         logger.setLevel(level)
-        logger.propagate = propagate
 
 
 def _best(tasks: dict[str, Any], tvm_target, database) -> list[dict[str, Any]]:

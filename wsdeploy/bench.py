@@ -62,6 +62,7 @@ def bench(
         "emulated": rpc is not None and device.is_emulated(rpc),
         "repeat": repeat,
         "warmup": warmup,
+        "threads": _threads(target.name, rpc),
         "median_ms": float(np.median(ms)),
         "p90_ms": float(np.percentile(ms, 90)),
         "min_ms": float(ms.min()),
@@ -72,6 +73,16 @@ def bench(
         result["kernels_ms"] = profile_kernels(run, x)
     atomic_write(outdir / BENCH, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     return result
+
+
+def _threads(target: str, rpc: str | None) -> int | None:
+    """Threads a local run used: TVM's runtime threads, or ONNX Runtime's default of one
+    per physical core (the same count); None on a remote device, whose runtime decides."""
+    if rpc is not None:
+        return None
+    from wsdeploy.targets import tvm_build
+
+    return tvm_build.runtime_threads() if target in ("x86_64", "arm64") else tvm_build.cpu_threads()
 
 
 def precision_speedups(outdirs: list[Path], results: list[dict[str, Any]]) -> list[str]:

@@ -142,11 +142,12 @@ def tune(
 
 
 def _measure_target(tvm_target):
-    """The build's target plus the core count MetaSchedule's CPU rules need."""
-    import tvm
+    """The build's target plus the core count MetaSchedule's CPU rules need: the threads the
+    runtime will run the build with (set here, before any measurement starts)."""
+    tvm = tvm_build._tvm()
 
     spec = {k: v for k, v in tvm_target.export().items() if k != "tag"}
-    return tvm.target.Target({**spec, "num-cores": os.cpu_count() or 1})
+    return tvm.target.Target({**spec, "num-cores": tvm_build.runtime_threads()})
 
 
 def _commit_generic(tasks: dict[str, Any], measure_target, database, vl: int) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable

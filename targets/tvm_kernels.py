@@ -328,9 +328,15 @@ def make_dense_conv(
     dtype="float32",
     qdtype=None,
     relu=False,
+    bias=False,
     name="dense_conv",
 ):
     """A vectorised direct convolution (1-D or 2-D) for TVM's dense layers.
+
+    Float epilogue: ``bias`` adds a per-filter ``bi (N,)`` argument (after ``w``), ``relu``
+    clamps at zero, both applied to the accumulators before the one store of each output
+    (a separate add/ReLU pass would read and write the whole output again).
+    Integer (``qdtype``): ``y = float(sum) * sc[n] + bi[n]`` (then ``relu``).
 
     ``x`` is already padded: (B, C, W) or (B, C, H, W); ``w`` is (N, C, KW) or
     (N, C, KH, KW); ``kernel``, ``stride`` and ``dilation`` are per spatial axis. Parallel
@@ -365,9 +371,11 @@ def make_dense_conv(
         return T.Cast(AT, v) if INT else v
 
     def out(v, sc, bi, n):
-        if not INT:
-            return v
-        r = T.Cast(dtype, v) * sc[n] + bi[n]
+        r = v
+        if INT:
+            r = T.Cast(dtype, v) * sc[n] + bi[n]
+        elif bias:
+            r = v + bi[n]
         return T.max(r, T.Cast(dtype, 0)) if relu else r
 
     @T.macro
@@ -428,6 +436,21 @@ def make_dense_conv(
 
         return fi.with_attr("global_symbol", name), (B, N, Ho, Wo)
 
+    if two_d and bias:
+
+        @T.prim_func(private=True)
+        def fb(
+            x: T.Buffer((B, C, H, W), dtype),
+            w: T.Buffer((N, C, KH, KW), dtype),
+            bi: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, Ho, Wo), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bno in T.parallel(B * NBLK * Ho):
+                body(x, w, None, None, bi, y, bno // (NBLK * Ho), bno // Ho % NBLK, bno % Ho)
+
+        return fb.with_attr("global_symbol", name), (B, N, Ho, Wo)
+
     if two_d:
 
         @T.prim_func(private=True)
@@ -458,6 +481,21 @@ def make_dense_conv(
                 body(x, w, sh, sc, bi, y, bno // NBLK, bno % NBLK, 0)
 
         return gi.with_attr("global_symbol", name), (B, N, Wo)
+
+    if bias:
+
+        @T.prim_func(private=True)
+        def gb(
+            x: T.Buffer((B, C, W), dtype),
+            w: T.Buffer((N, C, KW), dtype),
+            bi: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, Wo), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bno in T.parallel(B * NBLK):
+                body(x, w, None, None, bi, y, bno // NBLK, bno % NBLK, 0)
+
+        return gb.with_attr("global_symbol", name), (B, N, Wo)
 
     @T.prim_func(private=True)
     def g(

@@ -14,6 +14,7 @@ tvm = pytest.importorskip("tvm")
 from wsdeploy.targets import tvm_build  # noqa: E402
 from wsdeploy.targets.tvm_kernels import (  # noqa: E402
     PMADD,
+    make_dense_conv,
     make_int_conv1d_s2,
     make_ws_conv1d,
     pack_phi,
@@ -239,3 +240,41 @@ def test_int16_pairwise_stride2_conv_is_exact(b, c, n, k, w, qdtype, max_shift, 
     got = _run(func, [xq, pair_weights(wq, shifts), ones, zeros], exact.shape)
     expected = exact.astype(np.float32)
     np.testing.assert_array_equal(got, np.maximum(expected, 0) if relu else expected)
+
+
+@given(
+    st.integers(1, 2),
+    st.integers(1, 4),
+    st.integers(1, 9),
+    st.integers(1, 5),
+    st.integers(1, 3),
+    st.integers(1, 2),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_dense_conv_with_fused_bias_relu_matches_reference(b, c, n, k, s, d, two_d, bias, relu):
+    """The float direct conv, 1-D and 2-D, any stride and dilation, with and without its
+    bias and ReLU epilogue."""
+    rng = np.random.default_rng(4)
+    spatial = [11, 37] if two_d else [37 + 3 * k * d]
+    kernel = [k, k] if two_d else [k]
+    x = rng.standard_normal((b, c, *spatial)).astype(np.float32)
+    w = rng.standard_normal((n, c, *kernel)).astype(np.float32)
+    func, out_shape = make_dense_conv(
+        b, c, spatial, n, kernel, [s] * len(kernel), [d] * len(kernel), VL=8, bias=bias, relu=relu
+    )
+    # dilate the kernel with zeros for the numpy oracle
+    wd = np.zeros((n, c, *[(k - 1) * d + 1] * len(kernel)), np.float32)
+    wd[(slice(None), slice(None), *[slice(None, None, d)] * len(kernel))] = w
+    expected = conv_ref(x, wd, s, 0)
+    assert tuple(out_shape) == expected.shape
+    args = [x, w]
+    if bias:
+        bi = rng.standard_normal(n).astype(np.float32)
+        args.append(bi)
+        expected = expected + bi.reshape(-1, *[1] * len(kernel))
+    if relu:
+        expected = np.maximum(expected, 0)
+    got = _run(func, args, expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(c * k * k))

@@ -68,3 +68,59 @@ def test_auto_folds_only_where_the_kernel_would_do_more_work(tmp_path):
     assert [layer["strategy"] for layer in m["layers"]] == ["fold", "custom", "custom", "custom"]
     kernels = bench(out, repeat=2)["kernels_ms"]
     assert sum(name.startswith("wsnet_conv1d") for name in kernels) == 2
+
+
+def _conv_module(ndim: int, reuse: bool):
+    """conv -> + per-channel bias -> ReLU in Relax; with ``reuse`` the conv's output is also
+    returned (so it must not be fused away)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    spatial = [9, 23] if ndim == 2 else [41]
+    x = relax.Var("x", relax.TensorType([1, 3, *spatial], "float32"))
+    w = relax.Var("w", relax.TensorType([5, 3, *[3] * ndim], "float32"))
+    bias = relax.Var("b", relax.TensorType([1, 5, *[1] * ndim], "float32"))
+    conv = relax.op.nn.conv2d if ndim == 2 else relax.op.nn.conv1d
+    with bb.function("main", [x, w, bias]):
+        with bb.dataflow():
+            y = bb.emit(conv(x, w, strides=2, padding=1))
+            z = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(y, bias))))
+            out = bb.emit_output(relax.Tuple([z, y]) if reuse else z)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_conv_bias_relu_fuse_into_the_dense_conv(ndim, reuse):
+    import numpy as np
+    import torch
+    import tvm
+    from tvm import relax
+
+    from wsdeploy.targets import tvm_build
+
+    mod = _conv_module(ndim, reuse)
+    fused = tvm_build.fuse_conv_epilogues(mod, 8)
+    ops = set()
+    relax.analysis.post_order_visit(
+        fused["main"],
+        lambda e: ops.add(e.op.name) if isinstance(e, relax.Call) and hasattr(e.op, "name") else 0,
+    )
+    # fused: only our conv (call_tir) is left; with the conv output reused, nothing fuses
+    assert ("relax.nn.relu" in ops) == reuse and ("relax.add" in ops) == reuse
+    target = tvm.target.Target.from_device(tvm.cpu())
+    executable, _ = tvm_build.compile_module(mod, target, 8)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    rng = np.random.default_rng(0)
+    spatial = [9, 23] if ndim == 2 else [41]
+    x = rng.standard_normal((1, 3, *spatial)).astype(np.float32)
+    w = rng.standard_normal((5, 3, *[3] * ndim)).astype(np.float32)
+    b = rng.standard_normal((1, 5, *[1] * ndim)).astype(np.float32)
+    got = vm["main"](*(tvm.runtime.tensor(a) for a in (x, w, b)))
+    conv = torch.nn.functional.conv2d if ndim == 2 else torch.nn.functional.conv1d
+    y = conv(torch.from_numpy(x), torch.from_numpy(w), stride=2, padding=1).numpy()
+    z = np.maximum(y + b, 0)
+    outs = [got[0].numpy(), got[1].numpy()] if reuse else [got.numpy()]
+    for o, e in zip(outs, [z, y] if reuse else [z], strict=True):
+        np.testing.assert_allclose(o, e, rtol=1e-4, atol=1e-4)

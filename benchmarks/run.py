@@ -54,9 +54,12 @@ def machine() -> dict:
         pass
     import os
 
+    from wsdeploy.targets.tvm_build import runtime_threads
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "threads": runtime_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
@@ -264,7 +267,8 @@ def markdown(layers: list[dict], models: list[dict], info: dict, command: str) -
     lines = [
         f"Measured by `{command}` on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
-        "Medians of at least the stated runs, each build in its own process.",
+        "Medians of at least the stated runs, each build in its own process"
+        + (f", every runtime on {info['threads']} threads." if info.get("threads") else "."),
         "",
         *summary(layers, models),
     ]

@@ -14,11 +14,20 @@ from pathlib import Path
 import numpy as np
 
 
+def _threads() -> int:
+    """The same thread count for every runtime: one per core (``tvm_build.runtime_threads``,
+    which TVM's runtime uses in this process)."""
+    from wsdeploy.targets.tvm_build import runtime_threads
+
+    return runtime_threads()
+
+
 def _ort(spec):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = _threads()
     sess = ort.InferenceSession(spec["path"], opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})
@@ -30,7 +39,7 @@ def _torch(spec):
     from wsdeploy.modelfile import load_model
     from wsdeploy.models import dense_baseline
 
-    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    torch.set_num_threads(_threads())
     module = load_model(spec["path"]).module
     if spec.get("dense"):
         module = dense_baseline(module).eval()

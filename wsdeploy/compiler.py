@@ -409,6 +409,7 @@ def export(
                 "dense_baseline_bytes": baseline,
                 "ratio": baseline / size if size else None,
                 "stored_params": _stored_params(lowered),
+                "param_bytes": _stored_params(lowered, nbytes=True),
             },
             "quantization": None if calibration is None else calibration.to_dict(),
             "verification": verification,
@@ -433,10 +434,12 @@ def _io(values) -> list[dict[str, Any]]:
     ]
 
 
-def _stored_params(model: ir.Model) -> int:
+def _stored_params(model: ir.Model, nbytes: bool = False) -> int:
+    """Values (or with ``nbytes`` their bytes) of the lowered graph's weights: what the
+    artifact stores, whatever else (code, for TVM) it holds."""
     return int(
         sum(
-            v.const_value.size
+            v.const_value.nbytes if nbytes else v.const_value.size
             for v in model.graph.initializers.values()
             if v.const_value is not None
         )

@@ -9,6 +9,7 @@ import pytest
 from wsdeploy.bench import bench
 from wsdeploy.compiler import ExportOptions, export
 from wsdeploy.errors import CompileError
+from wsdeploy.targets import tvm_build
 
 
 def test_custom_build_runs_wsnet_kernels_not_dense_convs(tmp_path):
@@ -23,6 +24,7 @@ def test_custom_build_runs_wsnet_kernels_not_dense_convs(tmp_path):
     assert sum(name.startswith("wsnet_conv1d") for name in kernels) == 3
     assert "wsnet_linear" in kernels
     assert not any("conv" in name and not name.startswith("wsnet") for name in kernels)
+    assert result["threads"] == tvm_build.runtime_threads()
 
 
 def test_fold_build_uses_the_vectorised_dense_conv(tmp_path):
@@ -124,3 +126,27 @@ def test_conv_bias_relu_fuse_into_the_dense_conv(ndim, reuse):
     outs = [got[0].numpy(), got[1].numpy()] if reuse else [got.numpy()]
     for o, e in zip(outs, [z, y] if reuse else [z], strict=True):
         np.testing.assert_allclose(o, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("env", [None, "1"])
+def test_tvm_runtime_uses_one_thread_per_core_unless_told(env):
+    """TVM's own x86 default is half the logical CPUs (it assumes hyper-threads); ours is
+    one per core, and the runtime's thread pool really runs that many."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from wsdeploy.targets import tvm_build as t; tvm = t._tvm(); "
+        "print(t.runtime_threads(), t.cpu_threads(), "
+        "tvm.get_global_func('runtime.NumThreads')())"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != tvm_build.THREADS_ENV}
+    if env is not None:
+        environ[tvm_build.THREADS_ENV] = env
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    )
+    used, cores, pool = (int(v) for v in out.stdout.split())
+    expected = cores if env is None else int(env)
+    assert used == pool == expected

@@ -28,17 +28,25 @@ def _on_arm64() -> bool:
     return platform.machine() in ("aarch64", "arm64")
 
 
-def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
-    target = tvm_build.resolve_target(cpu, DEFAULT, "aarch64")
-    native = _on_arm64()
-    if not native and shutil.which(CROSS_COMPILER) is None:
+def tvm_target(cpu: str | None = None):
+    return tvm_build.resolve_target(cpu, DEFAULT, "aarch64")
+
+
+def cross_compiler() -> str | None:
+    """The compiler that links arm64 libraries here: none on an arm64 host."""
+    if _on_arm64():
+        return None
+    if shutil.which(CROSS_COMPILER) is None:
         raise CompileError(
             f"arm64 builds need the cross compiler {CROSS_COMPILER}: "
             "apt-get install g++-aarch64-linux-gnu"
         )
-    return tvm_build.build(
-        model, outdir, target, library=LIBRARY, cross_compiler=None if native else CROSS_COMPILER
-    )
+    return CROSS_COMPILER
+
+
+def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
+    target = tvm_target(cpu)
+    return tvm_build.build(model, outdir, target, library=LIBRARY, cross_compiler=cross_compiler())
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:
@@ -62,4 +70,7 @@ ARM64 = Target(
     cpus="LLVM CPU name (cortex-a76), TVM tag (raspberry-pi/4b-aarch64), or JSON "
     "target dict; default: generic aarch64 with NEON",
     runs_here=_on_arm64,
+    tvm_target=tvm_target,
+    remote=True,
+    cross_compiler=cross_compiler,
 )

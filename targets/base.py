@@ -32,8 +32,12 @@ class Target:
         cpus: help text for ``--cpu``; empty if the target takes none.
         runs_here: whether its artifacts run on this machine (else verification needs a
             device: ``--rpc``).
-        tvm_target: for targets that ``wsdeploy tune`` can tune on this machine, the TVM
-            target a build for ``cpu`` uses (None: not tunable here).
+        tvm_target: for TVM targets (which ``wsdeploy tune`` tunes), the TVM target a build
+            for ``cpu`` uses; None for the others.
+        remote: builds can run on a remote device (``load(outdir, "host:port")``), so
+            verification, benchmarks and tuning can happen there.
+        cross_compiler: the C++ compiler that links its libraries on this machine (None: the
+            host's own).
     """
 
     name: str
@@ -45,3 +49,5 @@ class Target:
     cpus: str = ""
     runs_here: Callable[[], bool] = lambda: True
     tvm_target: Callable[[str | None], Any] | None = None
+    remote: bool = False
+    cross_compiler: Callable[[], str | None] = lambda: None

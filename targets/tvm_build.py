@@ -932,29 +932,21 @@ CONNECT_ATTEMPTS = 3
 """Connections to a device are tried this often (1 s, then 2 s apart) before giving up."""
 
 
-def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
-    """Run a built library on the device behind a TVM RPC server at ``host:port``, or on a
-    device with ``key`` from the RPC tracker at ``host:port`` (``address`` = "key@host:port").
-
-    The library is uploaded once; each call sets the input, invokes ``main`` and copies the
-    outputs back (calling ``vm["main"]`` over RPC would return remote references).
-    """
-    tvm = _tvm()
-    from tvm import relax, rpc
+def connect_device(address: str, timeout: float = 60.0):
+    """An RPC session with the device behind the TVM RPC server at ``host:port``, or with a
+    device with ``key`` from the RPC tracker at ``host:port`` (``address`` = "key@host:port");
+    retried a few times, since a server that is still starting refuses at first."""
+    _tvm()
+    from tvm import rpc
 
     key, _, server = address.rpartition("@")
     host, port = parse_address(server)
-    remote, lib = None, None
-    for attempt in range(CONNECT_ATTEMPTS):  # a server that is still starting refuses at first
+    for attempt in range(CONNECT_ATTEMPTS):
         try:
             if key:  # "KEY@HOST:PORT": ask the tracker at HOST:PORT for a device with KEY
                 tracker = rpc.connect_tracker(host, port)
-                remote = tracker.request(key, priority=1, session_timeout=int(timeout))
-            else:
-                remote = rpc.connect(host, port, session_timeout=int(timeout))
-            remote.upload(str(path))
-            lib = remote.load_module(path.name)
-            break
+                return tracker.request(key, priority=1, session_timeout=int(timeout))
+            return rpc.connect(host, port, session_timeout=int(timeout))
         except Exception as e:
             log.info("device %s, attempt %d: %s", address, attempt + 1, e)
             if attempt + 1 == CONNECT_ATTEMPTS:
@@ -962,6 +954,26 @@ def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
                     f"cannot use the device at {address}: {str(e).strip().splitlines()[-1][:200]}"
                 ) from e
             time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
+    """Run a built library on the device at ``address`` (see ``connect_device``).
+
+    The library is uploaded once; each call sets the input, invokes ``main`` and copies the
+    outputs back (calling ``vm["main"]`` over RPC would return remote references).
+    """
+    tvm = _tvm()
+    from tvm import relax
+
+    remote = connect_device(address, timeout)
+    try:
+        remote.upload(str(path))
+        lib = remote.load_module(path.name)
+    except Exception as e:
+        raise CompileError(
+            f"cannot use the device at {address}: {str(e).strip().splitlines()[-1][:200]}"
+        ) from e
     dev = remote.cpu()
     vm = relax.VirtualMachine(lib, dev)
 

@@ -587,6 +587,7 @@ def verify(
     show_default=True,
     help="MetaSchedule measurements in all, shared among the kernels.",
 )
+@with_device_options
 @with_model_options
 @_errors
 def tune(
@@ -596,6 +597,7 @@ def tune(
     cpu: str | None,
     precision: str,
     trials: int,
+    rpc: str | None,
     trust_pickle: bool,
     input_shape: str | None,
 ) -> None:
@@ -604,7 +606,8 @@ def tune(
     MODEL (a checkpoint, .pt2 or zoo name): tune the kernels its export for --target would
     build and store the records; later exports for that target use them. OUTDIR (a finished
     build): tune its kernels, then rebuild it in place with them (the rebuild passes the
-    same gates, or the previous build stays).
+    same gates, or the previous build stays). arm64: candidates are timed on the device
+    behind --rpc (or --tracker/--key).
     """
     from wsdeploy.compiler import ExportOptions
     from wsdeploy.tune import tune as tune_model
@@ -617,10 +620,12 @@ def tune(
     with console.status("tuning") as status:
         if is_build:
             result = tune_and_rebuild(
-                path, trials, progress=lambda step: status.update(step), **kwargs
+                path, trials, progress=lambda step: status.update(step), rpc=rpc, **kwargs
             )
         else:
-            options = ExportOptions(target=target, strategy=strategy, cpu=cpu, precision=precision)
+            options = ExportOptions(
+                target=target, strategy=strategy, cpu=cpu, precision=precision, rpc=rpc
+            )
             result = tune_model(
                 model_or_outdir,
                 options,

@@ -13,8 +13,13 @@ shapes were tuned, whatever model it came from, and falls back to the generic sc
 the rest. Exports never need tuning; ``tvm.json`` in a build lists the kernels that took
 tuned schedules.
 
-Tuning runs candidates on this machine (MetaSchedule's local builder and runner), so only
-targets that run here can be tuned (``Target.tvm_target``): x86_64.
+Where candidates run: on this machine (MetaSchedule's local builder and runner) for a target
+that runs here (x86_64), or on the device behind ``options.rpc`` ("host:port" of a TVM RPC
+server, or "key@host:port" of a tracker; ``--rpc`` / ``--tracker --key``) for arm64: each
+candidate is linked here with the target's cross compiler, uploaded and timed there by
+MetaSchedule's RPC runner, and the generic schedules it has to beat are timed there too.
+Candidates timed on the emulated device (``wsdeploy device start``) are timed under qemu:
+that tunes for qemu, not for a phone; it exercises the path, nothing more.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRIALS = 64
 BUILDER_TIMEOUT_S = 300  # MetaSchedule's builder workers take ~45 s just to start here
+RPC_TIMEOUT_S = 120  # one candidate on a device (the emulated one runs it under qemu)
 
 
 @dataclass
@@ -94,11 +100,21 @@ def tune(
         raise WsdeployError("--trials must be at least 1")
     target = get_target(options.target)
     if target.tvm_target is None:
-        tunable_here = ", ".join(n for n, t in sorted(TARGETS.items()) if t.tvm_target is not None)
+        tunable = ", ".join(n for n, t in sorted(TARGETS.items()) if t.tvm_target is not None)
         raise WsdeployError(
-            f"target {target.name!r} cannot be tuned on this machine (tuning measures every "
-            f"candidate where it runs); tunable here: {tunable_here}"
+            f"target {target.name!r} is not a TVM target: nothing to tune (tunable: {tunable})"
         )
+    if options.rpc is not None and not target.remote:
+        raise WsdeployError(
+            f"{target.name} builds run on this machine, so they are tuned here: drop --rpc"
+        )
+    if options.rpc is None and not target.runs_here():
+        raise WsdeployError(
+            f"{target.name} builds are tuned on the device itself: pass --rpc HOST:PORT of its "
+            "TVM RPC server, or --tracker HOST:PORT --key KEY ('wsdeploy device start' starts "
+            "an emulated one)"
+        )
+    device = _Device(options.rpc, target.cross_compiler()) if options.rpc else None
     loaded = (
         model
         if isinstance(model, LoadedModel)
@@ -124,13 +140,14 @@ def tune(
     if not tasks:
         return TuneResult(records, str(tvm_target), 0, 0.0)
     t0 = time.perf_counter()
+    measure_target = _measure_target(tvm_target, device)  # connects to the device first
     database = tvm_build.open_records(records, create=True)
     (records / "target.txt").write_text(str(tvm_target) + "\n")
-    measure_target = _measure_target(tvm_target)
-    say("measure the generic schedules")
-    _commit_generic(tasks, measure_target, database, vl)
-    say(f"tune {len(tasks)} kernels, {trials} trials")
-    _run_metaschedule(tasks, measure_target, database, trials)
+    where = "" if device is None else f" on {device.address}"
+    say(f"measure the generic schedules{where}")
+    _commit_generic(tasks, measure_target, database, vl, device)
+    say(f"tune {len(tasks)} kernels, {trials} trials{where}")
+    _run_metaschedule(tasks, measure_target, database, trials, device)
     return TuneResult(
         records,
         str(tvm_target),
@@ -140,16 +157,49 @@ def tune(
     )
 
 
-def _measure_target(tvm_target):
+@dataclass(frozen=True)
+class _Device:
+    """A remote device candidates are timed on, and the compiler linking them for it."""
+
+    address: str
+    cross_compiler: str | None
+
+    def export(self, lib) -> str:
+        """Link a built module into a shared library for the device; returns its path."""
+        import os
+
+        path = os.path.join(tempfile.mkdtemp(prefix="wsdeploy-tune-"), "candidate.so")
+        tvm_build.export_library(lib, Path(path), self.cross_compiler)
+        return path
+
+    def session(self, _rpc_config=None):
+        """A fresh RPC session (MetaSchedule's runner calls this with its own config)."""
+        return tvm_build.connect_device(self.address)
+
+    def threads(self) -> int:
+        """Worker threads of the device's TVM runtime (a connection error is raised)."""
+        session = self.session()
+        try:
+            return int(session.get_function("runtime.NumThreads")())
+        except Exception as e:  # a runtime without the function: MetaSchedule's default
+            log.info("thread count of %s unknown (%s): assuming 4", self.address, e)
+            return 4
+
+
+def _measure_target(tvm_target, device: _Device | None = None):
     """The build's target plus the core count MetaSchedule's CPU rules need: the threads the
-    runtime will run the build with (set here, before any measurement starts)."""
+    runtime will run the build with (here: set now, before any measurement starts; on a
+    device: what its runtime reports)."""
     tvm = tvm_build._tvm()
 
+    cores = tvm_build.runtime_threads() if device is None else device.threads()
     spec = {k: v for k, v in tvm_target.export().items() if k != "tag"}
-    return tvm.target.Target({**spec, "num-cores": tvm_build.runtime_threads()})
+    return tvm.target.Target({**spec, "num-cores": cores})
 
 
-def _commit_generic(tasks: dict[str, Any], measure_target, database, vl: int) -> None:
+def _commit_generic(
+    tasks: dict[str, Any], measure_target, database, vl: int, device: _Device | None = None
+) -> None:
     """Measure the generic schedule every untuned build uses for each kernel and commit it
     as a record of its own: the records then hold a MetaSchedule schedule as a kernel's best
     only where it measured faster than ours (with few trials it often does not)."""
@@ -164,7 +214,10 @@ def _commit_generic(tasks: dict[str, Any], measure_target, database, vl: int) ->
         try:
             sch = s_tir.Schedule(mod)
             tvm_build._schedule_blocks(sch, vl)
-            secs = _time_primfunc(tvm.compile(sch.mod, target=measure_target), args_info)
+            lib = tvm.compile(sch.mod, target=measure_target)
+            secs = _time_primfunc(lib, args_info, device)
+        except CompileError:  # the device is gone
+            raise
         except Exception as e:  # a kernel the generic rules cannot schedule: tuning only
             log.warning("generic schedule of %s not measured: %s", name, e)
             continue
@@ -178,41 +231,83 @@ def _commit_generic(tasks: dict[str, Any], measure_target, database, vl: int) ->
         database.commit_tuning_record(record)
 
 
-def _time_primfunc(lib, args_info) -> float:
-    """Median seconds of one call of a built PrimFunc on random arguments (MetaSchedule's
-    local runner's way: averages of 3 calls, repeated for at least 100 ms)."""
+def _time_primfunc(lib, args_info, device: _Device | None = None) -> float:
+    """Median seconds of one call of a built PrimFunc on random arguments, here or on
+    ``device`` (MetaSchedule's runners' way: averages of 3 calls, repeated for at least
+    100 ms)."""
     import numpy as np
     import tvm
 
-    rng = np.random.default_rng(0)
-    dev = tvm.cpu()
+    if device is None:
+        dev, func = tvm.cpu(), lib.jit()
+    else:
+        path = Path(device.export(lib))
+        remote = device.session()
+        remote.upload(str(path))
+        func = remote.load_module(path.name)
+        dev = remote.cpu()
+    args = _random_args([([int(d) for d in a.shape], str(a.dtype)) for a in args_info], dev)
+    evaluator = func.time_evaluator("main", dev, number=3, repeat=5, min_repeat_ms=100)
+    return float(np.median(evaluator(*args).results))
+
+
+def _random_args(specs: list[tuple[list[int], str]], dev, seed: int = 0) -> list:
+    """Seeded random tensors of (shape, dtype) on ``dev`` (made here and copied there, so a
+    device runtime built without TVM's random library works too)."""
+    import numpy as np
+    import tvm
+
+    rng = np.random.default_rng(seed)
     args = []
-    for info in args_info:
-        shape = [int(d) for d in info.shape]
-        dtype = str(info.dtype)
+    for shape, dtype in specs:
         if dtype.startswith(("int", "uint")):
             value = rng.integers(-8, 8, shape).astype(dtype)
         else:
             value = rng.standard_normal(shape).astype(dtype)
         args.append(tvm.runtime.tensor(value, dev))
-    evaluator = lib.jit().time_evaluator("main", dev, number=3, repeat=5, min_repeat_ms=100)
-    return float(np.median(evaluator(*args).results))
+    return args
 
 
-def _run_metaschedule(tasks: dict[str, Any], measure_target, database, trials: int) -> None:
+def _alloc_remote_args(session, device, args_info, alloc_repeat: int) -> list[list]:
+    """MetaSchedule RPC runner's argument allocation without the device's random library
+    (PyPI's aarch64 TVM runtime lacks ``tvm.contrib.random``)."""
+    specs = [(list(info[2]), str(info[1])) for info in args_info]  # ["TENSOR", dtype, shape]
+    return [_random_args(specs, device, seed) for seed in range(alloc_repeat)]
+
+
+def _run_metaschedule(
+    tasks: dict[str, Any], measure_target, database, trials: int, device: _Device | None = None
+) -> None:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
+    def builder_and_runner():
+        if device is None:
+            builder = ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S, max_workers=1)
+            return builder, ms.runner.LocalRunner()
+        builder = ms.builder.LocalBuilder(
+            f_export=device.export, timeout_sec=BUILDER_TIMEOUT_S, max_workers=1
+        )
+        # dummy tracker fields only satisfy the config's checks: sessions come from the device
+        config = ms.runner.RPCConfig(
+            tracker_host="-", tracker_port=1, tracker_key="-", session_timeout_sec=RPC_TIMEOUT_S
+        )
+        runner = ms.runner.RPCRunner(
+            config, f_create_session=device.session, f_alloc_argument=_alloc_remote_args
+        )
+        return builder, runner
+
     with tempfile.TemporaryDirectory(prefix="wsdeploy-tune-") as work, _quiet_metaschedule():
         try:
+            builder, runner = builder_and_runner()
             ms.tir_integration.tune_tir(
                 tvm.IRModule(tasks),
                 measure_target,
                 work,
                 max_trials_global=trials,
                 num_trials_per_iter=min(16, trials),
-                builder=ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S, max_workers=1),
-                runner=ms.runner.LocalRunner(),
+                builder=builder,
+                runner=runner,
                 database=database,
                 cost_model="xgb",  # xgboost-cpu is a dependency
                 seed=0,
@@ -225,13 +320,24 @@ def _run_metaschedule(tasks: dict[str, Any], measure_target, database, trials: i
 
 @contextlib.contextmanager
 def _quiet_metaschedule():
-    """MetaSchedule prints a task table per round: keep it in its log files."""
+    """MetaSchedule prints a task table per round: keep it in its log files. Its logging
+    setup lists the names of the handlers already on its logger, and fails on an unnamed
+    one ('NoneType' object has no attribute 'format', seen on a second tuning run in one
+    pytest process): each run starts with none and closes its own (their files are in the
+    run's temporary work directory) before the earlier ones are put back."""
     logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    level = logger.level
+    level, earlier = logger.level, list(logger.handlers)
+    for handler in earlier:
+        logger.removeHandler(handler)
     logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        for handler in earlier:
+            logger.addHandler(handler)
         logger.setLevel(level)
 
 
@@ -251,10 +357,14 @@ def _best(tasks: dict[str, Any], tvm_target, database) -> list[dict[str, Any]]:
     return out
 
 
-def tune_and_rebuild(outdir: Path, trials: int, progress=None, **load_kwargs) -> TuneResult:
+def tune_and_rebuild(
+    outdir: Path, trials: int, progress=None, rpc: str | None = None, **load_kwargs
+) -> TuneResult:
     """Tune a finished build's kernels, then rebuild it in place (same options, so it takes
-    the new records; the rebuild passes the same gates or the old build stays)."""
+    the new records; the rebuild passes the same gates or the old build stays). ``rpc``:
+    the device it is tuned and verified on (arm64)."""
     source, options, calibration = options_from_outdir(outdir)
+    options = dataclasses.replace(options, rpc=rpc)
     loaded = load_model(source, **load_kwargs)
     result = tune(loaded, options, trials, calibration=calibration, progress=progress)
     (progress or (lambda m: None))("rebuild")

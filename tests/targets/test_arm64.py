@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -102,6 +103,22 @@ def test_emulated_device_end_to_end(tmp_path):
         manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
         assert manifest["verification"]["device"] == address
         assert manifest["verification"]["accuracy_gate"]["passed"]
+        # tuning on the device: candidates cross-compiled here, timed there; the build is
+        # rebuilt with the records and verified there again
+        result = runner.invoke(main, ["tune", str(out), "--rpc", address, "--trials", "4"])
+        assert result.exit_code == 0, result.output
+        assert "rebuilt" in result.output and "records:" in result.output
+        info = json.loads((out / "tvm.json").read_text())
+        assert info["records_applied"]
+        records = Path(info["tuning_records"])
+        assert "aarch64" in (records / "target.txt").read_text()
+        # MetaSchedule's candidates really ran on the device (a failed run records 1e10 s)
+        lines = (records / "records.json").read_text().splitlines()
+        timed = [json.loads(line)[1][1] for line in lines]
+        assert sum(max(t) < 1.0 for t in timed) > len(info["records_applied"])
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["verification"]["passed"]
+        assert manifest["verification"]["device"] == address
     finally:
         result = runner.invoke(main, ["device", "stop"])
     assert result.output.strip() == "stopped"

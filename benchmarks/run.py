@@ -184,6 +184,7 @@ def bench_models(
                     "bytes": size,
                     "macs": macs,
                     "agreement": None if gate is None else gate["top1_agreement"],
+                    "gate_n": None if gate is None else gate["n"],
                     **extra,
                     **timing,
                 }
@@ -257,7 +258,8 @@ def summary(layers: list[dict], models: list[dict]) -> list[str]:
                 f"fp32 baseline's ({q_file['bytes'] / 1024:.1f} KB); TVM's integer build runs "
                 f"in {q_tvm['median_ms']:.2f} ms, {tvm['median_ms'] / q_tvm['median_ms']:.2f}x "
                 f"as fast as its fp32 build; top-1 agreement with fp32 "
-                f"{q_tvm['agreement']:.1%}, held-out accuracy {q_tvm['accuracy']:.1%} vs "
+                f"{q_tvm['agreement']:.1%} on {q_tvm.get('gate_n') or '?'} held-out inputs, "
+                f"held-out accuracy {q_tvm['accuracy']:.1%} vs "
                 f"{tvm['accuracy']:.1%}."
             )
     return [*lines, ""]

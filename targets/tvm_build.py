@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -456,7 +457,9 @@ def import_model(model: ir.Model, vl: int):
     del proto.functions[:]  # the wsnet ops' ONNX definitions; TVM gets our kernels instead
     shapes = {v.name: list(v.shape) for v in model.graph.inputs}
     try:
-        with _extended_onnx_frontend(vl):
+        with _extended_onnx_frontend(vl), warnings.catch_warnings():
+            # onnx's checker does not know fuse_relu's private attribute; our converters do
+            warnings.filterwarnings("ignore", message="Unrecognized attribute: relu")
             mod = from_onnx(
                 proto, shape_dict=shapes, dtype_dict="float32", opset=_default_opset(proto)
             )

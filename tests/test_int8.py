@@ -3,6 +3,7 @@ file stores int8 phi, failures write nothing, and the CLI reports it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -102,8 +103,14 @@ def test_user_calibration_file_and_errors(tmp_path):
     opts = ExportOptions(precision="int8", calib=str(tmp_path / "calib.npz"))
     m = export(loaded, out, opts).manifest
     assert m["quantization"]["n_samples"] == 32 and m["quantization"]["source"].endswith("npz")
-    with pytest.raises(WsdeployError, match="need --quantize int8"):
-        export("wsnet1d-tiny", tmp_path / "x", ExportOptions(calib_samples=4))
+    for fp32_only in (
+        {"calib_samples": 4},
+        {"calib": str(tmp_path / "calib.npz")},
+        {"gate_samples": 100},
+        {"min_agreement": 0.9},
+    ):
+        with pytest.raises(WsdeployError, match="need --quantize int8"):
+            export("wsnet1d-tiny", tmp_path / "x", ExportOptions(**fp32_only))
     with pytest.raises(WsdeployError, match="unknown precision"):
         export("wsnet1d-tiny", tmp_path / "x", ExportOptions(precision="int4"))
 
@@ -164,3 +171,36 @@ def test_the_agreement_bar_is_the_users_and_is_recorded(tmp_path):
     assert gate["accuracy_gate"]["min_agreement"] == 0.9 and gate["accuracy_gate"]["passed"]
     result = runner.invoke(main, [*args, "--min-agreement", "0.2"])
     assert result.exit_code == 2  # below 50% is not a gate
+
+
+def test_the_gate_draws_at_least_1000_held_out_inputs():
+    """A model tested on 200 inputs (SoundNet-8's training test set) is still gated on 1000:
+    at a 99% bar 200 inputs leave the verdict to the draw. A larger own test set wins."""
+    loaded = load_model("wsnet1d-tiny")
+    eager = lambda x: compiler._eager(loaded, x)  # noqa: E731
+    for n_test, expected in ((200, compiler.GATE_SAMPLES), (1200, 1200)):
+        small = dataclasses.replace(loaded, metrics={**loaded.metrics, "n_test": n_test})
+        gate = compiler.accuracy_gate(small, eager, None, 1)
+        assert gate["n"] == expected and gate["top1_agreement"] == 1.0 and gate["passed"]
+    assert compiler.accuracy_gate(loaded, eager, 48, 1)["n"] == 48
+
+
+def test_cli_gate_samples_is_recorded_and_kept_by_verify(tmp_path):
+    out = tmp_path / "q"
+    args = ["export", "wsnet1d-tiny", "--quantize", "int8", "--gate-samples", "300"]
+    result = CliRunner().invoke(main, [*args, "--n-verify", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "on 300 held-out inputs" in result.output
+    assert verify(out, "wsnet1d-tiny", n_verify=2)["accuracy_gate"]["n"] == 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx", "x86_64"])
+def test_soundnet8_int8_passes_the_default_gate(target, tmp_path):
+    """The default 99% bar on 1000 held-out clips, for the zoo's largest model."""
+    m = export(
+        "wsnet1d-soundnet8", tmp_path / "q", ExportOptions(target=target, precision="int8")
+    ).manifest
+    gate = m["verification"]["accuracy_gate"]
+    assert gate["passed"] and gate["n"] == 1000 and gate["min_agreement"] == 0.99
+    assert gate["top1_agreement"] >= 0.99 and gate["accuracy_drop"] <= 0.01

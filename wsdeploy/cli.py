@@ -408,6 +408,13 @@ def _quiet_third_party_logs() -> None:
     "99% rule); a lower bar is recorded in manifest.json.",
 )
 @click.option(
+    "--gate-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="int8: held-out inputs the accuracy gate runs (default 1000, or the model's own "
+    "test-set size if larger).",
+)
+@click.option(
     "--n-verify",
     type=click.IntRange(min=1),
     default=8,
@@ -428,6 +435,7 @@ def export(
     calib_samples: int | None,
     calib_method: str,
     min_agreement: float | None,
+    gate_samples: int | None,
     n_verify: int,
     rpc: str | None,
     trust_pickle: bool,
@@ -457,6 +465,7 @@ def export(
         calib_samples=calib_samples,
         calib_method=calib_method,
         min_agreement=min_agreement,
+        gate_samples=gate_samples,
     )
     with console.status("exporting") as status:
         result = export_model(

@@ -76,6 +76,7 @@ def options_from_outdir(outdir: Path) -> tuple[str, ExportOptions, quantize.Cali
         options = dataclasses.replace(
             options,
             min_agreement=gate.get("min_agreement"),
+            gate_samples=gate.get("n"),
             calib=str(calib_file) if calib_file.is_file() else None,
             calib_samples=None if calib_file.is_file() else int(q["n_samples"]),
             calib_method="auto" if q.get("output_error") else q.get("method", "minmax"),

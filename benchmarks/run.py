@@ -270,7 +270,17 @@ def markdown(layers: list[dict], models: list[dict], info: dict, command: str) -
         f"Measured by `{command}` on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
         "Medians of at least the stated runs, each build in its own process"
-        + (f", every runtime on {info['threads']} threads." if info.get("threads") else "."),
+        + (f", every runtime on {info['threads']} threads." if info.get("threads") else ".")
+        + (
+            f" The run took {info['seconds'] / 60:.1f} minutes"
+            + (
+                f", {info['tune_seconds'] / 60:.1f} of them tuning."
+                if "tune_seconds" in info
+                else "."
+            )
+            if "seconds" in info
+            else ""
+        ),
         "",
         *summary(layers, models),
     ]
@@ -392,6 +402,8 @@ def main() -> None:
         models = bench_models(
             names, work, repeat, 200 if args.quick else 400, say, 0 if args.quick else args.trials
         )
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    info["tune_seconds"] = round(sum(r.get("tune_seconds", 0.0) for r in models), 1)
     (args.out / "layers.json").write_text(
         json.dumps({"machine": info, "command": command, "layers": layers}, indent=2) + "\n"
     )

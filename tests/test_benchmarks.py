@@ -43,5 +43,9 @@ def test_quick_benchmark_run(tmp_path):
     assert all(r["median_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in models)
     int8 = [r for r in models if r["precision"] == "int8"]
     assert len(int8) == 2 * 3 and all(r["agreement"] >= 0.99 for r in int8)
-    assert "| formulation |" in (tmp_path / "results.md").read_text()
+    assert all(r["gate_n"] == 1000 for r in int8)
+    machine = json.loads((tmp_path / "layers.json").read_text())["machine"]
+    assert machine["seconds"] > 0 and machine["tune_seconds"] == 0  # --quick: no tuning
+    text = (tmp_path / "results.md").read_text()
+    assert "| formulation |" in text and f"took {machine['seconds'] / 60:.1f} minutes" in text
     assert (tmp_path / "size_latency.png").read_bytes()[:4] == b"\x89PNG"

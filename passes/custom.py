@@ -20,19 +20,25 @@ from wsdeploy import onnx_ops
 
 from ._graph import STRATEGY_KEY, epilogue, static_shape, ws_attrs, ws_nodes
 from .base import Pass, PassResult
-from .shared import Builder, build
+from .shared import Builder, blocking, build
 
 OPSET = 18
 """Default-domain opset of the function bodies when the model imports none."""
 
 
-def _layout(b: Builder, op_type: str, phi: ir.Value, phi_shape: tuple[int, ...]) -> ir.Value:
+def _layout(b: Builder, node: ir.Node, phi: ir.Value) -> ir.Value:
     """The ONNX-op version of ``shared.weight_layout``."""
-    if op_type == "WSConv1d":
-        return b.op("Unsqueeze", [b.op("Transpose", [phi], perm=[1, 0]), b.ints([2])])
-    if op_type == "WSConv2d":
+    phi_shape = static_shape(node.inputs[1])
+    if node.op_type == "WSConv1d":
+        g, _ = blocking(ws_attrs(node))
+        cs, ls = phi_shape
+        return b.op("Transpose", [b.reshape(phi, [cs, ls // g, g])], perm=[1, 0, 2])
+    if node.op_type == "WSConv2d":
+        g, _ = blocking(ws_attrs(node))
         cs, hs, ws = phi_shape
-        return b.reshape(b.op("Transpose", [phi], perm=[1, 2, 0]), [hs * ws, cs, 1, 1])
+        blocks = b.reshape(phi, [cs, hs // g, g, ws // g, g])
+        blocks = b.op("Transpose", [blocks], perm=[1, 3, 0, 2, 4])
+        return b.reshape(blocks, [hs // g * (ws // g), cs, g, g])
     return b.reshape(phi, [1, 1, phi_shape[0]])
 
 
@@ -66,7 +72,7 @@ def make_function(node: ir.Node, key: str, opset: int = OPSET) -> ir.Function:
             params.append(ir.Value(name="scale_absent"))
         params.append(b_)
     b = Builder()
-    weight = _layout(b, node.op_type, phi, static_shape(node.inputs[1]))
+    weight = _layout(b, node, phi)
     y = build(b, node, x, weight, s, b_)
     y.name = "Y"
     graph = ir.Graph(

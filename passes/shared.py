@@ -107,80 +107,117 @@ def _epilogue(
     return y
 
 
+def blocking(attrs: dict[str, int]) -> tuple[int, int]:
+    """(g, d): the block length of the table's filters and the table's column stride.
+
+    Filter i reads phi[iS : iS + k], so with g = gcd(S, k) every filter is k/g whole blocks
+    of g taps, and filter i starts at block iS/g. The table then holds every block's
+    correlation with the input, D[b, u] = sum_j phi[:, gb + j] . xs[:, du + j] (a standard
+    conv with kernel g and stride d = gcd(s, g)), and filter i at output t sums the k/g
+    blocks along one diagonal of D: D[iS/g + q, (st + gq)/d]. g = 1 is the plain product
+    table P of WSNET.md §2; a larger g does g times fewer diagonal adds and, with d > 1,
+    builds the table only at the columns a strided conv reads.
+    """
+    g = math.gcd(attrs["sample_stride"], attrs["kernel_size"])
+    return g, math.gcd(attrs["stride"], g)
+
+
 def conv1d(
     b: Builder,
     x: ir.Value,
-    pointwise: ir.Value,
+    blocks: ir.Value,
     scale: ir.Value | None,
     bias: ir.Value | None,
     attrs: dict[str, int],
     in_shape: tuple[int, ...],
     phi_shape: tuple[int, ...],
 ) -> ir.Value:
-    """The shared computation of one WSConv1d; ``pointwise`` is phi^T as (L*, C*, 1)."""
+    """The shared computation of one WSConv1d; ``blocks`` is phi as (L*/g, C*, g)."""
     batch, _c, t0 = in_shape
     n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
     ss, r = attrs["sample_stride"], attrs["channel_repeat"]
     cs, ls = phi_shape
+    g, d = blocking(attrs)
+    nb, taps = ls // g, k // g
     tp = t0 + 2 * p
     t_out = (tp - k) // s + 1
+    td = (tp - g) // d + 1  # table columns
     if p:
         x = b.op("Pad", [x, b.ints([0, 0, p, 0, 0, p])])
     xs = _presum(b, x, batch, r, cs, [tp])
-    table = b.op("Conv", [xs, pointwise], kernel_shape=[1])  # (B, L*, T)
-    flat = b.reshape(table, [batch, 1, ls * tp])
-    ones = b.const(np.ones((1, 1, k), dtype=np.float32))
-    # Every diagonal that starts in the R = (N-1)S + 1 rows filters use, at stride 1: ONNX
-    # Runtime's strided dilated conv is many times slower than this conv plus a strided
-    # slice (11.9 ms against 2.4 ms on WSNET.md's layer at conv stride 2).
+    table = b.op("Conv", [xs, blocks], kernel_shape=[g], strides=[d])  # (B, L*/g, Td)
+    flat = b.reshape(table, [batch, 1, nb * td])
+    ones = b.const(np.ones((1, 1, taps), dtype=np.float32))
+    # Every diagonal that starts in a row filters use, at stride 1: ONNX Runtime's strided
+    # dilated conv is many times slower than this conv plus a strided slice (11.9 ms against
+    # 2.4 ms on WSNET.md's layer at conv stride 2).
+    step = g // d  # table columns per block
     diag = b.op(
-        "Conv", [flat, ones], kernel_shape=[k], dilations=[tp + 1], pads=[0, k - 1]
-    )  # (B, 1, R·T)
-    rows = b.reshape(diag, [batch, ls - k + 1, tp])
-    y = b.slice(rows, [0, 0], [(n - 1) * ss + 1, (t_out - 1) * s + 1], [1, 2], [ss, s])
+        "Conv",
+        [flat, ones],
+        kernel_shape=[taps],
+        dilations=[td + step],
+        pads=[0, step * (taps - 1)],
+    )  # (B, 1, (L*/g - k/g + 1)·Td)
+    rows = b.reshape(diag, [batch, nb - taps + 1, td])
+    y = b.slice(
+        rows,
+        [0, 0],
+        [(n - 1) * (ss // g) + 1, (t_out - 1) * (s // d) + 1],
+        [1, 2],
+        [ss // g, s // d],
+    )
     return _epilogue(b, y, scale, bias, n, 1)
 
 
 def conv2d(
     b: Builder,
     x: ir.Value,
-    pointwise: ir.Value,
+    blocks: ir.Value,
     scale: ir.Value | None,
     bias: ir.Value | None,
     attrs: dict[str, int],
     in_shape: tuple[int, ...],
     phi_shape: tuple[int, ...],
 ) -> ir.Value:
-    """The shared computation of one WSConv2d; ``pointwise`` is phi as (H*·W*, C*, 1, 1)."""
+    """The shared computation of one WSConv2d; ``blocks`` is phi as (H*/g·W*/g, C*, g, g)."""
     batch, _c, h0, w0 = in_shape
     n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
     ss, r = attrs["sample_stride"], attrs["channel_repeat"]
     cs, hs, ws = phi_shape
+    g, d = blocking(attrs)
+    nh, nw, taps, step = hs // g, ws // g, k // g, g // d
     gh, gw = sampling.grid_shape(n)
     hp, wp = h0 + 2 * p, w0 + 2 * p
     ho, wo = (hp - k) // s + 1, (wp - k) // s + 1
+    hd, wd = (hp - g) // d + 1, (wp - g) // d + 1
     if p:
         x = b.op("Pad", [x, b.ints([0, 0, p, p, 0, 0, p, p])])
     xs = _presum(b, x, batch, r, cs, [hp, wp])
-    table = b.op("Conv", [xs, pointwise], kernel_shape=[1, 1])  # (B, H*W*, H, W)
-    grid = b.reshape(table, [batch, hs, ws, hp, wp])
-    grid = b.op("Transpose", [grid], perm=[0, 1, 3, 2, 4])  # (B, H*, H, W*, W)
-    flat = b.reshape(grid, [batch, 1, hs * hp, ws * wp])
-    ones = b.const(np.ones((1, 1, k, k), dtype=np.float32))
+    table = b.op("Conv", [xs, blocks], kernel_shape=[g, g], strides=[d, d])  # (B, nh·nw, Hd, Wd)
+    grid = b.reshape(table, [batch, nh, nw, hd, wd])
+    grid = b.op("Transpose", [grid], perm=[0, 1, 3, 2, 4])  # (B, nh, Hd, nw, Wd)
+    flat = b.reshape(grid, [batch, 1, nh * hd, nw * wd])
+    ones = b.const(np.ones((1, 1, taps, taps), dtype=np.float32))
     diag = b.op(  # at stride 1, then a strided slice: see conv1d
         "Conv",
         [flat, ones],
-        kernel_shape=[k, k],
-        dilations=[hp + 1, wp + 1],
-        pads=[0, 0, k - 1, k - 1],
+        kernel_shape=[taps, taps],
+        dilations=[hd + step, wd + step],
+        pads=[0, 0, step * (taps - 1), step * (taps - 1)],
     )
-    rows = b.reshape(diag, [batch, hs - k + 1, hp, ws - k + 1, wp])
+    rows = b.reshape(diag, [batch, nh - taps + 1, hd, nw - taps + 1, wd])
     y = b.slice(
         rows,
         [0, 0, 0, 0],
-        [(gh - 1) * ss + 1, (ho - 1) * s + 1, (gw - 1) * ss + 1, (wo - 1) * s + 1],
+        [
+            (gh - 1) * (ss // g) + 1,
+            (ho - 1) * (s // d) + 1,
+            (gw - 1) * (ss // g) + 1,
+            (wo - 1) * (s // d) + 1,
+        ],
         [1, 2, 3, 4],
-        [ss, s, ss, s],
+        [ss // g, s // d, ss // g, s // d],
     )  # (B, gh, Ho, gw, Wo)
     y = b.op("Transpose", [y], perm=[0, 1, 3, 2, 4])
     y = b.reshape(y, [batch, gh * gw, ho, wo])
@@ -216,13 +253,18 @@ def linear(
 BUILDERS = {"WSConv1d": conv1d, "WSConv2d": conv2d, "WSLinear": linear}
 
 
-def weight_layout(op_type: str, phi: np.ndarray) -> np.ndarray:
-    """phi rearranged (not copied twice, not grown) into the weight its builder consumes."""
+def weight_layout(op_type: str, phi: np.ndarray, attrs: dict[str, int]) -> np.ndarray:
+    """phi rearranged (not copied twice, not grown) into the weight its builder consumes:
+    the g-tap blocks of ``blocking`` as the table conv's filters."""
     if op_type == "WSConv1d":
-        return np.ascontiguousarray(phi.T[:, :, None])
+        g, _ = blocking(attrs)
+        cs, ls = phi.shape
+        return np.ascontiguousarray(phi.reshape(cs, ls // g, g).transpose(1, 0, 2))
     if op_type == "WSConv2d":
+        g, _ = blocking(attrs)
         cs, hs, ws = phi.shape
-        return np.ascontiguousarray(phi.transpose(1, 2, 0).reshape(hs * ws, cs, 1, 1))
+        blocks = phi.reshape(cs, hs // g, g, ws // g, g).transpose(1, 3, 0, 2, 4)
+        return np.ascontiguousarray(blocks.reshape(hs // g * (ws // g), cs, g, g))
     return phi.reshape(1, 1, -1)
 
 
@@ -266,14 +308,14 @@ class SharedPass(Pass):
                 q, scale, axis = quantized
                 if axis != 0 and np.ndim(scale):
                     raise ValueError(f"{node.name}: int8 phi must be scaled along axis 0")
-                pre = [dequantize_node(graph, base, weight_layout(node.op_type, q), scale, 1)]
+                pre = [dequantize_node(graph, base, weight_layout(node.op_type, q, ws_attrs(node)), scale, 1)]
                 weight = pre[0].outputs[0]
             else:
                 phi = const(node.inputs[1])
                 if phi is None:
                     raise ValueError(f"{node.name}: phi is not a constant")
                 weight = add_initializer(
-                    graph, base, weight_layout(node.op_type, phi).astype(np.float32)
+                    graph, base, weight_layout(node.op_type, phi, ws_attrs(node)).astype(np.float32)
                 )
             b = Builder()
             y = build(b, node, node.inputs[0], weight, *epilogue(node))

@@ -308,7 +308,11 @@ class SharedPass(Pass):
                 q, scale, axis = quantized
                 if axis != 0 and np.ndim(scale):
                     raise ValueError(f"{node.name}: int8 phi must be scaled along axis 0")
-                pre = [dequantize_node(graph, base, weight_layout(node.op_type, q, ws_attrs(node)), scale, 1)]
+                pre = [
+                    dequantize_node(
+                        graph, base, weight_layout(node.op_type, q, ws_attrs(node)), scale, 1
+                    )
+                ]
                 weight = pre[0].outputs[0]
             else:
                 phi = const(node.inputs[1])

@@ -85,26 +85,26 @@ def _dense_conv2d(cfg: dict, path: Path) -> None:
     onnx.save(model, path)
 
 
-def build_variants(cfg: dict, workdir: Path) -> dict[str, dict]:
-    """Write every formulation of the layer; returns worker specs by variant name."""
+def build_variants(module: torch.nn.Module, shape: list[int], tag: str, workdir: Path) -> dict:
+    """Write the formulations every layer gets (ONNX Runtime: dense, shared graph, custom op;
+    TVM: fused WSNet kernel, dense conv); returns worker specs by variant name."""
     workdir.mkdir(parents=True, exist_ok=True)
-    loaded = LoadedModel.from_module(layer_module(cfg), tuple(input_shape(cfg)))
+    loaded = LoadedModel.from_module(module, tuple(shape))
     specs = {}
     for strategy in ("fold", "shared", "custom"):
-        path = workdir / f"{cfg['name']}-s{cfg['stride']}-{strategy}.onnx"
+        path = workdir / f"{tag}-{strategy}.onnx"
         model, _ = lower(loaded, strategy)
         onnx_target.save(model, path)
-        label = {
-            "fold": "ort dense Conv1d",
-            "shared": "ort shared graph",
-            "custom": "ort custom op (local function)",
-        }[strategy]
-        specs[label] = {"runtime": "ort", "path": str(path), "dense": strategy == "fold"}
+        specs[ORT_VARIANTS[strategy]] = {
+            "runtime": "ort",
+            "path": str(path),
+            "dense": strategy == "fold",
+        }
     from wsdeploy.targets import x86_64
 
-    for strategy, label in (("custom", "tvm fused WSNet kernel"), ("fold", "tvm dense conv1d")):
+    for strategy, label in (("custom", "tvm fused WSNet kernel"), ("fold", "tvm dense conv")):
         model, _ = lower(loaded, strategy, native=True)
-        out = workdir / f"{cfg['name']}-s{cfg['stride']}-tvm-{strategy}"
+        out = workdir / f"{tag}-tvm-{strategy}"
         out.mkdir(exist_ok=True)
         x86_64.build(model, out)
         specs[label] = {
@@ -112,6 +112,23 @@ def build_variants(cfg: dict, workdir: Path) -> dict[str, dict]:
             "path": str(out / x86_64.LIBRARY),
             "dense": strategy == "fold",
         }
+    for spec in specs.values():
+        spec["shape"] = list(shape)
+    return specs
+
+
+ORT_VARIANTS = {
+    "fold": "ort dense conv",
+    "shared": "ort shared graph",
+    "custom": "ort custom op (local function)",
+}
+
+
+def talk_variants(cfg: dict, workdir: Path) -> dict[str, dict]:
+    """The talk layer's formulations: every layer's, plus ONNX Runtime's dense conv written
+    as Conv2d and PyTorch's dense conv and shared computation."""
+    shape = input_shape(cfg)
+    specs = build_variants(layer_module(cfg), shape, f"{cfg['name']}-s{cfg['stride']}", workdir)
     path = workdir / f"{cfg['name']}-s{cfg['stride']}-dense2d.onnx"
     _dense_conv2d(cfg, path)
     specs["ort dense as Conv2d (1,L)"] = {"runtime": "ort", "path": str(path), "dense": True}
@@ -127,7 +144,7 @@ def build_variants(cfg: dict, workdir: Path) -> dict[str, dict]:
         "layer": cfg,
     }
     for spec in specs.values():
-        spec["shape"] = input_shape(cfg)
+        spec["shape"] = shape
     return specs
 
 
@@ -156,13 +173,15 @@ def peak_gmacs() -> float:
     return float(out.stdout.strip())
 
 
-def bench_layer(cfg: dict, workdir: Path, repeat: int, peak: float, progress=None) -> dict:
-    specs = build_variants(cfg, workdir)
-    dense_macs, shared_macs = theory(cfg)
+def _time_variants(
+    specs: dict[str, dict], dense_macs: int, shared_macs: int, repeat: int, peak: float, say
+) -> list[dict]:
+    """Time every spec in its own process; speedups against the best dense formulation on
+    the same runtime."""
     rows = []
     for label, spec in specs.items():
-        if progress:
-            progress(f"layer stride {cfg['stride']}: {label}")
+        if say:
+            say(label)
         timing = run_worker(spec, repeat)
         macs = dense_macs if spec.get("dense") else shared_macs
         rows.append(
@@ -180,11 +199,105 @@ def bench_layer(cfg: dict, workdir: Path, repeat: int, peak: float, progress=Non
         for r in same:
             r["speedup_vs_best_dense"] = best_dense / r["median_ms"]
             r["roofline_fraction"] = r["gmacs"] / peak
+    return rows
+
+
+def bench_layer(cfg: dict, workdir: Path, repeat: int, peak: float, progress=None) -> dict:
+    """The talk layer at ``cfg``'s conv stride, every formulation."""
+    specs = talk_variants(cfg, workdir)
+    dense_macs, shared_macs = theory(cfg)
+    say = (lambda m: progress(f"layer stride {cfg['stride']}: {m}")) if progress else None
     return {
         "layer": cfg,
         "dense_macs": dense_macs,
         "shared_macs": shared_macs,
         "theoretical_speedup": dense_macs / shared_macs,
         "peak_gmacs": peak,
-        "rows": rows,
+        "rows": _time_variants(specs, dense_macs, shared_macs, repeat, peak, say),
     }
+
+
+def zoo_layers(name: str) -> list[tuple[str, torch.nn.Module, list[int]]]:
+    """(path, layer, input shape) of every WSNet conv layer of a zoo model, at batch 1."""
+    from wsdeploy.modelfile import load_model
+    from wsdeploy.models import WSConv2d
+
+    loaded = load_model(name)
+    module = loaded.module
+    shapes: dict[str, list[int]] = {}
+
+    def record(name: str):
+        def hook(_module, inputs, _output) -> None:
+            shapes.setdefault(name, list(inputs[0].shape))
+
+        return hook
+
+    hooks = [
+        m.register_forward_hook(record(n))
+        for n, m in module.named_modules()
+        if isinstance(m, (WSConv1d, WSConv2d))
+    ]
+    with torch.no_grad():
+        module(torch.zeros(loaded.input_shape))
+    for h in hooks:
+        h.remove()
+    named = dict(module.named_modules())
+    return [(n, named[n], shape) for n, shape in shapes.items()]
+
+
+def bench_zoo_layers(names: list[str], workdir: Path, repeat: int, peak: float, say) -> list:
+    """Every WSNet conv layer of the zoo models ``names``, alone: ONNX Runtime dense, shared
+    and custom, TVM dense and fused kernel; with the strategy ``auto`` gives each runtime."""
+    from wsdeploy import trace
+    from wsdeploy.passes._graph import ws_nodes
+    from wsdeploy.passes.strategy import choose
+
+    results = []
+    for name in names:
+        for path, layer, shape in zoo_layers(name):
+            module = torch.nn.Sequential(layer).eval()
+            with torch.no_grad():
+                out_shape = tuple(module(torch.zeros(shape)).shape)
+            count = layer.count(path, tuple(shape), out_shape)
+            tag = f"{name}-{path}"
+            specs = build_variants(module, shape, tag, workdir)
+            node = next(
+                iter(
+                    ws_nodes(
+                        trace.to_onnx(
+                            trace.trace(LoadedModel.from_module(module, tuple(shape)))
+                        ).graph
+                    )
+                )
+            )
+            rows = _time_variants(
+                specs,
+                count.dense_macs,
+                count.shared_macs,
+                repeat,
+                peak,
+                lambda m, tag=tag: say(f"zoo layer {tag}: {m}"),
+            )
+            results.append(
+                {
+                    "layer": {
+                        "model": name,
+                        "name": path,
+                        "op": type(layer).__name__,
+                        "input_shape": shape,
+                        "output_shape": list(out_shape),
+                        "kernel": layer.kernel_size,
+                        "stride": layer.stride,
+                        "sample_stride": layer.sample_stride,
+                        "repeat": layer.channel_repeat,
+                        "phi_shape": list(layer.phi.shape),
+                    },
+                    "auto": {"ort": choose(node, "auto"), "tvm": choose(node, "auto", True)},
+                    "dense_macs": count.dense_macs,
+                    "shared_macs": count.shared_macs,
+                    "theoretical_speedup": count.dense_macs / count.shared_macs,
+                    "peak_gmacs": peak,
+                    "rows": rows,
+                }
+            )
+    return results

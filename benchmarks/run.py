@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.layers import TALK_LAYER, bench_layer, peak_gmacs, run_worker
+from benchmarks.layers import TALK_LAYER, bench_layer, bench_zoo_layers, peak_gmacs, run_worker
 from wsdeploy.compiler import ExportOptions, export
 from wsdeploy.errors import AccuracyGateFailed
 from wsdeploy.modelfile import load_model
@@ -75,10 +75,15 @@ BUILDS = [
     ("onnx", "shared", "fp32", "ORT WSNet shared"),
     ("onnx", "custom", "fp32", "ORT WSNet custom"),
     ("onnx", "auto", "fp32", "ORT WSNet auto"),
+    ("onnx", "fold", "int8", "ORT dense int8 (fold)"),
     ("onnx", "shared", "int8", "ORT WSNet shared int8"),
+    ("onnx", "custom", "int8", "ORT WSNet custom int8"),
     ("onnx", "auto", "int8", "ORT WSNet auto int8"),
     ("x86_64", "fold", "fp32", "TVM dense baseline (fold)"),
+    ("x86_64", "shared", "fp32", "TVM WSNet shared (standard ops)"),
+    ("x86_64", "custom", "fp32", "TVM WSNet custom (fused kernels)"),
     ("x86_64", "auto", "fp32", "TVM WSNet auto (fused kernels)"),
+    ("x86_64", "fold", "int8", "TVM dense int8 (fold)"),
     ("x86_64", "auto", "int8", "TVM WSNet auto int8 (integer kernels)"),
     ("x86_64", "auto", "tuned", "TVM WSNet auto, tuned"),
 ]
@@ -211,9 +216,19 @@ def _ok(rows: dict[str, dict], prefix: str) -> dict | None:
     return next((r for k, r in rows.items() if k.startswith(prefix) and "failed" not in r), None)
 
 
-def summary(layers: list[dict], models: list[dict]) -> list[str]:
+def summary(layers: list[dict], models: list[dict], zoo: list[dict] = ()) -> list[str]:
     """The headline ratios, computed from the same results as the tables."""
     lines = ["Summary (computed from the tables below):", ""]
+    if zoo:
+        right = 0
+        for res in zoo:
+            rows = {r["variant"]: r["median_ms"] for r in res["rows"]}
+            faster = "shared" if rows["ort shared graph"] < rows["ort dense conv"] else "fold"
+            right += res["auto"]["ort"] == faster
+        lines.append(
+            f"- Zoo layers timed alone: on ONNX Runtime, `auto`'s estimate picked the faster of "
+            f"dense and shared for {right} of {len(zoo)} layers."
+        )
     for res in layers:
         rows = {r["variant"]: r for r in res["rows"]}
         best_dense = min((r for r in res["rows"] if r["dense"]), key=lambda r: r["median_ms"])
@@ -236,8 +251,10 @@ def summary(layers: list[dict], models: list[dict]) -> list[str]:
         lines.append(
             f"- {name}: the standard-op WSNet file is {dense['bytes'] / shared['bytes']:.1f}x "
             f"smaller than the dense baseline's; ONNX Runtime runs `auto` in "
-            f"{auto['median_ms']:.2f} ms against {dense['median_ms']:.2f} ms dense; TVM "
-            f"runs it in {tvm['median_ms']:.2f} ms."
+            f"{auto['median_ms']:.2f} ms and `shared` in {shared['median_ms']:.2f} ms against "
+            f"{dense['median_ms']:.2f} ms dense ({dense['median_ms'] / auto['median_ms']:.2f}x "
+            f"and {dense['median_ms'] / shared['median_ms']:.2f}x as fast); TVM runs `auto` "
+            f"in {tvm['median_ms']:.2f} ms."
         )
         tuned = next((r for k, r in rows.items() if k.startswith("TVM WSNet auto, tuned")), None)
         if tuned is not None and "failed" not in tuned:
@@ -265,24 +282,22 @@ def summary(layers: list[dict], models: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def markdown(layers: list[dict], models: list[dict], info: dict, command: str) -> str:
+def markdown(
+    layers: list[dict], models: list[dict], info: dict, command: str, zoo: list[dict] = ()
+) -> str:
     lines = [
         f"Measured by `{command}` on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
         "Medians of at least the stated runs, each build in its own process"
         + (f", every runtime on {info['threads']} threads." if info.get("threads") else ".")
         + (
-            f" The run took {info['seconds'] / 60:.1f} minutes"
-            + (
-                f", {info['tune_seconds'] / 60:.1f} of them tuning."
-                if "tune_seconds" in info
-                else "."
-            )
+            f" The run took {info['seconds'] / 60:.1f} minutes, "
+            f"{info['tune_seconds'] / 60:.1f} of them tuning."
             if "seconds" in info
             else ""
         ),
         "",
-        *summary(layers, models),
+        *summary(layers, models, zoo),
     ]
     for res in layers:
         cfg = res["layer"]
@@ -305,6 +320,7 @@ def markdown(layers: list[dict], models: list[dict], info: dict, command: str) -
                 f"{100 * r['roofline_fraction']:.1f}% |"
             )
         lines.append("")
+    lines += zoo_table(zoo)
     if models:
         lines += [
             "### Zoo models (batch 1)",
@@ -327,6 +343,43 @@ def markdown(layers: list[dict], models: list[dict], info: dict, command: str) -
                 f"{r['accuracy']:.1%} | {agree} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def zoo_table(zoo: list[dict]) -> list[str]:
+    """One row per WSNet layer of the zoo, timed alone: each formulation's median and its
+    speedup over the dense conv on the same runtime, and what ``auto`` picks there."""
+    if not zoo:
+        return []
+    lines = [
+        "### Every WSNet conv layer of the zoo, alone (batch 1)",
+        "",
+        "Median ms (speedup over the same runtime's dense conv); theory is WSNET.md's "
+        "multiply-add ratio; *auto* is the lowering `--strategy auto` gives the layer on that "
+        "runtime, *peak* the fused kernel's fraction of the measured peak multiply-add rate.",
+        "",
+        "| layer | input | theory | ORT dense | ORT shared | ORT custom | ORT auto | "
+        "TVM dense | TVM fused | TVM auto | peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in zoo:
+        cfg = res["layer"]
+        rows = {r["variant"]: r for r in res["rows"]}
+
+        def cell(variant: str, rows: dict = rows) -> str:
+            r = rows[variant]
+            if r["dense"]:
+                return f"{r['median_ms']:.3f}"
+            return f"{r['median_ms']:.3f} ({r['speedup_vs_best_dense']:.2f}x)"
+
+        lines.append(
+            f"| {cfg['model']} {cfg['name']} | {'x'.join(map(str, cfg['input_shape'][1:]))} | "
+            f"{res['theoretical_speedup']:.1f}x | {cell('ort dense conv')} | "
+            f"{cell('ort shared graph')} | {cell('ort custom op (local function)')} | "
+            f"{res['auto']['ort']} | {cell('tvm dense conv')} | "
+            f"{cell('tvm fused WSNet kernel')} | {res['auto']['tvm']} | "
+            f"{100 * rows['tvm fused WSNet kernel']['roofline_fraction']:.1f}% |"
+        )
+    return [*lines, ""]
 
 
 def plot(models: list[dict], path: Path) -> None:
@@ -380,6 +433,7 @@ def main() -> None:
             layers_json["machine"],
             layers_json.get("command", "python -m benchmarks.run"),
             args.out,
+            layers_json.get("zoo_layers", []),
         )
         return
     repeat = args.repeat or (10 if args.quick else 30)
@@ -399,24 +453,28 @@ def main() -> None:
             bench_layer({**TALK_LAYER, "stride": s}, work / "layers", repeat, peak, say)
             for s in (1, 2)
         ]
+        zoo = bench_zoo_layers(names, work / "zoo-layers", repeat, peak, say)
         models = bench_models(
             names, work, repeat, 200 if args.quick else 400, say, 0 if args.quick else args.trials
         )
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["tune_seconds"] = round(sum(r.get("tune_seconds", 0.0) for r in models), 1)
     (args.out / "layers.json").write_text(
-        json.dumps({"machine": info, "command": command, "layers": layers}, indent=2) + "\n"
+        json.dumps(
+            {"machine": info, "command": command, "layers": layers, "zoo_layers": zoo}, indent=2
+        )
+        + "\n"
     )
     (args.out / "models.json").write_text(
         json.dumps({"machine": info, "command": command, "models": models}, indent=2) + "\n"
     )
-    write_reports(layers, models, info, command, args.out)
+    write_reports(layers, models, info, command, args.out, zoo)
     say(f"wrote {args.out}/results.md, layers.json, models.json, size_latency.png")
 
 
-def write_reports(layers, models, info, command: str, out: Path) -> None:
+def write_reports(layers, models, info, command: str, out: Path, zoo=()) -> None:
     """results.md, README's benchmark section (for the default --out) and the plot."""
-    tables = markdown(layers, models, info, command)
+    tables = markdown(layers, models, info, command, zoo)
     (out / "results.md").write_text(tables)
     if out.resolve() == RESULTS.resolve():
         update_readme(tables)

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.layers import TALK_LAYER, bench_layer, bench_zoo_layers, peak_gmacs, run_worker
+from benchmarks.layers import (
+    ROUNDS,
+    TALK_LAYER,
+    bench_layer,
+    bench_zoo_layers,
+    peak_gmacs,
+    time_rounds,
+)
 from wsdeploy.compiler import ExportOptions, export
 from wsdeploy.errors import AccuracyGateFailed
 from wsdeploy.modelfile import load_model
@@ -177,9 +184,13 @@ def bench_models(
                 {},
             )
         )
+        timings = time_rounds(
+            {label: {**spec, "shape": shape, "eval": str(npz)} for label, spec, *_ in builds},
+            repeat,
+            say=lambda m, name=name: say(f"{name}: time {m}"),
+        )
         for label, spec, size, macs, precision, gate, extra in builds:
-            say(f"{name}: time {label}")
-            timing = run_worker({**spec, "shape": shape, "eval": str(npz)}, repeat)
+            timing = timings[label]
             rows.append(
                 {
                     "model": name,
@@ -288,8 +299,10 @@ def markdown(
     lines = [
         f"Measured by `{command}` on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
-        "Medians of at least the stated runs, each build in its own process"
-        + (f", every runtime on {info['threads']} threads." if info.get("threads") else ".")
+        "Each build is timed in fresh processes, every runtime on "
+        f"{info.get('threads', '?')} threads: the talk layer and the zoo models in "
+        f"{ROUNDS} interleaved rounds of {info.get('repeat', 30)} runs (the median of the "
+        "rounds' medians, p90 over all runs), each zoo layer in one round."
         + (
             f" The run took {info['seconds'] / 60:.1f} minutes, "
             f"{info['tune_seconds'] / 60:.1f} of them tuning."
@@ -458,6 +471,7 @@ def main() -> None:
             names, work, repeat, 200 if args.quick else 400, say, 0 if args.quick else args.trials
         )
     info["seconds"] = round(time.perf_counter() - t0, 1)
+    info["repeat"] = repeat
     info["tune_seconds"] = round(sum(r.get("tune_seconds", 0.0) for r in models), 1)
     (args.out / "layers.json").write_text(
         json.dumps(

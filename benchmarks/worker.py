@@ -15,9 +15,9 @@ import numpy as np
 
 
 def _threads() -> int:
-    """The same thread count for every runtime: one per core (``tvm_build.runtime_threads``,
+    """The same thread count for every runtime: one per core (``threads.runtime_threads``,
     which TVM's runtime uses in this process)."""
-    from wsdeploy.targets.tvm_build import runtime_threads
+    from wsdeploy.threads import runtime_threads
 
     return runtime_threads()
 
@@ -99,24 +99,25 @@ def measure(run, x, warmup: int, repeat: int, min_seconds: float = 0.0) -> dict:
     if vm is not None:  # TVM: the VM's own evaluator, input already set by the warm-up
         evaluator = vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=repeat)
         ms = np.array(evaluator("main").results) * 1e3
-        return {
-            "median_ms": float(np.median(ms)),
-            "p90_ms": float(np.percentile(ms, 90)),
-            "min_ms": float(ms.min()),
-            "runs": len(ms),
-        }
+        return _stats(ms)
     times = []
     start = time.perf_counter()
     while len(times) < repeat or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
         run(x)
         times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1e3
+    return _stats(np.array(times) * 1e3)
+
+
+def _stats(ms: np.ndarray) -> dict:
+    """Median, p90 and min of the timed runs, and the runs themselves (``ms``) for callers
+    that pool several processes' runs."""
     return {
         "median_ms": float(np.median(ms)),
         "p90_ms": float(np.percentile(ms, 90)),
         "min_ms": float(ms.min()),
         "runs": len(ms),
+        "ms": [round(float(v), 5) for v in ms],
     }
 
 

@@ -94,3 +94,44 @@ def test_talk_layer_structure(stride, tmp_path):
     result = lower_and_compare(module, shape, "shared", tmp_path)
     ops = op_types(result.model)
     assert ops.count("Conv") == 2 and "ReduceSum" in ops and "Slice" in ops
+
+
+def _convs(model) -> list[dict]:
+    """kernel_shape and strides of every Conv, in graph order."""
+    out = []
+    for n in model.graph:
+        if n.op_type == "Conv":
+            attrs = {k: list(v.value) for k, v in n.attributes.items()}
+            out.append({"kernel": attrs["kernel_shape"], "strides": attrs.get("strides", [1])})
+    return out
+
+
+@pytest.mark.parametrize(
+    "cfg, table_kernel, table_stride, taps",
+    [
+        # SoundNet-8's second layer: S = 4, k = 32, stride 2 -> 4-tap blocks at stride 2
+        ({"cs": 16, "r": 1, "n": 32, "k": 32, "s": 4, "stride": 2, "padding": 16}, [4], [2], 8),
+        # S = 6, k = 9: g = 3, stride 2 does not divide it -> table at stride 1
+        ({"cs": 3, "r": 2, "n": 5, "k": 9, "s": 6, "stride": 2, "padding": 1}, [3], [1], 3),
+        # S = 1: WSNET.md's pointwise table P, every tap a diagonal step
+        ({"cs": 4, "r": 1, "n": 6, "k": 5, "s": 1, "stride": 3, "padding": 2}, [1], [1], 5),
+    ],
+)
+def test_conv1d_table_in_blocks(cfg, table_kernel, table_stride, taps, tmp_path):
+    cfg = {**cfg, "extra": 40, "batch": 1, "bias": True, "bn": True}
+    module, shape = conv1d_model(cfg)
+    result = lower_and_compare(module, shape, "shared", tmp_path)
+    first, diag = _convs(result.model)
+    assert first == {"kernel": table_kernel, "strides": table_stride}
+    assert diag == {"kernel": [taps], "strides": [1]}
+    weights = [v.const_value.size for v in result.model.graph.initializers.values()]
+    assert max(weights) == cfg["cs"] * (cfg["k"] + (cfg["n"] - 1) * cfg["s"])  # phi, once
+
+
+def test_conv2d_table_in_blocks(tmp_path):
+    cfg = {"cs": 2, "r": 2, "n": 7, "k": 4, "s": 2, "stride": 2, "padding": 1}
+    module, shape = conv2d_model({**cfg, "extra": 6, "batch": 2, "bias": True, "bn": True})
+    result = lower_and_compare(module, shape, "shared", tmp_path)
+    first, diag = _convs(result.model)
+    assert first == {"kernel": [2, 2], "strides": [2, 2]}
+    assert diag["kernel"] == [2, 2]

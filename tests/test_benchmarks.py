@@ -56,7 +56,7 @@ def test_quick_benchmark_run(tmp_path):
     assert not [r for r in models if "failed" in r]  # both models' int8 builds pass the gate
     assert all(r["median_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in models)
     int8 = [r for r in models if r["precision"] == "int8"]
-    assert len(int8) == 2 * 5 and all(r["agreement"] >= 0.99 for r in int8)
+    assert len(int8) == 2 * 6 and all(r["agreement"] >= 0.99 for r in int8)
     assert all(r["gate_n"] == 1000 for r in int8)
     machine = json.loads((tmp_path / "layers.json").read_text())["machine"]
     assert machine["seconds"] > 0 and machine["tune_seconds"] == 0  # --quick: no tuning

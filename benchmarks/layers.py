@@ -85,15 +85,18 @@ def _dense_conv2d(cfg: dict, path: Path) -> None:
     onnx.save(model, path)
 
 
-def build_variants(module: torch.nn.Module, shape: list[int], tag: str, workdir: Path) -> dict:
+def build_variants(
+    module: torch.nn.Module, shape: list[int], tag: str, workdir: Path
+) -> tuple[dict, list[dict]]:
     """Write the formulations every layer gets (ONNX Runtime: dense, shared graph, custom op;
-    TVM: fused WSNet kernel, dense conv); returns worker specs by variant name."""
+    TVM: fused WSNet kernel, dense conv); returns worker specs by variant name and the
+    compiler's layer records (``compiler.lower``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     loaded = LoadedModel.from_module(module, tuple(shape))
     specs = {}
     for strategy in ("fold", "shared", "custom"):
         path = workdir / f"{tag}-{strategy}.onnx"
-        model, _ = lower(loaded, strategy)
+        model, layers = lower(loaded, strategy)
         onnx_target.save(model, path)
         specs[ORT_VARIANTS[strategy]] = {
             "runtime": "ort",
@@ -114,7 +117,7 @@ def build_variants(module: torch.nn.Module, shape: list[int], tag: str, workdir:
         }
     for spec in specs.values():
         spec["shape"] = list(shape)
-    return specs
+    return specs, layers
 
 
 ORT_VARIANTS = {
@@ -128,7 +131,7 @@ def talk_variants(cfg: dict, workdir: Path) -> dict[str, dict]:
     """The talk layer's formulations: every layer's, plus ONNX Runtime's dense conv written
     as Conv2d and PyTorch's dense conv and shared computation."""
     shape = input_shape(cfg)
-    specs = build_variants(layer_module(cfg), shape, f"{cfg['name']}-s{cfg['stride']}", workdir)
+    specs, _ = build_variants(layer_module(cfg), shape, f"{cfg['name']}-s{cfg['stride']}", workdir)
     path = workdir / f"{cfg['name']}-s{cfg['stride']}-dense2d.onnx"
     _dense_conv2d(cfg, path)
     specs["ort dense as Conv2d (1,L)"] = {"runtime": "ort", "path": str(path), "dense": True}
@@ -311,10 +314,6 @@ def zoo_layers(name: str) -> list[tuple[str, torch.nn.Module, list[int]]]:
 def bench_zoo_layers(names: list[str], workdir: Path, repeat: int, peak: float, say) -> list:
     """Every WSNet conv layer of the zoo models ``names``, alone: ONNX Runtime dense, shared
     and custom, TVM dense and fused kernel; with the strategy ``auto`` gives each runtime."""
-    from wsdeploy import trace
-    from wsdeploy.passes._graph import ws_nodes
-    from wsdeploy.passes.strategy import choose
-
     results = []
     for name in names:
         for path, layer, shape in zoo_layers(name):
@@ -323,16 +322,7 @@ def bench_zoo_layers(names: list[str], workdir: Path, repeat: int, peak: float, 
                 out_shape = tuple(module(torch.zeros(shape)).shape)
             count = layer.count(path, tuple(shape), out_shape)
             tag = f"{name}-{path}"
-            specs = build_variants(module, shape, tag, workdir)
-            node = next(
-                iter(
-                    ws_nodes(
-                        trace.to_onnx(
-                            trace.trace(LoadedModel.from_module(module, tuple(shape)))
-                        ).graph
-                    )
-                )
-            )
+            specs, (record,) = build_variants(module, shape, tag, workdir)
             rows = _time_variants(
                 specs,
                 count.dense_macs,
@@ -356,7 +346,7 @@ def bench_zoo_layers(names: list[str], workdir: Path, repeat: int, peak: float, 
                         "repeat": layer.channel_repeat,
                         "phi_shape": list(layer.phi.shape),
                     },
-                    "auto": {"ort": choose(node, "auto"), "tvm": choose(node, "auto", True)},
+                    "auto": record["auto"],
                     "dense_macs": count.dense_macs,
                     "shared_macs": count.shared_macs,
                     "theoretical_speedup": count.dense_macs / count.shared_macs,

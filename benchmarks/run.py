@@ -61,7 +61,7 @@ def machine() -> dict:
         pass
     import os
 
-    from wsdeploy.targets.tvm_build import runtime_threads
+    from wsdeploy.threads import runtime_threads
 
     return {
         "cpu": cpu,
@@ -91,18 +91,23 @@ BUILDS = [
     ("x86_64", "custom", "fp32", "TVM WSNet custom (fused kernels)"),
     ("x86_64", "auto", "fp32", "TVM WSNet auto (fused kernels)"),
     ("x86_64", "fold", "int8", "TVM dense int8 (fold)"),
+    ("x86_64", "shared", "int8", "TVM WSNet shared int8 (standard ops)"),
+    ("x86_64", "custom", "int8", "TVM WSNet custom int8 (integer kernels)"),
     ("x86_64", "auto", "int8", "TVM WSNet auto int8 (integer kernels)"),
-    ("x86_64", "auto", "tuned", "TVM WSNet auto, tuned"),
 ]
-"""(target, strategy, precision, label) of every exported build timed per zoo model."""
+"""(target, strategy, precision, label) of every exported build timed per zoo model. With
+tuning trials, every TVM build is exported once more after tuning, labelled ", tuned"."""
+
+TUNED = ", tuned"
 
 
 def bench_models(
     names: list[str], workdir: Path, repeat: int, n_eval: int, say, trials: int = 0
 ) -> list[dict]:
-    """Export, time and evaluate every build of ``BUILDS`` for each model; the tuned build
-    (only with ``trials``) tunes into fresh records of its own first."""
-    os.environ[tvm_build.TUNING_ENV] = str(workdir / "tuning-records")
+    """Export, time and evaluate every build of ``BUILDS`` for each model. With ``trials``,
+    one MetaSchedule session per model then tunes the kernels of all its TVM builds together
+    (into fresh records of the model's own), and each TVM build is exported again with them.
+    The untuned builds see no records at all."""
     rows = []
     for name in names:
         loaded = load_model(name)
@@ -118,49 +123,30 @@ def bench_models(
         counts = count_model(loaded.module, example)
         shape = list(loaded.input_shape)
         builds = []
-        for target, strategy, precision, label in BUILDS:
-            tuned = precision == "tuned"
-            if tuned and not trials:
-                continue
-            out = workdir / f"{name}-{target}-{strategy}-{precision}"
-            if tuned:
-                precision, label = "fp32", f"{label} ({trials} trials)"
-                say(f"{name}: tune {target} {strategy} ({trials} trials)")
-                options = ExportOptions(target=target, strategy=strategy)
-                tuning = tune(loaded, options, trials)
-            say(f"{name}: export {target} {strategy} {precision}")
-            options = ExportOptions(target=target, strategy=strategy, precision=precision)
-            try:
-                m = export(loaded, out, options).manifest
-            except AccuracyGateFailed as e:
-                # listed as failed; then built at a lower, labelled bar so that its size and
-                # latency are still measured
-                say(f"{name}: {label}: {e}")
-                rows.append(
-                    {"model": name, "build": label, "precision": precision, "failed": str(e)}
-                )
-                label = f"{label}, gate relaxed to {RELAXED_AGREEMENT:.0%} agreement"
-                options = dataclasses.replace(options, min_agreement=RELAXED_AGREEMENT)
-                try:
-                    m = export(loaded, out, options).manifest
-                except AccuracyGateFailed as e2:
-                    rows.append(
-                        {"model": name, "build": label, "precision": precision, "failed": str(e2)}
-                    )
-                    continue
-            runtime = "ort" if target == "onnx" else "tvm"
-            gate = m["verification"].get("accuracy_gate")
-            builds.append(
-                (
-                    label,
-                    {"runtime": runtime, "path": str(out / m["artifact"])},
-                    m["size"]["artifact_bytes"],
-                    _macs(m, counts),
-                    precision,
-                    gate,
-                    {"tune_seconds": round(tuning.seconds, 1)} if tuned else {},
-                )
+
+        os.environ[tvm_build.TUNING_ENV] = str(workdir / "no-records")  # never created
+
+        job = {"loaded": loaded, "name": name, "workdir": workdir, "counts": counts, "say": say}
+        for spec in BUILDS:
+            _export_build(builds, rows, spec, **job)
+        tvm_builds = [spec for spec in BUILDS if spec[0] != "onnx"]
+        if trials and tvm_builds:
+            os.environ[tvm_build.TUNING_ENV] = str(workdir / f"{name}-records")
+            say(f"{name}: tune the kernels of {len(tvm_builds)} TVM builds ({trials} trials)")
+            tuning = tune(
+                loaded,
+                [ExportOptions(target=t, strategy=s, precision=p) for t, s, p, _ in tvm_builds],
+                trials,
+                progress=lambda m, name=name: say(f"{name}: tune: {m}"),
             )
+            extra = {
+                "tune_seconds": round(tuning.seconds, 1),
+                "tune_trials": trials,
+                "tuned_kernels": len(tuning.kernels),
+            }
+            for target, strategy, precision, label in tvm_builds:
+                spec = (target, strategy, precision, label + TUNED)
+                _export_build(builds, rows, spec, extra=extra, **job)
         ckpt = str(Path(loaded.source))
         builds.append(
             (
@@ -206,6 +192,58 @@ def bench_models(
                 }
             )
     return rows
+
+
+def _export_build(
+    builds: list,
+    rows: list,
+    spec: tuple,
+    *,
+    loaded,
+    name: str,
+    workdir: Path,
+    counts,
+    say,
+    extra: dict | None = None,
+) -> None:
+    """Export one build of ``BUILDS`` (``extra``: it is a tuned one) and add it to
+    ``builds`` to be timed; a build that fails its accuracy gate goes to ``rows`` as failed,
+    and is built at the relaxed bar, or dropped if it fails that too."""
+    target, strategy, precision, label = spec
+    out = workdir / f"{name}-{target}-{strategy}-{precision}{'-tuned' if extra else ''}"
+    say(f"{name}: export {label}")
+    options = ExportOptions(target=target, strategy=strategy, precision=precision)
+    try:
+        m = export(loaded, out, options).manifest
+    except AccuracyGateFailed as e:
+        # listed as failed; then built at a lower, labelled bar so that its size and
+        # latency are still measured
+        say(f"{name}: {label}: {e}")
+        rows.append({"model": name, "build": label, "precision": precision, "failed": str(e)})
+        label = f"{label}, gate relaxed to {RELAXED_AGREEMENT:.0%} agreement"
+        options = dataclasses.replace(options, min_agreement=RELAXED_AGREEMENT)
+        try:
+            m = export(loaded, out, options).manifest
+        except AccuracyGateFailed as e2:
+            rows.append({"model": name, "build": label, "precision": precision, "failed": str(e2)})
+            return
+    runtime = "ort" if target == "onnx" else "tvm"
+    builds.append(
+        (
+            label,
+            {"runtime": runtime, "path": str(out / m["artifact"])},
+            m["size"]["artifact_bytes"],
+            _macs(m, counts),
+            precision,
+            m["verification"].get("accuracy_gate"),
+            {"target": target, "strategy": strategy, "tuned": bool(extra), **(extra or {})},
+        )
+    )
+
+
+def _tuning(models: list[dict]) -> dict[str, float]:
+    """Seconds of MetaSchedule per model (one session each, shared by its tuned builds)."""
+    return {r["model"]: r["tune_seconds"] for r in models if "tune_seconds" in r}
 
 
 def _macs(manifest: dict, counts) -> int:
@@ -267,12 +305,25 @@ def summary(layers: list[dict], models: list[dict], zoo: list[dict] = ()) -> lis
             f"and {dense['median_ms'] / shared['median_ms']:.2f}x as fast); TVM runs `auto` "
             f"in {tvm['median_ms']:.2f} ms."
         )
-        tuned = next((r for k, r in rows.items() if k.startswith("TVM WSNet auto, tuned")), None)
-        if tuned is not None and "failed" not in tuned:
+        tuned = [r for r in rows.values() if r.get("tuned") and "failed" not in r]
+        if tuned:
+            pairs = [
+                (r, rows.get(r["build"].removesuffix(TUNED)))
+                for r in tuned
+                if r["build"].endswith(TUNED)
+            ]
+            ratios = sorted(u["median_ms"] / r["median_ms"] for r, u in pairs if u)
             lines.append(
-                f"  Tuned: {tuned['build']} ({tuned['tune_seconds']:.0f} s of MetaSchedule) "
-                f"runs in {tuned['median_ms']:.2f} ms against {tvm['median_ms']:.2f} ms "
-                "untuned."
+                f"  Tuned ({tuned[0]['tune_trials']} MetaSchedule trials over the "
+                f"{tuned[0]['tuned_kernels']} distinct generically scheduled kernels of its "
+                f"{len(tuned)} TVM builds, {tuned[0]['tune_seconds']:.0f} s): tuned builds ran "
+                f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x as fast as untuned (median "
+                f"{ratios[len(ratios) // 2]:.2f}x); `auto` tuned "
+                + next(
+                    (f"{r['median_ms']:.2f} ms" for r, u in pairs if u is tvm),
+                    "failed",
+                )
+                + f" against {tvm['median_ms']:.2f} ms."
             )
         failed = [r for r in rows.values() if r["precision"] == "int8" and "failed" in r]
         for r in failed:
@@ -334,6 +385,7 @@ def markdown(
             )
         lines.append("")
     lines += zoo_table(zoo)
+    lines += grid_table(models)
     if models:
         lines += [
             "### Zoo models (batch 1)",
@@ -356,6 +408,35 @@ def markdown(
                 f"{r['accuracy']:.1%} | {agree} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def grid_table(models: list[dict]) -> list[str]:
+    """Median ms of each strategy x precision on each runtime, per zoo model: the grid the
+    full table below lists build by build."""
+    cells: dict[tuple, float] = {}
+    for r in models:
+        if "failed" not in r and "strategy" in r:
+            runtime = "ORT" if r["target"] == "onnx" else "TVM tuned" if r["tuned"] else "TVM"
+            cells[(r["model"], r["strategy"], r["precision"], runtime)] = r["median_ms"]
+    if not cells:
+        return []
+    runtimes = ["ORT", "TVM", "TVM tuned"]
+    lines = [
+        "### Latency grid (median ms, batch 1)",
+        "",
+        "| model | strategy | precision | " + " | ".join(runtimes) + " |",
+        "|---|---|---|" + "---|" * len(runtimes),
+    ]
+    keys = dict.fromkeys((m, s, p) for m, s, p, _ in cells)
+    for model, strategy, precision in keys:
+        row = [
+            f"{cells[(model, strategy, precision, rt)]:.2f}"
+            if (model, strategy, precision, rt) in cells
+            else "-"
+            for rt in runtimes
+        ]
+        lines.append(f"| {model} | {strategy} | {precision} | " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
 def zoo_table(zoo: list[dict]) -> list[str]:
@@ -404,8 +485,12 @@ def plot(models: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in sorted({r["model"] for r in models}):
         rows = [r for r in models if r["model"] == name and "failed" not in r]
-        ax.scatter([r["bytes"] / 1024 for r in rows], [r["median_ms"] for r in rows], label=name)
+        ax.scatter(
+            [r["bytes"] / 1024 for r in rows], [r["median_ms"] for r in rows], label=name, s=12
+        )
         for r in rows:
+            if r.get("tuned"):  # next to its untuned build: a point, no second label
+                continue
             marker = "*" if "dense" in r["build"] else ""
             ax.annotate(f"{marker}{r['build']}", (r["bytes"] / 1024, r["median_ms"]), fontsize=6)
     ax.set_xscale("log")
@@ -428,7 +513,7 @@ def main() -> None:
         "--trials",
         type=int,
         default=32,
-        help="MetaSchedule trials for each model's tuned TVM build (none with --quick)",
+        help="MetaSchedule trials per model, shared by its tuned TVM builds (none with --quick)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
@@ -472,7 +557,7 @@ def main() -> None:
         )
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["repeat"] = repeat
-    info["tune_seconds"] = round(sum(r.get("tune_seconds", 0.0) for r in models), 1)
+    info["tune_seconds"] = round(sum(_tuning(models).values()), 1)
     (args.out / "layers.json").write_text(
         json.dumps(
             {"machine": info, "command": command, "layers": layers, "zoo_layers": zoo}, indent=2

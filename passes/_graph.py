@@ -13,6 +13,10 @@ from wsdeploy import onnx_ops
 STRATEGY_KEY = "wsdeploy.strategy"
 """Node metadata key set by the strategy pass: which lowering each wsnet node gets."""
 
+NO_FOLD_KEY = "wsdeploy.no_fold"
+"""Node metadata key: constant folding must leave this node to the runtime, because its
+output (overlapping windows of phi, say) would store phi's values more than once."""
+
 _counter = itertools.count()
 
 

@@ -5,8 +5,9 @@
 onnxscript's optimiser folds every constant subgraph it can, and a subgraph such as
 Gather(phi, index) is constant: folding it would re-materialise the dense weights and throw
 away exactly what WSNet saved. So folding runs with an output size limit far below any
-weight tensor (small shape arithmetic still folds), model-local functions are never inlined,
-and ``ensures`` fails the pass if the stored weight bytes grew anyway.
+weight tensor (small shape arithmetic still folds), nodes marked ``NO_FOLD_KEY`` (phi's
+overlapping windows in the shared graph) are left to the runtime, model-local functions are
+never inlined, and ``ensures`` fails the pass if the stored weight bytes grew anyway.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import onnxscript.optimizer
 
 from wsdeploy.errors import PassError
 
+from ._graph import NO_FOLD_KEY
 from .base import Pass, PassResult
 
 FOLD_LIMIT = 1024
@@ -49,12 +51,13 @@ class CleanupPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         before_nodes = model.graph.num_nodes()
-        onnxscript.optimizer.optimize(
+        onnxscript.optimizer.optimize_ir(
             model,
             num_iterations=2,
             onnx_shape_inference=False,
             input_size_limit=FOLD_LIMIT,
             output_size_limit=FOLD_LIMIT,
+            should_fold=lambda node: False if node.meta.get(NO_FOLD_KEY) else None,
             inline=False,
         )
         for p in (
@@ -78,13 +81,16 @@ class CleanupPass(Pass):
 
 def _strip(model: ir.Model) -> None:
     """Drop what a runtime does not need and a small file pays for: node names, per-node
-    and per-value metadata, and the shapes of intermediate values (runtimes infer them).
-    Graph inputs and outputs keep their shapes; initializers carry theirs in the tensor."""
+    and per-value metadata, and the shapes of intermediate values (runtimes infer them) and
+    of initializers (their tensors carry them). Graph inputs and outputs keep their shapes."""
     keep = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
     graphs = [model.graph, *(f.graph for f in model.functions.values())]
     for graph in graphs:
         for value in graph.initializers.values():
             value.metadata_props.clear()
+            if id(value) not in keep:  # the tensor has them; a value_info entry would too
+                value.shape = None
+                value.type = None
         for node in graph:
             node.metadata_props.clear()
             node.name = None

@@ -30,11 +30,11 @@ def _layout(b: Builder, node: ir.Node, phi: ir.Value) -> ir.Value:
     """The ONNX-op version of ``shared.weight_layout``."""
     phi_shape = static_shape(node.inputs[1])
     if node.op_type == "WSConv1d":
-        g, _ = blocking(ws_attrs(node))
+        _, e, _ = blocking(ws_attrs(node), phi_shape)
         cs, ls = phi_shape
-        return b.op("Transpose", [b.reshape(phi, [cs, ls // g, g])], perm=[1, 0, 2])
+        return b.op("Transpose", [b.reshape(phi, [cs, ls // e, e])], perm=[1, 0, 2])
     if node.op_type == "WSConv2d":
-        g, _ = blocking(ws_attrs(node))
+        g, _, _ = blocking(ws_attrs(node), phi_shape)
         cs, hs, ws = phi_shape
         blocks = b.reshape(phi, [cs, hs // g, g, ws // g, g])
         blocks = b.op("Transpose", [blocks], perm=[1, 3, 0, 2, 4])

@@ -24,8 +24,10 @@ import math
 
 import onnx_ir as ir
 
+from ._cost import dense_seconds, shared_seconds
 from ._graph import STRATEGY_KEY, static_shape, ws_attrs, ws_nodes
 from .base import Pass, PassResult
+from .shared import blocking
 
 STRATEGIES = ("auto", "fold", "shared", "custom")
 
@@ -51,45 +53,26 @@ def macs(node: ir.Node) -> tuple[int, int]:
     return dense, shared
 
 
-DENSE_MACS_PER_S = 140e9  # ONNX Runtime's dense conv (and the table conv: the same GEMM)
-DENSE_OVERHEAD_S = 14e-6  # per dense conv node
-TRAFFIC_BYTES_PER_S = 41e9  # the table written once and read once per diagonal tap
-SHARED_OVERHEAD_S = 23e-6  # per shared graph (about 8 standard ops)
-"""Fitted (weighted least squares on relative error) to ONNX Runtime 1.x on this 2-core
-machine, timing every conv layer of the zoo and WSNET.md's layer at conv stride 1 and 2, each
-lowered alone both ways (session 8; median relative error of the shared estimate about 40%).
-The decisions they give matched the measured faster lowering on 14 of those 17 layers; the
-three others were within 1.3x either way (SoundNet-8's first and last layers, the talk
-layer at stride 2)."""
-
-
 def shared_work(node: ir.Node) -> tuple[int, int, int]:
     """(table multiply-adds, table elements, diagonal taps) of the shared graph that
-    ``passes.shared`` builds for one conv node, with its g-tap blocks and table stride d."""
-    from .shared import blocking
-
+    ``passes.shared`` builds for one conv node, with the blocks ``blocking`` picks."""
     a = ws_attrs(node)
-    g, d = blocking(a)
     phi = static_shape(node.inputs[1])
+    blocks = blocking(a, phi)
+    g, e, d = blocks
     in_shape = static_shape(node.inputs[0])
-    dims = len(in_shape) - 2
     columns = math.prod((t + 2 * a["padding"] - g) // d + 1 for t in in_shape[2:])
-    elements = in_shape[0] * columns * math.prod(phi[1:]) // g**dims
-    return elements * phi[0] * g**dims, elements, (a["kernel_size"] // g) ** dims
+    rows = math.prod((length - g) // e + 1 for length in phi[1:])
+    elements = in_shape[0] * columns * rows
+    return elements * phi[0] * g ** len(phi[1:]), elements, blocks.taps(a) ** len(phi[1:])
 
 
 def estimate_seconds(node: ir.Node) -> tuple[float, float]:
     """(dense, shared) estimated run time of one conv node on a standard-op runtime."""
     dense, _ = macs(node)
     if node.op_type == "WSLinear":
-        return dense / DENSE_MACS_PER_S, dense / DENSE_MACS_PER_S
-    table_macs, elements, taps = shared_work(node)
-    shared_s = (
-        table_macs / DENSE_MACS_PER_S
-        + elements * (taps + 2) * 4 / TRAFFIC_BYTES_PER_S
-        + SHARED_OVERHEAD_S
-    )
-    return dense / DENSE_MACS_PER_S + DENSE_OVERHEAD_S, shared_s
+        return dense_seconds(dense), dense_seconds(dense)
+    return dense_seconds(dense), shared_seconds(*shared_work(node))
 
 
 def kernel_macs(node: ir.Node) -> int:

@@ -37,7 +37,7 @@ import onnx_ir as ir
 from wsdeploy.errors import CompileError
 from wsdeploy.models import sampling
 from wsdeploy.passes._graph import rewire
-from wsdeploy.threads import THREADS_ENV, cpu_threads, runtime_threads  # noqa: F401
+from wsdeploy.threads import runtime_threads
 
 log = logging.getLogger(__name__)
 

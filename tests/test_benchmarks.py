@@ -56,7 +56,7 @@ def test_quick_benchmark_run(tmp_path):
     assert not [r for r in models if "failed" in r]  # both models' int8 builds pass the gate
     assert all(r["median_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in models)
     int8 = [r for r in models if r["precision"] == "int8"]
-    assert len(int8) == 2 * 6 and all(r["agreement"] >= 0.99 for r in int8)
+    assert len(int8) == 2 * 8 and all(r["agreement"] >= 0.99 for r in int8)
     assert all(r["gate_n"] == 1000 for r in int8)
     machine = json.loads((tmp_path / "layers.json").read_text())["machine"]
     assert machine["seconds"] > 0 and machine["tune_seconds"] == 0  # --quick: no tuning
@@ -67,3 +67,47 @@ def test_quick_benchmark_run(tmp_path):
         and f"took {machine['seconds'] / 60:.1f} minutes" in text
     )
     assert (tmp_path / "size_latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _row(build, target, strategy, precision, ms, tuned=False, **extra):
+    row = {
+        "model": "m",
+        "build": build,
+        "runtime": "ort" if target == "onnx" else "tvm",
+        "target": target,
+        "strategy": strategy,
+        "precision": precision,
+        "tuned": tuned,
+        "bytes": 4096,
+        "macs": 10**6,
+        "median_ms": ms,
+        "p90_ms": ms,
+        "accuracy": 0.9,
+        "agreement": 0.995 if precision == "int8" else None,
+        "gate_n": 1000 if precision == "int8" else None,
+    }
+    if tuned:
+        row.update(tune_seconds=90.0, tune_trials=32, tuned_kernels=7)
+    return {**row, **extra}
+
+
+def test_grid_and_tuning_summary_come_from_the_rows():
+    from benchmarks import run
+
+    models = [
+        _row("ORT dense baseline (fold)", "onnx", "fold", "fp32", 4.0),
+        _row("ORT WSNet shared", "onnx", "shared", "fp32", 2.0),
+        _row("ORT WSNet auto", "onnx", "auto", "fp32", 2.5),
+        _row("TVM WSNet auto (fused kernels)", "x86_64", "auto", "fp32", 1.6),
+        _row("TVM WSNet auto int8 (integer kernels)", "x86_64", "auto", "int8", 0.8),
+        _row("TVM WSNet auto (fused kernels), tuned", "x86_64", "auto", "fp32", 0.8, True),
+        _row("TVM WSNet auto int8 (integer kernels), tuned", "x86_64", "auto", "int8", 1.0, True),
+    ]
+    text = "\n".join(run.summary([], models))
+    # tuned/untuned per build: 1.6/0.8 = 2x and 0.8/1.0 = 0.8x; auto fp32 tuned 0.80 ms
+    assert "tuned builds ran 0.80x-2.00x as fast as untuned" in text
+    assert "`auto` tuned 0.80 ms against 1.60 ms" in text and "90 s" in text
+    grid = run.grid_table(models)
+    assert "| m | auto | fp32 | 2.50 | 1.60 | 0.80 |" in grid
+    assert "| m | fold | fp32 | 4.00 | - | - |" in grid
+    assert run._tuning(models) == {"m": 90.0}  # one session per model, not one per row

@@ -23,11 +23,11 @@ def records(tmp_path, monkeypatch):
     return path
 
 
-def _tasks(name: str):
+def _tasks(name: str, strategy: str = "auto"):
     target = get_target("x86_64")
     tt = target.tvm_target(None)
     vl = tvm_build.vector_lanes(tt)
-    lowered, _ = lower(load_model(name), "auto", True)
+    lowered, _ = lower(load_model(name), strategy, True)
     mod = tvm_build.prepare_module(tvm_build.import_model(lowered, vl), tt, vl)
     return tvm_build.tunable(mod), tt, vl
 
@@ -122,3 +122,34 @@ def test_tune_an_outdir_then_rebuild_it(records, tmp_path):
     assert sorted(info["records_applied"]) == sorted(tasks)
     after = json.loads((out / "manifest.json").read_text())
     assert after["verification"]["passed"] and after["source"] == before["source"]
+
+
+def test_builds_tuned_together_share_each_distinct_kernel_once():
+    """Several builds of one model tuned in one session: a kernel two builds share (same
+    structure) is one task; different kernels under one name are both kept."""
+    auto, _, _ = _tasks("wsnet1d-tiny")
+    union: dict = {}
+    tune._add_distinct(union, auto)
+    n = len(union)
+    assert 0 < n <= len(auto)
+    tune._add_distinct(union, auto)  # the same build again adds nothing
+    assert len(union) == n
+    shared, _, _ = _tasks("wsnet1d-tiny", "shared")
+    tune._add_distinct(union, shared)
+    assert n < len(union) <= n + len(shared)  # the standard-op graph brings kernels of its own
+    import tvm_ffi
+
+    for name, func in shared.items():
+        assert any(tvm_ffi.structural_equal(func, f) for f in union.values()), name
+
+
+def test_builds_tuned_together_need_one_target(records):
+    with pytest.raises(WsdeployError, match="share one target"):
+        tune.tune(
+            "wsnet1d-tiny",
+            [ExportOptions(target="x86_64"), ExportOptions(target="arm64", rpc="127.0.0.1:9")],
+            4,
+        )
+    with pytest.raises(WsdeployError, match="no builds"):
+        tune.tune("wsnet1d-tiny", [], 4)
+    assert not records.exists()

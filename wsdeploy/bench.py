@@ -17,6 +17,7 @@ from wsdeploy.compiler import read_manifest
 from wsdeploy.errors import WsdeployError
 from wsdeploy.modelfile import atomic_write
 from wsdeploy.targets import get_target
+from wsdeploy.threads import cpu_threads, runtime_threads
 
 BENCH = "bench.json"
 
@@ -80,9 +81,7 @@ def _threads(target: str, rpc: str | None) -> int | None:
     per physical core (the same count); None on a remote device, whose runtime decides."""
     if rpc is not None:
         return None
-    from wsdeploy.targets import tvm_build
-
-    return tvm_build.runtime_threads() if target in ("x86_64", "arm64") else tvm_build.cpu_threads()
+    return runtime_threads() if target in ("x86_64", "arm64") else cpu_threads()
 
 
 def precision_speedups(outdirs: list[Path], results: list[dict[str, Any]]) -> list[str]:

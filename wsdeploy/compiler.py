@@ -35,7 +35,7 @@ from wsdeploy.passes.custom import CustomPass
 from wsdeploy.passes.fold import FoldPass
 from wsdeploy.passes.integer import IntegerPass
 from wsdeploy.passes.shared import SharedPass
-from wsdeploy.passes.strategy import STRATEGIES, StrategyPass, macs
+from wsdeploy.passes.strategy import STRATEGIES, StrategyPass, choose, macs
 from wsdeploy.targets import get_target
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ def lower(
                 "phi_shape": list(static_shape(node.inputs[1])),
                 "dense_macs": dense,
                 "shared_macs": shared,
+                # what auto picks on standard-op runtimes and on TVM's native kernels
+                "auto": {"ort": choose(node, "auto"), "tvm": choose(node, "auto", native=True)},
             }
         )
     PassManager(passes[2:])(model)

@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from wsdeploy.compiler import ExportOptions
 from wsdeploy.errors import CompileError, WsdeployError
 from wsdeploy.modelfile import LoadedModel, load_model
 from wsdeploy.targets import TARGETS, get_target, tvm_build
+from wsdeploy.threads import runtime_threads
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def options_from_outdir(outdir: Path) -> tuple[str, ExportOptions, quantize.Cali
 
 def tune(
     model: str | Path | LoadedModel,
-    options: ExportOptions,
+    options: ExportOptions | Sequence[ExportOptions],
     trials: int = DEFAULT_TRIALS,
     *,
     calibration: quantize.Calibration | None = None,
@@ -95,48 +96,61 @@ def tune(
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Tune the kernels of ``model``'s build for ``options.target`` with ``trials``
-    MetaSchedule measurements in all, and add them to the target's records."""
+    MetaSchedule measurements in all, and add them to the target's records.
+
+    ``options`` may list several builds of the model for one target and device (strategies,
+    precisions): their kernels are tuned together, each distinct kernel once, in one
+    MetaSchedule session that shares the ``trials`` among them all."""
     say = progress or (lambda msg: None)
     if trials < 1:
         raise WsdeployError("--trials must be at least 1")
-    target = get_target(options.target)
+    builds = [options] if isinstance(options, ExportOptions) else list(options)
+    if not builds:
+        raise WsdeployError("nothing to tune: no builds given")
+    first = builds[0]
+    if any((o.target, o.cpu, o.rpc) != (first.target, first.cpu, first.rpc) for o in builds):
+        raise WsdeployError("builds tuned together must share one target, cpu and device")
+    target = get_target(first.target)
     if target.tvm_target is None:
         tunable = ", ".join(n for n, t in sorted(TARGETS.items()) if t.tvm_target is not None)
         raise WsdeployError(
             f"target {target.name!r} is not a TVM target: nothing to tune (tunable: {tunable})"
         )
-    if options.rpc is not None and not target.remote:
+    if first.rpc is not None and not target.remote:
         raise WsdeployError(
             f"{target.name} builds run on this machine, so they are tuned here: drop --rpc"
         )
-    if options.rpc is None and not target.runs_here():
+    if first.rpc is None and not target.runs_here():
         raise WsdeployError(
             f"{target.name} builds are tuned on the device itself: pass --rpc HOST:PORT of its "
             "TVM RPC server, or --tracker HOST:PORT --key KEY ('wsdeploy device start' starts "
             "an emulated one)"
         )
-    device = _Device(options.rpc, target.cross_compiler()) if options.rpc else None
+    device = _Device(first.rpc, target.cross_compiler()) if first.rpc else None
     loaded = (
         model
         if isinstance(model, LoadedModel)
         else load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
     )
-    reference = loaded
-    if options.precision == "int8":
-        if calibration is not None:
-            reference = compiler.quantized_reference(loaded, calibration)
-        else:
-            say("calibrate")
-            reference, _ = compiler.calibrated_reference(loaded, options)
-    say("trace and lower")
-    lowered, _ = compiler.lower(reference, options.strategy, target.native_wsnet)
-    tvm_target = target.tvm_target(options.cpu)
+    tvm_target = target.tvm_target(first.cpu)
     vl = tvm_build.vector_lanes(tvm_target)
-    try:
-        mod = tvm_build.prepare_module(tvm_build.import_model(lowered, vl), tvm_target, vl)
-    except Exception as e:
-        raise CompileError(f"TVM build failed: {str(e).strip().splitlines()[-1][:300]}") from e
-    tasks = tvm_build.tunable(mod)
+    tasks: dict[str, Any] = {}
+    for build in builds:
+        tag = f"{build.strategy} {build.precision}"
+        reference = loaded
+        if build.precision == "int8":
+            if calibration is not None:
+                reference = compiler.quantized_reference(loaded, calibration)
+            else:
+                say(f"calibrate ({tag})")
+                reference, _ = compiler.calibrated_reference(loaded, build)
+        say(f"trace and lower ({tag})" if len(builds) > 1 else "trace and lower")
+        lowered, _ = compiler.lower(reference, build.strategy, target.native_wsnet)
+        try:
+            mod = tvm_build.prepare_module(tvm_build.import_model(lowered, vl), tvm_target, vl)
+        except Exception as e:
+            raise CompileError(f"TVM build failed: {str(e).strip().splitlines()[-1][:300]}") from e
+        _add_distinct(tasks, tvm_build.tunable(mod))
     records = tvm_build.records_dir(tvm_target)
     if not tasks:
         return TuneResult(records, str(tvm_target), 0, 0.0)
@@ -156,6 +170,25 @@ def tune(
         time.perf_counter() - t0,
         _best(tasks, tvm_target, database),
     )
+
+
+def _add_distinct(tasks: dict[str, Any], new: dict[str, Any]) -> None:
+    """Add the PrimFuncs of ``new`` that ``tasks`` does not hold yet (by structure: the same
+    kernel in two builds is tuned once); a name already taken by another kernel gets a
+    suffix."""
+    import tvm_ffi
+    from tvm.s_tir.meta_schedule.tir_integration import _normalize_mod
+
+    def same(a, b) -> bool:  # as MetaSchedule's records see them: names do not count
+        return tvm_ffi.structural_equal(_normalize_mod(a), _normalize_mod(b))
+
+    for name, func in new.items():
+        if any(same(func, f) for f in tasks.values()):
+            continue
+        key, i = name, 1
+        while key in tasks:
+            key, i = f"{name}_{i}", i + 1
+        tasks[key] = func
 
 
 @dataclass(frozen=True)
@@ -193,7 +226,7 @@ def _measure_target(tvm_target, device: _Device | None = None):
     device: what its runtime reports)."""
     tvm = tvm_build._tvm()
 
-    cores = tvm_build.runtime_threads() if device is None else device.threads()
+    cores = runtime_threads() if device is None else device.threads()
     spec = {k: v for k, v in tvm_target.export().items() if k != "tag"}
     return tvm.target.Target({**spec, "num-cores": cores})
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import eager, op_types, randomize_bn, run_ir, to_ir
 from tests.passes.strategies import (
@@ -17,6 +21,7 @@ from tests.passes.strategies import (
 )
 from wsdeploy.compiler import pipeline
 from wsdeploy.numerics import assert_close
+from wsdeploy.passes import shared
 
 
 def lower_and_compare(module, shape, strategy, tmp_path):
@@ -28,10 +33,12 @@ def lower_and_compare(module, shape, strategy, tmp_path):
     return result
 
 
-@given(conv1d_cfg)
-def test_conv1d_random_configs(tmp_path_factory, cfg):
+@given(conv1d_cfg, st.sampled_from([0.0, 10.0]))
+def test_conv1d_random_configs(tmp_path_factory, cfg, gain):
+    # gain 0: always the disjoint gcd blocks; 10: always the fastest estimated windows
     module, shape = conv1d_model(cfg)
-    result = lower_and_compare(module, shape, "shared", tmp_path_factory.mktemp("s1"))
+    with mock.patch.object(shared, "OVERLAP_GAIN", gain):
+        result = lower_and_compare(module, shape, "shared", tmp_path_factory.mktemp("s1"))
     assert result.modified
     ops = op_types(result.model)
     assert not any(o.startswith("wsnet.") for o in ops)
@@ -93,7 +100,12 @@ def test_talk_layer_structure(stride, tmp_path):
     )
     result = lower_and_compare(module, shape, "shared", tmp_path)
     ops = op_types(result.model)
-    assert ops.count("Conv") == 2 and "ReduceSum" in ops and "Slice" in ops
+    # channel pre-sum as Split + Sum; 2-tap overlapping windows built from phi in the graph
+    assert "Split" in ops and "Sum" in ops and "ReduceSum" not in ops and "Concat" in ops
+    assert _convs(result.model) == [
+        {"kernel": [2], "strides": [stride]},  # the table
+        {"kernel": [4], "strides": [1]},  # k/g = 4 taps down each diagonal
+    ]
 
 
 def _convs(model) -> list[dict]:
@@ -107,25 +119,37 @@ def _convs(model) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "cfg, table_kernel, table_stride, taps",
+    "cfg, blocks",
     [
-        # SoundNet-8's second layer: S = 4, k = 32, stride 2 -> 4-tap blocks at stride 2
-        ({"cs": 16, "r": 1, "n": 32, "k": 32, "s": 4, "stride": 2, "padding": 16}, [4], [2], 8),
-        # S = 6, k = 9: g = 3, stride 2 does not divide it -> table at stride 1
-        ({"cs": 3, "r": 2, "n": 5, "k": 9, "s": 6, "stride": 2, "padding": 1}, [3], [1], 3),
-        # S = 1: WSNET.md's pointwise table P, every tap a diagonal step
-        ({"cs": 4, "r": 1, "n": 6, "k": 5, "s": 1, "stride": 3, "padding": 2}, [1], [1], 5),
+        # SoundNet-8's second layer: S = 4, k = 32, stride 2 -> disjoint 4-tap blocks, stride 2
+        ({"cs": 16, "r": 1, "n": 32, "k": 32, "s": 4, "stride": 2, "padding": 16}, (4, 4, 2)),
+        # WSNET.md's layer at stride 2: S = 1 -> 2-tap windows, one per phi column
+        ({"cs": 16, "r": 4, "n": 128, "k": 8, "s": 1, "stride": 2, "padding": 0}, (2, 1, 2)),
+        # S = 6, k = 9, 3 channels: the table conv is cheap, so whole 9-tap filters (one tap)
+        ({"cs": 3, "r": 2, "n": 5, "k": 9, "s": 6, "stride": 2, "padding": 1}, (9, 3, 1)),
+        # S = 1, k = 5: the same with windows at every column
+        ({"cs": 4, "r": 1, "n": 6, "k": 5, "s": 1, "stride": 3, "padding": 2}, (5, 1, 1)),
     ],
 )
-def test_conv1d_table_in_blocks(cfg, table_kernel, table_stride, taps, tmp_path):
+def test_conv1d_table_in_blocks(cfg, blocks, tmp_path):
+    attrs = {
+        "kernel_size": cfg["k"],
+        "sample_stride": cfg["s"],
+        "stride": cfg["stride"],
+        "out_channels": cfg["n"],
+    }
+    phi_shape = (cfg["cs"], cfg["k"] + (cfg["n"] - 1) * cfg["s"])
+    assert tuple(shared.blocking(attrs, phi_shape)) == blocks
+    g, e, d = blocks
     cfg = {**cfg, "extra": 40, "batch": 1, "bias": True, "bn": True}
     module, shape = conv1d_model(cfg)
     result = lower_and_compare(module, shape, "shared", tmp_path)
-    first, diag = _convs(result.model)
-    assert first == {"kernel": table_kernel, "strides": table_stride}
-    assert diag == {"kernel": [taps], "strides": [1]}
+    convs = _convs(result.model)
+    assert convs[0] == {"kernel": [g], "strides": [d]}
+    assert convs[1:] == ([{"kernel": [cfg["k"] // g], "strides": [1]}] if g < cfg["k"] else [])
+    assert ("Concat" in op_types(result.model)) == (e < g)
     weights = [v.const_value.size for v in result.model.graph.initializers.values()]
-    assert max(weights) == cfg["cs"] * (cfg["k"] + (cfg["n"] - 1) * cfg["s"])  # phi, once
+    assert max(weights) == math.prod(phi_shape)  # phi, once: windows are built at run time
 
 
 def test_conv2d_table_in_blocks(tmp_path):

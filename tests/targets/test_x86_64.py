@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from wsdeploy import threads
 from wsdeploy.bench import bench
 from wsdeploy.compiler import ExportOptions, export
 from wsdeploy.errors import CompileError
@@ -24,7 +25,7 @@ def test_custom_build_runs_wsnet_kernels_not_dense_convs(tmp_path):
     assert sum(name.startswith("wsnet_conv1d") for name in kernels) == 3
     assert "wsnet_linear" in kernels
     assert not any("conv" in name and not name.startswith("wsnet") for name in kernels)
-    assert result["threads"] == tvm_build.runtime_threads()
+    assert result["threads"] == threads.runtime_threads()
 
 
 def test_fold_build_uses_the_vectorised_dense_conv(tmp_path):
@@ -100,8 +101,6 @@ def test_conv_bias_relu_fuse_into_the_dense_conv(ndim, reuse):
     import tvm
     from tvm import relax
 
-    from wsdeploy.targets import tvm_build
-
     mod = _conv_module(ndim, reuse)
     fused = tvm_build.fuse_conv_epilogues(mod, 8)
     ops = set()
@@ -137,13 +136,13 @@ def test_tvm_runtime_uses_one_thread_per_core_unless_told(env):
     import sys
 
     code = (
-        "from wsdeploy.targets import tvm_build as t; tvm = t._tvm(); "
-        "print(t.runtime_threads(), t.cpu_threads(), "
+        "from wsdeploy import threads as t; from wsdeploy.targets import tvm_build; "
+        "tvm = tvm_build._tvm(); print(t.runtime_threads(), t.cpu_threads(), "
         "tvm.get_global_func('runtime.NumThreads')())"
     )
-    environ = {k: v for k, v in os.environ.items() if k != tvm_build.THREADS_ENV}
+    environ = {k: v for k, v in os.environ.items() if k != threads.THREADS_ENV}
     if env is not None:
-        environ[tvm_build.THREADS_ENV] = env
+        environ[threads.THREADS_ENV] = env
     out = subprocess.run(
         [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
     )

@@ -247,12 +247,10 @@ def _tuning(models: list[dict]) -> dict[str, float]:
 
 
 def _macs(manifest: dict, counts) -> int:
-    """Multiply-adds of a build: each WSNet layer as lowered, everything else dense."""
+    """Multiply-adds of a build: each WSNet layer as built (the dense conv, the shared graph
+    with its blocks, or TVM's fused kernel), everything else dense."""
     ws_dense = sum(layer["dense_macs"] for layer in manifest["layers"])
-    ws_built = sum(
-        layer["dense_macs"] if layer["strategy"] == "fold" else layer["shared_macs"]
-        for layer in manifest["layers"]
-    )
+    ws_built = sum(layer["macs"] for layer in manifest["layers"])
     return counts.dense_macs - ws_dense + ws_built
 
 

@@ -84,7 +84,7 @@ def _layer_torch(spec):
 
 
 def _tvm(spec):
-    from wsdeploy.targets.tvm_build import local_runner
+    from wsdeploy.tvm_runtime import local_runner  # not tvm_build: no torch, no ONNX tools
 
     return local_runner(Path(spec["path"]))
 

@@ -21,6 +21,7 @@ The lowering passes (fold, shared, custom) then act only on the nodes marked for
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import onnx_ir as ir
 
@@ -53,18 +54,43 @@ def macs(node: ir.Node) -> tuple[int, int]:
     return dense, shared
 
 
-def shared_work(node: ir.Node) -> tuple[int, int, int]:
-    """(table multiply-adds, table elements, diagonal taps) of the shared graph that
-    ``passes.shared`` builds for one conv node, with the blocks ``blocking`` picks."""
+class SharedWork(NamedTuple):
+    """The work of the shared graph ``passes.shared`` builds for one conv node."""
+
+    table_macs: int  # the table conv's multiply-adds
+    elements: int  # table entries (written once, read once per tap)
+    taps: int  # table entries each output sums
+    diagonal_adds: int  # the diagonal conv's multiply-adds (by ones): 0 with one tap
+
+
+def shared_work(node: ir.Node) -> SharedWork:
+    """What the shared graph of one conv node computes, with the blocks ``blocking`` picks."""
     a = ws_attrs(node)
     phi = static_shape(node.inputs[1])
     blocks = blocking(a, phi)
     g, e, d = blocks
     in_shape = static_shape(node.inputs[0])
+    dims = len(phi) - 1
     columns = math.prod((t + 2 * a["padding"] - g) // d + 1 for t in in_shape[2:])
     rows = math.prod((length - g) // e + 1 for length in phi[1:])
+    starts = math.prod((length - a["kernel_size"]) // e + 1 for length in phi[1:])
     elements = in_shape[0] * columns * rows
-    return elements * phi[0] * g ** len(phi[1:]), elements, blocks.taps(a) ** len(phi[1:])
+    taps = blocks.taps(a) ** dims
+    diagonal = in_shape[0] * columns * starts * taps if taps > 1 else 0
+    return SharedWork(elements * phi[0] * g**dims, elements, taps, diagonal)
+
+
+def lowered_macs(node: ir.Node, strategy: str, native: bool = False) -> int:
+    """Multiply-adds of one wsnet node as ``strategy`` lowers it: the dense conv, the shared
+    graph (``shared_work``: its table and its diagonal sums, as built, rows and columns the
+    slices drop included), or on a native target the fused kernel (``kernel_macs``)."""
+    dense, _ = macs(node)
+    if strategy == "fold" or node.op_type == "WSLinear":
+        return dense
+    if native and strategy == "custom":
+        return kernel_macs(node)
+    work = shared_work(node)
+    return work.table_macs + work.diagonal_adds
 
 
 def estimate_seconds(node: ir.Node) -> tuple[float, float]:
@@ -72,7 +98,8 @@ def estimate_seconds(node: ir.Node) -> tuple[float, float]:
     dense, _ = macs(node)
     if node.op_type == "WSLinear":
         return dense_seconds(dense), dense_seconds(dense)
-    return dense_seconds(dense), shared_seconds(*shared_work(node))
+    work = shared_work(node)
+    return dense_seconds(dense), shared_seconds(work.table_macs, work.elements, work.taps)
 
 
 def kernel_macs(node: ir.Node) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from wsdeploy import tvm_runtime
 from wsdeploy.errors import CompileError
 
 from . import tvm_build
@@ -53,7 +54,7 @@ def load(outdir: Path, device: str | None = None) -> Runner:
     if device is not None:
         return tvm_build.rpc_runner(outdir / LIBRARY, device)
     if _on_arm64():
-        return tvm_build.local_runner(outdir / LIBRARY)
+        return tvm_runtime.local_runner(outdir / LIBRARY)
     raise CompileError(
         "arm64 builds run on an arm64 device: pass --rpc HOST:PORT of its TVM "
         "RPC server ('wsdeploy device start' starts an emulated one here)"

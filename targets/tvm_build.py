@@ -37,16 +37,9 @@ import onnx_ir as ir
 from wsdeploy.errors import CompileError
 from wsdeploy.models import sampling
 from wsdeploy.passes._graph import rewire
-from wsdeploy.threads import runtime_threads
+from wsdeploy.tvm_runtime import load_tvm  # lazily: TVM takes seconds to load
 
 log = logging.getLogger(__name__)
-
-
-def _tvm():
-    runtime_threads()
-    import tvm  # imported lazily: TVM takes a second to load and only these targets need it
-
-    return tvm
 
 
 def _integer(x) -> bool:
@@ -62,7 +55,7 @@ def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r, sh=None):
 
     With 8-bit ``x`` (and int8 phi shifted left by ``sh[c*]``) every sum is exact int32 and
     the (required) epilogue ``float(y) * scale + shift`` is the only float arithmetic."""
-    tvm = _tvm()
+    tvm = load_tvm()
     te = tvm.te
     integer = _integer(x)
     b_, _c, h0, w0 = (int(d) for d in x.shape)
@@ -106,7 +99,7 @@ def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r, sh=None):
 def ws_linear_te(x, phi, scale, shift, out_features, in_features, ss, r):
     """TE weight-sampled linear: y[b, i] = sum_j phi[i*S + j mod in*] * x[b, j]; exact int32
     sums for 8-bit ``x`` and int8 phi (then the required float epilogue)."""
-    tvm = _tvm()
+    tvm = load_tvm()
     te = tvm.te
     integer = _integer(x)
     rows = int(np.prod([int(d) for d in x.shape[:-1]]))
@@ -149,7 +142,7 @@ def _unflat(i, shape):
 
 
 def _epilogue_te(y, scale, shift, axis):
-    te = _tvm().te
+    te = load_tvm().te
     if str(y.dtype) == "int32":
         y = te.compute(y.shape, lambda *i: y(*i).astype("float32"), name="dequantize")
     if scale is not None:
@@ -516,7 +509,7 @@ def _dense_conv(bb, call, vl: int, bias=None, relu: bool = False):
 def _conv_legalizer(vl: int):
     """Legalize plain float32 convolutions to ``_dense_conv``; anything else keeps TVM's own
     legalization."""
-    tvm = _tvm()
+    tvm = load_tvm()
 
     def legalize(bb, call):
         fused = _dense_conv(bb, call, vl)
@@ -534,7 +527,7 @@ def fuse_conv_epilogues(mod, vl: int):
     Relax's operator fusion never fuses into a hand-written kernel, so without this the add
     and ReLU are a separate pass over the conv's whole output: on wsnet1d-soundnet8 (first
     layer: 16 x 110,251 outputs) that pass took 0.49 ms of a 2.5 ms model."""
-    tvm = _tvm()
+    tvm = load_tvm()
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -718,7 +711,7 @@ def _schedule_reduction(sch, blk, loops, n_spatial: int, vl: int) -> None:
 def prepare_module(mod, target, vl: int):
     """Legalize (our convolutions first) and run TVM's default Relax pipeline: the module
     whose PrimFuncs are scheduled (by us, by tuning records or generically) and compiled."""
-    _tvm()
+    load_tvm()
     from tvm import relax
 
     mod = fuse_conv_epilogues(mod, vl)
@@ -796,7 +789,7 @@ def apply_records(mod, target) -> list[str]:
 def compile_module(mod, target, vl: int):
     """Schedule and compile an imported module for a TVM target: (executable, the names of
     the PrimFuncs that took tuned schedules)."""
-    tvm = _tvm()
+    tvm = load_tvm()
     try:
         mod = prepare_module(mod, target, vl)
         tuned = apply_records(mod, target)
@@ -809,7 +802,7 @@ def compile_module(mod, target, vl: int):
 
 
 def export_library(executable, path: Path, cross_compiler: str | None = None) -> None:
-    tvm = _tvm()
+    tvm = load_tvm()
     kwargs = {}
     if cross_compiler:
         kwargs["fcompile"] = tvm.support.cc.cross_compiler(cross_compiler)
@@ -821,34 +814,12 @@ def export_library(executable, path: Path, cross_compiler: str | None = None) ->
         ) from e
 
 
-def local_runner(path: Path):
-    """Run a built library on this machine's CPU with the Relax VM."""
-    tvm = _tvm()
-    from tvm import relax
-
-    lib = tvm.runtime.load_module(str(path))
-    vm = relax.VirtualMachine(lib, tvm.cpu())
-
-    dev = tvm.cpu()
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        vm.set_input("main", tvm.runtime.tensor(x, dev))
-        vm.invoke_stateful("main")
-        out = vm.get_outputs("main")
-        outs = out if isinstance(out, tuple | list) else [out]
-        return [o.numpy() for o in outs]
-
-    run.vm = vm  # type: ignore[attr-defined]  (bench uses the VM's time_evaluator)
-    run.device = dev  # type: ignore[attr-defined]
-    return run
-
-
 def resolve_target(cpu: str | None, default: dict[str, Any], triple: str):
     """A TVM target from ``--cpu``: None (the default), a JSON target dict, a TVM target tag
     (``raspberry-pi/4b-aarch64``) or an LLVM CPU name (``cortex-a76``, ``skylake-avx512``)."""
     import json
 
-    tvm = _tvm()
+    tvm = load_tvm()
     from tvm.target import codegen
 
     try:
@@ -913,7 +884,7 @@ def connect_device(address: str, timeout: float = 60.0):
     """An RPC session with the device behind the TVM RPC server at ``host:port``, or with a
     device with ``key`` from the RPC tracker at ``host:port`` (``address`` = "key@host:port");
     retried a few times, since a server that is still starting refuses at first."""
-    _tvm()
+    load_tvm()
     from tvm import rpc
 
     key, _, server = address.rpartition("@")
@@ -940,7 +911,7 @@ def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
     The library is uploaded once; each call sets the input, invokes ``main`` and copies the
     outputs back (calling ``vm["main"]`` over RPC would return remote references).
     """
-    tvm = _tvm()
+    tvm = load_tvm()
     from tvm import relax
 
     remote = connect_device(address, timeout)
@@ -985,7 +956,7 @@ def profile_kernels(run, x: np.ndarray, repeat: int = 10) -> dict[str, float]:
 
     Kernels called more than once per inference are summed per inference.
     """
-    tvm = _tvm()
+    tvm = load_tvm()
     vm = run.vm
     per_run: dict[str, list[float]] = {}
     current: dict[str, float] = {}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from wsdeploy import tvm_runtime
 from wsdeploy.errors import CompileError
 
 from . import tvm_build
@@ -39,7 +40,7 @@ def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
 def load(outdir: Path, device: str | None = None) -> Runner:
     if device is not None:
         raise CompileError("x86_64 builds run on this machine; --rpc is for arm64 devices")
-    return tvm_build.local_runner(outdir / LIBRARY)
+    return tvm_runtime.local_runner(outdir / LIBRARY)
 
 
 X86_64 = Target(

@@ -35,6 +35,13 @@ def test_export_matches_pytorch(model, strategy, target, tmp_path):
     assert out0["top1_agreement"] == 1.0 and out0["cosine"] > 0.99999
     if strategy != "auto":
         assert {layer["strategy"] for layer in m["layers"]} == {strategy}
+    runtime = "ort" if target in ("onnx", "ort") else "tvm"
+    for layer in m["layers"]:
+        assert layer["auto"][runtime] in ("fold", "shared", "custom")
+        if strategy == "auto":
+            assert layer["strategy"] == layer["auto"][runtime]
+        if layer["strategy"] == "fold":
+            assert layer["macs"] == layer["dense_macs"]
     assert m["inputs"][0]["name"] == "input" and m["outputs"][0]["shape"] == [1, 10]
     assert len(m["source"]["sha256"]) == 64 and m["tools"]["onnxruntime"]
 

@@ -204,3 +204,33 @@ def test_soundnet8_int8_passes_the_default_gate(target, tmp_path):
     gate = m["verification"]["accuracy_gate"]
     assert gate["passed"] and gate["n"] == 1000 and gate["min_agreement"] == 0.99
     assert gate["top1_agreement"] >= 0.99 and gate["accuracy_drop"] <= 0.01
+
+
+def test_int8_builds_of_one_model_share_calibration_and_gate_predictions(tmp_path, monkeypatch):
+    """A dozen int8 builds of one model (the benchmark's) calibrate once and compute the
+    gate's fp32 predictions once; a model whose weights changed is calibrated again."""
+    import copy
+    from unittest import mock
+
+    import torch
+
+    monkeypatch.setattr(compiler, "_MEMO", {})
+    loaded = load_model("wsnet1d-tiny")
+    with (
+        mock.patch.object(quantize, "calibrate", wraps=quantize.calibrate) as calibrate,
+        mock.patch.object(compiler, "_gate_inputs", wraps=compiler._gate_inputs) as gate,
+    ):
+        a = export(loaded, tmp_path / "a", ExportOptions(strategy="shared", precision="int8"))
+        b = export(loaded, tmp_path / "b", ExportOptions(strategy="fold", precision="int8"))
+        assert calibrate.call_count == 1 and gate.call_count == 1
+        q = [r.manifest["quantization"] for r in (a, b)]
+        assert q[0]["n_samples"] == q[1]["n_samples"]
+        assert (
+            a.manifest["verification"]["accuracy_gate"]["accuracy_fp32"]
+            == (b.manifest["verification"]["accuracy_gate"]["accuracy_fp32"])
+        )
+        changed = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module))
+        with torch.no_grad():
+            next(changed.module.parameters()).mul_(1.001)
+        export(changed, tmp_path / "c", ExportOptions(precision="int8"))
+        assert calibrate.call_count == 2 and gate.call_count == 2

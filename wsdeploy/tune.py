@@ -40,6 +40,7 @@ from wsdeploy.errors import CompileError, WsdeployError
 from wsdeploy.modelfile import LoadedModel, load_model
 from wsdeploy.targets import TARGETS, get_target, tvm_build
 from wsdeploy.threads import runtime_threads
+from wsdeploy.tvm_runtime import load_tvm
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def _measure_target(tvm_target, device: _Device | None = None):
     """The build's target plus the core count MetaSchedule's CPU rules need: the threads the
     runtime will run the build with (here: set now, before any measurement starts; on a
     device: what its runtime reports)."""
-    tvm = tvm_build._tvm()
+    tvm = load_tvm()
 
     cores = runtime_threads() if device is None else device.threads()
     spec = {k: v for k, v in tvm_target.export().items() if k != "tag"}

@@ -92,3 +92,47 @@ def test_auto_on_ort_follows_the_blocked_shared_graph():
     assert a.meta[STRATEGY_KEY] == "shared" and b.meta[STRATEGY_KEY] == "fold"
     dense_s, shared_s = estimate_seconds(a)
     assert dense_s / shared_s > 1.5
+
+
+def _conv_macs(model) -> int:
+    """Multiply-adds of every Conv in a lowered model, from ONNX shape inference."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+
+    proto = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model), data_prop=True)
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*proto.graph.value_info, *proto.graph.output]
+    }
+    shapes.update({t.name: list(t.dims) for t in proto.graph.initializer})
+    total = 0
+    for node in proto.graph.node:
+        if node.op_type == "Conv":
+            out, weight = shapes[node.output[0]], shapes[node.input[1]]
+            assert all(out) and all(weight), (node.output[0], out, weight)
+            total += int(np.prod(out)) * int(np.prod(weight[1:]))
+    return total
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (WSConv1d(64, 128, 8, channel_repeat=4), (1, 64, 300)),  # windows: g = 2, e = 1
+        (WSConv1d(64, 128, 8, stride=2, channel_repeat=4), (1, 64, 301)),
+        (WSConv1d(16, 32, 32, stride=2, sample_stride=4, padding=16), (1, 16, 200)),  # blocks
+        (WSConv1d(1, 16, 64, stride=2, sample_stride=8, padding=32), (1, 1, 500)),  # g = k
+    ],
+)
+def test_lowered_macs_count_what_the_shared_graph_computes(layer, shape):
+    from wsdeploy.compiler import pipeline
+    from wsdeploy.passes.strategy import lowered_macs
+
+    model = to_ir(torch.nn.Sequential(layer), shape)
+    StrategyPass("shared")(model)
+    (node,) = [n for n in model.graph if n.domain == "wsnet"]
+    counted = lowered_macs(node, "shared")
+    assert lowered_macs(node, "fold") == macs(node)[0]
+    assert lowered_macs(node, "custom", native=True) == kernel_macs(node)
+    lowered = pipeline("shared")(to_ir(torch.nn.Sequential(layer), shape)).model
+    assert counted == _conv_macs(lowered)

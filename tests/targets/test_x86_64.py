@@ -136,8 +136,8 @@ def test_tvm_runtime_uses_one_thread_per_core_unless_told(env):
     import sys
 
     code = (
-        "from wsdeploy import threads as t; from wsdeploy.targets import tvm_build; "
-        "tvm = tvm_build._tvm(); print(t.runtime_threads(), t.cpu_threads(), "
+        "from wsdeploy import threads as t; from wsdeploy.tvm_runtime import load_tvm; "
+        "tvm = load_tvm(); print(t.runtime_threads(), t.cpu_threads(), "
         "tvm.get_global_func('runtime.NumThreads')())"
     )
     environ = {k: v for k, v in os.environ.items() if k != threads.THREADS_ENV}

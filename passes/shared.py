@@ -202,8 +202,9 @@ def conv1d(
     n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
     ss, r = attrs["sample_stride"], attrs["channel_repeat"]
     _, ls = phi_shape
-    g, e, d = blocking(attrs, phi_shape)
-    nw, taps, over = (ls - g) // e + 1, k // g, g // e  # table rows; blocks per window
+    cut = blocking(attrs, phi_shape)
+    g, e, d = cut
+    nw, taps, over = cut.rows(ls), cut.taps(attrs), g // e  # table rows; blocks per window
     tp = t0 + 2 * p
     t_out = (tp - k) // s + 1
     td = (tp - g) // d + 1  # table columns

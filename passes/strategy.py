@@ -72,7 +72,7 @@ def shared_work(node: ir.Node) -> SharedWork:
     in_shape = static_shape(node.inputs[0])
     dims = len(phi) - 1
     columns = math.prod((t + 2 * a["padding"] - g) // d + 1 for t in in_shape[2:])
-    rows = math.prod((length - g) // e + 1 for length in phi[1:])
+    rows = math.prod(blocks.rows(length) for length in phi[1:])
     starts = math.prod((length - a["kernel_size"]) // e + 1 for length in phi[1:])
     elements = in_shape[0] * columns * rows
     taps = blocks.taps(a) ** dims

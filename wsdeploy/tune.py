@@ -180,12 +180,17 @@ def _add_distinct(tasks: dict[str, Any], new: dict[str, Any]) -> None:
     import tvm_ffi
     from tvm.s_tir.meta_schedule.tir_integration import _normalize_mod
 
-    def same(a, b) -> bool:  # as MetaSchedule's records see them: names do not count
-        return tvm_ffi.structural_equal(_normalize_mod(a), _normalize_mod(b))
-
+    # as MetaSchedule's records see them (normalized: names do not count), each once
+    held: dict[int, list] = {}
+    for func in tasks.values():
+        mod = _normalize_mod(func)
+        held.setdefault(tvm_ffi.structural_hash(mod), []).append(mod)
     for name, func in new.items():
-        if any(same(func, f) for f in tasks.values()):
+        mod = _normalize_mod(func)
+        bucket = held.setdefault(tvm_ffi.structural_hash(mod), [])
+        if any(tvm_ffi.structural_equal(mod, m) for m in bucket):
             continue
+        bucket.append(mod)
         key, i = name, 1
         while key in tasks:
             key, i = f"{name}_{i}", i + 1

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.layers import (
+    MIN_SECONDS,
     ROUNDS,
     TALK_LAYER,
+    TALK_ROUNDS,
     bench_layer,
     bench_zoo_layers,
     peak_gmacs,
@@ -102,7 +104,13 @@ TUNED = ", tuned"
 
 
 def bench_models(
-    names: list[str], workdir: Path, repeat: int, n_eval: int, say, trials: int = 0
+    names: list[str],
+    workdir: Path,
+    repeat: int,
+    n_eval: int,
+    say,
+    trials: int = 0,
+    min_seconds: float = MIN_SECONDS,
 ) -> list[dict]:
     """Export, time and evaluate every build of ``BUILDS`` for each model. With ``trials``,
     one MetaSchedule session per model then tunes the kernels of all its TVM builds together
@@ -174,6 +182,7 @@ def bench_models(
             {label: {**spec, "shape": shape, "eval": str(npz)} for label, spec, *_ in builds},
             repeat,
             say=lambda m, name=name: say(f"{name}: time {m}"),
+            min_seconds=min_seconds,
         )
         for label, spec, size, macs, precision, gate, extra in builds:
             timing = timings[label]
@@ -349,9 +358,10 @@ def markdown(
         f"Measured by `{command}` on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
         "Each build is timed in fresh processes, every runtime on "
-        f"{info.get('threads', '?')} threads: the talk layer and the zoo models in "
-        f"{ROUNDS} interleaved rounds of {info.get('repeat', 30)} runs (the median of the "
-        "rounds' medians, p90 over all runs), each zoo layer in one round."
+        f"{info.get('threads', '?')} threads, each process for at least "
+        f"{info.get('repeat', 30)} runs and {info.get('min_seconds', 0)} s after its warm-up: "
+        f"the talk layer in {TALK_ROUNDS} and the zoo models in {ROUNDS} interleaved rounds "
+        "(the median of the rounds' medians, p90 over all runs), each zoo layer in one round."
         + (
             f" The run took {info['seconds'] / 60:.1f} minutes, "
             f"{info['tune_seconds'] / 60:.1f} of them tuning."
@@ -533,6 +543,7 @@ def main() -> None:
         )
         return
     repeat = args.repeat or (10 if args.quick else 30)
+    min_seconds = 0.0 if args.quick else MIN_SECONDS
     names = ["wsnet1d-tiny", "wsnet2d-cifar"] + ([] if args.quick else ["wsnet1d-soundnet8"])
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
     t0 = time.perf_counter()
@@ -546,15 +557,24 @@ def main() -> None:
         work = Path(tmp)
         peak = peak_gmacs()
         layers = [
-            bench_layer({**TALK_LAYER, "stride": s}, work / "layers", repeat, peak, say)
+            bench_layer(
+                {**TALK_LAYER, "stride": s}, work / "layers", repeat, peak, say, min_seconds
+            )
             for s in (1, 2)
         ]
-        zoo = bench_zoo_layers(names, work / "zoo-layers", repeat, peak, say)
+        zoo = bench_zoo_layers(names, work / "zoo-layers", repeat, peak, say, min_seconds)
         models = bench_models(
-            names, work, repeat, 200 if args.quick else 400, say, 0 if args.quick else args.trials
+            names,
+            work,
+            repeat,
+            200 if args.quick else 400,
+            say,
+            0 if args.quick else args.trials,
+            min_seconds,
         )
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["repeat"] = repeat
+    info["min_seconds"] = min_seconds
     info["tune_seconds"] = round(sum(_tuning(models).values()), 1)
     (args.out / "layers.json").write_text(
         json.dumps(

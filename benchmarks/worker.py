@@ -7,6 +7,7 @@ worker process per measurement so runtimes never share a process (or its thread 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -86,27 +87,36 @@ def _layer_torch(spec):
 def _tvm(spec):
     from wsdeploy.tvm_runtime import local_runner  # not tvm_build: no torch, no ONNX tools
 
-    return local_runner(Path(spec["path"]))
+    return local_runner(Path(spec["path"]), runtime_only=True)
 
 
 RUNNERS = {"ort": _ort, "torch": _torch, "layer-torch": _layer_torch, "tvm": _tvm}
 
 
 def measure(run, x, warmup: int, repeat: int, min_seconds: float = 0.0) -> dict:
-    for _ in range(max(1, warmup)):
+    """Warm up, then time at least ``repeat`` runs and at least ``min_seconds`` of them (the
+    run count is set from the warm-up's fastest run), so that a fast build is not judged on a
+    few milliseconds of one process's life."""
+    warm = []
+    for _ in range(max(2, warmup)):
+        t0 = time.perf_counter()
         run(x)
+        warm.append(time.perf_counter() - t0)
+    n = max(repeat, min(MAX_RUNS, math.ceil(min_seconds / max(min(warm[1:]), 1e-6))))
     vm = getattr(run, "vm", None)
     if vm is not None:  # TVM: the VM's own evaluator, input already set by the warm-up
-        evaluator = vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=repeat)
+        evaluator = vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=n)
         ms = np.array(evaluator("main").results) * 1e3
         return _stats(ms)
     times = []
-    start = time.perf_counter()
-    while len(times) < repeat or time.perf_counter() - start < min_seconds:
+    for _ in range(n):
         t0 = time.perf_counter()
         run(x)
         times.append(time.perf_counter() - t0)
     return _stats(np.array(times) * 1e3)
+
+
+MAX_RUNS = 20_000
 
 
 def _stats(ms: np.ndarray) -> dict:
@@ -125,7 +135,9 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     run = RUNNERS[spec["runtime"]](spec)
     x = np.random.default_rng(0).standard_normal(spec["shape"]).astype(np.float32)
-    result = measure(run, x, spec.get("warmup", 5), spec.get("repeat", 30))
+    result = measure(
+        run, x, spec.get("warmup", 5), spec.get("repeat", 30), spec.get("min_seconds", 0.0)
+    )
     if spec.get("eval"):
         result["accuracy"] = accuracy(run, spec["eval"], spec["shape"][0])
     print(json.dumps(result))

@@ -149,3 +149,40 @@ def test_tvm_runtime_uses_one_thread_per_core_unless_told(env):
     used, cores, pool = (int(v) for v in out.stdout.split())
     expected = cores if env is None else int(env)
     assert used == pool == expected
+
+
+def test_runtime_only_process_runs_a_build_without_the_compiler_or_torch(tmp_path):
+    """A process that only runs built code (a benchmark worker) loads TVM's runtime library
+    alone, without PyTorch; its outputs are the full runtime's; asking it for the compiler
+    afterwards is a clear error."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from wsdeploy.tvm_runtime import local_runner
+
+    out = tmp_path / "o"
+    export("wsnet1d-tiny", out, ExportOptions(target="x86_64", strategy="custom", n_verify=2))
+    x = np.random.default_rng(1).standard_normal((1, 1, 4096)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = f"""
+import sys
+import numpy as np
+from wsdeploy.errors import WsdeployError
+from wsdeploy.tvm_runtime import load_tvm, local_runner
+run = local_runner({str(out / "model.so")!r}, runtime_only=True)
+y = run(np.load({str(tmp_path / "x.npy")!r}))[0]
+np.save({str(tmp_path / "y.npy")!r}, y)
+import tvm
+assert tvm.base._RUNTIME_ONLY and "torch" not in sys.modules and "tvm.relax" not in sys.modules
+try:
+    load_tvm()
+except WsdeployError as e:
+    print("refused:", e)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("refused: TVM's compiler is needed")
+    expected = local_runner(out / "model.so")(x)[0]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)

@@ -696,16 +696,32 @@ def _schedule_blocks(sch, vl: int) -> None:
 
 def _schedule_reduction(sch, blk, loops, n_spatial: int, vl: int) -> None:
     """Spatial loops (..., t) then reduction loops: the outer spatial loops fused and parallel,
-    the innermost left serial for LLVM to vectorise where it can.
+    the innermost left serial for LLVM to vectorise where it can, and the innermost reduction
+    loop unrolled by up to ``UNROLL_REDUCTION`` steps.
 
     Vectorising a spatial loop inside the reduction fails TVM's compact-dataflow check once
     the reduction is decomposed, so reductions (pooling, means, the TE shared computations
     of WSConv2d/WSLinear) run parallel but scalar; the hot convolutions have kernels of
-    their own.
+    their own. The unroll is what keeps such a sum in a register: LLVM unrolls a reduction
+    loop of 16 steps by itself but leaves one of 32 as a loop that adds into memory every
+    step. wsnet2d-cifar's last WSNet layer (32 condensed channels) built its product table
+    in 0.103 ms with the loop and in 0.022 ms unrolled by 16 (the layer before it, 16
+    channels, 0.026 ms either way).
     """
+    from tvm import tirx
+
     del vl
     outer = loops[: max(1, n_spatial - 1)]
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    inner = sch.get_loops(blk)[-1]
+    extent = sch.get(inner).extent
+    if isinstance(extent, tirx.IntImm) and int(extent) > UNROLL_REDUCTION:
+        factor = max(d for d in range(1, UNROLL_REDUCTION + 1) if int(extent) % d == 0)
+        if factor > 1:
+            sch.unroll(sch.split(inner, [None, factor])[1])
+
+
+UNROLL_REDUCTION = 16
 
 
 def prepare_module(mod, target, vl: int):

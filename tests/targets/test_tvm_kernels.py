@@ -36,8 +36,14 @@ def conv_ref(x, w, stride, padding):
     return np.einsum("bchwij,ncij->bnhw", win, w)
 
 
-def _run(func, args, out_shape):
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+def _run(func, args, out_shape, schedule=False):
+    """Compile ``func`` (with the generic CPU schedule of unscheduled kernels, if
+    ``schedule``) and run it on ``args``."""
+    mod = tvm.IRModule({"main": func})
+    if schedule:
+        mod = tvm_build.schedule_cpu(mod, 16)
+        assert mod["main"].attrs["tirx.is_scheduled"]
+    lib = tvm.compile(mod, target=TARGET)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(out_shape, np.float32), dev)
     lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
@@ -90,7 +96,7 @@ def test_fused_conv1d_kernel_matches_reference(cfg):
 
 conv2d_cfg = st.fixed_dictionaries(
     {
-        "cs": st.integers(1, 3),
+        "cs": st.sampled_from([1, 2, 3, 18, 32]),  # > 16: the unrolled reduction
         "r": st.integers(1, 2),
         "n": st.integers(1, 10),
         "k": st.integers(1, 4),
@@ -103,8 +109,10 @@ conv2d_cfg = st.fixed_dictionaries(
 )
 
 
-@given(conv2d_cfg)
-def test_conv2d_te_matches_reference(cfg):
+@given(conv2d_cfg, st.booleans())
+def test_conv2d_te_matches_reference(cfg, schedule):
+    """Unscheduled, and with the generic schedule the builds give it (parallel, reductions
+    unrolled)."""
     from tvm import te
 
     rng = np.random.default_rng(1)
@@ -127,7 +135,7 @@ def test_conv2d_te_matches_reference(cfg):
         expected = expected * scale[:, None, None] + shift[:, None, None]
     y = tvm_build.ws_conv2d_te(xp, pp, sp, bp, n, k, cfg["s"], cfg["p"], cfg["S"], cfg["r"])
     params = [xp, pp] + ([sp, bp] if cfg["affine"] else []) + [y]
-    got = _run(te.create_prim_func(params), args, expected.shape)
+    got = _run(te.create_prim_func(params), args, expected.shape, schedule)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(c * k * k))
 
 

@@ -555,6 +555,8 @@ def main() -> None:
     info = machine()
     with tempfile.TemporaryDirectory(prefix="wsdeploy-bench-") as tmp:
         work = Path(tmp)
+        # untuned TVM builds (the layers' too) never see this machine's tuning records
+        os.environ[tvm_build.TUNING_ENV] = str(work / "no-records")  # never created
         peak = peak_gmacs()
         layers = [
             bench_layer(

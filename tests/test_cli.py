@@ -78,16 +78,62 @@ def test_export_and_verify_end_to_end(tmp_path):
         (["inspect", "nope.pt"], "no such model file"),
         (["export", "nope.pt", "-o", "OUT"], "no such model file"),
         (["verify", "OUT", "--model", "wsnet1d-tiny"], "no manifest.json"),
+        (["export", "wsnet1d-tiny", "-o", "FILE/out"], "FILE is not a directory"),
+        (["export", "wsnet1d-tiny", "-o", "FILE"], "FILE exists and is not a directory"),
     ],
 )
 def test_bad_input_is_one_line_exit_1(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "OUT").mkdir(exist_ok=True) if args[0] == "verify" else None
+    (tmp_path / "FILE").write_text("a file, not a directory")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert message in result.output
     assert result.output.strip().count("\n") == 0
     assert "Traceback" not in result.output
+
+
+def test_export_never_replaces_a_directory_it_did_not_write(tmp_path):
+    """-o naming a directory of the user's own files is refused before any work; an empty
+    directory or an earlier build is fine."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    result = CliRunner().invoke(main, ["export", "wsnet1d-tiny", "-o", str(mine)])
+    assert result.exit_code == 1 and "holds no wsdeploy build" in result.output
+    assert result.output.strip().count("\n") == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no staging directory left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(
+        main, ["export", "wsnet1d-tiny", "--strategy", "fold", "-o", str(empty)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (empty / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        ("{", "is corrupt"),
+        ("[1]", "not a JSON object"),
+        ("{}", "no valid 'source' field"),
+        (
+            '{"source": {}, "target": "onnx", "artifact": "model.onnx", "inputs": [], '
+            '"outputs": [], "verification": {}}',
+            "no valid 'source.sha256' field",
+        ),
+    ],
+)
+def test_malformed_manifest_is_one_line_exit_1(manifest, message, tmp_path):
+    (tmp_path / "manifest.json").write_text(manifest)
+    for args in (["verify", str(tmp_path), "--model", "wsnet1d-tiny"], ["bench", str(tmp_path)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert result.output.strip().count("\n") == 0
 
 
 def test_unsafe_pickle_refused_on_cli(tmp_path):
@@ -110,6 +156,8 @@ def test_unsafe_pickle_refused_on_cli(tmp_path):
         ["export", "wsnet1d-tiny", "--strategy", "nope"],
         ["export", "wsnet1d-tiny", "--input-shape", "1,x"],
         ["zoo", "train", "nope", "-o", "x.pt"],
+        ["export", "wsnet1d-tiny", "--n-verify", "1"],
+        ["verify", "OUT", "--model", "wsnet1d-tiny", "--n-verify", "7"],
     ],
 )
 def test_usage_errors_exit_2(args):
@@ -134,7 +182,7 @@ def test_bench_and_report(tmp_path):
     for out, strategy in ((a, "fold"), (b, "shared")):
         result = runner.invoke(
             main,
-            ["export", "wsnet1d-tiny", "--strategy", strategy, "-o", str(out), "--n-verify", "2"],
+            ["export", "wsnet1d-tiny", "--strategy", strategy, "-o", str(out), "--n-verify", "8"],
         )
         assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["bench", str(a), "--repeat", "3", "--json"])

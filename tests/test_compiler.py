@@ -52,7 +52,7 @@ def test_soundnet8_exports_match_pytorch(strategy, tmp_path):
     result = export(
         "wsnet1d-soundnet8",
         tmp_path / "o",
-        ExportOptions(target="onnx", strategy=strategy, n_verify=4),
+        ExportOptions(target="onnx", strategy=strategy, n_verify=8),
     )
     assert result.manifest["verification"]["passed"]
 
@@ -70,7 +70,7 @@ def test_onnx_file_holds_no_hidden_dense_copy(model, strategy, tmp_path):
     from wsdeploy.modelfile import load_model
 
     out = tmp_path / "o"
-    size = export(model, out, ExportOptions(strategy=strategy, n_verify=1)).manifest["size"]
+    size = export(model, out, ExportOptions(strategy=strategy, n_verify=8)).manifest["size"]
     proto = onnx.load(out / "model.onnx")
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     float_elems = sum(
@@ -104,7 +104,7 @@ def test_mismatch_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
 
 def test_failed_rebuild_keeps_previous_build(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    export("wsnet1d-tiny", out, ExportOptions(strategy="shared", n_verify=2))
+    export("wsnet1d-tiny", out, ExportOptions(strategy="shared", n_verify=8))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def boom(*args, **kwargs):
@@ -112,15 +112,15 @@ def test_failed_rebuild_keeps_previous_build(tmp_path, monkeypatch):
 
     monkeypatch.setattr(compiler, "_artifact_size", boom)
     with pytest.raises(WsdeployError, match="simulated"):
-        export("wsnet1d-tiny", out, ExportOptions(strategy="fold", n_verify=2))
+        export("wsnet1d-tiny", out, ExportOptions(strategy="fold", n_verify=8))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_verify_again_and_wrong_model(tmp_path):
     out = tmp_path / "out"
-    export("wsnet1d-tiny", out, ExportOptions(target="ort", n_verify=2))
-    assert verify(out, "wsnet1d-tiny", n_verify=3)["passed"]
+    export("wsnet1d-tiny", out, ExportOptions(target="ort", n_verify=8))
+    assert verify(out, "wsnet1d-tiny", n_verify=8)["passed"]
     with pytest.raises(WsdeployError, match="not the model"):
         verify(out, "wsnet2d-cifar")
 

@@ -67,7 +67,7 @@ def test_int8_onnx_stores_phi_as_int8(tmp_path):
 def test_int8_verify_again(tmp_path):
     out = tmp_path / "q"
     export("wsnet1d-tiny", out, ExportOptions(target="x86_64", precision="int8"))
-    result = verify(out, "wsnet1d-tiny", n_verify=4)
+    result = verify(out, "wsnet1d-tiny", n_verify=8)
     assert result["passed"] and result["stage"] == "quantized"
     assert result["accuracy_gate"]["passed"]
 
@@ -142,7 +142,7 @@ def test_bench_compares_int8_with_fp32_and_report_shows_both(tmp_path):
     f, q = tmp_path / "f", tmp_path / "q"
     for out, precision in ((f, "fp32"), (q, "int8")):
         args = ["export", "wsnet1d-tiny", "--target", "x86_64", "--quantize", precision]
-        result = runner.invoke(main, [*args, "-o", str(out), "--n-verify", "2"])
+        result = runner.invoke(main, [*args, "-o", str(out), "--n-verify", "8"])
         assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["bench", str(f), str(q), "--repeat", "5"])
     assert result.exit_code == 0, result.output
@@ -160,7 +160,7 @@ def test_the_agreement_bar_is_the_users_and_is_recorded(tmp_path):
     """--min-agreement moves the gate's bar both ways and the manifest says which bar held;
     a bar no build reaches (100%, tiny agrees on ~99%) fails with the bar in the message."""
     runner = CliRunner()
-    args = ["export", "wsnet1d-tiny", "--quantize", "int8", "--n-verify", "2"]
+    args = ["export", "wsnet1d-tiny", "--quantize", "int8", "--n-verify", "8"]
     result = runner.invoke(main, [*args, "--min-agreement", "1.0", "-o", str(tmp_path / "a")])
     assert result.exit_code == 1 and "need >= 100.0%" in result.output
     assert not (tmp_path / "a").exists()
@@ -188,10 +188,10 @@ def test_the_gate_draws_at_least_1000_held_out_inputs():
 def test_cli_gate_samples_is_recorded_and_kept_by_verify(tmp_path):
     out = tmp_path / "q"
     args = ["export", "wsnet1d-tiny", "--quantize", "int8", "--gate-samples", "300"]
-    result = CliRunner().invoke(main, [*args, "--n-verify", "2", "-o", str(out)])
+    result = CliRunner().invoke(main, [*args, "--n-verify", "8", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "on 300 held-out inputs" in result.output
-    assert verify(out, "wsnet1d-tiny", n_verify=2)["accuracy_gate"]["n"] == 300
+    assert verify(out, "wsnet1d-tiny", n_verify=8)["accuracy_gate"]["n"] == 300
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ console = Console(stderr=True)
 
 
 def _errors(fn):
-    """Report WsdeployError as a one-line click error instead of a traceback."""
+    """Report WsdeployError, and OS errors about the files a user named, as a one-line click
+    error instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -35,6 +36,9 @@ def _errors(fn):
             raise click.ClickException(
                 str(e).splitlines()[0] if str(e) else type(e).__name__
             ) from e
+        except OSError as e:  # a file the user named: unreadable, unwritable, a directory...
+            where = f": {e.filename}" if e.filename else ""
+            raise click.ClickException(f"{e.strerror or e}{where}") from e
 
     return wrapper
 
@@ -416,7 +420,7 @@ def _quiet_third_party_logs() -> None:
 )
 @click.option(
     "--n-verify",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=8),
     default=8,
     show_default=True,
     help="Inputs the numerics gate runs.",
@@ -532,7 +536,7 @@ def _print_verification(v: dict) -> None:
 @click.option("--model", required=True, help="The model the build was made from.")
 @click.option(
     "--n-verify",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=8),
     default=8,
     show_default=True,
     help="Inputs the numerics gate runs.",

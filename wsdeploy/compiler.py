@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+MIN_VERIFY = 8
+"""Inputs the numerics gate runs at least."""
 
 
 @dataclass(frozen=True)
@@ -347,13 +349,34 @@ def _gate_inputs(loaded: LoadedModel, shape: tuple[int, ...], n: int, batch: int
     return xs, ys, fp32
 
 
-def replace_dir(staging: Path, outdir: Path) -> None:
-    """Move a complete staging directory onto ``outdir``, replacing any earlier build."""
-    outdir = outdir.resolve()
-    backup = None
+def check_outdir(outdir: Path) -> Path:
+    """``outdir`` resolved, if a build may be written there: a new path, an empty directory
+    or an earlier wsdeploy build (which the new build replaces). Anything else, such as a
+    directory of the user's own files, is refused: a build never deletes what it did not
+    write."""
+    outdir = Path(outdir).resolve()
+    for parent in outdir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise WsdeployError(f"cannot write {outdir}: {parent} is not a directory")
+            break
     if outdir.exists():
         if not outdir.is_dir():
             raise WsdeployError(f"{outdir} exists and is not a directory")
+        if any(outdir.iterdir()) and not (outdir / MANIFEST).is_file():
+            raise WsdeployError(
+                f"{outdir} is not empty and holds no wsdeploy build ({MANIFEST}): not "
+                "replacing it; choose another output directory"
+            )
+    return outdir
+
+
+def replace_dir(staging: Path, outdir: Path) -> None:
+    """Move a complete staging directory onto ``outdir``, replacing any earlier build (and
+    nothing else: see ``check_outdir``)."""
+    outdir = check_outdir(outdir)
+    backup = None
+    if outdir.exists():
         backup = outdir.with_name(f".{outdir.name}.old-{os.getpid()}")
         os.replace(outdir, backup)
     try:
@@ -398,6 +421,11 @@ def export(
         raise WsdeployError(
             "--calib/--calib-samples/--gate-samples/--min-agreement need --quantize int8"
         )
+    if options.n_verify < MIN_VERIFY:
+        raise WsdeployError(
+            f"the numerics gate runs at least {MIN_VERIFY} inputs, not {options.n_verify}"
+        )
+    outdir = check_outdir(outdir)
     target = get_target(options.target)
     if options.cpu is not None and not target.cpus:
         raise WsdeployError(f"target {target.name!r} takes no --cpu")
@@ -419,9 +447,11 @@ def export(
         reference, calibration = calibrated_reference(loaded, options)
     say("trace and lower")
     lowered, layers = lower(reference, options.strategy, target.native_wsnet)
-    outdir = Path(outdir)
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+    try:
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+    except OSError as e:
+        raise WsdeployError(f"cannot write into {outdir.parent}: {e.strerror or e}") from e
     os.chmod(staging, default_mode(directory=True))
     try:
         say(f"build {target.name}")
@@ -508,13 +538,41 @@ def _stored_params(model: ir.Model, nbytes: bool = False) -> int:
 
 
 def read_manifest(outdir: Path) -> dict[str, Any]:
+    """The manifest of the build in ``outdir``, checked for the fields every reader uses."""
     path = Path(outdir) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise WsdeployError(f"{outdir} is not a wsdeploy build: no {MANIFEST}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WsdeployError(f"{path} is corrupt: {e}") from e
+    except OSError as e:
+        raise WsdeployError(f"cannot read {path}: {e.strerror or e}") from e
+    required = {
+        "source": dict,
+        "target": str,
+        "artifact": str,
+        "inputs": list,
+        "outputs": list,
+        "verification": dict,
+    }
+    if not isinstance(manifest, dict):
+        raise WsdeployError(f"{path} is corrupt: not a JSON object")
+    for key, kind in required.items():
+        if not isinstance(manifest.get(key), kind):
+            raise WsdeployError(f"{path} is corrupt: no valid {key!r} field")
+    if not isinstance(manifest["source"].get("sha256"), str):
+        raise WsdeployError(f"{path} is corrupt: no valid 'source.sha256' field")
+    if manifest.get("precision", "fp32") not in PRECISIONS:
+        raise WsdeployError(f"{path} is corrupt: unknown precision {manifest['precision']!r}")
+    if manifest.get("precision") == "int8" and not isinstance(manifest.get("quantization"), dict):
+        raise WsdeployError(f"{path} is corrupt: an int8 build without its 'quantization'")
+    if (
+        not all(isinstance(v, dict) and "shape" in v for v in manifest["inputs"])
+        or not manifest["inputs"]
+    ):
+        raise WsdeployError(f"{path} is corrupt: no valid 'inputs' field")
+    return manifest
 
 
 def verify(
@@ -530,6 +588,8 @@ def verify(
     """Re-run the numerics gate of a finished build against the eager model, on this machine
     or (``rpc="host:port"``) on the device behind a TVM RPC server."""
     outdir = Path(outdir)
+    if n_verify < MIN_VERIFY:
+        raise WsdeployError(f"the numerics gate runs at least {MIN_VERIFY} inputs, not {n_verify}")
     manifest = read_manifest(outdir)
     loaded = load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
     if loaded.sha256 != manifest["source"]["sha256"]:

@@ -78,7 +78,7 @@ def test_emulated_device_end_to_end(tmp_path):
                 "-o",
                 str(out),
                 "--n-verify",
-                "4",
+                "8",
             ],
         )
         assert result.exit_code == 0, result.output
@@ -91,13 +91,13 @@ def test_emulated_device_end_to_end(tmp_path):
         assert result.exit_code == 0 and '"emulated": true' in result.output
         result = runner.invoke(
             main,
-            ["verify", str(out), "--model", "wsnet1d-tiny", "--rpc", address, "--n-verify", "2"],
+            ["verify", str(out), "--model", "wsnet1d-tiny", "--rpc", address, "--n-verify", "8"],
         )
         assert result.exit_code == 0 and "PASS" in result.output
         # int8: integer kernels cross-compiled for NEON, gated on the device itself
         args = ["export", "wsnet1d-tiny", "--target", "arm64", "--rpc", address]
         args += ["--quantize", "int8", "--calib-samples", "64", "-o", str(tmp_path / "q")]
-        result = runner.invoke(main, [*args, "--n-verify", "2"])
+        result = runner.invoke(main, [*args, "--n-verify", "8"])
         assert result.exit_code == 0, result.output
         assert "int8 gate" in result.output and "FAIL" not in result.output
         manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
@@ -174,7 +174,7 @@ def test_device_through_an_rpc_tracker(tmp_path):
                 "-o",
                 str(out),
                 "--n-verify",
-                "2",
+                "8",
             ],
         )
         assert result.exit_code == 0, result.output

@@ -16,7 +16,7 @@ from wsdeploy.targets import tvm_build
 def test_custom_build_runs_wsnet_kernels_not_dense_convs(tmp_path):
     out = tmp_path / "o"
     m = export(
-        "wsnet1d-tiny", out, ExportOptions(target="x86_64", strategy="custom", n_verify=2)
+        "wsnet1d-tiny", out, ExportOptions(target="x86_64", strategy="custom", n_verify=8)
     ).manifest
     assert {layer["strategy"] for layer in m["layers"]} == {"custom"}
     assert json.loads((out / "tvm.json").read_text())["vector_lanes"] in (4, 8, 16)
@@ -30,7 +30,7 @@ def test_custom_build_runs_wsnet_kernels_not_dense_convs(tmp_path):
 
 def test_fold_build_uses_the_vectorised_dense_conv(tmp_path):
     out = tmp_path / "o"
-    export("wsnet1d-tiny", out, ExportOptions(target="x86_64", strategy="fold", n_verify=2))
+    export("wsnet1d-tiny", out, ExportOptions(target="x86_64", strategy="fold", n_verify=8))
     kernels = bench(out, repeat=2)["kernels_ms"]
     assert sum(name.startswith("dense_conv1d") for name in kernels) == 3
 
@@ -45,7 +45,7 @@ def test_fold_build_uses_the_vectorised_dense_conv(tmp_path):
 )
 def test_named_cpus_build_and_match(cpu, tmp_path):
     m = export(
-        "wsnet1d-tiny", tmp_path / "o", ExportOptions(target="x86_64", cpu=cpu, n_verify=2)
+        "wsnet1d-tiny", tmp_path / "o", ExportOptions(target="x86_64", cpu=cpu, n_verify=8)
     ).manifest
     assert m["verification"]["passed"] and m["cpu"] == cpu
 
@@ -66,7 +66,7 @@ def test_bad_cpu_is_a_clear_error(cpu, message, tmp_path):
 
 def test_auto_folds_only_where_the_kernel_would_do_more_work(tmp_path):
     out = tmp_path / "o"
-    m = export("wsnet1d-tiny", out, ExportOptions(target="x86_64", n_verify=2)).manifest
+    m = export("wsnet1d-tiny", out, ExportOptions(target="x86_64", n_verify=8)).manifest
     # The first layer (one input channel, 32 taps) runs faster as a dense conv.
     assert [layer["strategy"] for layer in m["layers"]] == ["fold", "custom", "custom", "custom"]
     kernels = bench(out, repeat=2)["kernels_ms"]
@@ -163,7 +163,7 @@ def test_runtime_only_process_runs_a_build_without_the_compiler_or_torch(tmp_pat
     from wsdeploy.tvm_runtime import local_runner
 
     out = tmp_path / "o"
-    export("wsnet1d-tiny", out, ExportOptions(target="x86_64", strategy="custom", n_verify=2))
+    export("wsnet1d-tiny", out, ExportOptions(target="x86_64", strategy="custom", n_verify=8))
     x = np.random.default_rng(1).standard_normal((1, 1, 4096)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     code = f"""

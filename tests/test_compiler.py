@@ -155,3 +155,18 @@ def test_pt2_export_end_to_end(tmp_path):
     assert result.manifest["source"]["kind"] == "pt2"
     assert [layer["op"] for layer in result.manifest["layers"]] == ["WSConv1d", "WSLinear"]
     assert verify(tmp_path / "o", path)["passed"]
+
+
+@pytest.mark.parametrize("model", ["wsnet1d-tiny", "wsnet2d-cifar"])
+def test_ort_file_stores_the_onnx_files_weights_and_no_folded_windows(model, tmp_path):
+    """The .ort file's initializers are the ONNX file's, byte for byte in total: ONNX
+    Runtime's converter would fold the shared graph's phi windows into it."""
+    import onnx
+
+    from wsdeploy.targets import ort as ort_target
+
+    export(model, tmp_path / "onnx", ExportOptions(target="onnx", strategy="shared"))
+    export(model, tmp_path / "ort", ExportOptions(target="ort", strategy="shared"))
+    proto = onnx.load(tmp_path / "onnx" / "model.onnx")
+    onnx_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    assert ort_target.weight_bytes(tmp_path / "ort" / "model.ort") == onnx_bytes

@@ -5,7 +5,9 @@ Three kinds of input are accepted:
 - a wsdeploy checkpoint: ``torch.save`` of a plain dict (format, version, arch, config,
   state_dict, metrics) that loads with ``torch.load(weights_only=True)``: nothing in the file
   can name a Python callable, so nothing in it runs;
-- a ``torch.export`` program (``.pt2``);
+- a ``torch.export`` program (``.pt2``), loaded with every unpickling inside torch's loader
+  restricted to weights only: a .pt2 whose entries need full pickles (or that carries
+  AOTInductor compiled code) is refused unless ``trust_pickle=True``;
 - a full-module pickle, only with ``trust_pickle=True``: unpickling runs arbitrary code, so it
   is refused by default and the payload never executes.
 
@@ -14,12 +16,15 @@ A bundled zoo name (``wsnet1d-tiny``) stands for its bundled checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +161,7 @@ def load_model(
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a PyTorch model file (truncated or corrupt?)")
     if _is_pt2(path):
-        return _load_pt2(path, digest)
+        return _load_pt2(path, digest, trust_pickle)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -245,9 +250,160 @@ def _from_checkpoint(payload: Any, path: Path, digest: str) -> LoadedModel:
     )
 
 
-def _load_pt2(path: Path, digest: str) -> LoadedModel:
+class _Shadow:
+    """Stands in for a module inside one torch module: ``overrides`` win, every other
+    attribute is the real module's."""
+
+    def __init__(self, real: Any, **overrides: Any) -> None:
+        self.__dict__.update(overrides)
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+_SYM_EXPR_CHARS = re.compile(r"[A-Za-z0-9_\s+\-*/%(),.<>=!]*")
+_SYM_NAME = re.compile(r"[a-z]+[0-9]+")
+_SYM_LITERAL = re.compile(r"'[A-Za-z_][A-Za-z0-9_]*'")
+_SYM_KWARG = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)")
+_SYMPY_NAMES = frozenset(
+    [
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Max",
+        "Min",
+        "Abs",
+        "Eq",
+        "Ne",
+        "Ge",
+        "Gt",
+        "Le",
+        "Lt",
+        "And",
+        "Or",
+        "Not",
+        "Piecewise",
+        "floor",
+        "ceiling",
+        "oo",
+        "nan",
+        "zoo",
+        "true",
+        "false",
+        "True",
+        "False",
+        "None",
+    ]
+)
+"""sympy's own names that torch writes into shape expressions (``Symbol('s0', ...)``)."""
+
+
+def safe_sym_expr(expr: Any, names: dict) -> bool:
+    """Whether a .pt2's shape expression string can go to ``sympy.sympify``, which evaluates
+    it as Python (with builtins such as ``exec`` and ``chr`` in scope): string literals only
+    as plain names (``Symbol('s0', integer=True)``), otherwise arithmetic and comparison
+    characters, no attribute access or dunder, and every name one torch defines for the
+    expression (``names``), one of sympy's constructors, a keyword argument's name or a plain
+    symbol like ``s0``."""
+    if not isinstance(expr, str):
+        return True
+    if "__" in expr:
+        return False
+    bare = _SYM_LITERAL.sub("0", expr)
+    if not _SYM_EXPR_CHARS.fullmatch(bare) or re.search(r"\.\s*[A-Za-z_]", bare):
+        return False
+    kwargs = set(_SYM_KWARG.findall(bare))
+    identifiers = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", bare)
+    return all(
+        i in names or i in _SYMPY_NAMES or i in kwargs or _SYM_NAME.fullmatch(i)
+        for i in identifiers
+    )
+
+
+@contextlib.contextmanager
+def _pt2_without_unpickling(path: Path) -> Iterator[None]:
+    """While active, torch's .pt2 loader cannot unpickle anything nor load compiled code.
+
+    ``torch.export.load`` unpickles with ``torch.load(weights_only=False)`` when an entry's
+    config says ``use_pickle`` or a weights-only load fails, calls ``pickle.loads`` for opaque
+    constants and ``torch._C._pickle_load_obj`` for script objects, loads AOTInductor
+    libraries found in the archive, and evaluates shape expressions with ``sympy.sympify``
+    (Python ``eval``: ``safe_sym_expr`` screens them). Only the names those two torch modules
+    use are replaced: their ``torch.load`` always runs with ``weights_only=True``, and a load
+    that needed a full pickle, every other unpickling call and the AOTInductor loader raise
+    UnsafeModelError.
+    The refusal is raised at exit even if torch swallowed it. Not thread-safe: other threads
+    using these torch modules meanwhile see the same restrictions.
+    """
+    import sympy
+    from torch._export.serde import serialize as serde
+    from torch.export.pt2_archive import _package as package
+
+    refused: list[str] = []
+
+    def refuse(reason: str) -> UnsafeModelError:
+        refused.append(
+            f"{path} is a .pt2 that holds {reason}, which can run arbitrary code when "
+            "loaded; refusing it. Pass --trust-pickle if you trust its author"
+        )
+        return UnsafeModelError(refused[0])
+
+    def refuse_unpickling(*args: Any, **kwargs: Any) -> Any:
+        raise refuse("pickled objects")
+
+    real_load = torch.load
+
+    def weights_only_load(f, map_location=None, pickle_module=None, *, weights_only=None, **kw):
+        # pickle_module is dropped on purpose: only the weights-only unpickler runs.
+        try:
+            return real_load(f, map_location=map_location, weights_only=True, **kw)
+        except pickle.UnpicklingError:
+            if weights_only is False:  # torch wanted a full pickle here
+                raise refuse("pickled objects") from None
+            raise
+
+    no_pickle = _Shadow(
+        pickle, load=refuse_unpickling, loads=refuse_unpickling, Unpickler=refuse_unpickling
+    )
+    torch_c = _Shadow(torch._C, _pickle_load_obj=refuse_unpickling)
+    shadow_torch = _Shadow(torch, load=weights_only_load, _C=torch_c)
+
+    def refuse_aoti(*args: Any, **kwargs: Any) -> Any:
+        raise refuse("AOTInductor compiled code")
+
+    def checked_sympify(expr: Any, *args: Any, locals: dict | None = None, **kwargs: Any) -> Any:
+        if not safe_sym_expr(expr, locals or {}):
+            raise refuse(f"a shape expression sympy would evaluate as code ({str(expr)[:60]!r})")
+        return sympy.sympify(expr, *args, locals=locals, **kwargs)
+
+    patches = [
+        (serde, "sympy", _Shadow(sympy, sympify=checked_sympify)),
+        (serde, "torch", shadow_torch),
+        (package, "torch", shadow_torch),
+        (package, "pickle", no_pickle),
+        (package, "_load_aoti", refuse_aoti),
+    ]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     try:
-        ep = torch.export.load(path)
+        for mod, name, value in patches:
+            setattr(mod, name, value)
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+        if refused:
+            raise UnsafeModelError(refused[0]) from None
+
+
+def _load_pt2(path: Path, digest: str, trust_pickle: bool = False) -> LoadedModel:
+    guard = contextlib.nullcontext() if trust_pickle else _pt2_without_unpickling(path)
+    try:
+        with guard:
+            ep = torch.export.load(path)
+    except UnsafeModelError:
+        raise
     except Exception as e:
         raise ModelFileError(f"{path}: cannot load torch.export program ({_first_line(e)})") from e
     user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]

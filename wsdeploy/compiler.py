@@ -35,6 +35,7 @@ from wsdeploy.passes.cleanup import CleanupPass
 from wsdeploy.passes.custom import CustomPass
 from wsdeploy.passes.fold import FoldPass
 from wsdeploy.passes.integer import IntegerPass
+from wsdeploy.passes.pool_order import PoolOrderPass
 from wsdeploy.passes.shared import SharedPass
 from wsdeploy.passes.strategy import STRATEGIES, StrategyPass, choose, lowered_macs, macs
 from wsdeploy.targets import get_target
@@ -85,8 +86,9 @@ class ExportResult:
 
 def pipeline(strategy: str, native: bool = False) -> PassManager:
     """The pass sequence for one strategy (``native``: see ``StrategyPass``; native targets
-    also turn int8 quantize/dequantize into integer ops, ``IntegerPass``)."""
-    integer = [IntegerPass()] if native else []
+    also turn int8 quantize/dequantize into integer ops, ``IntegerPass``; standard-op targets
+    move quantized max pools before their ReLU, ``PoolOrderPass``)."""
+    int8 = IntegerPass() if native else PoolOrderPass()
     return PassManager(
         [
             AffinePass(),
@@ -94,7 +96,7 @@ def pipeline(strategy: str, native: bool = False) -> PassManager:
             FoldPass(),
             SharedPass(),
             CustomPass(),
-            *integer,
+            int8,
             CleanupPass(),
         ]
     )

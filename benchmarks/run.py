@@ -506,30 +506,79 @@ def zoo_table(zoo: list[dict]) -> list[str]:
 
 
 def plot(models: list[dict], path: Path) -> None:
+    """Size vs latency, one panel per zoo model and one point per build: the marker says the
+    runtime, the colour the precision; dense baselines are ringed and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in sorted({r["model"] for r in models}):
+    names = sorted({r["model"] for r in models})
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
+    markers = {"ORT": "o", "TVM": "s", "TVM tuned": "^", "PyTorch": "D"}
+    colours = {"fp32": "tab:blue", "int8": "tab:orange"}
+    for ax, name in zip(axes[0], names, strict=True):
         rows = [r for r in models if r["model"] == name and "failed" not in r]
-        ax.scatter(
-            [r["bytes"] / 1024 for r in rows], [r["median_ms"] for r in rows], label=name, s=12
-        )
         for r in rows:
-            if r.get("tuned"):  # next to its untuned build: a point, no second label
-                continue
-            marker = "*" if "dense" in r["build"] else ""
-            ax.annotate(f"{marker}{r['build']}", (r["bytes"] / 1024, r["median_ms"]), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("artifact size (KB, log)")
-    ax.set_ylabel("median latency (ms, log)")
-    ax.set_title("size vs latency, one point per build (* = dense baseline)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+            runtime = (
+                "PyTorch"
+                if r.get("runtime") == "torch"
+                else "TVM tuned"
+                if r.get("tuned")
+                else "TVM"
+                if r.get("runtime") == "tvm"
+                else "ORT"
+            )
+            xy = (r["bytes"] / 1024, r["median_ms"])
+            ax.scatter(*xy, marker=markers[runtime], c=colours[r["precision"]], s=22, alpha=0.8)
+            dense = "dense" in r["build"]
+            if dense:
+                ax.scatter(*xy, marker="o", s=160, facecolors="none", edgecolors="red")
+            if (dense or r.get("strategy") == "auto") and not r.get("tuned"):
+                short = "dense" if dense else "auto"
+                ax.annotate(
+                    f"{runtime} {short} {r['precision']}",
+                    xy,
+                    fontsize=6,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("artifact size (KB, log)")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_ylabel("median latency (ms, log)")
+    handles = [
+        Line2D([], [], marker=m, linestyle="", color="grey", label=k) for k, m in markers.items()
+    ]
+    handles += [
+        Line2D([], [], marker="o", linestyle="", color=c, label=k) for k, c in colours.items()
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            markerfacecolor="none",
+            markeredgecolor="red",
+            markersize=10,
+            label="dense baseline",
+        )
+    )
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.suptitle("size vs latency, one point per build (lower left is better)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:

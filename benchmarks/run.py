@@ -523,6 +523,7 @@ def plot(models: list[dict], path: Path) -> None:
     colours = {"fp32": "tab:blue", "int8": "tab:orange"}
     for ax, name in zip(axes[0], names, strict=True):
         rows = [r for r in models if r["model"] == name and "failed" not in r]
+        labels: dict[tuple, tuple] = {}  # builds at one point (auto that folds all) share one
         for r in rows:
             runtime = (
                 "PyTorch"
@@ -540,13 +541,15 @@ def plot(models: list[dict], path: Path) -> None:
                 ax.scatter(*xy, marker="o", s=160, facecolors="none", edgecolors="red")
             if (dense or r.get("strategy") == "auto") and not r.get("tuned"):
                 short = "dense" if dense else "auto"
-                ax.annotate(
-                    f"{runtime} {short} {r['precision']}",
-                    xy,
-                    fontsize=6,
-                    xytext=(4, 4),
-                    textcoords="offset points",
-                )
+                labels.setdefault((runtime, r["precision"], r["bytes"]), (xy, []))[1].append(short)
+        for (runtime, precision, _), (xy, shorts) in labels.items():
+            ax.annotate(
+                f"{runtime} {' = '.join(shorts)} {precision}",
+                xy,
+                fontsize=6,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         for axis in (ax.xaxis, ax.yaxis):

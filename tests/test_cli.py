@@ -122,7 +122,7 @@ def test_export_never_replaces_a_directory_it_did_not_write(tmp_path):
         ("{}", "no valid 'source' field"),
         (
             '{"source": {}, "target": "onnx", "artifact": "model.onnx", "inputs": [], '
-            '"outputs": [], "verification": {}}',
+            '"outputs": [], "verification": {}, "size": {}, "layers": []}',
             "no valid 'source.sha256' field",
         ),
     ],

@@ -151,9 +151,14 @@ def test_bench_compares_int8_with_fp32_and_report_shows_both(tmp_path):
     rows = json.loads(result.output)
     assert [r["precision"] for r in rows] == ["fp32", "int8"]
     assert rows[0]["int8_accuracy"] is None and 0 < rows[1]["int8_accuracy"] <= 1
+    assert rows[0]["int8_agreement"] is None and rows[1]["int8_gate_n"] >= 300
+    assert rows[0]["n_verified"] == 8
     assert all(r["median_ms"] is not None for r in rows)
     result = runner.invoke(main, ["report", str(f), str(q)])
     assert result.exit_code == 0 and "int8" in result.output
+    # int8 rows show the gate's agreement with fp32, to a tenth of a point, and on how many
+    gate = f"{rows[1]['int8_agreement']:.1%} of {rows[1]['int8_gate_n']} vs fp32"
+    assert gate in result.output and "of 8 vs PyTorch" in result.output
 
 
 def test_the_agreement_bar_is_the_users_and_is_recorded(tmp_path):

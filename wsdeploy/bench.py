@@ -108,7 +108,8 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
         m = read_manifest(d)
         bench_path = Path(d) / BENCH
         b = json.loads(bench_path.read_text()) if bench_path.is_file() else {}
-        v = m["verification"]["outputs"][0]
+        v = (m["verification"].get("outputs") or [{}])[0]
+        gate = m["verification"].get("accuracy_gate") or {}
         strategies = sorted({layer["strategy"] for layer in m["layers"]})
         rows.append(
             {
@@ -123,12 +124,13 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
                 "median_ms": b.get("median_ms"),
                 "p90_ms": b.get("p90_ms"),
                 "top1_agreement": v.get("top1_agreement"),
-                "max_abs_err": v["max_abs"],
-                "verified": m["verification"]["passed"],
+                "n_verified": m["verification"].get("n_inputs"),
+                "max_abs_err": v.get("max_abs"),
+                "verified": bool(m["verification"].get("passed")),
                 "source_accuracy": (m["source"].get("metrics") or {}).get("test_accuracy"),
-                "int8_accuracy": (m["verification"].get("accuracy_gate") or {}).get(
-                    "accuracy_int8"
-                ),
+                "int8_accuracy": gate.get("accuracy_int8"),
+                "int8_agreement": gate.get("top1_agreement"),
+                "int8_gate_n": gate.get("n"),
             }
         )
     return rows

@@ -741,11 +741,18 @@ def report(outdirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> 
         "median ms",
         "p90 ms",
         "accuracy",
-        "top-1 agree",
+        "top-1 agreement",
         "verified",
     )
     for r in rows:
         accuracy = r["int8_accuracy"] if r["precision"] == "int8" else r["source_accuracy"]
+        if r["int8_agreement"] is not None:  # the int8 gate: with fp32, on held-out inputs
+            agreement = f"{r['int8_agreement']:.1%} of {r['int8_gate_n']} vs fp32"
+        elif r["top1_agreement"] is not None:  # the numerics gate: with PyTorch
+            n = f" of {r['n_verified']}" if r["n_verified"] else ""
+            agreement = f"{r['top1_agreement']:.1%}{n} vs PyTorch"
+        else:
+            agreement = "-"
         table.add_row(
             r["build"],
             r["model"],
@@ -757,7 +764,7 @@ def report(outdirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> 
             "-" if r["median_ms"] is None else f"{r['median_ms']:.3f}",
             "-" if r["p90_ms"] is None else f"{r['p90_ms']:.3f}",
             "-" if accuracy is None else f"{accuracy:.1%}",
-            "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}",
+            agreement,
             "yes" if r["verified"] else "NO",
         )
     Console(width=200).print(table)

@@ -557,6 +557,8 @@ def read_manifest(outdir: Path) -> dict[str, Any]:
         "inputs": list,
         "outputs": list,
         "verification": dict,
+        "size": dict,
+        "layers": list,
     }
     if not isinstance(manifest, dict):
         raise WsdeployError(f"{path} is corrupt: not a JSON object")

@@ -25,14 +25,22 @@ FOLD_LIMIT = 1024
 """Largest tensor (elements) constant folding may create: shapes, not weights."""
 
 
+SLACK_BYTES = 512
+"""How much cleanup may grow the stored tensors (a few folded shape constants): far below
+any layer's phi. Measured on every zoo model x strategy x target kind, cleanup never grew
+them; it shrank them by up to 836 bytes (shape arithmetic folded away)."""
+
+
 def weight_bytes(model: ir.Model) -> int:
-    """Bytes of every initializer and Constant node tensor in the main graph."""
+    """Bytes of every initializer and Constant node tensor, in the main graph and in the
+    model-local functions' bodies."""
     total = sum(
         v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
     )
-    for node in model.graph:
-        if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
-            total += node.attributes["value"].as_tensor().nbytes
+    for graph in (model.graph, *(f.graph for f in model.functions.values())):
+        for node in graph:
+            if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
+                total += node.attributes["value"].as_tensor().nbytes
     return total
 
 
@@ -42,7 +50,7 @@ class CleanupPass(Pass):
 
     name = "cleanup"
 
-    def __init__(self, slack_bytes: int = 16384) -> None:
+    def __init__(self, slack_bytes: int = SLACK_BYTES) -> None:
         self.slack_bytes = slack_bytes
         self._before = 0
 

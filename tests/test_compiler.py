@@ -47,14 +47,16 @@ def test_export_matches_pytorch(model, strategy, target, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_soundnet8_exports_match_pytorch(strategy, tmp_path):
+@pytest.mark.parametrize(
+    "strategy, target", [*((s, "onnx") for s in STRATEGIES), ("auto", "ort"), ("shared", "ort")]
+)
+def test_soundnet8_exports_match_pytorch(strategy, target, tmp_path):
     result = export(
-        "wsnet1d-soundnet8",
-        tmp_path / "o",
-        ExportOptions(target="onnx", strategy=strategy, n_verify=8),
+        "wsnet1d-soundnet8", tmp_path / "o", ExportOptions(target=target, strategy=strategy)
     )
-    assert result.manifest["verification"]["passed"]
+    m = result.manifest
+    assert m["verification"]["passed"] and m["verification"]["n_inputs"] == 8
+    assert m["verification"]["outputs"][0]["top1_agreement"] == 1.0
 
 
 @pytest.mark.parametrize("strategy", ["shared", "custom"])

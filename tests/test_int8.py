@@ -187,7 +187,10 @@ def test_the_gate_draws_at_least_1000_held_out_inputs():
         small = dataclasses.replace(loaded, metrics={**loaded.metrics, "n_test": n_test})
         gate = compiler.accuracy_gate(small, eager, None, 1)
         assert gate["n"] == expected and gate["top1_agreement"] == 1.0 and gate["passed"]
-    assert compiler.accuracy_gate(loaded, eager, 48, 1)["n"] == 48
+    heard = []
+    assert compiler.accuracy_gate(loaded, eager, 48, 1, progress=heard.append)["n"] == 48
+    assert heard[0] == "int8 accuracy gate: fp32 predictions on 48 held-out inputs"
+    assert heard[1:3] == ["int8 accuracy gate: 0/48 inputs", "int8 accuracy gate: 2/48 inputs"]
 
 
 def test_cli_gate_samples_is_recorded_and_kept_by_verify(tmp_path):

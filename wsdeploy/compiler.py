@@ -285,22 +285,33 @@ def calibrated_reference(
 
 
 def accuracy_gate(
-    loaded: LoadedModel, runner, n: int | None, batch: int, min_agreement: float | None = None
+    loaded: LoadedModel,
+    runner,
+    n: int | None,
+    batch: int,
+    min_agreement: float | None = None,
+    progress=None,
 ) -> dict[str, Any]:
     """int8 against fp32 on held-out data: top-1 agreement and accuracy drop, on ``n``
     inputs (default: ``GATE_SAMPLES``, or the model's own test-set size if larger).
 
     Raises ``AccuracyGateFailed`` below ``min_agreement`` (default ``AGREEMENT_MIN``) top-1
     agreement or above ``ACCURACY_DROP_MAX`` drop. Without a bundled dataset there are no
-    labels: agreement only, on seeded random inputs."""
+    labels: agreement only, on seeded random inputs. ``progress(message)`` hears how far
+    it is."""
+    say = progress or (lambda message: None)
     shape = loaded.input_shape
     n = n or max(int(loaded.metrics.get("n_test", 0)), GATE_SAMPLES)
     n = max(batch, n - n % batch)
+    say(f"int8 accuracy gate: fp32 predictions on {n} held-out inputs")
     xs, ys, fp32 = _memo(
         loaded, ("gate", shape, n, batch), lambda: _gate_inputs(loaded, shape, n, batch)
     )
     agree = correct_q = correct_f = 0
+    every = max(batch, (n // 20) // batch * batch)
     for i in range(0, n, batch):
+        if i % every == 0:
+            say(f"int8 accuracy gate: {i}/{n} inputs")
         x = xs[i : i + batch]
         pq = runner(x)[0].reshape(batch, -1).argmax(-1)
         pf = fp32[i : i + batch]
@@ -470,9 +481,13 @@ def export(
                 reference, runner, inputs, stage="quantized", step=calibration.output_step
             )
             verification["reference"] = "fake-quantized PyTorch model"
-            say("int8 accuracy gate")
             verification["accuracy_gate"] = accuracy_gate(
-                loaded, runner, options.gate_samples, loaded.input_shape[0], options.min_agreement
+                loaded,
+                runner,
+                options.gate_samples,
+                loaded.input_shape[0],
+                options.min_agreement,
+                progress=say,
             )
         verification["device"] = options.rpc or "local"
         say("dense baseline size")

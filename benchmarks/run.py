@@ -117,7 +117,8 @@ def bench_models(
     (into fresh records of the model's own), and each TVM build is exported again with them.
     The untuned builds see no records at all."""
     rows = []
-    for name in names:
+    for k, name in enumerate(names, 1):
+        say(f"model {k}/{len(names)}: {name}")
         loaded = load_model(name)
         arch = zoo.ZOO[name]
         # Held-out clips per build: fewer for the 10-second SoundNet-8 inputs.
@@ -135,8 +136,8 @@ def bench_models(
         os.environ[tvm_build.TUNING_ENV] = str(workdir / "no-records")  # never created
 
         job = {"loaded": loaded, "name": name, "workdir": workdir, "counts": counts, "say": say}
-        for spec in BUILDS:
-            _export_build(builds, rows, spec, **job)
+        for i, spec in enumerate(BUILDS, 1):
+            _export_build(builds, rows, spec, **job, step=f"{i}/{len(BUILDS)}")
         tvm_builds = [spec for spec in BUILDS if spec[0] != "onnx"]
         if trials and tvm_builds:
             os.environ[tvm_build.TUNING_ENV] = str(workdir / f"{name}-records")
@@ -152,9 +153,10 @@ def bench_models(
                 "tune_trials": trials,
                 "tuned_kernels": len(tuning.kernels),
             }
-            for target, strategy, precision, label in tvm_builds:
+            for i, (target, strategy, precision, label) in enumerate(tvm_builds, 1):
                 spec = (target, strategy, precision, label + TUNED)
-                _export_build(builds, rows, spec, extra=extra, **job)
+                step = f"{i}/{len(tvm_builds)} tuned"
+                _export_build(builds, rows, spec, extra=extra, **job, step=step)
         ckpt = str(Path(loaded.source))
         builds.append(
             (
@@ -214,13 +216,14 @@ def _export_build(
     counts,
     say,
     extra: dict | None = None,
+    step: str = "",
 ) -> None:
     """Export one build of ``BUILDS`` (``extra``: it is a tuned one) and add it to
     ``builds`` to be timed; a build that fails its accuracy gate goes to ``rows`` as failed,
     and is built at the relaxed bar, or dropped if it fails that too."""
     target, strategy, precision, label = spec
     out = workdir / f"{name}-{target}-{strategy}-{precision}{'-tuned' if extra else ''}"
-    say(f"{name}: export {label}")
+    say(f"{name}: export {label}" + (f" ({step})" if step else ""))
     options = ExportOptions(target=target, strategy=strategy, precision=precision)
     try:
         m = export(loaded, out, options).manifest

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from ._graph import rewire
 from .base import Pass, PassResult
 
 
@@ -56,7 +57,7 @@ class PoolOrderPass(Pass):
             if relu is None:
                 continue
             x, relu_out, pool_out = relu.inputs[0], relu.outputs[0], pool.outputs[0]
-            ir.convenience.replace_all_uses_with(pool_out, relu_out)  # the quantizers
+            rewire(pool_out, relu_out)  # the quantizers
             pool.replace_input_with(0, x)
             relu.replace_input_with(0, pool_out)
             relu_out.shape = pool_out.shape

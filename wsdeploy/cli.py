@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from wsdeploy.errors import WsdeployError
+from wsdeploy.numerics import MIN_VERIFY
 from wsdeploy.passes.strategy import STRATEGIES as _STRATEGIES
 from wsdeploy.targets import TARGETS as _TARGET_NAMES
 
@@ -420,8 +421,8 @@ def _quiet_third_party_logs() -> None:
 )
 @click.option(
     "--n-verify",
-    type=click.IntRange(min=8),
-    default=8,
+    type=click.IntRange(min=MIN_VERIFY),
+    default=MIN_VERIFY,
     show_default=True,
     help="Inputs the numerics gate runs.",
 )
@@ -536,8 +537,8 @@ def _print_verification(v: dict) -> None:
 @click.option("--model", required=True, help="The model the build was made from.")
 @click.option(
     "--n-verify",
-    type=click.IntRange(min=8),
-    default=8,
+    type=click.IntRange(min=MIN_VERIFY),
+    default=MIN_VERIFY,
     show_default=True,
     help="Inputs the numerics gate runs.",
 )

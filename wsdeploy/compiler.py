@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-MIN_VERIFY = 8
-"""Inputs the numerics gate runs at least."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class ExportOptions:
     calib_method: str = "auto"  # int8: activation clipping: auto, mse or minmax (quantize.py)
     gate_samples: int | None = None  # int8: held-out samples for the accuracy gate
     min_agreement: float | None = None  # int8: the gate's agreement bar (None: AGREEMENT_MIN)
-    n_verify: int = 8
+    n_verify: int = numerics.MIN_VERIFY
     seed: int = 0
 
 
@@ -362,6 +360,13 @@ def _gate_inputs(loaded: LoadedModel, shape: tuple[int, ...], n: int, batch: int
     return xs, ys, fp32
 
 
+def _check_n_verify(n: int) -> None:
+    if n < numerics.MIN_VERIFY:
+        raise WsdeployError(
+            f"the numerics gate runs at least {numerics.MIN_VERIFY} inputs, not {n}"
+        )
+
+
 def check_outdir(outdir: Path) -> Path:
     """``outdir`` resolved, if a build may be written there: a new path, an empty directory
     or an earlier wsdeploy build (which the new build replaces). Anything else, such as a
@@ -434,10 +439,7 @@ def export(
         raise WsdeployError(
             "--calib/--calib-samples/--gate-samples/--min-agreement need --quantize int8"
         )
-    if options.n_verify < MIN_VERIFY:
-        raise WsdeployError(
-            f"the numerics gate runs at least {MIN_VERIFY} inputs, not {options.n_verify}"
-        )
+    _check_n_verify(options.n_verify)
     outdir = check_outdir(outdir)
     target = get_target(options.target)
     if options.cpu is not None and not target.cpus:
@@ -600,15 +602,14 @@ def verify(
     *,
     trust_pickle: bool = False,
     input_shape: tuple[int, ...] | None = None,
-    n_verify: int = 8,
+    n_verify: int = numerics.MIN_VERIFY,
     seed: int = 0,
     rpc: str | None = None,
 ) -> dict[str, Any]:
     """Re-run the numerics gate of a finished build against the eager model, on this machine
     or (``rpc="host:port"``) on the device behind a TVM RPC server."""
     outdir = Path(outdir)
-    if n_verify < MIN_VERIFY:
-        raise WsdeployError(f"the numerics gate runs at least {MIN_VERIFY} inputs, not {n_verify}")
+    _check_n_verify(n_verify)
     manifest = read_manifest(outdir)
     loaded = load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
     if loaded.sha256 != manifest["source"]["sha256"]:

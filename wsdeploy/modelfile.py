@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import operator
 import os
 import pickle
-import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsdeploy import symexpr
 from wsdeploy.errors import ModelFileError, UnsafeModelError
 from wsdeploy.models import zoo
 
@@ -161,7 +163,7 @@ def load_model(
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a PyTorch model file (truncated or corrupt?)")
     if _is_pt2(path):
-        return _load_pt2(path, digest, trust_pickle)
+        return _load_pt2(path, digest, trust_pickle, input_shape)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -262,80 +264,38 @@ class _Shadow:
         return getattr(self._real, name)
 
 
-_SYM_EXPR_CHARS = re.compile(r"[A-Za-z0-9_\s+\-*/%(),.<>=!]*")
-_SYM_NAME = re.compile(r"[a-z]+[0-9]+")
-_SYM_LITERAL = re.compile(r"'[A-Za-z_][A-Za-z0-9_]*'")
-_SYM_KWARG = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)")
-_SYMPY_NAMES = frozenset(
-    [
-        "Symbol",
-        "Integer",
-        "Rational",
-        "Float",
-        "Max",
-        "Min",
-        "Abs",
-        "Eq",
-        "Ne",
-        "Ge",
-        "Gt",
-        "Le",
-        "Lt",
-        "And",
-        "Or",
-        "Not",
-        "Piecewise",
-        "floor",
-        "ceiling",
-        "oo",
-        "nan",
-        "zoo",
-        "true",
-        "false",
-        "True",
-        "False",
-        "None",
-    ]
-)
-"""sympy's own names that torch writes into shape expressions (``Symbol('s0', ...)``)."""
+def _graph_target_allowed(target: Any) -> bool:
+    """Whether a deserialized node may call ``target``: an ATen or custom operator, a
+    higher-order operator or one of torch's symbolic-size functions; never an arbitrary
+    callable reached by name (``torch.os.system`` resolves to ``os.system``)."""
+    from torch._export.serde import serialize as serde
 
-
-def safe_sym_expr(expr: Any, names: dict) -> bool:
-    """Whether a .pt2's shape expression string can go to ``sympy.sympify``, which evaluates
-    it as Python (with builtins such as ``exec`` and ``chr`` in scope): string literals only
-    as plain names (``Symbol('s0', integer=True)``), otherwise arithmetic and comparison
-    characters, no attribute access or dunder, and every name one torch defines for the
-    expression (``names``), one of sympy's constructors, a keyword argument's name or a plain
-    symbol like ``s0``."""
-    if not isinstance(expr, str):
+    if isinstance(target, torch._ops.OpOverload | torch._ops.HigherOrderOperator):
         return True
-    if "__" in expr:
+    if isinstance(target, str):  # unresolved: torch's deserializer rejects it itself
+        return True
+    try:
+        return target in serde._SYM_OPS or target is operator.getitem
+    except TypeError:  # unhashable
         return False
-    bare = _SYM_LITERAL.sub("0", expr)
-    if not _SYM_EXPR_CHARS.fullmatch(bare) or re.search(r"\.\s*[A-Za-z_]", bare):
-        return False
-    kwargs = set(_SYM_KWARG.findall(bare))
-    identifiers = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", bare)
-    return all(
-        i in names or i in _SYMPY_NAMES or i in kwargs or _SYM_NAME.fullmatch(i)
-        for i in identifiers
-    )
 
 
 @contextlib.contextmanager
-def _pt2_without_unpickling(path: Path) -> Iterator[None]:
-    """While active, torch's .pt2 loader cannot unpickle anything nor load compiled code.
+def _pt2_loader(path: Path, trust_pickle: bool) -> Iterator[None]:
+    """While active, torch's .pt2 loader evaluates nothing from the file as code.
 
-    ``torch.export.load`` unpickles with ``torch.load(weights_only=False)`` when an entry's
-    config says ``use_pickle`` or a weights-only load fails, calls ``pickle.loads`` for opaque
-    constants and ``torch._C._pickle_load_obj`` for script objects, loads AOTInductor
-    libraries found in the archive, and evaluates shape expressions with ``sympy.sympify``
-    (Python ``eval``: ``safe_sym_expr`` screens them). Only the names those two torch modules
-    use are replaced: their ``torch.load`` always runs with ``weights_only=True``, and a load
-    that needed a full pickle, every other unpickling call and the AOTInductor loader raise
-    UnsafeModelError.
-    The refusal is raised at exit even if torch swallowed it. Not thread-safe: other threads
-    using these torch modules meanwhile see the same restrictions.
+    Always: shape expressions are parsed by :mod:`wsdeploy.symexpr` instead of
+    ``sympy.sympify`` (Python ``eval`` with builtins in scope), and a graph node may only
+    call an operator (``torch.<name>...`` would otherwise resolve any callable torch's
+    namespace reaches, ``os.system`` included). Unless ``trust_pickle``, also: every
+    ``torch.load`` runs with ``weights_only=True``, and a load that needed a full pickle,
+    ``pickle.loads`` of opaque constants, ``torch._C._pickle_load_obj`` of script objects and
+    the AOTInductor loader raise UnsafeModelError. (The program's ``guards_code``, Python
+    source that ``ep.module()`` would compile, is dropped by ``_load_pt2``.)
+
+    Only names inside those torch modules are replaced, and restored at exit. The refusal is
+    raised at exit even if torch swallowed it. Not thread-safe: other threads using these
+    torch modules meanwhile see the same restrictions.
     """
     import sympy
     from torch._export.serde import serialize as serde
@@ -349,6 +309,10 @@ def _pt2_without_unpickling(path: Path) -> Iterator[None]:
             "loaded; refusing it. Pass --trust-pickle if you trust its author"
         )
         return UnsafeModelError(refused[0])
+
+    def refuse_always(reason: str) -> UnsafeModelError:
+        refused.append(f"{path} is a .pt2 that holds {reason}; refusing it")
+        return UnsafeModelError(refused[-1])
 
     def refuse_unpickling(*args: Any, **kwargs: Any) -> Any:
         raise refuse("pickled objects")
@@ -364,28 +328,49 @@ def _pt2_without_unpickling(path: Path) -> Iterator[None]:
                 raise refuse("pickled objects") from None
             raise
 
-    no_pickle = _Shadow(
-        pickle, load=refuse_unpickling, loads=refuse_unpickling, Unpickler=refuse_unpickling
-    )
-    torch_c = _Shadow(torch._C, _pickle_load_obj=refuse_unpickling)
-    shadow_torch = _Shadow(torch, load=weights_only_load, _C=torch_c)
-
     def refuse_aoti(*args: Any, **kwargs: Any) -> Any:
         raise refuse("AOTInductor compiled code")
 
-    def checked_sympify(expr: Any, *args: Any, locals: dict | None = None, **kwargs: Any) -> Any:
-        if not safe_sym_expr(expr, locals or {}):
-            raise refuse(f"a shape expression sympy would evaluate as code ({str(expr)[:60]!r})")
-        return sympy.sympify(expr, *args, locals=locals, **kwargs)
+    def parse_sym_expr(expr: Any, *args: Any, locals: dict | None = None, **kwargs: Any) -> Any:
+        if isinstance(expr, sympy.Basic):  # torch re-sympifies its own objects
+            return expr
+        if isinstance(expr, bool | int) and not isinstance(expr, str):
+            return sympy.sympify(expr)
+        names = locals or {}
+        functions = {k: v for k, v in names.items() if isinstance(v, type)}
+        symbols = {k: v for k, v in names.items() if isinstance(v, sympy.Basic)}
+        try:
+            return symexpr.parse(expr, symbols, functions)
+        except symexpr.SymExprError as e:
+            raise refuse_always(f"a shape expression outside the grammar ({e})") from None
+
+    real_operator = serde.GraphModuleDeserializer.deserialize_operator
+
+    def checked_operator(self, serialized_target: str):
+        target = real_operator(self, serialized_target)
+        if not _graph_target_allowed(target):
+            raise refuse_always(
+                f"a graph node calling {str(serialized_target)[:80]!r}, which is not an operator"
+            )
+        return target
 
     patches = [
-        (serde, "sympy", _Shadow(sympy, sympify=checked_sympify)),
-        (serde, "torch", shadow_torch),
-        (package, "torch", shadow_torch),
-        (package, "pickle", no_pickle),
-        (package, "_load_aoti", refuse_aoti),
+        (serde, "sympy", _Shadow(sympy, sympify=parse_sym_expr)),
+        (serde.GraphModuleDeserializer, "deserialize_operator", checked_operator),
     ]
-    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    if not trust_pickle:
+        no_pickle = _Shadow(
+            pickle, load=refuse_unpickling, loads=refuse_unpickling, Unpickler=refuse_unpickling
+        )
+        torch_c = _Shadow(torch._C, _pickle_load_obj=refuse_unpickling)
+        shadow_torch = _Shadow(torch, load=weights_only_load, _C=torch_c)
+        patches += [
+            (serde, "torch", shadow_torch),
+            (package, "torch", shadow_torch),
+            (package, "pickle", no_pickle),
+            (package, "_load_aoti", refuse_aoti),
+        ]
+    saved = [(mod, name, mod.__dict__[name]) for mod, name, _ in patches]
     try:
         for mod, name, value in patches:
             setattr(mod, name, value)
@@ -397,15 +382,27 @@ def _pt2_without_unpickling(path: Path) -> Iterator[None]:
             raise UnsafeModelError(refused[0]) from None
 
 
-def _load_pt2(path: Path, digest: str, trust_pickle: bool = False) -> LoadedModel:
-    guard = contextlib.nullcontext() if trust_pickle else _pt2_without_unpickling(path)
+def _load_pt2(
+    path: Path,
+    digest: str,
+    trust_pickle: bool = False,
+    input_shape: tuple[int, ...] | None = None,
+) -> LoadedModel:
+    """A .pt2 program; with dynamic dimensions, ``input_shape`` picks the concrete shape
+    it is re-traced at (within the program's ranges)."""
     try:
-        with guard:
+        with _pt2_loader(path, trust_pickle), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             ep = torch.export.load(path)
     except UnsafeModelError:
         raise
     except Exception as e:
         raise ModelFileError(f"{path}: cannot load torch.export program ({_first_line(e)})") from e
+    # Guards are Python source that ep.module() compiles and runs on every call: never run
+    # the file's. The input shapes are checked against the program's own signature instead.
+    if ep._guards_code:
+        log.info("%s: dropped %d guard(s) stored as code", path, len(ep._guards_code))
+        ep._guards_code = []
     user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     if len(user_inputs) != 1:
         raise ModelFileError(
@@ -413,8 +410,49 @@ def _load_pt2(path: Path, digest: str, trust_pickle: bool = False) -> LoadedMode
         )
     name = user_inputs[0].arg.name
     node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name)
-    shape = tuple(int(d) for d in node.meta["val"].shape)
-    return LoadedModel(ep.module(), shape, str(path), digest, "pt2", exported=ep)
+    shape = tuple(node.meta["val"].shape)
+    with torch.no_grad():
+        module = ep.module()
+    static = all(isinstance(d, int) for d in shape)
+    if static and input_shape is not None and tuple(input_shape) != shape:
+        raise ModelFileError(
+            f"{path}: --input-shape {','.join(map(str, input_shape))} contradicts the "
+            f"program's static input shape {','.join(map(str, shape))}"
+        )
+    if static:
+        return LoadedModel(module, tuple(shape), str(path), digest, "pt2", exported=ep)
+    dims = ", ".join(str(d) for d in shape)
+    if input_shape is None:
+        raise ModelFileError(
+            f"{path}: input {name!r} has dynamic dimensions ({dims}); pass --input-shape "
+            "with the concrete shape to build for"
+        )
+    if len(input_shape) != len(shape) or any(
+        isinstance(d, int) and d != n for d, n in zip(shape, input_shape, strict=False)
+    ):
+        raise ModelFileError(
+            f"{path}: --input-shape {','.join(map(str, input_shape))} does not fit the "
+            f"program's input ({dims})"
+        )
+    _check_ranges(path, ep, shape, input_shape)
+    # re-traced at the concrete shape by wsdeploy.trace (exported=None)
+    return LoadedModel(module, tuple(input_shape), str(path), digest, "pt2")
+
+
+def _check_ranges(path: Path, ep, shape, input_shape) -> None:
+    for d, n in zip(shape, input_shape, strict=True):
+        if isinstance(d, int):
+            continue
+        expr = d.node.expr
+        r = ep.range_constraints.get(expr)
+        if r is None:
+            continue
+        lo, hi = r.lower, r.upper
+        if (lo.is_finite and n < int(lo)) or (hi.is_finite and n > int(hi)):
+            raise ModelFileError(
+                f"{path}: --input-shape size {n} is outside the range [{lo}, {hi}] the "
+                f"program was exported for ({expr})"
+            )
 
 
 def _load_pickle(path: Path, digest: str, input_shape: tuple[int, ...] | None) -> LoadedModel:

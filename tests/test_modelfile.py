@@ -446,14 +446,14 @@ def test_pt2_node_calling_a_non_operator_is_refused(dynamic_pt2, tmp_path):
     path = tmp_path / "evil.pt2"
     _rewrite_pt2(dynamic_pt2[0], path, lambda files, root: _edit_program(files, edit))
     for trust in (False, True):
-        with pytest.raises(UnsafeModelError, match="torch.os.makedirs.*not an operator"):
+        with pytest.raises(UnsafeModelError, match=r"torch.os.makedirs.*not an operator"):
             load_model(path, trust_pickle=trust, input_shape=(1, 1, 64))
     assert not marker.exists()
 
 
 def test_dynamic_pt2_builds_at_a_concrete_shape_in_its_range(dynamic_pt2):
     path, net = dynamic_pt2
-    with pytest.raises(ModelFileError, match="dynamic dimensions.*--input-shape"):
+    with pytest.raises(ModelFileError, match=r"dynamic dimensions.*--input-shape"):
         load_model(path)
     with pytest.raises(ModelFileError, match=r"outside the range \[16, 4096\]"):
         load_model(path, input_shape=(1, 1, 8))

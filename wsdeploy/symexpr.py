@@ -41,6 +41,7 @@ MAX_DEPTH = 64
 MAX_DIGITS = 40
 MAX_EXPONENT = 64
 
+
 def _pow(base: Any, exponent: Any) -> Any:
     if exponent.is_Number and (not exponent.is_Integer or abs(int(exponent)) > MAX_EXPONENT):
         raise SymExprError(f"exponent {exponent} out of range in shape expression")

@@ -1,28 +1,33 @@
-"""The ``arm64`` target: a shared library for 64-bit Arm CPUs (phones, boards).
+"""The ``arm64`` target: a shared library for 64-bit Arm Linux CPUs (boards, glibc phones).
 
-Cross-compiled with Debian's aarch64 GNU toolchain (``aarch64-linux-gnu-g++``); WSNet layers
-run as the fused kernels vectorised for NEON. An arm64 build is verified by running it on
-an arm64 device behind a TVM RPC server (``--rpc HOST:PORT``; ``wsdeploy device start``
-starts an emulated one on this machine).
+Compiled by TVM for ``aarch64-linux-gnu`` (NEON fused WSNet kernels) and linked by ``zig
+cc`` from the ziglang wheel against glibc 2.28 (``wsdeploy.linker``): building needs no
+system package. ``--cc COMMAND`` links with another compiler driver instead.
+
+An arm64 build is verified before anything is written, in the strongest way at hand
+(``verification_plan``): on the device behind ``--rpc``/``--tracker``; else on the
+emulated arm64 device (qemu-user, started for the check and stopped after) when qemu-user
+is installed; else on a *host twin*, the same Relax/TIR lowering and kernels built for this
+CPU, which checks the lowering but not the arm64 code itself. The manifest records which.
 """
 
 from __future__ import annotations
 
 import platform
-import shutil
 from pathlib import Path
 
 import onnx_ir as ir
 
 from wsdeploy import tvm_runtime
 from wsdeploy.errors import CompileError
+from wsdeploy.linker import ZIG, Linker
 
 from . import tvm_build
 from .base import Runner, Target
 
 LIBRARY = "model.so"
-CROSS_COMPILER = "aarch64-linux-gnu-g++"
-DEFAULT = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+SYSTEM = "aarch64-linux-gnu"
+DEFAULT = {"kind": "llvm", "mtriple": SYSTEM, "mattr": ["+neon"]}
 
 
 def _on_arm64() -> bool:
@@ -33,21 +38,17 @@ def tvm_target(cpu: str | None = None):
     return tvm_build.resolve_target(cpu, DEFAULT, "aarch64")
 
 
-def cross_compiler() -> str | None:
-    """The compiler that links arm64 libraries here: none on an arm64 host."""
-    if _on_arm64():
+def linker(cc: str | None = None) -> Linker | None:
+    """What links arm64 libraries here: zig cc (default) or ``cc``; on an arm64 host the
+    host's own compiler unless ``cc`` names one."""
+    if _on_arm64() and cc is None:
         return None
-    if shutil.which(CROSS_COMPILER) is None:
-        raise CompileError(
-            f"arm64 builds need the cross compiler {CROSS_COMPILER}: "
-            "apt-get install g++-aarch64-linux-gnu"
-        )
-    return CROSS_COMPILER
+    return Linker(cc or ZIG, SYSTEM)
 
 
-def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
+def build(model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None):
     target = tvm_target(cpu)
-    return tvm_build.build(model, outdir, target, library=LIBRARY, cross_compiler=cross_compiler())
+    return tvm_build.build(model, outdir, target, library=LIBRARY, linker=linker(cc))
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:
@@ -56,14 +57,23 @@ def load(outdir: Path, device: str | None = None) -> Runner:
     if _on_arm64():
         return tvm_runtime.local_runner(outdir / LIBRARY)
     raise CompileError(
-        "arm64 builds run on an arm64 device: pass --rpc HOST:PORT of its TVM "
-        "RPC server ('wsdeploy device start' starts an emulated one here)"
+        "arm64 builds run on an arm64 device: pass --rpc HOST:PORT of its TVM RPC server "
+        "('wsdeploy device start' starts an emulated one here)"
     )
+
+
+def host_twin(model: ir.Model, workdir: Path) -> Runner:
+    """The same lowering built for this machine's CPU (portable x86-64 baseline) and loaded
+    here: what verifies an arm64 build when no arm64 code can run."""
+    from .x86_64 import tvm_target as host_target
+
+    tvm_build.build(model, workdir, host_target(None), library=LIBRARY)
+    return tvm_runtime.local_runner(workdir / LIBRARY)
 
 
 ARM64 = Target(
     "arm64",
-    "TVM shared library for 64-bit Arm CPUs (NEON fused WSNet kernels)",
+    "TVM shared library for 64-bit Arm Linux CPUs (NEON fused WSNet kernels)",
     LIBRARY,
     build,
     load,
@@ -73,5 +83,7 @@ ARM64 = Target(
     runs_here=_on_arm64,
     tvm_target=tvm_target,
     remote=True,
-    cross_compiler=cross_compiler,
+    linker=linker,
+    host_twin=host_twin,
+    emulated=True,
 )

@@ -21,9 +21,10 @@ class Target:
         name: the ``--target`` name.
         description: one line for ``--help`` and the manifest.
         artifact: file name of the main artifact inside the output directory.
-        build: ``build(model, outdir, cpu)`` writes the artifact (and any side files) for a
-            model into a directory and returns the names of the files it wrote; ``cpu`` names
-            a specific processor where the target supports it (else None).
+        build: ``build(model, outdir, cpu, cc)`` writes the artifact (and any side files) for
+            a model into a directory and returns the names of the files it wrote; ``cpu``
+            names a specific processor where the target supports it (else None), ``cc`` the
+            compiler driver that links it where the target links (else None: its default).
         load: ``load(outdir, device)`` returns a function running the artifact in a directory
             on one input, on this machine (``device=None``) or on a remote device
             (``"host:port"`` of a TVM RPC server) where the target supports it.
@@ -36,18 +37,24 @@ class Target:
             for ``cpu`` uses; None for the others.
         remote: builds can run on a remote device (``load(outdir, "host:port")``), so
             verification, benchmarks and tuning can happen there.
-        cross_compiler: the C++ compiler that links its libraries on this machine (None: the
-            host's own).
+        linker: ``linker(cc)``, how its libraries are linked on this machine for ``--cc``
+            (``wsdeploy.linker.Linker``; None: the host's own compiler).
+        host_twin: ``host_twin(model, workdir)`` builds the same lowering for this machine and
+            returns its runner: the verification of last resort for a target whose code
+            cannot run here (None: there is none).
+        emulated: the emulated arm64 device (``wsdeploy.device``) runs its builds.
     """
 
     name: str
     description: str
     artifact: str
-    build: Callable[[ir.Model, Path, str | None], list[str]]
+    build: Callable[..., list[str]]
     load: Callable[[Path, str | None], Runner]
     native_wsnet: bool = False
     cpus: str = ""
     runs_here: Callable[[], bool] = lambda: True
     tvm_target: Callable[[str | None], Any] | None = None
     remote: bool = False
-    cross_compiler: Callable[[], str | None] = lambda: None
+    linker: Callable[[str | None], Any] = lambda cc: None
+    host_twin: Callable[[ir.Model, Path], Runner] | None = None
+    emulated: bool = False

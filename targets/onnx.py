@@ -46,7 +46,9 @@ def session(path: Path) -> Runner:
     return run
 
 
-def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
+def build(
+    model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None
+) -> list[str]:
     save(model, outdir / FILENAME)
     return [FILENAME]
 

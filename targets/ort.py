@@ -32,7 +32,9 @@ DISABLED_OPTIMIZERS = ("NchwcTransformer", "ConstantFolding")
 """NCHWc: x86-only layouts (ORT's converter leaves it out too); ConstantFolding: see above."""
 
 
-def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
+def build(
+    model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None
+) -> list[str]:
     import onnxruntime as ort
     from onnxruntime.tools.ort_format_model import create_config_from_models
 

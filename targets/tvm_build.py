@@ -815,13 +815,19 @@ def compile_module(mod, target, vl: int):
         raise CompileError(f"TVM build failed: {str(e).strip().splitlines()[-1][:300]}") from e
 
 
-def export_library(executable, path: Path, cross_compiler: str | None = None) -> None:
+def export_library(executable, path: Path, linker=None) -> None:
+    """Link ``executable`` into the shared library ``path``, with ``linker``
+    (``wsdeploy.linker.Linker``) or the host's own compiler (None)."""
     tvm = load_tvm()
-    kwargs = {}
-    if cross_compiler:
-        kwargs["fcompile"] = tvm.support.cc.cross_compiler(cross_compiler)
     try:
-        executable.export_library(str(path), **kwargs)
+        with contextlib.ExitStack() as stack:
+            kwargs = {}
+            if linker is not None:
+                cc = stack.enter_context(linker.command())
+                kwargs["fcompile"] = tvm.support.cc.cross_compiler(cc)
+            executable.export_library(str(path), **kwargs)
+    except CompileError:
+        raise
     except Exception as e:
         raise CompileError(
             f"exporting the shared library failed: {str(e).strip().splitlines()[-1][:300]}"
@@ -859,6 +865,21 @@ def resolve_target(cpu: str | None, default: dict[str, Any], triple: str):
     return target
 
 
+def target_dict(target) -> dict[str, Any]:
+    """A TVM target as plain JSON data (its ``export()`` holds TVM containers)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, bool | int | float | str) or v is None:
+            return v
+        if hasattr(v, "items"):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple) or type(v).__name__ == "Array":
+            return [plain(x) for x in v]
+        return str(v)
+
+    return plain(target.export())
+
+
 def vector_lanes(target) -> int:
     """float32 lanes of the target's SIMD registers: NEON 4, AVX2 8, AVX-512 16."""
     from tvm.target import codegen
@@ -873,28 +894,56 @@ def vector_lanes(target) -> int:
     return 4
 
 
-def build(
-    model: ir.Model, outdir: Path, target, *, library: str, cross_compiler: str | None = None
-) -> list[str]:
+def build(model: ir.Model, outdir: Path, target, *, library: str, linker=None) -> list[str]:
     """Import, schedule, compile and export one model; writes ``library`` and ``tvm.json``."""
     import json
 
     vl = vector_lanes(target)
     mod = import_model(model, vl)
     executable, tuned = compile_module(mod, target, vl)
-    export_library(executable, outdir / library, cross_compiler)
-    info = {"target": str(target), "vector_lanes": vl, "library": library, "records_applied": tuned}
+    export_library(executable, outdir / library, linker)
+    info = {
+        "target": target_dict(target),
+        "vector_lanes": vl,
+        "library": library,
+        "linker": None if linker is None else linker.describe(),
+        "records_applied": tuned,
+    }
     if tuned:
         info["tuning_records"] = str(records_dir(target))
     (outdir / "tvm.json").write_text(json.dumps(info, indent=2) + "\n")
     return [library, "tvm.json"]
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise CompileError now if nothing accepts TCP connections at the device (or tracker)
+    address ``host:port`` / ``key@host:port``: an unreachable device is reported before any
+    build, as unreachable."""
+    import socket
+
+    key, _, server = address.rpartition("@")
+    host, port = parse_address(server)
+    what = f"the RPC tracker at {host}:{port}" if key else f"the device at {host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+    raise CompileError(
+        f"cannot reach {what}: {reason} (tried a TCP connection for {timeout:g} s); is its "
+        "TVM RPC server running? ('wsdeploy device start' starts an emulated one here)"
+    )
+
+
+SESSION_TIMEOUT = 3600.0
+"""Seconds an RPC session may last: long enough for an int8 accuracy gate of a thousand
+inputs or a long benchmark on a slow or emulated board (TVM's own 60 s ended them)."""
+
 CONNECT_ATTEMPTS = 3
 """Connections to a device are tried this often (1 s, then 2 s apart) before giving up."""
 
 
-def connect_device(address: str, timeout: float = 60.0):
+def connect_device(address: str, timeout: float = SESSION_TIMEOUT):
     """An RPC session with the device behind the TVM RPC server at ``host:port``, or with a
     device with ``key`` from the RPC tracker at ``host:port`` (``address`` = "key@host:port");
     retried a few times, since a server that is still starting refuses at first."""
@@ -919,7 +968,7 @@ def connect_device(address: str, timeout: float = 60.0):
     raise AssertionError("unreachable")
 
 
-def rpc_runner(path: Path, address: str, *, timeout: float = 60.0):
+def rpc_runner(path: Path, address: str, *, timeout: float = SESSION_TIMEOUT):
     """Run a built library on the device at ``address`` (see ``connect_device``).
 
     The library is uploaded once; each call sets the input, invokes ``main`` and copies the

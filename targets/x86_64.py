@@ -33,7 +33,9 @@ def tvm_target(cpu: str | None = None):
     return tvm_build.resolve_target(cpu, _host_default(), "x86_64")
 
 
-def build(model: ir.Model, outdir: Path, cpu: str | None = None) -> list[str]:
+def build(
+    model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None
+) -> list[str]:
     return tvm_build.build(model, outdir, tvm_target(cpu), library=LIBRARY)
 
 

@@ -376,6 +376,13 @@ def _quiet_third_party_logs() -> None:
     "(raspberry-pi/4b-aarch64) or JSON target dict. Default: this machine (x86_64).",
 )
 @click.option(
+    "--cc",
+    default=None,
+    metavar="COMMAND",
+    help="arm64: the compiler driver that links the library (e.g. aarch64-linux-gnu-g++). "
+    "Default: zig cc from the ziglang package, for glibc 2.28 and newer.",
+)
+@click.option(
     "--quantize",
     "precision",
     type=click.Choice(["fp32", "int8"]),
@@ -435,6 +442,7 @@ def export(
     strategy: str,
     outdir: Path | None,
     cpu: str | None,
+    cc: str | None,
     precision: str,
     calib: Path | None,
     calib_samples: int | None,
@@ -464,6 +472,7 @@ def export(
         strategy=strategy,
         n_verify=n_verify,
         cpu=cpu,
+        cc=cc,
         rpc=rpc,
         precision=precision,
         calib=None if calib is None else str(calib),
@@ -501,7 +510,16 @@ def _print_build(m: dict, outdir: Path) -> None:
     _print_verification(v)
 
 
+_VERIFIED_ON = {
+    "local": "",
+    "device": " on the device",
+    "emulated-arm64": " on the emulated arm64 device",
+    "host-twin": " on a host twin",
+}
+
+
 def _print_verification(v: dict) -> None:
+    where = _VERIFIED_ON.get(v.get("verified_on", "local"), "")
     for o in v["outputs"]:
         top1 = (
             f", top-1 agreement {o['top1_agreement']:.0%}"
@@ -510,11 +528,13 @@ def _print_verification(v: dict) -> None:
         )
         against = "fake-quantized PyTorch" if v.get("stage") == "quantized" else "PyTorch"
         click.echo(
-            f"  verified  {o['name']} vs {against} on {v['n_inputs']} inputs: max abs err "
+            f"  verified  {o['name']} vs {against}{where} on {v['n_inputs']} inputs: max abs err "
             f"{o['max_abs']:.2g}, max rel err {o['max_rel']:.2g}, cosine "
             f"{o['cosine']:.6f}{top1} (atol {o['atol']:g}, rtol {o['rtol']:g}): "
             f"{'PASS' if o['ok'] else 'FAIL'}"
         )
+    if v.get("note"):
+        click.echo(f"  note      {v['note']}")
     gate = v.get("accuracy_gate")
     if gate:
         acc = (
@@ -527,7 +547,8 @@ def _print_verification(v: dict) -> None:
         bar = gate.get("min_agreement", AGREEMENT_MIN)
         click.echo(
             f"  int8 gate top-1 agreement with fp32 {gate['top1_agreement']:.1%} (bar "
-            f"{bar:.1%}) on {gate['n']} held-out inputs{acc}: "
+            f"{bar:.1%}) on {gate['n']} held-out inputs"
+            f"{_VERIFIED_ON.get(gate.get('ran_on') or 'local', '')}{acc}: "
             f"{'PASS' if gate['passed'] else 'FAIL'}"
         )
 

@@ -8,6 +8,7 @@ either the previous complete build or nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ class ExportOptions:
     strategy: str = "auto"
     cpu: str | None = None  # a specific processor, for targets that take one
     rpc: str | None = None  # "host:port" of a TVM RPC server on the device that verifies
+    cc: str | None = None  # the compiler driver linking a cross target (None: its default)
     precision: str = "fp32"  # or "int8"
     calib: str | None = None  # int8: .npy/.npz of calibration inputs
     calib_samples: int | None = None  # int8: this many samples of the model's own dataset
@@ -199,7 +202,7 @@ def _artifact_size(loaded: LoadedModel, options: ExportOptions, strategy: str = 
     target = get_target(options.target)
     model, _ = lower(loaded, strategy, target.native_wsnet)
     with tempfile.TemporaryDirectory(prefix="wsdeploy-base-") as tmp:
-        target.build(model, Path(tmp), options.cpu)
+        target.build(model, Path(tmp), options.cpu, options.cc)
         return _dir_size([target.artifact], Path(tmp))
 
 
@@ -407,6 +410,107 @@ def replace_dir(staging: Path, outdir: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+VERIFIED_ON = ("local", "device", "emulated-arm64", "host-twin")
+"""Where a build's numerics gate ran: this machine (the target's own runtime), a real device
+behind --rpc/--tracker, the emulated arm64 device, or a host twin (the same lowering built for
+this CPU: the target's own code did not run)."""
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Where a build is checked: ``runner`` runs the numerics gate, ``gate_runner`` the int8
+    accuracy gate's many inputs (the same build, or its host twin where the build itself
+    runs emulated and slowly), and ``note`` says what a weaker check leaves unproven."""
+
+    runner: Any
+    verified_on: str
+    gate_runner: Any = None
+    gate_on: str | None = None
+    note: str | None = None
+
+
+def preflight(target, rpc: str | None, cc: str | None) -> None:
+    """Everything that can be checked before any work, in the order a user needs it: a
+    device address for a target that does not run on devices, an unreachable device, a
+    missing linker."""
+    from wsdeploy.targets import TARGETS
+
+    if rpc is not None and not target.remote:
+        remote = ", ".join(n for n, t in sorted(TARGETS.items()) if t.remote)
+        raise WsdeployError(
+            f"{target.name} builds run on this machine, not on a device: drop --rpc/--tracker "
+            f"(devices run {remote})"
+        )
+    if rpc is not None:
+        from wsdeploy.targets import tvm_build
+
+        tvm_build.check_reachable(rpc)
+    if cc is not None and target.linker(cc) is None and target.linker(None) is None:
+        raise WsdeployError(f"target {target.name!r} takes no --cc")
+    linker = target.linker(cc)
+    if linker is not None:
+        linker.check()
+
+
+def _linker(target, cc: str | None) -> dict[str, Any] | None:
+    linker = target.linker(cc)
+    return None if linker is None else linker.describe()
+
+
+@contextlib.contextmanager
+def verification_runners(
+    target, builddir: Path, lowering, rpc: str | None, int8: bool, say
+) -> Iterator[Verification]:
+    """Run the build in ``builddir`` in the strongest way at hand (see ``VERIFIED_ON``):
+    the device behind ``rpc``; this machine, if the target runs here; the emulated arm64
+    device, started for the check and stopped after, if qemu-user is installed; else a host
+    twin built from ``lowering()``, the build's lowered model."""
+    lowered = None if target.host_twin is None else lowering
+    from wsdeploy import device
+
+    if rpc is not None:
+        runner = target.load(builddir, rpc)
+        where = "emulated-arm64" if device.is_emulated(rpc) else "device"
+        if where == "device" or not int8 or lowered is None or target.host_twin is None:
+            yield Verification(runner, where, runner, where)
+            return
+        with tempfile.TemporaryDirectory(prefix="wsdeploy-twin-") as tmp:
+            say("build the host twin for the int8 gate")
+            twin = target.host_twin(lowered(), Path(tmp))
+            yield Verification(runner, where, twin, "host-twin")
+        return
+    if target.runs_here():
+        runner = target.load(builddir, None)
+        yield Verification(runner, "local", runner, "local")
+        return
+    missing = device.missing_tools() if target.emulated else "no emulator"
+    if missing is None:
+        with contextlib.ExitStack() as stack:
+            info = stack.enter_context(device.session(progress=say))
+            runner = target.load(builddir, info.address)
+            gate_runner, gate_on = runner, "emulated-arm64"
+            if int8 and lowered is not None and target.host_twin is not None:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="wsdeploy-twin-"))
+                say("build the host twin for the int8 gate")
+                gate_runner, gate_on = target.host_twin(lowered(), Path(tmp)), "host-twin"
+            yield Verification(runner, "emulated-arm64", gate_runner, gate_on)
+        return
+    if target.host_twin is None or lowered is None:
+        raise WsdeployError(
+            f"{target.name} builds are verified on the device itself: pass --rpc HOST:PORT of "
+            f"its TVM RPC server ('wsdeploy device start' starts an emulated one here; {missing})"
+        )
+    note = (
+        f"host twin: the same lowering and kernels built for this CPU matched PyTorch, but the "
+        f"{target.name} code itself has not run ({missing}: apt-get install qemu-user-static "
+        "debootstrap for the emulated device, or pass --rpc HOST:PORT of a device)"
+    )
+    with tempfile.TemporaryDirectory(prefix="wsdeploy-twin-") as tmp:
+        say("build the host twin")
+        runner = target.host_twin(lowered(), Path(tmp))
+        yield Verification(runner, "host-twin", runner, "host-twin", note)
+
+
 def export(
     model: str | Path | LoadedModel,
     outdir: Path,
@@ -444,12 +548,7 @@ def export(
     target = get_target(options.target)
     if options.cpu is not None and not target.cpus:
         raise WsdeployError(f"target {target.name!r} takes no --cpu")
-    if options.rpc is None and not target.runs_here():
-        raise WsdeployError(
-            f"{target.name} builds are verified on the device itself: pass "
-            "--rpc HOST:PORT of its TVM RPC server ('wsdeploy device start' "
-            "starts an emulated one on this machine)"
-        )
+    preflight(target, options.rpc, options.cc)
     loaded = (
         model
         if isinstance(model, LoadedModel)
@@ -470,28 +569,33 @@ def export(
     os.chmod(staging, default_mode(directory=True))
     try:
         say(f"build {target.name}")
-        files = target.build(lowered, staging, options.cpu)
-        say("verify against PyTorch")
+        files = target.build(lowered, staging, options.cpu, options.cc)
         inputs = numerics.verification_inputs(
             loaded.input_shape, loaded.dataset, loaded.config, n=options.n_verify, seed=options.seed
         )
-        runner = target.load(staging, options.rpc)
-        if calibration is None:
-            verification = check(loaded, runner, inputs)
-        else:
-            verification = check(
-                reference, runner, inputs, stage="quantized", step=calibration.output_step
-            )
-            verification["reference"] = "fake-quantized PyTorch model"
-            verification["accuracy_gate"] = accuracy_gate(
-                loaded,
-                runner,
-                options.gate_samples,
-                loaded.input_shape[0],
-                options.min_agreement,
-                progress=say,
-            )
+        checked = verification_runners(target, staging, lambda: lowered, options.rpc, int8, say)
+        with checked as where:
+            say(f"verify against PyTorch ({where.verified_on})")
+            if calibration is None:
+                verification = check(loaded, where.runner, inputs)
+            else:
+                verification = check(
+                    reference, where.runner, inputs, stage="quantized", step=calibration.output_step
+                )
+                verification["reference"] = "fake-quantized PyTorch model"
+                verification["accuracy_gate"] = accuracy_gate(
+                    loaded,
+                    where.gate_runner,
+                    options.gate_samples,
+                    loaded.input_shape[0],
+                    options.min_agreement,
+                    progress=say,
+                )
+                verification["accuracy_gate"]["ran_on"] = where.gate_on
         verification["device"] = options.rpc or "local"
+        verification["verified_on"] = where.verified_on
+        if where.note:
+            verification["note"] = where.note
         say("dense baseline size")
         size = _dir_size([target.artifact], staging)
         baseline = _artifact_size(loaded, options)
@@ -510,6 +614,7 @@ def export(
             "files": files,
             "strategy": options.strategy,
             "cpu": options.cpu,
+            "linker": _linker(target, options.cc),
             "precision": options.precision,
             "layers": layers,
             "inputs": _io(lowered.graph.inputs),
@@ -619,21 +724,41 @@ def verify(
             f"{manifest['source']['sha256'][:12]})"
         )
     target = get_target(manifest["target"])
+    preflight(target, rpc, None)
     inputs = numerics.verification_inputs(
         loaded.input_shape, loaded.dataset, loaded.config, n=n_verify, seed=seed
     )
-    runner = target.load(outdir, rpc)
-    if manifest.get("precision") != "int8":
-        return check(loaded, runner, inputs)
-    # the same fake-quantized reference as at export: the weights quantize deterministically,
-    # the activation ranges come from the manifest
-    calibration = quantize.Calibration.from_dict(manifest["quantization"])
-    reference = quantized_reference(loaded, calibration)
-    result = check(reference, runner, inputs, stage="quantized", step=calibration.output_step)
-    gate = manifest["verification"].get("accuracy_gate", {})
-    result["accuracy_gate"] = accuracy_gate(
-        loaded, runner, gate.get("n"), loaded.input_shape[0], gate.get("min_agreement")
-    )
+    int8 = manifest.get("precision") == "int8"
+    reference = loaded
+    if int8:
+        # the same fake-quantized reference as at export: the weights quantize
+        # deterministically, the activation ranges come from the manifest
+        calibration = quantize.Calibration.from_dict(manifest["quantization"])
+        reference = quantized_reference(loaded, calibration)
+    strategy = str(manifest.get("strategy", "auto"))
+
+    def lowering() -> ir.Model:  # the build's lowering again, for a host twin
+        return lower(reference, strategy, target.native_wsnet)[0]
+
+    with verification_runners(target, outdir, lowering, rpc, int8, lambda step: None) as where:
+        if not int8:
+            result = check(loaded, where.runner, inputs)
+        else:
+            result = check(
+                reference, where.runner, inputs, stage="quantized", step=calibration.output_step
+            )
+            gate = manifest["verification"].get("accuracy_gate", {})
+            result["accuracy_gate"] = accuracy_gate(
+                loaded,
+                where.gate_runner,
+                gate.get("n"),
+                loaded.input_shape[0],
+                gate.get("min_agreement"),
+            )
+            result["accuracy_gate"]["ran_on"] = where.gate_on
+    result["verified_on"] = where.verified_on
+    if where.note:
+        result["note"] = where.note
     return result
 
 

@@ -479,6 +479,41 @@ def start(
         return _info(state)
 
 
+def missing_tools(cache: Path | None = None) -> str | None:
+    """None if the emulated device can run here (qemu-user installed, and the device already
+    built or debootstrap at hand to build it), else one line naming what is missing."""
+    if shutil.which("qemu-aarch64-static") is None:
+        return "qemu-user-static is not installed"
+    if _is_complete(_cache_dir(cache) / "device", _marker_content()):
+        return None
+    try:
+        _host_tools()
+    except WsdeployError as e:
+        return str(e)
+    return None
+
+
+@contextlib.contextmanager
+def session(
+    cache: Path | None = None, progress: Callable[[str], None] | None = None
+) -> Iterator[DeviceInfo]:
+    """The emulated device for the duration of a ``with`` block: the running one if there is
+    one (left running), else one started on a free port and stopped at the end."""
+    running = status(cache)
+    if running is not None:
+        yield running
+        return
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+    info = start(port, cache=cache, progress=progress)
+    try:
+        yield info
+    finally:
+        if info.port == port:  # ours (start() returns a device another process started)
+            stop(cache)
+
+
 def _wait_until_listening(
     proc: subprocess.Popen[bytes], port: int, deadline: float, timeout: float, log: Path
 ) -> None:

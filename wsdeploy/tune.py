@@ -127,7 +127,7 @@ def tune(
             "TVM RPC server, or --tracker HOST:PORT --key KEY ('wsdeploy device start' starts "
             "an emulated one)"
         )
-    device = _Device(first.rpc, target.cross_compiler()) if first.rpc else None
+    device = _Device(first.rpc, target.linker(None)) if first.rpc else None
     loaded = (
         model
         if isinstance(model, LoadedModel)
@@ -199,17 +199,18 @@ def _add_distinct(tasks: dict[str, Any], new: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class _Device:
-    """A remote device candidates are timed on, and the compiler linking them for it."""
+    """A remote device candidates are timed on, and the linker (``wsdeploy.linker.Linker``,
+    None: the host's compiler) linking them for it."""
 
     address: str
-    cross_compiler: str | None
+    linker: Any
 
     def export(self, lib) -> str:
         """Link a built module into a shared library for the device; returns its path."""
         import os
 
         path = os.path.join(tempfile.mkdtemp(prefix="wsdeploy-tune-"), "candidate.so")
-        tvm_build.export_library(lib, Path(path), self.cross_compiler)
+        tvm_build.export_library(lib, Path(path), self.linker)
         return path
 
     def session(self, _rpc_config=None):

@@ -1,8 +1,10 @@
-"""arm64 builds: cross-compiled, refused without a device, verified on the emulated device."""
+"""arm64 builds: linked by zig cc, verified on a device, the emulated device or a host twin."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,9 +16,60 @@ from wsdeploy.compiler import ExportOptions, export
 from wsdeploy.errors import CompileError, WsdeployError
 
 
-def test_arm64_without_device_fails_before_building(tmp_path):
-    with pytest.raises(WsdeployError, match="--rpc HOST:PORT"):
-        export("wsnet1d-tiny", tmp_path / "o", ExportOptions(target="arm64"))
+@pytest.fixture
+def no_emulator(monkeypatch):
+    """A machine without qemu-user and without Debian's cross compiler: only pip's tools."""
+    from wsdeploy import device
+
+    real_which = shutil.which
+    hidden = {"qemu-aarch64-static", "aarch64-linux-gnu-g++", "aarch64-linux-gnu-gcc"}
+    monkeypatch.setattr(
+        shutil, "which", lambda cmd, *a, **k: None if cmd in hidden else real_which(cmd, *a, **k)
+    )
+    assert device.missing_tools() == "qemu-user-static is not installed"
+
+
+def test_arm64_without_device_or_emulator_verifies_on_a_host_twin(tmp_path, no_emulator):
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        main, ["export", "wsnet1d-tiny", "--target", "arm64", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "on a host twin" in result.output and "PASS" in result.output
+    assert "arm64 code itself has not run" in result.output and "qemu-user-static" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verification"]["verified_on"] == "host-twin"
+    assert manifest["verification"]["passed"]
+    assert manifest["linker"] == {
+        "cc": "zig",
+        "version": importlib.metadata.version("ziglang"),
+        "triple": "aarch64-linux-gnu.2.28",
+        "glibc_min": "2.28",
+    }
+    assert json.loads((out / "tvm.json").read_text())["linker"] == manifest["linker"]
+    elf = (out / "model.so").read_bytes()
+    assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183  # EM_AARCH64
+    # linked by zig against no libc at all: no NEEDED entries, no glibc symbol versions
+    dynamic = _readelf("-d", out / "model.so")
+    assert "(NEEDED)" not in dynamic and "(SONAME)" not in dynamic
+    assert "GLIBC_" not in _readelf("-V", out / "model.so")
+    # verify takes the same rule; bench refuses a host twin: it is not the build
+    result = CliRunner().invoke(main, ["verify", str(out), "--model", "wsnet1d-tiny"])
+    assert result.exit_code == 0 and "on a host twin" in result.output, result.output
+    result = CliRunner().invoke(main, ["bench", str(out)])
+    assert result.exit_code == 1 and "--rpc" in result.output
+    assert "Traceback" not in result.output
+
+
+def _readelf(flag: str, path: Path) -> str:
+    return subprocess.run(["readelf", flag, str(path)], capture_output=True, text=True).stdout
+
+
+def test_cc_names_another_linker(tmp_path, no_emulator):
+    with pytest.raises(CompileError, match="--cc 'no-such-cc': no such command"):
+        export("wsnet1d-tiny", tmp_path / "o", ExportOptions(target="arm64", cc="no-such-cc"))
+    with pytest.raises(WsdeployError, match="takes no --cc"):
+        export("wsnet1d-tiny", tmp_path / "o", ExportOptions(target="onnx", cc="gcc"))
     assert not (tmp_path / "o").exists()
 
 
@@ -24,13 +77,24 @@ def test_arm64_without_device_fails_before_building(tmp_path):
     "address, message",
     [
         ("nonsense", "bad device address"),
-        ("127.0.0.1:9", "cannot use the device at 127.0.0.1:9"),
+        ("127.0.0.1:9", r"cannot reach the device at 127\.0\.0\.1:9: Connection refused"),
+        ("emu@127.0.0.1:9", r"cannot reach the RPC tracker at 127\.0\.0\.1:9"),
     ],
 )
-def test_unreachable_device_is_a_clear_error(address, message, tmp_path):
+def test_unreachable_device_is_reported_before_any_work(address, message, tmp_path):
+    import time
+
+    t0 = time.perf_counter()
     with pytest.raises(CompileError, match=message):
         export("wsnet1d-tiny", tmp_path / "o", ExportOptions(target="arm64", rpc=address))
+    assert time.perf_counter() - t0 < 10  # before loading, tracing or building anything
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort", "x86_64"])
+def test_rpc_is_refused_for_targets_that_do_not_run_on_devices(target, tmp_path):
+    with pytest.raises(WsdeployError, match="run on this machine, not on a device"):
+        export("wsnet1d-tiny", tmp_path / "o", ExportOptions(target=target, rpc="127.0.0.1:9"))
 
 
 def test_cpu_must_be_an_arm64_cpu(tmp_path):
@@ -38,7 +102,7 @@ def test_cpu_must_be_an_arm64_cpu(tmp_path):
         export(
             "wsnet1d-tiny",
             tmp_path / "o",
-            ExportOptions(target="arm64", cpu="skylake-avx512", rpc="127.0.0.1:9"),
+            ExportOptions(target="arm64", cpu="skylake-avx512"),
         )
 
 
@@ -102,7 +166,10 @@ def test_emulated_device_end_to_end(tmp_path):
         assert "int8 gate" in result.output and "FAIL" not in result.output
         manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
         assert manifest["verification"]["device"] == address
+        assert manifest["verification"]["verified_on"] == "emulated-arm64"
         assert manifest["verification"]["accuracy_gate"]["passed"]
+        # its thousand gate inputs ran on a host twin of the same integer kernels
+        assert manifest["verification"]["accuracy_gate"]["ran_on"] == "host-twin"
         # tuning on the device: candidates cross-compiled here, timed there; the build is
         # rebuilt with the records and verified there again
         result = runner.invoke(main, ["tune", str(out), "--rpc", address, "--trials", "4"])
@@ -198,3 +265,23 @@ def test_device_through_an_rpc_tracker(tmp_path):
         os.killpg(tracker.pid, signal.SIGTERM)
         tracker.wait(timeout=10)
     assert _server_processes() == ""
+
+
+@pytest.mark.slow
+def test_arm64_without_device_runs_on_the_emulated_device(tmp_path):
+    """With qemu-user installed, export starts the emulated device for its check and stops it
+    after; the zig-linked library runs there through TVM's aarch64 runtime."""
+    from wsdeploy import device
+
+    assert device.missing_tools() is None, "CI installs qemu-user-static and debootstrap"
+    assert device.status() is None
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        main, ["export", "wsnet1d-tiny", "--target", "arm64", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "on the emulated arm64 device" in result.output and "PASS" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verification"]["verified_on"] == "emulated-arm64"
+    assert manifest["linker"]["cc"] == "zig"
+    assert device.status() is None and _server_processes() == ""

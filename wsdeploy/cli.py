@@ -499,6 +499,9 @@ def _print_build(m: dict, outdir: Path) -> None:
     strategies = ", ".join(sorted({layer["strategy"] for layer in m["layers"]})) or "-"
     precision = m.get("precision", "fp32")
     click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies}, {precision})")
+    _print_recognition(m.get("recognition", []))
+    for warning in m.get("warnings", []):
+        click.echo(f"  warning   {warning}")
     ratio = size["ratio"]
     relation = f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
     click.echo(
@@ -516,6 +519,23 @@ _VERIFIED_ON = {
     "emulated-arm64": " on the emulated arm64 device",
     "host-twin": " on a host twin",
 }
+
+
+def _print_recognition(records: list[dict]) -> None:
+    """One line per hand-written layer the torch stage looked at; dense ones counted."""
+    dense = [r for r in records if r["status"] == "dense"]
+    for r in records:
+        if r["status"] == "recognised":
+            how = f" (from {r['ops']} on {r['param']!r})" if r.get("ops") else ""
+            click.echo(
+                f"  layer     {r['node']}: recognised: WSNet {r['layer']} S={r['sample_stride']} "
+                f"r={r['channel_repeat']}, phi {tuple(r['phi_shape'])} for weight "
+                f"{tuple(r['weight_shape'])}{how}"
+            )
+        elif r["status"] == "not recognised":
+            click.echo(f"  layer     {r['node']}: not recognised: {r['reason']}")
+    if dense and len(dense) < len(records):
+        click.echo(f"  layer     {len(dense)} other convolution/linear layer(s) dense as written")
 
 
 def _print_verification(v: dict) -> None:

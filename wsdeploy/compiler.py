@@ -38,6 +38,7 @@ from wsdeploy.passes.custom import CustomPass
 from wsdeploy.passes.fold import FoldPass
 from wsdeploy.passes.integer import IntegerPass
 from wsdeploy.passes.pool_order import PoolOrderPass
+from wsdeploy.passes.recognize import recognize
 from wsdeploy.passes.shared import SharedPass
 from wsdeploy.passes.strategy import STRATEGIES, StrategyPass, choose, lowered_macs, macs
 from wsdeploy.targets import get_target
@@ -103,16 +104,31 @@ def pipeline(strategy: str, native: bool = False) -> PassManager:
     )
 
 
+def torch_stage(loaded: LoadedModel) -> tuple[torch.export.ExportedProgram, list[Any]]:
+    """The torch stage: ``torch.export`` the model, then rewrite the WSNet layers written by
+    hand in plain PyTorch into wsnet ops (``RecognizePass``), before ONNX constant folding
+    could bake their computed weights into dense ones. Returns the program and one
+    ``recognize.Record`` per convolution and linear layer."""
+    return recognize(trace.trace(loaded))
+
+
 def lower(
-    loaded: LoadedModel, strategy: str, native: bool = False
+    loaded: LoadedModel,
+    strategy: str,
+    native: bool = False,
+    recognition: list[Any] | None = None,
 ) -> tuple[ir.Model, list[dict[str, Any]]]:
     """Trace the model and run the passes; returns the model and one record per WSNet layer.
 
-    ``native``: the target runs wsnet nodes itself (see ``StrategyPass``).
+    ``native``: the target runs wsnet nodes itself (see ``StrategyPass``). ``recognition``,
+    if given, receives the torch stage's records (``torch_stage``).
     """
     if strategy not in STRATEGIES:
         raise WsdeployError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
-    model = trace.to_onnx(trace.trace(loaded))
+    program, records = torch_stage(loaded)
+    if recognition is not None:
+        recognition.extend(records)
+    model = trace.to_onnx(program)
     layers = []
     # The layers are recorded between marking (affine, strategy) and lowering, which
     # replaces the nodes.
@@ -559,8 +575,16 @@ def export(
     if int8:
         say("calibrate")
         reference, calibration = calibrated_reference(loaded, options)
-    say("trace and lower")
-    lowered, layers = lower(reference, options.strategy, target.native_wsnet)
+    say("trace, recognise and lower")
+    recognition: list[Any] = []
+    lowered, layers = lower(reference, options.strategy, target.native_wsnet, recognition)
+    warnings = []
+    if options.strategy in ("shared", "custom") and not layers:
+        convs = sum(r.status != "recognised" for r in recognition)
+        warnings.append(
+            f"--strategy {options.strategy}: no WSNet layer found ({convs} convolution/linear "
+            "layer(s) kept as written): the build is the plain model"
+        )
     try:
         outdir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
@@ -617,6 +641,8 @@ def export(
             "linker": _linker(target, options.cc),
             "precision": options.precision,
             "layers": layers,
+            "recognition": [r.to_dict() for r in recognition],
+            "warnings": warnings,
             "inputs": _io(lowered.graph.inputs),
             "outputs": _io(lowered.graph.outputs),
             "size": {

@@ -1,0 +1,529 @@
+"""Torch-stage pass: recognise weight sampling written by hand in a user's PyTorch model.
+
+There is no official WSNet code, so a user's WSNet layer computes its dense weight from a
+parameter with plain tensor ops (unfold, as_strided, slices stacked in a loop, an index
+buffer, gather, repeat for channel repeating) and calls an ordinary convolution or linear
+layer. This pass finds every ``conv1d``/``conv2d``/``linear``/``matmul`` whose weight is
+computed from parameters and constant buffers, and evaluates that computation once with each
+parameter entry replaced by its own index (``phi -> arange(phi.numel())``): whatever idiom
+produced the weight, the result is the exact map from every weight entry to the parameter
+entry it copies. No pattern list per idiom::
+
+    W = M(phi)                          M: data movement only (view, unfold, index, cat, ...)
+    conv(x, W, b)  ->  wsnet.conv1d(x, Phi; N, L, stride, pad, S, r) + b
+                       where M(arange)[i, c, k] = Phi_index[c mod C*, i*S + k]
+
+and the same for 2-D (shifted k x k patches on wsdeploy's patch grid) and linear layers
+(rows that are windows of a condensed vector). ``Phi`` is re-laid from the parameter into the
+canonical layout, so every strategy, target and kernel applies unchanged. Elementwise ops on a
+parameter before it is sampled (``tanh(phi)``) become part of ``Phi``. A weight computed any
+other way is left as the user wrote it, and the record says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsdeploy.models import sampling
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+MOVEMENT = frozenset(
+    {
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "unfold",
+        "as_strided",
+        "permute",
+        "transpose",
+        "t",
+        "expand",
+        "expand_as",
+        "repeat",
+        "tile",
+        "slice",
+        "select",
+        "narrow",
+        "index",
+        "gather",
+        "index_select",
+        "take",
+        "stack",
+        "cat",
+        "concat",
+        "flip",
+        "roll",
+        "squeeze",
+        "unsqueeze",
+        "flatten",
+        "unflatten",
+        "contiguous",
+        "clone",
+        "alias",
+        "detach",
+        "lift_fresh_copy",
+        "movedim",
+        "unbind",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "repeat_interleave",
+        "diagonal",
+        "view_as",
+        "reshape_as",
+    }
+)
+"""aten ops (by name, any overload) that only move or copy entries: a weight computed by
+these alone is an index map of its parameters."""
+
+CONVS = {
+    "conv1d": 1,
+    "conv2d": 2,
+}
+
+
+@dataclass
+class Record:
+    """What recognition found for one convolution or linear layer of the program."""
+
+    node: str
+    layer: str  # "conv1d", "conv2d" or "linear"
+    status: str  # "recognised", "dense" or "not recognised"
+    detail: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+
+    def line(self) -> str:
+        """One line for the export output and ``inspect``."""
+        d = self.detail
+        if self.status == "recognised":
+            how = f" (from {d['ops']} on {d['param']!r})" if d.get("ops") else ""
+            return (
+                f"{self.node}: recognised: WSNet {self.layer} S={d['sample_stride']} "
+                f"r={d['channel_repeat']} phi {tuple(d['phi_shape'])}{how}"
+            )
+        if self.status == "dense":
+            return f"{self.node}: dense {self.layer} (weight {d.get('param', '?')!r})"
+        return f"{self.node}: not recognised: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "layer": self.layer,
+            "status": self.status,
+            **self.detail,
+            "reason": self.reason,
+        }
+
+
+class NotRecognised(Exception):
+    """Why a computed weight is not a WSNet sampling (the record's reason)."""
+
+
+def recognize(
+    ep: torch.export.ExportedProgram,
+) -> tuple[torch.export.ExportedProgram, list[Record]]:
+    """Rewrite every hand-written WSNet layer of ``ep`` into the wsnet custom op.
+
+    Returns the program (``ep`` itself if nothing was recognised) and one record per
+    convolution and linear layer.
+    """
+    from wsdeploy.models import layers  # registers the wsnet custom ops
+
+    del layers
+    gm = ep.module(check_guards=False)
+    records: list[Record] = []
+    changed = 0
+    for node in list(gm.graph.nodes):
+        layer = _layer_kind(node)
+        if layer is None:
+            continue
+        weight = node.args[1]
+        if not isinstance(weight, torch.fx.Node):
+            continue
+        if weight.op == "get_attr":
+            records.append(Record(_where(node), layer, "dense", {"param": str(weight.target)}))
+            continue
+        try:
+            slice_nodes, leaves = _weight_slice(weight)
+        except NotRecognised:
+            continue  # the weight depends on an input: not a layer weight
+        try:
+            found = _recognise(gm, node, layer, weight, slice_nodes, leaves)
+        except NotRecognised as e:
+            records.append(Record(_where(node), layer, "not recognised", reason=str(e)))
+            continue
+        records.append(found)
+        changed += 1
+    if not changed:
+        return ep, records
+    gm.graph.eliminate_dead_code()
+    _delete_unused_attributes(gm)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    example = _example_inputs(ep)
+    try:
+        new = torch.export.export(gm, example)
+    except Exception as e:  # the rewrite must re-trace; if not, say so and keep the original
+        log.warning("recognised layers could not be re-traced (%s): kept as written", e)
+        for r in records:
+            if r.status == "recognised":
+                r.status, r.reason = "not recognised", f"re-tracing failed: {e}"
+        return ep, records
+    return new, records
+
+
+def _delete_unused_attributes(gm: torch.fx.GraphModule) -> None:
+    """Drop the parameters and buffers no node reads any more (the user's phi and index
+    tables, now that the canonical phi replaced them), so the program stores none of them."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in (*gm.named_parameters(), *gm.named_buffers())]:
+        if name in used:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        delattr(owner, attr)
+
+
+def _example_inputs(ep) -> tuple[torch.Tensor, ...]:
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    return tuple(
+        torch.zeros(tuple(nodes[n].meta["val"].shape), dtype=nodes[n].meta["val"].dtype)
+        for n in names
+    )
+
+
+def _where(node: torch.fx.Node) -> str:
+    """The module path of a node (``net.3``), with its graph name if that says more."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    path = path.removeprefix("L['self'].").removeprefix("L__self__.")
+    return f"{path} ({node.name})" if path else node.name
+
+
+def _op_name(node: torch.fx.Node) -> str | None:
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    if target is operator.getitem:
+        return "getitem"
+    return None
+
+
+def _layer_kind(node: torch.fx.Node) -> str | None:
+    name = _op_name(node)
+    if name in CONVS:
+        return name
+    if name in ("linear", "matmul", "mm"):
+        return "linear"
+    return None
+
+
+def _weight_slice(weight: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """The nodes computing ``weight`` (topological order) and its get_attr leaves; raises
+    NotRecognised if it depends on a graph input."""
+    seen: dict[torch.fx.Node, None] = {}
+    leaves: dict[torch.fx.Node, None] = {}
+    stack = [weight]
+    while stack:
+        n = stack.pop()
+        if n in seen or n in leaves:
+            continue
+        if n.op == "placeholder":
+            raise NotRecognised("depends on an input")
+        if n.op == "get_attr":
+            leaves[n] = None
+            continue
+        if n.op != "call_function":
+            raise NotRecognised(f"computed by {n.op} {n.target}")
+        seen[n] = None
+        stack.extend(a for a in n.all_input_nodes)
+    order = {n: i for i, n in enumerate(weight.graph.nodes)}
+    return sorted(seen, key=order.__getitem__), list(leaves)
+
+
+def _attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _evaluate(nodes, env: dict) -> None:
+    for n in nodes:
+        args = torch.fx.node.map_arg(n.args, env.__getitem__)
+        kwargs = torch.fx.node.map_arg(n.kwargs, env.__getitem__)
+        env[n] = n.target(*args, **kwargs)
+
+
+def _unary(n: torch.fx.Node, tensors: list[torch.fx.Node]) -> bool:
+    """An elementwise op of one tensor (tanh, a scale by a number, a dtype cast): it
+    commutes with data movement, so it changes phi's values, never the index map."""
+    if len(tensors) != 1:
+        return False
+    out, arg = n.meta.get("val"), tensors[0].meta.get("val")
+    return (
+        isinstance(out, torch.Tensor) and isinstance(arg, torch.Tensor) and (out.shape == arg.shape)
+    )
+
+
+def _recognise(gm, node, layer, weight, slice_nodes, leaves) -> Record:
+    values = {leaf: _attr(gm, leaf.target).detach() for leaf in leaves}
+    parameters = {name for name, _ in gm.named_parameters()}
+    params = [leaf for leaf in leaves if leaf.target in parameters]
+    if not params:
+        raise NotRecognised(f"weight of {_where(node)!r} is computed from constant buffers only")
+    depends: dict[torch.fx.Node, bool] = {p: True for p in params}  # reads a parameter
+    index_env: dict = {leaf: v for leaf, v in values.items() if leaf not in params}
+    offset = 1  # index 0 is never a parameter entry: constants (zeros) stay told apart
+    ranges = []
+    for p in params:
+        v = values[p]
+        index_env[p] = torch.arange(offset, offset + v.numel(), dtype=torch.float64).reshape(
+            v.shape
+        )
+        ranges.append((p, offset, v))
+        offset += v.numel()
+    if offset > 2**52:
+        raise NotRecognised("parameters too large to index exactly in float64")
+    elementwise = []
+    try:
+        for n in slice_nodes:
+            name = _op_name(n)
+            tensors = [a for a in n.all_input_nodes if depends.get(a) or a in index_env]
+            depends[n] = any(depends.get(a, False) for a in n.all_input_nodes)
+            if name in MOVEMENT or name == "getitem":
+                _evaluate([n], index_env)
+                continue
+            reading = [a for a in tensors if depends.get(a)]
+            if not depends[n]:  # arithmetic on constants only: a constant
+                _evaluate([n], index_env)
+                continue
+            if _unary(n, tensors) and reading:
+                index_env[n] = index_env[reading[0]]
+                elementwise.append(name)
+                continue
+            others = [a for a in tensors if not depends.get(a)]
+            what = (
+                "across parameters"
+                if len(reading) > 1
+                else (f"with the buffer {str(others[0].target)!r}" if others else "on a parameter")
+            )
+            raise NotRecognised(
+                f"weight of {_where(node)!r} is computed by aten.{name} {what} "
+                "(not pure data movement)"
+            )
+    except NotRecognised:
+        raise
+    except Exception as e:
+        raise NotRecognised(f"evaluating the weight's index map failed ({e})") from e
+    index = index_env[weight].detach().numpy()
+    if index.size == 0 or not np.all(index == np.round(index)) or index.min() < 1:
+        raise NotRecognised(
+            f"weight of {_where(node)!r} holds entries that are not copies of a parameter entry"
+        )
+    index = index.astype(np.int64)
+    owners = [r for r in ranges if ((index >= r[1]) & (index < r[1] + r[2].numel())).any()]
+    if len(owners) != 1:
+        raise NotRecognised(f"weight of {_where(node)!r} mixes entries of {len(owners)} parameters")
+    source, start, value = owners[0]
+    flat = index - start
+    phi_flat = value.reshape(-1).to(torch.float32).clone()
+    if elementwise:
+        # phi's values as the weight holds them: each entry must be one function of its
+        # source entry, wherever it is copied to
+        real_env: dict = dict(values)
+        _evaluate(slice_nodes, real_env)
+        w = real_env[weight].detach().reshape(-1).to(torch.float32)
+        phi_flat[torch.from_numpy(flat.reshape(-1))] = w
+        if not torch.equal(phi_flat[torch.from_numpy(flat.reshape(-1))], w):
+            raise NotRecognised(
+                f"weight of {_where(node)!r} applies different functions to copies of one "
+                "parameter entry"
+            )
+    ops = "/".join(dict.fromkeys(_op_name(n) for n in slice_nodes if _op_name(n) in MOVEMENT))
+    if elementwise:
+        ops = f"{'/'.join(dict.fromkeys(elementwise))} and {ops}" if ops else "/".join(elementwise)
+    param = str(source.target)
+    if layer == "linear":
+        return _linear(gm, node, flat, phi_flat, ops, param)
+    return _conv(gm, node, layer, flat, phi_flat, ops, param)
+
+
+def _gather(phi_flat: torch.Tensor, canon: np.ndarray) -> torch.Tensor:
+    """Canonical phi from the parameter's entries; positions no filter reads are zero."""
+    picked = phi_flat[torch.from_numpy(np.maximum(canon, 0))]
+    return torch.where(torch.from_numpy(canon >= 0), picked, torch.zeros(()))
+
+
+def _const_int(value: Any, ndim: int, what: str) -> int:
+    vals = list(value) if isinstance(value, list | tuple) else [value] * ndim
+    if len(set(vals)) != 1 or not isinstance(vals[0], int):
+        raise NotRecognised(f"{what} {value} differs between dimensions")
+    return vals[0]
+
+
+def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
+    ndim = CONVS[layer]
+    args = list(node.args) + [None] * (7 - len(node.args))
+    x, _, bias, stride, padding, dilation, groups = args[:7]
+    kw = node.kwargs
+    stride = _const_int(kw.get("stride", 1 if stride is None else stride), ndim, "stride")
+    padding = kw.get("padding", 0 if padding is None else padding)
+    if isinstance(padding, str):
+        raise NotRecognised(f"padding={padding!r} (wsnet layers take explicit padding)")
+    padding = _const_int(padding, ndim, "padding")
+    dilation = _const_int(kw.get("dilation", 1 if dilation is None else dilation), ndim, "dilation")
+    groups = kw.get("groups", 1 if groups is None else groups)
+    if dilation != 1:
+        raise NotRecognised(f"dilation {dilation} (wsnet layers have none)")
+    if groups != 1:
+        raise NotRecognised(f"groups={groups} (wsnet layers are not grouped)")
+    n, c = index.shape[:2]
+    k = index.shape[2]
+    if ndim == 2 and index.shape[3] != k:
+        raise NotRecognised(f"kernel {index.shape[2:]} is not square")
+    repeat, base = _channel_repeat(index, c)
+    if ndim == 1:
+        s, canon = _fit_1d(base)
+        phi = _gather(phi_flat, canon)
+        _check_shared(node, phi, index.shape)
+        target = torch.ops.wsnet.conv1d.default
+    else:
+        s, canon = _fit_2d(base, n, k)
+        phi = _gather(phi_flat, canon)
+        _check_shared(node, phi, index.shape)
+        target = torch.ops.wsnet.conv2d.default
+    _replace(gm, node, target, x, phi, [n, k, stride, padding, s, repeat], bias, ndim)
+    return Record(
+        _where(node),
+        layer,
+        "recognised",
+        {
+            "sample_stride": s,
+            "channel_repeat": repeat,
+            "phi_shape": list(phi.shape),
+            "weight_shape": list(index.shape),
+            "ops": ops,
+            "param": param,
+        },
+    )
+
+
+def _channel_repeat(index: np.ndarray, c: int) -> tuple[int, np.ndarray]:
+    """The largest r such that input channel c reads what channel c mod (C/r) reads."""
+    for r in sorted((d for d in range(1, c + 1) if c % d == 0), reverse=True):
+        cs = c // r
+        tiled = np.concatenate([index[:, :cs]] * r, axis=1)
+        if np.array_equal(tiled, index):
+            return r, index[:, :cs]
+    raise AssertionError("r = 1 always fits")
+
+
+def _fit_1d(base: np.ndarray) -> tuple[int, np.ndarray]:
+    """(S, canonical index (C*, L*)) with base[i, c, k] == canon[c, i*S + k]."""
+    n, cs, length = base.shape
+    for s in range(1, max(length, 1) * 4 + 1) if n > 1 else (1,):
+        total = sampling.condensed_length(n, length, s)
+        pos = sampling.conv1d_index(n, length, s)  # (N, L)
+        canon = np.full((cs, total), -1, dtype=np.int64)
+        canon[:, pos] = base.transpose(1, 0, 2)
+        if np.array_equal(canon[:, pos], base.transpose(1, 0, 2)):
+            return s, canon
+    raise NotRecognised(
+        "filters are not shifted windows of one condensed filter (no sample stride fits)"
+    )
+
+
+def _fit_2d(base: np.ndarray, n: int, k: int) -> tuple[int, np.ndarray]:
+    cs = base.shape[1]
+    for s in range(1, k * 4 + 1) if n > 1 else (1,):
+        h, w = sampling.condensed_shape_2d(n, k, s)
+        rows, cols = sampling.conv2d_offsets(n, s)
+        a = np.arange(k)
+        r_idx = (rows[:, None] + a[None, :])[:, :, None]
+        c_idx = (cols[:, None] + a[None, :])[:, None, :]
+        canon = np.full((cs, h, w), -1, dtype=np.int64)
+        want = base.transpose(1, 0, 2, 3)  # (C*, N, k, k)
+        canon[:, r_idx, c_idx] = want
+        if np.array_equal(canon[:, r_idx, c_idx], want):
+            return s, canon
+    raise NotRecognised(
+        "filters are not shifted k x k patches on wsdeploy's patch grid "
+        f"({sampling.grid_shape(n)[1]} columns) of one condensed filter"
+    )
+
+
+def _linear(gm, node, index, phi_flat, ops, param) -> Record:
+    name = _op_name(node)
+    x, bias = node.args[0], None
+    if name == "linear":
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        rows = index  # (out, in)
+    else:  # x @ W: W is (in, out)
+        if index.ndim != 2:
+            raise NotRecognised(f"matmul with a {index.ndim}-D weight")
+        rows = index.T
+    out_f, in_f = rows.shape
+    repeat, base = 1, rows
+    for r in sorted((d for d in range(1, in_f + 1) if in_f % d == 0), reverse=True):
+        if np.array_equal(np.tile(rows[:, : in_f // r], (1, r)), rows):
+            repeat, base = r, rows[:, : in_f // r]
+            break
+    s, canon = _fit_1d(base[:, None, :])
+    canon = canon[0]
+    phi = _gather(phi_flat, canon)
+    _check_shared(node, phi, rows.shape)
+    _replace(gm, node, torch.ops.wsnet.linear.default, x, phi, [out_f, in_f, s, repeat], bias, 0)
+    return Record(
+        _where(node),
+        "linear",
+        "recognised",
+        {
+            "sample_stride": s,
+            "channel_repeat": repeat,
+            "phi_shape": list(phi.shape),
+            "weight_shape": [out_f, in_f],
+            "ops": ops,
+            "param": param,
+        },
+    )
+
+
+def _check_shared(node, phi: torch.Tensor, weight_shape) -> None:
+    """A re-laid dense weight is not weight sampling: every filter entry its own phi entry
+    (non-overlapping windows, no channel repeat) saves nothing, so it stays as written."""
+    if phi.numel() >= int(np.prod(weight_shape)):
+        raise NotRecognised(
+            f"weight of {_where(node)!r} is a re-arranged parameter that shares no entries "
+            f"({phi.numel()} values for a {tuple(weight_shape)} weight): a dense layer"
+        )
+
+
+def _replace(gm, node, target, x, phi, attrs, bias, ndim: int) -> None:
+    name = f"_wsdeploy_phi_{node.name}"
+    gm.register_parameter(name, torch.nn.Parameter(phi.contiguous(), requires_grad=False))
+    graph = gm.graph
+    with graph.inserting_before(node):
+        phi_node = graph.get_attr(name)
+        y = graph.call_function(target, (x, phi_node, *attrs))
+        if bias is not None:
+            shape = [-1] + [1] * ndim
+            b = graph.call_function(aten.view.default, (bias, shape)) if ndim else bias
+            y = graph.call_function(aten.add.Tensor, (y, b))
+    node.replace_all_uses_with(y)
+    graph.erase_node(node)
+
+
+__all__ = ["MOVEMENT", "Record", "recognize"]

@@ -1,0 +1,321 @@
+"""The torch-stage recognition pass: hand-written WSNet layers, in every idiom a user might
+write them, become wsnet ops with the exact canonical phi; anything else is left alone and
+the record says why."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from wsdeploy.models import sampling
+from wsdeploy.numerics import assert_close
+from wsdeploy.passes.recognize import recognize
+
+
+class UserConv1d(nn.Module):
+    """A WSNet conv1d written by hand: phi (C*, L*), weight built by ``idiom``."""
+
+    def __init__(self, idiom, cs, r, n, k, s, stride, padding, bias, layout="cl"):
+        super().__init__()
+        self.idiom, self.cs, self.r, self.n, self.k, self.s = idiom, cs, r, n, k, s
+        self.stride, self.padding, self.layout = stride, padding, layout
+        phi = torch.randn(cs, sampling.condensed_length(n, k, s))
+        self.phi = nn.Parameter(phi if layout == "cl" else phi.t().contiguous())
+        self.bias = nn.Parameter(torch.randn(n)) if bias else None
+        idx = torch.arange(n)[:, None] * s + torch.arange(k)[None, :]
+        self.register_buffer("idx", idx)
+
+    def canonical_phi(self) -> torch.Tensor:
+        return self.phi if self.layout == "cl" else self.phi.t()
+
+    def weight(self) -> torch.Tensor:
+        phi = self.canonical_phi()
+        n, k, s, r = self.n, self.k, self.s, self.r
+        if self.idiom == "unfold":
+            w = phi.unfold(1, k, s).permute(1, 0, 2)
+        elif self.idiom == "as_strided":
+            w = phi.contiguous().as_strided((n, self.cs, k), (s, phi.shape[1], 1))
+        elif self.idiom == "loop":
+            w = torch.stack([phi[:, i * s : i * s + k] for i in range(n)])
+        elif self.idiom == "index":
+            w = phi[:, self.idx].transpose(0, 1)
+        elif self.idiom == "gather":
+            idx = self.idx[None].expand(self.cs, n, k).reshape(self.cs, n * k)
+            w = torch.gather(phi, 1, idx).reshape(self.cs, n, k).permute(1, 0, 2)
+        else:
+            raise ValueError(self.idiom)
+        if r == 1:
+            return w
+        return {"unfold": w.repeat(1, r, 1), "as_strided": w.tile(1, r, 1)}.get(
+            self.idiom, torch.cat([w] * r, dim=1)
+        )
+
+    def forward(self, x):
+        return F.conv1d(x, self.weight(), self.bias, stride=self.stride, padding=self.padding)
+
+
+class Net1d(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.bn = nn.BatchNorm1d(layer.n)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.layer(x)))
+
+
+def _recognise(module: nn.Module, shape: tuple[int, ...]):
+    module.eval()
+    x = torch.randn(*shape)
+    ep = torch.export.export(module, (x,))
+    new, records = recognize(ep)
+    with torch.no_grad():
+        expected = module(x).numpy()
+        actual = new.module()(x).numpy()
+    assert_close(actual, expected, stage="rewrite")
+    return new, records
+
+
+def _wsnet_nodes(ep) -> list[torch.fx.Node]:
+    return [n for n in ep.graph.nodes if str(n.target).startswith("wsnet.")]
+
+
+def _phi_value(ep, node) -> torch.Tensor:
+    phi = node.args[1]
+    name = ep.graph_signature.inputs_to_parameters[phi.name]
+    return ep.state_dict[name]
+
+
+conv1d_case = st.fixed_dictionaries(
+    {
+        "idiom": st.sampled_from(["unfold", "as_strided", "loop", "index", "gather"]),
+        "cs": st.integers(1, 4),
+        "r": st.integers(1, 3),
+        "n": st.integers(2, 10),
+        "k": st.integers(1, 6),
+        "s": st.integers(1, 4),
+        "stride": st.integers(1, 3),
+        "padding": st.integers(0, 3),
+        "bias": st.booleans(),
+        "layout": st.sampled_from(["cl", "lc"]),
+        "extra": st.integers(0, 7),
+    }
+)
+
+
+@given(conv1d_case)
+def test_conv1d_in_every_idiom_is_recognised_exactly(c):
+    if c["idiom"] == "unfold" and c["s"] > c["k"]:
+        c["s"] = c["k"]  # unfold takes windows of k at step s; any s works, kept plain
+    layer = UserConv1d(
+        c["idiom"],
+        c["cs"],
+        c["r"],
+        c["n"],
+        c["k"],
+        c["s"],
+        c["stride"],
+        c["padding"],
+        c["bias"],
+        c["layout"],
+    )
+    length = c["k"] + c["extra"] + c["stride"]
+    new, records = _recognise(Net1d(layer), (2, c["cs"] * c["r"], length))
+    (rec,) = records
+    weight_numel = c["n"] * c["cs"] * c["r"] * c["k"]
+    if layer.phi.numel() >= weight_numel and rec.status != "recognised":
+        # as written it shares nothing (windows apart, no repeat): a dense layer
+        assert "shares no entries" in rec.reason and not _wsnet_nodes(new)
+        return
+    assert rec.status == "recognised", rec.line()
+    (node,) = _wsnet_nodes(new)
+    assert node.target == torch.ops.wsnet.conv1d.default
+    n, k, stride, padding, s, r = node.args[2:]
+    # the smallest sample stride and the largest channel repeat that explain the index map:
+    # the ones written, or a smaller phi where the layer reads fewer entries (k=1, C*=1)
+    assert (n, k, stride, padding) == (c["n"], c["k"], c["stride"], c["padding"])
+    assert s <= c["s"] and r >= c["r"]
+    assert _phi_value(new, node).numel() <= layer.phi.numel()
+    if (s, r) == (c["s"], c["r"]):
+        torch.testing.assert_close(_phi_value(new, node), layer.canonical_phi().detach())
+    assert rec.detail["param"] == "layer.phi"
+    # nothing dense is left: the weight computation is gone with the convolution
+    assert not any(str(n.target) == "aten.conv1d.default" for n in new.graph.nodes)
+
+
+def test_elementwise_before_sampling_becomes_part_of_phi():
+    class Tanh(UserConv1d):
+        def canonical_phi(self):
+            return torch.tanh(super().canonical_phi())
+
+    layer = Tanh("unfold", 3, 2, 6, 4, 2, 1, 1, True, "lc")
+    new, (rec,) = _recognise(Net1d(layer), (1, 6, 40))
+    assert rec.status == "recognised" and rec.detail["ops"].startswith("tanh and ")
+    (node,) = _wsnet_nodes(new)
+    torch.testing.assert_close(_phi_value(new, node), torch.tanh(layer.phi.t()).detach())
+
+
+def test_dense_sampling_draws_more_filters_from_the_same_phi():
+    # D2: twice the filters at half the sample stride, the same phi length... as written
+    dense = UserConv1d("unfold", 2, 1, 16, 4, 1, 1, 0, False)
+    sparse = UserConv1d("unfold", 2, 1, 8, 4, 2, 1, 0, False)
+    for layer, s in ((dense, 1), (sparse, 2)):
+        _, (rec,) = _recognise(Net1d(layer), (1, 2, 32))
+        assert rec.detail["sample_stride"] == s
+
+
+class UserConv2d(nn.Module):
+    """A 2-D WSNet layer by hand: k x k patches of phi (C*, H*, W*) on the patch grid."""
+
+    def __init__(self, cs, r, n, k, s, idiom):
+        super().__init__()
+        self.cs, self.r, self.n, self.k, self.s, self.idiom = cs, r, n, k, s, idiom
+        self.phi = nn.Parameter(torch.randn(cs, *sampling.condensed_shape_2d(n, k, s)))
+        self.bias = nn.Parameter(torch.randn(n))
+
+    def weight(self):
+        n, k, s = self.n, self.k, self.s
+        _, cols = sampling.grid_shape(n)
+        if self.idiom == "loop":
+            patches = [
+                self.phi[:, (i // cols) * s : (i // cols) * s + k, (i % cols) * s :][:, :, :k]
+                for i in range(n)
+            ]
+            w = torch.stack(patches)
+        else:  # unfold twice, then take the first n patches of the grid
+            grid = self.phi.unfold(1, k, s).unfold(2, k, s)  # (C*, rows, cols, k, k)
+            w = grid.reshape(self.cs, -1, k, k)[:, :n].permute(1, 0, 2, 3)
+        return w.repeat(1, self.r, 1, 1)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight(), self.bias, padding=1)
+
+
+@pytest.mark.parametrize("idiom", ["loop", "unfold"])
+@pytest.mark.parametrize("cs, r, n, k, s", [(2, 2, 4, 3, 1), (1, 3, 9, 3, 2), (3, 1, 6, 2, 1)])
+def test_conv2d_patches_are_recognised(idiom, cs, r, n, k, s):
+    layer = UserConv2d(cs, r, n, k, s, idiom)
+    new, (rec,) = _recognise(layer, (1, cs * r, 9, 9))
+    assert rec.status == "recognised", rec.line()
+    (node,) = _wsnet_nodes(new)
+    assert node.target == torch.ops.wsnet.conv2d.default
+    assert node.args[2:] == (n, k, 1, 1, s, r)
+    torch.testing.assert_close(_phi_value(new, node), layer.phi.detach())
+
+
+class UserLinear(nn.Module):
+    """A WSNet fully connected layer: rows are windows of a condensed vector."""
+
+    def __init__(self, ins, r, out, s, idiom):
+        super().__init__()
+        self.ins, self.r, self.out, self.s, self.idiom = ins, r, out, s, idiom
+        self.phi = nn.Parameter(torch.randn(sampling.condensed_length(out, ins, s)))
+        self.bias = nn.Parameter(torch.randn(out))
+        idx = torch.arange(out)[:, None] * s + torch.arange(ins)[None, :]
+        self.register_buffer("idx", idx.repeat(1, r))
+
+    def forward(self, x):
+        if self.idiom == "index":  # an index table, as the recognition issue found
+            return F.linear(x, self.phi[self.idx], self.bias)
+        w = self.phi.unfold(0, self.ins, self.s).repeat(1, self.r)
+        return x @ w.t() + self.bias  # matmul with a transposed weight
+
+
+@given(
+    st.integers(1, 6),
+    st.integers(1, 3),
+    st.integers(2, 9),
+    st.integers(1, 3),
+    st.sampled_from(["index", "matmul"]),
+)
+def test_linear_windows_are_recognised(ins, r, out, s, idiom):
+    s = min(s, ins) if idiom == "matmul" else s
+    layer = UserLinear(ins, r, out, s, idiom)
+    new, (rec,) = _recognise(layer, (3, ins * r))
+    if layer.phi.numel() >= out * ins * r and rec.status != "recognised":
+        assert "shares no entries" in rec.reason and not _wsnet_nodes(new)
+        return
+    assert rec.status == "recognised", rec.line()
+    (node,) = _wsnet_nodes(new)
+    assert node.args[2:4] == (out, ins * r)
+    if (node.args[4], node.args[5]) == (s, r):
+        torch.testing.assert_close(_phi_value(new, node), layer.phi.detach())
+    # the int64 index table is not in the program any more
+    assert all(t.dtype != torch.int64 for t in new.state_dict.values())
+    assert all(t.dtype != torch.int64 for t in new.constants.values())
+
+
+class Computed(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a = nn.Parameter(torch.randn(4, 2, 3))
+        self.b = nn.Parameter(torch.randn(4, 2, 3))
+        self.register_buffer("sign", torch.randn(4, 2, 3).sign())
+        self.register_buffer("perm", torch.randperm(24))
+
+    def forward(self, x):
+        if self.how == "product":
+            w = self.a * self.b
+        elif self.how == "after-sampling":
+            w = self.a.repeat(1, 1, 1) * self.sign
+        elif self.how == "shuffled":
+            w = self.a.reshape(-1)[self.perm].reshape(4, 2, 3)
+        elif self.how == "dilated":
+            return F.conv1d(x, self.a.unfold(2, 3, 1).squeeze(2), dilation=2)
+        else:  # a weight read straight from a parameter: a plain dense layer
+            w = self.a
+        return F.conv1d(x, w)
+
+
+@pytest.mark.parametrize(
+    "how, status, reason",
+    [
+        ("product", "not recognised", "aten.mul across parameters"),
+        ("after-sampling", "not recognised", "aten.mul with the buffer 'sign'"),
+        ("shuffled", "not recognised", "shares no entries"),
+        ("dilated", "not recognised", "dilation 2"),
+        ("dense", "dense", None),
+    ],
+)
+def test_other_weights_are_left_as_written_and_say_why(how, status, reason):
+    new, (rec,) = _recognise(Computed(how), (1, 2, 12))
+    assert rec.status == status
+    if reason:
+        assert reason in rec.reason, rec.reason
+        assert "not recognised" in rec.line()
+    assert not _wsnet_nodes(new)
+
+
+def test_weights_computed_from_inputs_are_not_layers():
+    class Dynamic(nn.Module):
+        def forward(self, x):
+            return F.conv1d(x, x[:, :, :3].reshape(2, 2, 3).contiguous())
+
+    ep = torch.export.export(Dynamic(), (torch.randn(2, 2, 8),))
+    assert recognize(ep) == (ep, [])
+
+
+def test_zoo_models_are_unchanged():
+    from wsdeploy.modelfile import load_model
+
+    loaded = load_model("wsnet1d-tiny")
+    ep = torch.export.export(loaded.module, (torch.randn(*loaded.input_shape),))
+    new, records = recognize(ep)
+    assert new is ep and all(r.status == "dense" for r in records)
+
+
+def test_index_map_is_exact_for_large_layers():
+    # float64 indices stay exact far beyond any layer: a (512, 256, 8) weight
+    layer = UserConv1d("index", 64, 4, 512, 8, 4, 1, 0, False)
+    new, (rec,) = _recognise(layer, (1, 256, 16))
+    assert rec.detail["phi_shape"] == [64, sampling.condensed_length(512, 8, 4)]
+    assert math.prod(rec.detail["weight_shape"]) == 512 * 256 * 8
+    assert np.isfinite(_phi_value(new, _wsnet_nodes(new)[0]).numpy()).all()

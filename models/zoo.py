@@ -149,12 +149,41 @@ class Arch:
         return (1, 3, config["image_size"], config["image_size"])
 
     def config(self, **overrides: Any) -> dict[str, Any]:
+        """The defaults with ``overrides``, each checked against its default's type and the
+        bounds in ``CONFIG_BOUNDS`` (a checkpoint's config is untrusted input: a claimed
+        size is refused here, before anything is allocated for it)."""
         cfg = dict(self.defaults)
         unknown = set(overrides) - set(cfg)
         if unknown:
             raise ValueError(f"unknown config keys for {self.name}: {sorted(unknown)}")
+        for key, value in overrides.items():
+            _check_config_value(key, value, self.defaults[key])
         cfg.update(overrides)
         return cfg
+
+
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "num_classes": (1, 100_000),
+    "input_length": (1, 10_000_000),  # 7.5 minutes of 22,050 Hz audio
+    "image_size": (1, 4096),
+    "min_condensed_channels": (1, 4096),
+}
+"""Inclusive bounds of the integer config values of the zoo's architectures."""
+
+
+def _check_config_value(key: str, value: Any, default: Any) -> None:
+    if isinstance(default, bool) or (default is None and isinstance(value, bool)):
+        raise ValueError(f"config {key}={value!r} is not allowed")
+    if isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"config {key}={value!r} must be an integer")
+        lo, hi = CONFIG_BOUNDS.get(key, (1, 1 << 20))
+        if not lo <= value <= hi:
+            raise ValueError(f"config {key}={value} is outside [{lo}, {hi}]")
+    elif value is not None and not isinstance(value, str):
+        raise ValueError(f"config {key}={value!r} must be a string")
+    elif isinstance(value, str) and len(value) > 64:
+        raise ValueError(f"config {key} is a string of {len(value)} characters")
 
 
 ZOO: dict[str, Arch] = {

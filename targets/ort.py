@@ -60,7 +60,9 @@ def build(
         if not ort_path.is_file() or not config.is_file():
             raise CompileError("ONNX Runtime wrote no .ort file or no operator config")
         shutil.move(ort_path, outdir / FILENAME)
-        shutil.move(config, outdir / CONFIG)
+        # the converter names the file it read, a temporary path: name the shipped one
+        text = config.read_text().replace(str(ort_path), FILENAME)
+        (outdir / CONFIG).write_text(text)
     return [FILENAME, CONFIG]
 
 

@@ -114,7 +114,7 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "build": str(d),
-                "model": m["source"].get("arch") or Path(m["source"]["path"]).name,
+                "model": m["source"].get("arch") or m["source"].get("name") or "?",
                 "target": m["target"],
                 "strategy": m["strategy"],
                 "layers": strategies,
@@ -138,7 +138,12 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Size vs latency of the reported builds (builds never benched are left out)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise WsdeployError(
+            "report --plot needs matplotlib: pip install 'wsdeploy[bench]' (or matplotlib)"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

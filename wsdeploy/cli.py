@@ -10,6 +10,8 @@ import contextlib
 import functools
 import json
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -117,7 +119,34 @@ def with_model_options(fn):
     return fn
 
 
-@click.group()
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that every ``finally`` and ``except
+    BaseException`` cleanup (staging directories, the emulated device) runs as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+class _Group(click.Group):
+    """The command group: Ctrl-C and SIGTERM end a command with one line and exit 130,
+    after the library has removed what it had started to write."""
+
+    def invoke(self, ctx: click.Context):
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            raise click.exceptions.Exit(130) from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="wsdeploy")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -642,11 +671,19 @@ def verify(
     show_default=True,
     help="MetaSchedule measurements in all, shared among the kernels.",
 )
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="OUTDIR only: the model the build was made from (checked by its sha256; default: "
+    "the bundled zoo model the build names).",
+)
 @with_device_options
 @with_model_options
 @_errors
 def tune(
     model_or_outdir: str,
+    model: str | None,
     target: str,
     strategy: str,
     cpu: str | None,
@@ -675,9 +712,16 @@ def tune(
     with console.status("tuning") as status:
         if is_build:
             result = tune_and_rebuild(
-                path, trials, progress=lambda step: status.update(step), rpc=rpc, **kwargs
+                path,
+                trials,
+                progress=lambda step: status.update(step),
+                rpc=rpc,
+                model=model,
+                **kwargs,
             )
         else:
+            if model is not None:
+                raise click.UsageError("--model is for tuning a finished build (OUTDIR)")
             options = ExportOptions(
                 target=target, strategy=strategy, cpu=cpu, precision=precision, rpc=rpc
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -386,11 +387,40 @@ def _check_n_verify(n: int) -> None:
         )
 
 
+MANIFEST_FORMAT = "wsdeploy-build"
+STAGING_MARKER = ".wsdeploy-staging"
+"""A file in every staging directory: the pid that made it. A staging directory whose
+process is gone is a leftover of an interrupted export, removed by the next one."""
+
+
+def _build_files(outdir: Path) -> set[str] | None:
+    """The files a wsdeploy build in ``outdir`` wrote (its manifest lists them), or None if
+    ``outdir`` holds no wsdeploy build. A build is recognised by its manifest's content,
+    never by the file name alone."""
+    try:
+        manifest = json.loads((outdir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        return None
+    if manifest.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT or not isinstance(
+        manifest.get("manifest_version"), int
+    ):
+        return None
+    source = manifest.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("sha256"), str):
+        return None
+    files = {f for f in manifest["files"] if isinstance(f, str)}
+    return files | {MANIFEST, BENCH}
+
+
+BENCH = "bench.json"
+
+
 def check_outdir(outdir: Path) -> Path:
     """``outdir`` resolved, if a build may be written there: a new path, an empty directory
-    or an earlier wsdeploy build (which the new build replaces). Anything else, such as a
-    directory of the user's own files, is refused: a build never deletes what it did not
-    write."""
+    or an earlier wsdeploy build holding only the files it wrote (which the new build
+    replaces). Anything else is refused: a build never deletes what it did not write."""
     outdir = Path(outdir).resolve()
     for parent in outdir.parents:
         if parent.exists():
@@ -400,30 +430,105 @@ def check_outdir(outdir: Path) -> Path:
     if outdir.exists():
         if not outdir.is_dir():
             raise WsdeployError(f"{outdir} exists and is not a directory")
-        if any(outdir.iterdir()) and not (outdir / MANIFEST).is_file():
-            raise WsdeployError(
-                f"{outdir} is not empty and holds no wsdeploy build ({MANIFEST}): not "
-                "replacing it; choose another output directory"
-            )
+        entries = {p.name for p in outdir.iterdir()}
+        if entries:
+            ours = _build_files(outdir)
+            if ours is None:
+                raise WsdeployError(
+                    f"{outdir} is not empty and holds no wsdeploy build: not replacing it; "
+                    "choose another output directory"
+                )
+            # atomic_write's temporary files of those files, left by a killed process
+            leftovers = {e for e in entries if e.startswith(".") and e.endswith(".tmp")}
+            leftovers = {e for e in leftovers if e[1:].rsplit(".", 2)[0] in ours}
+            foreign = sorted(entries - ours - leftovers)
+            if foreign:
+                raise WsdeployError(
+                    f"{outdir} holds files the build there did not write ({', '.join(foreign[:3])}"
+                    f"{', ...' if len(foreign) > 3 else ''}): not replacing it; move them or "
+                    "choose another output directory"
+                )
     return outdir
+
+
+def make_staging(outdir: Path) -> Path:
+    """A new staging directory beside ``outdir`` (same file system: the final rename is
+    atomic), marked as ours; leftovers of interrupted exports there are removed first."""
+    remove_stale_staging(outdir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+    (staging / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+    os.chmod(staging, default_mode(directory=True))
+    return staging
+
+
+def remove_stale_staging(outdir: Path) -> list[Path]:
+    """Remove staging and backup directories of ``outdir`` left by exports that were killed:
+    only ours (name and marker file), only if the process that made them is gone."""
+    removed = []
+    for candidate in outdir.parent.glob(f".{outdir.name}.tmp-*"):
+        marker = candidate / STAGING_MARKER
+        try:
+            pid = int(marker.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False if
+    this system or file system cannot."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def replace_dir(staging: Path, outdir: Path) -> None:
     """Move a complete staging directory onto ``outdir``, replacing any earlier build (and
-    nothing else: see ``check_outdir``)."""
+    nothing else: see ``check_outdir``). The swap is atomic where the system allows it: at
+    every moment ``outdir`` holds the old build or the new one."""
     outdir = check_outdir(outdir)
-    backup = None
-    if outdir.exists():
-        backup = outdir.with_name(f".{outdir.name}.old-{os.getpid()}")
-        os.replace(outdir, backup)
+    (staging / STAGING_MARKER).unlink(missing_ok=True)
+    if not outdir.exists():
+        os.replace(staging, outdir)
+        return
+    if _exchange(staging, outdir):  # staging now holds the old build: ours to remove
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    backup = outdir.with_name(f".{outdir.name}.tmp-old-{os.getpid()}")
+    os.replace(outdir, backup)
+    (backup / STAGING_MARKER).write_text(f"{os.getpid()}\n")
     try:
         os.replace(staging, outdir)
     except BaseException:
-        if backup is not None:
-            os.replace(backup, outdir)
+        os.replace(backup, outdir)
         raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 VERIFIED_ON = ("local", "device", "emulated-arm64", "host-twin")
@@ -570,6 +675,14 @@ def export(
         if isinstance(model, LoadedModel)
         else load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
     )
+    numerics.check_budget(
+        loaded.input_shape,
+        {
+            "--n-verify": options.n_verify * loaded.input_shape[0],
+            "--calib-samples": options.calib_samples,
+            "--gate-samples": options.gate_samples,
+        },
+    )
     t0 = time.perf_counter()
     reference, calibration = loaded, None
     if int8:
@@ -587,10 +700,9 @@ def export(
         )
     try:
         outdir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+        staging = make_staging(outdir)
     except OSError as e:
         raise WsdeployError(f"cannot write into {outdir.parent}: {e.strerror or e}") from e
-    os.chmod(staging, default_mode(directory=True))
     try:
         say(f"build {target.name}")
         files = target.build(lowered, staging, options.cpu, options.cc)
@@ -624,9 +736,11 @@ def export(
         size = _dir_size([target.artifact], staging)
         baseline = _artifact_size(loaded, options)
         manifest = {
+            "format": MANIFEST_FORMAT,
             "manifest_version": MANIFEST_VERSION,
             "source": {
-                "path": loaded.source,
+                # the file's name only: a shipped manifest must not leak the builder's paths
+                "name": _source_name(loaded),
                 "sha256": loaded.sha256,
                 "kind": loaded.kind,
                 "arch": loaded.arch,
@@ -666,6 +780,17 @@ def export(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(outdir, manifest)
+
+
+def _source_name(loaded: LoadedModel) -> str:
+    """A bundled zoo model by its zoo name, any other model file by its file name."""
+    from wsdeploy.models import zoo
+
+    if loaded.arch in zoo.ZOO and loaded.kind == "checkpoint":
+        bundled = Path(str(zoo.bundled_checkpoint(loaded.arch)))
+        if bundled.is_file() and bundled.resolve() == Path(loaded.source).resolve():
+            return loaded.arch
+    return Path(loaded.source).name
 
 
 def _io(values) -> list[dict[str, Any]]:
@@ -719,12 +844,37 @@ def read_manifest(outdir: Path) -> dict[str, Any]:
         raise WsdeployError(f"{path} is corrupt: unknown precision {manifest['precision']!r}")
     if manifest.get("precision") == "int8" and not isinstance(manifest.get("quantization"), dict):
         raise WsdeployError(f"{path} is corrupt: an int8 build without its 'quantization'")
-    if (
-        not all(isinstance(v, dict) and "shape" in v for v in manifest["inputs"])
-        or not manifest["inputs"]
-    ):
-        raise WsdeployError(f"{path} is corrupt: no valid 'inputs' field")
+    for key in ("inputs", "outputs"):
+        if not manifest[key] or not all(_valid_io(v) for v in manifest[key]):
+            raise WsdeployError(f"{path} is corrupt: no valid {key!r} field")
+    try:
+        numerics.check_budget(tuple(manifest["inputs"][0]["shape"]), {})
+    except WsdeployError as e:
+        raise WsdeployError(f"{path} is corrupt: {e}") from None
+    if not isinstance(manifest["size"].get("artifact_bytes"), int):
+        raise WsdeployError(f"{path} is corrupt: no valid 'size.artifact_bytes' field")
+    if manifest.get("precision") == "int8":
+        try:
+            quantize.Calibration.from_dict(manifest["quantization"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise WsdeployError(f"{path} is corrupt: bad 'quantization' ({e})") from None
+    if not isinstance(manifest["artifact"], str) or "/" in manifest["artifact"]:
+        raise WsdeployError(f"{path} is corrupt: no valid 'artifact' field")
     return manifest
+
+
+_DTYPES = frozenset({"float32", "float16", "int8", "uint8", "int32", "int64", "bool"})
+
+
+def _valid_io(v: Any) -> bool:
+    return (
+        isinstance(v, dict)
+        and isinstance(v.get("name"), str)
+        and isinstance(v.get("shape"), list)
+        and bool(v["shape"])
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in v["shape"])
+        and v.get("dtype", "float32") in _DTYPES
+    )
 
 
 def verify(

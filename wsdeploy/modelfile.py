@@ -168,19 +168,28 @@ def load_model(
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # The weights-only unpickler names the callable it refused to import; any other
-        # unpickling error is damage, not danger.
-        if "Unsupported global" not in str(e):
+        # unpickling error is damage, not danger (a trusted file is unpickled in full, and
+        # says why it fails, if it does).
+        if "Unsupported global" not in str(e) and not trust_pickle:
             raise ModelFileError(f"{path}: corrupt model file ({_first_line(e)})") from e
         if not trust_pickle:
             raise UnsafeModelError(
                 f"{path} is a full pickle that can run arbitrary code when loaded; refusing it. "
-                "Re-save it as a wsdeploy checkpoint, or pass --trust-pickle if you trust "
-                "its author"
+                "Pass --trust-pickle if you trust its author; to ship it without that, save "
+                "it once as a weights-only program: torch.export.save(torch.export.export("
+                "model, (example,)), 'model.pt2')"
             ) from None
         return _load_pickle(path, digest, input_shape)
     except Exception as e:  # zip and stream errors of truncated files
         raise ModelFileError(f"{path}: corrupt or truncated model file ({_first_line(e)})") from e
-    return _from_checkpoint(payload, path, digest)
+    loaded = _from_checkpoint(payload, path, digest)
+    if input_shape is not None and tuple(input_shape) != loaded.input_shape:
+        raise ModelFileError(
+            f"{path}: --input-shape {','.join(map(str, input_shape))} contradicts the "
+            f"checkpoint's input shape {','.join(map(str, loaded.input_shape))} (its config "
+            "fixes it)"
+        )
+    return loaded
 
 
 def _first_line(e: BaseException) -> str:
@@ -238,7 +247,13 @@ def _from_checkpoint(payload: Any, path: Path, digest: str) -> LoadedModel:
         raise ModelFileError(
             f"{path}: state_dict does not match {arch_name}: " + "; ".join(p for p in parts if p)
         )
-    module.load_state_dict(state)
+    unreal = sorted(k for k in own if state[k].is_meta or state[k].device.type != "cpu")
+    if unreal:
+        raise ModelFileError(f"{path}: state_dict holds tensors without data ({unreal[:3]})")
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ModelFileError(f"{path}: state_dict does not load: {_first_line(e)}") from e
     module.eval()
     return LoadedModel(
         module,
@@ -467,4 +482,19 @@ def _load_pickle(path: Path, digest: str, input_shape: tuple[int, ...] | None) -
             f"{path}: a pickled module carries no input shape; pass --input-shape, e.g. 1,1,4096"
         )
     obj.eval()
+    from wsdeploy import numerics
+    from wsdeploy.errors import WsdeployError
+
+    try:
+        numerics.check_budget(tuple(input_shape), {})
+    except WsdeployError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    try:
+        with torch.no_grad():
+            obj(torch.zeros(tuple(input_shape)))
+    except Exception as e:
+        raise ModelFileError(
+            f"{path}: the module does not run on --input-shape "
+            f"{','.join(map(str, input_shape))}: {_first_line(e)}"
+        ) from e
     return LoadedModel(obj, tuple(input_shape), str(path), digest, "pickle")

@@ -112,6 +112,34 @@ def assert_close(
     return c
 
 
+MAX_INPUT_BYTES = 1 << 30
+"""One input tensor may take at most 1 GiB (fp32): a larger --input-shape is refused."""
+MAX_REQUEST_BYTES = 4 << 30
+"""The inputs one request holds at once (numerics gate, calibration, int8 gate) may take at
+most 4 GiB: a larger --n-verify/--calib-samples/--gate-samples is refused before any of it
+is allocated."""
+
+
+def check_budget(shape: tuple[int, ...], requests: dict[str, int | None]) -> None:
+    """Raise WsdeployError, naming the numbers, if one input of ``shape`` or ``n`` inputs of
+    one request (``{"--n-verify": 8, ...}``) would exceed the memory bounds above."""
+    from wsdeploy.errors import WsdeployError
+
+    one = 4 * int(np.prod([int(d) for d in shape], dtype=object))
+    if one > MAX_INPUT_BYTES:
+        raise WsdeployError(
+            f"input shape {','.join(map(str, shape))} needs {one / 2**30:.1f} GiB per input "
+            f"(limit {MAX_INPUT_BYTES / 2**30:.0f} GiB)"
+        )
+    per_sample = one // max(1, int(shape[0]))
+    for flag, n in requests.items():
+        if n is not None and n * per_sample > MAX_REQUEST_BYTES:
+            raise WsdeployError(
+                f"{flag} {n} needs {n * per_sample / 2**30:.1f} GiB of inputs of shape "
+                f"{','.join(map(str, shape))} (limit {MAX_REQUEST_BYTES / 2**30:.0f} GiB)"
+            )
+
+
 MIN_VERIFY = 8
 """Inputs the numerics gate runs at least (issue 3: seeded random plus real samples)."""
 

@@ -59,8 +59,8 @@ class TuneResult:
     """One per tuned PrimFunc: name, trials measured, best latency (µs) in the records."""
 
 
-def options_from_outdir(outdir: Path) -> tuple[str, ExportOptions, quantize.Calibration | None]:
-    """(model source, export options, calibration) of a finished build."""
+def options_from_outdir(outdir: Path) -> tuple[dict, ExportOptions, quantize.Calibration | None]:
+    """(the manifest's source record, export options, calibration) of a finished build."""
     manifest = compiler.read_manifest(Path(outdir))
     options = ExportOptions(
         target=manifest["target"],
@@ -83,7 +83,7 @@ def options_from_outdir(outdir: Path) -> tuple[str, ExportOptions, quantize.Cali
             calib_samples=None if calib_file.is_file() else int(q["n_samples"]),
             calib_method="auto" if q.get("output_error") else q.get("method", "minmax"),
         )
-    return manifest["source"]["path"], options, calibration
+    return manifest["source"], options, calibration
 
 
 def tune(
@@ -399,14 +399,36 @@ def _best(tasks: dict[str, Any], tvm_target, database) -> list[dict[str, Any]]:
 
 
 def tune_and_rebuild(
-    outdir: Path, trials: int, progress=None, rpc: str | None = None, **load_kwargs
+    outdir: Path,
+    trials: int,
+    progress=None,
+    rpc: str | None = None,
+    model: str | Path | None = None,
+    **load_kwargs,
 ) -> TuneResult:
     """Tune a finished build's kernels, then rebuild it in place (same options, so it takes
-    the new records; the rebuild passes the same gates or the old build stays). ``rpc``:
-    the device it is tuned and verified on (arm64)."""
+    the new records; the rebuild passes the same gates or the old build stays). ``model``:
+    the file the build was made from (default: the bundled zoo model the manifest names);
+    its sha256 must be the manifest's, so a manifest can never make tune load another file.
+    ``rpc``: the device it is tuned and verified on (arm64)."""
+    from wsdeploy.models import zoo
+
     source, options, calibration = options_from_outdir(outdir)
     options = dataclasses.replace(options, rpc=rpc)
-    loaded = load_model(source, **load_kwargs)
+    if model is None:
+        name = source.get("name")
+        if not (isinstance(name, str) and name in zoo.ZOO):
+            raise WsdeployError(
+                f"{outdir} was built from {name!r}: pass --model FILE, the model it was built "
+                "from (its sha256 is checked against the build's)"
+            )
+        model = name
+    loaded = load_model(model, **load_kwargs)
+    if loaded.sha256 != source["sha256"]:
+        raise WsdeployError(
+            f"{loaded.source} is not the model {outdir} was built from (sha256 "
+            f"{loaded.sha256[:12]} vs {str(source['sha256'])[:12]})"
+        )
     result = tune(loaded, options, trials, calibration=calibration, progress=progress)
     (progress or (lambda m: None))("rebuild")
     compiler.export(loaded, outdir, options, progress=progress)

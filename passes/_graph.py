@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,9 +15,6 @@ STRATEGY_KEY = "wsdeploy.strategy"
 NO_FOLD_KEY = "wsdeploy.no_fold"
 """Node metadata key: constant folding must leave this node to the runtime, because its
 output (overlapping windows of phi, say) would store phi's values more than once."""
-
-_counter = itertools.count()
-
 
 def ws_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
     """The wsnet-domain nodes of ``graph`` (a snapshot, safe to rewrite while iterating)."""
@@ -53,10 +49,13 @@ def static_shape(value: ir.Value) -> tuple[int, ...]:
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... the first name the graph's initializers do not
+    take: the same graph always gets the same names (artifacts are byte-reproducible)."""
     taken = graph.initializers
-    name = base
+    name, i = base, 0
     while name in taken:
-        name = f"{base}_{next(_counter)}"
+        i += 1
+        name = f"{base}_{i}"
     return name
 
 

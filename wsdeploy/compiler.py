@@ -471,7 +471,7 @@ def remove_stale_staging(outdir: Path) -> list[Path]:
             pid = int(marker.read_text().strip())
         except (OSError, ValueError):
             continue
-        if pid != os.getpid() and _alive(pid):
+        if _alive(pid):  # an export still running (this process's included)
             continue
         shutil.rmtree(candidate, ignore_errors=True)
         removed.append(candidate)

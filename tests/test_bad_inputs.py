@@ -1,0 +1,279 @@
+"""Bad input and faults, as an attacker or a clumsy user brings them: every case ends in one
+line and a non-zero exit, never a traceback, never a lost user file, never a leftover.
+(Code in model files is covered by tests/test_modelfile.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from wsdeploy import compiler
+from wsdeploy.cli import main
+from wsdeploy.modelfile import save_checkpoint
+from wsdeploy.models import zoo
+
+TINY = zoo.ZOO["wsnet1d-tiny"]
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def _checkpoint_with_config(tmp_path, **config) -> Path:
+    model = TINY.build(TINY.config(input_length=512))
+    payload = {
+        "format": "wsdeploy-checkpoint",
+        "version": 1,
+        "arch": "wsnet1d-tiny",
+        "config": {**TINY.config(input_length=512), **config},
+        "state_dict": model.state_dict(),
+        "metrics": {},
+    }
+    path = tmp_path / "claims.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"num_classes": 10**11}, "num_classes=100000000000 is outside"),
+        ({"num_classes": 1e11}, "must be an integer"),
+        ({"input_length": 10**12}, "input_length=1000000000000 is outside"),
+        ({"num_classes": -5}, "num_classes=-5 is outside"),
+        ({"num_classes": "abc"}, "must be an integer"),
+        ({"spec": ["S4"]}, "must be a string"),
+    ],
+)
+def test_configs_that_claim_impossible_sizes_are_refused(tmp_path, config, message):
+    path = _checkpoint_with_config(tmp_path, **config)
+    for command in (["inspect", str(path)], ["export", str(path), "-o", str(tmp_path / "o")]):
+        _one_line_error(CliRunner().invoke(main, command), "bad config", message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_config_guard_is_what_stops_the_allocation():
+    # without the bounds, the architecture builds a 10**11-class head: an allocation error
+    with pytest.raises((RuntimeError, MemoryError)):
+        TINY.build({**TINY.config(), "num_classes": 10**11})
+
+
+@pytest.fixture(scope="module")
+def pickled(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pickle") / "conv.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), torch.nn.ReLU()), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input-shape", "1,1,1000000000000"], "needs 3725.3 GiB per input"),
+        (["--input-shape", "1,2,64"], "does not run on --input-shape 1,2,64"),
+        (["--input-shape", "1,1,64", "--n-verify", "1000000000"], "--n-verify 1000000000 needs"),
+        (
+            ["--input-shape", "1,1,64", "--quantize", "int8", "--calib-samples", "1000000000"],
+            "--calib-samples 1000000000 needs",
+        ),
+    ],
+)
+def test_requests_that_would_exhaust_memory_are_refused_at_once(pickled, tmp_path, args, message):
+    t0 = time.perf_counter()
+    cmd = ["export", str(pickled), "--trust-pickle", "-o", str(tmp_path / "o"), *args]
+    _one_line_error(CliRunner().invoke(main, cmd), message)
+    assert time.perf_counter() - t0 < 30  # refused before anything of that size existed
+
+
+def test_input_shape_contradicting_a_checkpoint_is_refused(tmp_path):
+    result = CliRunner().invoke(main, ["export", "wsnet1d-tiny", "--input-shape", "1,1,99"])
+    _one_line_error(result, "contradicts the checkpoint's input shape 1,1,4096")
+
+
+def test_a_state_dict_of_meta_tensors_is_refused(tmp_path):
+    model = TINY.build(TINY.config(input_length=512)).to("meta")
+    path = tmp_path / "meta.pt"
+    save_checkpoint(model, "wsnet1d-tiny", TINY.config(input_length=512), path)
+    _one_line_error(CliRunner().invoke(main, ["inspect", str(path)]), "without data")
+
+
+def test_a_trusted_pickle_that_fails_says_why(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (int, ("not a number",))
+
+    path = tmp_path / "boom.pt"
+    torch.save({"x": Boom()}, path)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--trust-pickle"])
+    _one_line_error(result, "cannot unpickle model", "invalid literal for int()")
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "tiny"
+    compiler.export("wsnet1d-tiny", out, compiler.ExportOptions(target="onnx"))
+    return out
+
+
+def _tamper(build, tmp_path, edit) -> Path:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in build.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+TAMPERED = {
+    "size-empty": (lambda m: m.update(size={}), "size.artifact_bytes"),
+    "outputs-not-a-list": (lambda m: m.update(outputs="y"), "'outputs'"),
+    "int8-without-quantization": (
+        lambda m: m.update(precision="int8", quantization={}),
+        "quantization",
+    ),
+    "shape-not-integers": (lambda m: m["inputs"][0].update(shape=[1, "a"]), "'inputs'"),
+    "shape-huge": (lambda m: m["inputs"][0].update(shape=[1, 1, 10**12]), "GiB per input"),
+    "artifact-elsewhere": (lambda m: m.update(artifact="../../etc/passwd"), "'artifact'"),
+    "precision-unknown": (lambda m: m.update(precision="fp8"), "unknown precision"),
+}
+
+
+@pytest.mark.parametrize("edit, message", TAMPERED.values(), ids=TAMPERED.keys())
+def test_tampered_manifests_are_one_line_errors(build, tmp_path, edit, message):
+    copy = _tamper(build, tmp_path, edit)
+    for command in (
+        ["report", str(copy)],
+        ["bench", str(copy), "--repeat", "2"],
+        ["verify", str(copy), "--model", "wsnet1d-tiny"],
+    ):
+        _one_line_error(CliRunner().invoke(main, command), "is corrupt", message)
+
+
+def test_tune_never_loads_a_model_the_build_does_not_name(tmp_path):
+    out = tmp_path / "x"
+    compiler.export("wsnet1d-tiny", out, compiler.ExportOptions(target="onnx"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(target="x86_64")
+    manifest["source"]["name"] = "wsnet2d-cifar"  # another bundled model
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["tune", str(out), "--trials", "1"])
+    _one_line_error(result, "is not the model", "was built from")
+    other = tmp_path / "other.pt"
+    arch = zoo.ZOO["wsnet1d-tiny"]
+    save_checkpoint(arch.build(arch.config()), "wsnet1d-tiny", arch.config(), other)
+    result = CliRunner().invoke(main, ["tune", str(out), "--model", str(other), "--trials", "1"])
+    _one_line_error(result, "is not the model")
+
+
+def test_a_build_holding_a_user_file_is_never_replaced(build, tmp_path):
+    copy = _tamper(build, tmp_path, lambda m: None)
+    (copy / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["export", "wsnet1d-tiny", "-o", str(copy)])
+    _one_line_error(result, "did not write (notes.txt)")
+    assert (copy / "notes.txt").read_text() == "mine"
+
+
+def test_a_foreign_manifest_is_not_a_build(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text(json.dumps({"name": "my web app", "files": []}))
+    result = CliRunner().invoke(main, ["export", "wsnet1d-tiny", "-o", str(mine)])
+    _one_line_error(result, "holds no wsdeploy build")
+    assert json.loads((mine / "manifest.json").read_text())["name"] == "my web app"
+
+
+def test_stale_staging_of_dead_exports_is_removed_and_live_ones_kept(tmp_path):
+    out = tmp_path / "o"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / ".o.tmp-stale"
+    live = tmp_path / ".o.tmp-live"
+    foreign = tmp_path / ".o.tmp-not-ours"
+    for d, pid in ((stale, dead.pid), (live, os.getpid()), (foreign, None)):
+        d.mkdir()
+        (d / "model.onnx").write_text("partial")
+        if pid is not None:
+            (d / compiler.STAGING_MARKER).write_text(f"{pid}\n")
+    assert compiler.remove_stale_staging(out) == [stale]
+    assert live.exists() and foreign.exists() and not stale.exists()
+
+
+def _export_process(out: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("wsdeploy")
+    return subprocess.Popen(
+        [str(exe), "export", "wsnet1d-tiny", "--target", "onnx", "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_for_staging(parent: Path, name: str, proc, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(parent.glob(f".{name}.tmp-*")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_export_leaves_the_old_build_and_nothing_else(build, tmp_path, sig):
+    out = tmp_path / "b"
+    out.mkdir()
+    for f in build.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    proc = _export_process(out)
+    _wait_for_staging(tmp_path, "b", proc)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "interrupted" in output
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_killed_export_is_cleaned_up_by_the_next(build, tmp_path):
+    out = tmp_path / "k"
+    proc = _export_process(out)
+    _wait_for_staging(tmp_path, "k", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert list(tmp_path.glob(".k.tmp-*"))  # SIGKILL cannot clean up...
+    result = CliRunner().invoke(main, ["export", "wsnet1d-tiny", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # ...the next export does
+
+
+@pytest.mark.parametrize("target", ["onnx"])
+def test_identical_inputs_give_identical_artifacts(tmp_path, target):
+    # ort is not in the list: ONNX Runtime's converter writes the kernel-type table of a
+    # .ort file from a hash map, so two conversions of one ONNX file order it differently
+    # (same contents; about 0.8 KB of offsets differ). The operator config is reproducible.
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        args = ["export", "wsnet1d-tiny", "--target", target, "--strategy", "shared"]
+        result = CliRunner().invoke(main, [*args, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+    a, b = (
+        {f.name: f.read_bytes() for f in out.iterdir() if f.name != "manifest.json"} for out in outs
+    )
+    assert a == b
+    manifests = [json.loads((out / "manifest.json").read_text()) for out in outs]
+    for m in manifests:
+        m.pop("build_seconds")
+    assert manifests[0] == manifests[1]

@@ -16,6 +16,7 @@ NO_FOLD_KEY = "wsdeploy.no_fold"
 """Node metadata key: constant folding must leave this node to the runtime, because its
 output (overlapping windows of phi, say) would store phi's values more than once."""
 
+
 def ws_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
     """The wsnet-domain nodes of ``graph`` (a snapshot, safe to rewrite while iterating)."""
     return iter([n for n in graph if n.domain == onnx_ops.DOMAIN])

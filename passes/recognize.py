@@ -150,7 +150,8 @@ def recognize(
         if not isinstance(weight, torch.fx.Node):
             continue
         if weight.op == "get_attr":
-            records.append(Record(_where(node), layer, "dense", {"param": str(weight.target)}))
+            detail = {"param": str(weight.target), **_dense_counts(node, layer, weight)}
+            records.append(Record(_where(node), layer, "dense", detail))
             continue
         try:
             slice_nodes, leaves = _weight_slice(weight)
@@ -200,6 +201,22 @@ def _example_inputs(ep) -> tuple[torch.Tensor, ...]:
         torch.zeros(tuple(nodes[n].meta["val"].shape), dtype=nodes[n].meta["val"].dtype)
         for n in names
     )
+
+
+def _dense_counts(node: torch.fx.Node, layer: str, weight: torch.fx.Node) -> dict[str, Any]:
+    """Weight shape, parameters and multiply-adds of a layer with a stored weight."""
+    w, out = weight.meta.get("val"), node.meta.get("val")
+    if not isinstance(w, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return {}
+    shape = [int(d) for d in w.shape]
+    per_output = int(np.prod(shape[1:])) if layer != "linear" else shape[-1]
+    if _op_name(node) in ("matmul", "mm"):
+        per_output = shape[0]
+    return {
+        "weight_shape": shape,
+        "params": int(np.prod(shape)),
+        "dense_macs": int(out.numel()) * per_output,
+    }
 
 
 def _where(node: torch.fx.Node) -> str:

@@ -30,7 +30,7 @@ SYSTEM = "aarch64-linux-gnu"
 DEFAULT = {"kind": "llvm", "mtriple": SYSTEM, "mattr": ["+neon"]}
 
 
-def _on_arm64() -> bool:
+def _on_arm64(cpu: str | None = None) -> bool:
     return platform.machine() in ("aarch64", "arm64")
 
 
@@ -67,7 +67,7 @@ def host_twin(model: ir.Model, workdir: Path) -> Runner:
     here: what verifies an arm64 build when no arm64 code can run."""
     from .x86_64 import tvm_target as host_target
 
-    tvm_build.build(model, workdir, host_target(None), library=LIBRARY)
+    tvm_build.build(model, workdir, host_target("native"), library=LIBRARY)
     return tvm_runtime.local_runner(workdir / LIBRARY)
 
 

@@ -31,7 +31,8 @@ class Target:
         native_wsnet: the target runs wsnet nodes with its own kernels, so the ``auto``
             strategy keeps them as nodes instead of inlining the standard-op graph.
         cpus: help text for ``--cpu``; empty if the target takes none.
-        runs_here: whether its artifacts run on this machine (else verification needs a
+        runs_here: ``runs_here(cpu)``, whether its artifacts for ``cpu`` run on this
+            machine (else verification needs a
             device: ``--rpc``).
         tvm_target: for TVM targets (which ``wsdeploy tune`` tunes), the TVM target a build
             for ``cpu`` uses; None for the others.
@@ -52,7 +53,7 @@ class Target:
     load: Callable[[Path, str | None], Runner]
     native_wsnet: bool = False
     cpus: str = ""
-    runs_here: Callable[[], bool] = lambda: True
+    runs_here: Callable[..., bool] = lambda cpu=None: True
     tvm_target: Callable[[str | None], Any] | None = None
     remote: bool = False
     linker: Callable[[str | None], Any] = lambda cc: None

@@ -2,8 +2,10 @@
 
 WSNet layers run as our fused shared-computation kernels (vectorised for the target's AVX
 width); the rest of the graph gets generic parallel, vectorised schedules. ``--cpu`` names
-the processor (default: this machine's). ``wsdeploy tune`` tunes the generically scheduled
-kernels here; later builds for the same target use its records.
+the processor (default: the portable x86-64-v3 baseline; ``native``: this machine's). A
+build for a CPU with instructions this machine lacks is verified on a host twin. ``wsdeploy
+tune`` tunes the generically scheduled kernels here; later builds for the same target use
+its records.
 """
 
 from __future__ import annotations
@@ -21,22 +23,73 @@ from .base import Runner, Target
 LIBRARY = "model.so"
 
 
-def _host_default() -> dict:
+BASELINE = "x86-64-v3"
+"""The CPU a build is for unless ``--cpu`` says otherwise: AVX2 and FMA (x86-64-v3, every
+x86 server and desktop CPU since about 2015), so a shipped library runs on any of them.
+``--cpu native`` builds for this machine's own CPU (AVX-512 where it has it)."""
+
+
+def _host() -> str:
     import tvm
 
     host = tvm.target.Target.from_device(tvm.cpu())
-    mcpu = str(host.attrs.get("mcpu", "x86-64"))
-    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}
+    return str(host.attrs.get("mcpu", "x86-64"))
+
+
+def resolve_cpu(cpu: str | None) -> str:
+    """The CPU name a build records: the baseline, this machine's for "native", else ``cpu``."""
+    if cpu is None:
+        return BASELINE
+    return _host() if cpu == "native" else cpu
 
 
 def tvm_target(cpu: str | None = None):
-    return tvm_build.resolve_target(cpu, _host_default(), "x86_64")
+    default = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": resolve_cpu(cpu)}
+    return tvm_build.resolve_target(None if cpu in (None, "native") else cpu, default, "x86_64")
 
 
 def build(
     model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None
 ) -> list[str]:
     return tvm_build.build(model, outdir, tvm_target(cpu), library=LIBRARY)
+
+
+ISA_FEATURES = (
+    "sse4.2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi2",
+    "avx512f",
+    "avx512bw",
+    "avx512dq",
+    "avx512vl",
+    "avx512vnni",
+    "avxvnni",
+)
+"""Instruction-set extensions LLVM may use for a CPU: a build for a CPU with one this
+machine lacks faults here (SIGILL), so it is verified on a host twin instead."""
+
+
+def _features(target) -> frozenset[str]:
+    from tvm.target import codegen
+
+    return frozenset(f for f in ISA_FEATURES if codegen.llvm_cpu_has_features([f], target))
+
+
+def runs_here(cpu: str | None = None) -> bool:
+    """Whether a build for ``cpu`` runs on this machine's CPU."""
+    if cpu == "native":
+        return True
+    return _features(tvm_target(cpu)) <= _features(tvm_target("native"))
+
+
+def host_twin(model: ir.Model, workdir: Path) -> Runner:
+    """The same lowering built for this machine's CPU: what verifies a build for a CPU with
+    instructions this one lacks."""
+    tvm_build.build(model, workdir, tvm_target("native"), library=LIBRARY)
+    return tvm_runtime.local_runner(workdir / LIBRARY)
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:
@@ -52,6 +105,9 @@ X86_64 = Target(
     build,
     load,
     native_wsnet=True,
-    cpus="LLVM CPU name (skylake-avx512), TVM tag, or JSON target dict; default: this machine",
+    cpus=f"LLVM CPU name (skylake-avx512), 'native' (this machine), TVM tag, or JSON target "
+    f"dict; default: {BASELINE} (AVX2, runs on any x86-64 CPU since about 2015)",
     tvm_target=tvm_target,
+    runs_here=runs_here,
+    host_twin=host_twin,
 )

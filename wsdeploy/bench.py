@@ -37,6 +37,15 @@ def bench(
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
     target = get_target(manifest["target"])
+    from wsdeploy.compiler import preflight
+
+    preflight(target, rpc, None)
+    cpu = manifest.get("cpu")
+    if rpc is None and target.runs_here is not None and not target.runs_here(cpu):
+        raise WsdeployError(
+            f"{outdir} is built for {cpu or target.name}, which this machine cannot run: bench "
+            "it where it runs (--rpc HOST:PORT for a device); a host twin is not the build"
+        )
     run = target.load(outdir, rpc)
     spec = manifest["inputs"][0]
     x = np.random.default_rng(seed).standard_normal(spec["shape"]).astype(spec["dtype"])

@@ -329,8 +329,8 @@ def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: str | No
             f"{r['dense_params']:,}",
             f"{r['dense_macs']:,}",
             f"{r['shared_macs']:,}",
-            f"{r['compression']:.1f}x",
-            f"{r['speedup']:.1f}x",
+            _ratio(r["compression"]),
+            _ratio(r["speedup"]),
         )
     t = report["totals"]
     table.add_row(
@@ -343,11 +343,16 @@ def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: str | No
         f"{t['dense_params']:,}",
         f"{t['dense_macs']:,}",
         f"{t['shared_macs']:,}",
-        f"{t['compression']:.1f}x",
-        f"{t['speedup']:.1f}x",
+        _ratio(t["compression"]),
+        _ratio(t["speedup"]),
         style="bold",
     )
     Console(width=200).print(table)
+    _print_recognition(report["recognition"])
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}x"
 
 
 def _quiet_third_party_logs() -> None:
@@ -401,8 +406,9 @@ def _quiet_third_party_logs() -> None:
 @click.option(
     "--cpu",
     default=None,
-    help="A specific processor for TVM targets: LLVM CPU name (cortex-a76), TVM target tag "
-    "(raspberry-pi/4b-aarch64) or JSON target dict. Default: this machine (x86_64).",
+    help="A specific processor for TVM targets: LLVM CPU name (cortex-a76), 'native' (this "
+    "machine), TVM target tag (raspberry-pi/4b-aarch64) or JSON target dict. Default: a "
+    "portable baseline (x86_64: x86-64-v3; arm64: armv8-a with NEON).",
 )
 @click.option(
     "--cc",
@@ -527,7 +533,8 @@ def _print_build(m: dict, outdir: Path) -> None:
     v = m["verification"]
     strategies = ", ".join(sorted({layer["strategy"] for layer in m["layers"]})) or "-"
     precision = m.get("precision", "fp32")
-    click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies}, {precision})")
+    cpu = f", cpu {m['built_for_cpu']}" if m.get("built_for_cpu") else ""
+    click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies}, {precision}{cpu})")
     _print_recognition(m.get("recognition", []))
     for warning in m.get("warnings", []):
         click.echo(f"  warning   {warning}")

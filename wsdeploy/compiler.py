@@ -105,6 +105,17 @@ def pipeline(strategy: str, native: bool = False) -> PassManager:
     )
 
 
+def _dense_params(node: ir.Node) -> int:
+    """Entries of the dense weight a wsnet node samples from phi."""
+    from wsdeploy.passes._graph import ws_attrs
+
+    a = ws_attrs(node)
+    if node.op_type == "WSLinear":
+        return a["out_features"] * a["in_features"]
+    ndim = 1 if node.op_type == "WSConv1d" else 2
+    return a["out_channels"] * static_shape(node.inputs[0])[1] * a["kernel_size"] ** ndim
+
+
 def torch_stage(loaded: LoadedModel) -> tuple[torch.export.ExportedProgram, list[Any]]:
     """The torch stage: ``torch.export`` the model, then rewrite the WSNet layers written by
     hand in plain PyTorch into wsnet ops (``RecognizePass``), before ONNX constant folding
@@ -144,6 +155,7 @@ def lower(
                 "strategy": node.meta[STRATEGY_KEY],
                 "input_shape": list(static_shape(node.inputs[0])),
                 "phi_shape": list(static_shape(node.inputs[1])),
+                "dense_params": _dense_params(node),
                 "dense_macs": dense,
                 "shared_macs": shared,  # WSNET.md §2's count, whatever the lowering
                 "macs": lowered_macs(node, node.meta[STRATEGY_KEY], native),  # as built
@@ -573,6 +585,14 @@ def preflight(target, rpc: str | None, cc: str | None) -> None:
         linker.check()
 
 
+def _built_for_cpu(target, cpu: str | None) -> str | None:
+    """The processor a TVM build's code is for (LLVM's name; "generic" for a bare triple)."""
+    if target.tvm_target is None:
+        return None
+    t = target.tvm_target(cpu)
+    return str(t.attrs.get("mcpu", "") or "") or "generic"
+
+
 def _linker(target, cc: str | None) -> dict[str, Any] | None:
     linker = target.linker(cc)
     return None if linker is None else linker.describe()
@@ -580,7 +600,7 @@ def _linker(target, cc: str | None) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def verification_runners(
-    target, builddir: Path, lowering, rpc: str | None, int8: bool, say
+    target, builddir: Path, lowering, rpc: str | None, int8: bool, say, cpu: str | None = None
 ) -> Iterator[Verification]:
     """Run the build in ``builddir`` in the strongest way at hand (see ``VERIFIED_ON``):
     the device behind ``rpc``; this machine, if the target runs here; the emulated arm64
@@ -600,11 +620,11 @@ def verification_runners(
             twin = target.host_twin(lowered(), Path(tmp))
             yield Verification(runner, where, twin, "host-twin")
         return
-    if target.runs_here():
+    if target.runs_here(cpu):
         runner = target.load(builddir, None)
         yield Verification(runner, "local", runner, "local")
         return
-    missing = device.missing_tools() if target.emulated else "no emulator"
+    missing = device.missing_tools() if target.emulated else f"this CPU cannot run {cpu!r} code"
     if missing is None:
         with contextlib.ExitStack() as stack:
             info = stack.enter_context(device.session(progress=say))
@@ -621,10 +641,15 @@ def verification_runners(
             f"{target.name} builds are verified on the device itself: pass --rpc HOST:PORT of "
             f"its TVM RPC server ('wsdeploy device start' starts an emulated one here; {missing})"
         )
+    how = (
+        "apt-get install qemu-user-static debootstrap for the emulated device, or pass "
+        "--rpc HOST:PORT of a device"
+        if target.emulated
+        else "run 'wsdeploy verify' on a machine with that CPU"
+    )
     note = (
         f"host twin: the same lowering and kernels built for this CPU matched PyTorch, but the "
-        f"{target.name} code itself has not run ({missing}: apt-get install qemu-user-static "
-        "debootstrap for the emulated device, or pass --rpc HOST:PORT of a device)"
+        f"{target.name} code itself has not run ({missing}: {how})"
     )
     with tempfile.TemporaryDirectory(prefix="wsdeploy-twin-") as tmp:
         say("build the host twin")
@@ -709,7 +734,9 @@ def export(
         inputs = numerics.verification_inputs(
             loaded.input_shape, loaded.dataset, loaded.config, n=options.n_verify, seed=options.seed
         )
-        checked = verification_runners(target, staging, lambda: lowered, options.rpc, int8, say)
+        checked = verification_runners(
+            target, staging, lambda: lowered, options.rpc, int8, say, options.cpu
+        )
         with checked as where:
             say(f"verify against PyTorch ({where.verified_on})")
             if calibration is None:
@@ -752,6 +779,7 @@ def export(
             "files": files,
             "strategy": options.strategy,
             "cpu": options.cpu,
+            "built_for_cpu": _built_for_cpu(target, options.cpu),
             "linker": _linker(target, options.cc),
             "precision": options.precision,
             "layers": layers,
@@ -916,7 +944,10 @@ def verify(
     def lowering() -> ir.Model:  # the build's lowering again, for a host twin
         return lower(reference, strategy, target.native_wsnet)[0]
 
-    with verification_runners(target, outdir, lowering, rpc, int8, lambda step: None) as where:
+    runs = verification_runners(
+        target, outdir, lowering, rpc, int8, lambda step: None, manifest.get("cpu")
+    )
+    with runs as where:
         if not int8:
             result = check(loaded, where.runner, inputs)
         else:

@@ -2,35 +2,43 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from wsdeploy.errors import UnsupportedLayerError
 from wsdeploy.modelfile import LoadedModel
 from wsdeploy.models import count_model
 
 
 def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
-    """Counts of every parametrised layer and the model totals, as a JSON-able dict.
+    """Counts of every parametrised layer and the model totals, as a JSON-able dict, and
+    what the torch stage recognised in it (``recognition``: one record per convolution and
+    linear layer, hand-written WSNet layers included).
 
-    Raises:
-        UnsupportedLayerError: the model is a bare exported graph, whose WSNet layers are no
-            longer modules to count.
+    A wsdeploy checkpoint (a zoo architecture) is counted module by module; any other model
+    (a ``.pt2`` program, a user's module) from its lowering: its WSNet layers, hand-written
+    ones included, and its other convolution/linear layers.
     """
-    if loaded.kind == "pt2":
-        raise UnsupportedLayerError(
-            "inspect counts WSNet layers of a checkpoint or module; "
-            f"{loaded.source} is a torch.export graph"
-        )
-    counts = count_model(loaded.module, torch.zeros(loaded.input_shape))
-    layers = []
-    for c in counts.layers:
-        row = asdict(c)
-        row["compression"] = c.compression
-        row["speedup"] = c.speedup
-        layers.append(row)
+    from wsdeploy import compiler
+
+    recognition: list[Any] = []
+    _, ws_layers = compiler.lower(loaded, "auto", False, recognition)
+    if loaded.kind != "checkpoint":
+        layers = _program_rows(ws_layers, recognition)
+    else:
+        counts = count_model(loaded.module, torch.zeros(loaded.input_shape))
+        layers = []
+        for c in counts.layers:
+            row = asdict(c)
+            row["compression"] = c.compression
+            row["speedup"] = c.speedup
+            layers.append(row)
+    params = sum(r["params"] for r in layers)
+    dense_params = sum(r["dense_params"] for r in layers)
+    dense_macs = sum(r["dense_macs"] for r in layers)
+    shared_macs = sum(r["shared_macs"] for r in layers)
     return {
         "model": loaded.source,
         "arch": loaded.arch,
@@ -38,12 +46,57 @@ def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
         "metrics": loaded.metrics,
         "input_shape": list(loaded.input_shape),
         "layers": layers,
+        "recognition": [r.to_dict() for r in recognition],
         "totals": {
-            "params": counts.params,
-            "dense_params": counts.dense_params,
-            "compression": counts.dense_params / counts.params,
-            "dense_macs": counts.dense_macs,
-            "shared_macs": counts.shared_macs,
-            "speedup": counts.dense_macs / counts.shared_macs,
+            "params": params,
+            "dense_params": dense_params,
+            "compression": dense_params / params if params else None,
+            "dense_macs": dense_macs,
+            "shared_macs": shared_macs,
+            "speedup": dense_macs / shared_macs if shared_macs else None,
         },
     }
+
+
+def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, Any]]:
+    """Rows of a program without modules: its WSNet layers (as lowered) and the layers the
+    torch stage found dense (a layer whose weight is computed some other way has no row:
+    its record in ``recognition`` says why)."""
+    rows = []
+    for r in ws_layers:
+        params = int(math.prod(r["phi_shape"]))
+        rows.append(
+            {
+                "name": r["node"],
+                "kind": r["op"],
+                "in_shape": r["input_shape"],
+                "out_shape": [],
+                "phi_shape": r["phi_shape"],
+                "params": params,
+                "dense_params": r["dense_params"],
+                "dense_macs": r["dense_macs"],
+                "shared_macs": r["shared_macs"],
+                "compression": r["dense_params"] / params,
+                "speedup": r["dense_macs"] / r["shared_macs"] if r["shared_macs"] else None,
+            }
+        )
+    for rec in recognition:
+        d = rec.detail
+        if rec.status != "dense" or "params" not in d:
+            continue
+        rows.append(
+            {
+                "name": rec.node,
+                "kind": rec.layer,
+                "in_shape": [],
+                "out_shape": [],
+                "phi_shape": [],
+                "params": d["params"],
+                "dense_params": d["params"],
+                "dense_macs": d["dense_macs"],
+                "shared_macs": d["dense_macs"],
+                "compression": 1.0,
+                "speedup": 1.0,
+            }
+        )
+    return rows

@@ -25,12 +25,12 @@ from typing import NamedTuple
 
 import onnx_ir as ir
 
+from wsdeploy.passes import STRATEGIES  # re-exported: the one table
+
 from ._cost import dense_seconds, shared_seconds
 from ._graph import STRATEGY_KEY, static_shape, ws_attrs, ws_nodes
 from .base import Pass, PassResult
 from .shared import blocking
-
-STRATEGIES = ("auto", "fold", "shared", "custom")
 
 
 def macs(node: ir.Node) -> tuple[int, int]:

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx_ir as ir
-
-from wsdeploy import tvm_runtime
 from wsdeploy.errors import CompileError
 from wsdeploy.linker import ZIG, Linker
 
-from . import tvm_build
 from .base import Runner, Target
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 LIBRARY = "model.so"
 SYSTEM = "aarch64-linux-gnu"
@@ -35,6 +35,8 @@ def _on_arm64(cpu: str | None = None) -> bool:
 
 
 def tvm_target(cpu: str | None = None):
+    from . import tvm_build
+
     return tvm_build.resolve_target(cpu, DEFAULT, "aarch64")
 
 
@@ -47,11 +49,17 @@ def linker(cc: str | None = None) -> Linker | None:
 
 
 def build(model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None):
+    from . import tvm_build
+
     target = tvm_target(cpu)
     return tvm_build.build(model, outdir, target, library=LIBRARY, linker=linker(cc))
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:
+    from wsdeploy import tvm_runtime
+
+    from . import tvm_build
+
     if device is not None:
         return tvm_build.rpc_runner(outdir / LIBRARY, device)
     if _on_arm64():
@@ -65,6 +73,9 @@ def load(outdir: Path, device: str | None = None) -> Runner:
 def host_twin(model: ir.Model, workdir: Path) -> Runner:
     """The same lowering built for this machine's CPU (portable x86-64 baseline) and loaded
     here: what verifies an arm64 build when no arm64 code can run."""
+    from wsdeploy import tvm_runtime
+
+    from . import tvm_build
     from .x86_64 import tvm_target as host_target
 
     tvm_build.build(model, workdir, host_target("native"), library=LIBRARY)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import onnx_ir as ir
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
-Runner = Callable[[np.ndarray], list[np.ndarray]]
+Runner = Callable[..., list]
+"""``runner(x)``: the artifact run on one input array, its outputs as a list of arrays.
+(This module imports no tensor library, so the CLI lists targets without loading them.)"""
 
 
 @dataclass(frozen=True)

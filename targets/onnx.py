@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import onnx
-import onnx_ir as ir
-import onnxruntime as ort
-
-from wsdeploy import onnx_ops
 from wsdeploy.errors import CompileError
 
 from .base import Runner, Target
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx_ir as ir
 
 FILENAME = "model.onnx"
 
 
 def save(model: ir.Model, path: Path) -> None:
     """Serialise ``model`` to one self-contained file and run the ONNX checker on it."""
+    import onnx
+    import onnx_ir as ir
+
+    from wsdeploy import onnx_ops
+
     onnx_ops.register_schemas()
     proto = ir.to_proto(model)
     try:
@@ -30,6 +34,8 @@ def save(model: ir.Model, path: Path) -> None:
 
 def session(path: Path) -> Runner:
     """An ONNX Runtime CPU session on ``path`` as a one-input runner."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:

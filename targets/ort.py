@@ -18,13 +18,15 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-
-import onnx_ir as ir
+from typing import TYPE_CHECKING
 
 from wsdeploy.errors import CompileError
 
 from . import onnx as onnx_target
 from .base import Runner, Target
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 FILENAME = "model.ort"
 CONFIG = "required_operators.config"

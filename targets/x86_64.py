@@ -11,14 +11,14 @@ its records.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx_ir as ir
-
-from wsdeploy import tvm_runtime
 from wsdeploy.errors import CompileError
 
-from . import tvm_build
 from .base import Runner, Target
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 LIBRARY = "model.so"
 
@@ -44,6 +44,8 @@ def resolve_cpu(cpu: str | None) -> str:
 
 
 def tvm_target(cpu: str | None = None):
+    from . import tvm_build
+
     default = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": resolve_cpu(cpu)}
     return tvm_build.resolve_target(None if cpu in (None, "native") else cpu, default, "x86_64")
 
@@ -51,6 +53,8 @@ def tvm_target(cpu: str | None = None):
 def build(
     model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None
 ) -> list[str]:
+    from . import tvm_build
+
     return tvm_build.build(model, outdir, tvm_target(cpu), library=LIBRARY)
 
 
@@ -88,11 +92,17 @@ def runs_here(cpu: str | None = None) -> bool:
 def host_twin(model: ir.Model, workdir: Path) -> Runner:
     """The same lowering built for this machine's CPU: what verifies a build for a CPU with
     instructions this one lacks."""
+    from wsdeploy import tvm_runtime
+
+    from . import tvm_build
+
     tvm_build.build(model, workdir, tvm_target("native"), library=LIBRARY)
     return tvm_runtime.local_runner(workdir / LIBRARY)
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:
+    from wsdeploy import tvm_runtime
+
     if device is not None:
         raise CompileError("x86_64 builds run on this machine; --rpc is for arm64 devices")
     return tvm_runtime.local_runner(outdir / LIBRARY)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import click
 import pytest
@@ -199,3 +201,16 @@ def test_bench_and_report(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     result = runner.invoke(main, ["report", str(b), "--plot", str(tmp_path / "none.png")])
     assert result.exit_code == 1 and "wsdeploy bench" in result.output
+
+
+def test_the_cli_answers_without_loading_tensor_libraries():
+    # --help and --version parse before any heavy import: they answer at once
+    code = (
+        "import sys, wsdeploy.cli; "
+        "print(sorted(m for m in ('torch', 'onnx_ir', 'onnxruntime', 'tvm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    for args in (["-m", "wsdeploy", "--version"], ["-m", "wsdeploy.cli", "--help"]):
+        run = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+        assert run.returncode == 0 and ("version" in run.stdout or "Usage" in run.stdout), run

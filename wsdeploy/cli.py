@@ -21,7 +21,7 @@ from rich.table import Table
 
 from wsdeploy.errors import WsdeployError
 from wsdeploy.numerics import MIN_VERIFY
-from wsdeploy.passes.strategy import STRATEGIES as _STRATEGIES
+from wsdeploy.passes import STRATEGIES as _STRATEGIES
 from wsdeploy.targets import TARGETS as _TARGET_NAMES
 
 console = Console(stderr=True)
@@ -932,3 +932,7 @@ def device_status(cache: Path | None) -> None:
 
     info = dev.status(cache)
     click.echo(f"running at {info.address} (pid {info.pid})" if info else "not running")
+
+
+if __name__ == "__main__":
+    main(prog_name="wsdeploy")

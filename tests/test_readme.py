@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -29,3 +30,28 @@ def test_readme_quotes_the_committed_benchmark_results():
     text = (ROOT / "README.md").read_text()
     block = text.split("<!-- benchmarks:start -->\n", 1)[1].split("<!-- benchmarks:end -->")[0]
     assert block == (ROOT / "benchmarks" / "results" / "results.md").read_text()
+
+
+def test_your_own_model_section_is_what_the_product_prints(tmp_path):
+    """README's hand-written WSNet runs as shown: the snippet saves mynet.pt2, and the
+    export prints the recognition and size lines README quotes."""
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from wsdeploy.cli import main
+
+    text = (ROOT / "README.md").read_text().split("## Your own model", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    quoted = re.search(r"```\n\$ (wsdeploy export .*?)\n(.*?)```", text, re.S)
+    command, expected = quoted.group(1).split(), quoted.group(2).splitlines()
+    subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, check=True)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(main, command[1:])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[: len(expected)] == expected

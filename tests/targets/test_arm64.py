@@ -53,6 +53,14 @@ def test_arm64_without_device_or_emulator_verifies_on_a_host_twin(tmp_path, no_e
     dynamic = _readelf("-d", out / "model.so")
     assert "(NEEDED)" not in dynamic and "(SONAME)" not in dynamic
     assert "GLIBC_" not in _readelf("-V", out / "model.so")
+    # its only undefined symbols are TVM's runtime's, which the loading process provides:
+    # nothing ties it to glibc (what Android's bionic would need to load it)
+    undefined = {
+        line.split()[7]
+        for line in _readelf("--dyn-syms", out / "model.so").splitlines()
+        if len(line.split()) > 7 and line.split()[6] == "UND"
+    }
+    assert undefined and all(name.startswith("TVMFFI") for name in undefined), undefined
     # verify takes the same rule; bench refuses a host twin: it is not the build
     result = CliRunner().invoke(main, ["verify", str(out), "--model", "wsnet1d-tiny"])
     assert result.exit_code == 0 and "on a host twin" in result.output, result.output

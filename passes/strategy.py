@@ -25,12 +25,17 @@ from typing import NamedTuple
 
 import onnx_ir as ir
 
-from wsdeploy.passes import STRATEGIES  # re-exported: the one table
+from wsdeploy.passes import GOALS, STRATEGIES  # re-exported: the one table
 
 from ._cost import dense_seconds, shared_seconds
 from ._graph import STRATEGY_KEY, static_shape, ws_attrs, ws_nodes
 from .base import Pass, PassResult
 from .shared import blocking
+
+ESTIMATE_ERROR = 0.10
+"""How far the time estimates may be off (``_cost.py``'s fit to this machine's layers): under
+the ``balanced`` goal a WSNet lowering, which stores only phi, is kept unless the dense one
+is estimated faster by more than this."""
 
 
 def macs(node: ir.Node) -> tuple[int, int]:
@@ -122,21 +127,30 @@ def kernel_macs(node: ir.Node) -> int:
     )
 
 
-def choose(node: ir.Node, strategy: str, native: bool = False) -> str:
+def choose(node: ir.Node, strategy: str, native: bool = False, goal: str = "balanced") -> str:
     """The lowering for one node under ``strategy``; ``native`` targets run wsnet nodes with
     their own kernels, so ``auto`` keeps a shared layer as a ``custom`` node for them.
 
-    A layer goes shared (or custom) only where that is estimated strictly faster than the
-    dense one: a linear layer, whose shared form does the dense multiply-adds in more nodes,
-    folds (measured on wsnet1d-tiny's classifier under ONNX Runtime: 14 us of nodes against
-    3 us for the Gemm). ``--strategy shared`` still gives the smallest file."""
+    ``auto`` weighs the two by ``goal`` (``GOALS``): users ship for app size, so by default a
+    layer stays WSNet (phi only in the file) unless the dense conv is estimated faster by
+    more than ``ESTIMATE_ERROR``; ``speed`` folds wherever WSNet is not estimated strictly
+    faster (a linear layer, whose shared form does the dense multiply-adds in more nodes:
+    measured on wsnet1d-tiny's classifier under ONNX Runtime, 14 us of nodes against 3 us
+    for the Gemm); ``size`` never folds."""
     if strategy != "auto":
         return strategy
+    if goal not in GOALS:
+        raise ValueError(f"unknown goal {goal!r}; choose from {GOALS}")
+    wsnet = "custom" if native else "shared"
+    if goal == "size":
+        return wsnet
     if native:
-        dense, _ = macs(node)
-        return "custom" if kernel_macs(node) < dense else "fold"
-    dense_s, shared_s = estimate_seconds(node)
-    return "shared" if shared_s < dense_s else "fold"
+        dense, ws = macs(node)[0], kernel_macs(node)
+    else:
+        dense, ws = estimate_seconds(node)
+    if goal == "speed":
+        return wsnet if ws < dense else "fold"
+    return wsnet if ws <= dense * (1 + ESTIMATE_ERROR) else "fold"
 
 
 class StrategyPass(Pass):
@@ -144,15 +158,18 @@ class StrategyPass(Pass):
 
     name = "strategy"
 
-    def __init__(self, strategy: str = "auto", native: bool = False) -> None:
+    def __init__(self, strategy: str = "auto", native: bool = False, goal: str = "balanced"):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+        if goal not in GOALS:
+            raise ValueError(f"unknown goal {goal!r}; choose from {GOALS}")
         self.strategy = strategy
         self.native = native
+        self.goal = goal
 
     def call(self, model: ir.Model) -> PassResult:
         modified = False
         for node in ws_nodes(model.graph):
-            node.meta[STRATEGY_KEY] = choose(node, self.strategy, self.native)
+            node.meta[STRATEGY_KEY] = choose(node, self.strategy, self.native, self.goal)
             modified = True
         return PassResult(model, modified)

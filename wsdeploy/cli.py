@@ -21,6 +21,7 @@ from rich.table import Table
 
 from wsdeploy.errors import WsdeployError
 from wsdeploy.numerics import MIN_VERIFY
+from wsdeploy.passes import GOALS as _GOALS
 from wsdeploy.passes import STRATEGIES as _STRATEGIES
 from wsdeploy.targets import TARGETS as _TARGET_NAMES
 
@@ -396,6 +397,15 @@ def _quiet_third_party_logs() -> None:
     "on TVM targets the fused WSNet kernels). For the smallest file use shared.",
 )
 @click.option(
+    "--goal",
+    type=click.Choice(list(_GOALS)),
+    default="balanced",
+    show_default=True,
+    help="What auto optimises: balanced keeps a layer WSNet (phi only: a small file) unless "
+    "the dense conv is estimated more than 10% faster; size never folds; speed folds "
+    "wherever WSNet is not estimated strictly faster.",
+)
+@click.option(
     "-o",
     "--output",
     "outdir",
@@ -475,6 +485,7 @@ def export(
     model: str,
     target: str,
     strategy: str,
+    goal: str,
     outdir: Path | None,
     cpu: str | None,
     cc: str | None,
@@ -502,9 +513,12 @@ def export(
         outdir = Path("out") / f"{Path(model).stem}-{target}"
     if cpu is not None and not _TARGET_NAMES[target].cpus:
         raise click.UsageError(f"--cpu does not apply to target {target!r}")
+    if goal != "balanced" and strategy != "auto":
+        raise click.UsageError("--goal applies to --strategy auto")
     options = ExportOptions(
         target=target,
         strategy=strategy,
+        goal=goal,
         n_verify=n_verify,
         cpu=cpu,
         cc=cc,

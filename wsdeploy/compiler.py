@@ -56,6 +56,7 @@ class ExportOptions:
 
     target: str = "onnx"
     strategy: str = "auto"
+    goal: str = "balanced"  # what auto optimises: balanced, size or speed (passes.GOALS)
     cpu: str | None = None  # a specific processor, for targets that take one
     rpc: str | None = None  # "host:port" of a TVM RPC server on the device that verifies
     cc: str | None = None  # the compiler driver linking a cross target (None: its default)
@@ -87,7 +88,7 @@ class ExportResult:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def pipeline(strategy: str, native: bool = False) -> PassManager:
+def pipeline(strategy: str, native: bool = False, goal: str = "balanced") -> PassManager:
     """The pass sequence for one strategy (``native``: see ``StrategyPass``; native targets
     also turn int8 quantize/dequantize into integer ops, ``IntegerPass``; standard-op targets
     move quantized max pools before their ReLU, ``PoolOrderPass``)."""
@@ -95,7 +96,7 @@ def pipeline(strategy: str, native: bool = False) -> PassManager:
     return PassManager(
         [
             AffinePass(),
-            StrategyPass(strategy, native),
+            StrategyPass(strategy, native, goal),
             FoldPass(),
             SharedPass(),
             CustomPass(),
@@ -129,6 +130,7 @@ def lower(
     strategy: str,
     native: bool = False,
     recognition: list[Any] | None = None,
+    goal: str = "balanced",
 ) -> tuple[ir.Model, list[dict[str, Any]]]:
     """Trace the model and run the passes; returns the model and one record per WSNet layer.
 
@@ -144,7 +146,7 @@ def lower(
     layers = []
     # The layers are recorded between marking (affine, strategy) and lowering, which
     # replaces the nodes.
-    passes = pipeline(strategy, native).passes
+    passes = pipeline(strategy, native, goal).passes
     PassManager(passes[:2])(model)
     for node in ws_nodes(model.graph):
         dense, shared = macs(node)
@@ -160,7 +162,10 @@ def lower(
                 "shared_macs": shared,  # WSNET.md §2's count, whatever the lowering
                 "macs": lowered_macs(node, node.meta[STRATEGY_KEY], native),  # as built
                 # what auto picks on standard-op runtimes and on TVM's native kernels
-                "auto": {"ort": choose(node, "auto"), "tvm": choose(node, "auto", native=True)},
+                "auto": {
+                    "ort": choose(node, "auto", goal=goal),
+                    "tvm": choose(node, "auto", native=True, goal=goal),
+                },
             }
         )
     PassManager(passes[2:])(model)
@@ -229,7 +234,7 @@ def _artifact_size(loaded: LoadedModel, options: ExportOptions, strategy: str = 
     """Size of the fp32 artifact of ``loaded`` for the same target with ``strategy``: "fold"
     gives the dense baseline (every WSNet layer folded)."""
     target = get_target(options.target)
-    model, _ = lower(loaded, strategy, target.native_wsnet)
+    model, _ = lower(loaded, strategy, target.native_wsnet, goal=options.goal)
     with tempfile.TemporaryDirectory(prefix="wsdeploy-base-") as tmp:
         target.build(model, Path(tmp), options.cpu, options.cc)
         return _dir_size([target.artifact], Path(tmp))
@@ -715,7 +720,9 @@ def export(
         reference, calibration = calibrated_reference(loaded, options)
     say("trace, recognise and lower")
     recognition: list[Any] = []
-    lowered, layers = lower(reference, options.strategy, target.native_wsnet, recognition)
+    lowered, layers = lower(
+        reference, options.strategy, target.native_wsnet, recognition, options.goal
+    )
     warnings = []
     if options.strategy in ("shared", "custom") and not layers:
         convs = sum(r.status != "recognised" for r in recognition)
@@ -778,6 +785,7 @@ def export(
             "artifact": target.artifact,
             "files": files,
             "strategy": options.strategy,
+            "goal": options.goal,
             "cpu": options.cpu,
             "built_for_cpu": _built_for_cpu(target, options.cpu),
             "linker": _linker(target, options.cc),
@@ -940,9 +948,10 @@ def verify(
         calibration = quantize.Calibration.from_dict(manifest["quantization"])
         reference = quantized_reference(loaded, calibration)
     strategy = str(manifest.get("strategy", "auto"))
+    goal = str(manifest.get("goal", "speed"))  # builds before goals existed: speed
 
     def lowering() -> ir.Model:  # the build's lowering again, for a host twin
-        return lower(reference, strategy, target.native_wsnet)[0]
+        return lower(reference, strategy, target.native_wsnet, goal=goal)[0]
 
     runs = verification_runners(
         target, outdir, lowering, rpc, int8, lambda step: None, manifest.get("cpu")

@@ -65,6 +65,7 @@ def options_from_outdir(outdir: Path) -> tuple[dict, ExportOptions, quantize.Cal
     options = ExportOptions(
         target=manifest["target"],
         strategy=manifest.get("strategy", "auto"),
+        goal=manifest.get("goal", "speed"),
         cpu=manifest.get("cpu"),
         precision=manifest.get("precision", "fp32"),
     )
@@ -146,7 +147,7 @@ def tune(
                 say(f"calibrate ({tag})")
                 reference, _ = compiler.calibrated_reference(loaded, build)
         say(f"trace and lower ({tag})" if len(builds) > 1 else "trace and lower")
-        lowered, _ = compiler.lower(reference, build.strategy, target.native_wsnet)
+        lowered, _ = compiler.lower(reference, build.strategy, target.native_wsnet, goal=build.goal)
         try:
             mod = tvm_build.prepare_module(tvm_build.import_model(lowered, vl), tvm_target, vl)
         except Exception as e:

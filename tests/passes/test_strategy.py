@@ -15,7 +15,7 @@ from wsdeploy.passes.strategy import StrategyPass, estimate_seconds, kernel_macs
 
 def test_auto_on_standard_op_runtimes_follows_estimated_time():
     model = to_ir(torch.nn.Sequential(WSConv1d(64, 128, 8, channel_repeat=4)), (1, 64, 8199))
-    StrategyPass("auto")(model)
+    StrategyPass("auto", goal="speed")(model)
     (node,) = [n for n in model.graph if n.domain == "wsnet"]
     dense, shared = macs(node)
     assert dense / shared > 25 and node.meta[STRATEGY_KEY] == "shared"
@@ -30,7 +30,7 @@ def test_auto_on_standard_op_runtimes_follows_estimated_time():
         ),
         (1, 16, 528),
     )
-    StrategyPass("auto")(small)
+    StrategyPass("auto", goal="speed")(small)
     chosen = [n.meta[STRATEGY_KEY] for n in small.graph if n.domain == "wsnet"]
     assert chosen == ["fold", "fold"]  # small conv: P traffic; linear: no fewer multiply-adds
 
@@ -46,11 +46,39 @@ def test_auto_on_native_targets_counts_the_kernels_work():
         (1, 1, 2000),
     )
     for model in (talk, first):
-        StrategyPass("auto", native=True)(model)
+        StrategyPass("auto", native=True, goal="speed")(model)
     nodes = [n for m in (talk, first) for n in m.graph if n.domain == "wsnet"]
     assert [n.meta[STRATEGY_KEY] for n in nodes] == ["custom", "fold", "fold"]
     assert kernel_macs(nodes[0]) * 10 < macs(nodes[0])[0]
     assert kernel_macs(nodes[1]) > macs(nodes[1])[0] > macs(nodes[1])[1]
+
+
+def test_goals_trade_file_size_against_estimated_time():
+    """balanced keeps a layer WSNet (phi only) unless dense is estimated >10% faster; size
+    never folds; speed folds wherever WSNet is not strictly faster."""
+    from wsdeploy.passes.strategy import ESTIMATE_ERROR, choose
+
+    model = to_ir(
+        torch.nn.Sequential(
+            WSConv1d(16, 32, 16, stride=2, sample_stride=4, channel_repeat=2),
+            torch.nn.Flatten(),
+            WSLinear(32 * 257, 5),
+        ),
+        (1, 16, 528),
+    )
+    conv, linear = [n for n in model.graph if n.domain == "wsnet"]
+    for node in (conv, linear):
+        dense_s, shared_s = estimate_seconds(node)
+        balanced = "shared" if shared_s <= dense_s * (1 + ESTIMATE_ERROR) else "fold"
+        assert choose(node, "auto") == balanced
+        assert choose(node, "auto", goal="size") == "shared"
+        assert choose(node, "auto", native=True, goal="size") == "custom"
+        assert choose(node, "auto", goal="speed") == ("shared" if shared_s < dense_s else "fold")
+    # the linear layer's estimate is the dense one's: balanced keeps the smaller file
+    assert choose(linear, "auto") == "shared" and choose(linear, "auto", goal="speed") == "fold"
+    assert choose(linear, "auto", native=True) == "custom"
+    with pytest.raises(ValueError, match="unknown goal"):
+        choose(conv, "auto", goal="tiny")
 
 
 def test_unknown_strategy():
@@ -87,7 +115,7 @@ def test_auto_on_ort_follows_the_blocked_shared_graph():
         (1, 16, 32, 32),
     )
     for model in (second, cifar):
-        StrategyPass("auto")(model)
+        StrategyPass("auto", goal="speed")(model)
     (a,), (b,) = ([n for n in m.graph if n.domain == "wsnet"] for m in (second, cifar))
     assert a.meta[STRATEGY_KEY] == "shared" and b.meta[STRATEGY_KEY] == "fold"
     dense_s, shared_s = estimate_seconds(a)

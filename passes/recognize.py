@@ -141,6 +141,7 @@ def recognize(
     del layers
     gm = ep.module(check_guards=False)
     records: list[Record] = []
+    parameters = {name for name, _ in gm.named_parameters()}
     changed = 0
     for node in list(gm.graph.nodes):
         layer = _layer_kind(node)
@@ -157,6 +158,10 @@ def recognize(
             slice_nodes, leaves = _weight_slice(weight)
         except NotRecognised:
             continue  # the weight depends on an input: not a layer weight
+        if not any(leaf.target in parameters for leaf in leaves):
+            # a constant weight (e.g. int8 values dequantized): dense, stored as it is
+            records.append(Record(_where(node), layer, "dense", {"param": "(constants)"}))
+            continue
         try:
             found = _recognise(gm, node, layer, weight, slice_nodes, leaves)
         except NotRecognised as e:
@@ -182,12 +187,13 @@ def recognize(
     return new, records
 
 
-def _delete_unused_attributes(gm: torch.fx.GraphModule) -> None:
-    """Drop the parameters and buffers no node reads any more (the user's phi and index
-    tables, now that the canonical phi replaced them), so the program stores none of them."""
+def _delete_unused_attributes(gm: torch.fx.GraphModule, among: set[str] | None = None) -> None:
+    """Drop the parameters and buffers (of ``among``, default all) no node reads any more
+    (the user's phi and index tables, now that the canonical phi replaced them), so the
+    program stores none of them."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in [n for n, _ in (*gm.named_parameters(), *gm.named_buffers())]:
-        if name in used:
+        if name in used or (among is not None and name not in among):
             continue
         owner_path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm

@@ -264,15 +264,30 @@ def calibration_samples(loaded: LoadedModel, options: ExportOptions) -> tuple[np
     return ds.x, f"{loaded.dataset} calib split ({n} samples, seed {options.seed})"
 
 
+def layered(loaded: LoadedModel) -> LoadedModel:
+    """The model with every layer a module, as int8 quantizes layers: a wsdeploy checkpoint
+    is built of them; any other model (a .pt2 program, a user's module, whose layers may
+    be calls on computed weights) is rebuilt from its torch program after recognition
+    (``passes.modules``), so every kind takes the same int8 path. Same function, up to
+    rounding: recognised layers compute what the user's code did."""
+    if loaded.kind == "checkpoint":
+        return loaded
+    from wsdeploy.passes.modules import modularize
+
+    program, _ = _memo(loaded, ("torch stage",), lambda: torch_stage(loaded))
+    return _memo(
+        loaded,
+        ("layered",),
+        lambda: dataclasses.replace(loaded, module=modularize(program), exported=None),
+    )
+
+
 def quantized_reference(loaded: LoadedModel, calibration: quantize.Calibration) -> LoadedModel:
     """The fake-quantized PyTorch model an int8 build computes: the reference it is checked
     against, and what is traced."""
-    if loaded.exported is not None:
-        raise WsdeployError(
-            "int8 needs the model's layers: export it from a checkpoint, not a .pt2 program"
-        )
-    qmodule = quantize.quantize_model(loaded.module, calibration)
-    return dataclasses.replace(loaded, module=qmodule)
+    base = layered(loaded)
+    qmodule = quantize.quantize_model(base.module, calibration)
+    return dataclasses.replace(base, module=qmodule)
 
 
 _MEMO: dict[tuple, Any] = {}
@@ -304,7 +319,7 @@ def calibrated_reference(
     def calibrate() -> quantize.Calibration:
         samples, source = calibration_samples(loaded, options)
         return quantize.calibrate(
-            loaded.module,
+            layered(loaded).module,
             quantize.batches(samples, loaded.input_shape[0]),
             source,
             options.calib_method,
@@ -723,6 +738,8 @@ def export(
     lowered, layers = lower(
         reference, options.strategy, target.native_wsnet, recognition, options.goal
     )
+    if int8:  # the reference is built of layer modules: report the user's model itself
+        recognition = _memo(loaded, ("torch stage",), lambda: torch_stage(loaded))[1]
     warnings = []
     if options.strategy in ("shared", "custom") and not layers:
         convs = sum(r.status != "recognised" for r in recognition)

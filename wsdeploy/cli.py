@@ -472,6 +472,14 @@ def _quiet_third_party_logs() -> None:
     "test-set size if larger).",
 )
 @click.option(
+    "--gate-data",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="int8: held-out data for the accuracy gate, an .npz with inputs 'x' (n, "
+    "*input_shape[1:]) and optional integer 'labels'. Default: the model's bundled test "
+    "split, else every 4th sample of --calib (never calibrated on).",
+)
+@click.option(
     "--n-verify",
     type=click.IntRange(min=MIN_VERIFY),
     default=MIN_VERIFY,
@@ -495,6 +503,7 @@ def export(
     calib_method: str,
     min_agreement: float | None,
     gate_samples: int | None,
+    gate_data: Path | None,
     n_verify: int,
     rpc: str | None,
     trust_pickle: bool,
@@ -529,6 +538,7 @@ def export(
         calib_method=calib_method,
         min_agreement=min_agreement,
         gate_samples=gate_samples,
+        gate_data=None if gate_data is None else str(gate_data),
     )
     with console.status("exporting") as status:
         result = export_model(
@@ -612,6 +622,8 @@ def _print_verification(v: dict) -> None:
             if gate["accuracy_fp32"] is not None
             else " (no labels: agreement only)"
         )
+        if gate.get("data"):
+            acc += f"; data: {gate['data']}"
         from wsdeploy.compiler import AGREEMENT_MIN
 
         bar = gate.get("min_agreement", AGREEMENT_MIN)

@@ -65,6 +65,7 @@ class ExportOptions:
     calib_samples: int | None = None  # int8: this many samples of the model's own dataset
     calib_method: str = "auto"  # int8: activation clipping: auto, mse or minmax (quantize.py)
     gate_samples: int | None = None  # int8: held-out samples for the accuracy gate
+    gate_data: str | None = None  # int8: .npz of held-out inputs (x) and optional labels
     min_agreement: float | None = None  # int8: the gate's agreement bar (None: AGREEMENT_MIN)
     n_verify: int = numerics.MIN_VERIFY
     seed: int = 0
@@ -247,11 +248,65 @@ def _dataset(loaded: LoadedModel, split: str, n: int, seed: int):
     return train.dataset_for(zoo.ZOO[loaded.arch], loaded.config, split, n, seed)
 
 
-def calibration_samples(loaded: LoadedModel, options: ExportOptions) -> tuple[np.ndarray, str]:
-    """The int8 calibration inputs: the user's file, or samples of the model's dataset's
-    calibration split (disjoint from the held-out test split)."""
+CALIB_HOLDOUT = 4
+"""Without --gate-data or a bundled dataset, every CALIB_HOLDOUT-th sample of the --calib file
+(the last of each group) is held out for the accuracy gate and never calibrated on."""
+MIN_GATE_INPUTS = 32
+
+
+@dataclass(frozen=True)
+class GateData:
+    """The accuracy gate's held-out inputs: user data, never random noise."""
+
+    x: np.ndarray
+    labels: np.ndarray | None
+    source: str
+
+
+def gate_data(loaded: LoadedModel, options: ExportOptions) -> GateData | None:
+    """The gate's data: ``--gate-data`` (inputs ``x``, optional ``labels``/``y``); else None
+    when the model's bundled dataset provides its test split; else the held-out part of the
+    ``--calib`` file (``CALIB_HOLDOUT``). Refuses when there is no real data at all: random
+    inputs are only the numerics check's, never the accuracy gate's."""
+    if options.gate_data is not None:
+        x = quantize.load_samples(options.gate_data, loaded.input_shape)
+        labels = quantize.load_labels(options.gate_data, len(x))
+        name = Path(options.gate_data).name
+        return GateData(
+            x, labels, f"{name} ({len(x)} inputs{', labelled' if labels is not None else ''})"
+        )
+    if loaded.dataset is not None:
+        return None
     if options.calib is not None:
-        return quantize.load_samples(options.calib, loaded.input_shape), str(options.calib)
+        every = quantize.load_samples(options.calib, loaded.input_shape)
+        held = every[CALIB_HOLDOUT - 1 :: CALIB_HOLDOUT]
+        if len(held) >= MIN_GATE_INPUTS:
+            name = Path(options.calib).name
+            return GateData(
+                held,
+                None,
+                f"every {CALIB_HOLDOUT}th sample of {name} ({len(held)} inputs, not calibrated on)",
+            )
+    raise WsdeployError(
+        "int8 needs held-out data for its accuracy gate: pass --gate-data FILE.npz (inputs "
+        f"'x', optional 'labels'), or a --calib file of at least "
+        f"{MIN_GATE_INPUTS * CALIB_HOLDOUT} samples (every {CALIB_HOLDOUT}th is held out)"
+    )
+
+
+def calibration_samples(loaded: LoadedModel, options: ExportOptions) -> tuple[np.ndarray, str]:
+    """The int8 calibration inputs: the user's file (less the samples held out for the gate,
+    see ``gate_data``), or samples of the model's dataset's calibration split (disjoint from
+    the held-out test split)."""
+    if options.calib is not None:
+        samples = quantize.load_samples(options.calib, loaded.input_shape)
+        name = Path(options.calib).name
+        if options.gate_data is None and loaded.dataset is None:
+            keep = np.ones(len(samples), bool)
+            keep[CALIB_HOLDOUT - 1 :: CALIB_HOLDOUT] = False
+            if len(samples) - keep.sum() >= MIN_GATE_INPUTS:
+                return samples[keep], f"{name} ({int(keep.sum())} of {len(samples)} samples)"
+        return samples, name
     if loaded.dataset is None:
         raise WsdeployError(
             "int8 needs calibration samples: pass --calib FILE.npz (this model has no "
@@ -341,22 +396,31 @@ def accuracy_gate(
     batch: int,
     min_agreement: float | None = None,
     progress=None,
+    data: GateData | None = None,
 ) -> dict[str, Any]:
     """int8 against fp32 on held-out data: top-1 agreement and accuracy drop, on ``n``
-    inputs (default: ``GATE_SAMPLES``, or the model's own test-set size if larger).
+    inputs (default: ``GATE_SAMPLES``, or the model's own test-set size if larger) of the
+    model's bundled test split, or on ``data`` (``gate_data``: the user's, all of it unless
+    ``n`` is smaller).
 
     Raises ``AccuracyGateFailed`` below ``min_agreement`` (default ``AGREEMENT_MIN``) top-1
-    agreement or above ``ACCURACY_DROP_MAX`` drop. Without a bundled dataset there are no
-    labels: agreement only, on seeded random inputs. ``progress(message)`` hears how far
-    it is."""
+    agreement or above ``ACCURACY_DROP_MAX`` drop (the drop needs labels).
+    ``progress(message)`` hears how far it is."""
     say = progress or (lambda message: None)
     shape = loaded.input_shape
-    n = n or max(int(loaded.metrics.get("n_test", 0)), GATE_SAMPLES)
+    if data is not None:
+        n = min(n or len(data.x), len(data.x))
+    else:
+        n = n or max(int(loaded.metrics.get("n_test", 0)), GATE_SAMPLES)
     n = max(batch, n - n % batch)
     say(f"int8 accuracy gate: fp32 predictions on {n} held-out inputs")
-    xs, ys, fp32 = _memo(
-        loaded, ("gate", shape, n, batch), lambda: _gate_inputs(loaded, shape, n, batch)
-    )
+    if data is None:
+        xs, ys, fp32 = _memo(
+            loaded, ("gate", shape, n, batch), lambda: _gate_inputs(loaded, shape, n, batch)
+        )
+    else:
+        xs, ys = data.x[:n], None if data.labels is None else data.labels[:n]
+        fp32 = _fp32_top1(loaded, xs, batch)
     agree = correct_q = correct_f = 0
     every = max(batch, (n // 20) // batch * batch)
     for i in range(0, n, batch):
@@ -371,7 +435,8 @@ def accuracy_gate(
             correct_f += int((pf == ys[i : i + batch]).sum())
     result: dict[str, Any] = {
         "n": n,
-        "held_out": ys is not None,
+        "held_out": True,
+        "data": data.source if data is not None else f"{loaded.dataset} test split",
         "top1_agreement": agree / n,
         "accuracy_fp32": correct_f / n if ys is not None else None,
         "accuracy_int8": correct_q / n if ys is not None else None,
@@ -395,21 +460,21 @@ def accuracy_gate(
 def _gate_inputs(loaded: LoadedModel, shape: tuple[int, ...], n: int, batch: int):
     """The gate's held-out inputs, their labels (None without a dataset) and the fp32
     model's top-1 predictions on them."""
-    if loaded.dataset is not None:
-        ds = _dataset(loaded, "test", n, 0)
-        xs, ys = ds.x, ds.y
-    else:
-        xs = np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
-        ys = None
+    if loaded.dataset is None:
+        raise WsdeployError("the accuracy gate needs held-out data (see compiler.gate_data)")
+    ds = _dataset(loaded, "test", n, 0)
+    return ds.x, ds.y, _fp32_top1(loaded, ds.x, batch)
+
+
+def _fp32_top1(loaded: LoadedModel, xs: np.ndarray, batch: int) -> np.ndarray:
     # the eager model takes any batch (int8 needs the module, not a fixed-shape .pt2)
     chunk = batch * max(1, EAGER_BATCH // batch) if loaded.exported is None else batch
-    fp32 = np.concatenate(
+    return np.concatenate(
         [
             _eager(loaded, xs[i : i + chunk])[0].reshape(len(xs[i : i + chunk]), -1).argmax(-1)
-            for i in range(0, n, chunk)
+            for i in range(0, len(xs), chunk)
         ]
     )
-    return xs, ys, fp32
 
 
 def _check_n_verify(n: int) -> None:
@@ -704,10 +769,17 @@ def export(
             f"unknown precision {options.precision!r}; choose from {list(PRECISIONS)}"
         )
     int8 = options.precision == "int8"
-    int8_only = (options.calib, options.calib_samples, options.gate_samples, options.min_agreement)
+    int8_only = (
+        options.calib,
+        options.calib_samples,
+        options.gate_samples,
+        options.min_agreement,
+        options.gate_data,
+    )
     if not int8 and any(v is not None for v in int8_only):
         raise WsdeployError(
-            "--calib/--calib-samples/--gate-samples/--min-agreement need --quantize int8"
+            "--calib/--calib-samples/--gate-samples/--gate-data/--min-agreement need "
+            "--quantize int8"
         )
     _check_n_verify(options.n_verify)
     outdir = check_outdir(outdir)
@@ -729,8 +801,9 @@ def export(
         },
     )
     t0 = time.perf_counter()
-    reference, calibration = loaded, None
+    reference, calibration, held_out = loaded, None, None
     if int8:
+        held_out = gate_data(loaded, options)  # refuses before any work if there is none
         say("calibrate")
         reference, calibration = calibrated_reference(loaded, options)
     say("trace, recognise and lower")
@@ -777,6 +850,7 @@ def export(
                     loaded.input_shape[0],
                     options.min_agreement,
                     progress=say,
+                    data=held_out,
                 )
                 verification["accuracy_gate"]["ran_on"] = where.gate_on
         verification["device"] = options.rpc or "local"
@@ -981,17 +1055,23 @@ def verify(
                 reference, where.runner, inputs, stage="quantized", step=calibration.output_step
             )
             gate = manifest["verification"].get("accuracy_gate", {})
-            result["accuracy_gate"] = accuracy_gate(
-                loaded,
-                where.gate_runner,
-                gate.get("n"),
-                loaded.input_shape[0],
-                gate.get("min_agreement"),
-            )
-            result["accuracy_gate"]["ran_on"] = where.gate_on
+            if loaded.dataset is not None:
+                result["accuracy_gate"] = accuracy_gate(
+                    loaded,
+                    where.gate_runner,
+                    gate.get("n"),
+                    loaded.input_shape[0],
+                    gate.get("min_agreement"),
+                )
+                result["accuracy_gate"]["ran_on"] = where.gate_on
+            else:  # the user's held-out data stayed with the export
+                result["note"] = (
+                    "accuracy gate not re-run: it ran at export on the user's data "
+                    f"({gate.get('data', '?')}); this checked the numerics only"
+                )
     result["verified_on"] = where.verified_on
     if where.note:
-        result["note"] = where.note
+        result["note"] = " ".join(filter(None, [where.note, result.get("note")]))
     return result
 
 

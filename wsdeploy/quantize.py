@@ -91,15 +91,27 @@ def activation_scale(absmax: float, unsigned: bool = False) -> float:
     return _f32(max(absmax, 1e-8) / (255 if unsigned else QMAX))
 
 
-def quantize_per_channel(w: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per index of ``axis``: (q int8, scales float32)."""
+WEIGHT_QMAX = 63
+"""Largest magnitude of a conv/linear layer's int8 weight (7 bits). ONNX Runtime runs a
+per-output-channel QDQ conv or Gemm as an integer kernel, and on x86 CPUs without VNNI that
+kernel adds pairs of uint8 x int8 products in int16, which saturates for full-range weights
+(2 * 255 * 127 > 32767; ORT's own ``reduce_range``): measured here on an AVX2 machine, a
+64,000-input linear layer was off by 14 output steps. A file may run on any CPU, so these
+weights always keep every pair inside int16. (phi keeps 8 bits: ORT computes WSNet layers in
+float, and the TVM kernels accumulate in int32.)"""
+
+
+def quantize_per_channel(
+    w: np.ndarray, axis: int = 0, qmax: int = QMAX
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per index of ``axis``, magnitudes up to ``qmax``: (q, scales)."""
     w = np.asarray(w, dtype=np.float32)
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     absmax = np.abs(moved).max(1)
-    scale = (np.maximum(absmax, 1e-12) / QMAX).astype(np.float32)
+    scale = (np.maximum(absmax, 1e-12) / qmax).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -QMAX, QMAX).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -201,7 +213,7 @@ class QuantConv(_Quantized):
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, act: tuple[float, bool]) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise WsdeployError(f"int8: unsupported conv {conv} (groups, padding mode)")
-        q, scale = quantize_per_channel(conv.weight.detach().numpy(), 0)
+        q, scale = quantize_per_channel(conv.weight.detach().numpy(), 0, WEIGHT_QMAX)
         super().__init__(act, q, scale, conv.bias)
         self.fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
         self.kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
@@ -214,7 +226,7 @@ class QuantLinear(_Quantized):
     """nn.Linear with int8 weights per output feature."""
 
     def __init__(self, fc: nn.Linear, act: tuple[float, bool]) -> None:
-        q, scale = quantize_per_channel(fc.weight.detach().numpy(), 0)
+        q, scale = quantize_per_channel(fc.weight.detach().numpy(), 0, WEIGHT_QMAX)
         super().__init__(act, q, scale, fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -438,6 +450,27 @@ def load_samples(path: str | Path, input_shape: tuple[int, ...]) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise WsdeployError(f"calibration samples in {path} contain NaN or infinity")
     return arr
+
+
+def load_labels(path: str | Path, n: int) -> np.ndarray | None:
+    """The integer class labels (``labels`` or ``y``) of an .npz of ``n`` inputs, if any."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            key = next((k for k in ("labels", "y") if k in z.files), None)
+            if key is None:
+                return None
+            labels = z[key]
+    except Exception as e:
+        raise WsdeployError(f"cannot read labels of {path}: {str(e)[:200]}") from e
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise WsdeployError(
+            f"labels in {path} must be {n} integers (one per input), not {labels.dtype} "
+            f"{tuple(labels.shape)}"
+        )
+    return labels.astype(np.int64)
 
 
 def batches(samples: np.ndarray, batch: int) -> list[np.ndarray]:

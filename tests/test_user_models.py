@@ -1,0 +1,175 @@
+"""Models as users write them (plain PyTorch, hand-written WSNet layers, norms and
+residuals), saved as .pt2 and as pickles, through inspect and export on every local
+target, fp32 and int8 with calibration and gate data of their own."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from wsdeploy.cli import main
+
+LENGTH = 2048
+
+
+class HandWSConv1d(nn.Module):
+    """WSNet conv1d by hand: windows by unfold, channel repeat by repeat."""
+
+    def __init__(self, cin, n, k, s, r, padding):
+        super().__init__()
+        self.n, self.k, self.s, self.r, self.padding = n, k, s, r, padding
+        self.phi = nn.Parameter(torch.randn(cin // r, k + (n - 1) * s) * 0.2)
+
+    def forward(self, x):
+        w = self.phi.unfold(1, self.k, self.s).permute(1, 0, 2).repeat(1, self.r, 1)
+        return F.conv1d(x, w, padding=self.padding)
+
+
+class UserNet(nn.Module):
+    """A small audio classifier: stem, a residual WSNet block with GroupNorm and GELU, a
+    depthwise conv, LayerNorm, and a WSNet fully connected layer from an index table."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(1, 16, 9, stride=4, padding=4)
+        self.ws1 = HandWSConv1d(16, 16, 7, 2, 2, 3)
+        self.gn = nn.GroupNorm(4, 16)
+        self.dw = nn.Conv1d(16, 16, 5, padding=2, groups=16)
+        self.ws2 = HandWSConv1d(16, 32, 5, 1, 4, 2)
+        self.bn = nn.BatchNorm1d(32)
+        self.ln = nn.LayerNorm(32)
+        self.fc_phi = nn.Parameter(torch.randn(32 + 7 * 4) * 0.2)
+        self.register_buffer("fc_idx", torch.arange(8)[:, None] * 4 + torch.arange(32))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.silu(self.stem(x))
+        y = y + F.gelu(self.gn(self.ws1(y)))  # residual
+        y = F.relu(self.dw(y))
+        y = F.relu(self.bn(self.ws2(y)))
+        y = self.ln(y.mean(-1))
+        y = F.relu(F.linear(y, self.fc_phi[self.fc_idx]))
+        return self.head(y)
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """The model as .pt2 and as a pickle, with calibration and labelled gate data."""
+    root = tmp_path_factory.mktemp("user")
+    torch.manual_seed(0)
+    model = UserNet().eval()
+    for m in model.modules():  # trained-looking norm statistics
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    with torch.no_grad():  # decisive logits, as a trained model has (few near ties)
+        model.head.weight.mul_(30)
+    example = torch.randn(1, 1, LENGTH)
+    torch.export.save(torch.export.export(model, (example,)), root / "user.pt2")
+    torch.save(model, root / "user.pt")
+    rng = np.random.default_rng(0)
+    t = np.arange(LENGTH) / 8000.0
+
+    # real-looking audio: tones of random pitch in noise
+    def clips(n):
+        f = rng.uniform(100, 2000, (n, 1, 1))
+        return (np.sin(2 * np.pi * f * t) + 0.3 * rng.standard_normal((n, 1, LENGTH))).astype(
+            np.float32
+        )
+
+    np.savez(root / "calib.npz", x=clips(96))
+    gate_x = clips(160)
+    with torch.no_grad():
+        labels = model(torch.from_numpy(gate_x)).argmax(-1).numpy()
+    np.savez(root / "gate.npz", x=gate_x, labels=labels)
+    return root, model
+
+
+def _run(args):
+    result = CliRunner().invoke(main, args)
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.mark.parametrize("kind", ["user.pt2", "user.pt"])
+def test_inspect_reports_every_layer(user_files, kind):
+    root, _ = user_files
+    args = ["inspect", str(root / kind), "--json"]
+    if kind.endswith(".pt"):
+        args += ["--trust-pickle", "--input-shape", f"1,1,{LENGTH}"]
+    result = _run(args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    status = {r["node"].split(" ")[0]: r["status"] for r in report["recognition"]}
+    assert status["ws1"] == status["ws2"] == "recognised"
+    assert status["stem"] == status["dw"] == status["head"] == "dense"
+    kinds = [r["kind"] for r in report["layers"]]
+    assert kinds.count("WSConv1d") == 2 and kinds.count("WSLinear") == 1
+    assert report["totals"]["params"] < report["totals"]["dense_params"]
+
+
+def _export(root, kind, target, precision, out, *extra):
+    args = ["export", str(root / kind), "--target", target, "-o", str(out), *extra]
+    if kind.endswith(".pt"):
+        args += ["--trust-pickle", "--input-shape", f"1,1,{LENGTH}"]
+    if precision == "int8":
+        args += ["--quantize", "int8", "--calib", str(root / "calib.npz")]
+        args += ["--gate-data", str(root / "gate.npz"), "--min-agreement", "0.95"]
+    return _run(args)
+
+
+def test_pt2_fp32_onnx_recognises_and_shrinks(user_files, tmp_path):
+    root, _ = user_files
+    result = _export(root, "user.pt2", "onnx", "fp32", tmp_path / "o", "--strategy", "shared")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": recognised: WSNet") == 3
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [layer["op"] for layer in m["layers"]] == ["WSConv1d", "WSConv1d", "WSLinear"]
+    assert m["size"]["artifact_bytes"] < m["size"]["dense_baseline_bytes"]
+    # the file stores the condensed parameters, not the dense weights or the index table
+    import onnx
+
+    dense_weights = 16 * 9 + 16 * 16 * 7 + 16 * 5 + 32 * 16 * 5 + 8 * 32 + 4 * 8
+    assert m["size"]["stored_params"] < dense_weights / 2
+    proto = onnx.load(tmp_path / "o" / "model.onnx")
+    tables = [t.name for t in proto.graph.initializer if t.data_type == 7 and np.prod(t.dims) > 16]
+    assert tables == []  # int64 index tables: none
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["user.pt2", "user.pt"])
+@pytest.mark.parametrize("target", ["onnx", "ort", "x86_64"])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_user_models_export_everywhere(user_files, tmp_path, kind, target, precision):
+    root, _ = user_files
+    out = tmp_path / "o"
+    result = _export(root, kind, target, precision, out)
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verification"]["passed"]
+    assert sum(r["status"] == "recognised" for r in m["recognition"]) == 3
+    if precision == "int8":
+        gate = m["verification"]["accuracy_gate"]
+        assert gate["n"] == 160 and gate["accuracy_drop"] is not None
+        assert gate["data"].startswith("gate.npz")
+    if target == "x86_64":  # recognised conv layers run in the fused WSNet kernels
+        assert {layer["strategy"] for layer in m["layers"] if layer["op"] == "WSConv1d"} <= {
+            "custom",
+            "fold",
+        }
+
+
+def test_int8_without_held_out_data_is_refused(user_files, tmp_path):
+    root, _ = user_files
+    small = tmp_path / "small.npz"
+    np.savez(small, x=np.zeros((16, 1, LENGTH), np.float32))
+    args = ["export", str(root / "user.pt2"), "--quantize", "int8", "--calib", str(small)]
+    result = _run([*args, "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "--gate-data" in result.output
+    assert not (tmp_path / "o").exists()

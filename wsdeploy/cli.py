@@ -393,8 +393,8 @@ def _quiet_third_party_logs() -> None:
     show_default=True,
     help="How WSNet layers are lowered: fold (dense weights), shared (standard-op "
     "shared computation), custom (one wsnet op per layer with a local function), "
-    "auto (per layer: on ONNX/ORT shared where its estimated time beats the dense conv, "
-    "on TVM targets the fused WSNet kernels). For the smallest file use shared.",
+    "auto (per layer, by --goal: on ONNX/ORT shared or dense by the estimated time, on TVM "
+    "targets the fused WSNet kernels or dense). For the smallest file use shared.",
 )
 @click.option(
     "--goal",

@@ -13,6 +13,17 @@ from wsdeploy.passes.base import Pass, PassManager
 from wsdeploy.passes.strategy import StrategyPass, estimate_seconds, kernel_macs, macs
 
 
+def _small_conv_and_linear():
+    return to_ir(
+        torch.nn.Sequential(
+            WSConv1d(16, 32, 16, stride=2, sample_stride=4, channel_repeat=2),
+            torch.nn.Flatten(),
+            WSLinear(32 * 257, 5),
+        ),
+        (1, 16, 528),
+    )
+
+
 def test_auto_on_standard_op_runtimes_follows_estimated_time():
     model = to_ir(torch.nn.Sequential(WSConv1d(64, 128, 8, channel_repeat=4)), (1, 64, 8199))
     StrategyPass("auto", goal="speed")(model)
@@ -22,14 +33,7 @@ def test_auto_on_standard_op_runtimes_follows_estimated_time():
     dense_s, shared_s = estimate_seconds(node)
     assert 2 < dense_s / shared_s < 6  # measured on ONNX Runtime here: about 4x
 
-    small = to_ir(
-        torch.nn.Sequential(
-            WSConv1d(16, 32, 16, stride=2, sample_stride=4, channel_repeat=2),
-            torch.nn.Flatten(),
-            WSLinear(32 * 257, 5),
-        ),
-        (1, 16, 528),
-    )
+    small = _small_conv_and_linear()
     StrategyPass("auto", goal="speed")(small)
     chosen = [n.meta[STRATEGY_KEY] for n in small.graph if n.domain == "wsnet"]
     assert chosen == ["fold", "fold"]  # small conv: P traffic; linear: no fewer multiply-adds
@@ -58,14 +62,7 @@ def test_goals_trade_file_size_against_estimated_time():
     never folds; speed folds wherever WSNet is not strictly faster."""
     from wsdeploy.passes.strategy import ESTIMATE_ERROR, choose
 
-    model = to_ir(
-        torch.nn.Sequential(
-            WSConv1d(16, 32, 16, stride=2, sample_stride=4, channel_repeat=2),
-            torch.nn.Flatten(),
-            WSLinear(32 * 257, 5),
-        ),
-        (1, 16, 528),
-    )
+    model = _small_conv_and_linear()
     conv, linear = [n for n in model.graph if n.domain == "wsnet"]
     for node in (conv, linear):
         dense_s, shared_s = estimate_seconds(node)

@@ -935,9 +935,10 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     )
 
 
-SESSION_TIMEOUT = 3600.0
-"""Seconds an RPC session may last: long enough for an int8 accuracy gate of a thousand
-inputs or a long benchmark on a slow or emulated board (TVM's own 60 s ended them)."""
+SESSION_TIMEOUT = 60.0
+"""Seconds an RPC session may last. (An hour was tried for long gates on slow boards; in a
+fresh-clone CI run a device test then hung for that hour, cause not found yet: kept at 60 s,
+and an emulated device's int8 gate runs on the host twin instead.)"""
 
 CONNECT_ATTEMPTS = 3
 """Connections to a device are tried this often (1 s, then 2 s apart) before giving up."""

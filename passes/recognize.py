@@ -175,7 +175,9 @@ def recognize(
     _delete_unused_attributes(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
-    example = _example_inputs(ep)
+    from wsdeploy.trace import example_inputs
+
+    example = example_inputs(ep)
     try:
         new = torch.export.export(gm, example)
     except Exception as e:  # the rewrite must re-trace; if not, say so and keep the original
@@ -198,15 +200,6 @@ def _delete_unused_attributes(gm: torch.fx.GraphModule, among: set[str] | None =
         owner_path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         delattr(owner, attr)
-
-
-def _example_inputs(ep) -> tuple[torch.Tensor, ...]:
-    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    return tuple(
-        torch.zeros(tuple(nodes[n].meta["val"].shape), dtype=nodes[n].meta["val"].dtype)
-        for n in names
-    )
 
 
 def _dense_counts(node: torch.fx.Node, layer: str, weight: torch.fx.Node) -> dict[str, Any]:

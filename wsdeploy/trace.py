@@ -125,7 +125,7 @@ def to_onnx(ep: torch.export.ExportedProgram) -> ir.Model:
     it cannot see through a ``wsnet`` node, so phi is never materialised into dense weights.
     """
     onnx_ops.register_schemas()
-    example = _example_inputs(ep)
+    example = example_inputs(ep)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -149,7 +149,11 @@ def to_onnx(ep: torch.export.ExportedProgram) -> ir.Model:
     return model
 
 
-def _example_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...]:
+def example_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...]:
+    """Zero tensors of the program's user-input shapes and dtypes (to trace it again)."""
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    return tuple(torch.zeros(tuple(nodes[n].meta["val"].shape)) for n in names)
+    return tuple(
+        torch.zeros(tuple(nodes[n].meta["val"].shape), dtype=nodes[n].meta["val"].dtype)
+        for n in names
+    )

@@ -22,6 +22,7 @@ import logging
 import operator
 import os
 import pickle
+import re
 import tempfile
 import warnings
 import zipfile
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 
 FORMAT = "wsdeploy-checkpoint"
 VERSION = 1
+
+# What a model archive may unpack to, checked from the zip directory before torch reads a
+# byte: a total (declared uncompressed) size, and a compression ratio above which a large
+# member is a decompression bomb, not weights (float weights deflate by ~1.1x).
+MAX_ARCHIVE_BYTES = 2 << 30
+MAX_RATIO = 50
+RATIO_FLOOR = 16 << 20  # members smaller than this may compress as well as they like
 
 
 @dataclass
@@ -162,6 +170,7 @@ def load_model(
     digest = sha256_file(path)
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a PyTorch model file (truncated or corrupt?)")
+    check_archive(path)
     if _is_pt2(path):
         return _load_pt2(path, digest, trust_pickle, input_shape)
     try:
@@ -192,8 +201,41 @@ def load_model(
     return loaded
 
 
+def check_archive(path: Path) -> None:
+    """Refuse a zip whose directory is unsafe to hand to torch's reader: member names that
+    leave the archive's folder, duplicates, or members that would inflate past
+    MAX_ARCHIVE_BYTES (in total) or MAX_RATIO (each)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: corrupt model file ({_first_line(e)})") from e
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith("/") or "\\" in name or "\0" in name or ".." in parts or ":" in parts[0]:
+            raise ModelFileError(f"{path}: archive member {name[:80]!r} names a path outside it")
+        if name in seen:
+            raise ModelFileError(f"{path}: archive holds {name[:80]!r} twice")
+        seen.add(name)
+        total += info.file_size
+        if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            raise ModelFileError(
+                f"{path}: archive member {name[:80]!r} would inflate from "
+                f"{info.compress_size:,} to {info.file_size:,} bytes; refusing it"
+            )
+    if total > MAX_ARCHIVE_BYTES:
+        raise ModelFileError(
+            f"{path}: archive would unpack to {total:,} bytes, over wsdeploy's limit of "
+            f"{MAX_ARCHIVE_BYTES:,}"
+        )
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    text = str(e).strip()
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text).splitlines()
     return text[0][:200] if text else type(e).__name__
 
 
@@ -405,11 +447,18 @@ def _load_pt2(
 ) -> LoadedModel:
     """A .pt2 program; with dynamic dimensions, ``input_shape`` picks the concrete shape
     it is re-traced at (within the program's ranges)."""
+    from torch.export.pt2_archive._package import load_pt2
+
     try:
         with _pt2_loader(path, trust_pickle), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.load(path)
-    except UnsafeModelError:
+            # load_pt2, not torch.export.load: that one logs the reason as a traceback and
+            # raises "check the warnings above"
+            programs = load_pt2(path).exported_programs
+        if "model" not in programs:
+            raise ModelFileError(f"{path}: .pt2 archive holds no program named 'model'")
+        ep = programs["model"]
+    except (UnsafeModelError, ModelFileError):
         raise
     except Exception as e:
         raise ModelFileError(f"{path}: cannot load torch.export program ({_first_line(e)})") from e

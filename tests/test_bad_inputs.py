@@ -345,7 +345,7 @@ def test_a_killed_export_is_cleaned_up_by_the_next(build, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # ...the next export does
 
 
-@pytest.mark.parametrize("target", ["onnx", "ort"])
+@pytest.mark.parametrize("target", ["onnx", "ort", "x86_64"])
 def test_identical_inputs_give_identical_artifacts(tmp_path, target):
     # ort: ONNX Runtime's converter writes the kernel-type table of a .ort file in a
     # hash-map order that changes from run to run (targets/ort.py canonical re-writes it)

@@ -348,7 +348,7 @@ def test_a_killed_export_is_cleaned_up_by_the_next(build, tmp_path):
 @pytest.mark.parametrize("target", ["onnx", "ort", "x86_64"])
 def test_identical_inputs_give_identical_artifacts(tmp_path, target):
     # ort: ONNX Runtime's converter writes the kernel-type table of a .ort file in a
-    # hash-map order that changes from run to run (targets/ort.py canonical re-writes it)
+    # hash-map order that changes from run to run (wsdeploy/targets/ort.py canonical re-writes it)
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         args = ["export", "wsnet1d-tiny", "--target", target, "--strategy", "shared"]

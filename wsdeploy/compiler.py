@@ -31,7 +31,7 @@ import torch
 from wsdeploy import __version__, numerics, quantize, trace
 from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
 from wsdeploy.modelfile import LoadedModel, default_mode, load_model
-from wsdeploy.passes._graph import STRATEGY_KEY, static_shape, ws_nodes
+from wsdeploy.passes._graph import STRATEGY_KEY, phi_of, static_shape, ws_nodes, x_of
 from wsdeploy.passes.affine import AffinePass
 from wsdeploy.passes.base import PassManager
 from wsdeploy.passes.cleanup import CleanupPass
@@ -109,13 +109,10 @@ def pipeline(strategy: str, native: bool = False, goal: str = "balanced") -> Pas
 
 def _dense_params(node: ir.Node) -> int:
     """Entries of the dense weight a wsnet node samples from phi."""
-    from wsdeploy.passes._graph import ws_attrs
+    from wsdeploy import ops
+    from wsdeploy.passes._graph import ws_attrs, x_of
 
-    a = ws_attrs(node)
-    if node.op_type == "WSLinear":
-        return a["out_features"] * a["in_features"]
-    ndim = 1 if node.op_type == "WSConv1d" else 2
-    return a["out_channels"] * static_shape(node.inputs[0])[1] * a["kernel_size"] ** ndim
+    return ops.spec(node).dense_params(ws_attrs(node), static_shape(x_of(node))[1])
 
 
 def torch_stage(loaded: LoadedModel) -> tuple[torch.export.ExportedProgram, list[Any]]:
@@ -156,8 +153,8 @@ def lower(
                 "node": node.name,
                 "op": node.op_type,
                 "strategy": node.meta[STRATEGY_KEY],
-                "input_shape": list(static_shape(node.inputs[0])),
-                "phi_shape": list(static_shape(node.inputs[1])),
+                "input_shape": list(static_shape(x_of(node))),
+                "phi_shape": list(static_shape(phi_of(node))),
                 "dense_params": _dense_params(node),
                 "dense_macs": dense,
                 "shared_macs": shared,  # WSNET.md §2's count, whatever the lowering

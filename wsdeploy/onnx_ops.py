@@ -13,17 +13,11 @@ from __future__ import annotations
 import onnx
 from onnx import defs
 
-DOMAIN = "wsnet"
-VERSION = 1
+from wsdeploy.ops import DOMAIN, INPUTS, VERSION
+from wsdeploy.ops import OPS as SPECS
 
-CONV_ATTRS = ("out_channels", "kernel_size", "stride", "padding", "sample_stride", "channel_repeat")
-LINEAR_ATTRS = ("out_features", "in_features", "sample_stride", "channel_repeat")
-
-OPS: dict[str, tuple[str, ...]] = {
-    "WSConv1d": CONV_ATTRS,
-    "WSConv2d": CONV_ATTRS,
-    "WSLinear": LINEAR_ATTRS,
-}
+OPS: dict[str, tuple[str, ...]] = {op: spec.attrs for op, spec in SPECS.items()}
+"""The wsnet ops' attributes, from their specs (``wsdeploy.ops``)."""
 
 INTEGER_OPS: dict[str, tuple[str, ...]] = {
     **{f"{op}Int": attrs for op, attrs in OPS.items()},
@@ -54,10 +48,8 @@ def register_schemas() -> None:
             VERSION,
             doc=f"Weight-sampled layer {op_type}; see wsdeploy.onnx_ops.",
             inputs=[
-                param("X", "T"),
-                param("phi", "T"),
-                param("scale", "T", param_option=option),
-                param("bias", "T", param_option=option),
+                param(name, "T", param_option=option) if i >= 2 else param(name, "T")
+                for i, name in enumerate(INPUTS)
             ],
             outputs=[param("Y", "T")],
             type_constraints=[("T", ["tensor(float)"], "float tensors")],

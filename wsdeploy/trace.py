@@ -16,69 +16,13 @@ import onnx_ir as ir
 import torch
 from onnxscript import values
 
-from wsdeploy import onnx_ops
+from wsdeploy import onnx_ops, ops
 from wsdeploy.errors import CompileError, UnsupportedLayerError
 from wsdeploy.modelfile import LoadedModel
 
 log = logging.getLogger(__name__)
 
-_wsnet = values.Opset(onnx_ops.DOMAIN, onnx_ops.VERSION)
 _onnx = values.Opset("", 18)
-
-
-def _conv1d(
-    x,
-    phi,
-    out_channels: int,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    sample_stride: int,
-    channel_repeat: int,
-):
-    return _wsnet.WSConv1d(
-        x,
-        phi,
-        out_channels=out_channels,
-        kernel_size=kernel_size,
-        stride=stride,
-        padding=padding,
-        sample_stride=sample_stride,
-        channel_repeat=channel_repeat,
-    )
-
-
-def _conv2d(
-    x,
-    phi,
-    out_channels: int,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    sample_stride: int,
-    channel_repeat: int,
-):
-    return _wsnet.WSConv2d(
-        x,
-        phi,
-        out_channels=out_channels,
-        kernel_size=kernel_size,
-        stride=stride,
-        padding=padding,
-        sample_stride=sample_stride,
-        channel_repeat=channel_repeat,
-    )
-
-
-def _linear(x, phi, out_features: int, in_features: int, sample_stride: int, channel_repeat: int):
-    return _wsnet.WSLinear(
-        x,
-        phi,
-        out_features=out_features,
-        in_features=in_features,
-        sample_stride=sample_stride,
-        channel_repeat=channel_repeat,
-    )
 
 
 def _fake_quant(x, scale: float, unsigned: bool):
@@ -97,9 +41,7 @@ def _translations() -> dict:
 
     del layers, quantize
     return {
-        torch.ops.wsnet.conv1d.default: _conv1d,
-        torch.ops.wsnet.conv2d.default: _conv2d,
-        torch.ops.wsnet.linear.default: _linear,
+        **{getattr(torch.ops.wsnet, s.torch_op).default: s.translate for s in ops.OPS.values()},
         torch.ops.wsnet.fake_quant.default: _fake_quant,
         torch.ops.wsnet.dequantize.default: _dequantize,
     }

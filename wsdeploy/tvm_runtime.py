@@ -1,6 +1,6 @@
 """TVM's runtime without its compiler: load a built library and run it on this machine.
 
-Kept apart from ``targets/tvm_build.py`` (which imports the ONNX tooling, and through the
+Kept apart from ``wsdeploy/targets/tvm_build.py`` (which imports the ONNX tooling, and through the
 targets package torch) so that a process that only runs a build, such as a benchmark
 worker, starts in the time TVM itself takes to load.
 """

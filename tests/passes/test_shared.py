@@ -21,6 +21,7 @@ from tests.passes.strategies import (
 )
 from wsdeploy.compiler import pipeline
 from wsdeploy.numerics import assert_close
+from wsdeploy.ops import _conv
 from wsdeploy.passes import shared
 
 
@@ -37,7 +38,7 @@ def lower_and_compare(module, shape, strategy, tmp_path):
 def test_conv1d_random_configs(tmp_path_factory, cfg, gain):
     # gain 0: always the disjoint gcd blocks; 10: always the fastest estimated windows
     module, shape = conv1d_model(cfg)
-    with mock.patch.object(shared, "OVERLAP_GAIN", gain):
+    with mock.patch.object(_conv, "OVERLAP_GAIN", gain):
         result = lower_and_compare(module, shape, "shared", tmp_path_factory.mktemp("s1"))
     assert result.modified
     ops = op_types(result.model)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wsdeploy.models import WSConv1d, WSConv2d, WSLinear
+from wsdeploy import ops
 from wsdeploy.passes.recognize import _delete_unused_attributes
 
 aten = torch.ops.aten
@@ -80,25 +80,16 @@ def _linear_module(gm, node) -> nn.Module | None:
     return fc
 
 
-def _wsnet_module(gm, node, cls) -> nn.Module:
-    x, phi_node, *attrs = node.args
+def _wsnet_module(gm, node, spec: ops.OpSpec) -> nn.Module:
+    from wsdeploy import models
+
+    x, phi_node, *args = node.args
     phi = _attr(gm, phi_node)
-    in_channels = x.meta["val"].shape[1] if cls is not WSLinear else x.meta["val"].shape[-1]
-    if cls is WSLinear:
-        out_f, in_f, s, r = attrs
-        layer = cls(in_f, out_f, sample_stride=s, channel_repeat=r, bias=False)
-    else:
-        n, k, stride, padding, s, r = attrs
-        layer = cls(
-            in_channels,
-            n,
-            k,
-            stride=stride,
-            padding=padding,
-            sample_stride=s,
-            channel_repeat=r,
-            bias=False,
-        )
+    shape = x.meta["val"].shape
+    in_channels = shape[spec.channel_axis(len(shape))]
+    layer = getattr(models, spec.layer).from_attrs(
+        in_channels, dict(zip(spec.attrs, args, strict=True))
+    )
     with torch.no_grad():
         layer.phi.copy_(phi)
     return layer
@@ -115,9 +106,12 @@ def modularize(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
         aten.conv1d.default: lambda n: _conv_module(gm, n, 1),
         aten.conv2d.default: lambda n: _conv_module(gm, n, 2),
         aten.linear.default: lambda n: _linear_module(gm, n),
-        torch.ops.wsnet.conv1d.default: lambda n: _wsnet_module(gm, n, WSConv1d),
-        torch.ops.wsnet.conv2d.default: lambda n: _wsnet_module(gm, n, WSConv2d),
-        torch.ops.wsnet.linear.default: lambda n: _wsnet_module(gm, n, WSLinear),
+        **{
+            getattr(torch.ops.wsnet, spec.torch_op).default: (
+                lambda n, spec=spec: _wsnet_module(gm, n, spec)
+            )
+            for spec in ops.OPS.values()
+        },
     }
     count = 0
     for node in list(gm.graph.nodes):

@@ -7,24 +7,23 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from wsdeploy import onnx_ops
+from wsdeploy import ops
+from wsdeploy.ops.base import NO_FOLD_KEY, input_of
+
+__all__ = ["NO_FOLD_KEY", "input_of"]  # re-exported for the passes
 
 STRATEGY_KEY = "wsdeploy.strategy"
 """Node metadata key set by the strategy pass: which lowering each wsnet node gets."""
 
-NO_FOLD_KEY = "wsdeploy.no_fold"
-"""Node metadata key: constant folding must leave this node to the runtime, because its
-output (overlapping windows of phi, say) would store phi's values more than once."""
-
 
 def ws_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
     """The wsnet-domain nodes of ``graph`` (a snapshot, safe to rewrite while iterating)."""
-    return iter([n for n in graph if n.domain == onnx_ops.DOMAIN])
+    return iter([n for n in graph if n.domain == ops.DOMAIN])
 
 
 def ws_attrs(node: ir.Node) -> dict[str, int]:
     """The integer attributes of a wsnet node, checked against the op's attribute list."""
-    names = onnx_ops.OPS[node.op_type]
+    names = ops.OPS[node.op_type].attrs
     return {a: node.attributes[a].as_int() for a in names}
 
 
@@ -110,10 +109,19 @@ def set_inputs(node: ir.Node, inputs: list[ir.Value | None]) -> None:
         node.replace_input_with(i, v)
 
 
+def x_of(node: ir.Node) -> ir.Value:
+    """The layer input of a wsnet node."""
+    return input_of(node, "X")
+
+
+def phi_of(node: ir.Node) -> ir.Value:
+    """The condensed parameters of a wsnet node."""
+    return input_of(node, "phi")
+
+
 def epilogue(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
     """The (scale, bias) epilogue inputs of a wsnet node; None where absent."""
-    inputs = [*node.inputs, None, None]
-    return inputs[2], inputs[3]
+    return input_of(node, "scale"), input_of(node, "bias")
 
 
 def dequantized(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray, int] | None:

@@ -11,7 +11,6 @@ compiler sees every per-channel affine (bias, batch norm) after the op in one fo
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -198,6 +197,15 @@ class LayerCount:
         return self.dense_macs / self.shared_macs if self.shared_macs else 1.0
 
 
+def _macs(layer, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(dense, shared) multiply-adds: the op kind's one formula (``wsdeploy.ops``)."""
+    from wsdeploy.ops import OPS
+
+    spec = next(OPS[c.__name__] for c in type(layer).__mro__ if c.__name__ in OPS)
+    attrs = dict(zip(spec.attrs, layer.attrs(), strict=True))
+    return spec.macs(attrs, tuple(in_shape), tuple(out_shape), tuple(layer.phi.shape))
+
+
 class _WSBase(nn.Module):
     """Shared bookkeeping of the WSNet layers."""
 
@@ -249,6 +257,12 @@ class _WSConvNd(_WSBase):
             in_channels * kernel_size**self.ndim,
         )
 
+    @classmethod
+    def from_attrs(cls, in_channels: int, attrs: dict[str, int], bias: bool = False):
+        """The layer (fresh phi) of a custom op call with these integer arguments."""
+        a = dict(attrs)
+        return cls(in_channels, a.pop("out_channels"), a.pop("kernel_size"), bias=bias, **a)
+
     def attrs(self) -> tuple[int, ...]:
         """The integer arguments of the custom op after (x, phi)."""
         return (
@@ -289,14 +303,8 @@ class _WSConvNd(_WSBase):
         return conv
 
     def count(self, name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LayerCount:
-        outs = out_shape[2:]
-        n, c, k, s = self.out_channels, self.in_channels, self.kernel_size, self.stride
-        table = math.prod(self.phi.shape[1:])  # L* or H* x W*
-        positions = math.prod((o - 1) * s + k for o in outs)  # padded input positions read
-        outputs = math.prod(outs)
-        batch = in_shape[0]
-        dense = batch * n * c * k**self.ndim * outputs
-        shared = batch * (positions * (self.phi.shape[0] * table + table) + n * outputs)
+        dense, shared = _macs(self, in_shape, out_shape)
+        n, c, k = self.out_channels, self.in_channels, self.kernel_size
         return LayerCount(
             name,
             type(self).__name__,
@@ -364,6 +372,12 @@ class WSLinear(_WSBase):
         )
         self._init((length,), out_features, bias, in_features)
 
+    @classmethod
+    def from_attrs(cls, in_channels: int, attrs: dict[str, int], bias: bool = False):
+        """The layer (fresh phi) of a custom op call with these integer arguments."""
+        a = dict(attrs)
+        return cls(a.pop("in_features"), a.pop("out_features"), bias=bias, **a)
+
     def attrs(self) -> tuple[int, ...]:
         return (self.out_features, self.in_features, self.sample_stride, self.channel_repeat)
 
@@ -386,10 +400,7 @@ class WSLinear(_WSBase):
         return lin
 
     def count(self, name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LayerCount:
-        rows = 1
-        for d in in_shape[:-1]:
-            rows *= d
-        macs = rows * self.in_features * self.out_features
+        dense, shared = _macs(self, in_shape, out_shape)
         return LayerCount(
             name,
             "WSLinear",
@@ -398,8 +409,8 @@ class WSLinear(_WSBase):
             tuple(self.phi.shape),
             self.phi.numel() + self._bias_params(),
             self.in_features * self.out_features + self._bias_params(),
-            macs,
-            macs,
+            dense,
+            shared,
         )
 
     def extra_repr(self) -> str:

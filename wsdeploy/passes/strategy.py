@@ -20,17 +20,17 @@ The lowering passes (fold, shared, custom) then act only on the nodes marked for
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import onnx_ir as ir
 
+from wsdeploy import ops
+from wsdeploy.ops import SharedWork
 from wsdeploy.passes import GOALS, STRATEGIES  # re-exported: the one table
 
 from ._cost import dense_seconds, shared_seconds
-from ._graph import STRATEGY_KEY, static_shape, ws_attrs, ws_nodes
+from ._graph import STRATEGY_KEY, phi_of, static_shape, ws_attrs, ws_nodes, x_of
 from .base import Pass, PassResult
-from .shared import blocking
+
+__all__ = ["GOALS", "STRATEGIES", "SharedWork"]
 
 ESTIMATE_ERROR = 0.10
 """How far the time estimates may be off (``_cost.py``'s fit to this machine's layers): under
@@ -38,51 +38,24 @@ the ``balanced`` goal a WSNet lowering, which stores only phi, is kept unless th
 is estimated faster by more than this."""
 
 
+def _shapes(node: ir.Node) -> tuple[dict[str, int], tuple, tuple, tuple]:
+    return (
+        ws_attrs(node),
+        static_shape(x_of(node)),
+        static_shape(node.outputs[0]),
+        static_shape(phi_of(node)),
+    )
+
+
 def macs(node: ir.Node) -> tuple[int, int]:
     """(dense, shared) multiply-adds of one wsnet node at its static shapes (WSNET.md §2)."""
-    a = ws_attrs(node)
-    in_shape = static_shape(node.inputs[0])
-    out_shape = static_shape(node.outputs[0])
-    phi = static_shape(node.inputs[1])
-    if node.op_type == "WSLinear":
-        rows = math.prod(in_shape[:-1])
-        dense = rows * a["in_features"] * a["out_features"]
-        return dense, dense
-    batch, cin = in_shape[:2]
-    k, s, n = a["kernel_size"], a["stride"], a["out_channels"]
-    spatial_out = out_shape[2:]
-    positions = math.prod((o - 1) * s + k for o in spatial_out)
-    table = math.prod(phi[1:])  # L* or H* x W*
-    outputs = math.prod(spatial_out)
-    dense = batch * n * cin * k ** len(spatial_out) * outputs
-    shared = batch * (positions * (phi[0] * table + table) + n * outputs)
-    return dense, shared
+    return ops.spec(node).macs(*_shapes(node))
 
 
-class SharedWork(NamedTuple):
-    """The work of the shared graph ``passes.shared`` builds for one conv node."""
-
-    table_macs: int  # the table conv's multiply-adds
-    elements: int  # table entries (written once, read once per tap)
-    taps: int  # table entries each output sums
-    diagonal_adds: int  # the diagonal conv's multiply-adds (by ones): 0 with one tap
-
-
-def shared_work(node: ir.Node) -> SharedWork:
-    """What the shared graph of one conv node computes, with the blocks ``blocking`` picks."""
-    a = ws_attrs(node)
-    phi = static_shape(node.inputs[1])
-    blocks = blocking(a, phi)
-    g, e, d = blocks
-    in_shape = static_shape(node.inputs[0])
-    dims = len(phi) - 1
-    columns = math.prod((t + 2 * a["padding"] - g) // d + 1 for t in in_shape[2:])
-    rows = math.prod(blocks.rows(length) for length in phi[1:])
-    starts = math.prod((length - a["kernel_size"]) // e + 1 for length in phi[1:])
-    elements = in_shape[0] * columns * rows
-    taps = blocks.taps(a) ** dims
-    diagonal = in_shape[0] * columns * starts * taps if taps > 1 else 0
-    return SharedWork(elements * phi[0] * g**dims, elements, taps, diagonal)
+def shared_work(node: ir.Node) -> SharedWork | None:
+    """What the shared graph of one node computes (None: the dense multiply-adds)."""
+    a, x, _, phi = _shapes(node)
+    return ops.spec(node).work(a, x, phi)
 
 
 def lowered_macs(node: ir.Node, strategy: str, native: bool = False) -> int:
@@ -90,41 +63,28 @@ def lowered_macs(node: ir.Node, strategy: str, native: bool = False) -> int:
     graph (``shared_work``: its table and its diagonal sums, as built, rows and columns the
     slices drop included), or on a native target the fused kernel (``kernel_macs``)."""
     dense, _ = macs(node)
-    if strategy == "fold" or node.op_type == "WSLinear":
+    work = shared_work(node)
+    if strategy == "fold" or work is None:
         return dense
     if native and strategy == "custom":
         return kernel_macs(node)
-    work = shared_work(node)
     return work.table_macs + work.diagonal_adds
 
 
 def estimate_seconds(node: ir.Node) -> tuple[float, float]:
-    """(dense, shared) estimated run time of one conv node on a standard-op runtime."""
+    """(dense, shared) estimated run time of one node on a standard-op runtime."""
     dense, _ = macs(node)
-    if node.op_type == "WSLinear":
-        return dense_seconds(dense), dense_seconds(dense)
     work = shared_work(node)
+    if work is None:
+        return dense_seconds(dense), dense_seconds(dense)
     return dense_seconds(dense), shared_seconds(work.table_macs, work.elements, work.taps)
 
 
 def kernel_macs(node: ir.Node) -> int:
-    """Multiply-adds of the TVM targets' kernels: the product table, then every filter tap
-    summed directly (N x taps per output; no prefix sums, which cost more than they save
-    at these filter lengths). A linear layer does what the dense one does."""
-    dense, _ = macs(node)
-    if node.op_type == "WSLinear":
-        return dense
-    a = ws_attrs(node)
-    in_shape = static_shape(node.inputs[0])
-    out_shape = static_shape(node.outputs[0])
-    phi = static_shape(node.inputs[1])
-    k, s = a["kernel_size"], a["stride"]
-    spatial_out = out_shape[2:]
-    positions = math.prod((o - 1) * s + k for o in spatial_out)
-    taps = k ** len(spatial_out)
-    return in_shape[0] * (
-        positions * math.prod(phi) + a["out_channels"] * taps * math.prod(spatial_out)
-    )
+    """Multiply-adds of the TVM targets' kernels (the spec's ``kernel_macs``): for a conv,
+    the product table, then every filter tap summed directly; a linear layer does what the
+    dense one does."""
+    return ops.spec(node).kernel_macs(*_shapes(node))
 
 
 def choose(node: ir.Node, strategy: str, native: bool = False, goal: str = "balanced") -> str:

@@ -15,14 +15,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from wsdeploy import ops
+
 from ._graph import (
     add_initializer,
     const,
+    epilogue,
+    phi_of,
     prune_initializers,
     rewire,
     set_inputs,
     static_shape,
     ws_nodes,
+    x_of,
 )
 from .base import Pass, PassResult
 
@@ -90,10 +95,9 @@ class AffinePass(Pass):
         modified = False
         for node in ws_nodes(graph):
             out_shape = static_shape(node.outputs[0])
-            axis = len(out_shape) - 1 if node.op_type == "WSLinear" else 1
+            axis = ops.spec(node).channel_axis(len(out_shape))
             n = out_shape[axis]
-            inputs = list(node.inputs) + [None] * (4 - len(node.inputs))
-            old_scale, old_bias = const(inputs[2]), const(inputs[3])
+            old_scale, old_bias = (const(v) for v in epilogue(node))
             scale = np.ones(n) if old_scale is None else old_scale.astype(np.float64).reshape(n)
             bias = np.zeros(n) if old_bias is None else old_bias.astype(np.float64).reshape(n)
             absorbed = 0
@@ -104,8 +108,8 @@ class AffinePass(Pass):
                 absorbed += 1
             if not absorbed:
                 continue
-            base = inputs[1].name or "phi"
-            epilogue = [
+            base = phi_of(node).name or "phi"
+            scale_bias = [
                 None
                 if np.all(scale == 1)
                 else add_initializer(graph, f"{base}.scale", scale.astype(np.float32)),
@@ -113,7 +117,7 @@ class AffinePass(Pass):
                 if np.all(bias == 0)
                 else add_initializer(graph, f"{base}.bias", bias.astype(np.float32)),
             ]
-            set_inputs(node, [*inputs[:2], *epilogue])
+            set_inputs(node, [x_of(node), phi_of(node), *scale_bias])
             modified = True
         if modified:
             prune_initializers(graph)

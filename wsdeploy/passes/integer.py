@@ -27,17 +27,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from wsdeploy import onnx_ops, quantize
+from wsdeploy import onnx_ops, ops, quantize
 
 from ._graph import (
     add_initializer,
     const,
     dequantized,
     epilogue,
+    phi_of,
     prune_initializers,
     rewire,
     static_shape,
     ws_nodes,
+    x_of,
 )
 from .affine import _absorb
 from .base import Pass, PassResult
@@ -123,16 +125,16 @@ class IntegerPass(Pass):
         return PassResult(model, modified)
 
     def _wsnet(self, graph: ir.Graph, node: ir.Node) -> bool:
-        if node.op_type.endswith("Int"):
+        if node.op_type not in ops.OPS:  # already integer
             return False
-        x = quantized_input(node.inputs[0])
-        phi = dequantized(node.inputs[1])
+        x = quantized_input(x_of(node))
+        phi = dequantized(phi_of(node))
         if x is None or phi is None:
             return False
         xq, sx = x
         q, scale, axis = phi
         out_shape = static_shape(node.outputs[0])
-        n = out_shape[-1] if node.op_type == "WSLinear" else out_shape[1]
+        n = out_shape[ops.spec(node).channel_axis(len(out_shape))]
         # phi is (C*, ...): its scales run along the condensed (input) channels
         if np.ndim(scale) == 0 or scale.size == 1:
             base, shifts = float(scale.reshape(-1)[0]), []
@@ -160,7 +162,7 @@ class IntegerPass(Pass):
             sx * w_scale * e_scale,
             e_bias,
             attrs,
-            node.inputs[1].name or "phi",
+            phi_of(node).name or "phi",
         )
         return True
 

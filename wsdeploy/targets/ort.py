@@ -155,7 +155,8 @@ def canonical(buf: bytes) -> bytes:
     model_vtable = model - int.from_bytes(buf[model : model + 4], "little", signed=True)
     start = max(fields.values()) + 4  # the root table's last field ends here
     end = min(model, model_vtable)  # the model's own table (and vtable) open the rest
-    if not start <= targets[10] < end or any(start <= t < end for s, t in targets.items() if s != 10):
+    others = [t for slot, t in targets.items() if slot != 10]
+    if not start <= targets[10] < end or any(start <= t < end for t in others):
         return buf
     entries = _resolver_entries(buf)
     block, root = _build_resolver(entries)

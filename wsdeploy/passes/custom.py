@@ -16,30 +16,15 @@ import hashlib
 
 import onnx_ir as ir
 
-from wsdeploy import onnx_ops
+from wsdeploy import onnx_ops, ops
+from wsdeploy.ops.builder import Builder
 
-from ._graph import STRATEGY_KEY, epilogue, static_shape, ws_attrs, ws_nodes
+from ._graph import STRATEGY_KEY, epilogue, phi_of, static_shape, ws_attrs, ws_nodes, x_of
 from .base import Pass, PassResult
-from .shared import Builder, blocking, build
+from .shared import build
 
 OPSET = 18
 """Default-domain opset of the function bodies when the model imports none."""
-
-
-def _layout(b: Builder, node: ir.Node, phi: ir.Value) -> ir.Value:
-    """The ONNX-op version of ``shared.weight_layout``."""
-    phi_shape = static_shape(node.inputs[1])
-    if node.op_type == "WSConv1d":
-        _, e, _ = blocking(ws_attrs(node), phi_shape)
-        cs, ls = phi_shape
-        return b.op("Transpose", [b.reshape(phi, [cs, ls // e, e])], perm=[1, 0, 2])
-    if node.op_type == "WSConv2d":
-        g, _, _ = blocking(ws_attrs(node), phi_shape)
-        cs, hs, ws = phi_shape
-        blocks = b.reshape(phi, [cs, hs // g, g, ws // g, g])
-        blocks = b.op("Transpose", [blocks], perm=[1, 3, 0, 2, 4])
-        return b.reshape(blocks, [hs // g * (ws // g), cs, g, g])
-    return b.reshape(phi, [1, 1, phi_shape[0]])
 
 
 def overload_key(node: ir.Node) -> str:
@@ -48,7 +33,7 @@ def overload_key(node: ir.Node) -> str:
     scale, bias = epilogue(node)
     parts = [
         *(f"{k}{v}" for k, v in a.items()),
-        "x" + "x".join(map(str, static_shape(node.inputs[0]))),
+        "x" + "x".join(map(str, static_shape(x_of(node)))),
         "s" if scale is not None else "",
         "b" if bias is not None else "",
     ]
@@ -72,7 +57,7 @@ def make_function(node: ir.Node, key: str, opset: int = OPSET) -> ir.Function:
             params.append(ir.Value(name="scale_absent"))
         params.append(b_)
     b = Builder()
-    weight = _layout(b, node, phi)
+    weight = ops.spec(node).layout_ops(b, phi, ws_attrs(node), static_shape(phi_of(node)))
     y = build(b, node, x, weight, s, b_)
     y.name = "Y"
     graph = ir.Graph(

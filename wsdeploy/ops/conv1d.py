@@ -1,0 +1,147 @@
+"""``wsnet.WSConv1d``: a 1-D convolution whose filters are windows of phi (C*, L*).
+
+Filter i is phi[:, iS : iS + k] over the input channels c mod C* (``channel_repeat`` r tiles
+of C*). Its shared computation (WSNET.md §2), in standard ops:
+
+    WSConv1d(x; phi) -> Slice_{rows 0:(N-1)S/e+1:S/e, cols 0:(T_out-1)s/d+1:s/d}(
+                          Reshape_{(B, R, Td)}(
+                            Conv_{ones(k/g), dilation (g/e)·Td + g/d}(      # every diagonal
+                              Reshape_{(B, 1, rows·Td)}(
+                                Conv_{kernel g, stride d}(                  # the table D
+                                  Sum(Split_r(Pad(x))), windows(phi))))))
+
+See ``wsdeploy.passes.shared`` for the steps and ``_conv.blocking`` for g, e and d.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from wsdeploy.models import sampling
+
+from . import _conv
+from .base import NO_FOLD_KEY, OpSpec, Shape, opset
+from .builder import Builder, epilogue, presum
+
+ATTRS = ("out_channels", "kernel_size", "stride", "padding", "sample_stride", "channel_repeat")
+
+
+def materialize(phi: np.ndarray, a: dict[str, int]) -> np.ndarray:
+    return sampling.materialize_conv1d(
+        phi, a["out_channels"], a["kernel_size"], a["sample_stride"], a["channel_repeat"]
+    )
+
+
+def layout(phi: np.ndarray, attrs: dict[str, int]) -> np.ndarray:
+    """phi as its disjoint e-tap blocks, (L*/e, C*, e)."""
+    _, e, _ = _conv.blocking(attrs, phi.shape)
+    cs, ls = phi.shape
+    return np.ascontiguousarray(phi.reshape(cs, ls // e, e).transpose(1, 0, 2))
+
+
+def layout_ops(b: Builder, phi: ir.Value, attrs: dict[str, int], phi_shape: Shape) -> ir.Value:
+    _, e, _ = _conv.blocking(attrs, phi_shape)
+    cs, ls = phi_shape
+    return b.op("Transpose", [b.reshape(phi, [cs, ls // e, e])], perm=[1, 0, 2])
+
+
+def shared(
+    b: Builder,
+    x: ir.Value,
+    blocks: ir.Value,
+    scale: ir.Value | None,
+    bias: ir.Value | None,
+    attrs: dict[str, int],
+    in_shape: Shape,
+    phi_shape: Shape,
+) -> ir.Value:
+    """The shared computation of one WSConv1d; ``blocks`` is phi as (L*/e, C*, e)."""
+    batch, _c, t0 = in_shape
+    n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
+    ss, r = attrs["sample_stride"], attrs["channel_repeat"]
+    _, ls = phi_shape
+    cut = _conv.blocking(attrs, phi_shape)
+    g, e, d = cut
+    nw, taps, over = cut.rows(ls), cut.taps(attrs), g // e  # table rows; blocks per window
+    tp = t0 + 2 * p
+    t_out = (tp - k) // s + 1
+    td = (tp - g) // d + 1  # table columns
+    if over > 1:  # overlapping windows from phi stored once: window j is blocks j .. j+over-1
+        parts = [b.slice(blocks, [m], [m + nw], [0], [1]) for m in range(over)]
+        blocks = b.op("Concat", parts, axis=2)
+        for v in (*parts, blocks):  # a runtime folds them at load; the file must not
+            v.producer().meta[NO_FOLD_KEY] = True
+    if p:
+        x = b.op("Pad", [x, b.ints([0, 0, p, 0, 0, p])])
+    xs = presum(b, x, r)
+    table = b.op("Conv", [xs, blocks], kernel_shape=[g], strides=[d])  # (B, rows, Td)
+    if taps == 1:  # every filter is one window: the table is the output
+        rows = table
+    else:
+        flat = b.reshape(table, [batch, 1, nw * td])
+        ones = b.const(np.ones((1, 1, taps), dtype=np.float32))
+        # Every diagonal that starts in a row filters use, at stride 1: ONNX Runtime's
+        # strided dilated conv is many times slower than this conv plus a strided slice
+        # (11.9 ms against 2.4 ms on WSNET.md's layer at conv stride 2). One tap down a
+        # diagonal is g/e table rows and g/d columns.
+        step = g // d
+        diag = b.op(
+            "Conv",
+            [flat, ones],
+            kernel_shape=[taps],
+            dilations=[over * td + step],
+            pads=[0, step * (taps - 1)],
+        )  # (B, 1, (rows - over·(taps - 1))·Td)
+        rows = b.reshape(diag, [batch, nw - over * (taps - 1), td])
+    y = b.slice(
+        rows,
+        [0, 0],
+        [(n - 1) * (ss // e) + 1, (t_out - 1) * (s // d) + 1],
+        [1, 2],
+        [ss // e, s // d],
+    )
+    return epilogue(b, y, scale, bias, n, 1)
+
+
+def translate(
+    x,
+    phi,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    sample_stride: int,
+    channel_repeat: int,
+):
+    return opset().WSConv1d(
+        x,
+        phi,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        sample_stride=sample_stride,
+        channel_repeat=channel_repeat,
+    )
+
+
+CONV1D = OpSpec(
+    op_type="WSConv1d",
+    attrs=ATTRS,
+    spatial=1,
+    torch_op="conv1d",
+    layer="WSConv1d",
+    dense_shape=_conv.dense_shape(1),
+    materialize=materialize,
+    layout=layout,
+    layout_ops=layout_ops,
+    shared=shared,
+    macs=_conv.macs,
+    kernel_macs=_conv.kernel_macs,
+    work=_conv.work,
+    dense=_conv.dense(1),
+    dense_layout=_conv.dense_layout,
+    dense_scale=_conv.dense_scale,
+    translate=translate,
+)

@@ -1,0 +1,117 @@
+"""Fold pass: lower a wsnet node to the standard op with its materialised dense weight.
+
+    WSConv1d(x; phi, scale, bias) -> Conv(x, W * scale, bias),  W[i,c,k] = phi[c mod C*, i*S+k]
+    WSConv2d(x; phi, scale, bias) -> Conv(x, W * scale, bias)
+    WSLinear(x; phi, scale, bias) -> Gemm(x, W * scale, bias, transB=1)   (MatMul+Add above 2-D)
+
+The dense fallback, and the baseline every comparison is made against. Folding the scale
+into the dense weight is safe here: nothing is shared any more.
+
+int8 phi (``DequantizeLinear(phi_q, s)``, per condensed channel c*) folds without touching
+the quantized values: the dense weight is int8 too, each input channel c carries the scale
+of its condensed channel c mod C* (DequantizeLinear along axis 1), and the epilogue stays
+a float Mul/Add after the conv:
+
+    WSConv1d(x; DQ(phi_q, s), scale, bias) -> Add(Mul(Conv(x, DQ(W_q, tile(s, r), axis=1)),
+                                                      scale), bias)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from wsdeploy import ops
+from wsdeploy.ops.builder import Builder
+
+from ._graph import (
+    STRATEGY_KEY,
+    add_initializer,
+    const,
+    dequantize_node,
+    dequantized,
+    epilogue,
+    phi_of,
+    prune_initializers,
+    replace_node,
+    static_shape,
+    ws_attrs,
+    ws_nodes,
+    x_of,
+)
+from .base import Pass, PassResult
+
+
+def dense_weight(node: ir.Node, phi: np.ndarray | None = None) -> np.ndarray:
+    """The dense weight of a wsnet node (from ``phi``, default its constant phi input),
+    without its epilogue scale. Materialising only copies entries: int8 phi gives int8."""
+    phi = const(phi_of(node)) if phi is None else phi
+    if phi is None:
+        raise ValueError(f"{node.name}: phi is not a constant")
+    return ops.spec(node).materialize(phi, ws_attrs(node))
+
+
+class FoldPass(Pass):
+    """Replace wsnet nodes marked ``fold`` by Conv/Gemm with dense weights."""
+
+    name = "fold"
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        modified = False
+        for node in ws_nodes(graph):
+            if node.meta.get(STRATEGY_KEY, "fold") != "fold":
+                continue
+            if dequantized(phi_of(node)) is not None:
+                _fold_int8(graph, node)
+                modified = True
+                continue
+            spec = ops.spec(node)
+            w = dense_weight(node)
+            scale_v, bias_v = epilogue(node)
+            scale, bias = const(scale_v), const(bias_v)
+            if scale is not None:
+                w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+            base = phi_of(node).name or "w"
+            x = x_of(node)
+            rank = len(static_shape(x))
+            stored = spec.dense_layout(w, rank).astype(np.float32)
+            weight = add_initializer(graph, f"{base}.dense", stored)
+            b = (
+                None
+                if bias is None
+                else add_initializer(graph, f"{base}.dense_bias", bias.astype(np.float32))
+            )
+            builder = Builder()
+            y = spec.dense(builder, x, weight, b, ws_attrs(node), rank)
+            replace_node(graph, node, builder.nodes, y)
+            modified = True
+        if modified:
+            prune_initializers(graph)
+        return PassResult(model, modified)
+
+
+def _fold_int8(graph: ir.Graph, node: ir.Node) -> None:
+    """Fold a wsnet node whose phi is int8 (see the module docstring)."""
+    q, scale, axis = dequantized(phi_of(node))
+    if axis != 0 and np.ndim(scale):
+        raise ValueError(f"{node.name}: int8 phi must be scaled per condensed channel (axis 0)")
+    spec = ops.spec(node)
+    a = ws_attrs(node)
+    base = phi_of(node).name or "w"
+    x = x_of(node)
+    rank = len(static_shape(x))
+    w_q = spec.dense_layout(dense_weight(node, q), rank)
+    dq = dequantize_node(graph, f"{base}.dense", w_q, *spec.dense_scale(scale, a))
+    b = Builder()
+    y = spec.dense(b, x, dq.outputs[0], None, a, rank)
+    nodes = [dq, *b.nodes]
+    for v, op in zip(epilogue(node), ("Mul", "Add"), strict=True):
+        c = const(v)
+        if c is not None:
+            c = add_initializer(
+                graph, f"{base}.{op.lower()}", c.reshape(-1, *[1] * spec.spatial).astype(np.float32)
+            )
+            nodes.append(ir.node(op, [y, c]))
+            y = nodes[-1].outputs[0]
+    replace_node(graph, node, nodes, y)

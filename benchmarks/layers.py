@@ -106,7 +106,7 @@ def build_variants(
     from wsdeploy.targets import x86_64
 
     for strategy, label in (("custom", "tvm fused WSNet kernel"), ("fold", "tvm dense conv")):
-        model, _ = lower(loaded, strategy, native=True)
+        model, _ = lower(loaded, strategy, "x86_64")
         out = workdir / f"{tag}-tvm-{strategy}"
         out.mkdir(exist_ok=True)
         x86_64.build(model, out)

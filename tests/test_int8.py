@@ -88,7 +88,7 @@ def test_a_build_that_quantizes_differently_fails_the_reference_check(tmp_path):
     honest = compiler.quantized_reference(loaded, cal)
     skewed = compiler.quantized_reference(loaded, cal)
     skewed.module.get_submodule("4").act_scale *= 1.5
-    model, _ = compiler.lower(skewed, "shared")
+    model, _ = compiler.lower(skewed, "shared", precision="int8")
     ONNX.build(model, tmp_path, None)
     inputs = numerics.verification_inputs(loaded.input_shape, loaded.dataset, loaded.config)
     with pytest.raises(NumericsMismatch, match="quantized"):

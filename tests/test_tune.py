@@ -27,7 +27,7 @@ def _tasks(name: str, strategy: str = "auto"):
     target = get_target("x86_64")
     tt = target.tvm_target(None)
     vl = tvm_build.vector_lanes(tt)
-    lowered, _ = lower(load_model(name), strategy, True)
+    lowered, _ = lower(load_model(name), strategy, "x86_64")
     mod = tvm_build.prepare_module(tvm_build.import_model(lowered, vl), tt, vl)
     return tvm_build.tunable(mod), tt, vl
 

@@ -17,7 +17,6 @@ from wsdeploy.compiler import read_manifest
 from wsdeploy.errors import WsdeployError
 from wsdeploy.modelfile import atomic_write
 from wsdeploy.targets import get_target
-from wsdeploy.threads import cpu_threads, runtime_threads
 
 BENCH = "bench.json"
 
@@ -51,10 +50,8 @@ def bench(
     x = np.random.default_rng(seed).standard_normal(spec["shape"]).astype(spec["dtype"])
     for _ in range(max(1, warmup)):
         run(x)
-    vm = getattr(run, "vm", None)
-    if vm is not None:  # TVM: time on the device; the warm-up run has set the input
-        evaluator = vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=repeat)
-        ms = np.array(evaluator("main").results) * 1e3
+    if target.timer is not None:  # on the device, by the runtime's own timer
+        ms = np.asarray(target.timer(run, repeat))
     else:
         times = []
         for _ in range(repeat):
@@ -72,25 +69,15 @@ def bench(
         "emulated": rpc is not None and device.is_emulated(rpc),
         "repeat": repeat,
         "warmup": warmup,
-        "threads": _threads(target.name, rpc),
+        "threads": None if rpc is not None else target.threads(),  # remote: its runtime's
         "median_ms": float(np.median(ms)),
         "p90_ms": float(np.percentile(ms, 90)),
         "min_ms": float(ms.min()),
     }
-    if vm is not None and rpc is None:
-        from wsdeploy.targets.tvm_build import profile_kernels
-
-        result["kernels_ms"] = profile_kernels(run, x)
+    if target.profiler is not None and rpc is None:
+        result["kernels_ms"] = target.profiler(run, x)
     atomic_write(outdir / BENCH, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     return result
-
-
-def _threads(target: str, rpc: str | None) -> int | None:
-    """Threads a local run used: TVM's runtime threads, or ONNX Runtime's default of one
-    per physical core (the same count); None on a remote device, whose runtime decides."""
-    if rpc is not None:
-        return None
-    return runtime_threads() if target in ("x86_64", "arm64") else cpu_threads()
 
 
 def precision_speedups(outdirs: list[Path], results: list[dict[str, Any]]) -> list[str]:

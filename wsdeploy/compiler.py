@@ -31,18 +31,19 @@ import torch
 from wsdeploy import __version__, numerics, quantize, trace
 from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
 from wsdeploy.modelfile import LoadedModel, default_mode, load_model
-from wsdeploy.passes._graph import STRATEGY_KEY, phi_of, static_shape, ws_nodes, x_of
+from wsdeploy.passes._graph import static_shape
 from wsdeploy.passes.affine import AffinePass
-from wsdeploy.passes.base import PassManager
+from wsdeploy.passes.base import Pass, PassManager
 from wsdeploy.passes.cleanup import CleanupPass
 from wsdeploy.passes.custom import CustomPass
 from wsdeploy.passes.fold import FoldPass
 from wsdeploy.passes.integer import IntegerPass
 from wsdeploy.passes.pool_order import PoolOrderPass
 from wsdeploy.passes.recognize import recognize
+from wsdeploy.passes.record import RecordPass
 from wsdeploy.passes.shared import SharedPass
-from wsdeploy.passes.strategy import STRATEGIES, StrategyPass, choose, lowered_macs, macs
-from wsdeploy.targets import get_target
+from wsdeploy.passes.strategy import STRATEGIES, StrategyPass
+from wsdeploy.targets import Target, get_target
 
 log = logging.getLogger(__name__)
 
@@ -89,30 +90,46 @@ class ExportResult:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def pipeline(strategy: str, native: bool = False, goal: str = "balanced") -> PassManager:
-    """The pass sequence for one strategy (``native``: see ``StrategyPass``; native targets
-    also turn int8 quantize/dequantize into integer ops, ``IntegerPass``; standard-op targets
-    move quantized max pools before their ReLU, ``PoolOrderPass``)."""
-    int8 = IntegerPass() if native else PoolOrderPass()
-    return PassManager(
-        [
-            AffinePass(),
-            StrategyPass(strategy, native, goal),
-            FoldPass(),
-            SharedPass(),
-            CustomPass(),
-            int8,
-            CleanupPass(),
-        ]
+TARGET_PASSES: dict[str, type] = {"integer": IntegerPass, "pool_order": PoolOrderPass}
+"""The passes a target may ask for by name (``Target.passes``)."""
+
+
+class Pipeline(PassManager):
+    """The ONNX-side passes in named stages: ``onnx`` (every target: absorb epilogues, pick
+    and record each layer's lowering, lower it), ``target`` (what the target declares for
+    the precision, ``Target.passes``) and ``cleanup``. The torch stage (``torch_stage``)
+    runs before any ONNX exists."""
+
+    def __init__(self, stages: dict[str, list[Pass]]) -> None:
+        self.stages = stages
+        super().__init__([p for passes in stages.values() for p in passes])
+
+
+def pipeline(
+    strategy: str,
+    target: str | Target = "onnx",
+    goal: str = "balanced",
+    precision: str = "fp32",
+    records: list[dict[str, Any]] | None = None,
+) -> Pipeline:
+    """The passes lowering a model for ``target`` with ``strategy``; ``records``, if given,
+    receives one record per WSNet layer (``RecordPass``)."""
+    target = get_target(target) if isinstance(target, str) else target
+    if precision not in target.passes:
+        raise WsdeployError(
+            f"target {target.name} does not build {precision}; it builds {sorted(target.passes)}"
+        )
+    onnx = [AffinePass(), StrategyPass(strategy, target.native_wsnet, goal)]
+    if records is not None:
+        onnx.append(RecordPass(records, target.native_wsnet, goal))
+    onnx += [FoldPass(), SharedPass(), CustomPass()]
+    return Pipeline(
+        {
+            "onnx": onnx,
+            "target": [TARGET_PASSES[name]() for name in target.passes[precision]],
+            "cleanup": [CleanupPass()],
+        }
     )
-
-
-def _dense_params(node: ir.Node) -> int:
-    """Entries of the dense weight a wsnet node samples from phi."""
-    from wsdeploy import ops
-    from wsdeploy.passes._graph import ws_attrs, x_of
-
-    return ops.spec(node).dense_params(ws_attrs(node), static_shape(x_of(node))[1])
 
 
 def torch_stage(loaded: LoadedModel) -> tuple[torch.export.ExportedProgram, list[Any]]:
@@ -126,47 +143,22 @@ def torch_stage(loaded: LoadedModel) -> tuple[torch.export.ExportedProgram, list
 def lower(
     loaded: LoadedModel,
     strategy: str,
-    native: bool = False,
+    target: str | Target = "onnx",
     recognition: list[Any] | None = None,
     goal: str = "balanced",
+    precision: str = "fp32",
 ) -> tuple[ir.Model, list[dict[str, Any]]]:
-    """Trace the model and run the passes; returns the model and one record per WSNet layer.
-
-    ``native``: the target runs wsnet nodes itself (see ``StrategyPass``). ``recognition``,
-    if given, receives the torch stage's records (``torch_stage``).
-    """
+    """The torch stage, then ONNX and the passes for ``target``; returns the model and one
+    record per WSNet layer. ``recognition``, if given, receives the torch stage's records
+    (``torch_stage``)."""
     if strategy not in STRATEGIES:
         raise WsdeployError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
     program, records = torch_stage(loaded)
     if recognition is not None:
         recognition.extend(records)
     model = trace.to_onnx(program)
-    layers = []
-    # The layers are recorded between marking (affine, strategy) and lowering, which
-    # replaces the nodes.
-    passes = pipeline(strategy, native, goal).passes
-    PassManager(passes[:2])(model)
-    for node in ws_nodes(model.graph):
-        dense, shared = macs(node)
-        layers.append(
-            {
-                "node": node.name,
-                "op": node.op_type,
-                "strategy": node.meta[STRATEGY_KEY],
-                "input_shape": list(static_shape(x_of(node))),
-                "phi_shape": list(static_shape(phi_of(node))),
-                "dense_params": _dense_params(node),
-                "dense_macs": dense,
-                "shared_macs": shared,  # WSNET.md §2's count, whatever the lowering
-                "macs": lowered_macs(node, node.meta[STRATEGY_KEY], native),  # as built
-                # what auto picks on standard-op runtimes and on TVM's native kernels
-                "auto": {
-                    "ort": choose(node, "auto", goal=goal),
-                    "tvm": choose(node, "auto", native=True, goal=goal),
-                },
-            }
-        )
-    PassManager(passes[2:])(model)
+    layers: list[dict[str, Any]] = []
+    pipeline(strategy, target, goal, precision, layers)(model)
     return model, layers
 
 
@@ -232,7 +224,7 @@ def _artifact_size(loaded: LoadedModel, options: ExportOptions, strategy: str = 
     """Size of the fp32 artifact of ``loaded`` for the same target with ``strategy``: "fold"
     gives the dense baseline (every WSNet layer folded)."""
     target = get_target(options.target)
-    model, _ = lower(loaded, strategy, target.native_wsnet, goal=options.goal)
+    model, _ = lower(loaded, strategy, target, goal=options.goal)
     with tempfile.TemporaryDirectory(prefix="wsdeploy-base-") as tmp:
         target.build(model, Path(tmp), options.cpu, options.cc)
         return _dir_size([target.artifact], Path(tmp))
@@ -806,7 +798,7 @@ def export(
     say("trace, recognise and lower")
     recognition: list[Any] = []
     lowered, layers = lower(
-        reference, options.strategy, target.native_wsnet, recognition, options.goal
+        reference, options.strategy, target, recognition, options.goal, options.precision
     )
     if int8:  # the reference is built of layer modules: report the user's model itself
         recognition = _memo(loaded, ("torch stage",), lambda: torch_stage(loaded))[1]
@@ -1039,7 +1031,8 @@ def verify(
     goal = str(manifest.get("goal", "speed"))  # builds before goals existed: speed
 
     def lowering() -> ir.Model:  # the build's lowering again, for a host twin
-        return lower(reference, strategy, target.native_wsnet, goal=goal)[0]
+        precision = "int8" if int8 else "fp32"
+        return lower(reference, strategy, target, goal=goal, precision=precision)[0]
 
     runs = verification_runners(
         target, outdir, lowering, rpc, int8, lambda step: None, manifest.get("cpu")

@@ -147,7 +147,9 @@ def tune(
                 say(f"calibrate ({tag})")
                 reference, _ = compiler.calibrated_reference(loaded, build)
         say(f"trace and lower ({tag})" if len(builds) > 1 else "trace and lower")
-        lowered, _ = compiler.lower(reference, build.strategy, target.native_wsnet, goal=build.goal)
+        lowered, _ = compiler.lower(
+            reference, build.strategy, target, goal=build.goal, precision=build.precision
+        )
         try:
             mod = tvm_build.prepare_module(tvm_build.import_model(lowered, vl), tvm_target, vl)
         except Exception as e:

@@ -73,3 +73,11 @@ def local_runner(path: Path, runtime_only: bool = False):
     run.vm = vm  # type: ignore[attr-defined]  (bench uses the VM's time_evaluator)
     run.device = dev  # type: ignore[attr-defined]
     return run
+
+
+def time_runner(run, repeat: int) -> np.ndarray:
+    """Milliseconds of each of ``repeat`` runs of a warmed-up runner (local or remote), by
+    the VM's own time evaluator on the runner's device: no network in the measurement. The
+    warm-up run has set the input."""
+    evaluator = run.vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=repeat)
+    return np.array(evaluator("main").results) * 1e3

@@ -29,7 +29,9 @@ def _lower_int8(module, shape, strategy, seed=0):
     calib = [rng.standard_normal(shape).astype(np.float32) for _ in range(8)]
     cal = quantize.calibrate(module.eval(), calib, "random")
     reference = quantize.quantize_model(module, cal)
-    model, _ = compiler.lower(LoadedModel.from_module(reference, shape), strategy, native=True)
+    model, _ = compiler.lower(
+        LoadedModel.from_module(reference, shape), strategy, "x86_64", precision="int8"
+    )
     return model, reference, cal
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from wsdeploy.errors import CompileError
 from wsdeploy.linker import ZIG, Linker
 
-from .base import Runner, Target
+from .base import TVM_PASSES, TVM_RUNTIME, Runner, Target
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -88,6 +88,8 @@ ARM64 = Target(
     LIBRARY,
     build,
     load,
+    passes=TVM_PASSES,
+    **TVM_RUNTIME,
     native_wsnet=True,
     cpus="LLVM CPU name (cortex-a76), TVM tag (raspberry-pi/4b-aarch64), or JSON "
     "target dict; default: generic aarch64 with NEON",

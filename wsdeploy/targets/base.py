@@ -15,6 +15,30 @@ Runner = Callable[..., list]
 (This module imports no tensor library, so the CLI lists targets without loading them.)"""
 
 
+def _cpu_threads() -> int:
+    from wsdeploy.threads import cpu_threads
+
+    return cpu_threads()  # ONNX Runtime's default: one per physical core
+
+
+def _tvm_threads() -> int:
+    from wsdeploy.threads import runtime_threads
+
+    return runtime_threads()
+
+
+def _tvm_timer(run: Runner, repeat: int):
+    from wsdeploy import tvm_runtime
+
+    return tvm_runtime.time_runner(run, repeat)
+
+
+def _tvm_profiler(run: Runner, x) -> dict[str, float]:
+    from wsdeploy.targets.tvm_build import profile_kernels
+
+    return profile_kernels(run, x)
+
+
 @dataclass(frozen=True)
 class Target:
     """A compilation target.
@@ -30,6 +54,8 @@ class Target:
         load: ``load(outdir, device)`` returns a function running the artifact in a directory
             on one input, on this machine (``device=None``) or on a remote device
             (``"host:port"`` of a TVM RPC server) where the target supports it.
+        passes: the target stage's passes, by precision (names in
+            ``compiler.TARGET_PASSES``); a precision missing here is one it does not build.
         native_wsnet: the target runs wsnet nodes with its own kernels, so the ``auto``
             strategy keeps them as nodes instead of inlining the standard-op graph.
         cpus: help text for ``--cpu``; empty if the target takes none.
@@ -46,6 +72,11 @@ class Target:
             returns its runner: the verification of last resort for a target whose code
             cannot run here (None: there is none).
         emulated: the emulated arm64 device (``wsdeploy.device``) runs its builds.
+        timer: ``timer(run, repeat)``, milliseconds of each of ``repeat`` runs of a warmed-up
+            runner, measured on its device (None: ``bench`` times a wall-clock loop).
+        profiler: ``profiler(run, x)``, median milliseconds per kernel of a local runner
+            (None: the target has no per-kernel view).
+        threads: ``threads()``, the worker threads its runtime uses in this process.
     """
 
     name: str
@@ -53,6 +84,7 @@ class Target:
     artifact: str
     build: Callable[..., list[str]]
     load: Callable[[Path, str | None], Runner]
+    passes: dict[str, tuple[str, ...]]
     native_wsnet: bool = False
     cpus: str = ""
     runs_here: Callable[..., bool] = lambda cpu=None: True
@@ -61,3 +93,18 @@ class Target:
     linker: Callable[[str | None], Any] = lambda cc: None
     host_twin: Callable[[ir.Model, Path], Runner] | None = None
     emulated: bool = False
+    timer: Callable[[Runner, int], Any] | None = None
+    profiler: Callable[[Runner, Any], dict[str, float]] | None = None
+    threads: Callable[[], int] = _cpu_threads
+
+
+STANDARD_OP_PASSES = {"fp32": (), "int8": ("pool_order",)}
+"""Target stage of runtimes of standard ops (ONNX Runtime): int8 max pools move before
+their ReLU so that they run on the quantized tensor."""
+
+TVM_PASSES = {"fp32": (), "int8": ("integer",)}
+"""Target stage of the TVM targets: int8 layers become integer ops for their kernels."""
+
+TVM_RUNTIME = {"timer": _tvm_timer, "profiler": _tvm_profiler, "threads": _tvm_threads}
+"""How the TVM targets' builds are timed (the VM's time evaluator, on the device), profiled
+per kernel and threaded."""

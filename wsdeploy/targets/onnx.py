@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from wsdeploy.errors import CompileError
 
-from .base import Runner, Target
+from .base import STANDARD_OP_PASSES, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,5 +64,10 @@ def load(outdir: Path, device: str | None = None) -> Runner:
 
 
 ONNX = Target(
-    "onnx", "ONNX file (any ONNX consumer; verified with ONNX Runtime)", FILENAME, build, load
+    "onnx",
+    "ONNX file (any ONNX consumer; verified with ONNX Runtime)",
+    FILENAME,
+    build,
+    load,
+    STANDARD_OP_PASSES,
 )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from wsdeploy.errors import CompileError
 
 from . import onnx as onnx_target
-from .base import Runner, Target
+from .base import STANDARD_OP_PASSES, Runner, Target
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -197,4 +197,5 @@ ORT = Target(
     FILENAME,
     build,
     load,
+    STANDARD_OP_PASSES,
 )

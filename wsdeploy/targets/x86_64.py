@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from wsdeploy.errors import CompileError
 
-from .base import Runner, Target
+from .base import TVM_PASSES, TVM_RUNTIME, Runner, Target
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -114,6 +114,8 @@ X86_64 = Target(
     LIBRARY,
     build,
     load,
+    passes=TVM_PASSES,
+    **TVM_RUNTIME,
     native_wsnet=True,
     cpus=f"LLVM CPU name (skylake-avx512), 'native' (this machine), TVM tag, or JSON target "
     f"dict; default: {BASELINE} (AVX2, runs on any x86-64 CPU since about 2015)",

@@ -24,7 +24,7 @@ def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
     from wsdeploy import compiler
 
     recognition: list[Any] = []
-    _, ws_layers = compiler.lower(loaded, "auto", False, recognition)
+    _, ws_layers = compiler.lower(loaded, "auto", recognition=recognition)
     if loaded.kind != "checkpoint":
         layers = _program_rows(ws_layers, recognition)
     else:

@@ -33,7 +33,7 @@ from wsdeploy.errors import AccuracyGateFailed
 from wsdeploy.modelfile import load_model
 from wsdeploy.models import count_model, dense_baseline, zoo
 from wsdeploy.models.train import dataset_for
-from wsdeploy.targets import tvm_build
+from wsdeploy.targets import tvm as tvm_build
 from wsdeploy.tune import tune
 
 RESULTS = Path(__file__).parent / "results"

@@ -13,7 +13,8 @@ from wsdeploy.cli import main
 from wsdeploy.compiler import ExportOptions, export, lower
 from wsdeploy.errors import CompileError, WsdeployError
 from wsdeploy.modelfile import load_model
-from wsdeploy.targets import get_target, tvm_build
+from wsdeploy.targets import get_target
+from wsdeploy.targets import tvm as tvm_build
 
 
 @pytest.fixture

@@ -649,7 +649,7 @@ def preflight(target, rpc: str | None, cc: str | None) -> None:
             f"(devices run {remote})"
         )
     if rpc is not None:
-        from wsdeploy.targets import tvm_build
+        from wsdeploy.targets import tvm as tvm_build
 
         tvm_build.check_reachable(rpc)
     if cc is not None and target.linker(cc) is None and target.linker(None) is None:

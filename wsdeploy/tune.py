@@ -38,7 +38,8 @@ from wsdeploy import compiler, quantize
 from wsdeploy.compiler import ExportOptions
 from wsdeploy.errors import CompileError, WsdeployError
 from wsdeploy.modelfile import LoadedModel, load_model
-from wsdeploy.targets import TARGETS, get_target, tvm_build
+from wsdeploy.targets import TARGETS, get_target
+from wsdeploy.targets import tvm as tvm_build
 from wsdeploy.threads import runtime_threads
 from wsdeploy.tvm_runtime import load_tvm
 
@@ -257,7 +258,7 @@ def _commit_generic(
         args_info = ms.arg_info.ArgInfo.from_prim_func(func)
         try:
             sch = s_tir.Schedule(mod)
-            tvm_build._schedule_blocks(sch, vl)
+            tvm_build.schedule_blocks(sch, vl)
             lib = tvm.compile(sch.mod, target=measure_target)
             secs = _time_primfunc(lib, args_info, device)
         except CompileError:  # the device is gone

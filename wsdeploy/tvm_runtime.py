@@ -1,6 +1,6 @@
 """TVM's runtime without its compiler: load a built library and run it on this machine.
 
-Kept apart from ``wsdeploy/targets/tvm_build.py`` (which imports the ONNX tooling, and through the
+Kept apart from ``wsdeploy/targets/tvm`` (which imports the ONNX tooling, and through the
 targets package torch) so that a process that only runs a build, such as a benchmark
 worker, starts in the time TVM itself takes to load.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,40 @@ def time_runner(run, repeat: int) -> np.ndarray:
     warm-up run has set the input."""
     evaluator = run.vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=repeat)
     return np.array(evaluator("main").results) * 1e3
+
+
+def profile_kernels(run, x: np.ndarray, repeat: int = 10) -> dict[str, float]:
+    """Median milliseconds per kernel call of a local TVM runner (the VM's instrument hook).
+
+    Kernels called more than once per inference are summed per inference.
+    """
+    tvm = load_tvm()
+    vm = run.vm
+    per_run: dict[str, list[float]] = {}
+    current: dict[str, float] = {}
+    start: list[float] = []
+
+    def instrument(func, symbol, before_run, ret_value, *args):
+        if before_run:
+            start.append(time.perf_counter())
+        else:
+            current[symbol] = current.get(symbol, 0.0) + time.perf_counter() - start.pop()
+        return 0
+
+    run(x)
+    vm.set_instrument(
+        tvm.runtime.convert(instrument) if hasattr(tvm.runtime, "convert") else instrument
+    )
+    try:
+        for _ in range(repeat):
+            current.clear()
+            vm.invoke_stateful("main")
+            for name, seconds in current.items():
+                per_run.setdefault(name, []).append(seconds * 1e3)
+    finally:
+        vm.set_instrument(None)
+    return {
+        name: float(np.median(v))
+        for name, v in sorted(per_run.items(), key=lambda kv: -float(np.median(kv[1])))
+        if not name.startswith("vm.builtin")
+    }

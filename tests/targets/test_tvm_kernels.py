@@ -11,8 +11,8 @@ from wsdeploy.models import sampling
 
 tvm = pytest.importorskip("tvm")
 
-from wsdeploy.targets import tvm_build  # noqa: E402
-from wsdeploy.targets.tvm_kernels import (  # noqa: E402
+from wsdeploy.targets import tvm as tvm_build  # noqa: E402
+from wsdeploy.targets.tvm.kernels import (  # noqa: E402
     PMADD,
     make_dense_conv,
     make_int_conv1d_s2,

@@ -10,7 +10,7 @@ from wsdeploy import threads
 from wsdeploy.bench import bench
 from wsdeploy.compiler import ExportOptions, export
 from wsdeploy.errors import CompileError
-from wsdeploy.targets import tvm_build
+from wsdeploy.targets import tvm as tvm_build
 
 
 def test_custom_build_runs_wsnet_kernels_not_dense_convs(tmp_path):

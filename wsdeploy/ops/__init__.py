@@ -5,7 +5,7 @@ branching on its op type.
 Adding a kind: a spec file here (attributes, materialise, layout and shared computation,
 multiply-adds, dense op, torch translation) added to ``OPS``, its layer in
 ``wsdeploy.models.layers`` (the torch custom op it traces to), and its kernels in the TVM
-targets (``wsdeploy.targets.tvm_build``'s converters; without one, TVM inlines the function
+targets (``wsdeploy.targets.tvm.frontend``'s converters; without one, TVM inlines the function
 body that the custom strategy writes).
 """
 

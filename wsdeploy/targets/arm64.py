@@ -35,7 +35,7 @@ def _on_arm64(cpu: str | None = None) -> bool:
 
 
 def tvm_target(cpu: str | None = None):
-    from . import tvm_build
+    from . import tvm as tvm_build
 
     return tvm_build.resolve_target(cpu, DEFAULT, "aarch64")
 
@@ -49,7 +49,7 @@ def linker(cc: str | None = None) -> Linker | None:
 
 
 def build(model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None):
-    from . import tvm_build
+    from . import tvm as tvm_build
 
     target = tvm_target(cpu)
     return tvm_build.build(model, outdir, target, library=LIBRARY, linker=linker(cc))
@@ -58,7 +58,7 @@ def build(model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None 
 def load(outdir: Path, device: str | None = None) -> Runner:
     from wsdeploy import tvm_runtime
 
-    from . import tvm_build
+    from . import tvm as tvm_build
 
     if device is not None:
         return tvm_build.rpc_runner(outdir / LIBRARY, device)
@@ -75,7 +75,7 @@ def host_twin(model: ir.Model, workdir: Path) -> Runner:
     here: what verifies an arm64 build when no arm64 code can run."""
     from wsdeploy import tvm_runtime
 
-    from . import tvm_build
+    from . import tvm as tvm_build
     from .x86_64 import tvm_target as host_target
 
     tvm_build.build(model, workdir, host_target("native"), library=LIBRARY)

@@ -34,7 +34,7 @@ def _tvm_timer(run: Runner, repeat: int):
 
 
 def _tvm_profiler(run: Runner, x) -> dict[str, float]:
-    from wsdeploy.targets.tvm_build import profile_kernels
+    from wsdeploy.tvm_runtime import profile_kernels
 
     return profile_kernels(run, x)
 

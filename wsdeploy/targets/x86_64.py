@@ -44,7 +44,7 @@ def resolve_cpu(cpu: str | None) -> str:
 
 
 def tvm_target(cpu: str | None = None):
-    from . import tvm_build
+    from . import tvm as tvm_build
 
     default = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": resolve_cpu(cpu)}
     return tvm_build.resolve_target(None if cpu in (None, "native") else cpu, default, "x86_64")
@@ -53,7 +53,7 @@ def tvm_target(cpu: str | None = None):
 def build(
     model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None
 ) -> list[str]:
-    from . import tvm_build
+    from . import tvm as tvm_build
 
     return tvm_build.build(model, outdir, tvm_target(cpu), library=LIBRARY)
 
@@ -94,7 +94,7 @@ def host_twin(model: ir.Model, workdir: Path) -> Runner:
     instructions this one lacks."""
     from wsdeploy import tvm_runtime
 
-    from . import tvm_build
+    from . import tvm as tvm_build
 
     tvm_build.build(model, workdir, tvm_target("native"), library=LIBRARY)
     return tvm_runtime.local_runner(workdir / LIBRARY)

@@ -1,0 +1,445 @@
+"""Import: the ONNX graph into Relax, with the wsnet ops as TE computations and fused kernels."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from wsdeploy.errors import CompileError
+from wsdeploy.models import sampling
+from wsdeploy.passes._graph import rewire
+from wsdeploy.tvm_runtime import load_tvm  # lazily: TVM takes seconds to load
+
+from .legalize import phase_split
+
+log = logging.getLogger(__name__)
+
+
+def _integer(x) -> bool:
+    return str(x.dtype) in ("int8", "uint8")
+
+
+def _wide(v, integer: bool):
+    return v.astype("int32") if integer else v
+
+
+def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r, sh=None):
+    """TE shared computation of WSConv2d: pre-sum, product table, 2-D diagonal sums.
+
+    With 8-bit ``x`` (and int8 phi shifted left by ``sh[c*]``) every sum is exact int32 and
+    the (required) epilogue ``float(y) * scale + shift`` is the only float arithmetic."""
+    tvm = load_tvm()
+    te = tvm.te
+    integer = _integer(x)
+    b_, _c, h0, w0 = (int(d) for d in x.shape)
+    cs, hs, ws = (int(d) for d in phi.shape)
+    gw = sampling.grid_shape(n)[1]
+    ho, wo = (h0 + 2 * p - k) // s + 1, (w0 + 2 * p - k) // s + 1
+    uh, uw = (ho - 1) * s + k, (wo - 1) * s + k
+    rr = te.reduce_axis((0, r), name="rr")
+    zero = tvm.tirx.const(0, x.dtype)
+
+    def xval(b, c, u, v):
+        inside = tvm.tirx.all(u >= p, u < h0 + p, v >= p, v < w0 + p)
+        return tvm.tirx.if_then_else(inside, x[b, c, u - p, v - p], zero)
+
+    xs = te.compute(
+        (b_, cs, uh, uw),
+        lambda b, c, u, v: te.sum(_wide(xval(b, c + rr * cs, u, v), integer), axis=rr),
+        name="xs",
+    )
+    cc = te.reduce_axis((0, cs), name="cc")
+
+    def weight(c, a, e):
+        return (phi[c, a, e].astype("int32") << sh[c]) if integer else phi[c, a, e]
+
+    table = te.compute(
+        (b_, hs, ws, uh, uw),
+        lambda b, a, e, u, v: te.sum(weight(cc, a, e) * xs[b, cc, u, v], axis=cc),
+        name="P",
+    )
+    ka = te.reduce_axis((0, k), name="ka")
+    kb = te.reduce_axis((0, k), name="kb")
+
+    def out(b, i, th, tw):
+        gi, gj = i // gw, i % gw
+        return te.sum(table[b, gi * ss + ka, gj * ss + kb, th * s + ka, tw * s + kb], axis=[ka, kb])
+
+    y = te.compute((b_, n, ho, wo), out, name="y")
+    return _epilogue_te(y, scale, shift, 1)
+
+
+def ws_linear_te(x, phi, scale, shift, out_features, in_features, ss, r):
+    """TE weight-sampled linear: y[b, i] = sum_j phi[i*S + j mod in*] * x[b, j]; exact int32
+    sums for 8-bit ``x`` and int8 phi (then the required float epilogue)."""
+    tvm = load_tvm()
+    te = tvm.te
+    integer = _integer(x)
+    rows = int(np.prod([int(d) for d in x.shape[:-1]]))
+    ins = in_features // r
+    x2 = (
+        te.compute((rows, in_features), lambda i, j: x[(*_unflat(i, x.shape[:-1]), j)], name="x2")
+        if len(x.shape) != 2
+        else x
+    )
+    rr = te.reduce_axis((0, r), name="rr")
+    xs = te.compute(
+        (rows, ins), lambda b, j: te.sum(_wide(x2[b, j + rr * ins], integer), axis=rr), name="xs"
+    )
+    jj = te.reduce_axis((0, ins), name="jj")
+    y = te.compute(
+        (rows, out_features),
+        lambda b, i: te.sum(_wide(phi[i * ss + jj], integer) * xs[b, jj], axis=jj),
+        name="y",
+    )
+    y = _epilogue_te(y, scale, shift, 1)
+    if len(x.shape) != 2:
+        shape = [int(d) for d in x.shape[:-1]] + [out_features]
+        y = te.compute(shape, lambda *idx: y[_flat(idx[:-1], x.shape[:-1]), idx[-1]], name="yr")
+    return y
+
+
+def _flat(idx, shape):
+    flat = 0
+    for i, d in zip(idx, shape, strict=True):
+        flat = flat * int(d) + i
+    return flat
+
+
+def _unflat(i, shape):
+    out = []
+    for d in reversed([int(d) for d in shape]):
+        out.append(i % d)
+        i = i // d
+    return tuple(reversed(out))
+
+
+def _epilogue_te(y, scale, shift, axis):
+    te = load_tvm().te
+    if str(y.dtype) == "int32":
+        y = te.compute(y.shape, lambda *i: y(*i).astype("float32"), name="dequantize")
+    if scale is not None:
+        y = te.compute(y.shape, lambda *i: y(*i) * scale[i[axis]], name="scale")
+    if shift is not None:
+        y = te.compute(y.shape, lambda *i: y(*i) + shift[i[axis]], name="shift")
+    return y
+
+
+def _shape(expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape)
+
+
+def _wsnet_converters(vl: int) -> dict[str, Any]:
+    """ONNX converters for the wsnet ops, for a target with ``vl`` float lanes."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from .kernels import make_ws_conv1d
+
+    def epilogue_args(inputs):
+        scale = inputs[2] if len(inputs) > 2 else None
+        shift = inputs[3] if len(inputs) > 3 else None
+        return scale, shift
+
+    class WSConv1d(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, phi = inputs[0], inputs[1]
+            scale, shift = epilogue_args(inputs)
+            b, c, t = _shape(x)
+            n = attr["out_channels"]
+            relu = attr.get("relu", 0) == 1
+            if scale is not None or shift is not None or relu:
+                scale = scale if scale is not None else relax.const(np.ones(n, np.float32))
+                shift = shift if shift is not None else relax.const(np.zeros(n, np.float32))
+                args, epilogue = [x, phi, scale, shift], "affine_relu" if relu else "affine"
+            else:
+                args, epilogue = [x, phi], "none"
+            func, info = make_ws_conv1d(
+                b,
+                c,
+                t,
+                n,
+                attr["kernel_size"],
+                attr["stride"],
+                attr["padding"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                VL=vl,
+                epilogue=epilogue,
+            )
+            gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d")
+            out = relax.TensorType([b, n, info["To"]], "float32")
+            return bb.emit(relax.call_tir(gv, args, out))
+
+    class WSConv2d(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            scale, shift = epilogue_args(inputs)
+            return bb.emit_te(
+                ws_conv2d_te,
+                inputs[0],
+                inputs[1],
+                scale,
+                shift,
+                attr["out_channels"],
+                attr["kernel_size"],
+                attr["stride"],
+                attr["padding"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                primfunc_name_hint="wsnet_conv2d",
+            )
+
+    class WSLinear(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            scale, shift = epilogue_args(inputs)
+            return bb.emit_te(
+                ws_linear_te,
+                inputs[0],
+                inputs[1],
+                scale,
+                shift,
+                attr["out_features"],
+                attr["in_features"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                primfunc_name_hint="wsnet_linear",
+            )
+
+    def shifts(attr, n) -> np.ndarray:
+        return np.asarray(list(attr.get("shifts", [])) or [0] * n, dtype=np.int32)
+
+    def shifts_const(attr, n):
+        return relax.const(shifts(attr, n))
+
+    class WSConv1dInt(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            xq, w, out_scale, bias = inputs
+            b, c, t = _shape(xq)
+            n = attr["out_channels"]
+            r = attr["channel_repeat"]
+            sh = shifts(attr, c // r)
+            packed = _packed_phi(w, sh, r)
+            func, info = make_ws_conv1d(
+                b,
+                c,
+                t,
+                n,
+                attr["kernel_size"],
+                attr["stride"],
+                attr["padding"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                VL=vl,
+                epilogue="affine_relu" if attr.get("relu", 0) == 1 else "affine",
+                qdtype=str(xq.ty.dtype),
+                pmadd=packed is not None,
+            )
+            gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d_int")
+            weights = [relax.const(packed)] if info["pmadd"] else [w, relax.const(sh)]
+            args = [xq, *weights, out_scale, bias]
+            out = relax.TensorType([b, n, info["To"]], "float32")
+            return bb.emit(relax.call_tir(gv, args, out))
+
+    class WSConv2dInt(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            xq, w, out_scale, bias = inputs
+            cs = _shape(w)[0]
+            return bb.emit_te(
+                ws_conv2d_te,
+                xq,
+                w,
+                out_scale,
+                bias,
+                attr["out_channels"],
+                attr["kernel_size"],
+                attr["stride"],
+                attr["padding"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                shifts_const(attr, cs),
+                primfunc_name_hint="wsnet_conv2d_int",
+            )
+
+    class WSLinearInt(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            xq, w, out_scale, bias = inputs
+            return bb.emit_te(
+                ws_linear_te,
+                xq,
+                w,
+                out_scale,
+                bias,
+                attr["out_features"],
+                attr["in_features"],
+                attr["sample_stride"],
+                attr["channel_repeat"],
+                primfunc_name_hint="wsnet_linear_int",
+            )
+
+    class ConvInt(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            xq, w, out_scale, bias = inputs
+            c = _shape(w)[1]
+            relu = attr.get("relu", 0) == 1
+            return _integer_conv(bb, xq, w, shifts(attr, c), out_scale, bias, attr, relu, vl)
+
+    return {
+        "WSConv1d": WSConv1d,
+        "WSConv2d": WSConv2d,
+        "WSLinear": WSLinear,
+        "WSConv1dInt": WSConv1dInt,
+        "WSConv2dInt": WSConv2dInt,
+        "WSLinearInt": WSLinearInt,
+        "ConvInt": ConvInt,
+    }
+
+
+def _packed_phi(phi, sh: np.ndarray, repeat: int) -> np.ndarray | None:
+    """phi packed for the fused kernel's int16 pairwise variant (``kernels.pack_phi``), if
+    phi is constant, the shifted phi fits int16 and so do the pre-sums of ``repeat`` 8-bit
+    channels; else None."""
+    import tvm
+
+    from .kernels import pack_phi
+
+    if not isinstance(phi, tvm.ir.expr.Constant) or repeat * 255 >= 2**15:
+        return None
+    q = phi.value.numpy()
+    if int(np.abs(q.astype(np.int64)).max(initial=0)) << int(sh.max(initial=0)) >= 2**15:
+        return None
+    return pack_phi(q, sh)
+
+
+def _pmadd_weights(w, sh: np.ndarray) -> np.ndarray | None:
+    """Packed int16 weight pairs (``kernels.pair_weights``) of a constant 1-D weight whose
+    shifted values fit int16; else None."""
+    import tvm
+
+    from .kernels import pair_weights
+
+    if not isinstance(w, tvm.ir.expr.Constant) or len(w.ty.shape) != 3:
+        return None
+    wq = w.value.numpy()
+    if int(np.abs(wq.astype(np.int64)).max(initial=0)) << int(sh.max(initial=0)) >= 2**15:
+        return None
+    return pair_weights(wq, sh)
+
+
+def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, vl: int):
+    """``ConvInt``: zero padding in the integer domain (zero point 0), then the integer direct
+    convolution; a strided 1-D conv runs over its input phases (``phase_split``), at stride 2
+    on AVX2/AVX-512 as int16 pairwise multiply-adds straight off the input."""
+    from tvm import relax, topi
+
+    from .kernels import PMADD, make_dense_conv, make_int_conv1d_s2
+
+    qdtype = str(xq.ty.dtype)
+    ndim = len(xq.ty.shape) - 2
+    pads = list(attr.get("pads", [0] * (2 * ndim)))
+    strides = list(attr.get("strides", [1] * ndim))
+    dilations = list(attr.get("dilations", [1] * ndim))
+    if any(pads):
+        xq = bb.emit_te(
+            topi.nn.pad, xq, [0, 0, *pads[:ndim]], [0, 0, *pads[ndim:]], primfunc_name_hint="pad"
+        )
+    b, c, *spatial = (int(d) for d in xq.ty.shape)
+    n, _, *kernel = (int(d) for d in w.ty.shape)
+    pmadd = _pmadd_weights(w, sh) if vl in PMADD else None
+    if ndim == 1 and strides[0] == 2 and dilations[0] == 1 and pmadd is not None:
+        wo = (spatial[0] - kernel[0]) // 2 + 1
+        if wo >= vl:  # int16 pairwise multiply-adds straight off the padded input
+            func, wo = make_int_conv1d_s2(
+                b, c, spatial[0], n, kernel[0], VL=vl, qdtype=qdtype, relu=relu
+            )
+            gv = bb.add_func(func.without_attr("global_symbol"), "conv1d_s2_int16")
+            out = relax.TensorType([b, n, wo], "float32")
+            return bb.emit(relax.call_tir(gv, [xq, relax.const(pmadd), out_scale, bias], out))
+    args = [xq, w, relax.const(sh)]
+    if ndim == 1 and strides[0] > 1 and dilations[0] == 1:
+        s = strides[0]
+        xph, w2, length, q = phase_split(bb, xq, w, s)
+        args = [xph, w2, relax.const(np.repeat(sh, s).astype(np.int32))]
+        c, spatial, kernel, strides = c * s, [length], [q], [1]
+    func, out_shape = make_dense_conv(
+        b, c, spatial, n, kernel, strides, dilations, VL=vl, qdtype=qdtype, relu=relu
+    )
+    gv = bb.add_func(func.without_attr("global_symbol"), f"dense_conv{ndim}d_int")
+    return bb.emit(
+        relax.call_tir(gv, [*args, out_scale, bias], relax.TensorType(list(out_shape), "float32"))
+    )
+
+
+@contextlib.contextmanager
+def _extended_onnx_frontend(vl: int):
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+    extra = _wsnet_converters(vl)
+    onnx_frontend._get_convert_map = lambda: {**original(), **extra}
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+def import_model(model: ir.Model, vl: int):
+    """The passed ONNX graph as a Relax IRModule, wsnet nodes as our kernels."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = ir.to_proto(fuse_relu(model))
+    del proto.functions[:]  # the wsnet ops' ONNX definitions; TVM gets our kernels instead
+    shapes = {v.name: list(v.shape) for v in model.graph.inputs}
+    try:
+        with _extended_onnx_frontend(vl), warnings.catch_warnings():
+            # onnx's checker does not know fuse_relu's private attribute; our converters do
+            warnings.filterwarnings("ignore", message="Unrecognized attribute: relu")
+            mod = from_onnx(
+                proto, shape_dict=shapes, dtype_dict="float32", opset=_default_opset(proto)
+            )
+    except Exception as e:
+        raise CompileError(
+            f"TVM could not import the graph: {str(e).strip().splitlines()[-1][:300]}"
+        ) from e
+    return mod
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def fuse_relu(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` in which a ReLU right after a WSConv1d (or an integer conv of
+    ``passes.integer``) is the node's ``relu=1``.
+
+    Relax's operator fusion never fuses into an opaque hand-written kernel, so an activation
+    after a WSNet layer would be one more pass over memory; the kernel applies it for free.
+    The attribute is private to this target: the ONNX file never carries it.
+    """
+    model = ir.from_proto(ir.to_proto(model))
+    for node in list(model.graph):
+        if node.domain != "wsnet" or node.op_type not in ("WSConv1d", "WSConv1dInt", "ConvInt"):
+            continue
+        out = node.outputs[0]
+        uses = out.uses()
+        if len(uses) != 1 or out.is_graph_output():
+            continue
+        relu = uses[0].node
+        if relu.op_type != "Relu" or relu.domain != "":
+            continue
+        node.attributes["relu"] = ir.AttrInt64("relu", 1)
+        rewire(relu.outputs[0], out)
+        model.graph.remove(relu, safe=True)
+    return model

@@ -86,11 +86,11 @@ def _dense_conv2d(cfg: dict, path: Path) -> None:
 
 
 def build_variants(
-    module: torch.nn.Module, shape: list[int], tag: str, workdir: Path
+    module: torch.nn.Module, shape: list[int], tag: str, workdir: Path, records: Path
 ) -> tuple[dict, list[dict]]:
     """Write the formulations every layer gets (ONNX Runtime: dense, shared graph, custom op;
-    TVM: fused WSNet kernel, dense conv); returns worker specs by variant name and the
-    compiler's layer records (``compiler.lower``)."""
+    TVM: fused WSNet kernel, dense conv, with the tuning records under ``records``); returns
+    worker specs by variant name and the compiler's layer records (``compiler.lower``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     loaded = LoadedModel.from_module(module, tuple(shape))
     specs = {}
@@ -109,7 +109,7 @@ def build_variants(
         model, _ = lower(loaded, strategy, "x86_64")
         out = workdir / f"{tag}-tvm-{strategy}"
         out.mkdir(exist_ok=True)
-        x86_64.build(model, out)
+        x86_64.build(model, out, records=str(records))
         specs[label] = {
             "runtime": "tvm",
             "path": str(out / x86_64.LIBRARY),
@@ -127,11 +127,12 @@ ORT_VARIANTS = {
 }
 
 
-def talk_variants(cfg: dict, workdir: Path) -> dict[str, dict]:
+def talk_variants(cfg: dict, workdir: Path, records: Path) -> dict[str, dict]:
     """The talk layer's formulations: every layer's, plus ONNX Runtime's dense conv written
     as Conv2d and PyTorch's dense conv and shared computation."""
     shape = input_shape(cfg)
-    specs, _ = build_variants(layer_module(cfg), shape, f"{cfg['name']}-s{cfg['stride']}", workdir)
+    tag = f"{cfg['name']}-s{cfg['stride']}"
+    specs, _ = build_variants(layer_module(cfg), shape, tag, workdir, records)
     path = workdir / f"{cfg['name']}-s{cfg['stride']}-dense2d.onnx"
     _dense_conv2d(cfg, path)
     specs["ort dense as Conv2d (1,L)"] = {"runtime": "ort", "path": str(path), "dense": True}
@@ -291,9 +292,12 @@ def bench_layer(
     peak: float,
     progress=None,
     min_seconds: float = MIN_SECONDS,
+    *,
+    records: Path,
 ) -> dict:
-    """The talk layer at ``cfg``'s conv stride, every formulation, in ``TALK_ROUNDS``."""
-    specs = talk_variants(cfg, workdir)
+    """The talk layer at ``cfg``'s conv stride, every formulation, in ``TALK_ROUNDS``; TVM
+    builds take the tuning records under ``records``."""
+    specs = talk_variants(cfg, workdir, records)
     dense_macs, shared_macs = theory(cfg)
     say = (lambda m: progress(f"layer stride {cfg['stride']}: {m}")) if progress else None
     return {
@@ -343,6 +347,8 @@ def bench_zoo_layers(
     peak: float,
     say,
     min_seconds: float = MIN_SECONDS,
+    *,
+    records: Path,
 ) -> list:
     """Every WSNet conv layer of the zoo models ``names``, alone: ONNX Runtime dense, shared
     and custom, TVM dense and fused kernel; with the strategy ``auto`` gives each runtime."""
@@ -354,7 +360,7 @@ def bench_zoo_layers(
                 out_shape = tuple(module(torch.zeros(shape)).shape)
             count = layer.count(path, tuple(shape), out_shape)
             tag = f"{name}-{path}"
-            specs, (record,) = build_variants(module, shape, tag, workdir)
+            specs, (record,) = build_variants(module, shape, tag, workdir, records)
             rows = _time_variants(
                 specs,
                 count.dense_macs,

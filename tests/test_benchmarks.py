@@ -52,11 +52,11 @@ def test_quick_benchmark_run(tmp_path):
         }
         assert res["auto"]["ort"] in ("fold", "shared") and res["auto"]["tvm"] in ("fold", "custom")
     models = json.loads((tmp_path / "models.json").read_text())["models"]
-    assert {r["model"] for r in models} == {"wsnet1d-tiny", "wsnet2d-cifar"}
-    assert not [r for r in models if "failed" in r]  # both models' int8 builds pass the gate
+    assert {r["model"] for r in models} == {"wsnet1d-tiny"}  # --quick: one model's builds
+    assert not [r for r in models if "failed" in r]  # its int8 builds pass the gate
     assert all(r["median_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in models)
     int8 = [r for r in models if r["precision"] == "int8"]
-    assert len(int8) == 2 * 8 and all(r["agreement"] >= 0.99 for r in int8)
+    assert len(int8) == 8 and all(r["agreement"] >= 0.99 for r in int8)
     assert all(r["gate_n"] == 1000 for r in int8)
     machine = json.loads((tmp_path / "layers.json").read_text())["machine"]
     assert machine["seconds"] > 0 and machine["tune_seconds"] == 0  # --quick: no tuning

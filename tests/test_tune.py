@@ -52,6 +52,30 @@ def test_records_hold_the_generic_schedules_and_builds_apply_them(records, tmp_p
     assert info["tuning_records"] == str(tvm_build.records_dir(tt))
 
 
+def test_the_records_directory_is_an_export_option_the_manifest_records(records, tmp_path):
+    """``--records DIR`` (ExportOptions.records) is what a build applies, not whatever the
+    environment names; the manifest says which directory it was."""
+    tasks, tt, vl = _tasks("wsnet1d-tiny")
+    mine = tmp_path / "mine"
+    database = tvm_build.open_records(tvm_build.records_dir(tt, mine), create=True)
+    tune._commit_generic(tasks, tune._measure_target(tt), database, vl)
+    result = CliRunner().invoke(
+        main,
+        ["export", "wsnet1d-tiny", "--target", "x86_64", "--records", str(mine)]
+        + ["-o", str(tmp_path / "a")],
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "a" / "tvm.json").read_text())
+    assert sorted(info["records_applied"]) == sorted(tasks)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["tuning_records"] == str(mine)
+    m = export("wsnet1d-tiny", tmp_path / "b", ExportOptions(target="x86_64")).manifest
+    assert m["tuning_records"] == str(records)  # the environment's default: empty
+    assert json.loads((tmp_path / "b" / "tvm.json").read_text())["records_applied"] == []
+    assert m["tuning_records"] is not None and not records.exists()
+    assert export("wsnet1d-tiny", tmp_path / "c").manifest["tuning_records"] is None  # onnx
+
+
 def test_builds_without_records_use_the_generic_schedules(records, tmp_path):
     out = tmp_path / "b"
     export("wsnet1d-tiny", out, ExportOptions(target="x86_64"))

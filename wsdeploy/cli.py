@@ -421,6 +421,13 @@ def _quiet_third_party_logs() -> None:
     "portable baseline (x86_64: x86-64-v3; arm64: armv8-a with NEON).",
 )
 @click.option(
+    "--records",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="TVM targets: the directory of tuning records (default: $WSDEPLOY_TUNING_DIR or "
+    "~/.cache/wsdeploy/tuning); the manifest records which one a build used.",
+)
+@click.option(
     "--cc",
     default=None,
     metavar="COMMAND",
@@ -496,6 +503,7 @@ def export(
     goal: str,
     outdir: Path | None,
     cpu: str | None,
+    records: Path | None,
     cc: str | None,
     precision: str,
     calib: Path | None,
@@ -531,6 +539,7 @@ def export(
         n_verify=n_verify,
         cpu=cpu,
         cc=cc,
+        records=None if records is None else str(records),
         rpc=rpc,
         precision=precision,
         calib=None if calib is None else str(calib),
@@ -705,6 +714,13 @@ def verify(
     help="MetaSchedule measurements in all, shared among the kernels.",
 )
 @click.option(
+    "--records",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="TVM targets: the directory of tuning records (default: $WSDEPLOY_TUNING_DIR or "
+    "~/.cache/wsdeploy/tuning); for OUTDIR, default: the one its build used.",
+)
+@click.option(
     "--model",
     "model",
     default=None,
@@ -722,6 +738,7 @@ def tune(
     cpu: str | None,
     precision: str,
     trials: int,
+    records: Path | None,
     rpc: str | None,
     trust_pickle: bool,
     input_shape: str | None,
@@ -750,13 +767,19 @@ def tune(
                 progress=lambda step: status.update(step),
                 rpc=rpc,
                 model=model,
+                records=None if records is None else str(records),
                 **kwargs,
             )
         else:
             if model is not None:
                 raise click.UsageError("--model is for tuning a finished build (OUTDIR)")
             options = ExportOptions(
-                target=target, strategy=strategy, cpu=cpu, precision=precision, rpc=rpc
+                target=target,
+                strategy=strategy,
+                cpu=cpu,
+                precision=precision,
+                rpc=rpc,
+                records=None if records is None else str(records),
             )
             result = tune_model(
                 model_or_outdir,

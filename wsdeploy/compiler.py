@@ -61,6 +61,7 @@ class ExportOptions:
     cpu: str | None = None  # a specific processor, for targets that take one
     rpc: str | None = None  # "host:port" of a TVM RPC server on the device that verifies
     cc: str | None = None  # the compiler driver linking a cross target (None: its default)
+    records: str | None = None  # TVM targets: root of the tuning records (None: the default)
     precision: str = "fp32"  # or "int8"
     calib: str | None = None  # int8: .npy/.npz of calibration inputs
     calib_samples: int | None = None  # int8: this many samples of the model's own dataset
@@ -226,7 +227,7 @@ def _artifact_size(loaded: LoadedModel, options: ExportOptions, strategy: str = 
     target = get_target(options.target)
     model, _ = lower(loaded, strategy, target, goal=options.goal)
     with tempfile.TemporaryDirectory(prefix="wsdeploy-base-") as tmp:
-        target.build(model, Path(tmp), options.cpu, options.cc)
+        target.build(model, Path(tmp), options.cpu, options.cc, options.records)
         return _dir_size([target.artifact], Path(tmp))
 
 
@@ -667,6 +668,15 @@ def _built_for_cpu(target, cpu: str | None) -> str | None:
     return str(t.attrs.get("mcpu", "") or "") or "generic"
 
 
+def _records_root(target, records: str | None) -> str | None:
+    """The root of the tuning records a TVM build applied (None: not a tuned target)."""
+    if target.tvm_target is None:
+        return None
+    from wsdeploy.targets.tvm.records import default_root
+
+    return str(Path(records) if records is not None else default_root())
+
+
 def _linker(target, cc: str | None) -> dict[str, Any] | None:
     linker = target.linker(cc)
     return None if linker is None else linker.describe()
@@ -816,7 +826,7 @@ def export(
         raise WsdeployError(f"cannot write into {outdir.parent}: {e.strerror or e}") from e
     try:
         say(f"build {target.name}")
-        files = target.build(lowered, staging, options.cpu, options.cc)
+        files = target.build(lowered, staging, options.cpu, options.cc, options.records)
         inputs = numerics.verification_inputs(
             loaded.input_shape, loaded.dataset, loaded.config, n=options.n_verify, seed=options.seed
         )
@@ -869,6 +879,7 @@ def export(
             "cpu": options.cpu,
             "built_for_cpu": _built_for_cpu(target, options.cpu),
             "linker": _linker(target, options.cc),
+            "tuning_records": _records_root(target, options.records),
             "precision": options.precision,
             "layers": layers,
             "recognition": [r.to_dict() for r in recognition],
@@ -976,6 +987,9 @@ def read_manifest(outdir: Path) -> dict[str, Any]:
             raise WsdeployError(f"{path} is corrupt: bad 'quantization' ({e})") from None
     if not isinstance(manifest["artifact"], str) or "/" in manifest["artifact"]:
         raise WsdeployError(f"{path} is corrupt: no valid 'artifact' field")
+    for key in ("cpu", "tuning_records"):
+        if not isinstance(manifest.get(key), str | None):
+            raise WsdeployError(f"{path} is corrupt: no valid {key!r} field")
     return manifest
 
 

@@ -69,6 +69,7 @@ def options_from_outdir(outdir: Path) -> tuple[dict, ExportOptions, quantize.Cal
         goal=manifest.get("goal", "speed"),
         cpu=manifest.get("cpu"),
         precision=manifest.get("precision", "fp32"),
+        records=manifest.get("tuning_records"),
     )
     q = manifest.get("quantization")
     calibration = None
@@ -111,8 +112,14 @@ def tune(
     if not builds:
         raise WsdeployError("nothing to tune: no builds given")
     first = builds[0]
-    if any((o.target, o.cpu, o.rpc) != (first.target, first.cpu, first.rpc) for o in builds):
-        raise WsdeployError("builds tuned together must share one target, cpu and device")
+    share = ("target", "cpu", "rpc", "records")
+    if any(
+        tuple(getattr(o, k) for k in share) != tuple(getattr(first, k) for k in share)
+        for o in builds
+    ):
+        raise WsdeployError(
+            "builds tuned together must share one target, cpu, device and records directory"
+        )
     target = get_target(first.target)
     if target.tvm_target is None:
         tunable = ", ".join(n for n, t in sorted(TARGETS.items()) if t.tvm_target is not None)
@@ -156,7 +163,7 @@ def tune(
         except Exception as e:
             raise CompileError(f"TVM build failed: {str(e).strip().splitlines()[-1][:300]}") from e
         _add_distinct(tasks, tvm_build.tunable(mod))
-    records = tvm_build.records_dir(tvm_target)
+    records = tvm_build.records_dir(tvm_target, first.records)
     if not tasks:
         return TuneResult(records, str(tvm_target), 0, 0.0)
     t0 = time.perf_counter()
@@ -408,17 +415,21 @@ def tune_and_rebuild(
     progress=None,
     rpc: str | None = None,
     model: str | Path | None = None,
+    records: str | None = None,
     **load_kwargs,
 ) -> TuneResult:
     """Tune a finished build's kernels, then rebuild it in place (same options, so it takes
     the new records; the rebuild passes the same gates or the old build stays). ``model``:
     the file the build was made from (default: the bundled zoo model the manifest names);
     its sha256 must be the manifest's, so a manifest can never make tune load another file.
-    ``rpc``: the device it is tuned and verified on (arm64)."""
+    ``rpc``: the device it is tuned and verified on (arm64). ``records``: the records
+    directory (default: the one the build used)."""
     from wsdeploy.models import zoo
 
     source, options, calibration = options_from_outdir(outdir)
     options = dataclasses.replace(options, rpc=rpc)
+    if records is not None:
+        options = dataclasses.replace(options, records=records)
     if model is None:
         name = source.get("name")
         if not (isinstance(name, str) and name in zoo.ZOO):

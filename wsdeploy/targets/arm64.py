@@ -48,11 +48,19 @@ def linker(cc: str | None = None) -> Linker | None:
     return Linker(cc or ZIG, SYSTEM)
 
 
-def build(model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None):
+def build(
+    model: ir.Model,
+    outdir: Path,
+    cpu: str | None = None,
+    cc: str | None = None,
+    records: str | None = None,
+):
     from . import tvm as tvm_build
 
     target = tvm_target(cpu)
-    return tvm_build.build(model, outdir, target, library=LIBRARY, linker=linker(cc))
+    return tvm_build.build(
+        model, outdir, target, library=LIBRARY, linker=linker(cc), records=records
+    )
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:

@@ -47,10 +47,12 @@ class Target:
         name: the ``--target`` name.
         description: one line for ``--help`` and the manifest.
         artifact: file name of the main artifact inside the output directory.
-        build: ``build(model, outdir, cpu, cc)`` writes the artifact (and any side files) for
-            a model into a directory and returns the names of the files it wrote; ``cpu``
-            names a specific processor where the target supports it (else None), ``cc`` the
-            compiler driver that links it where the target links (else None: its default).
+        build: ``build(model, outdir, cpu, cc, records)`` writes the artifact (and any side
+            files) for a model into a directory and returns the names of the files it wrote;
+            ``cpu`` names a specific processor where the target supports it (else None),
+            ``cc`` the compiler driver that links it where the target links (else None: its
+            default), ``records`` the root of the tuning records a tuned target applies
+            (else None: ``tvm.records.default_root()``).
         load: ``load(outdir, device)`` returns a function running the artifact in a directory
             on one input, on this machine (``device=None``) or on a remote device
             (``"host:port"`` of a TVM RPC server) where the target supports it.

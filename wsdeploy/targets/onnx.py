@@ -53,7 +53,11 @@ def session(path: Path) -> Runner:
 
 
 def build(
-    model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None
+    model: ir.Model,
+    outdir: Path,
+    cpu: str | None = None,
+    cc: str | None = None,
+    records: str | None = None,  # nothing here is tuned
 ) -> list[str]:
     save(model, outdir / FILENAME)
     return [FILENAME]

@@ -34,7 +34,11 @@ DISABLED_OPTIMIZERS = ("NchwcTransformer", "ConstantFolding")
 
 
 def build(
-    model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None
+    model: ir.Model,
+    outdir: Path,
+    cpu: str | None = None,
+    cc: str | None = None,
+    records: str | None = None,  # nothing here is tuned
 ) -> list[str]:
     import onnxruntime as ort
     from onnxruntime.tools.ort_format_model import create_config_from_models

@@ -51,11 +51,15 @@ def tvm_target(cpu: str | None = None):
 
 
 def build(
-    model: ir.Model, outdir: Path, cpu: str | None = None, cc: str | None = None
+    model: ir.Model,
+    outdir: Path,
+    cpu: str | None = None,
+    cc: str | None = None,
+    records: str | None = None,
 ) -> list[str]:
     from . import tvm as tvm_build
 
-    return tvm_build.build(model, outdir, tvm_target(cpu), library=LIBRARY)
+    return tvm_build.build(model, outdir, tvm_target(cpu), library=LIBRARY, records=records)
 
 
 ISA_FEATURES = (

@@ -19,13 +19,14 @@ from .schedule import prepare_module, schedule_cpu
 log = logging.getLogger(__name__)
 
 
-def compile_module(mod, target, vl: int):
-    """Schedule and compile an imported module for a TVM target: (executable, the names of
-    the PrimFuncs that took tuned schedules)."""
+def compile_module(mod, target, vl: int, records: Path | str | None = None):
+    """Schedule and compile an imported module for a TVM target with the tuning records
+    under ``records`` (``records.records_dir``): (executable, the names of the PrimFuncs
+    that took tuned schedules)."""
     tvm = load_tvm()
     try:
         mod = prepare_module(mod, target, vl)
-        tuned = apply_records(mod, target)
+        tuned = apply_records(mod, target, records)
         mod = schedule_cpu(mod, vl)
         return tvm.compile(mod, target=target), tuned
     except CompileError:
@@ -113,13 +114,16 @@ def vector_lanes(target) -> int:
     return 4
 
 
-def build(model: ir.Model, outdir: Path, target, *, library: str, linker=None) -> list[str]:
-    """Import, schedule, compile and export one model; writes ``library`` and ``tvm.json``."""
+def build(
+    model: ir.Model, outdir: Path, target, *, library: str, linker=None, records=None
+) -> list[str]:
+    """Import, schedule, compile and export one model with the tuning records under
+    ``records`` (None: the default root); writes ``library`` and ``tvm.json``."""
     import json
 
     vl = vector_lanes(target)
     mod = import_model(model, vl)
-    executable, tuned = compile_module(mod, target, vl)
+    executable, tuned = compile_module(mod, target, vl, records)
     export_library(executable, outdir / library, linker)
     info = {
         "target": target_dict(target),
@@ -129,6 +133,6 @@ def build(model: ir.Model, outdir: Path, target, *, library: str, linker=None) -
         "records_applied": tuned,
     }
     if tuned:
-        info["tuning_records"] = str(records_dir(target))
+        info["tuning_records"] = str(records_dir(target, records))
     (outdir / "tvm.json").write_text(json.dumps(info, indent=2) + "\n")
     return [library, "tvm.json"]

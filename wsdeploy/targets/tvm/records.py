@@ -15,13 +15,20 @@ log = logging.getLogger(__name__)
 
 
 TUNING_ENV = "WSDEPLOY_TUNING_DIR"
-"""Overrides where tuning records live (default ``~/.cache/wsdeploy/tuning``)."""
+"""The user's default for where tuning records live (else ``~/.cache/wsdeploy/tuning``);
+an export or tune given ``records`` (``--records``) uses that instead."""
 
 
-def records_dir(target) -> Path:
-    """The directory of MetaSchedule records for one TVM target (one per canonical target
-    string; inside, records are keyed by each PrimFunc's structure, so by its shapes)."""
-    root = Path(os.environ.get(TUNING_ENV) or Path.home() / ".cache" / "wsdeploy" / "tuning")
+def default_root() -> Path:
+    """Where tuning records live unless a build names its own root."""
+    return Path(os.environ.get(TUNING_ENV) or Path.home() / ".cache" / "wsdeploy" / "tuning")
+
+
+def records_dir(target, root: Path | str | None = None) -> Path:
+    """The directory of MetaSchedule records for one TVM target under ``root`` (default
+    ``default_root()``): one per canonical target string; inside, records are keyed by each
+    PrimFunc's structure, so by its shapes."""
+    root = Path(root) if root is not None else default_root()
     key = hashlib.sha256(str(target).encode()).hexdigest()[:16]
     return root / f"{target.kind.name}-{key}"
 
@@ -45,11 +52,11 @@ def open_records(path: Path, create: bool = False):
         ) from e
 
 
-def apply_records(mod, target) -> list[str]:
+def apply_records(mod, target, root: Path | str | None = None) -> list[str]:
     """Give every tunable PrimFunc of ``mod`` the best schedule measured for it in the
-    target's records (MetaSchedule's, or the generic one where that measured faster), in
-    place; returns the names that got one."""
-    path = records_dir(target)
+    target's records under ``root`` (MetaSchedule's, or the generic one where that measured
+    faster), in place; returns the names that got one."""
+    path = records_dir(target, root)
     database = open_records(path)
     if database is None:
         return []

@@ -21,7 +21,9 @@ from rich.table import Table
 
 from wsdeploy.errors import WsdeployError
 from wsdeploy.numerics import MIN_VERIFY
+from wsdeploy.passes import CALIB_METHODS as _CALIB_METHODS
 from wsdeploy.passes import GOALS as _GOALS
+from wsdeploy.passes import PRECISIONS as _PRECISIONS
 from wsdeploy.passes import STRATEGIES as _STRATEGIES
 from wsdeploy.targets import TARGETS as _TARGET_NAMES
 
@@ -437,7 +439,7 @@ def _quiet_third_party_logs() -> None:
 @click.option(
     "--quantize",
     "precision",
-    type=click.Choice(["fp32", "int8"]),
+    type=click.Choice(list(_PRECISIONS)),
     default="fp32",
     show_default=True,
     help="int8: int8 phi and weights, calibrated int8 activations, integer kernels on TVM "
@@ -457,7 +459,7 @@ def _quiet_third_party_logs() -> None:
 )
 @click.option(
     "--calib-method",
-    type=click.Choice(["auto", "mse", "minmax"]),
+    type=click.Choice(list(_CALIB_METHODS)),
     default="auto",
     show_default=True,
     help="int8: each activation's clipping threshold: its absmax on the calibration samples "
@@ -701,7 +703,7 @@ def verify(
 @click.option(
     "--quantize",
     "precision",
-    type=click.Choice(["fp32", "int8"]),
+    type=click.Choice(list(_PRECISIONS)),
     default="fp32",
     show_default=True,
     help="MODEL only: tune the int8 build's kernels (calibrated as export does).",

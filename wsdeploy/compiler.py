@@ -31,6 +31,7 @@ import torch
 from wsdeploy import __version__, numerics, quantize, trace
 from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
 from wsdeploy.modelfile import LoadedModel, default_mode, load_model
+from wsdeploy.passes import PRECISIONS
 from wsdeploy.passes._graph import static_shape
 from wsdeploy.passes.affine import AffinePass
 from wsdeploy.passes.base import Pass, PassManager
@@ -73,7 +74,6 @@ class ExportOptions:
     seed: int = 0
 
 
-PRECISIONS = ("fp32", "int8")
 DEFAULT_CALIB_SAMPLES = 256  # SoundNet-8: 64 clips under-estimated the test ranges
 AGREEMENT_MIN = 0.99  # int8 top-1 agreement with the fp32 model (MLPerf's 99% rule)
 ACCURACY_DROP_MAX = 0.01  # int8 accuracy at most one point below fp32

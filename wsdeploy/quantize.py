@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from wsdeploy.errors import WsdeployError
 from wsdeploy.models import layers
+from wsdeploy.passes import CALIB_METHODS  # the one table (free of torch, for the CLI)
 
 QMAX = 127
 """Largest int8 magnitude a calibrated value maps to (QuantizeLinear saturates at -128/127)."""
@@ -244,7 +245,6 @@ QUANTIZERS: dict[type, type[_Quantized]] = {
 """Layer type -> its quantized replacement; every other module stays float."""
 
 
-CALIB_METHODS = ("auto", "mse", "minmax")
 SAMPLES_PER_BATCH = 16384
 """Values of each layer's input kept per calibration batch for the clipping search."""
 CLIP_SEARCH = np.linspace(0.3, 1.0, 71)

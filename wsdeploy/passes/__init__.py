@@ -1,6 +1,12 @@
 """Graph passes, one per file. ``STRATEGIES`` names the ways a WSNet layer can be lowered
-(``strategy.StrategyPass`` applies them); it lives here, free of any tensor library, so the
-command line lists it without importing one."""
+(``strategy.StrategyPass`` applies them); it and the other choices below live here, free of
+any tensor library, so the command line lists them without importing one."""
+
+PRECISIONS = ("fp32", "int8")
+"""What a build computes in (``compiler.export``; int8: ``wsdeploy.quantize``)."""
+
+CALIB_METHODS = ("auto", "mse", "minmax")
+"""How int8 calibration clips each activation (``quantize.calibrate``)."""
 
 STRATEGIES = ("auto", "fold", "shared", "custom")
 

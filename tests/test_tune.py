@@ -59,11 +59,8 @@ def test_the_records_directory_is_an_export_option_the_manifest_records(records,
     mine = tmp_path / "mine"
     database = tvm_build.open_records(tvm_build.records_dir(tt, mine), create=True)
     tune._commit_generic(tasks, tune._measure_target(tt), database, vl)
-    result = CliRunner().invoke(
-        main,
-        ["export", "wsnet1d-tiny", "--target", "x86_64", "--records", str(mine)]
-        + ["-o", str(tmp_path / "a")],
-    )
+    args = ["export", "wsnet1d-tiny", "--target", "x86_64", "--records", str(mine)]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "a" / "tvm.json").read_text())
     assert sorted(info["records_applied"]) == sorted(tasks)

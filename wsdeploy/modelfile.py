@@ -170,8 +170,8 @@ def load_model(
     digest = sha256_file(path)
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a PyTorch model file (truncated or corrupt?)")
-    check_archive(path)
-    if _is_pt2(path):
+    names = check_archive(path)
+    if any(n.split("/", 1)[-1] == "archive_format" for n in names):  # a .pt2 archive
         return _load_pt2(path, digest, trust_pickle, input_shape)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -201,10 +201,10 @@ def load_model(
     return loaded
 
 
-def check_archive(path: Path) -> None:
-    """Refuse a zip whose directory is unsafe to hand to torch's reader: member names that
-    leave the archive's folder, duplicates, or members that would inflate past
-    MAX_ARCHIVE_BYTES (in total) or MAX_RATIO (each)."""
+def check_archive(path: Path) -> list[str]:
+    """The member names of a zip, refused if its directory is unsafe to hand to torch's
+    reader: names that leave the archive's folder, duplicates, or members that would
+    inflate past MAX_ARCHIVE_BYTES (in total) or MAX_RATIO (each)."""
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
@@ -231,20 +231,13 @@ def check_archive(path: Path) -> None:
             f"{path}: archive would unpack to {total:,} bytes, over wsdeploy's limit of "
             f"{MAX_ARCHIVE_BYTES:,}"
         )
+    return [info.filename for info in infos]
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text).splitlines()
     return text[0][:200] if text else type(e).__name__
-
-
-def _is_pt2(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.split("/", 1)[-1] == "archive_format" for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
 
 
 def _from_checkpoint(payload: Any, path: Path, digest: str) -> LoadedModel:

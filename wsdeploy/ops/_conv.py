@@ -11,8 +11,10 @@ import onnx_ir as ir
 
 from wsdeploy.passes._cost import table_seconds
 
-from .base import Shape, SharedWork
+from .base import OpSpec, Shape, SharedWork, opset
 from .builder import Builder
+
+ATTRS = ("out_channels", "kernel_size", "stride", "padding", "sample_stride", "channel_repeat")
 
 
 class Blocks(NamedTuple):
@@ -144,3 +146,55 @@ def dense_layout(w: np.ndarray, rank: int) -> np.ndarray:
 def dense_scale(scale: np.ndarray, attrs: dict[str, int]) -> tuple[np.ndarray, int]:
     """Each dense input channel c carries the scale of its condensed channel c mod C*."""
     return (np.tile(scale, attrs["channel_repeat"]) if np.ndim(scale) else scale), 1
+
+
+def translate(op_type: str):
+    """The onnxscript translation of a WSNet conv's torch custom op into ``op_type``."""
+
+    def translate(
+        x,
+        phi,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        sample_stride: int,
+        channel_repeat: int,
+    ):
+        return getattr(opset(), op_type)(
+            x,
+            phi,
+            out_channels=out_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            sample_stride=sample_stride,
+            channel_repeat=channel_repeat,
+        )
+
+    return translate
+
+
+def spec(spatial: int, materialize, layout, layout_ops, shared) -> OpSpec:
+    """The spec of the ``spatial``-D WSNet conv (``WSConv1d``, ``WSConv2d``): what differs
+    between them is how phi is sampled, laid out and shared; the rest is common."""
+    op_type = f"WSConv{spatial}d"
+    return OpSpec(
+        op_type=op_type,
+        attrs=ATTRS,
+        spatial=spatial,
+        torch_op=f"conv{spatial}d",
+        layer=op_type,
+        dense_shape=dense_shape(spatial),
+        materialize=materialize,
+        layout=layout,
+        layout_ops=layout_ops,
+        shared=shared,
+        macs=macs,
+        kernel_macs=kernel_macs,
+        work=work,
+        dense=dense(spatial),
+        dense_layout=dense_layout,
+        dense_scale=dense_scale,
+        translate=translate(op_type),
+    )

@@ -21,10 +21,8 @@ import onnx_ir as ir
 from wsdeploy.models import sampling
 
 from . import _conv
-from .base import NO_FOLD_KEY, OpSpec, Shape, opset
+from .base import NO_FOLD_KEY, Shape
 from .builder import Builder, epilogue, presum
-
-ATTRS = ("out_channels", "kernel_size", "stride", "padding", "sample_stride", "channel_repeat")
 
 
 def materialize(phi: np.ndarray, a: dict[str, int]) -> np.ndarray:
@@ -104,44 +102,4 @@ def shared(
     return epilogue(b, y, scale, bias, n, 1)
 
 
-def translate(
-    x,
-    phi,
-    out_channels: int,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    sample_stride: int,
-    channel_repeat: int,
-):
-    return opset().WSConv1d(
-        x,
-        phi,
-        out_channels=out_channels,
-        kernel_size=kernel_size,
-        stride=stride,
-        padding=padding,
-        sample_stride=sample_stride,
-        channel_repeat=channel_repeat,
-    )
-
-
-CONV1D = OpSpec(
-    op_type="WSConv1d",
-    attrs=ATTRS,
-    spatial=1,
-    torch_op="conv1d",
-    layer="WSConv1d",
-    dense_shape=_conv.dense_shape(1),
-    materialize=materialize,
-    layout=layout,
-    layout_ops=layout_ops,
-    shared=shared,
-    macs=_conv.macs,
-    kernel_macs=_conv.kernel_macs,
-    work=_conv.work,
-    dense=_conv.dense(1),
-    dense_layout=_conv.dense_layout,
-    dense_scale=_conv.dense_scale,
-    translate=translate,
-)
+CONV1D = _conv.spec(1, materialize, layout, layout_ops, shared)

@@ -14,9 +14,8 @@ import onnx_ir as ir
 from wsdeploy.models import sampling
 
 from . import _conv
-from .base import OpSpec, Shape, opset
+from .base import Shape
 from .builder import Builder, epilogue, presum
-from .conv1d import ATTRS
 
 
 def materialize(phi: np.ndarray, a: dict[str, int]) -> np.ndarray:
@@ -97,44 +96,4 @@ def shared(
     return epilogue(b, y, scale, bias, n, 2)
 
 
-def translate(
-    x,
-    phi,
-    out_channels: int,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    sample_stride: int,
-    channel_repeat: int,
-):
-    return opset().WSConv2d(
-        x,
-        phi,
-        out_channels=out_channels,
-        kernel_size=kernel_size,
-        stride=stride,
-        padding=padding,
-        sample_stride=sample_stride,
-        channel_repeat=channel_repeat,
-    )
-
-
-CONV2D = OpSpec(
-    op_type="WSConv2d",
-    attrs=ATTRS,
-    spatial=2,
-    torch_op="conv2d",
-    layer="WSConv2d",
-    dense_shape=_conv.dense_shape(2),
-    materialize=materialize,
-    layout=layout,
-    layout_ops=layout_ops,
-    shared=shared,
-    macs=_conv.macs,
-    kernel_macs=_conv.kernel_macs,
-    work=_conv.work,
-    dense=_conv.dense(2),
-    dense_layout=_conv.dense_layout,
-    dense_scale=_conv.dense_scale,
-    translate=translate,
-)
+CONV2D = _conv.spec(2, materialize, layout, layout_ops, shared)

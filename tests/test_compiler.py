@@ -18,7 +18,8 @@ FAST_MODELS = ["wsnet1d-tiny", "wsnet2d-cifar"]
 STRATEGIES = ["auto", "fold", "shared", "custom"]
 
 
-LOCAL_TARGETS = sorted(name for name, t in TARGETS.items() if t.runs_here())
+# the ONNX targets that run here (the torch-program target has tests/targets/test_executorch.py)
+LOCAL_TARGETS = sorted(n for n, t in TARGETS.items() if t.runs_here() and t.consumes == "onnx")
 
 
 @pytest.mark.parametrize("target", LOCAL_TARGETS)

@@ -173,3 +173,19 @@ def test_int8_without_held_out_data_is_refused(user_files, tmp_path):
     result = _run([*args, "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "--gate-data" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_pt2_on_executorch_runs_recognised_layers_as_aten_ops(user_files, tmp_path):
+    """The executorch target consumes the torch program: the user's hand-written WSNet
+    layers, recognised there, reach the .pte as the shared computation in ATen ops."""
+    root, _ = user_files
+    out = tmp_path / "o"
+    result = _export(root, "user.pt2", "executorch", "fp32", out, "--strategy", "shared")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": recognised: WSNet") == 3
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verification"]["passed"]
+    assert [layer["strategy"] for layer in m["layers"]] == ["shared"] * 3
+    dense_weights = 16 * 9 + 16 * 16 * 7 + 16 * 5 + 32 * 16 * 5 + 8 * 32 + 4 * 8
+    assert m["size"]["stored_params"] < dense_weights / 2
+    assert m["size"]["artifact_bytes"] < m["size"]["dense_baseline_bytes"]

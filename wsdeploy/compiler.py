@@ -116,10 +116,7 @@ def pipeline(
     """The passes lowering a model for ``target`` with ``strategy``; ``records``, if given,
     receives one record per WSNet layer (``RecordPass``)."""
     target = get_target(target) if isinstance(target, str) else target
-    if precision not in target.passes:
-        raise WsdeployError(
-            f"target {target.name} does not build {precision}; it builds {sorted(target.passes)}"
-        )
+    _check_precision(target, precision)
     onnx = [AffinePass(), StrategyPass(strategy, target.native_wsnet, goal)]
     if records is not None:
         onnx.append(RecordPass(records, target.native_wsnet, goal))
@@ -131,6 +128,13 @@ def pipeline(
             "cleanup": [CleanupPass()],
         }
     )
+
+
+def _check_precision(target: Target, precision: str) -> None:
+    if precision not in target.passes:
+        raise WsdeployError(
+            f"target {target.name} does not build {precision}; it builds {sorted(target.passes)}"
+        )
 
 
 def torch_stage(loaded: LoadedModel) -> tuple[torch.export.ExportedProgram, list[Any]]:
@@ -148,15 +152,22 @@ def lower(
     recognition: list[Any] | None = None,
     goal: str = "balanced",
     precision: str = "fp32",
-) -> tuple[ir.Model, list[dict[str, Any]]]:
-    """The torch stage, then ONNX and the passes for ``target``; returns the model and one
-    record per WSNet layer. ``recognition``, if given, receives the torch stage's records
-    (``torch_stage``)."""
+) -> tuple[ir.Model | torch.export.ExportedProgram, list[dict[str, Any]]]:
+    """The torch stage, then what ``target`` consumes (``Target.consumes``): ONNX and the
+    passes for ``target``, or the program with its WSNet layers as ATen ops
+    (``passes.aten``). Returns that model and one record per WSNet layer.
+    ``recognition``, if given, receives the torch stage's records (``torch_stage``)."""
     if strategy not in STRATEGIES:
         raise WsdeployError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
+    target = get_target(target) if isinstance(target, str) else target
+    _check_precision(target, precision)
     program, records = torch_stage(loaded)
     if recognition is not None:
         recognition.extend(records)
+    if target.consumes == "torch":
+        from wsdeploy.passes.aten import lower_program
+
+        return lower_program(program, strategy, goal)
     model = trace.to_onnx(program)
     layers: list[dict[str, Any]] = []
     pipeline(strategy, target, goal, precision, layers)(model)
@@ -638,11 +649,13 @@ class Verification:
 
 
 def preflight(target, rpc: str | None, cc: str | None) -> None:
-    """Everything that can be checked before any work, in the order a user needs it: a
-    device address for a target that does not run on devices, an unreachable device, a
-    missing linker."""
+    """Everything that can be checked before any work, in the order a user needs it: what
+    the target needs installed, a device address for a target that does not run on
+    devices, an unreachable device, a missing linker."""
     from wsdeploy.targets import TARGETS
 
+    if target.requires is not None:
+        target.requires()
     if rpc is not None and not target.remote:
         remote = ", ".join(n for n, t in sorted(TARGETS.items()) if t.remote)
         raise WsdeployError(
@@ -785,6 +798,7 @@ def export(
     target = get_target(options.target)
     if options.cpu is not None and not target.cpus:
         raise WsdeployError(f"target {target.name!r} takes no --cpu")
+    _check_precision(target, options.precision)
     preflight(target, options.rpc, options.cc)
     loaded = (
         model
@@ -884,8 +898,8 @@ def export(
             "layers": layers,
             "recognition": [r.to_dict() for r in recognition],
             "warnings": warnings,
-            "inputs": _io(lowered.graph.inputs),
-            "outputs": _io(lowered.graph.outputs),
+            "inputs": _io(lowered, "inputs"),
+            "outputs": _io(lowered, "outputs"),
             "size": {
                 "artifact_bytes": size,
                 "dense_baseline_bytes": baseline,
@@ -893,6 +907,7 @@ def export(
                 "stored_params": _stored_params(lowered),
                 "param_bytes": _stored_params(lowered, nbytes=True),
             },
+            "runtime": None if target.report is None else target.report(staging),
             "quantization": None if calibration is None else calibration.to_dict(),
             "verification": verification,
             "tools": _tool_versions(),
@@ -920,23 +935,41 @@ def _source_name(loaded: LoadedModel) -> str:
     return Path(loaded.source).name
 
 
-def _io(values) -> list[dict[str, Any]]:
+def _io(lowered: ir.Model | torch.export.ExportedProgram, which: str) -> list[dict[str, Any]]:
+    """The lowered model's ``inputs`` or ``outputs``: name, static shape, dtype."""
+    if isinstance(lowered, ir.Model):
+        return [
+            {"name": v.name, "shape": list(static_shape(v)), "dtype": str(v.dtype.numpy())}
+            for v in getattr(lowered.graph, which)
+        ]
+    signature = lowered.graph_signature
+    if which == "inputs":
+        names = set(signature.user_inputs)
+        placeholders = [n for n in lowered.graph.nodes if n.op == "placeholder"]
+        vals = [n.meta["val"] for n in placeholders if n.name in names]
+    else:
+        output = next(n for n in lowered.graph.nodes if n.op == "output")
+        vals = [a.meta["val"] for a in output.args[0]][: len(signature.user_outputs)]
+    stem = "input" if which == "inputs" else "output"
     return [
-        {"name": v.name, "shape": list(static_shape(v)), "dtype": str(v.dtype.numpy())}
-        for v in values
+        {
+            "name": stem if len(vals) == 1 else f"{stem}_{i}",
+            "shape": [int(d) for d in v.shape],
+            "dtype": str(v.dtype).removeprefix("torch."),
+        }
+        for i, v in enumerate(vals)
     ]
 
 
-def _stored_params(model: ir.Model, nbytes: bool = False) -> int:
+def _stored_params(lowered: ir.Model | torch.export.ExportedProgram, nbytes: bool = False) -> int:
     """Values (or with ``nbytes`` their bytes) of the lowered graph's weights: what the
     artifact stores, whatever else (code, for TVM) it holds."""
-    return int(
-        sum(
-            v.const_value.nbytes if nbytes else v.const_value.size
-            for v in model.graph.initializers.values()
-            if v.const_value is not None
-        )
-    )
+    if isinstance(lowered, ir.Model):
+        tensors = [v.const_value for v in lowered.graph.initializers.values()]
+        return int(sum(t.nbytes if nbytes else t.size for t in tensors if t is not None))
+    tensors = [*lowered.state_dict.values(), *lowered.constants.values()]
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    return int(sum(t.numel() * (t.element_size() if nbytes else 1) for t in tensors))
 
 
 def read_manifest(outdir: Path) -> dict[str, Any]:

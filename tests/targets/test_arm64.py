@@ -16,6 +16,19 @@ from wsdeploy.compiler import ExportOptions, export
 from wsdeploy.errors import CompileError, WsdeployError
 
 
+@pytest.fixture(autouse=True)
+def _one_device_user_at_a_time(tmp_path_factory):
+    """One emulated device per machine (its state lives in ~/.cache/wsdeploy): the tests here
+    take turns, whichever pytest-xdist worker runs them (xdist's own grouping, --dist
+    loadgroup, did not group anything with pytest 9.2 and xdist 3.8 here)."""
+    import fcntl
+
+    lock = tmp_path_factory.getbasetemp().parent / "arm64-device.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture
 def no_emulator(monkeypatch):
     """A machine without qemu-user and without Debian's cross compiler: only pip's tools."""

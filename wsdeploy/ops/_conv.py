@@ -3,6 +3,8 @@ counts, the dense Conv and its int8 scales."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple
 
@@ -36,6 +38,20 @@ class Blocks(NamedTuple):
 OVERLAP_GAIN = 0.9
 """Overlapping windows replace the gcd blocks only when estimated this much faster."""
 
+_DISJOINT = contextvars.ContextVar("wsdeploy_disjoint_blocks", default=False)
+
+
+@contextlib.contextmanager
+def disjoint_blocks():
+    """Within this block, ``blocking`` keeps the disjoint gcd blocks: for runtimes whose
+    convolutions need weights fixed at build time (ExecuTorch's XNNPACK delegate), which the
+    overlapping windows, built from phi at run time, are not."""
+    token = _DISJOINT.set(True)
+    try:
+        yield
+    finally:
+        _DISJOINT.reset(token)
+
 
 def blocking(attrs: dict[str, int], phi_shape: Shape) -> Blocks:
     """The table's filters: windows of g taps of phi, one every e columns, at table stride d.
@@ -57,7 +73,7 @@ def blocking(attrs: dict[str, int], phi_shape: Shape) -> Blocks:
     k, ss, s = attrs["kernel_size"], attrs["sample_stride"], attrs["stride"]
     g0 = math.gcd(ss, k)
     best = Blocks(g0, g0, math.gcd(s, g0))
-    if len(phi_shape) != 2:
+    if len(phi_shape) != 2 or _DISJOINT.get():
         return best
 
     def cost(b: Blocks) -> float:  # per table column: rows / d table entries

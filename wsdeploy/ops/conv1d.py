@@ -21,7 +21,7 @@ import onnx_ir as ir
 from wsdeploy.models import sampling
 
 from . import _conv
-from .base import NO_FOLD_KEY, Shape
+from .base import Shape
 from .builder import Builder, epilogue, presum
 
 
@@ -68,8 +68,7 @@ def shared(
     if over > 1:  # overlapping windows from phi stored once: window j is blocks j .. j+over-1
         parts = [b.slice(blocks, [m], [m + nw], [0], [1]) for m in range(over)]
         blocks = b.op("Concat", parts, axis=2)
-        for v in (*parts, blocks):  # a runtime folds them at load; the file must not
-            v.producer().meta[NO_FOLD_KEY] = True
+        b.not_folded([*parts, blocks])  # a runtime folds them at load; the file must not
     if p:
         x = b.op("Pad", [x, b.ints([0, 0, p, 0, 0, p])])
     xs = presum(b, x, r)

@@ -15,11 +15,35 @@ from typing import Any
 
 import onnx_ir as ir
 
-from wsdeploy import ops
-
-from ._graph import STRATEGY_KEY, phi_of, static_shape, ws_attrs, ws_nodes, x_of
+from ._graph import STRATEGY_KEY, ws_nodes
 from .base import Pass, PassResult
-from .strategy import choose, lowered_macs, macs
+from .strategy import Layer, choose, layer, lowered_macs, macs
+
+
+def record(
+    name: str, node: ir.Node | Layer, strategy: str, native: bool, goal: str
+) -> dict[str, Any]:
+    """The record of one WSNet layer lowered by ``strategy`` (an ONNX node or a torch
+    program's op, ``strategy.Layer``)."""
+    lay = layer(node)
+    dense, shared = macs(lay)
+    return {
+        "node": name,
+        "op": lay.spec.op_type,
+        "strategy": strategy,
+        "input_shape": list(lay.x),
+        "phi_shape": list(lay.phi),
+        "dense_params": lay.spec.dense_params(lay.attrs, lay.x[1]),
+        "dense_macs": dense,
+        "shared_macs": shared,  # WSNET.md §2's count, whatever the lowering
+        # as built
+        "macs": lowered_macs(lay, strategy, native),
+        # what auto picks on standard-op runtimes and on TVM's native kernels
+        "auto": {
+            "ort": choose(lay, "auto", goal=goal),
+            "tvm": choose(lay, "auto", native=True, goal=goal),
+        },
+    }
 
 
 class RecordPass(Pass):
@@ -34,25 +58,6 @@ class RecordPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         for node in ws_nodes(model.graph):
-            dense, shared = macs(node)
-            x_shape = static_shape(x_of(node))
-            self.records.append(
-                {
-                    "node": node.name,
-                    "op": node.op_type,
-                    "strategy": node.meta[STRATEGY_KEY],
-                    "input_shape": list(x_shape),
-                    "phi_shape": list(static_shape(phi_of(node))),
-                    "dense_params": ops.spec(node).dense_params(ws_attrs(node), x_shape[1]),
-                    "dense_macs": dense,
-                    "shared_macs": shared,  # WSNET.md §2's count, whatever the lowering
-                    # as built
-                    "macs": lowered_macs(node, node.meta[STRATEGY_KEY], self.native),
-                    # what auto picks on standard-op runtimes and on TVM's native kernels
-                    "auto": {
-                        "ort": choose(node, "auto", goal=self.goal),
-                        "tvm": choose(node, "auto", native=True, goal=self.goal),
-                    },
-                }
-            )
+            strategy = node.meta[STRATEGY_KEY]
+            self.records.append(record(node.name, node, strategy, self.native, self.goal))
         return PassResult(model, False)

@@ -20,6 +20,8 @@ The lowering passes (fold, shared, custom) then act only on the nodes marked for
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import onnx_ir as ir
 
 from wsdeploy import ops
@@ -30,7 +32,7 @@ from ._cost import dense_seconds, shared_seconds
 from ._graph import STRATEGY_KEY, phi_of, static_shape, ws_attrs, ws_nodes, x_of
 from .base import Pass, PassResult
 
-__all__ = ["GOALS", "STRATEGIES", "SharedWork"]
+__all__ = ["GOALS", "STRATEGIES", "Layer", "SharedWork"]
 
 ESTIMATE_ERROR = 0.10
 """How far the time estimates may be off (``_cost.py``'s fit to this machine's layers): under
@@ -38,8 +40,23 @@ the ``balanced`` goal a WSNet lowering, which stores only phi, is kept unless th
 is estimated faster by more than this."""
 
 
-def _shapes(node: ir.Node) -> tuple[dict[str, int], tuple, tuple, tuple]:
-    return (
+class Layer(NamedTuple):
+    """What a lowering decision needs of one WSNet layer, wherever it lives (an ONNX wsnet
+    node: ``layer(node)``; a torch program's wsnet op: ``passes.aten``): its kind's spec, its
+    attributes, and the static shapes of its input, output and phi."""
+
+    spec: ops.OpSpec
+    attrs: dict[str, int]
+    x: tuple
+    y: tuple
+    phi: tuple
+
+
+def layer(node: ir.Node | Layer) -> Layer:
+    if isinstance(node, Layer):
+        return node
+    return Layer(
+        ops.spec(node),
         ws_attrs(node),
         static_shape(x_of(node)),
         static_shape(node.outputs[0]),
@@ -47,19 +64,20 @@ def _shapes(node: ir.Node) -> tuple[dict[str, int], tuple, tuple, tuple]:
     )
 
 
-def macs(node: ir.Node) -> tuple[int, int]:
-    """(dense, shared) multiply-adds of one wsnet node at its static shapes (WSNET.md §2)."""
-    return ops.spec(node).macs(*_shapes(node))
+def macs(node: ir.Node | Layer) -> tuple[int, int]:
+    """(dense, shared) multiply-adds of one wsnet layer at its static shapes (WSNET.md §2)."""
+    lay = layer(node)
+    return lay.spec.macs(lay.attrs, lay.x, lay.y, lay.phi)
 
 
-def shared_work(node: ir.Node) -> SharedWork | None:
-    """What the shared graph of one node computes (None: the dense multiply-adds)."""
-    a, x, _, phi = _shapes(node)
-    return ops.spec(node).work(a, x, phi)
+def shared_work(node: ir.Node | Layer) -> SharedWork | None:
+    """What the shared graph of one layer computes (None: the dense multiply-adds)."""
+    lay = layer(node)
+    return lay.spec.work(lay.attrs, lay.x, lay.phi)
 
 
-def lowered_macs(node: ir.Node, strategy: str, native: bool = False) -> int:
-    """Multiply-adds of one wsnet node as ``strategy`` lowers it: the dense conv, the shared
+def lowered_macs(node: ir.Node | Layer, strategy: str, native: bool = False) -> int:
+    """Multiply-adds of one wsnet layer as ``strategy`` lowers it: the dense conv, the shared
     graph (``shared_work``: its table and its diagonal sums, as built, rows and columns the
     slices drop included), or on a native target the fused kernel (``kernel_macs``)."""
     dense, _ = macs(node)
@@ -71,8 +89,8 @@ def lowered_macs(node: ir.Node, strategy: str, native: bool = False) -> int:
     return work.table_macs + work.diagonal_adds
 
 
-def estimate_seconds(node: ir.Node) -> tuple[float, float]:
-    """(dense, shared) estimated run time of one node on a standard-op runtime."""
+def estimate_seconds(node: ir.Node | Layer) -> tuple[float, float]:
+    """(dense, shared) estimated run time of one layer on a standard-op runtime."""
     dense, _ = macs(node)
     work = shared_work(node)
     if work is None:
@@ -80,15 +98,18 @@ def estimate_seconds(node: ir.Node) -> tuple[float, float]:
     return dense_seconds(dense), shared_seconds(work.table_macs, work.elements, work.taps)
 
 
-def kernel_macs(node: ir.Node) -> int:
+def kernel_macs(node: ir.Node | Layer) -> int:
     """Multiply-adds of the TVM targets' kernels (the spec's ``kernel_macs``): for a conv,
     the product table, then every filter tap summed directly; a linear layer does what the
     dense one does."""
-    return ops.spec(node).kernel_macs(*_shapes(node))
+    lay = layer(node)
+    return lay.spec.kernel_macs(lay.attrs, lay.x, lay.y, lay.phi)
 
 
-def choose(node: ir.Node, strategy: str, native: bool = False, goal: str = "balanced") -> str:
-    """The lowering for one node under ``strategy``; ``native`` targets run wsnet nodes with
+def choose(
+    node: ir.Node | Layer, strategy: str, native: bool = False, goal: str = "balanced"
+) -> str:
+    """The lowering for one layer under ``strategy``; ``native`` targets run wsnet nodes with
     their own kernels, so ``auto`` keeps a shared layer as a ``custom`` node for them.
 
     ``auto`` weighs the two by ``goal`` (``GOALS``): users ship for app size, so by default a

@@ -1,4 +1,5 @@
-"""What a target is: a way to turn the passed ONNX model into files, and to run those files."""
+"""What a target is: a way to turn the lowered model (the passed ONNX model, or the torch
+program) into files, and to run those files."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class Target:
         description: one line for ``--help`` and the manifest.
         artifact: file name of the main artifact inside the output directory.
         build: ``build(model, outdir, cpu, cc, records)`` writes the artifact (and any side
-            files) for a model into a directory and returns the names of the files it wrote;
+            files) for a model (what ``consumes`` names) into a directory and returns the
+            names of the files it wrote;
             ``cpu`` names a specific processor where the target supports it (else None),
             ``cc`` the compiler driver that links it where the target links (else None: its
             default), ``records`` the root of the tuning records a tuned target applies
@@ -79,6 +81,13 @@ class Target:
         profiler: ``profiler(run, x)``, median milliseconds per kernel of a local runner
             (None: the target has no per-kernel view).
         threads: ``threads()``, the worker threads its runtime uses in this process.
+        consumes: what ``build`` takes: ``"onnx"``, the ``onnx_ir`` model after the ONNX and
+            target stages; or ``"torch"``, the ``torch.export`` program after the torch
+            stage with every WSNet layer lowered to ATen ops (``passes.aten``).
+        report: ``report(outdir)``, what the build says about itself for the manifest
+            (ExecuTorch: what its delegate runs); None: nothing.
+        requires: ``requires()`` raises ``WsdeployError`` naming what the target needs and
+            this machine lacks (an optional extra), before any work; None: nothing.
     """
 
     name: str
@@ -98,6 +107,9 @@ class Target:
     timer: Callable[[Runner, int], Any] | None = None
     profiler: Callable[[Runner, Any], dict[str, float]] | None = None
     threads: Callable[[], int] = _cpu_threads
+    consumes: str = "onnx"
+    report: Callable[[Path], dict[str, Any]] | None = None
+    requires: Callable[[], None] | None = None
 
 
 STANDARD_OP_PASSES = {"fp32": (), "int8": ("pool_order",)}

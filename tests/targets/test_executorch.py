@@ -1,0 +1,88 @@
+"""The executorch target: a .pte built from the torch program, WSNet layers as ATen ops,
+XNNPACK-delegated, verified by ExecuTorch's own runtime before anything is written."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from wsdeploy.cli import main
+
+
+def _export(out, model="wsnet1d-tiny", *extra):
+    args = ["export", model, "--target", "executorch", "-o", str(out), *extra]
+    result = CliRunner().invoke(main, args)
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.mark.parametrize("model", ["wsnet1d-tiny", "wsnet2d-cifar"])
+def test_zoo_models_build_and_verify_with_every_strategy(model, tmp_path):
+    sizes = {}
+    for strategy in ("fold", "shared", "auto"):
+        out = tmp_path / strategy
+        result = _export(out, model, "--strategy", strategy)
+        assert result.exit_code == 0, result.output
+        assert "PASS" in result.output
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["verification"]["passed"] and m["verification"]["verified_on"] == "local"
+        assert set(m["files"]) == {"model.pte", "delegation.json"}
+        assert (out / "model.pte").read_bytes()[4:8] == b"ET12"  # ExecuTorch's flatbuffer id
+        runtime = m["runtime"]
+        assert runtime["backend"] == "XnnpackBackend"
+        assert runtime["delegated"].get("convolution", 0) >= 1  # XNNPACK runs the convs
+        # every portable operator the program needs, for a selective runtime build
+        assert all(op.startswith("aten::") for op in runtime["operators"])
+        layers = m["layers"]
+        assert layers and all(layer["strategy"] in ("fold", "shared") for layer in layers)
+        if strategy != "auto":
+            assert {layer["strategy"] for layer in layers} == {strategy}
+        sizes[strategy] = m["size"]["artifact_bytes"]
+        assert m["size"]["dense_baseline_bytes"] == sizes.get("fold", sizes[strategy])
+    # shared stores phi: the file is the condensed model's, not the dense one's
+    assert sizes["shared"] < sizes["fold"] / 2
+
+
+def test_bench_and_verify_run_the_pte(tmp_path):
+    out = tmp_path / "o"
+    assert _export(out, "wsnet1d-tiny", "--strategy", "shared").exit_code == 0
+    runner = CliRunner()
+    result = runner.invoke(main, ["bench", str(out), "--repeat", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.output)
+    assert bench["target"] == "executorch" and bench["median_ms"] > 0
+    result = runner.invoke(main, ["verify", str(out), "--model", "wsnet1d-tiny"])
+    assert result.exit_code == 0 and "PASS" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--strategy", "custom"], "needs custom op kernels"),
+        (["--quantize", "int8"], "does not build int8"),
+        (["--rpc", "127.0.0.1:9"], "builds run on this machine"),
+    ],
+)
+def test_what_it_does_not_build_is_one_line(extra, message, tmp_path):
+    result = _export(tmp_path / "o", "wsnet1d-tiny", *extra)
+    assert result.exit_code != 0
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_executorch(name, *args, **kwargs):
+        if name == "executorch" or name.startswith("executorch."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_executorch)
+    result = _export(tmp_path / "o", "wsnet1d-tiny", "--strategy", "fold")
+    assert result.exit_code != 0
+    assert "pip install 'wsdeploy[executorch]'" in result.output
+    assert not (tmp_path / "o").exists()

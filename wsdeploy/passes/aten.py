@@ -1,0 +1,133 @@
+"""Torch-stage pass: every wsnet op of a program becomes standard ATen ops, for targets that
+consume the torch program (ExecuTorch) and so cannot run a custom op without a C++ kernel
+built into the app::
+
+    wsnet.conv1d(x, phi; ...)  ->  fold:   aten.conv1d(x, W)           W = materialise(phi)
+                                   shared: the op kind's shared computation (pre-sum, table
+                                           conv, diagonal sums, slice), phi laid out once
+
+Each lowering is the op kind's own standard-op graph (``OpSpec.dense`` and ``OpSpec.shared``,
+the very ones the ONNX passes emit) run by ``ops.builder.TorchBuilder`` in a module's forward
+and traced by ``torch.export``: one definition of each lowering, two IRs. ``auto`` chooses per
+layer with the standard-op estimate (``strategy.choose``); ``custom`` is refused (no custom op
+kernels in a prebuilt runtime). Returns the re-exported program and one record per layer, as
+``RecordPass`` writes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsdeploy import ops
+from wsdeploy.errors import WsdeployError
+from wsdeploy.ops import _conv
+from wsdeploy.ops.builder import TorchBuilder
+
+from .record import record
+from .strategy import Layer, choose
+
+STRATEGIES = ("auto", "fold", "shared")
+
+
+class Lowered(nn.Module):
+    """One WSNet layer as standard ops: ``emit(builder, x, weight)`` on a stored weight (the
+    dense weight, or phi laid out for the shared computation). Constants the graph makes
+    (the diagonal sums' ones) are stored once as buffers, found by a first run."""
+
+    def __init__(self, emit, weight: np.ndarray, example: torch.Tensor) -> None:
+        super().__init__()
+        self.emit = emit
+        self.register_buffer("weight", torch.from_numpy(np.ascontiguousarray(weight)))
+        consts: list[torch.Tensor] = []
+
+        def keep(array: np.ndarray) -> torch.Tensor:
+            consts.append(torch.from_numpy(np.ascontiguousarray(array)))
+            return consts[-1]
+
+        with torch.no_grad():
+            emit(TorchBuilder(keep), example, self.weight)
+        for i, c in enumerate(consts):
+            self.register_buffer(f"const{i}", c)
+        self.n_consts = len(consts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taken = iter(range(self.n_consts))
+        builder = TorchBuilder(lambda array: getattr(self, f"const{next(taken)}"))
+        return self.emit(builder, x, self.weight)
+
+
+def _phi(gm: torch.fx.GraphModule, node: torch.fx.Node) -> np.ndarray:
+    obj: Any = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj.detach().numpy()
+
+
+def _module(spec: ops.OpSpec, lay: Layer, phi: np.ndarray, strategy: str) -> Lowered:
+    attrs, rank = lay.attrs, len(lay.x)
+    example = torch.zeros(lay.x)
+    if strategy == "fold":
+        weight = spec.dense_layout(spec.materialize(phi, attrs), rank)
+        return Lowered(lambda b, x, w: spec.dense(b, x, w, None, attrs, rank), weight, example)
+    weight = spec.layout(phi, attrs)
+    return Lowered(
+        lambda b, x, w: spec.shared(b, x, w, None, None, attrs, lay.x, lay.phi), weight, example
+    )
+
+
+def lower_program(
+    ep: torch.export.ExportedProgram, strategy: str = "auto", goal: str = "balanced"
+) -> tuple[torch.export.ExportedProgram, list[dict[str, Any]]]:
+    """Lower every wsnet op of ``ep`` (after recognition) with ``strategy``. The shared
+    computation keeps phi's disjoint blocks (``_conv.disjoint_blocks``): XNNPACK runs only
+    convolutions whose weights are fixed at build time, which overlapping windows built from
+    phi at run time are not (measured: its runtime rejected them)."""
+    with _conv.disjoint_blocks():
+        return _lower(ep, strategy, goal)
+
+
+def _lower(ep, strategy: str, goal: str):
+    if strategy not in STRATEGIES:
+        raise WsdeployError(
+            f"strategy {strategy!r} needs custom op kernels, which this runtime lacks; "
+            f"choose from {list(STRATEGIES)}"
+        )
+    from wsdeploy.models import layers as _registers_the_wsnet_ops  # noqa: F401
+    from wsdeploy.trace import example_inputs
+
+    by_op = {getattr(torch.ops.wsnet, s.torch_op).default: s for s in ops.OPS.values()}
+    gm = ep.module(check_guards=False)
+    stored = {n for n, _ in (*gm.named_parameters(), *gm.named_buffers())}
+    records: list[dict[str, Any]] = []
+    for node in list(gm.graph.nodes):
+        spec = by_op.get(node.target) if node.op == "call_function" else None
+        if spec is None:
+            continue
+        x, phi_node, *args = node.args
+        attrs = dict(zip(spec.attrs, (int(a) for a in args), strict=True))
+        shape = lambda n: tuple(int(d) for d in n.meta["val"].shape)  # noqa: E731
+        lay = Layer(spec, attrs, shape(x), shape(node), shape(phi_node))
+        chosen = choose(lay, strategy, native=False, goal=goal)
+        records.append(record(node.name, lay, chosen, False, goal))
+        name = f"wsnet{len(records) - 1}_{node.name}"
+        gm.add_submodule(name, _module(spec, lay, _phi(gm, phi_node), chosen))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (x,))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    if not records:
+        return ep, records
+    from .recognize import _delete_unused_attributes
+
+    gm.graph.eliminate_dead_code()
+    _delete_unused_attributes(gm, among=stored)
+    gm.recompile()
+    return torch.export.export(gm, example_inputs(ep)), records
+
+
+__all__ = ["STRATEGIES", "Lowered", "lower_program"]

@@ -1,0 +1,177 @@
+"""The ``executorch`` target: a ``.pte`` program for ExecuTorch, XNNPACK-delegated.
+
+The target consumes the torch program (``Target.consumes = "torch"``): after the torch
+stage has recognised the WSNet layers, ``passes.aten`` lowers each one to standard ATen ops
+(folded to a dense conv, or the shared computation), then ExecuTorch's own flow::
+
+    to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+
+A prebuilt ExecuTorch runtime holds only its portable kernels and the XNNPACK delegate, so
+no wsnet custom op reaches the file. Writes ``model.pte`` and ``delegation.json``: which
+operators XNNPACK runs and which fall back to portable kernels (the silent performance trap),
+and the operator list a selective runtime build needs. Verified with ExecuTorch's Python
+runtime (``executorch.runtime``), the same kernels an app links.
+
+Optional: ``pip install 'wsdeploy[executorch]'`` (executorch pulls torchao, pandas and, on
+x86_64, coremltools; too heavy for the default install).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wsdeploy.errors import CompileError, WsdeployError
+
+from .base import Runner, Target
+
+if TYPE_CHECKING:
+    import torch
+
+FILENAME = "model.pte"
+DELEGATION = "delegation.json"
+EXTRA = "pip install 'wsdeploy[executorch]'"
+
+
+@contextlib.contextmanager
+def _quiet(native: bool = False):
+    """ExecuTorch's import and lowering warn about torchao's GPU kernels and deprecations
+    on every run, and its runtime logs its CPU probing to stderr at start (``native``): none
+    of it is the user's business; errors still raise."""
+    names = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")
+    quiet = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    saved = os.dup(2) if native else None
+    try:
+        if saved is not None:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+
+
+def _require() -> None:
+    try:
+        with _quiet():
+            import executorch.exir
+            import executorch.runtime  # noqa: F401
+    except ImportError as e:
+        raise WsdeployError(
+            f"the executorch target needs ExecuTorch, an optional extra: {EXTRA} ({e})"
+        ) from None
+
+
+def _op_name(node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.removeprefix("aten.").split(".")[0] if "." in name else name
+
+
+def delegation(edge_program) -> dict[str, Any]:
+    """What XNNPACK took: operator counts inside the delegated subgraphs and outside them
+    (those run on ExecuTorch's portable kernels)."""
+    delegated: Counter[str] = Counter()
+    portable: Counter[str] = Counter()
+    gm = edge_program.graph_module
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _op_name(node)
+        if name == "executorch_call_delegate":
+            lowered = getattr(gm, node.args[0].target)
+            for inner in lowered.original_module.graph.nodes:
+                if inner.op == "call_function":
+                    delegated[_op_name(inner)] += 1
+        elif name != "getitem":
+            portable[name] += 1
+    return {
+        "backend": "XnnpackBackend",
+        "delegated": dict(sorted(delegated.items())),
+        "portable": dict(sorted(portable.items())),
+    }
+
+
+def build(
+    program: torch.export.ExportedProgram,
+    outdir: Path,
+    cpu: str | None = None,
+    cc: str | None = None,
+    records: str | None = None,
+) -> list[str]:
+    _require()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    try:
+        with _quiet():
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            report = delegation(edge.exported_program())
+            et = edge.to_executorch()
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CompileError(f"ExecuTorch could not lower the program: {first}") from e
+    plan = et.executorch_program.execution_plan[0]
+    report["operators"] = sorted(
+        f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators
+    )
+    report["delegates"] = sorted({d.id for d in plan.delegates})
+    (outdir / FILENAME).write_bytes(et.buffer)
+    (outdir / DELEGATION).write_text(json.dumps(report, indent=2) + "\n")
+    return [FILENAME, DELEGATION]
+
+
+def load(outdir: Path, device: str | None = None) -> Runner:
+    if device is not None:
+        raise WsdeployError("executorch builds run on this machine here (no --rpc)")
+    _require()
+    import numpy as np
+    import torch
+    from executorch.runtime import Runtime
+
+    with _quiet(native=True):
+        program = Runtime.get().load_program(Path(outdir) / FILENAME)
+        method = program.load_method("forward")
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        try:
+            outputs = method.execute([torch.from_numpy(np.ascontiguousarray(x))])
+        except RuntimeError as e:  # its log says more (ExecuTorch prints to stderr)
+            raise CompileError(f"ExecuTorch's runtime failed to run {FILENAME}: {e}") from None
+        return [o.detach().numpy().copy() for o in outputs]
+
+    run.program = program  # keep the program alive as long as its method
+    return run
+
+
+def report(outdir: Path) -> dict[str, Any]:
+    """The manifest's view of the build: the delegation summary."""
+    data = json.loads((Path(outdir) / DELEGATION).read_text())
+    return {k: data[k] for k in ("backend", "delegated", "portable", "operators")}
+
+
+EXECUTORCH = Target(
+    name="executorch",
+    description="ExecuTorch .pte program, XNNPACK-delegated (WSNet layers as ATen ops)",
+    artifact=FILENAME,
+    build=build,
+    load=load,
+    passes={"fp32": ()},
+    consumes="torch",
+    report=report,
+    requires=_require,
+)

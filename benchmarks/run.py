@@ -94,9 +94,17 @@ BUILDS = [
     ("x86_64", "shared", "int8", "TVM WSNet shared int8 (standard ops)"),
     ("x86_64", "custom", "int8", "TVM WSNet custom int8 (integer kernels)"),
     ("x86_64", "auto", "int8", "TVM WSNet auto int8 (integer kernels)"),
+    ("executorch", "fold", "fp32", "ExecuTorch dense baseline (fold)"),
+    ("executorch", "shared", "fp32", "ExecuTorch WSNet shared"),
+    ("executorch", "auto", "fp32", "ExecuTorch WSNet auto"),
 ]
 """(target, strategy, precision, label) of every exported build timed per zoo model. With
-tuning trials, every TVM build is exported once more after tuning, labelled ", tuned"."""
+tuning trials, every TVM build is exported once more after tuning, labelled ", tuned".
+ExecuTorch (XNNPACK) builds fp32 only so far."""
+
+RUNTIME = {"onnx": "ort", "x86_64": "tvm", "executorch": "executorch"}
+"""The benchmark worker's runtime (``benchmarks.worker.RUNNERS``) for each exported target."""
+GRID_NAME = {"ort": "ORT", "tvm": "TVM", "executorch": "ExecuTorch"}
 
 TUNED = ", tuned"
 
@@ -136,7 +144,7 @@ def bench_models(
         job["records"] = workdir / "no-records"
         for i, spec in enumerate(BUILDS, 1):
             _export_build(builds, rows, spec, **job, step=f"{i}/{len(BUILDS)}")
-        tvm_builds = [spec for spec in BUILDS if spec[0] != "onnx"]
+        tvm_builds = [spec for spec in BUILDS if RUNTIME[spec[0]] == "tvm"]
         if trials and tvm_builds:
             job["records"] = workdir / f"{name}-records"
             say(f"{name}: tune the kernels of {len(tvm_builds)} TVM builds ({trials} trials)")
@@ -243,7 +251,7 @@ def _export_build(
         except AccuracyGateFailed as e2:
             rows.append({"model": name, "build": label, "precision": precision, "failed": str(e2)})
             return
-    runtime = "ort" if target == "onnx" else "tvm"
+    runtime = RUNTIME[target]
     fields = {"target": target, "strategy": strategy, "tuned": bool(extra), **(extra or {})}
     if target == "onnx":
         fields["ort_bytes"] = _ort_bytes(out / m["artifact"])
@@ -452,11 +460,11 @@ def grid_table(models: list[dict]) -> list[str]:
     cells: dict[tuple, float] = {}
     for r in models:
         if "failed" not in r and "strategy" in r:
-            runtime = "ORT" if r["target"] == "onnx" else "TVM tuned" if r["tuned"] else "TVM"
+            runtime = GRID_NAME[RUNTIME[r["target"]]] + (" tuned" if r["tuned"] else "")
             cells[(r["model"], r["strategy"], r["precision"], runtime)] = r["median_ms"]
     if not cells:
         return []
-    runtimes = ["ORT", "TVM", "TVM tuned"]
+    runtimes = ["ORT", "TVM", "TVM tuned", "ExecuTorch"]
     lines = [
         "### Latency grid (median ms, batch 1)",
         "",
@@ -526,7 +534,7 @@ def plot(models: list[dict], path: Path) -> None:
     if not names:
         return
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
-    markers = {"ORT": "o", "TVM": "s", "TVM tuned": "^", "PyTorch": "D"}
+    markers = {"ORT": "o", "TVM": "s", "TVM tuned": "^", "PyTorch": "D", "ExecuTorch": "P"}
     colours = {"fp32": "tab:blue", "int8": "tab:orange"}
     for ax, name in zip(axes[0], names, strict=True):
         rows = [r for r in models if r["model"] == name and "failed" not in r]
@@ -539,6 +547,8 @@ def plot(models: list[dict], path: Path) -> None:
                 if r.get("tuned")
                 else "TVM"
                 if r.get("runtime") == "tvm"
+                else "ExecuTorch"
+                if r.get("runtime") == "executorch"
                 else "ORT"
             )
             xy = (r["bytes"] / 1024, r["median_ms"])

@@ -90,7 +90,21 @@ def _tvm(spec):
     return local_runner(Path(spec["path"]), runtime_only=True)
 
 
-RUNNERS = {"ort": _ort, "torch": _torch, "layer-torch": _layer_torch, "tvm": _tvm}
+def _executorch(spec):
+    """The .pte through ExecuTorch's Python runtime (XNNPACK and portable kernels), as the
+    target's own verification runs it."""
+    from wsdeploy.targets import executorch
+
+    return executorch.load(Path(spec["path"]).parent)
+
+
+RUNNERS = {
+    "ort": _ort,
+    "torch": _torch,
+    "layer-torch": _layer_torch,
+    "tvm": _tvm,
+    "executorch": _executorch,
+}
 
 
 def measure(run, x, warmup: int, repeat: int, min_seconds: float = 0.0) -> dict:

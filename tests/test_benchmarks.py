@@ -60,6 +60,11 @@ def test_quick_benchmark_run(tmp_path):
         assert res["auto"]["ort"] in ("fold", "shared") and res["auto"]["tvm"] in ("fold", "custom")
     models = json.loads((tmp_path / "models.json").read_text())["models"]
     assert {r["model"] for r in models} == {"wsnet1d-tiny"}  # --quick: one model's builds
+    assert {r["build"] for r in models if r["runtime"] == "executorch"} == {
+        "ExecuTorch dense baseline (fold)",
+        "ExecuTorch WSNet shared",
+        "ExecuTorch WSNet auto",
+    }
     assert not [r for r in models if "failed" in r]  # its int8 builds pass the gate
     assert all(r["median_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in models)
     int8 = [r for r in models if r["precision"] == "int8"]
@@ -80,7 +85,7 @@ def _row(build, target, strategy, precision, ms, tuned=False, **extra):
     row = {
         "model": "m",
         "build": build,
-        "runtime": "ort" if target == "onnx" else "tvm",
+        "runtime": {"onnx": "ort", "executorch": "executorch"}.get(target, "tvm"),
         "target": target,
         "strategy": strategy,
         "precision": precision,
@@ -109,12 +114,13 @@ def test_grid_and_tuning_summary_come_from_the_rows():
         _row("TVM WSNet auto int8 (integer kernels)", "x86_64", "auto", "int8", 0.8),
         _row("TVM WSNet auto (fused kernels), tuned", "x86_64", "auto", "fp32", 0.8, True),
         _row("TVM WSNet auto int8 (integer kernels), tuned", "x86_64", "auto", "int8", 1.0, True),
+        _row("ExecuTorch WSNet auto", "executorch", "auto", "fp32", 3.0),
     ]
     text = "\n".join(run.summary([], models))
     # tuned/untuned per build: 1.6/0.8 = 2x and 0.8/1.0 = 0.8x; auto fp32 tuned 0.80 ms
     assert "tuned builds ran 0.80x-2.00x as fast as untuned" in text
     assert "`auto` tuned 0.80 ms against 1.60 ms" in text and "90 s" in text
     grid = run.grid_table(models)
-    assert "| m | auto | fp32 | 2.50 | 1.60 | 0.80 |" in grid
-    assert "| m | fold | fp32 | 4.00 | - | - |" in grid
+    assert "| m | auto | fp32 | 2.50 | 1.60 | 0.80 | 3.00 |" in grid
+    assert "| m | fold | fp32 | 4.00 | - | - | - |" in grid
     assert run._tuning(models) == {"m": 90.0}  # one session per model, not one per row

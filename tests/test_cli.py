@@ -197,8 +197,12 @@ def test_bench_and_report(tmp_path):
     rows = json.loads(result.output)
     assert [r["strategy"] for r in rows] == ["fold", "shared"]
     assert rows[0]["median_ms"] is not None and rows[1]["median_ms"] is None
+    assert rows[0]["timed_on"] == "local" and rows[1]["timed_on"] is None  # never benched
+    assert rows[0]["chosen"] == {"fold": 4} and rows[1]["chosen"] == {"shared": 4}
     assert rows[1]["bytes"] < rows[0]["bytes"] and all(r["verified"] for r in rows)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    table = runner.invoke(main, ["report", str(a)]).output
+    assert "timed on" in table and "local" in table
     result = runner.invoke(main, ["report", str(b), "--plot", str(tmp_path / "none.png")])
     assert result.exit_code == 1 and "wsdeploy bench" in result.output
 

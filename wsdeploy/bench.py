@@ -107,6 +107,15 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
         v = (m["verification"].get("outputs") or [{}])[0]
         gate = m["verification"].get("accuracy_gate") or {}
         strategies = sorted({layer["strategy"] for layer in m["layers"]})
+        chosen: dict[str, int] = {}
+        for layer in m["layers"]:
+            chosen[layer["strategy"]] = chosen.get(layer["strategy"], 0) + 1
+        if not b:
+            timed_on = None
+        elif b.get("device", "local") == "local":
+            timed_on = "local"
+        else:
+            timed_on = f"{'emulated' if b.get('emulated') else 'device'} {b['device']}"
         rows.append(
             {
                 "build": str(d),
@@ -114,6 +123,8 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
                 "target": m["target"],
                 "strategy": m["strategy"],
                 "layers": strategies,
+                "chosen": dict(sorted(chosen.items())),  # layers per lowering, as built
+                "timed_on": timed_on,  # local, "device HOST:PORT", "emulated HOST:PORT"
                 "precision": m["precision"],
                 "bytes": m["size"]["artifact_bytes"],
                 "dense_bytes": m["size"]["dense_baseline_bytes"],
@@ -147,15 +158,41 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     timed = [r for r in rows if r["median_ms"] is not None]
     if not timed:
         raise WsdeployError("no build has latency yet: run 'wsdeploy bench OUTDIR' first")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"fp32": "tab:blue", "int8": "tab:orange"}
+    markers = ["o", "s", "^", "D", "P", "v", "X"]
+    targets = sorted({r["target"] for r in timed})
     for r in timed:
-        ax.scatter(r["bytes"] / 1024, r["median_ms"])
-        ax.annotate(
-            f"{r['model']} {r['target']} {r['strategy']}",
-            (r["bytes"] / 1024, r["median_ms"]),
-            fontsize=7,
+        xy = (r["bytes"] / 1024, r["median_ms"])
+        emulated = (r["timed_on"] or "").startswith("emulated")
+        ax.scatter(
+            *xy,
+            marker=markers[targets.index(r["target"]) % len(markers)],
+            facecolors="none" if emulated else colours[r["precision"]],
+            edgecolors=colours[r["precision"]],
+            s=36,
         )
+        if r["bytes"] == r["dense_bytes"]:  # the dense baseline (or a build equal to it)
+            ax.scatter(*xy, marker="o", s=180, facecolors="none", edgecolors="red")
+        ax.annotate(
+            f"{r['model']} {r['strategy']}" + (" (emulated)" if emulated else ""),
+            xy,
+            fontsize=6,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    handles = [
+        plt.Line2D([], [], ls="", marker=markers[i % len(markers)], color="gray", label=t)
+        for i, t in enumerate(targets)
+    ]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in colours.items()]
+    handles.append(
+        plt.Line2D([], [], ls="", marker="o", mfc="none", mec="red", ms=10, label="dense size")
+    )
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.set_xscale("log")
+    ax.set_yscale("log")  # emulated and native latencies differ by orders of magnitude
     ax.set_xlabel("artifact size (KB)")
-    ax.set_ylabel("median latency (ms)")
+    ax.set_ylabel("median latency (ms); hollow: emulated device")
     fig.tight_layout()
     atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=120))

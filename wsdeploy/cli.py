@@ -884,6 +884,7 @@ def report(outdirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> 
         "dense",
         "median ms",
         "p90 ms",
+        "timed on",
         "accuracy",
         "top-1 agreement",
         "verified",
@@ -897,16 +898,20 @@ def report(outdirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> 
             agreement = f"{r['top1_agreement']:.1%}{n} vs PyTorch"
         else:
             agreement = "-"
+        strategy = r["strategy"]
+        if r["chosen"] and (strategy == "auto" or len(r["chosen"]) > 1):
+            strategy += " (" + ", ".join(f"{n} {s}" for s, n in r["chosen"].items()) + ")"
         table.add_row(
             r["build"],
             r["model"],
             r["target"],
-            r["strategy"],
+            strategy,
             r["precision"],
             f"{r['bytes'] / 1024:.1f} KB",
             f"{r['dense_bytes'] / 1024:.1f} KB",
             "-" if r["median_ms"] is None else f"{r['median_ms']:.3f}",
             "-" if r["p90_ms"] is None else f"{r['p90_ms']:.3f}",
+            r["timed_on"] or "-",
             "-" if accuracy is None else f"{accuracy:.1%}",
             agreement,
             "yes" if r["verified"] else "NO",

@@ -54,6 +54,7 @@ def test_bench_and_verify_run_the_pte(tmp_path):
     assert result.exit_code == 0, result.output
     bench = json.loads(result.output)
     assert bench["target"] == "executorch" and bench["median_ms"] > 0
+    assert bench["threads"] >= 1  # ExecuTorch's own threadpool, as it reports it
     result = runner.invoke(main, ["verify", str(out), "--model", "wsnet1d-tiny"])
     assert result.exit_code == 0 and "PASS" in result.output, result.output
 

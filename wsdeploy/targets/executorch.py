@@ -158,6 +158,16 @@ def load(outdir: Path, device: str | None = None) -> Runner:
     return run
 
 
+def threads() -> int:
+    """The worker threads of ExecuTorch's threadpool (XNNPACK's) in this process: its own
+    default, one per core it finds (2 here, as for the other runtimes)."""
+    _require()
+    with _quiet(native=True):
+        from executorch.extension.pybindings import portable_lib
+
+        return int(portable_lib._threadpool_get_thread_count())
+
+
 def report(outdir: Path) -> dict[str, Any]:
     """The manifest's view of the build: the delegation summary."""
     data = json.loads((Path(outdir) / DELEGATION).read_text())
@@ -174,4 +184,5 @@ EXECUTORCH = Target(
     consumes="torch",
     report=report,
     requires=_require,
+    threads=threads,
 )

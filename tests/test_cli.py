@@ -218,3 +218,22 @@ def test_the_cli_answers_without_loading_tensor_libraries():
     for args in (["-m", "wsdeploy", "--version"], ["-m", "wsdeploy.cli", "--help"]):
         run = subprocess.run([sys.executable, *args], capture_output=True, text=True)
         assert run.returncode == 0 and ("version" in run.stdout or "Usage" in run.stdout), run
+
+
+def test_progress_on_a_log_is_lines_with_a_heartbeat():
+    """Piped or in CI (stderr a pipe, not a terminal), a long command prints one line per
+    step with the elapsed time, and a heartbeat while a step outlasts HEARTBEAT_S."""
+    code = (
+        "import time\n"
+        "from wsdeploy import cli\n"
+        "cli.HEARTBEAT_S = 0.5\n"
+        "with cli._steps('first') as say:\n"
+        "    say('second')\n"
+        "    time.sleep(1.8)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = run.stderr.splitlines()
+    assert lines[0].endswith("] first") and lines[1].endswith("] second")
+    beats = [line for line in lines[2:] if "... second (" in line]
+    assert 2 <= len(beats) <= 4 and all(line.startswith("[") for line in lines)
+    assert run.stdout == ""

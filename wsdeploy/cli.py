@@ -29,6 +29,65 @@ from wsdeploy.targets import TARGETS as _TARGET_NAMES
 
 console = Console(stderr=True)
 
+HEARTBEAT_S = 10.0
+"""On a non-terminal, a step still running after this long says so, every this long."""
+
+
+def _logged_stream() -> bool:
+    """stderr is a real file or pipe that is not a terminal (a CI log, ``2>log``): where a
+    spinner shows nothing, progress is written as lines. (Not under click's test runner,
+    whose captured streams have no file descriptor.)"""
+    import sys
+
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return not console.is_terminal
+
+
+@contextlib.contextmanager
+def _steps(first: str):
+    """``say(step)`` for a long command: a spinner on a terminal; on a log, one line per
+    step with the elapsed time, and a heartbeat line while a step runs longer than
+    ``HEARTBEAT_S``."""
+    if not _logged_stream():
+        with console.status(first) as status:
+            yield status.update
+        return
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    current = [first, t0, t0]  # the step, when it began, when a line last said so
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def line(text: str) -> None:
+        print(f"[{time.monotonic() - t0:7.1f} s] {text}", file=sys.stderr, flush=True)
+        current[2] = time.monotonic()
+
+    def say(step: str) -> None:
+        with lock:
+            current[:2] = [step, time.monotonic()]
+            line(step)
+
+    def beat() -> None:
+        while not done.wait(min(1.0, HEARTBEAT_S / 4)):
+            with lock:
+                step, since, last = current
+                if time.monotonic() - last >= HEARTBEAT_S:
+                    line(f"... {step} ({time.monotonic() - since:.0f} s so far)")
+
+    say(first)
+    heart = threading.Thread(target=beat, daemon=True)
+    heart.start()
+    try:
+        yield say
+    finally:
+        done.set()
+        heart.join()
+
 
 def _errors(fn):
     """Report WsdeployError, and OS errors about the files a user named, as a one-line click
@@ -551,14 +610,14 @@ def export(
         gate_samples=gate_samples,
         gate_data=None if gate_data is None else str(gate_data),
     )
-    with console.status("exporting") as status:
+    with _steps("exporting") as say:
         result = export_model(
             model,
             outdir,
             options,
             trust_pickle=trust_pickle,
             input_shape=_shape(input_shape),
-            progress=lambda step: status.update(step),
+            progress=say,
         )
     _print_build(result.manifest, outdir)
 
@@ -761,12 +820,12 @@ def tune(
     path = Path(model_or_outdir)
     is_build = path.is_dir() and (path / "manifest.json").exists()
     kwargs = {"trust_pickle": trust_pickle, "input_shape": _shape(input_shape)}
-    with console.status("tuning") as status:
+    with _steps("tuning") as say:
         if is_build:
             result = tune_and_rebuild(
                 path,
                 trials,
-                progress=lambda step: status.update(step),
+                progress=say,
                 rpc=rpc,
                 model=model,
                 records=None if records is None else str(records),
@@ -787,7 +846,7 @@ def tune(
                 model_or_outdir,
                 options,
                 trials,
-                progress=lambda step: status.update(step),
+                progress=say,
                 **kwargs,
             )
     if not result.kernels:
@@ -959,10 +1018,8 @@ def device_start(
     """Build (once, ~1 min) and start the emulated arm64 device; prints its address."""
     from wsdeploy import device as dev
 
-    with console.status("starting the emulated arm64 device") as status:
-        info = dev.start(
-            port, cache=cache, mirror=mirror, tracker=tracker, key=key, progress=status.update
-        )
+    with _steps("starting the emulated arm64 device") as say:
+        info = dev.start(port, cache=cache, mirror=mirror, tracker=tracker, key=key, progress=say)
     click.echo(
         f"emulated arm64 device listening at {info.address} (pid {info.pid}); "
         f"use --rpc {info.address}; 'wsdeploy device stop' ends it"

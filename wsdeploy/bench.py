@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,7 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
         b = json.loads(bench_path.read_text()) if bench_path.is_file() else {}
         v = (m["verification"].get("outputs") or [{}])[0]
         gate = m["verification"].get("accuracy_gate") or {}
-        strategies = sorted({layer["strategy"] for layer in m["layers"]})
-        chosen: dict[str, int] = {}
-        for layer in m["layers"]:
-            chosen[layer["strategy"]] = chosen.get(layer["strategy"], 0) + 1
+        chosen = Counter(layer["strategy"] for layer in m["layers"])
         if not b:
             timed_on = None
         elif b.get("device", "local") == "local":
@@ -122,7 +120,7 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
                 "model": m["source"].get("arch") or m["source"].get("name") or "?",
                 "target": m["target"],
                 "strategy": m["strategy"],
-                "layers": strategies,
+                "layers": sorted(chosen),
                 "chosen": dict(sorted(chosen.items())),  # layers per lowering, as built
                 "timed_on": timed_on,  # local, "device HOST:PORT", "emulated HOST:PORT"
                 "precision": m["precision"],

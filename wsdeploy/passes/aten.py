@@ -27,6 +27,7 @@ from wsdeploy.errors import WsdeployError
 from wsdeploy.ops import _conv
 from wsdeploy.ops.builder import TorchBuilder
 
+from .modules import _attr
 from .record import record
 from .strategy import Layer, choose
 
@@ -60,11 +61,8 @@ class Lowered(nn.Module):
         return self.emit(builder, x, self.weight)
 
 
-def _phi(gm: torch.fx.GraphModule, node: torch.fx.Node) -> np.ndarray:
-    obj: Any = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach().numpy()
+def _shape(node: torch.fx.Node) -> tuple[int, ...]:
+    return tuple(int(d) for d in node.meta["val"].shape)
 
 
 def _module(spec: ops.OpSpec, lay: Layer, phi: np.ndarray, strategy: str) -> Lowered:
@@ -109,12 +107,11 @@ def _lower(ep, strategy: str, goal: str):
             continue
         x, phi_node, *args = node.args
         attrs = dict(zip(spec.attrs, (int(a) for a in args), strict=True))
-        shape = lambda n: tuple(int(d) for d in n.meta["val"].shape)  # noqa: E731
-        lay = Layer(spec, attrs, shape(x), shape(node), shape(phi_node))
+        lay = Layer(spec, attrs, _shape(x), _shape(node), _shape(phi_node))
         chosen = choose(lay, strategy, native=False, goal=goal)
         records.append(record(node.name, lay, chosen, False, goal))
         name = f"wsnet{len(records) - 1}_{node.name}"
-        gm.add_submodule(name, _module(spec, lay, _phi(gm, phi_node), chosen))
+        gm.add_submodule(name, _module(spec, lay, _attr(gm, phi_node).numpy(), chosen))
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(name, (x,))
         call.meta.update(node.meta)

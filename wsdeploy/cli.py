@@ -625,7 +625,10 @@ def export(
 def _print_build(m: dict, outdir: Path) -> None:
     size = m["size"]
     v = m["verification"]
-    strategies = ", ".join(sorted({layer["strategy"] for layer in m["layers"]})) or "-"
+    lowerings = {layer["strategy"] for layer in m["layers"]}
+    if any(r.get("lowering") == "at load" for r in m.get("recognition", [])):
+        lowerings.add("tied")
+    strategies = ", ".join(sorted(lowerings)) or "-"
     precision = m.get("precision", "fp32")
     cpu = f", cpu {m['built_for_cpu']}" if m.get("built_for_cpu") else ""
     click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies}, {precision}{cpu})")
@@ -653,17 +656,12 @@ _VERIFIED_ON = {
 
 def _print_recognition(records: list[dict]) -> None:
     """One line per hand-written layer the torch stage looked at; dense ones counted."""
+    from wsdeploy.passes.recognize import describe
+
     dense = [r for r in records if r["status"] == "dense"]
     for r in records:
-        if r["status"] == "recognised":
-            how = f" (from {r['ops']} on {r['param']!r})" if r.get("ops") else ""
-            click.echo(
-                f"  layer     {r['node']}: recognised: WSNet {r['layer']} S={r['sample_stride']} "
-                f"r={r['channel_repeat']}, phi {tuple(r['phi_shape'])} for weight "
-                f"{tuple(r['weight_shape'])}{how}"
-            )
-        elif r["status"] == "not recognised":
-            click.echo(f"  layer     {r['node']}: not recognised: {r['reason']}")
+        if r["status"] != "dense":
+            click.echo(f"  layer     {describe(r)}")
     if dense and len(dense) < len(records):
         click.echo(f"  layer     {len(dense)} other convolution/linear layer(s) dense as written")
 

@@ -44,6 +44,7 @@ from wsdeploy.passes.recognize import recognize
 from wsdeploy.passes.record import RecordPass
 from wsdeploy.passes.shared import SharedPass
 from wsdeploy.passes.strategy import STRATEGIES, StrategyPass
+from wsdeploy.passes.tied import TiedPass
 from wsdeploy.targets import Target, get_target
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,11 @@ def pipeline(
     receives one record per WSNet layer (``RecordPass``)."""
     target = get_target(target) if isinstance(target, str) else target
     _check_precision(target, precision)
-    onnx = [AffinePass(), StrategyPass(strategy, target.native_wsnet, goal)]
+    onnx = [
+        TiedPass(tied_at_load(strategy, target)),
+        AffinePass(),
+        StrategyPass(strategy, target.native_wsnet, goal),
+    ]
     if records is not None:
         onnx.append(RecordPass(records, target.native_wsnet, goal))
     onnx += [FoldPass(), SharedPass(), CustomPass()]
@@ -128,6 +133,13 @@ def pipeline(
             "cleanup": [CleanupPass()],
         }
     )
+
+
+def tied_at_load(strategy: str, target: Target) -> bool:
+    """Whether a build keeps tied weights as phi and index planes for the runtime to
+    materialise at load (``TiedPass``); else it stores them dense: the ``fold`` baseline, or
+    a target that cannot (``Target.tied_at_load``)."""
+    return strategy != "fold" and target.tied_at_load
 
 
 def _check_precision(target: Target, precision: str) -> None:
@@ -826,8 +838,12 @@ def export(
     )
     if int8:  # the reference is built of layer modules: report the user's model itself
         recognition = _memo(loaded, ("torch stage",), lambda: torch_stage(loaded))[1]
+    # int8 quantizes tied weights as dense int8 layers (``layered``)
+    at_load = not int8 and tied_at_load(options.strategy, target)
+    tied_lowering = "at load" if at_load else "dense"
     warnings = []
-    if options.strategy in ("shared", "custom") and not layers:
+    kept_tied = at_load and any(r.status == "tied" for r in recognition)
+    if options.strategy in ("shared", "custom") and not layers and not kept_tied:
         convs = sum(r.status != "recognised" for r in recognition)
         warnings.append(
             f"--strategy {options.strategy}: no WSNet layer found ({convs} convolution/linear "
@@ -896,7 +912,10 @@ def export(
             "tuning_records": _records_root(target, options.records),
             "precision": options.precision,
             "layers": layers,
-            "recognition": [r.to_dict() for r in recognition],
+            "recognition": [
+                {**r.to_dict(), "lowering": tied_lowering} if r.status == "tied" else r.to_dict()
+                for r in recognition
+            ],
             "warnings": warnings,
             "inputs": _io(lowered, "inputs"),
             "outputs": _io(lowered, "outputs"),

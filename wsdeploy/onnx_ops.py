@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 from onnx import defs
 
-from wsdeploy.ops import DOMAIN, INPUTS, VERSION
+from wsdeploy.ops import DOMAIN, INPUTS, VERSION, tied
 from wsdeploy.ops import OPS as SPECS
 
 OPS: dict[str, tuple[str, ...]] = {op: spec.attrs for op, spec in SPECS.items()}
@@ -86,6 +86,30 @@ def register_schemas() -> None:
             ],
         )
         defs.register_schema(schema)
+    if not defs.has(tied.OP_TYPE, DOMAIN):
+        defs.register_schema(
+            defs.OpSchema(
+                tied.OP_TYPE,
+                DOMAIN,
+                VERSION,
+                doc="A weight tied to few values by constant index bit planes; see "
+                "wsdeploy.ops.tied. Expanded into standard ops before a file is written.",
+                inputs=[
+                    param("phi", "T"),
+                    param("index", "U"),
+                    param("sign", "U", param_option=option),
+                ],
+                outputs=[param("W", "T")],
+                type_constraints=[
+                    ("T", ["tensor(float)"], "the tied values"),
+                    ("U", ["tensor(uint8)"], "bit planes"),
+                ],
+                attributes=[
+                    defs.OpSchema.Attribute("bits", defs.OpSchema.AttrType.INT, ""),
+                    defs.OpSchema.Attribute("shape", ints, ""),
+                ],
+            )
+        )
     _registered = True
 
 

@@ -35,6 +35,11 @@ def _dequantize(q, scale, axis: int):
     return _onnx.DequantizeLinear(q, scale, axis=axis)
 
 
+def _tied(phi, index, sign, bits: int, shape):
+    wsnet = ops.base.opset()
+    return getattr(wsnet, ops.tied.OP_TYPE)(phi, index, sign, bits=bits, shape=list(shape))
+
+
 def _translations() -> dict:
     from wsdeploy import quantize  # registers wsnet::fake_quant, wsnet::dequantize
     from wsdeploy.models import layers  # registers the layers' custom ops
@@ -42,6 +47,7 @@ def _translations() -> dict:
     del layers, quantize
     return {
         **{getattr(torch.ops.wsnet, s.torch_op).default: s.translate for s in ops.OPS.values()},
+        getattr(torch.ops.wsnet, ops.tied.TORCH_OP).default: _tied,
         torch.ops.wsnet.fake_quant.default: _fake_quant,
         torch.ops.wsnet.dequantize.default: _dequantize,
     }

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -279,7 +279,7 @@ class Computed(nn.Module):
     "how, status, reason",
     [
         ("product", "not recognised", "aten.mul across parameters"),
-        ("after-sampling", "not recognised", "aten.mul with the buffer 'sign'"),
+        ("after-sampling", "not recognised", "sign per entry; as tied weights it would store"),
         ("shuffled", "not recognised", "shares no entries"),
         ("dilated", "not recognised", "dilation 2"),
         ("dense", "dense", None),
@@ -319,3 +319,135 @@ def test_index_map_is_exact_for_large_layers():
     assert rec.detail["phi_shape"] == [64, sampling.condensed_length(512, 8, 4)]
     assert math.prod(rec.detail["weight_shape"]) == 512 * 256 * 8
     assert np.isfinite(_phi_value(new, _wsnet_nodes(new)[0]).numpy()).all()
+
+
+class Tied(nn.Module):
+    """Weight tying by hand: HashedNets (``phi[hash] * sign``) or a k-means codebook
+    (``centres[assignment]``), for a conv (grouped or dilated too), a linear or a matmul."""
+
+    def __init__(self, layer, shape, values, signed, groups=1, dilation=1, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.layer, self.groups, self.dilation = layer, groups, dilation
+        self.phi = nn.Parameter(torch.randn(values, generator=g))
+        self.register_buffer("idx", torch.randint(0, values, shape, generator=g))
+        sign = torch.randint(0, 2, shape, generator=g).float() * 2 - 1
+        self.register_buffer("sign", sign if signed else None)
+
+    def weight(self):
+        w = self.phi[self.idx]
+        return w if self.sign is None else w * self.sign
+
+    def forward(self, x):
+        w = self.weight()
+        if self.layer == "linear":
+            return F.linear(x, w)
+        if self.layer == "matmul":
+            return x @ w
+        conv = F.conv1d if self.layer == "conv1d" else F.conv2d
+        return conv(x, w, groups=self.groups, dilation=self.dilation, padding=1)
+
+
+def _tied_weight(ep) -> torch.Tensor:
+    (node,) = [n for n in ep.graph.nodes if n.target is torch.ops.wsnet.tied.default]
+    state = {**ep.state_dict, **ep.constants}
+    sig = ep.graph_signature
+    lookup = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    args = [None if a is None else state[lookup[a.name]] for a in node.args[:3]]
+    return torch.ops.wsnet.tied(*args, *node.args[3:])
+
+
+tied_case = st.fixed_dictionaries(
+    {
+        "layer": st.sampled_from(["conv1d", "conv2d", "linear", "matmul"]),
+        "n": st.integers(1, 12),
+        "c": st.integers(1, 6),
+        "k": st.integers(1, 3),
+        "values": st.integers(1, 300),
+        "signed": st.booleans(),
+        "groups": st.sampled_from([1, 2]),
+        "dilation": st.sampled_from([1, 2]),
+    }
+)
+
+
+@given(tied_case)
+def test_hashed_and_codebook_weights_are_tied_exactly(c):
+    layer, n, cin, k = c["layer"], c["n"], c["c"], c["k"]
+    groups = c["groups"] if layer.startswith("conv") else 1
+    if layer == "conv1d":
+        shape, x = (n * groups, cin, k), (2, cin * groups, 9)
+    elif layer == "conv2d":
+        shape, x = (n * groups, cin, k, k), (2, cin * groups, 7, 7)
+    elif layer == "linear":
+        shape, x = (n, cin * k), (3, cin * k)
+    else:
+        shape, x = (cin * k, n), (3, cin * k)
+    module = Tied(layer, shape, c["values"], c["signed"], groups, c["dilation"])
+    new, (rec,) = _recognise(module, x)
+    event(rec.status)
+    idx = module.idx.numpy()
+    used = len(np.unique(idx))
+    bits = max(1, math.ceil(math.log2(used)))
+    planes = math.ceil(idx.size / 8)
+    stored = 4 * used + bits * planes + (planes if c["signed"] else 0)
+    if stored >= 4 * idx.size:  # tying would not save anything: left as written
+        assert rec.status in ("not recognised", "recognised"), rec.line()
+        if rec.status == "not recognised":
+            assert "not fewer than the dense weight" in rec.reason, rec.reason
+        return
+    if rec.status == "recognised":  # the index map happened to be WSNet sampling
+        assert not c["signed"]
+        return
+    assert rec.status == "tied", rec.line()
+    d = rec.detail
+    assert (d["values"], d["index_bits"], d["signed"]) == (used, bits, c["signed"])
+    assert d["stored_bytes"] == stored and d["weight_shape"] == list(shape)
+    # the tied weight is the user's weight, entry for entry
+    torch.testing.assert_close(_tied_weight(new), module.weight().detach(), rtol=0, atol=0)
+    # no int64 index table and no float sign table left in the program
+    tensors = [*new.state_dict.values(), *new.constants.values()]
+    assert all(t.dtype != torch.int64 for t in tensors)
+    assert sum(t.numel() for t in tensors if t.dtype == torch.float32) == used
+    assert "tied" in rec.line() and f"{bits}-bit index" in rec.line()
+
+
+def test_a_wsnet_layer_with_signs_is_tied_not_wsnet():
+    class Signed(UserConv1d):
+        def weight(self):
+            return super().weight() * self.sign
+
+    layer = Signed("unfold", 4, 1, 16, 5, 1, 1, 2, False)
+    layer.register_buffer("sign", torch.randint(0, 2, (16, 4, 5)).float() * 2 - 1)
+    new, (rec,) = _recognise(layer, (1, 4, 30))
+    assert rec.status == "tied" and rec.detail["signed"], rec.line()
+    assert rec.detail["values"] == layer.phi.numel()
+    assert [n.target for n in _wsnet_nodes(new)] == [torch.ops.wsnet.tied.default]
+
+
+@pytest.mark.parametrize(
+    "factor, reason",
+    [
+        ("scale", "constant factors other than +-1"),
+        ("tanh-and-sign", "applies both functions and constant factors"),
+    ],
+)
+def test_per_entry_factors_other_than_signs_are_not_tied(factor, reason):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.phi = nn.Parameter(torch.randn(8))
+            self.register_buffer("idx", torch.randint(0, 8, (16, 8, 3)))
+            self.register_buffer("f", torch.rand(16, 8, 3) + 0.5)
+            self.register_buffer("sign", torch.randint(0, 2, (16, 8, 3)).float() * 2 - 1)
+
+        def forward(self, x):
+            if factor == "scale":
+                w = self.phi[self.idx] * self.f
+            else:
+                w = torch.tanh(self.phi)[self.idx] * self.sign
+            return F.conv1d(x, w)
+
+    new, (rec,) = _recognise(Scaled(), (1, 8, 10))
+    assert rec.status == "not recognised" and reason in rec.reason, rec.line()
+    assert not any(n.target is torch.ops.wsnet.tied.default for n in new.graph.nodes)

@@ -121,6 +121,20 @@ def ws_linear(
     return _linear_ref(x, phi, out_features, in_features, sample_stride, channel_repeat)
 
 
+@torch.library.custom_op("wsnet::tied", mutates_args=())
+def ws_tied(phi: Tensor, index: Tensor, sign: Tensor | None, bits: int, shape: list[int]) -> Tensor:
+    """A tied weight ``phi[index] * sign`` from its bit planes (``wsdeploy.ops.tied``)."""
+    from wsdeploy.ops import tied
+    from wsdeploy.ops.builder import TorchBuilder
+
+    return tied.emit(TorchBuilder(), phi, index, sign, bits, tuple(shape))
+
+
+@ws_tied.register_fake
+def _(phi, index, sign, bits, shape):
+    return phi.new_empty(shape)
+
+
 def _out_len(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 

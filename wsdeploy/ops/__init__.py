@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import tied
 from .base import DOMAIN, INPUTS, VERSION, OpSpec, SharedWork, input_of
 from .conv1d import CONV1D
 from .conv2d import CONV2D
@@ -29,4 +30,4 @@ def spec(node: ir.Node) -> OpSpec:
     return OPS[node.op_type]
 
 
-__all__ = ["DOMAIN", "INPUTS", "OPS", "VERSION", "OpSpec", "SharedWork", "input_of", "spec"]
+__all__ = ["DOMAIN", "INPUTS", "OPS", "VERSION", "OpSpec", "SharedWork", "input_of", "spec", "tied"]

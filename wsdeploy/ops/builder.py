@@ -142,6 +142,32 @@ class TorchBuilder:
     def _Mul(self, a, b):
         return a * b
 
+    def _Sub(self, a, b):
+        return a - b
+
+    def _Unsqueeze(self, x, axes: list[int]):
+        for axis in sorted(axes):
+            x = x.unsqueeze(axis)
+        return x
+
+    def _BitShift(self, x, shifts, direction: str):
+        return x >> shifts if direction == "RIGHT" else x << shifts
+
+    def _BitwiseAnd(self, a, b):
+        return a & b
+
+    def _Cast(self, x, to: int):
+        names = {1: "float32", 6: "int32"}  # the ONNX data types the specs cast to
+        return x.to(getattr(self.torch, names[to]))
+
+    def _ReduceSum(self, x, axes: list[int], keepdims: int = 1):
+        return x.sum(dim=axes, keepdim=bool(keepdims))
+
+    def _Gather(self, data, index, axis: int = 0):
+        if axis != 0:
+            raise NotImplementedError("TorchBuilder's Gather takes axis=0 only")
+        return data[index.long()]
+
     def _Concat(self, *parts, axis: int):
         return self.torch.cat(parts, dim=axis)
 

@@ -18,7 +18,7 @@ STRATEGY_KEY = "wsdeploy.strategy"
 
 def ws_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
     """The wsnet-domain nodes of ``graph`` (a snapshot, safe to rewrite while iterating)."""
-    return iter([n for n in graph if n.domain == ops.DOMAIN])
+    return iter([n for n in graph if n.domain == ops.DOMAIN and n.op_type in ops.OPS])
 
 
 def ws_attrs(node: ir.Node) -> dict[str, int]:

@@ -101,6 +101,7 @@ def _lower(ep, strategy: str, goal: str):
     gm = ep.module(check_guards=False)
     stored = {n for n, _ in (*gm.named_parameters(), *gm.named_buffers())}
     records: list[dict[str, Any]] = []
+    tied = _materialize_tied(gm)
     for node in list(gm.graph.nodes):
         spec = by_op.get(node.target) if node.op == "call_function" else None
         if spec is None:
@@ -117,7 +118,7 @@ def _lower(ep, strategy: str, goal: str):
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
-    if not records:
+    if not records and not tied:
         return ep, records
     from .recognize import _delete_unused_attributes
 
@@ -125,6 +126,22 @@ def _lower(ep, strategy: str, goal: str):
     _delete_unused_attributes(gm, among=stored)
     gm.recompile()
     return torch.export.export(gm, example_inputs(ep)), records
+
+
+def _materialize_tied(gm: torch.fx.GraphModule) -> int:
+    """Each tied weight (``wsnet.tied``) becomes its dense weight, stored: XNNPACK runs only
+    convolutions whose weights are fixed when the program is built. Returns how many."""
+    op = getattr(torch.ops.wsnet, ops.tied.TORCH_OP).default
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+    for i, node in enumerate(nodes):
+        name = f"_wsdeploy_tied{i}_{node.name}"
+        gm.register_buffer(name, _attr(gm, node).contiguous())
+        with gm.graph.inserting_before(node):
+            stored = gm.graph.get_attr(name)
+        stored.meta.update(node.meta)
+        node.replace_all_uses_with(stored)
+        gm.graph.erase_node(node)
+    return len(nodes)
 
 
 __all__ = ["STRATEGIES", "Lowered", "lower_program"]

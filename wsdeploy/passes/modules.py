@@ -26,14 +26,30 @@ aten = torch.ops.aten
 
 
 def _attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    """The stored tensor a node reads: a parameter or buffer, or a tied weight
+    (``wsnet.tied`` of stored tensors, materialised)."""
     if node is None:
         return None
+    if isinstance(node, torch.fx.Node) and node.target is _tied_op():
+        phi, index, sign = (_attr(gm, a) for a in node.args[:3])
+        enc = ops.tied.Encoded(
+            phi.numpy(),
+            index.numpy(),
+            None if sign is None else sign.numpy(),
+            int(node.args[3]),
+            tuple(int(d) for d in node.args[4]),
+        )
+        return torch.from_numpy(ops.tied.materialize(enc))
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
         raise LookupError("not a stored tensor")
     obj = gm
     for part in node.target.split("."):
         obj = getattr(obj, part)
     return obj.detach()
+
+
+def _tied_op():
+    return getattr(torch.ops.wsnet, ops.tied.TORCH_OP).default
 
 
 def _ints(value, ndim: int) -> tuple[int, ...] | None:

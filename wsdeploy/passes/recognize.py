@@ -97,22 +97,13 @@ class Record:
 
     node: str
     layer: str  # "conv1d", "conv2d" or "linear"
-    status: str  # "recognised", "dense" or "not recognised"
+    status: str  # "recognised" (WSNet), "tied", "dense" or "not recognised"
     detail: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
 
     def line(self) -> str:
         """One line for the export output and ``inspect``."""
-        d = self.detail
-        if self.status == "recognised":
-            how = f" (from {d['ops']} on {d['param']!r})" if d.get("ops") else ""
-            return (
-                f"{self.node}: recognised: WSNet {self.layer} S={d['sample_stride']} "
-                f"r={d['channel_repeat']} phi {tuple(d['phi_shape'])}{how}"
-            )
-        if self.status == "dense":
-            return f"{self.node}: dense {self.layer} (weight {d.get('param', '?')!r})"
-        return f"{self.node}: not recognised: {self.reason}"
+        return describe(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +113,30 @@ class Record:
             **self.detail,
             "reason": self.reason,
         }
+
+
+def describe(d: dict[str, Any]) -> str:
+    """One line for a record (``Record.to_dict``, as a manifest stores it)."""
+    how = f" (from {d['ops']} on {d['param']!r})" if d.get("ops") else ""
+    if d["status"] == "recognised":
+        return (
+            f"{d['node']}: recognised: WSNet {d['layer']} S={d['sample_stride']} "
+            f"r={d['channel_repeat']}, phi {tuple(d['phi_shape'])} for weight "
+            f"{tuple(d['weight_shape'])}{how}"
+        )
+    if d["status"] == "tied":
+        sign = " and signs" if d["signed"] else ""
+        return (
+            f"{d['node']}: recognised: tied {d['layer']} weight {tuple(d['weight_shape'])} = "
+            f"{d['values']:,} values by a {d['index_bits']}-bit index{sign}, "
+            f"{d['stored_bytes']:,} bytes vs {d['dense_bytes']:,} dense{how}"
+            + {"at load": "; materialised at load", "dense": "; stored dense here"}.get(
+                d.get("lowering"), ""
+            )
+        )
+    if d["status"] == "dense":
+        return f"{d['node']}: dense {d['layer']} (weight {d.get('param', '?')!r})"
+    return f"{d['node']}: not recognised: {d['reason']}"
 
 
 class NotRecognised(Exception):
@@ -183,7 +198,7 @@ def recognize(
     except Exception as e:  # the rewrite must re-trace; if not, say so and keep the original
         log.warning("recognised layers could not be re-traced (%s): kept as written", e)
         for r in records:
-            if r.status == "recognised":
+            if r.status in ("recognised", "tied"):
                 r.status, r.reason = "not recognised", f"re-tracing failed: {e}"
         return ep, records
     return new, records
@@ -313,7 +328,8 @@ def _recognise(gm, node, layer, weight, slice_nodes, leaves) -> Record:
         offset += v.numel()
     if offset > 2**52:
         raise NotRecognised("parameters too large to index exactly in float64")
-    elementwise = []
+    elementwise: list[str] = []
+    scaled: list[str] = []
     try:
         for n in slice_nodes:
             name = _op_name(n)
@@ -329,6 +345,13 @@ def _recognise(gm, node, layer, weight, slice_nodes, leaves) -> Record:
             if _unary(n, tensors) and reading:
                 index_env[n] = index_env[reading[0]]
                 elementwise.append(name)
+                continue
+            if name in ("mul", "div") and len(reading) == 1 and n.args[0] is reading[0]:
+                # a constant per-entry factor (a HashedNets sign): the index map is the
+                # parameter side's, broadcast; the factors are found below
+                out = n.meta.get("val")
+                index_env[n] = torch.broadcast_to(index_env[reading[0]], tuple(out.shape))
+                scaled.append(name)
                 continue
             others = [a for a in tensors if not depends.get(a)]
             what = (
@@ -356,6 +379,11 @@ def _recognise(gm, node, layer, weight, slice_nodes, leaves) -> Record:
     source, start, value = owners[0]
     flat = index - start
     phi_flat = value.reshape(-1).to(torch.float32).clone()
+    if elementwise and scaled:
+        raise NotRecognised(
+            f"weight of {_where(node)!r} applies both functions and constant factors to "
+            "its parameter"
+        )
     if elementwise:
         # phi's values as the weight holds them: each entry must be one function of its
         # source entry, wherever it is copied to
@@ -368,13 +396,101 @@ def _recognise(gm, node, layer, weight, slice_nodes, leaves) -> Record:
                 f"weight of {_where(node)!r} applies different functions to copies of one "
                 "parameter entry"
             )
+    sign = _sign(node, slice_nodes, weight, values, params, flat, phi_flat, scaled)
     ops = "/".join(dict.fromkeys(_op_name(n) for n in slice_nodes if _op_name(n) in MOVEMENT))
-    if elementwise:
-        ops = f"{'/'.join(dict.fromkeys(elementwise))} and {ops}" if ops else "/".join(elementwise)
+    if elementwise or scaled:
+        applied = "/".join(dict.fromkeys(elementwise + scaled))
+        ops = f"{applied} and {ops}" if ops else applied
     param = str(source.target)
-    if layer == "linear":
-        return _linear(gm, node, flat, phi_flat, ops, param)
-    return _conv(gm, node, layer, flat, phi_flat, ops, param)
+    not_wsnet = f"weight of {_where(node)!r} carries a sign per entry"
+    if sign is None:
+        try:
+            if layer == "linear":
+                return _linear(gm, node, flat, phi_flat, ops, param)
+            return _conv(gm, node, layer, flat, phi_flat, ops, param)
+        except NotRecognised as e:
+            not_wsnet = str(e)
+    return _tied(gm, node, layer, weight, flat, phi_flat, sign, ops, param, not_wsnet)
+
+
+def _sign(node, slice_nodes, weight, values, params, flat, phi_flat, scaled):
+    """The constant per-entry factor of a weight computed with ``mul``/``div`` by constants:
+    None if there is none (or it is all ones), the +-1 array if it is a sign. Any other
+    factor stores as much as the dense weight, so the layer is not recognised."""
+    if not scaled:
+        return None
+    ones: dict = dict(values)
+    for p in params:
+        ones[p] = torch.ones_like(values[p], dtype=torch.float64)
+    real: dict = dict(values)
+    try:
+        _evaluate(slice_nodes, ones)
+        _evaluate(slice_nodes, real)
+    except Exception as e:
+        raise NotRecognised(f"evaluating the weight's factors failed ({e})") from e
+    factor = ones[weight].detach().to(torch.float64).numpy()
+    w = real[weight].detach().to(torch.float32).numpy()
+    picked = phi_flat.numpy()[flat]
+    if not np.array_equal((picked * factor).astype(np.float32), w):
+        raise NotRecognised(
+            f"weight of {_where(node)!r} is not a copy of parameter entries times constant factors"
+        )
+    if np.all(factor == 1):
+        return None
+    if not np.all(np.abs(factor) == 1):
+        raise NotRecognised(
+            f"weight of {_where(node)!r} scales its entries by constant factors other than "
+            "+-1: stored per entry, they take as much as the dense weight"
+        )
+    return np.sign(factor).astype(np.int8)
+
+
+def _tied(gm, node, layer, weight, flat, phi_flat, sign, ops, param, not_wsnet) -> Record:
+    """A weight that is an index map of one parameter (with signs), but not WSNet sampling:
+    stored as the values it reads plus the index bit planes (``ops.tied``), if that is
+    smaller than the dense weight."""
+    from wsdeploy.ops import tied
+
+    enc = tied.encode(phi_flat.numpy(), flat, sign)
+    dense = 4 * int(flat.size)
+    if enc.nbytes >= dense:
+        raise NotRecognised(
+            f"{not_wsnet}; as tied weights it would store {enc.nbytes:,} bytes, not fewer "
+            f"than the dense weight's {dense:,}"
+        )
+    name = f"_wsdeploy_tied_{node.name}"
+    gm.register_parameter(
+        f"{name}_phi", torch.nn.Parameter(torch.from_numpy(enc.phi), requires_grad=False)
+    )
+    gm.register_buffer(f"{name}_index", torch.from_numpy(enc.index))
+    if enc.sign is not None:
+        gm.register_buffer(f"{name}_sign", torch.from_numpy(enc.sign))
+    graph = gm.graph
+    with graph.inserting_before(node):
+        args = [graph.get_attr(f"{name}_phi"), graph.get_attr(f"{name}_index")]
+        args.append(graph.get_attr(f"{name}_sign") if enc.sign is not None else None)
+        w = graph.call_function(
+            getattr(torch.ops.wsnet, tied.TORCH_OP).default, (*args, enc.bits, list(enc.shape))
+        )
+    w.meta["val"] = weight.meta.get("val")
+    node.replace_input_with(weight, w)
+    return Record(
+        _where(node),
+        layer,
+        "tied",
+        {
+            "values": int(enc.phi.size),
+            "index_bits": enc.bits,
+            "signed": enc.sign is not None,
+            "weight_shape": list(enc.shape),
+            "stored_bytes": enc.nbytes,
+            "dense_bytes": dense,
+            "ops": ops,
+            "param": param,
+            "not_wsnet": not_wsnet,
+            **_dense_counts(node, layer, w),
+        },
+    )
 
 
 def _gather(phi_flat: torch.Tensor, canon: np.ndarray) -> torch.Tensor:
@@ -542,4 +658,4 @@ def _replace(gm, node, target, x, phi, attrs, bias, ndim: int) -> None:
     graph.erase_node(node)
 
 
-__all__ = ["MOVEMENT", "Record", "recognize"]
+__all__ = ["MOVEMENT", "Record", "describe", "recognize"]

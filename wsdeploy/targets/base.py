@@ -62,6 +62,10 @@ class Target:
             ``compiler.TARGET_PASSES``); a precision missing here is one it does not build.
         native_wsnet: the target runs wsnet nodes with its own kernels, so the ``auto``
             strategy keeps them as nodes instead of inlining the standard-op graph.
+        tied_at_load: the runtime materialises tied weights (``wsdeploy.ops.tied``) when it
+            loads the model, so the file stores them as phi and index bit planes; else the
+            build stores them dense (TVM compiles constants into its code; XNNPACK takes
+            only weights fixed when the program is built).
         cpus: help text for ``--cpu``; empty if the target takes none.
         runs_here: ``runs_here(cpu)``, whether its artifacts for ``cpu`` run on this
             machine (else verification needs a
@@ -97,6 +101,7 @@ class Target:
     load: Callable[[Path, str | None], Runner]
     passes: dict[str, tuple[str, ...]]
     native_wsnet: bool = False
+    tied_at_load: bool = False
     cpus: str = ""
     runs_here: Callable[..., bool] = lambda cpu=None: True
     tvm_target: Callable[[str | None], Any] | None = None

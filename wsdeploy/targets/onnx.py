@@ -74,4 +74,5 @@ ONNX = Target(
     build,
     load,
     STANDARD_OP_PASSES,
+    tied_at_load=True,
 )

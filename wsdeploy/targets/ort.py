@@ -202,4 +202,5 @@ ORT = Target(
     build,
     load,
     STANDARD_OP_PASSES,
+    tied_at_load=True,
 )

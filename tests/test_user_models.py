@@ -189,3 +189,117 @@ def test_pt2_on_executorch_runs_recognised_layers_as_aten_ops(user_files, tmp_pa
     dense_weights = 16 * 9 + 16 * 16 * 7 + 16 * 5 + 32 * 16 * 5 + 8 * 32 + 4 * 8
     assert m["size"]["stored_params"] < dense_weights / 2
     assert m["size"]["artifact_bytes"] < m["size"]["dense_baseline_bytes"]
+
+
+class KMeansConv1d(nn.Module):
+    """Deep k-Means by hand: every weight entry is one of 16 centres."""
+
+    def __init__(self, cin, n, k, centres=16):
+        super().__init__()
+        self.centres = nn.Parameter(torch.randn(centres) * 0.3)
+        self.register_buffer("assignment", torch.randint(0, centres, (n, cin, k)))
+
+    def forward(self, x):
+        return F.conv1d(x, self.centres[self.assignment], padding=1)
+
+
+class HashedLinear(nn.Module):
+    """HashedNets by hand: W[i, j] = phi[h(i, j)] * sign(i, j), hash and sign as buffers."""
+
+    def __init__(self, ins, out, values):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.phi = nn.Parameter(torch.randn(values, generator=g) * 0.1)
+        self.register_buffer("hash", torch.randint(0, values, (out, ins), generator=g))
+        self.register_buffer("sign", torch.randint(0, 2, (out, ins), generator=g) * 2.0 - 1)
+
+    def forward(self, x):
+        return F.linear(x, self.phi[self.hash] * self.sign)
+
+
+class TiedNet(nn.Module):
+    """Weight tying as users write it: a k-means conv, a hashed fully connected layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(1, 32, 5, padding=2)
+        self.kmeans = KMeansConv1d(32, 64, 3)
+        self.hashed = HashedLinear(64 * 16, 256, 2000)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        y = F.max_pool1d(F.relu(self.stem(x)), 4)
+        y = F.max_pool1d(F.relu(self.kmeans(y)), 4).flatten(1)
+        return self.head(F.relu(self.hashed(y)))
+
+
+TIED_SHAPE = (1, 1, 256)
+
+
+@pytest.fixture(scope="module")
+def tied_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tied")
+    torch.manual_seed(0)
+    model = TiedNet().eval()
+    example = torch.randn(*TIED_SHAPE)
+    with torch.no_grad():  # decisive logits, as a trained model has (few near ties)
+        model.head.weight.mul_(30)
+    torch.export.save(torch.export.export(model, (example,)), root / "tied.pt2")
+    torch.save(model, root / "tied.pt")
+    rng = np.random.default_rng(0)
+    np.savez(root / "calib.npz", x=rng.standard_normal((96, *TIED_SHAPE[1:]), np.float32))
+    np.savez(root / "gate.npz", x=rng.standard_normal((128, *TIED_SHAPE[1:]), np.float32))
+    return root, model
+
+
+def _export_tied(root, kind, target, out, *extra):
+    args = ["export", str(root / kind), "--target", target, "-o", str(out), *extra]
+    if kind.endswith(".pt"):
+        args += ["--trust-pickle", "--input-shape", ",".join(map(str, TIED_SHAPE))]
+    return _run(args)
+
+
+@pytest.mark.parametrize("kind", ["tied.pt2", "tied.pt"])
+@pytest.mark.parametrize("target, structure", [("onnx", 8_000), ("ort", 24_000)])
+def test_tied_layers_ship_as_values_and_index_planes(tied_files, tmp_path, kind, target, structure):
+    """HashedNets and k-means layers written by hand: the file holds the values and the
+    bit-packed index (and sign) planes, the runtime rebuilds the weights at load."""
+    root, model = tied_files
+    out = tmp_path / "o"
+    result = _export_tied(root, kind, target, out, "--strategy", "shared")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": recognised: tied") == 2, result.output
+    assert "4-bit index" in result.output and "11-bit index and signs" in result.output
+    m = json.loads((out / "manifest.json").read_text())
+    tied = [r for r in m["recognition"] if r["status"] == "tied"]
+    assert [r["lowering"] for r in tied] == ["at load", "at load"]
+    assert "warnings" not in m or not m["warnings"]
+    plain = 4 * sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith(("stem", "head"))
+    )
+    stored = sum(r["stored_bytes"] for r in tied) + plain
+    size = m["size"]["artifact_bytes"]
+    # what is stored, within 10%, plus the graph's own structure (the unpacking ops)
+    assert size <= 1.1 * stored + structure, (size, stored)
+    assert size < m["size"]["dense_baseline_bytes"] / 2.4  # 12 bits an entry, not 32
+
+
+@pytest.mark.parametrize(
+    "target, precision", [("x86_64", "fp32"), ("executorch", "fp32"), ("onnx", "int8")]
+)
+def test_tied_layers_are_stored_dense_where_the_runtime_cannot_unpack(
+    tied_files, tmp_path, target, precision
+):
+    """TVM compiles the weights into its code, XNNPACK takes fixed weights only, and int8
+    quantizes the dense weight: the tied layers are recognised and stored dense."""
+    root, _ = tied_files
+    out = tmp_path / "o"
+    extra = []
+    if precision == "int8":
+        extra = ["--quantize", "int8", "--calib", str(root / "calib.npz")]
+        extra += ["--gate-data", str(root / "gate.npz"), "--min-agreement", "0.95"]
+    result = _export_tied(root, "tied.pt2", target, out, *extra)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("stored dense here") == 2, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verification"]["passed"]

@@ -82,6 +82,25 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
         )
     for rec in recognition:
         d = rec.detail
+        if rec.status == "tied" and "dense_macs" in d:
+            # tied: phi holds the values it reads; params count what it stores (index
+            # and sign planes too) in 4-byte units, so totals compare bytes honestly
+            rows.append(
+                {
+                    "name": rec.node,
+                    "kind": f"tied {rec.layer}",
+                    "in_shape": [],
+                    "out_shape": [],
+                    "phi_shape": [d["values"]],
+                    "params": -(-d["stored_bytes"] // 4),
+                    "dense_params": d["params"],
+                    "dense_macs": d["dense_macs"],
+                    "shared_macs": d["dense_macs"],
+                    "compression": d["dense_bytes"] / d["stored_bytes"],
+                    "speedup": 1.0,
+                }
+            )
+            continue
         if rec.status != "dense" or "params" not in d:
             continue
         rows.append(

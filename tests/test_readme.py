@@ -33,8 +33,8 @@ def test_readme_quotes_the_committed_benchmark_results():
 
 
 def test_your_own_model_section_is_what_the_product_prints(tmp_path):
-    """README's hand-written WSNet runs as shown: the snippet saves mynet.pt2, and the
-    export prints the recognition and size lines README quotes."""
+    """README's hand-written WSNet and tied layers run as shown: each snippet saves its
+    .pt2, and its export prints the recognition and size lines README quotes."""
     import subprocess
     import sys
 
@@ -43,15 +43,17 @@ def test_your_own_model_section_is_what_the_product_prints(tmp_path):
     from wsdeploy.cli import main
 
     text = (ROOT / "README.md").read_text().split("## Your own model", 1)[1]
-    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    quoted = re.search(r"```\n\$ (wsdeploy export .*?)\n(.*?)```", text, re.S)
-    command, expected = quoted.group(1).split(), quoted.group(2).splitlines()
-    subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, check=True)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        result = CliRunner().invoke(main, command[1:])
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[: len(expected)] == expected
+    text = text.split("\n## ", 1)[0]
+    snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+    quoted = re.findall(r"```\n\$ (wsdeploy export .*?)\n(.*?)```", text, re.S)
+    assert len(snippets) == len(quoted) == 2  # a WSNet, then weight tying
+    for snippet, (command, expected) in zip(snippets, quoted, strict=True):
+        subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, check=True)
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            result = CliRunner().invoke(main, command.split()[1:])
+        finally:
+            os.chdir(cwd)
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines()[: len(expected.splitlines())] == expected.splitlines()

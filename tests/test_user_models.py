@@ -303,3 +303,100 @@ def test_tied_layers_are_stored_dense_where_the_runtime_cannot_unpack(
     assert result.output.count("stored dense here") == 2, result.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["verification"]["passed"]
+
+
+class TwoInputs(nn.Module):
+    """Audio plus a side feature vector, two outputs (logits and the fused embedding): a
+    hand-written WSNet conv on the audio branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(1, 8, 5, padding=2)
+        self.ws = HandWSConv1d(8, 16, 5, 2, 2, 2)
+        self.side = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, audio, side):
+        y = self.ws(F.relu(self.stem(audio))).mean(-1)
+        z = y + self.side(side)
+        return self.head(F.relu(z)), z
+
+
+@pytest.fixture(scope="module")
+def two_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two")
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    example = (torch.randn(1, 1, 512), torch.randn(1, 6))
+    torch.export.save(torch.export.export(model, example), root / "two.pt2")
+    torch.save(model, root / "two.pt")
+    length = torch.export.Dim("length", min=64, max=4096)
+    dynamic = torch.export.export(
+        model, example, dynamic_shapes={"audio": {2: length}, "side": None}
+    )
+    torch.export.save(dynamic, root / "two_dyn.pt2")
+    return root, model
+
+
+TWO_SHAPES = {
+    "two.pt2": [],
+    "two.pt": ["--trust-pickle", "--input-shape", "1,1,512", "--input-shape", "1,6"],
+    "two_dyn.pt2": ["--input-shape", "audio=1,1,1024"],
+}
+
+
+@pytest.mark.parametrize("kind", list(TWO_SHAPES))
+@pytest.mark.parametrize("target", ["onnx", "ort", "x86_64", "executorch"])
+def test_models_of_several_inputs_and_outputs_build_and_verify(two_files, tmp_path, kind, target):
+    root, _ = two_files
+    out = tmp_path / "o"
+    args = ["export", str(root / kind), "--target", target, "-o", str(out), *TWO_SHAPES[kind]]
+    result = _run([*args, "--strategy", "shared"])
+    assert result.exit_code == 0, result.output
+    assert ": recognised: WSNet conv1d" in result.output
+    m = json.loads((out / "manifest.json").read_text())
+    shapes = [i["shape"] for i in m["inputs"]]
+    audio = 1024 if kind == "two_dyn.pt2" else 512
+    assert shapes == [[1, 1, audio], [1, 6]]
+    outputs = m["verification"]["outputs"]
+    assert [o["name"] for o in outputs] == ["output_0", "output_1"]
+    assert m["verification"]["passed"] and m["layers"][0]["strategy"] == "shared"
+    # the build runs again on both inputs: verify and bench
+    result = _run(["verify", str(out), "--model", str(root / kind), *TWO_SHAPES[kind]])
+    assert result.exit_code == 0, result.output
+    result = _run(["bench", str(out), "--repeat", "3"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "kind, shapes, message",
+    [
+        ("two.pt", ["--input-shape", "1,1,512"], "takes 2 input(s) ('audio', 'side')"),
+        ("two_dyn.pt2", ["--input-shape", "speech=1,1,512"], "the model's inputs are 'audio'"),
+        ("two_dyn.pt2", [], "input 'audio' has dynamic dimensions"),
+        ("two_dyn.pt2", ["--input-shape", "audio=1,1,512", "--input-shape", "1,6"], "or none"),
+        ("two.pt2", ["--input-shape", "1,1,512", "--input-shape", "1,7"], "contradicts"),
+        ("two.pt2", ["--quantize", "int8"], "int8 builds models of one input"),
+    ],
+)
+def test_several_inputs_mistakes_are_one_line(two_files, tmp_path, kind, shapes, message):
+    root, _ = two_files
+    trust = ["--trust-pickle"] if kind.endswith(".pt") else []
+    result = _run(["export", str(root / kind), "-o", str(tmp_path / "o"), *trust, *shapes])
+    assert result.exit_code in (1, 2) and message in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_float_inputs_are_refused_in_one_line(tmp_path):
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, tokens):
+            return self.emb(tokens).sum(1)
+
+    path = tmp_path / "tokens.pt2"
+    torch.export.save(torch.export.export(Tokens(), (torch.zeros(1, 5, dtype=torch.long),)), path)
+    result = _run(["export", str(path), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "input 'tokens' is int64" in result.output, result.output

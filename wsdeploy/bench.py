@@ -47,8 +47,11 @@ def bench(
             "it where it runs (--rpc HOST:PORT for a device); a host twin is not the build"
         )
     run = target.load(outdir, rpc)
-    spec = manifest["inputs"][0]
-    x = np.random.default_rng(seed).standard_normal(spec["shape"]).astype(spec["dtype"])
+    rng = np.random.default_rng(seed)
+    xs = tuple(
+        rng.standard_normal(spec["shape"]).astype(spec["dtype"]) for spec in manifest["inputs"]
+    )
+    x = xs[0] if len(xs) == 1 else xs
     for _ in range(max(1, warmup)):
         run(x)
     if target.timer is not None:  # on the device, by the runtime's own timer

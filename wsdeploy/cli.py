@@ -120,9 +120,7 @@ def _progress() -> Progress:
     )
 
 
-def _shape(value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
+def _dims(value: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(v) for v in value.split(","))
     except ValueError:
@@ -130,6 +128,24 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
     if not dims or min(dims) < 1:
         raise click.BadParameter(f"{value!r} must list positive dimensions")
     return dims
+
+
+def _shape(values: tuple[str, ...] | str | None):
+    """``--input-shape`` values: one shape, one per input in order, or NAME=SHAPE each
+    (``modelfile.Shapes``); None if none is given."""
+    if not values:
+        return None
+    values = (values,) if isinstance(values, str) else values
+    named = ["=" in v for v in values]
+    if any(named) and not all(named):
+        raise click.BadParameter("give every --input-shape as NAME=SHAPE, or none of them")
+    if all(named):
+        pairs = [v.split("=", 1) for v in values]
+        if len({k for k, _ in pairs}) < len(pairs):
+            raise click.BadParameter("an input is named twice in --input-shape")
+        return {k.strip(): _dims(v) for k, v in pairs}
+    shapes = [_dims(v) for v in values]
+    return shapes[0] if len(shapes) == 1 else shapes
 
 
 model_options = [
@@ -140,9 +156,10 @@ model_options = [
     ),
     click.option(
         "--input-shape",
-        default=None,
-        metavar="B,C,...",
-        help="Example input shape, needed for pickled modules (e.g. 1,1,4096).",
+        multiple=True,
+        metavar="[NAME=]B,C,...",
+        help="Example input shape, needed for pickled modules and dynamic .pt2 dimensions "
+        "(e.g. 1,1,4096); repeat it for a model of several inputs, in order or as NAME=SHAPE.",
     ),
 ]
 
@@ -352,7 +369,7 @@ def zoo_train(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @with_model_options
 @_errors
-def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: str | None) -> None:
+def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: tuple[str, ...]) -> None:
     """Per-layer parameters and multiply-adds of MODEL, dense vs weight-sampled.
 
     MODEL is a checkpoint, a .pt2 export, or a bundled zoo name.
@@ -576,7 +593,7 @@ def export(
     n_verify: int,
     rpc: str | None,
     trust_pickle: bool,
-    input_shape: str | None,
+    input_shape: tuple[str, ...],
 ) -> None:
     """Trace MODEL, run the WSNet passes, build TARGET and verify it against PyTorch.
 
@@ -722,7 +739,7 @@ def verify(
     n_verify: int,
     rpc: str | None,
     trust_pickle: bool,
-    input_shape: str | None,
+    input_shape: tuple[str, ...],
 ) -> None:
     """Run the numerics gate of a finished build in OUTDIR again against MODEL, here or on
     the device behind --rpc."""
@@ -800,7 +817,7 @@ def tune(
     records: Path | None,
     rpc: str | None,
     trust_pickle: bool,
-    input_shape: str | None,
+    input_shape: tuple[str, ...],
 ) -> None:
     """Tune the generically scheduled kernels of a TVM build with MetaSchedule.
 

@@ -30,7 +30,7 @@ import torch
 
 from wsdeploy import __version__, numerics, quantize, trace
 from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
-from wsdeploy.modelfile import LoadedModel, default_mode, load_model
+from wsdeploy.modelfile import LoadedModel, Shapes, default_mode, load_model
 from wsdeploy.passes import PRECISIONS
 from wsdeploy.passes._graph import static_shape
 from wsdeploy.passes.affine import AffinePass
@@ -186,9 +186,9 @@ def lower(
     return model, layers
 
 
-def _eager(loaded: LoadedModel, x: np.ndarray) -> list[np.ndarray]:
+def _eager(loaded: LoadedModel, x: numerics.Inputs) -> list[np.ndarray]:
     with torch.no_grad():
-        out = loaded.module(torch.from_numpy(x))
+        out = loaded.module(*(torch.from_numpy(a) for a in numerics.as_inputs(x)))
     outs = out if isinstance(out, tuple | list) else (out,)
     return [o.detach().numpy() for o in outs]
 
@@ -196,7 +196,7 @@ def _eager(loaded: LoadedModel, x: np.ndarray) -> list[np.ndarray]:
 def check(
     loaded: LoadedModel,
     runner,
-    inputs: list[np.ndarray],
+    inputs: list[numerics.Inputs],
     stage: str = "runtime",
     step: float = 1.0,
 ) -> dict[str, Any]:
@@ -772,7 +772,7 @@ def export(
     options: ExportOptions = ExportOptions(),
     *,
     trust_pickle: bool = False,
-    input_shape: tuple[int, ...] | None = None,
+    input_shape: Shapes | None = None,
     progress=None,
 ) -> ExportResult:
     """Compile ``model`` for ``options.target``, verify it, and write ``outdir`` atomically.
@@ -827,6 +827,11 @@ def export(
     )
     t0 = time.perf_counter()
     reference, calibration, held_out = loaded, None, None
+    if int8 and loaded.more_inputs:
+        raise WsdeployError(
+            f"--quantize int8 builds models of one input; this one takes "
+            f"{len(loaded.input_shapes)} ({', '.join(loaded.input_names)}): build it fp32"
+        )
     if int8:
         held_out = gate_data(loaded, options)  # refuses before any work if there is none
         say("calibrate")
@@ -857,8 +862,8 @@ def export(
     try:
         say(f"build {target.name}")
         files = target.build(lowered, staging, options.cpu, options.cc, options.records)
-        inputs = numerics.verification_inputs(
-            loaded.input_shape, loaded.dataset, loaded.config, n=options.n_verify, seed=options.seed
+        inputs = numerics.model_inputs(
+            loaded.input_shapes, loaded.dataset, loaded.config, n=options.n_verify, seed=options.seed
         )
         checked = verification_runners(
             target, staging, lambda: lowered, options.rpc, int8, say, options.cpu
@@ -1064,7 +1069,7 @@ def verify(
     model: str | Path,
     *,
     trust_pickle: bool = False,
-    input_shape: tuple[int, ...] | None = None,
+    input_shape: Shapes | None = None,
     n_verify: int = numerics.MIN_VERIFY,
     seed: int = 0,
     rpc: str | None = None,
@@ -1083,8 +1088,8 @@ def verify(
         )
     target = get_target(manifest["target"])
     preflight(target, rpc, None)
-    inputs = numerics.verification_inputs(
-        loaded.input_shape, loaded.dataset, loaded.config, n=n_verify, seed=seed
+    inputs = numerics.model_inputs(
+        loaded.input_shapes, loaded.dataset, loaded.config, n=n_verify, seed=seed
     )
     int8 = manifest.get("precision") == "int8"
     reference = loaded

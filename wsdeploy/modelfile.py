@@ -64,6 +64,15 @@ class LoadedModel:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     exported: torch.export.ExportedProgram | None = None
+    more_inputs: tuple[tuple[int, ...], ...] = ()
+    """The shapes of inputs 2..N of a model taking several (``input_shape`` is the first)."""
+    input_names: tuple[str, ...] = ()
+    """The inputs' names, where the model file says them (a .pt2, a module's forward)."""
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Every input's shape, in the order the model takes them."""
+        return (self.input_shape, *self.more_inputs)
 
     @classmethod
     def from_module(cls, module: nn.Module, input_shape: tuple[int, ...]) -> LoadedModel:
@@ -151,15 +160,46 @@ def resolve(model: str | Path) -> Path:
     )
 
 
+Shape = tuple[int, ...]
+Shapes = Shape | list[Shape] | dict[str, Shape]
+"""``--input-shape``: one shape (a one-input model), one per input in order, or by name."""
+
+
+def _fmt(shape) -> str:
+    return ",".join(map(str, shape))
+
+
+def match_shapes(path: Path | str, names: list[str], given: Shapes | None) -> list[Shape | None]:
+    """The shape given for each of a model's inputs (None where none is given)."""
+    if given is None:
+        return [None] * len(names)
+    if isinstance(given, dict):
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ModelFileError(
+                f"{path}: --input-shape names {', '.join(map(repr, unknown))}; the model's "
+                f"inputs are {', '.join(map(repr, names))}"
+            )
+        return [tuple(given[n]) if n in given else None for n in names]
+    shapes = [tuple(given)] if given and isinstance(given[0], int) else [tuple(g) for g in given]
+    if len(shapes) != len(names):
+        raise ModelFileError(
+            f"{path}: the model takes {len(names)} input(s) ({', '.join(map(repr, names))}); "
+            f"--input-shape gave {len(shapes)}: give one per input, in order, or NAME=SHAPE"
+        )
+    return shapes
+
+
 def load_model(
-    model: str | Path, *, trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None
+    model: str | Path, *, trust_pickle: bool = False, input_shape: Shapes | None = None
 ) -> LoadedModel:
     """Load a model file (or bundled zoo name) safely; see the module docstring.
 
     Args:
         model: path to a ``.pt`` checkpoint, a ``.pt2`` export, a pickled module, or a zoo name.
         trust_pickle: allow unpickling a full module (runs code from the file).
-        input_shape: example input shape; required for pickled modules, which carry none.
+        input_shape: example input shape(s) (``Shapes``); required for pickled modules,
+            which carry none, and for a .pt2's dynamic dimensions.
 
     Raises:
         UnsafeModelError: the file needs arbitrary unpickling and ``trust_pickle`` is False.
@@ -192,10 +232,11 @@ def load_model(
     except Exception as e:  # zip and stream errors of truncated files
         raise ModelFileError(f"{path}: corrupt or truncated model file ({_first_line(e)})") from e
     loaded = _from_checkpoint(payload, path, digest)
-    if input_shape is not None and tuple(input_shape) != loaded.input_shape:
+    (shape,) = match_shapes(path, ["input"], input_shape)
+    if shape is not None and shape != loaded.input_shape:
         raise ModelFileError(
-            f"{path}: --input-shape {','.join(map(str, input_shape))} contradicts the "
-            f"checkpoint's input shape {','.join(map(str, loaded.input_shape))} (its config "
+            f"{path}: --input-shape {_fmt(shape)} contradicts the "
+            f"checkpoint's input shape {_fmt(loaded.input_shape)} (its config "
             "fixes it)"
         )
     return loaded
@@ -436,10 +477,11 @@ def _load_pt2(
     path: Path,
     digest: str,
     trust_pickle: bool = False,
-    input_shape: tuple[int, ...] | None = None,
+    input_shape: Shapes | None = None,
 ) -> LoadedModel:
-    """A .pt2 program; with dynamic dimensions, ``input_shape`` picks the concrete shape
-    it is re-traced at (within the program's ranges)."""
+    """A .pt2 program taking one or more float32 tensors; with dynamic dimensions,
+    ``input_shape`` picks the concrete shapes it is re-traced at (within the program's
+    ranges)."""
     from torch.export.pt2_archive._package import load_pt2
 
     try:
@@ -461,39 +503,62 @@ def _load_pt2(
         log.info("%s: dropped %d guard(s) stored as code", path, len(ep._guards_code))
         ep._guards_code = []
     user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    if len(user_inputs) != 1:
-        raise ModelFileError(
-            f"{path}: exported program must take exactly one tensor input, takes {len(user_inputs)}"
-        )
-    name = user_inputs[0].arg.name
-    node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name)
-    shape = tuple(node.meta["val"].shape)
+    if not user_inputs:
+        raise ModelFileError(f"{path}: exported program takes no tensor input")
+    names = [spec.arg.name for spec in user_inputs]
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    given = match_shapes(path, names, input_shape)
+    shapes: list[Shape] = []
+    dynamic = False
+    for name, want in zip(names, given, strict=True):
+        val = placeholders[name].meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ModelFileError(f"{path}: input {name!r} is not a tensor")
+        if val.dtype != torch.float32:
+            raise ModelFileError(
+                f"{path}: input {name!r} is {str(val.dtype).removeprefix('torch.')}; wsdeploy "
+                "builds models whose inputs are float32"
+            )
+        shape = tuple(val.shape)
+        static = all(isinstance(d, int) for d in shape)
+        dynamic |= not static
+        if static:
+            if want is not None and want != shape:
+                raise ModelFileError(
+                    f"{path}: --input-shape {_fmt(want)} contradicts the "
+                    f"program's static shape {_fmt(shape)} of input {name!r}"
+                )
+            shapes.append(shape)
+            continue
+        dims = ", ".join(str(d) for d in shape)
+        if want is None:
+            raise ModelFileError(
+                f"{path}: input {name!r} has dynamic dimensions ({dims}); pass --input-shape "
+                "with the concrete shape to build for"
+                + (" (NAME=SHAPE, or one per input in order)" if len(names) > 1 else "")
+            )
+        if len(want) != len(shape) or any(
+            isinstance(d, int) and d != n for d, n in zip(shape, want, strict=False)
+        ):
+            raise ModelFileError(
+                f"{path}: --input-shape {_fmt(want)} does not fit the "
+                f"program's input {name!r} ({dims})"
+            )
+        _check_ranges(path, ep, shape, want)
+        shapes.append(want)
     with torch.no_grad():
         module = ep.module()
-    static = all(isinstance(d, int) for d in shape)
-    if static and input_shape is not None and tuple(input_shape) != shape:
-        raise ModelFileError(
-            f"{path}: --input-shape {','.join(map(str, input_shape))} contradicts the "
-            f"program's static input shape {','.join(map(str, shape))}"
-        )
-    if static:
-        return LoadedModel(module, tuple(shape), str(path), digest, "pt2", exported=ep)
-    dims = ", ".join(str(d) for d in shape)
-    if input_shape is None:
-        raise ModelFileError(
-            f"{path}: input {name!r} has dynamic dimensions ({dims}); pass --input-shape "
-            "with the concrete shape to build for"
-        )
-    if len(input_shape) != len(shape) or any(
-        isinstance(d, int) and d != n for d, n in zip(shape, input_shape, strict=False)
-    ):
-        raise ModelFileError(
-            f"{path}: --input-shape {','.join(map(str, input_shape))} does not fit the "
-            f"program's input ({dims})"
-        )
-    _check_ranges(path, ep, shape, input_shape)
-    # re-traced at the concrete shape by wsdeploy.trace (exported=None)
-    return LoadedModel(module, tuple(input_shape), str(path), digest, "pt2")
+    return LoadedModel(
+        module,
+        shapes[0],
+        str(path),
+        digest,
+        "pt2",
+        # a dynamic program is re-traced at the concrete shapes by wsdeploy.trace
+        exported=None if dynamic else ep,
+        more_inputs=tuple(shapes[1:]),
+        input_names=tuple(names),
+    )
 
 
 def _check_ranges(path: Path, ep, shape, input_shape) -> None:
@@ -512,31 +577,62 @@ def _check_ranges(path: Path, ep, shape, input_shape) -> None:
             )
 
 
-def _load_pickle(path: Path, digest: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
+def _forward_names(module: nn.Module) -> list[str]:
+    """The tensor arguments of a module's forward (positional, without defaults)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ["input"]
+    names = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return names or ["input"]
+
+
+def _load_pickle(path: Path, digest: str, input_shape: Shapes | None) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ModelFileError(f"{path}: cannot unpickle model ({_first_line(e)})") from e
     if not isinstance(obj, nn.Module):
         raise ModelFileError(f"{path}: pickle holds a {type(obj).__name__}, not an nn.Module")
+    names = _forward_names(obj)
     if input_shape is None:
         raise ModelFileError(
             f"{path}: a pickled module carries no input shape; pass --input-shape, e.g. 1,1,4096"
+            + (f" (once per input: {', '.join(names)})" if len(names) > 1 else "")
         )
+    shapes = match_shapes(path, names, input_shape)
+    missing = [n for n, sh in zip(names, shapes, strict=True) if sh is None]
+    if missing:
+        raise ModelFileError(f"{path}: no --input-shape for input(s) {', '.join(missing)}")
     obj.eval()
     from wsdeploy import numerics
     from wsdeploy.errors import WsdeployError
 
     try:
-        numerics.check_budget(tuple(input_shape), {})
+        for shape in shapes:
+            numerics.check_budget(shape, {})
     except WsdeployError as e:
         raise ModelFileError(f"{path}: {e}") from None
     try:
         with torch.no_grad():
-            obj(torch.zeros(tuple(input_shape)))
+            obj(*(torch.zeros(shape) for shape in shapes))
     except Exception as e:
         raise ModelFileError(
             f"{path}: the module does not run on --input-shape "
-            f"{','.join(map(str, input_shape))}: {_first_line(e)}"
+            f"{' '.join(_fmt(sh) for sh in shapes)}: {_first_line(e)}"
         ) from e
-    return LoadedModel(obj, tuple(input_shape), str(path), digest, "pickle")
+    return LoadedModel(
+        obj,
+        shapes[0],
+        str(path),
+        digest,
+        "pickle",
+        more_inputs=tuple(shapes[1:]),
+        input_names=tuple(names),
+    )

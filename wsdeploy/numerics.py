@@ -166,3 +166,30 @@ def verification_inputs(
     while len(inputs) < n:
         inputs.append(rng.standard_normal(input_shape).astype(np.float32))
     return inputs
+
+
+Inputs = np.ndarray | tuple[np.ndarray, ...]
+"""One call's inputs: an array for a one-input model, a tuple of arrays for several."""
+
+
+def as_inputs(x: Inputs) -> tuple[np.ndarray, ...]:
+    """The arrays of one call, in the model's input order (what every runner takes)."""
+    return tuple(x) if isinstance(x, tuple | list) else (x,)
+
+
+def model_inputs(
+    shapes: tuple[tuple[int, ...], ...],
+    dataset: str | None,
+    config: dict,
+    n: int = MIN_VERIFY,
+    seed: int = 0,
+) -> list[Inputs]:
+    """``verification_inputs`` for a model of one or more inputs: arrays for one input (its
+    dataset's samples where it has one), tuples of seeded noise, one array per input, for
+    several."""
+    if len(shapes) == 1:
+        return verification_inputs(shapes[0], dataset, config, n=n, seed=seed)
+    per_input = [
+        verification_inputs(shape, None, {}, n=n, seed=seed + i) for i, shape in enumerate(shapes)
+    ]
+    return [tuple(p[j] for p in per_input) for j in range(n)]

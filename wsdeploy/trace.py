@@ -54,10 +54,11 @@ def _translations() -> dict:
 
 
 def trace(loaded: LoadedModel) -> torch.export.ExportedProgram:
-    """``torch.export`` the model at its example input shape (a .pt2 is already traced)."""
+    """``torch.export`` the model at its example input shapes (a static .pt2 is already
+    traced)."""
     if loaded.exported is not None:
         return loaded.exported
-    example = (torch.zeros(loaded.input_shape),)
+    example = tuple(torch.zeros(shape) for shape in loaded.input_shapes)
     try:
         return torch.export.export(loaded.module, example)
     except Exception as e:

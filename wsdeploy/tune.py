@@ -37,7 +37,7 @@ from typing import Any
 from wsdeploy import compiler, quantize
 from wsdeploy.compiler import ExportOptions
 from wsdeploy.errors import CompileError, WsdeployError
-from wsdeploy.modelfile import LoadedModel, load_model
+from wsdeploy.modelfile import LoadedModel, Shapes, load_model
 from wsdeploy.targets import TARGETS, get_target
 from wsdeploy.targets import tvm as tvm_build
 from wsdeploy.threads import runtime_threads
@@ -96,7 +96,7 @@ def tune(
     *,
     calibration: quantize.Calibration | None = None,
     trust_pickle: bool = False,
-    input_shape: tuple[int, ...] | None = None,
+    input_shape: Shapes | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Tune the kernels of ``model``'s build for ``options.target`` with ``trials``

@@ -64,8 +64,10 @@ def local_runner(path: Path, runtime_only: bool = False):
     dev = tvm.cpu()
     vm = VirtualMachine(lib, dev)
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        vm.set_input("main", tvm.runtime.tensor(x, dev))
+    from wsdeploy.numerics import as_inputs
+
+    def run(x) -> list[np.ndarray]:
+        vm.set_input("main", *(tvm.runtime.tensor(a, dev) for a in as_inputs(x)))
         vm.invoke_stateful("main")
         out = vm.get_outputs("main")
         outs = out if isinstance(out, tuple | list) else [out]

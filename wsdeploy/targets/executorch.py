@@ -147,9 +147,13 @@ def load(outdir: Path, device: str | None = None) -> Runner:
         program = Runtime.get().load_program(Path(outdir) / FILENAME)
         method = program.load_method("forward")
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
+    from wsdeploy.numerics import as_inputs
+
+    def run(x) -> list[np.ndarray]:
         try:
-            outputs = method.execute([torch.from_numpy(np.ascontiguousarray(x))])
+            outputs = method.execute(
+                [torch.from_numpy(np.ascontiguousarray(a)) for a in as_inputs(x)]
+            )
         except RuntimeError as e:  # its log says more (ExecuTorch prints to stderr)
             raise CompileError(f"ExecuTorch's runtime failed to run {FILENAME}: {e}") from None
         return [o.detach().numpy().copy() for o in outputs]

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx_ir as ir
 
+    from wsdeploy.numerics import Inputs
+
 FILENAME = "model.onnx"
 
 
@@ -33,7 +35,7 @@ def save(model: ir.Model, path: Path) -> None:
 
 
 def session(path: Path) -> Runner:
-    """An ONNX Runtime CPU session on ``path`` as a one-input runner."""
+    """An ONNX Runtime CPU session on ``path`` as a runner (``numerics.as_inputs``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -44,10 +46,12 @@ def session(path: Path) -> Runner:
         raise CompileError(
             f"ONNX Runtime cannot load {path.name}: {str(e).strip().splitlines()[0][:300]}"
         ) from e
-    name = sess.get_inputs()[0].name
+    from wsdeploy.numerics import as_inputs
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        return sess.run(None, {name: x})
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(x: Inputs) -> list[np.ndarray]:
+        return sess.run(None, dict(zip(names, as_inputs(x), strict=True)))
 
     return run
 

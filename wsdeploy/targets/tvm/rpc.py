@@ -88,9 +88,11 @@ def rpc_runner(path: Path, address: str, *, timeout: float = SESSION_TIMEOUT):
     dev = remote.cpu()
     vm = relax.VirtualMachine(lib, dev)
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
+    from wsdeploy.numerics import as_inputs
+
+    def run(x) -> list[np.ndarray]:
         try:
-            vm.set_input("main", tvm.runtime.tensor(x, dev))
+            vm.set_input("main", *(tvm.runtime.tensor(a, dev) for a in as_inputs(x)))
             vm.invoke_stateful("main")
             out = vm.get_outputs("main")
         except Exception as e:

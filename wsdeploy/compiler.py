@@ -863,7 +863,11 @@ def export(
         say(f"build {target.name}")
         files = target.build(lowered, staging, options.cpu, options.cc, options.records)
         inputs = numerics.model_inputs(
-            loaded.input_shapes, loaded.dataset, loaded.config, n=options.n_verify, seed=options.seed
+            loaded.input_shapes,
+            loaded.dataset,
+            loaded.config,
+            n=options.n_verify,
+            seed=options.seed,
         )
         checked = verification_runners(
             target, staging, lambda: lowered, options.rpc, int8, say, options.cpu

@@ -335,6 +335,20 @@ def two_files(tmp_path_factory):
         model, example, dynamic_shapes={"audio": {2: length}, "side": None}
     )
     torch.export.save(dynamic, root / "two_dyn.pt2")
+    rng = np.random.default_rng(0)
+
+    def data(n):  # keyed by input name
+        return {
+            "audio": rng.standard_normal((n, 1, 512)).astype(np.float32),
+            "side": rng.standard_normal((n, 6)).astype(np.float32),
+        }
+
+    np.savez(root / "calib.npz", **data(96))
+    gate = data(128)
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(gate["audio"]), torch.from_numpy(gate["side"]))
+    np.savez(root / "gate.npz", **gate, labels=logits.argmax(-1).numpy())
+    np.savez(root / "audio_only.npz", audio=gate["audio"])
     return root, model
 
 
@@ -376,7 +390,7 @@ def test_models_of_several_inputs_and_outputs_build_and_verify(two_files, tmp_pa
         ("two_dyn.pt2", [], "input 'audio' has dynamic dimensions"),
         ("two_dyn.pt2", ["--input-shape", "audio=1,1,512", "--input-shape", "1,6"], "or none"),
         ("two.pt2", ["--input-shape", "1,1,512", "--input-shape", "1,7"], "contradicts"),
-        ("two.pt2", ["--quantize", "int8"], "int8 builds models of one input"),
+        ("two.pt2", ["--quantize", "int8"], "(inputs one array per input (audio, side)"),
     ],
 )
 def test_several_inputs_mistakes_are_one_line(two_files, tmp_path, kind, shapes, message):
@@ -400,3 +414,21 @@ def test_non_float_inputs_are_refused_in_one_line(tmp_path):
     torch.export.save(torch.export.export(Tokens(), (torch.zeros(1, 5, dtype=torch.long),)), path)
     result = _run(["export", str(path), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "input 'tokens' is int64" in result.output, result.output
+
+
+@pytest.mark.parametrize("kind", ["two.pt2", "two.pt"])
+@pytest.mark.parametrize("target", ["onnx", "x86_64"])
+def test_several_inputs_in_int8_with_data_keyed_by_input_name(two_files, tmp_path, kind, target):
+    root, _ = two_files
+    out = tmp_path / "o"
+    args = ["export", str(root / kind), "--target", target, "-o", str(out), *TWO_SHAPES[kind]]
+    args += ["--quantize", "int8", "--calib", str(root / "calib.npz")]
+    result = _run([*args, "--gate-data", str(root / "gate.npz"), "--min-agreement", "0.9"])
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    gate = m["verification"]["accuracy_gate"]
+    assert gate["passed"] and gate["n"] == 128 and gate["accuracy_drop"] is not None
+    if target == "onnx":  # (a TVM library's size is mostly code)
+        assert m["size"]["artifact_bytes"] < m["size"]["wsnet_fp32_bytes"]
+    result = _run([*args, "--gate-data", str(root / "audio_only.npz")])
+    assert result.exit_code == 1 and "no array for input(s) side" in result.output

@@ -525,7 +525,8 @@ def _quiet_third_party_logs() -> None:
     "--calib",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="int8: calibration inputs, a .npy or .npz array of shape (n, *input_shape[1:]).",
+    help="int8: calibration inputs, a .npy or .npz array of shape (n, *input_shape[1:]) "
+    "(several inputs: an .npz with one such array per input name).",
 )
 @click.option(
     "--calib-samples",

@@ -271,7 +271,7 @@ MIN_GATE_INPUTS = 32
 class GateData:
     """The accuracy gate's held-out inputs: user data, never random noise."""
 
-    x: np.ndarray
+    x: quantize.Samples
     labels: np.ndarray | None
     source: str
 
@@ -282,43 +282,60 @@ def gate_data(loaded: LoadedModel, options: ExportOptions) -> GateData | None:
     ``--calib`` file (``CALIB_HOLDOUT``). Refuses when there is no real data at all: random
     inputs are only the numerics check's, never the accuracy gate's."""
     if options.gate_data is not None:
-        x = quantize.load_samples(options.gate_data, loaded.input_shape)
-        labels = quantize.load_labels(options.gate_data, len(x))
+        x = _samples(loaded, options.gate_data)
+        n = quantize.count(x)
+        labels = quantize.load_labels(options.gate_data, n)
         name = Path(options.gate_data).name
         return GateData(
-            x, labels, f"{name} ({len(x)} inputs{', labelled' if labels is not None else ''})"
+            x, labels, f"{name} ({n} inputs{', labelled' if labels is not None else ''})"
         )
     if loaded.dataset is not None:
         return None
     if options.calib is not None:
-        every = quantize.load_samples(options.calib, loaded.input_shape)
-        held = every[CALIB_HOLDOUT - 1 :: CALIB_HOLDOUT]
-        if len(held) >= MIN_GATE_INPUTS:
+        every = _samples(loaded, options.calib)
+        held = quantize.take(every, slice(CALIB_HOLDOUT - 1, None, CALIB_HOLDOUT))
+        n = quantize.count(held)
+        if n >= MIN_GATE_INPUTS:
             name = Path(options.calib).name
             return GateData(
                 held,
                 None,
-                f"every {CALIB_HOLDOUT}th sample of {name} ({len(held)} inputs, not calibrated on)",
+                f"every {CALIB_HOLDOUT}th sample of {name} ({n} inputs, not calibrated on)",
             )
+    arrays = (
+        f"one array per input ({', '.join(loaded.input_names)})" if loaded.more_inputs else "'x'"
+    )
     raise WsdeployError(
         "int8 needs held-out data for its accuracy gate: pass --gate-data FILE.npz (inputs "
-        f"'x', optional 'labels'), or a --calib file of at least "
+        f"{arrays}, optional 'labels'), or a --calib file of at least "
         f"{MIN_GATE_INPUTS * CALIB_HOLDOUT} samples (every {CALIB_HOLDOUT}th is held out)"
     )
 
 
-def calibration_samples(loaded: LoadedModel, options: ExportOptions) -> tuple[np.ndarray, str]:
+def _samples(loaded: LoadedModel, path: str) -> quantize.Samples:
+    """The inputs in a calibration or gate file, for each of the model's inputs (an .npz
+    keyed by input name when it takes several)."""
+    if loaded.more_inputs:
+        return quantize.load_samples(path, loaded.input_shapes, loaded.input_names)
+    return quantize.load_samples(path, loaded.input_shape)
+
+
+def calibration_samples(
+    loaded: LoadedModel, options: ExportOptions
+) -> tuple[quantize.Samples, str]:
     """The int8 calibration inputs: the user's file (less the samples held out for the gate,
     see ``gate_data``), or samples of the model's dataset's calibration split (disjoint from
     the held-out test split)."""
     if options.calib is not None:
-        samples = quantize.load_samples(options.calib, loaded.input_shape)
+        samples = _samples(loaded, options.calib)
         name = Path(options.calib).name
+        n = quantize.count(samples)
         if options.gate_data is None and loaded.dataset is None:
-            keep = np.ones(len(samples), bool)
+            keep = np.ones(n, bool)
             keep[CALIB_HOLDOUT - 1 :: CALIB_HOLDOUT] = False
-            if len(samples) - keep.sum() >= MIN_GATE_INPUTS:
-                return samples[keep], f"{name} ({int(keep.sum())} of {len(samples)} samples)"
+            if n - keep.sum() >= MIN_GATE_INPUTS:
+                kept = quantize.take(samples, keep)
+                return kept, f"{name} ({int(keep.sum())} of {n} samples)"
         return samples, name
     if loaded.dataset is None:
         raise WsdeployError(
@@ -422,7 +439,7 @@ def accuracy_gate(
     say = progress or (lambda message: None)
     shape = loaded.input_shape
     if data is not None:
-        n = min(n or len(data.x), len(data.x))
+        n = min(n or quantize.count(data.x), quantize.count(data.x))
     else:
         n = n or max(int(loaded.metrics.get("n_test", 0)), GATE_SAMPLES)
     n = max(batch, n - n % batch)
@@ -432,14 +449,17 @@ def accuracy_gate(
             loaded, ("gate", shape, n, batch), lambda: _gate_inputs(loaded, shape, n, batch)
         )
     else:
-        xs, ys = data.x[:n], None if data.labels is None else data.labels[:n]
+        xs, ys = (
+            quantize.take(data.x, slice(0, n)),
+            None if data.labels is None else data.labels[:n],
+        )
         fp32 = _fp32_top1(loaded, xs, batch)
     agree = correct_q = correct_f = 0
     every = max(batch, (n // 20) // batch * batch)
     for i in range(0, n, batch):
         if i % every == 0:
             say(f"int8 accuracy gate: {i}/{n} inputs")
-        x = xs[i : i + batch]
+        x = quantize.take(xs, slice(i, i + batch))
         pq = runner(x)[0].reshape(batch, -1).argmax(-1)
         pf = fp32[i : i + batch]
         agree += int((pq == pf).sum())
@@ -479,15 +499,15 @@ def _gate_inputs(loaded: LoadedModel, shape: tuple[int, ...], n: int, batch: int
     return ds.x, ds.y, _fp32_top1(loaded, ds.x, batch)
 
 
-def _fp32_top1(loaded: LoadedModel, xs: np.ndarray, batch: int) -> np.ndarray:
+def _fp32_top1(loaded: LoadedModel, xs: quantize.Samples, batch: int) -> np.ndarray:
     # the eager model takes any batch (int8 needs the module, not a fixed-shape .pt2)
     chunk = batch * max(1, EAGER_BATCH // batch) if loaded.exported is None else batch
-    return np.concatenate(
-        [
-            _eager(loaded, xs[i : i + chunk])[0].reshape(len(xs[i : i + chunk]), -1).argmax(-1)
-            for i in range(0, len(xs), chunk)
-        ]
-    )
+    n = quantize.count(xs)
+    top1 = []
+    for i in range(0, n, chunk):
+        x = quantize.take(xs, slice(i, i + chunk))
+        top1.append(_eager(loaded, x)[0].reshape(quantize.count(x), -1).argmax(-1))
+    return np.concatenate(top1)
 
 
 def _check_n_verify(n: int) -> None:
@@ -827,11 +847,6 @@ def export(
     )
     t0 = time.perf_counter()
     reference, calibration, held_out = loaded, None, None
-    if int8 and loaded.more_inputs:
-        raise WsdeployError(
-            f"--quantize int8 builds models of one input; this one takes "
-            f"{len(loaded.input_shapes)} ({', '.join(loaded.input_names)}): build it fp32"
-        )
     if int8:
         held_out = gate_data(loaded, options)  # refuses before any work if there is none
         say("calibrate")

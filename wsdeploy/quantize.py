@@ -362,12 +362,12 @@ def calibrate(
     reference = []
     try:
         for x in batches:
-            out = module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            out = module(*_tensors(x))
             outs = out if isinstance(out, tuple | list) else (out,)
             out_max = max(out_max, *(float(o.abs().max()) for o in outs))
             if method == "auto":
                 reference.append([o.detach().clone() for o in outs])
-            n += x.shape[0]
+            n += count(x)
     finally:
         for h in hooks:
             h.remove()
@@ -395,7 +395,7 @@ def _output_error(module: nn.Module, cal: Calibration, batches, reference) -> fl
     qmodel = quantize_model(module, cal)
     err = ref = 0.0
     for x, expected in zip(batches, reference, strict=True):
-        out = qmodel(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        out = qmodel(*_tensors(x))
         outs = out if isinstance(out, tuple | list) else (out,)
         for o, e in zip(outs, expected, strict=True):
             err += float(((o - e) ** 2).sum())
@@ -414,10 +414,38 @@ def quantize_model(module: nn.Module, calibration: Calibration) -> nn.Module:
     return qmodel.eval()
 
 
-def load_samples(path: str | Path, input_shape: tuple[int, ...]) -> np.ndarray:
-    """Calibration samples from a .npy or .npz file (never a pickle), as (n, *input_shape[1:]).
+Samples = np.ndarray | tuple[np.ndarray, ...]
+"""Inputs of many calls: (n, ...) for a one-input model, one such array per input for several
+(equal n)."""
 
-    An .npz contributes its array named ``x`` (or ``input``/``inputs``, else its first)."""
+
+def count(samples: Samples) -> int:
+    """How many inputs ``samples`` holds."""
+    return len(samples[0]) if isinstance(samples, tuple) else len(samples)
+
+
+def take(samples: Samples, index) -> Samples:
+    """``samples[index]`` for one input or several."""
+    return tuple(a[index] for a in samples) if isinstance(samples, tuple) else samples[index]
+
+
+def _tensors(x: Samples) -> tuple[torch.Tensor, ...]:
+    arrays = x if isinstance(x, tuple) else (x,)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays)
+
+
+def load_samples(
+    path: str | Path,
+    input_shape: tuple[int, ...] | tuple[tuple[int, ...], ...],
+    names: tuple[str, ...] = (),
+) -> Samples:
+    """Calibration samples from a .npy or .npz file (never a pickle), as (n, *shape[1:]).
+
+    One input (``input_shape`` a shape): an .npz contributes its array named ``x`` (or
+    ``input``/``inputs``, else its first). Several (``input_shape`` one shape per input,
+    ``names`` theirs): an .npz with one array per input name, of equal n."""
+    if input_shape and not isinstance(input_shape[0], int):
+        return _load_named(Path(path), tuple(input_shape), names)
     path = Path(path)
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -436,6 +464,42 @@ def load_samples(path: str | Path, input_shape: tuple[int, ...]) -> np.ndarray:
         raise WsdeployError(f"calibration file {path} does not exist") from None
     except Exception as e:
         raise WsdeployError(f"cannot read calibration file {path}: {str(e)[:200]}") from e
+    return _checked(path, arr, input_shape)
+
+
+def _load_named(path: Path, shapes: tuple[tuple[int, ...], ...], names: tuple[str, ...]):
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise WsdeployError(
+                f"{path}: a model of several inputs takes an .npz with one array per "
+                f"input ({', '.join(names)})"
+            )
+        with z:
+            files = z.files
+            missing = [n for n in names if n not in files]
+            if missing:
+                raise WsdeployError(
+                    f"{path} has no array for input(s) {', '.join(missing)}; it holds "
+                    f"{', '.join(files) or 'none'}"
+                )
+            arrays = tuple(z[n] for n in names)
+    except WsdeployError:
+        raise
+    except FileNotFoundError:
+        raise WsdeployError(f"calibration file {path} does not exist") from None
+    except Exception as e:
+        raise WsdeployError(f"cannot read calibration file {path}: {str(e)[:200]}") from e
+    out = tuple(_checked(path, a, s) for a, s in zip(arrays, shapes, strict=True))
+    if len({len(a) for a in out}) != 1:
+        raise WsdeployError(
+            f"{path}: the inputs' arrays hold different numbers of samples "
+            f"({', '.join(f'{n}: {len(a)}' for n, a in zip(names, out, strict=True))})"
+        )
+    return out
+
+
+def _checked(path: Path, arr: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
     sample = tuple(input_shape[1:])
     if tuple(arr.shape[1:]) != sample:
         if tuple(arr.shape) != sample:
@@ -473,9 +537,9 @@ def load_labels(path: str | Path, n: int) -> np.ndarray | None:
     return labels.astype(np.int64)
 
 
-def batches(samples: np.ndarray, batch: int) -> list[np.ndarray]:
+def batches(samples: Samples, batch: int) -> list[Samples]:
     """Whole batches of the model's batch size (a ragged tail is dropped unless it is all)."""
-    n = samples.shape[0]
+    n = count(samples)
     if n < batch:
         raise WsdeployError(f"need at least {batch} calibration samples (the batch size), got {n}")
-    return [samples[i : i + batch] for i in range(0, n - n % batch, batch)]
+    return [take(samples, slice(i, i + batch)) for i in range(0, n - n % batch, batch)]

@@ -432,3 +432,29 @@ def test_several_inputs_in_int8_with_data_keyed_by_input_name(two_files, tmp_pat
         assert m["size"]["artifact_bytes"] < m["size"]["wsnet_fp32_bytes"]
     result = _run([*args, "--gate-data", str(root / "audio_only.npz")])
     assert result.exit_code == 1 and "no array for input(s) side" in result.output
+
+
+def test_save_turns_a_trusted_pickle_into_a_program_that_needs_no_trust(two_files, tmp_path):
+    root, model = two_files
+    refused = _run(["export", str(root / "two.pt"), "-o", str(tmp_path / "o")])
+    assert refused.exit_code == 1 and "wsdeploy save MODEL --trust-pickle" in refused.output
+    saved = tmp_path / "two.pt2"
+    args = ["save", str(root / "two.pt"), "--trust-pickle", "-o", str(saved)]
+    args += ["--input-shape", "1,1,512", "--input-shape", "1,6"]
+    result = _run(args)
+    assert result.exit_code == 0 and "input shape 1,1,512 1,6" in result.output, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["two.pt2"]  # no temporary left
+    from wsdeploy.modelfile import load_model
+
+    loaded = load_model(saved)  # no trust_pickle
+    assert loaded.kind == "pt2" and loaded.input_shapes == ((1, 1, 512), (1, 6))
+    x = (torch.randn(1, 1, 512), torch.randn(1, 6))
+    with torch.no_grad():
+        for got, want in zip(loaded.module(*x), model(*x), strict=True):
+            torch.testing.assert_close(got, want)
+    # never replaces a file, and only writes programs
+    again = _run(args)
+    assert again.exit_code == 1 and "exists" in again.output
+    other = _run([*args[:4], str(tmp_path / "two.onnx"), *args[5:]])
+    assert other.exit_code == 1 and "saved as .pt2" in other.output
+    assert not (tmp_path / "two.onnx").exists()

@@ -430,6 +430,32 @@ def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: tuple[st
     _print_recognition(report["recognition"])
 
 
+@main.command()
+@click.argument("model")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The .pt2 file to write (never replaces one).",
+)
+@with_model_options
+@_errors
+def save(model: str, output: Path, trust_pickle: bool, input_shape: tuple[str, ...]) -> None:
+    """Save MODEL as a weights-only torch.export program (.pt2).
+
+    A pickled module loads only with --trust-pickle, since unpickling runs its code; saved
+    once as a program (at --input-shape), it loads anywhere without that. The file is read
+    back untrusted and checked against the model before it is kept.
+    """
+    from wsdeploy.modelfile import load_model, save_program
+
+    loaded = load_model(model, trust_pickle=trust_pickle, input_shape=_shape(input_shape))
+    path = save_program(loaded, output)
+    shapes = " ".join(",".join(map(str, s)) for s in loaded.input_shapes)
+    click.echo(f"saved {path} ({path.stat().st_size:,} bytes; input shape {shapes})")
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}x"
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,11 +107,12 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+    ``suffix`` ends the temporary name (a writer may insist on an extension)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -138,6 +140,40 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
     }
     atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def save_program(loaded: LoadedModel, path: Path) -> Path:
+    """Write ``loaded`` as a ``torch.export`` program (``.pt2``) atomically: what a trusted
+    pickle becomes to load later without ``trust_pickle`` (weights, graph and input shapes
+    only; no Python code of the model's). The file is loaded back, without trusting it, and
+    must compute what the model computes before it is kept. Refuses to replace a file."""
+    from wsdeploy import numerics, trace
+
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ModelFileError(f"{path}: a program is saved as .pt2")
+    if path.exists():
+        raise ModelFileError(f"{path} exists; remove it or choose another name")
+    program = trace.trace(loaded)
+    atomic_write(path, lambda tmp: torch.export.save(program, tmp), suffix=".tmp.pt2")
+    try:
+        again = load_model(path)
+        rng = np.random.default_rng(0)
+        xs = [
+            torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in loaded.input_shapes
+        ]
+        with torch.no_grad():
+            want, got = loaded.module(*xs), again.module(*xs)
+        want = want if isinstance(want, tuple | list) else (want,)
+        got = got if isinstance(got, tuple | list) else (got,)
+        for w, g in zip(want, got, strict=True):
+            numerics.assert_close(g.numpy(), w.numpy(), stage="rewrite")
+    except Exception as e:
+        path.unlink(missing_ok=True)  # ours: written just now
+        raise ModelFileError(
+            f"{path}: the saved program does not reload as the model ({_first_line(e)})"
+        ) from e
+    return path
 
 
 def resolve(model: str | Path) -> Path:
@@ -225,8 +261,8 @@ def load_model(
             raise UnsafeModelError(
                 f"{path} is a full pickle that can run arbitrary code when loaded; refusing it. "
                 "Pass --trust-pickle if you trust its author; to ship it without that, save "
-                "it once as a weights-only program: torch.export.save(torch.export.export("
-                "model, (example,)), 'model.pt2')"
+                "it once as a weights-only program: wsdeploy save MODEL --trust-pickle "
+                "--input-shape SHAPE -o model.pt2"
             ) from None
         return _load_pickle(path, digest, input_shape)
     except Exception as e:  # zip and stream errors of truncated files

@@ -181,12 +181,26 @@ def with_device_options(fn):
         help="A TVM RPC tracker to ask for a device (with --key).",
     )
     @click.option("--key", default=None, help="The device key at the tracker.")
+    @click.option(
+        "--session-timeout",
+        type=click.FloatRange(5, 24 * 3600),
+        default=None,
+        metavar="SECONDS",
+        help="Length of one device session (default 60); longer work runs in several. "
+        "Raise it where a single run of the model takes longer.",
+    )
     @functools.wraps(fn)
-    def wrapper(*args, rpc, tracker, key, **kwargs):
+    def wrapper(*args, rpc, tracker, key, session_timeout, **kwargs):
         if rpc and tracker:
             raise click.UsageError("--rpc and --tracker exclude each other")
         if bool(tracker) != bool(key):
             raise click.UsageError("--tracker and --key go together")
+        if session_timeout is not None:
+            if not (rpc or tracker):
+                raise click.UsageError("--session-timeout needs --rpc or --tracker")
+            from wsdeploy.targets.tvm.rpc import set_session_timeout
+
+            set_session_timeout(session_timeout)
         return fn(*args, rpc=f"{key}@{tracker}" if tracker else rpc, **kwargs)
 
     return wrapper

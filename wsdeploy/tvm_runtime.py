@@ -81,9 +81,26 @@ def local_runner(path: Path, runtime_only: bool = False):
 def time_runner(run, repeat: int) -> np.ndarray:
     """Milliseconds of each of ``repeat`` runs of a warmed-up runner (local or remote), by
     the VM's own time evaluator on the runner's device: no network in the measurement. The
-    warm-up run has set the input."""
-    evaluator = run.vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=repeat)
-    return np.array(evaluator("main").results) * 1e3
+    warm-up run has set the input. On a device (a runner with sessions, ``rpc_runner``) the
+    runs are timed in chunks that each fit in one session (``timing_chunks``)."""
+    if not hasattr(run, "fresh"):
+        evaluator = run.vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=repeat)
+        return np.array(evaluator("main").results) * 1e3
+    one = run.vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=1)
+    per_run = float(one("main").results[0])
+    results: list[float] = []
+    for n in timing_chunks(repeat, per_run, run.session_timeout):
+        run.fresh(2 * n * per_run)  # a new session if this chunk might outlast the current one
+        evaluator = run.vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=n)
+        results += list(evaluator("main").results)
+    return np.array(results) * 1e3
+
+
+def timing_chunks(repeat: int, per_run: float, session: float) -> list[int]:
+    """``repeat`` runs of ``per_run`` seconds split so that each chunk takes at most a third
+    of a ``session`` (at least one run a chunk)."""
+    per_chunk = max(1, int(session / 3 / max(per_run, 1e-9)))
+    return [min(per_chunk, repeat - i) for i in range(0, repeat, per_chunk)]
 
 
 def profile_kernels(run, x: np.ndarray, repeat: int = 10) -> dict[str, float]:

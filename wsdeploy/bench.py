@@ -23,15 +23,23 @@ BENCH = "bench.json"
 
 
 def bench(
-    outdir: Path, *, repeat: int = 30, warmup: int = 5, seed: int = 0, rpc: str | None = None
+    outdir: Path,
+    *,
+    repeat: int = 30,
+    warmup: int = 5,
+    seed: int = 0,
+    rpc: str | None = None,
+    progress=None,
 ) -> dict[str, Any]:
     """Time the build in ``outdir`` on seeded random input of its input shape, on this
     machine or on the device behind the TVM RPC server ``rpc`` ("host:port").
 
     TVM builds are timed on the device by the VM's own time evaluator (no network in the
     measurement); other builds by a wall-clock loop around each run. Returns median, p90
-    and min latency in milliseconds, and writes them to ``bench.json``.
+    and min latency in milliseconds, and writes them to ``bench.json``. ``progress(step)``
+    hears each step.
     """
+    say = progress or (lambda step: None)
     if repeat < 1 or warmup < 0:
         raise WsdeployError("repeat must be >= 1 and warmup >= 0")
     outdir = Path(outdir)
@@ -46,14 +54,17 @@ def bench(
             f"{outdir} is built for {cpu or target.name}, which this machine cannot run: bench "
             "it where it runs (--rpc HOST:PORT for a device); a host twin is not the build"
         )
+    say(f"{outdir.name}: load on {rpc or 'this machine'}")
     run = target.load(outdir, rpc)
     rng = np.random.default_rng(seed)
     xs = tuple(
         rng.standard_normal(spec["shape"]).astype(spec["dtype"]) for spec in manifest["inputs"]
     )
     x = xs[0] if len(xs) == 1 else xs
+    say(f"{outdir.name}: {max(1, warmup)} warm-up run(s)")
     for _ in range(max(1, warmup)):
         run(x)
+    say(f"{outdir.name}: {repeat} timed run(s)")
     if target.timer is not None:  # on the device, by the runtime's own timer
         ms = np.asarray(target.timer(run, repeat))
     else:

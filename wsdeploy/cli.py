@@ -943,7 +943,10 @@ def bench(
     from wsdeploy.bench import bench as bench_build
     from wsdeploy.bench import precision_speedups
 
-    results = [bench_build(d, repeat=repeat, warmup=warmup, rpc=rpc) for d in outdirs]
+    with _steps("benchmarking") as say:
+        results = [
+            bench_build(d, repeat=repeat, warmup=warmup, rpc=rpc, progress=say) for d in outdirs
+        ]
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         return

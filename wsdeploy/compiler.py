@@ -837,14 +837,15 @@ def export(
         if isinstance(model, LoadedModel)
         else load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
     )
-    numerics.check_budget(
-        loaded.input_shape,
-        {
-            "--n-verify": options.n_verify * loaded.input_shape[0],
-            "--calib-samples": options.calib_samples,
-            "--gate-samples": options.gate_samples,
-        },
-    )
+    for shape in loaded.input_shapes:
+        numerics.check_budget(
+            shape,
+            {
+                "--n-verify": options.n_verify * shape[0],
+                "--calib-samples": options.calib_samples,
+                "--gate-samples": options.gate_samples,
+            },
+        )
     t0 = time.perf_counter()
     reference, calibration, held_out = loaded, None, None
     if int8:

@@ -451,3 +451,28 @@ def test_per_entry_factors_other_than_signs_are_not_tied(factor, reason):
     new, (rec,) = _recognise(Scaled(), (1, 8, 10))
     assert rec.status == "not recognised" and reason in rec.reason, rec.line()
     assert not any(n.target is torch.ops.wsnet.tied.default for n in new.graph.nodes)
+
+
+@pytest.mark.parametrize("order", ["sign-first", "int8-sign", "divided"])
+def test_signs_in_any_form_are_tied(order):
+    class Signed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.phi = nn.Parameter(torch.randn(50, generator=g))
+            self.register_buffer("idx", torch.randint(0, 50, (32, 16), generator=g))
+            sign = torch.randint(0, 2, (32, 16), generator=g) * 2 - 1
+            self.register_buffer(
+                "sign", sign.to(torch.int8 if order == "int8-sign" else torch.float32)
+            )
+
+        def forward(self, x):
+            w = self.phi[self.idx]
+            w = w / self.sign if order == "divided" else self.sign * w
+            return F.linear(x, w)
+
+    module = Signed()
+    new, (rec,) = _recognise(module, (2, 16))
+    assert rec.status == "tied" and rec.detail["signed"], rec.line()
+    expected = module.phi[module.idx] * module.sign.float()
+    torch.testing.assert_close(_tied_weight(new), expected.detach(), rtol=0, atol=0)

@@ -346,7 +346,7 @@ def _recognise(gm, node, layer, weight, slice_nodes, leaves) -> Record:
                 index_env[n] = index_env[reading[0]]
                 elementwise.append(name)
                 continue
-            if name in ("mul", "div") and len(reading) == 1 and n.args[0] is reading[0]:
+            if (name == "mul" or (name == "div" and n.args[0] is reading[0])) and len(reading) == 1:
                 # a constant per-entry factor (a HashedNets sign): the index map is the
                 # parameter side's, broadcast; the factors are found below
                 out = n.meta.get("val")
@@ -429,20 +429,18 @@ def _sign(node, slice_nodes, weight, values, params, flat, phi_flat, scaled):
     except Exception as e:
         raise NotRecognised(f"evaluating the weight's factors failed ({e})") from e
     factor = ones[weight].detach().to(torch.float64).numpy()
-    w = real[weight].detach().to(torch.float32).numpy()
-    picked = phi_flat.numpy()[flat]
-    if not np.array_equal((picked * factor).astype(np.float32), w):
-        raise NotRecognised(
-            f"weight of {_where(node)!r} is not a copy of parameter entries times constant factors"
-        )
-    if np.all(factor == 1):
-        return None
     if not np.all(np.abs(factor) == 1):
         raise NotRecognised(
             f"weight of {_where(node)!r} scales its entries by constant factors other than "
             "+-1: stored per entry, they take as much as the dense weight"
         )
-    return np.sign(factor).astype(np.int8)
+    sign = np.sign(factor).astype(np.int8)
+    w = real[weight].detach().to(torch.float32).numpy()
+    if not np.array_equal(phi_flat.numpy()[flat] * sign, w):
+        raise NotRecognised(
+            f"weight of {_where(node)!r} is not a copy of parameter entries times constant signs"
+        )
+    return None if np.all(sign == 1) else sign
 
 
 def _tied(gm, node, layer, weight, flat, phi_flat, sign, ops, param, not_wsnet) -> Record:

@@ -61,6 +61,7 @@ def set_session_timeout(seconds: float) -> None:
 def session_timeout() -> float:
     return _session_timeout
 
+
 CONNECT_ATTEMPTS = 3
 """Connections to a device are tried this often (1 s, then 2 s apart) before giving up."""
 

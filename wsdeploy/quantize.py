@@ -34,6 +34,7 @@ integer arithmetic may run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterable
@@ -447,7 +448,7 @@ def load_samples(
     if input_shape and not isinstance(input_shape[0], int):
         return _load_named(Path(path), tuple(input_shape), names)
     path = Path(path)
-    try:
+    with _reading(path):
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
@@ -458,17 +459,24 @@ def load_samples(
                 arr = loaded[key]
         else:
             arr = loaded
+    return _checked(path, arr, input_shape)
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Errors reading a calibration or gate file, as one line naming it."""
+    try:
+        yield
     except WsdeployError:
         raise
     except FileNotFoundError:
         raise WsdeployError(f"calibration file {path} does not exist") from None
     except Exception as e:
         raise WsdeployError(f"cannot read calibration file {path}: {str(e)[:200]}") from e
-    return _checked(path, arr, input_shape)
 
 
 def _load_named(path: Path, shapes: tuple[tuple[int, ...], ...], names: tuple[str, ...]):
-    try:
+    with _reading(path):
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise WsdeployError(
@@ -484,12 +492,6 @@ def _load_named(path: Path, shapes: tuple[tuple[int, ...], ...], names: tuple[st
                     f"{', '.join(files) or 'none'}"
                 )
             arrays = tuple(z[n] for n in names)
-    except WsdeployError:
-        raise
-    except FileNotFoundError:
-        raise WsdeployError(f"calibration file {path} does not exist") from None
-    except Exception as e:
-        raise WsdeployError(f"cannot read calibration file {path}: {str(e)[:200]}") from e
     out = tuple(_checked(path, a, s) for a, s in zip(arrays, shapes, strict=True))
     if len({len(a) for a in out}) != 1:
         raise WsdeployError(

@@ -691,6 +691,8 @@ def _print_build(m: dict, outdir: Path) -> None:
     cpu = f", cpu {m['built_for_cpu']}" if m.get("built_for_cpu") else ""
     click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies}, {precision}{cpu})")
     _print_recognition(m.get("recognition", []))
+    for fixed in m.get("fixed_dimensions", []):
+        click.echo(f"  input     {fixed} (a dynamic program, built for this shape only)")
     for warning in m.get("warnings", []):
         click.echo(f"  warning   {warning}")
     ratio = size["ratio"]

@@ -942,6 +942,7 @@ def export(
                 for r in recognition
             ],
             "warnings": warnings,
+            "fixed_dimensions": list(loaded.fixed),
             "inputs": _io(lowered, "inputs"),
             "outputs": _io(lowered, "outputs"),
             "size": {
@@ -1052,7 +1053,8 @@ def read_manifest(outdir: Path) -> dict[str, Any]:
         if not manifest[key] or not all(_valid_io(v) for v in manifest[key]):
             raise WsdeployError(f"{path} is corrupt: no valid {key!r} field")
     try:
-        numerics.check_budget(tuple(manifest["inputs"][0]["shape"]), {})
+        for spec in manifest["inputs"]:
+            numerics.check_budget(tuple(spec["shape"]), {})
     except WsdeployError as e:
         raise WsdeployError(f"{path} is corrupt: {e}") from None
     if not isinstance(manifest["size"].get("artifact_bytes"), int):

@@ -69,6 +69,9 @@ class LoadedModel:
     """The shapes of inputs 2..N of a model taking several (``input_shape`` is the first)."""
     input_names: tuple[str, ...] = ()
     """The inputs' names, where the model file says them (a .pt2, a module's forward)."""
+    fixed: tuple[str, ...] = ()
+    """The dynamic dimensions of a .pt2 fixed by ``--input-shape``, one line per input:
+    builds take that shape only."""
 
     @property
     def input_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -545,6 +548,7 @@ def _load_pt2(
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     given = match_shapes(path, names, input_shape)
     shapes: list[Shape] = []
+    fixed: list[str] = []
     dynamic = False
     for name, want in zip(names, given, strict=True):
         val = placeholders[name].meta.get("val")
@@ -580,7 +584,8 @@ def _load_pt2(
                 f"{path}: --input-shape {_fmt(want)} does not fit the "
                 f"program's input {name!r} ({dims})"
             )
-        _check_ranges(path, ep, shape, want)
+        axes = _check_ranges(path, ep, shape, want)
+        fixed.append(f"{name}: {', '.join(axes)}")
         shapes.append(want)
     with torch.no_grad():
         module = ep.module()
@@ -594,16 +599,20 @@ def _load_pt2(
         exported=None if dynamic else ep,
         more_inputs=tuple(shapes[1:]),
         input_names=tuple(names),
+        fixed=tuple(fixed),
     )
 
 
-def _check_ranges(path: Path, ep, shape, input_shape) -> None:
-    for d, n in zip(shape, input_shape, strict=True):
+def _check_ranges(path: Path, ep, shape, input_shape) -> list[str]:
+    """Refuse sizes outside the program's ranges; say, per dynamic axis, what was fixed."""
+    fixed = []
+    for axis, (d, n) in enumerate(zip(shape, input_shape, strict=True)):
         if isinstance(d, int):
             continue
         expr = d.node.expr
         r = ep.range_constraints.get(expr)
         if r is None:
+            fixed.append(f"axis {axis} = {n}")
             continue
         lo, hi = r.lower, r.upper
         if (lo.is_finite and n < int(lo)) or (hi.is_finite and n > int(hi)):
@@ -611,6 +620,8 @@ def _check_ranges(path: Path, ep, shape, input_shape) -> None:
                 f"{path}: --input-shape size {n} is outside the range [{lo}, {hi}] the "
                 f"program was exported for ({expr})"
             )
+        fixed.append(f"axis {axis} = {n} of [{lo}, {hi}]")
+    return fixed
 
 
 def _forward_names(module: nn.Module) -> list[str]:

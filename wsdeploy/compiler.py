@@ -419,6 +419,31 @@ def calibrated_reference(
     return quantized_reference(loaded, calibration), calibration
 
 
+def target_int8_reference(
+    loaded: LoadedModel, options: ExportOptions, target: Target
+) -> tuple[LoadedModel, quantize.Calibration, list[dict[str, Any]]]:
+    """int8 by the target's own quantizer (``Target.quantize``: ExecuTorch's XNNPACK flow):
+    the torch stage, every WSNet layer folded (``passes.aten``) and every per-channel affine
+    folded into its layer (``passes.conv_affine``), then quantized and calibrated on the
+    options' samples. Returns the quantized reference (a module the build must match), a
+    calibration record (its output range; no per-layer ranges: the quantizer keeps them) and
+    the WSNet layers' records."""
+    from wsdeploy.passes.aten import lower_program
+    from wsdeploy.passes.conv_affine import fold_affine
+
+    program, _ = _memo(loaded, ("torch stage",), lambda: torch_stage(loaded))
+    lowered, layers = lower_program(program, "fold", options.goal)
+    module = lowered.module()
+    fold_affine(module)
+    module = torch.export.export(module, trace.example_inputs(lowered)).module()
+    samples, source = calibration_samples(loaded, options)
+    qmodule, out_max = target.quantize(module, quantize.batches(samples, loaded.input_shape[0]))
+    calibration = quantize.Calibration(
+        {}, out_max, quantize.count(samples), source, method=f"{target.name} (PT2E, XNNPACK)"
+    )
+    return dataclasses.replace(loaded, module=qmodule, exported=None), calibration, layers
+
+
 def accuracy_gate(
     loaded: LoadedModel,
     runner,
@@ -831,6 +856,11 @@ def export(
     if options.cpu is not None and not target.cpus:
         raise WsdeployError(f"target {target.name!r} takes no --cpu")
     _check_precision(target, options.precision)
+    if int8 and target.quantize is not None and options.strategy not in ("auto", "fold"):
+        raise WsdeployError(
+            f"int8 on {target.name} folds every WSNet layer (its int8 convolutions take "
+            f"weights fixed at build time): use --strategy fold or auto, not {options.strategy}"
+        )
     preflight(target, options.rpc, options.cc)
     loaded = (
         model
@@ -848,15 +878,21 @@ def export(
         )
     t0 = time.perf_counter()
     reference, calibration, held_out = loaded, None, None
+    own_int8 = None
     if int8:
         held_out = gate_data(loaded, options)  # refuses before any work if there is none
         say("calibrate")
-        reference, calibration = calibrated_reference(loaded, options)
+        if target.quantize is None:
+            reference, calibration = calibrated_reference(loaded, options)
+        else:
+            reference, calibration, own_int8 = target_int8_reference(loaded, options, target)
     say("trace, recognise and lower")
     recognition: list[Any] = []
     lowered, layers = lower(
         reference, options.strategy, target, recognition, options.goal, options.precision
     )
+    if own_int8 is not None:  # the WSNet layers were folded before quantizing
+        layers = own_int8
     if int8:  # the reference is built of layer modules: report the user's model itself
         recognition = _memo(loaded, ("torch stage",), lambda: torch_stage(loaded))[1]
     # int8 quantizes tied weights as dense int8 layers (``layered``)
@@ -1115,6 +1151,11 @@ def verify(
     )
     int8 = manifest.get("precision") == "int8"
     reference = loaded
+    if int8 and target.quantize is not None:
+        raise WsdeployError(
+            f"verify does not re-run int8 {target.name} builds yet: their reference is the "
+            "quantizer's, calibrated at export (the export verified it); export again"
+        )
     if int8:
         # the same fake-quantized reference as at export: the weights quantize
         # deterministically, the activation ranges come from the manifest

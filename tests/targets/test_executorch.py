@@ -63,7 +63,7 @@ def test_bench_and_verify_run_the_pte(tmp_path):
     "extra, message",
     [
         (["--strategy", "custom"], "needs custom op kernels"),
-        (["--quantize", "int8"], "does not build int8"),
+        (["--quantize", "int8", "--strategy", "shared"], "int8 on executorch folds every"),
         (["--rpc", "127.0.0.1:9"], "builds run on this machine"),
     ],
 )
@@ -87,3 +87,48 @@ def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
     assert result.exit_code != 0
     assert "pip install 'wsdeploy[executorch]'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_int8_is_xnnpack_integer_kernels_through_both_gates(tmp_path):
+    """int8 by XNNPACK's own quantizer (PT2E): WSNet layers folded, batch norms folded into
+    the convs, per-channel int8 weights; the .pte is checked against the quantized
+    reference and gated on held-out data, and it is smaller than the fp32 one."""
+    out = tmp_path / "q"
+    result = _export(out, "wsnet2d-cifar", "--quantize", "int8")
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "int8" and m["verification"]["passed"]
+    gate = m["verification"]["accuracy_gate"]
+    assert gate["passed"] and gate["n"] >= 1000 and gate["accuracy_drop"] is not None
+    assert "XNNPACK" in m["quantization"]["method"]
+    delegated = m["runtime"]["delegated"]
+    # the convolutions run in XNNPACK on quantized tensors, no batch norm is left
+    assert delegated.get("convolution", 0) == 4 and delegated.get("quantized_decomposed", 0) > 0
+    assert not any("batch_norm" in op for op in (*delegated, *m["runtime"]["portable"]))
+    assert [layer["strategy"] for layer in m["layers"]] == ["fold"] * len(m["layers"])
+    assert m["size"]["artifact_bytes"] < m["size"]["wsnet_fp32_bytes"] / 2.5
+    result = CliRunner().invoke(main, ["verify", str(out), "--model", "wsnet2d-cifar"])
+    assert result.exit_code == 1 and "export again" in result.output
+
+
+def test_affine_folding_keeps_the_function():
+    """``passes.conv_affine``: bias adds and batch norms fold into the convs they follow."""
+    import torch
+
+    from wsdeploy import compiler
+    from wsdeploy.modelfile import load_model
+    from wsdeploy.numerics import assert_close
+    from wsdeploy.passes.aten import lower_program
+    from wsdeploy.passes.conv_affine import fold_affine
+
+    for name in ("wsnet1d-tiny", "wsnet2d-cifar"):
+        loaded = load_model(name)
+        program, _ = compiler.torch_stage(loaded)
+        lowered, _ = lower_program(program, "fold")
+        gm = lowered.module()
+        assert fold_affine(gm) >= 3
+        ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        assert not any("batch_norm" in op or op == "aten.add.Tensor" for op in ops), ops
+        x = torch.randn(*loaded.input_shape)
+        with torch.no_grad():
+            assert_close(gm(x).numpy(), loaded.module(x).numpy(), stage="rewrite")

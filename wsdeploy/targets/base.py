@@ -92,6 +92,10 @@ class Target:
             (ExecuTorch: what its delegate runs); None: nothing.
         requires: ``requires()`` raises ``WsdeployError`` naming what the target needs and
             this machine lacks (an optional extra), before any work; None: nothing.
+        quantize: for a target consuming the torch program, its own int8:
+            ``quantize(module, batches)`` -> (the quantized module, the absmax of its
+            outputs), run on the lowered program with its WSNet layers folded
+            (``compiler.calibrated_reference``); None: wsdeploy's int8 (``quantize``).
     """
 
     name: str
@@ -115,6 +119,7 @@ class Target:
     consumes: str = "onnx"
     report: Callable[[Path], dict[str, Any]] | None = None
     requires: Callable[[], None] | None = None
+    quantize: Callable[..., tuple[Any, float]] | None = None
 
 
 STANDARD_OP_PASSES = {"fp32": (), "int8": ("pool_order",)}

@@ -16,8 +16,18 @@ entry it copies. No pattern list per idiom::
 and the same for 2-D (shifted k x k patches on wsdeploy's patch grid) and linear layers
 (rows that are windows of a condensed vector). ``Phi`` is re-laid from the parameter into the
 canonical layout, so every strategy, target and kernel applies unchanged. Elementwise ops on a
-parameter before it is sampled (``tanh(phi)``) become part of ``Phi``. A weight computed any
-other way is left as the user wrote it, and the record says why.
+parameter before it is sampled (``tanh(phi)``) become part of ``Phi``.
+
+An index map that is not WSNet sampling (a hash, a k-means assignment, a grouped or dilated
+conv's windows), optionally times a constant sign per entry (``mul``/``div`` by a buffer of
++-1: found by evaluating the computation once more with the parameter replaced by ones), is
+weight tying::
+
+    W = M(phi) * sign   ->  wsnet.tied(phi_used, index planes, sign plane)   (ops/tied.py)
+
+kept when the values it reads plus its ``ceil(log2 K)``-bit index planes are smaller than the
+dense weight. A weight computed any other way is left as the user wrote it, and the record
+says why.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
         "config": loaded.config,
         "metrics": loaded.metrics,
         "input_shape": list(loaded.input_shape),
+        "input_shapes": [list(shape) for shape in loaded.input_shapes],
         "layers": layers,
         "recognition": [r.to_dict() for r in recognition],
         "totals": {

@@ -237,3 +237,17 @@ def test_progress_on_a_log_is_lines_with_a_heartbeat():
     beats = [line for line in lines[2:] if "... second (" in line]
     assert 2 <= len(beats) <= 4 and all(line.startswith("[") for line in lines)
     assert run.stdout == ""
+
+
+def test_verbose_shows_wsdeploy_steps_and_vv_third_party_ones():
+    import subprocess
+    import sys
+
+    def log(*flags):
+        cmd = [sys.executable, "-m", "wsdeploy", *flags, "inspect", "wsnet1d-tiny", "--json"]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+    one = log("-v")
+    assert "INFO wsdeploy.passes.base: pass fold" in one
+    assert "INFO onnx_ir" not in one  # third-party INFO lines only at -vv
+    assert "INFO onnx_ir" in log("-vv")

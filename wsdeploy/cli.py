@@ -244,8 +244,13 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """wsdeploy: compile weight-sampled networks (WSNet) for phones and boards."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # -v: wsdeploy's own steps (INFO); -vv: everyone's INFO and wsdeploy's DEBUG
+    logging.basicConfig(
+        level=logging.INFO if verbose >= 2 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if verbose:
+        logging.getLogger("wsdeploy").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
 
 
 @main.group()

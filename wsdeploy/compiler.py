@@ -708,26 +708,47 @@ class Verification:
 def preflight(target, rpc: str | None, cc: str | None) -> None:
     """Everything that can be checked before any work, in the order a user needs it: what
     the target needs installed, a device address for a target that does not run on
-    devices, an unreachable device, a missing linker."""
+    devices, an unreachable device, a missing linker. Every problem found is named in one
+    error, so that a user fixes them all at once."""
     from wsdeploy.targets import TARGETS
 
-    if target.requires is not None:
-        target.requires()
-    if rpc is not None and not target.remote:
-        remote = ", ".join(n for n, t in sorted(TARGETS.items()) if t.remote)
-        raise WsdeployError(
-            f"{target.name} builds run on this machine, not on a device: drop --rpc/--tracker "
-            f"(devices run {remote})"
-        )
-    if rpc is not None:
+    def requires() -> None:
+        if target.requires is not None:
+            target.requires()
+
+    def device() -> None:
+        if rpc is None:
+            return
+        if not target.remote:
+            remote = ", ".join(n for n, t in sorted(TARGETS.items()) if t.remote)
+            raise WsdeployError(
+                f"{target.name} builds run on this machine, not on a device: drop "
+                f"--rpc/--tracker (devices run {remote})"
+            )
         from wsdeploy.targets import tvm as tvm_build
 
         tvm_build.check_reachable(rpc)
-    if cc is not None and target.linker(cc) is None and target.linker(None) is None:
-        raise WsdeployError(f"target {target.name!r} takes no --cc")
-    linker = target.linker(cc)
-    if linker is not None:
-        linker.check()
+
+    def linker() -> None:
+        if cc is not None and target.linker(cc) is None and target.linker(None) is None:
+            raise WsdeployError(f"target {target.name!r} takes no --cc")
+        found = target.linker(cc)
+        if found is not None:
+            found.check()
+
+    problems: list[WsdeployError] = []
+    for check in (requires, device, linker):
+        try:
+            check()
+        except WsdeployError as e:
+            problems.append(e)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        lines = [str(e).splitlines()[0] if str(e) else type(e).__name__ for e in problems]
+        raise WsdeployError(
+            f"{len(lines)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(lines, 1))
+        )
 
 
 def _built_for_cpu(target, cpu: str | None) -> str | None:

@@ -306,3 +306,24 @@ def test_arm64_without_device_runs_on_the_emulated_device(tmp_path):
     assert manifest["verification"]["verified_on"] == "emulated-arm64"
     assert manifest["linker"]["cc"] == "zig"
     assert device.status() is None and _server_processes() == ""
+
+
+def test_preflight_names_every_problem_at_once(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "export",
+            "wsnet1d-tiny",
+            "--target",
+            "arm64",
+            "--rpc",
+            "127.0.0.1:9",
+            "--cc",
+            "/nonexistent/cc",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 1 and "2 problems" in result.output, result.output
+    assert "cannot reach the device" in result.output and "--cc '/nonexistent/cc'" in result.output
+    assert not (tmp_path / "o").exists()

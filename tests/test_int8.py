@@ -20,7 +20,11 @@ from wsdeploy.models import data
 from wsdeploy.targets import TARGETS
 from wsdeploy.targets.onnx import ONNX
 
-LOCAL_TARGETS = sorted(n for n, t in TARGETS.items() if t.runs_here() and "int8" in t.passes)
+LOCAL_TARGETS = sorted(
+    n for n, t in TARGETS.items() if t.runs_here() and "int8" in t.passes and t.quantize is None
+)
+"""Targets of wsdeploy's own int8 (ExecuTorch quantizes with XNNPACK's quantizer: its own
+tests, tests/targets/test_executorch.py)."""
 
 
 @pytest.mark.parametrize("target", LOCAL_TARGETS)

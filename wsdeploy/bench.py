@@ -57,10 +57,9 @@ def bench(
     say(f"{outdir.name}: load on {rpc or 'this machine'}")
     run = target.load(outdir, rpc)
     rng = np.random.default_rng(seed)
-    xs = tuple(
+    x = tuple(  # every input (runners take a tuple: numerics.as_inputs)
         rng.standard_normal(spec["shape"]).astype(spec["dtype"]) for spec in manifest["inputs"]
     )
-    x = xs[0] if len(xs) == 1 else xs
     say(f"{outdir.name}: {max(1, warmup)} warm-up run(s)")
     for _ in range(max(1, warmup)):
         run(x)

@@ -27,7 +27,7 @@ from wsdeploy.errors import WsdeployError
 from wsdeploy.ops import _conv
 from wsdeploy.ops.builder import TorchBuilder
 
-from .modules import _attr
+from .modules import _attr, _tied_op
 from .record import record
 from .strategy import Layer, choose
 
@@ -131,7 +131,7 @@ def _lower(ep, strategy: str, goal: str):
 def _materialize_tied(gm: torch.fx.GraphModule) -> int:
     """Each tied weight (``wsnet.tied``) becomes its dense weight, stored: XNNPACK runs only
     convolutions whose weights are fixed when the program is built. Returns how many."""
-    op = getattr(torch.ops.wsnet, ops.tied.TORCH_OP).default
+    op = _tied_op()
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
     for i, node in enumerate(nodes):
         name = f"_wsdeploy_tied{i}_{node.name}"

@@ -17,7 +17,9 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -606,14 +608,42 @@ def check_outdir(outdir: Path) -> Path:
     return outdir
 
 
-def make_staging(outdir: Path) -> Path:
+@contextlib.contextmanager
+def staging_dir(outdir: Path) -> Iterator[Path]:
     """A new staging directory beside ``outdir`` (same file system: the final rename is
-    atomic), marked as ours; leftovers of interrupted exports there are removed first."""
-    remove_stale_staging(outdir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
-    (staging / STAGING_MARKER).write_text(f"{os.getpid()}\n")
-    os.chmod(staging, default_mode(directory=True))
-    return staging
+    atomic), marked as ours, and removed if the block raises or is interrupted; leftovers
+    of killed exports there are removed first.
+
+    SIGINT and SIGTERM are held while the directory is made and marked and arrive inside
+    this block's ``try``: a signal between ``mkdtemp`` and the caller's cleanup used to
+    leave the directory behind."""
+    try:
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(outdir)
+    except OSError as e:
+        raise WsdeployError(f"cannot write into {outdir.parent}: {e.strerror or e}") from e
+    held = {signal.SIGINT, signal.SIGTERM}
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main_thread else None
+    staging = None
+    try:
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+            (staging / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+            os.chmod(staging, default_mode(directory=True))
+        except OSError as e:
+            raise WsdeployError(f"cannot write into {outdir.parent}: {e.strerror or e}") from e
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal raises here
+            previous = None
+        yield staging
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def remove_stale_staging(outdir: Path) -> list[Path]:
@@ -927,12 +957,7 @@ def export(
             f"--strategy {options.strategy}: no WSNet layer found ({convs} convolution/linear "
             "layer(s) kept as written): the build is the plain model"
         )
-    try:
-        outdir.parent.mkdir(parents=True, exist_ok=True)
-        staging = make_staging(outdir)
-    except OSError as e:
-        raise WsdeployError(f"cannot write into {outdir.parent}: {e.strerror or e}") from e
-    try:
+    with staging_dir(outdir) as staging:
         say(f"build {target.name}")
         files = target.build(lowered, staging, options.cpu, options.cc, options.records)
         inputs = numerics.model_inputs(
@@ -1020,9 +1045,6 @@ def export(
             manifest["size"]["wsnet_fp32_bytes"] = _artifact_size(loaded, options, options.strategy)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(staging, outdir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(outdir, manifest)
 
 

@@ -186,10 +186,13 @@ def time_rounds(
     out = {}
     for label, runs in results.items():
         ms = np.concatenate([r.pop("ms") for r in runs])
+        e2e = np.concatenate([r.pop("e2e_ms") for r in runs])
         out[label] = {
             **runs[0],
             "median_ms": float(np.median([r["median_ms"] for r in runs])),
             "p90_ms": float(np.percentile(ms, 90)),
+            "e2e_median_ms": float(np.median([r["e2e_median_ms"] for r in runs])),
+            "e2e_p90_ms": float(np.percentile(e2e, 90)),
             "min_ms": float(ms.min()),
             "runs": len(ms),
             "rounds": rounds,

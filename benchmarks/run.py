@@ -167,28 +167,14 @@ def bench_models(
                 step = f"{i}/{len(tvm_builds)} tuned"
                 _export_build(builds, rows, spec, extra=extra, **job, step=step)
         ckpt = str(Path(loaded.source))
-        builds.append(
-            (
-                "PyTorch eager, dense baseline",
-                {"runtime": "torch", "path": ckpt, "dense": True},
-                _param_bytes(dense_baseline(loaded.module)),
-                counts.dense_macs,
-                "fp32",
-                None,
-                {},
-            )
-        )
-        builds.append(
-            (
-                "PyTorch eager, WSNet",
-                {"runtime": "torch", "path": ckpt},
-                _param_bytes(loaded.module),
-                counts.dense_macs,
-                "fp32",
-                None,
-                {},
-            )
-        )
+        for how, compiled in (("eager", False), ("compiled (inductor)", True)):
+            for kind, dense in (("dense baseline", True), ("WSNet", False)):
+                module = dense_baseline(loaded.module) if dense else loaded.module
+                spec = {"runtime": "torch", "path": ckpt, "dense": dense, "compile": compiled}
+                label = f"PyTorch {how}, {kind}"
+                builds.append(
+                    (label, spec, _param_bytes(module), counts.dense_macs, "fp32", None, {})
+                )
         timings = time_rounds(
             {label: {**spec, "shape": shape, "eval": str(npz)} for label, spec, *_ in builds},
             repeat,
@@ -319,15 +305,26 @@ def summary(layers: list[dict], models: list[dict], zoo: list[dict] = ()) -> lis
         rows = {r["variant"]: r for r in res["rows"]}
         best_dense = min((r for r in res["rows"] if r["dense"]), key=lambda r: r["median_ms"])
         ort_dense = min(r["median_ms"] for r in res["rows"] if r["dense"] and r["runtime"] == "ort")
-        kernel = rows["tvm fused WSNet kernel"]["median_ms"]
+        kernel = rows["tvm fused WSNet kernel"]
+        e2e = [r for r in res["rows"] if "e2e_median_ms" in r]
+        e2e_line = ""
+        if kernel in e2e:
+            best_e2e = min((r for r in e2e if r["dense"]), key=lambda r: r["e2e_median_ms"])
+            e2e_line = (
+                f" End to end through each runtime's Python API (input copied in, output "
+                f"returned): {best_e2e['e2e_median_ms'] / kernel['e2e_median_ms']:.1f}x "
+                f"({kernel['e2e_median_ms']:.2f} ms against {best_e2e['variant']}, "
+                f"{best_e2e['e2e_median_ms']:.2f} ms)."
+            )
         lines.append(
-            f"- Talk layer, conv stride {res['layer']['stride']}: the TVM fused WSNet kernel "
-            f"is {best_dense['median_ms'] / kernel:.1f}x faster than the best dense conv "
-            f"measured ({best_dense['variant']}, {best_dense['median_ms']:.2f} ms; theory "
-            f"{res['theoretical_speedup']:.1f}x); on ONNX Runtime the shared graph is "
+            f"- Talk layer, conv stride {res['layer']['stride']}: compute only, the TVM fused "
+            f"WSNet kernel is {best_dense['median_ms'] / kernel['median_ms']:.1f}x faster than "
+            f"the best dense conv measured ({best_dense['variant']}, "
+            f"{best_dense['median_ms']:.2f} ms; theory {res['theoretical_speedup']:.1f}x); on "
+            f"ONNX Runtime the shared graph is "
             f"{ort_dense / rows['ort shared graph']['median_ms']:.2f}x and the custom op "
             f"{ort_dense / rows['ort custom op (local function)']['median_ms']:.2f}x its "
-            "dense conv."
+            "dense conv." + e2e_line
         )
     for name in dict.fromkeys(r["model"] for r in models):
         rows = {r["build"]: r for r in models if r["model"] == name}
@@ -342,6 +339,7 @@ def summary(layers: list[dict], models: list[dict], zoo: list[dict] = ()) -> lis
             f"and {dense['median_ms'] / shared['median_ms']:.2f}x as fast); TVM runs `auto` "
             f"in {tvm['median_ms']:.2f} ms."
         )
+        lines += _fastest(rows)
         tuned = [r for r in rows.values() if r.get("tuned") and "failed" not in r]
         if tuned:
             pairs = [
@@ -381,6 +379,34 @@ def summary(layers: list[dict], models: list[dict], zoo: list[dict] = ()) -> lis
     return [*lines, ""]
 
 
+DENSE = "dense baseline"
+"""Label part of the fp32 dense builds: the baselines of "speedup vs best dense"."""
+
+
+def _fastest(rows: dict[str, dict]) -> list[str]:
+    """The fastest fp32 WSNet build of a model against the fastest dense baseline of *any*
+    runtime, compute only and end to end."""
+    fp32 = [r for r in rows.values() if r["precision"] == "fp32" and "failed" not in r]
+    dense = [r for r in fp32 if DENSE in r["build"]]
+    wsnet = [r for r in fp32 if DENSE not in r["build"]]
+    if not dense or not wsnet:
+        return []
+    out = []
+    for key, how in (("median_ms", "compute only"), ("e2e_median_ms", "end to end")):
+        if any(r.get(key) is None for r in fp32):
+            continue
+        d = min(dense, key=lambda r: r[key])
+        w = min(wsnet, key=lambda r: r[key])
+        out.append(
+            f"{how}, {w['build']} {w[key]:.2f} ms, {d[key] / w[key]:.2f}x as fast as the "
+            f"fastest dense baseline ({d['build']}, {d[key]:.2f} ms)"
+        )
+    if not out:
+        return []
+    head = "  Fastest fp32 WSNet build against the fastest dense build of any runtime: "
+    return [head + "; ".join(out) + "."]
+
+
 def markdown(
     layers: list[dict], models: list[dict], info: dict, command: str, zoo: list[dict] = ()
 ) -> str:
@@ -411,13 +437,19 @@ def markdown(
             f"Theoretical multiply-add ratio {res['theoretical_speedup']:.1f}x; "
             f"measured peak {res['peak_gmacs']:.0f} GMAC/s.",
             "",
-            "| formulation | median ms | p90 ms | speedup vs best dense (same runtime) | "
-            "GMAC/s | % of peak |",
-            "|---|---|---|---|---|---|",
+            "*median* and *p90* time compute only (buffers bound before timing: ONNX "
+            "Runtime's IOBinding, TVM's time_evaluator; PyTorch's call is the same either "
+            "way); *end to end* is the runtime's public Python API on a numpy input, copies "
+            "and output allocation included. Speedups and GMAC/s use compute only.",
+            "",
+            "| formulation | median ms | p90 ms | end to end ms | speedup vs best dense "
+            "(same runtime) | GMAC/s | % of peak |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in sorted(res["rows"], key=lambda r: (r["runtime"], -r["median_ms"])):
             lines.append(
                 f"| {r['variant']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
+                f"{_ms(r, 'e2e_median_ms', 2)} | "
                 f"{r['speedup_vs_best_dense']:.2f}x | {r['gmacs']:.1f} | "
                 f"{100 * r['roofline_fraction']:.1f}% |"
             )
@@ -434,14 +466,19 @@ def markdown(
             "for PyTorch); *.ort* the same ONNX Runtime build in the mobile format the `ort` "
             "target writes, which stores the same weights plus per-node records.",
             "",
-            "| model | build | size KB | .ort KB | MMACs | median ms | p90 ms | held-out acc | "
-            "int8 agreement |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "*median* and *p90* time compute only, *end to end* the runtime's public Python "
+            "API on a numpy input (see the layer tables); *% of peak* is the build's "
+            "multiply-adds at its median against the measured fp32 peak (its distance from "
+            "the compute floor).",
+            "",
+            "| model | build | size KB | .ort KB | MMACs | median ms | p90 ms | end to end ms "
+            "| % of peak | held-out acc | int8 agreement |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in models:
             if "failed" in r:
                 lines.append(
-                    f"| {r['model']} | {r['build']} | - | - | - | - | - | - | gate failed |"
+                    f"| {r['model']} | {r['build']} | - | - | - | - | - | - | - | - | gate failed |"
                 )
                 continue
             agree = "" if r.get("agreement") is None else f"{r['agreement']:.1%}"
@@ -449,9 +486,22 @@ def markdown(
             lines.append(
                 f"| {r['model']} | {r['build']} | {r['bytes'] / 1024:.1f} | {ort_kb} | "
                 f"{r['macs'] / 1e6:.1f} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
-                f"{r['accuracy']:.1%} | {agree} |"
+                f"{_ms(r, 'e2e_median_ms', 2)} | {_peak(r, info)} | {r['accuracy']:.1%} | "
+                f"{agree} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _peak(row: dict, info: dict) -> str:
+    """The build's multiply-add rate as a percentage of the measured peak, or "-"."""
+    if not info.get("peak_gmacs"):
+        return "-"
+    return f"{100 * row['macs'] / (row['median_ms'] * 1e6) / info['peak_gmacs']:.1f}%"
+
+
+def _ms(row: dict, key: str, digits: int) -> str:
+    """A time cell, or "-" for a result recorded before that timing existed."""
+    return "-" if row.get(key) is None else f"{row[key]:.{digits}f}"
 
 
 def grid_table(models: list[dict]) -> list[str]:
@@ -652,7 +702,7 @@ def main() -> None:
         work = Path(tmp)
         # untuned TVM builds (the layers' too) never see this machine's tuning records
         none = work / "no-records"  # never created
-        peak = peak_gmacs()
+        peak = info["peak_gmacs"] = peak_gmacs()
         layers = [
             bench_layer(
                 {**TALK_LAYER, "stride": s},

@@ -31,7 +31,26 @@ def _ort(spec):
     opts.intra_op_num_threads = _threads()
     sess = ort.InferenceSession(spec["path"], opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})
+    binding = None
+
+    def run(x):
+        return sess.run(None, {name: x})
+
+    def bind(x) -> None:
+        """Pre-bound buffers for the compute-only timing: the input as an OrtValue made once,
+        the outputs ORT allocated on the first bound run, re-bound for every later one."""
+        nonlocal binding
+        binding = sess.io_binding()
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x))
+        for out in sess.get_outputs():
+            binding.bind_output(out.name)
+        sess.run_with_iobinding(binding)
+        for out, value in zip(sess.get_outputs(), binding.get_outputs(), strict=True):
+            binding.bind_ortvalue_output(out.name, value)
+
+    run.bind = bind
+    run.compute = lambda: sess.run_with_iobinding(binding)
+    return run
 
 
 def _torch(spec):
@@ -44,6 +63,8 @@ def _torch(spec):
     module = load_model(spec["path"]).module
     if spec.get("dense"):
         module = dense_baseline(module).eval()
+    if spec.get("compile"):  # inductor on CPU; the warm-up runs compile it (cached on disk)
+        module = torch.compile(module)
 
     def run(x):
         with torch.no_grad():
@@ -108,26 +129,51 @@ RUNNERS = {
 
 
 def measure(run, x, warmup: int, repeat: int, min_seconds: float = 0.0) -> dict:
-    """Warm up, then time at least ``repeat`` runs and at least ``min_seconds`` of them (the
-    run count is set from the warm-up's fastest run), so that a fast build is not judged on a
-    few milliseconds of one process's life."""
+    """Time ``run`` both ways: compute only (``median_ms``: buffers bound before timing, so
+    no input copy or output allocation is timed: ONNX Runtime's IOBinding, TVM's own
+    evaluator on the input the warm-up set) and end to end through the runtime's public
+    Python API on a numpy input (``e2e_median_ms``: what an application calling it pays).
+    A runtime without a separate pre-bound path (PyTorch, ExecuTorch's Python runtime) is
+    timed once and both figures are the same runs (``compute_path`` says which).
+
+    Each way warms up, then times at least ``repeat`` runs and at least ``min_seconds`` of
+    them (the run count is set from the warm-up's fastest run), so that a fast build is not
+    judged on a few milliseconds of one process's life."""
+    e2e = _timed(lambda: run(x), warmup, repeat, min_seconds)
+    vm = getattr(run, "vm", None)
+    if vm is not None:  # TVM: the VM's own evaluator, input already set by the runs above
+        n = len(e2e)
+        evaluator = vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=n)
+        compute, path = np.array(evaluator("main").results) * 1e3, "TVM time_evaluator"
+    elif getattr(run, "compute", None) is not None:
+        run.bind(x)
+        compute, path = _timed(run.compute, warmup, repeat, min_seconds), "ORT IOBinding"
+    else:
+        compute, path = e2e, "same call"
+    e2e_stats = _stats(e2e)
+    return {
+        **_stats(compute),
+        "compute_path": path,
+        "e2e_median_ms": e2e_stats["median_ms"],
+        "e2e_p90_ms": e2e_stats["p90_ms"],
+        "e2e_ms": e2e_stats["ms"],
+    }
+
+
+def _timed(call, warmup: int, repeat: int, min_seconds: float) -> np.ndarray:
+    """Milliseconds of each timed call (see ``measure``)."""
     warm = []
     for _ in range(max(2, warmup)):
         t0 = time.perf_counter()
-        run(x)
+        call()
         warm.append(time.perf_counter() - t0)
     n = max(repeat, min(MAX_RUNS, math.ceil(min_seconds / max(min(warm[1:]), 1e-6))))
-    vm = getattr(run, "vm", None)
-    if vm is not None:  # TVM: the VM's own evaluator, input already set by the warm-up
-        evaluator = vm.time_evaluator("invoke_stateful", run.device, number=1, repeat=n)
-        ms = np.array(evaluator("main").results) * 1e3
-        return _stats(ms)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        run(x)
+        call()
         times.append(time.perf_counter() - t0)
-    return _stats(np.array(times) * 1e3)
+    return np.array(times) * 1e3
 
 
 MAX_RUNS = 20_000

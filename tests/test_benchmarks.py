@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +66,19 @@ def test_quick_benchmark_run(tmp_path):
         "ExecuTorch WSNet shared",
         "ExecuTorch WSNet auto",
     }
+    assert {r["build"] for r in models if r["runtime"] == "torch"} == {
+        f"PyTorch {how}, {kind}"
+        for how in ("eager", "compiled (inductor)")
+        for kind in ("dense baseline", "WSNet")
+    }
     assert not [r for r in models if "failed" in r]  # its int8 builds pass the gate
     assert all(r["median_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in models)
+    assert all(r["e2e_median_ms"] > 0 for r in models)  # both timings, every runtime
+    assert {r["compute_path"] for r in models} == {
+        "ORT IOBinding",
+        "TVM time_evaluator",
+        "same call",
+    }
     int8 = [r for r in models if r["precision"] == "int8"]
     assert len(int8) == 8 and all(r["agreement"] >= 0.99 for r in int8)
     assert all(r["gate_n"] == 1000 for r in int8)
@@ -74,7 +86,7 @@ def test_quick_benchmark_run(tmp_path):
     assert machine["seconds"] > 0 and machine["tune_seconds"] == 0  # --quick: no tuning
     text = (tmp_path / "results.md").read_text()
     assert (
-        "| formulation |" in text
+        "| formulation | median ms | p90 ms | end to end ms |" in text
         and "| layer | input | theory |" in text
         and f"took {machine['seconds'] / 60:.1f} minutes" in text
     )
@@ -120,7 +132,35 @@ def test_grid_and_tuning_summary_come_from_the_rows():
     # tuned/untuned per build: 1.6/0.8 = 2x and 0.8/1.0 = 0.8x; auto fp32 tuned 0.80 ms
     assert "tuned builds ran 0.80x-2.00x as fast as untuned" in text
     assert "`auto` tuned 0.80 ms against 1.60 ms" in text and "90 s" in text
+    # against the fastest dense build of any runtime; no end-to-end times recorded: no claim
+    assert (
+        "compute only, TVM WSNet auto (fused kernels), tuned 0.80 ms, 5.00x as fast as the "
+        "fastest dense baseline (ORT dense baseline (fold), 4.00 ms)."
+    ) in text
+    assert "end to end" not in text
     grid = run.grid_table(models)
     assert "| m | auto | fp32 | 2.50 | 1.60 | 0.80 | 3.00 |" in grid
     assert "| m | fold | fp32 | 4.00 | - | - | - |" in grid
     assert run._tuning(models) == {"m": 90.0}  # one session per model, not one per row
+
+
+def test_the_worker_times_compute_only_and_end_to_end(tmp_path):
+    """ONNX Runtime: compute only through IOBinding on buffers bound once, end to end through
+    run() on a numpy input; both from the same process, each at least ``repeat`` runs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from benchmarks import worker
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 64]) for n in "xy"]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", io[:1], io[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, path)
+    run = worker.RUNNERS["ort"]({"path": str(path)})
+    x = np.random.default_rng(0).standard_normal((1, 8, 64)).astype(np.float32)
+    result = worker.measure(run, x, warmup=2, repeat=7)
+    assert result["compute_path"] == "ORT IOBinding"
+    assert result["runs"] >= 7 and len(result["e2e_ms"]) >= 7
+    assert result["median_ms"] > 0 and result["e2e_median_ms"] > 0
+    np.testing.assert_array_equal(run(x)[0], np.maximum(x, 0))  # binding left run() intact

@@ -191,6 +191,8 @@ def test_bench_and_report(tmp_path):
     assert result.exit_code == 0, result.output
     timing = json.loads(result.output)
     assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["p90_ms"]
+    assert timing["timing"].startswith("end to end")  # ONNX Runtime: around run()
+    assert timing["e2e_median_ms"] == timing["median_ms"]
     png = tmp_path / "plot.png"
     result = runner.invoke(main, ["report", str(a), str(b), "--json", "--plot", str(png)])
     assert result.exit_code == 0, result.output

@@ -151,6 +151,10 @@ def test_bench_compares_int8_with_fp32_and_report_shows_both(tmp_path):
     result = runner.invoke(main, ["bench", str(f), str(q), "--repeat", "5"])
     assert result.exit_code == 0, result.output
     assert f"int8 {q} runs" in result.output and f"as fast as fp32 {f}" in result.output
+    # TVM: compute only by its own timer, and here also end to end around the Python call
+    assert result.output.count("compute only; end to end") == 2, result.output
+    timing = json.loads((q / "bench.json").read_text())
+    assert timing["timing"].startswith("compute only") and timing["e2e_median_ms"] > 0
     result = runner.invoke(main, ["report", str(f), str(q), "--json"])
     rows = json.loads(result.output)
     assert [r["precision"] for r in rows] == ["fp32", "int8"]

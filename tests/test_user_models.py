@@ -19,15 +19,18 @@ LENGTH = 2048
 
 
 class HandWSConv1d(nn.Module):
-    """WSNet conv1d by hand: windows by unfold, channel repeat by repeat."""
+    """WSNet conv1d by hand: windows by unfold, channel repeat by repeat (the op's channel
+    order) or by repeat_interleave (channel c reads condensed channel c // r)."""
 
-    def __init__(self, cin, n, k, s, r, padding):
+    def __init__(self, cin, n, k, s, r, padding, interleave=False):
         super().__init__()
         self.n, self.k, self.s, self.r, self.padding = n, k, s, r, padding
+        self.interleave = interleave
         self.phi = nn.Parameter(torch.randn(cin // r, k + (n - 1) * s) * 0.2)
 
     def forward(self, x):
-        w = self.phi.unfold(1, self.k, self.s).permute(1, 0, 2).repeat(1, self.r, 1)
+        w = self.phi.unfold(1, self.k, self.s).permute(1, 0, 2)
+        w = w.repeat_interleave(self.r, dim=1) if self.interleave else w.repeat(1, self.r, 1)
         return F.conv1d(x, w, padding=self.padding)
 
 
@@ -41,7 +44,7 @@ class UserNet(nn.Module):
         self.ws1 = HandWSConv1d(16, 16, 7, 2, 2, 3)
         self.gn = nn.GroupNorm(4, 16)
         self.dw = nn.Conv1d(16, 16, 5, padding=2, groups=16)
-        self.ws2 = HandWSConv1d(16, 32, 5, 1, 4, 2)
+        self.ws2 = HandWSConv1d(16, 32, 5, 1, 4, 2, interleave=True)
         self.bn = nn.BatchNorm1d(32)
         self.ln = nn.LayerNorm(32)
         self.fc_phi = nn.Parameter(torch.randn(32 + 7 * 4) * 0.2)
@@ -108,6 +111,8 @@ def test_inspect_reports_every_layer(user_files, kind):
     report = json.loads(result.output)
     status = {r["node"].split(" ")[0]: r["status"] for r in report["recognition"]}
     assert status["ws1"] == status["ws2"] == "recognised"
+    reordered = {r["node"].split(" ")[0]: r.get("input_reordered") for r in report["recognition"]}
+    assert reordered["ws2"] and not reordered["ws1"]  # repeat_interleave: inputs gathered
     assert status["stem"] == status["dw"] == status["head"] == "dense"
     kinds = [r["kind"] for r in report["layers"]]
     assert kinds.count("WSConv1d") == 2 and kinds.count("WSLinear") == 1

@@ -967,7 +967,13 @@ def bench(
         click.echo(
             f"{outdir} on {result['device']} ({result['target']}, {result['precision']}): "
             f"median {result['median_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, min "
-            f"{result['min_ms']:.3f} ms over {result['repeat']} runs"
+            f"{result['min_ms']:.3f} ms over {result['repeat']} runs, "
+            f"{result['timing'].partition(' (')[0]}"
+            + (
+                f"; end to end {result['e2e_median_ms']:.3f} ms"
+                if result["e2e_median_ms"] is not None and result["timing"].startswith("compute")
+                else ""
+            )
         )
         for name, ms in list(result.get("kernels_ms", {}).items())[:8]:
             click.echo(f"  {ms:8.3f} ms  {name}")

@@ -493,3 +493,102 @@ def test_signs_in_any_form_are_tied(order):
     assert rec.status == "tied" and rec.detail["signed"], rec.line()
     expected = module.phi[module.idx] * module.sign.float()
     torch.testing.assert_close(_tied_weight(new), expected.detach(), rtol=0, atol=0)
+
+
+class ArrangedConv1d(nn.Module):
+    """A WSNet conv1d whose input channels and filters are arranged otherwise than the op's:
+    channel repeat by ``repeat_interleave`` (channel c reads condensed channel c // r) or in
+    a shuffled order, filters (windows at i*S) in a shuffled order."""
+
+    def __init__(self, cs, r, n, k, s, stride, padding, channels, filters, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.phi = nn.Parameter(torch.randn(cs, sampling.condensed_length(n, k, s), generator=g))
+        self.stride, self.padding, self.channels, self.r = stride, padding, channels, r
+        order = torch.randperm(n, generator=g) if filters == "shuffled" else torch.arange(n)
+        idx = order[:, None] * s + torch.arange(k)[None, :]
+        self.register_buffer("idx", idx)
+        self.register_buffer("perm", torch.randperm(cs * r, generator=g))
+        self.n = n
+
+    def forward(self, x):
+        w = self.phi[:, self.idx].transpose(0, 1)  # (N, C*, k)
+        if self.channels == "interleave":
+            w = w.repeat_interleave(self.r, dim=1)
+        else:  # tiled, then the input channels shuffled
+            w = w.repeat(1, self.r, 1)[:, self.perm]
+        return F.conv1d(x, w, stride=self.stride, padding=self.padding)
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "cs": st.integers(1, 4),
+            "r": st.integers(1, 3),
+            "n": st.integers(2, 9),
+            "k": st.integers(1, 5),
+            "s": st.integers(1, 3),
+            "stride": st.integers(1, 2),
+            "padding": st.integers(0, 2),
+            "channels": st.sampled_from(["interleave", "shuffled"]),
+            "filters": st.sampled_from(["canonical", "shuffled"]),
+            "seed": st.integers(0, 2**16),
+        }
+    )
+)
+@example({"cs": 3, "r": 2, "n": 6, "k": 4, "s": 1, "stride": 1, "padding": 1,
+          "channels": "interleave", "filters": "shuffled", "seed": 0})  # fmt: skip
+def test_channels_and_filters_in_another_order_are_recognised(c):
+    layer = ArrangedConv1d(**c)
+    new, (rec,) = _recognise(Net1d(layer), (2, c["cs"] * c["r"], c["k"] + 5))
+    if layer.phi.numel() >= c["n"] * c["cs"] * c["r"] * c["k"] and rec.status != "recognised":
+        assert "shares no entries" in rec.reason
+        return
+    assert rec.status == "recognised", rec.line()
+    (node,) = _wsnet_nodes(new)
+    assert node.args[2:6] == (c["n"], c["k"], c["stride"], c["padding"])
+    assert _phi_value(new, node).numel() <= layer.phi.numel()
+    gathers = [n for n in new.graph.nodes if n.target == torch.ops.aten.index_select.default]
+    assert len(gathers) == rec.detail.get("input_reordered", False) + rec.detail.get(
+        "filters_reordered", False
+    )
+    if c["s"] < c["k"] and c["filters"] == "shuffled":
+        # overlapping windows out of order: put in order by a gather of the outputs
+        assert rec.detail.get("filters_reordered") or sorted(layer.idx[:, 0].tolist()) == (
+            layer.idx[:, 0].tolist()
+        )
+    if (
+        c["r"] > 1
+        and c["cs"] > 1
+        and c["channels"] == "interleave"
+        and rec.detail["channel_repeat"] == c["r"]
+    ):
+        assert rec.detail.get("input_reordered")
+    if rec.detail.get("input_reordered") or rec.detail.get("filters_reordered"):
+        assert "gathered into the op's channel order" in rec.line()
+
+
+@pytest.mark.parametrize("arrangement", ["interleave", "outputs"])
+def test_linear_features_and_outputs_in_another_order_are_recognised(arrangement):
+    g = torch.Generator().manual_seed(3)
+    ins, r, out, s = 5, 3, 7, 2
+    phi = torch.randn(sampling.condensed_length(out, ins, s), generator=g)
+    order = torch.randperm(out, generator=g) if arrangement == "outputs" else torch.arange(out)
+    idx = order[:, None] * s + torch.arange(ins)[None, :]
+
+    class Fc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.phi = nn.Parameter(phi)
+            self.register_buffer("idx", idx)
+
+        def forward(self, x):
+            w = self.phi[self.idx]
+            w = w.repeat_interleave(r, dim=1) if arrangement == "interleave" else w.repeat(1, r)
+            return F.linear(x, w)
+
+    _, (rec,) = _recognise(Fc(), (4, ins * r))
+    assert rec.status == "recognised", rec.line()
+    assert rec.detail["channel_repeat"] == r and rec.detail["phi_shape"] == [phi.numel()]
+    key = "input_reordered" if arrangement == "interleave" else "filters_reordered"
+    assert rec.detail.get(key) and len(rec.detail) == 7

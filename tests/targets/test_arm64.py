@@ -174,6 +174,8 @@ def test_emulated_device_end_to_end(tmp_path):
             main, ["bench", str(out), "--rpc", address, "--repeat", "3", "--json"]
         )
         assert result.exit_code == 0 and '"emulated": true' in result.output
+        timing = json.loads(result.output)  # over RPC: the device's own timer only
+        assert timing["timing"].startswith("compute only") and timing["e2e_median_ms"] is None
         result = runner.invoke(
             main,
             ["verify", str(out), "--model", "wsnet1d-tiny", "--rpc", address, "--n-verify", "8"],

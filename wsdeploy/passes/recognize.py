@@ -132,7 +132,7 @@ def describe(d: dict[str, Any]) -> str:
         return (
             f"{d['node']}: recognised: WSNet {d['layer']} S={d['sample_stride']} "
             f"r={d['channel_repeat']}, phi {tuple(d['phi_shape'])} for weight "
-            f"{tuple(d['weight_shape'])}{how}"
+            f"{tuple(d['weight_shape'])}{how}" + _reorder_note(d)
         )
     if d["status"] == "tied":
         sign = " and signs" if d["signed"] else ""
@@ -147,6 +147,15 @@ def describe(d: dict[str, Any]) -> str:
     if d["status"] == "dense":
         return f"{d['node']}: dense {d['layer']} (weight {d.get('param', '?')!r})"
     return f"{d['node']}: not recognised: {d['reason']}"
+
+
+def _reorder_note(d: dict[str, Any]) -> str:
+    what = [
+        w for k, w in (("input_reordered", "inputs"), ("filters_reordered", "outputs")) if d.get(k)
+    ]
+    if not what:
+        return ""
+    return f"; {' and '.join(what)} gathered into the op's channel order"
 
 
 class NotRecognised(Exception):
@@ -534,18 +543,20 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
     k = index.shape[2]
     if ndim == 2 and index.shape[3] != k:
         raise NotRecognised(f"kernel {index.shape[2:]} is not square")
-    repeat, base = _channel_repeat(index, c)
+    repeat, base, channels = _channel_repeat(index, c)
+    order = None
     if ndim == 1:
-        s, canon = _fit_1d(base)
-        phi = _gather(phi_flat, canon)
-        _check_shared(node, phi, index.shape)
+        order = _filter_order(base)
+        s, canon = _fit_1d(base if order is None else base[order])
         target = torch.ops.wsnet.conv1d.default
     else:
         s, canon = _fit_2d(base, n, k)
-        phi = _gather(phi_flat, canon)
-        _check_shared(node, phi, index.shape)
         target = torch.ops.wsnet.conv2d.default
-    _replace(gm, node, target, x, phi, [n, k, stride, padding, s, repeat], bias, ndim)
+    phi = _gather(phi_flat, canon)
+    _check_shared(node, phi, index.shape)
+    filters = None if order is None else np.argsort(order)
+    attrs = [n, k, stride, padding, s, repeat]
+    _replace(gm, node, target, x, phi, attrs, bias, ndim, channels, filters)
     return Record(
         _where(node),
         layer,
@@ -557,18 +568,80 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
             "weight_shape": list(index.shape),
             "ops": ops,
             "param": param,
+            **_reordered(channels, filters),
         },
     )
 
 
-def _channel_repeat(index: np.ndarray, c: int) -> tuple[int, np.ndarray]:
-    """The largest r such that input channel c reads what channel c mod (C/r) reads."""
+def _reordered(channels, filters) -> dict[str, bool]:
+    """Record entries for a layer recognised in another arrangement than the op's."""
+    out = {}
+    if channels is not None:
+        out["input_reordered"] = True
+    if filters is not None:
+        out["filters_reordered"] = True
+    return out
+
+
+def _channel_repeat(index: np.ndarray, c: int) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """(r, base, channels): input channel j of ``x[:, channels]`` reads what channel
+    j mod (C/r) reads, for the largest such r, so that the layer is the wsnet op on the
+    input's channels in that order. ``channels`` is None for the op's own arrangement
+    (``torch.repeat`` / ``tile``: channel c reads condensed channel c mod C*); any other
+    arrangement where every condensed channel is read by the same number of input channels
+    (``repeat_interleave``: c // r, or any order) gathers the input first."""
     for r in sorted((d for d in range(1, c + 1) if c % d == 0), reverse=True):
         cs = c // r
         tiled = np.concatenate([index[:, :cs]] * r, axis=1)
         if np.array_equal(tiled, index):
-            return r, index[:, :cs]
-    raise AssertionError("r = 1 always fits")
+            break
+    groups: dict[bytes, list[int]] = {}
+    for ch in range(c):
+        groups.setdefault(np.ascontiguousarray(index[:, ch]).tobytes(), []).append(ch)
+    sizes = {len(g) for g in groups.values()}
+    if len(sizes) == 1 and (g := sizes.pop()) > r:
+        members = list(groups.values())  # condensed channel m: its g input channels
+        channels = np.array([members[m][j] for j in range(g) for m in range(len(members))])
+        return g, index[:, [m[0] for m in members]], channels
+    return r, index[:, : c // r], None
+
+
+def _filter_order(base: np.ndarray) -> np.ndarray | None:
+    """The order of a 1-D layer's filters as windows of one condensed filter, when they are
+    such windows written in another order than the op's (filter i at offset i*S): an order
+    that explains them by a smaller sample stride than the order as written does (which
+    may be none, or windows set apart, sharing nothing). None: keep the order as written.
+    Filter b follows filter a at shift S when a's taps from S on are b's first taps; the
+    order is the chain of those links through every filter."""
+    n, _, length = base.shape
+    if n < 2:
+        return None
+    try:
+        written = _fit_1d(base)[0]
+    except NotRecognised:
+        written = length
+    for s in range(1, min(length, written)):
+        heads: dict[bytes, list[int]] = {}
+        for b in range(n):
+            key = np.ascontiguousarray(base[b, :, : length - s]).tobytes()
+            heads.setdefault(key, []).append(b)
+        after = {}
+        for a in range(n):
+            nxt = heads.get(np.ascontiguousarray(base[a, :, s:]).tobytes(), [])
+            if len(nxt) > 1:
+                break
+            if nxt:
+                after[a] = nxt[0]
+        else:
+            starts = set(range(n)) - set(after.values())
+            if len(starts) != 1:
+                continue
+            order = [starts.pop()]
+            while order[-1] in after and len(order) <= n:
+                order.append(after[order[-1]])
+            if sorted(order) == list(range(n)):
+                return np.array(order)
+    return None
 
 
 def _fit_1d(base: np.ndarray) -> tuple[int, np.ndarray]:
@@ -616,16 +689,17 @@ def _linear(gm, node, index, phi_flat, ops, param) -> Record:
             raise NotRecognised(f"matmul with a {index.ndim}-D weight")
         rows = index.T
     out_f, in_f = rows.shape
-    repeat, base = 1, rows
-    for r in sorted((d for d in range(1, in_f + 1) if in_f % d == 0), reverse=True):
-        if np.array_equal(np.tile(rows[:, : in_f // r], (1, r)), rows):
-            repeat, base = r, rows[:, : in_f // r]
-            break
-    s, canon = _fit_1d(base[:, None, :])
+    # the input features as channels of one tap: (out, in, 1)
+    repeat, base, features = _channel_repeat(rows[:, :, None], in_f)
+    base = base[:, :, 0]
+    order = _filter_order(base[:, None, :])
+    s, canon = _fit_1d((base if order is None else base[order])[:, None, :])
     canon = canon[0]
     phi = _gather(phi_flat, canon)
     _check_shared(node, phi, rows.shape)
-    _replace(gm, node, torch.ops.wsnet.linear.default, x, phi, [out_f, in_f, s, repeat], bias, 0)
+    outputs = None if order is None else np.argsort(order)
+    attrs = [out_f, in_f, s, repeat]
+    _replace(gm, node, torch.ops.wsnet.linear.default, x, phi, attrs, bias, 0, features, outputs)
     return Record(
         _where(node),
         "linear",
@@ -637,6 +711,7 @@ def _linear(gm, node, index, phi_flat, ops, param) -> Record:
             "weight_shape": [out_f, in_f],
             "ops": ops,
             "param": param,
+            **_reordered(features, outputs),
         },
     )
 
@@ -651,19 +726,33 @@ def _check_shared(node, phi: torch.Tensor, weight_shape) -> None:
         )
 
 
-def _replace(gm, node, target, x, phi, attrs, bias, ndim: int) -> None:
+def _replace(gm, node, target, x, phi, attrs, bias, ndim: int, inputs=None, outputs=None):
+    """``node`` becomes the wsnet op ``target`` on phi (then the bias). ``inputs``: the order
+    of the input's channels (features) the op reads, ``outputs``: the op's output channels
+    in the layer's order; each a gather along that axis (None: as they are)."""
     name = f"_wsdeploy_phi_{node.name}"
     gm.register_parameter(name, torch.nn.Parameter(phi.contiguous(), requires_grad=False))
     graph = gm.graph
+    axis = 1 if ndim else -1
     with graph.inserting_before(node):
         phi_node = graph.get_attr(name)
+        if inputs is not None:
+            x = _gather_axis(gm, x, axis, inputs, f"{name}_inputs")
         y = graph.call_function(target, (x, phi_node, *attrs))
+        if outputs is not None:
+            y = _gather_axis(gm, y, axis, outputs, f"{name}_outputs")
         if bias is not None:
             shape = [-1] + [1] * ndim
             b = graph.call_function(aten.view.default, (bias, shape)) if ndim else bias
             y = graph.call_function(aten.add.Tensor, (y, b))
     node.replace_all_uses_with(y)
     graph.erase_node(node)
+
+
+def _gather_axis(gm, x, axis: int, order: np.ndarray, name: str):
+    """``index_select(x, axis, order)`` with ``order`` a constant buffer of the program."""
+    gm.register_buffer(name, torch.from_numpy(np.asarray(order, dtype=np.int64)))
+    return gm.graph.call_function(aten.index_select.default, (x, axis, gm.graph.get_attr(name)))
 
 
 __all__ = ["MOVEMENT", "Record", "describe", "recognize"]

@@ -419,6 +419,13 @@ def markdown(
         f"the talk layer in {TALK_ROUNDS} and the zoo models in {ROUNDS} interleaved rounds "
         "(the median of the rounds' medians, p90 over all runs), each zoo layer in one round."
         + (
+            f" This machine's fp32 peak measured {info['peak_gmacs']:.0f} GMAC/s in this run; "
+            "the host is shared and its speed varies from run to run (230 GMAC/s in an "
+            "earlier one), so compare ratios within one run, not milliseconds across runs."
+            if info.get("peak_gmacs")
+            else ""
+        )
+        + (
             f" The run took {info['seconds'] / 60:.1f} minutes, "
             f"{info['tune_seconds'] / 60:.1f} of them tuning."
             if "seconds" in info

@@ -546,8 +546,7 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
     repeat, base, channels = _channel_repeat(index, c)
     order = None
     if ndim == 1:
-        order = _filter_order(base)
-        s, canon = _fit_1d(base if order is None else base[order])
+        s, canon, order = _fit_1d_any_order(base)
         target = torch.ops.wsnet.conv1d.default
     else:
         s, canon = _fit_2d(base, n, k)
@@ -606,21 +605,33 @@ def _channel_repeat(index: np.ndarray, c: int) -> tuple[int, np.ndarray, np.ndar
     return r, index[:, : c // r], None
 
 
-def _filter_order(base: np.ndarray) -> np.ndarray | None:
-    """The order of a 1-D layer's filters as windows of one condensed filter, when they are
-    such windows written in another order than the op's (filter i at offset i*S): an order
-    that explains them by a smaller sample stride than the order as written does (which
-    may be none, or windows set apart, sharing nothing). None: keep the order as written.
-    Filter b follows filter a at shift S when a's taps from S on are b's first taps; the
-    order is the chain of those links through every filter."""
+def _fit_1d_any_order(base: np.ndarray) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """``_fit_1d`` of the filters in the order written, or in the order ``_filter_order``
+    finds where that explains them by a smaller sample stride: (S, canon, order), order
+    None for the order as written."""
+    try:
+        written, why = _fit_1d(base), None
+    except NotRecognised as e:
+        written, why = None, e
+    order = _filter_order(base, base.shape[2] if written is None else written[0])
+    if order is not None:
+        return (*_fit_1d(base[order]), order)
+    if written is None:
+        raise why
+    return (*written, None)
+
+
+def _filter_order(base: np.ndarray, below: int) -> np.ndarray | None:
+    """The order of a 1-D layer's filters as windows of one condensed filter at a sample
+    stride smaller than ``below`` (the one the order as written fits, or the window
+    length), when they are such windows written in another order than the op's (filter i
+    at offset i*S); None if there is none. Filter b follows filter a at shift S when a's
+    taps from S on are b's first taps; the order is the chain of those links through
+    every filter."""
     n, _, length = base.shape
     if n < 2:
         return None
-    try:
-        written = _fit_1d(base)[0]
-    except NotRecognised:
-        written = length
-    for s in range(1, min(length, written)):
+    for s in range(1, min(length, below)):
         heads: dict[bytes, list[int]] = {}
         for b in range(n):
             key = np.ascontiguousarray(base[b, :, : length - s]).tobytes()
@@ -692,8 +703,7 @@ def _linear(gm, node, index, phi_flat, ops, param) -> Record:
     # the input features as channels of one tap: (out, in, 1)
     repeat, base, features = _channel_repeat(rows[:, :, None], in_f)
     base = base[:, :, 0]
-    order = _filter_order(base[:, None, :])
-    s, canon = _fit_1d((base if order is None else base[order])[:, None, :])
+    s, canon, order = _fit_1d_any_order(base[:, None, :])
     canon = canon[0]
     phi = _gather(phi_flat, canon)
     _check_shared(node, phi, rows.shape)

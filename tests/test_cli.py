@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -193,6 +194,9 @@ def test_bench_and_report(tmp_path):
     assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["p90_ms"]
     assert timing["timing"].startswith("end to end")  # ONNX Runtime: around run()
     assert timing["e2e_median_ms"] == timing["median_ms"]
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert set(manifest["files"]) | {"manifest.json"} == {p.name for p in a.iterdir()}
+    assert manifest["files"].count("bench.json") == 1
     png = tmp_path / "plot.png"
     result = runner.invoke(main, ["report", str(a), str(b), "--json", "--plot", str(png)])
     assert result.exit_code == 0, result.output
@@ -207,6 +211,19 @@ def test_bench_and_report(tmp_path):
     assert "timed on" in table and "local" in table
     result = runner.invoke(main, ["report", str(b), "--plot", str(tmp_path / "none.png")])
     assert result.exit_code == 1 and "wsdeploy bench" in result.output
+
+
+def test_int8_speed_is_quoted_against_fp32_of_the_same_strategy():
+    from wsdeploy.bench import precision_speedups
+
+    def result(precision, strategy, ms):
+        return {"model_sha256": "m", "target": "onnx", "precision": precision, "strategy": strategy,
+                "median_ms": ms}  # fmt: skip
+
+    runs = [result("fp32", "auto", 1.0), result("fp32", "shared", 2.0)]
+    runs.append(result("int8", "shared", 1.0))
+    lines = precision_speedups([Path("a"), Path("s"), Path("q")], runs)
+    assert lines == ["int8 q runs 2.00x as fast as fp32 s (1.000 vs 2.000 ms median)"]
 
 
 def test_the_cli_answers_without_loading_tensor_libraries():
@@ -253,3 +270,23 @@ def test_verbose_shows_wsdeploy_steps_and_vv_third_party_ones():
     assert "INFO wsdeploy.passes.base: pass fold" in one
     assert "INFO onnx_ir" not in one  # third-party INFO lines only at -vv
     assert "INFO onnx_ir" in log("-vv")
+
+
+def test_plot_labels_of_nearby_builds_do_not_overlap(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from wsdeploy.bench import LABEL_STEP_PT, _label_offsets
+
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.scatter([100, 101, 5000], [1.0, 1.01, 100.0])  # two builds a pixel apart, one far
+    ax.autoscale_view()
+    labels = [((100, 1.0), "tiny auto"), ((101, 1.01), "tiny auto int8"), ((5000, 100.0), "far")]
+    offsets = {text: dy for _, text, dy in _label_offsets(ax, labels)}
+    assert abs(offsets["tiny auto"] - offsets["tiny auto int8"]) >= LABEL_STEP_PT
+    assert offsets["far"] == 4.0  # nothing near it: not moved
+    plt.close(fig)

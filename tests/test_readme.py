@@ -46,7 +46,9 @@ def test_your_own_model_section_is_what_the_product_prints(tmp_path):
     text = text.split("\n## ", 1)[0]
     snippets = re.findall(r"```python\n(.*?)```", text, re.S)
     quoted = re.findall(r"```\n\$ (wsdeploy export .*?)\n(.*?)```", text, re.S)
-    assert len(snippets) == len(quoted) == 2  # a WSNet, then weight tying
+    # a WSNet, the same exported with a dynamic length (appended to it), then weight tying
+    assert len(snippets) == len(quoted) == 3
+    snippets[1] = snippets[0] + snippets[1]
     for snippet, (command, expected) in zip(snippets, quoted, strict=True):
         subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, check=True)
         cwd = os.getcwd()
@@ -56,4 +58,23 @@ def test_your_own_model_section_is_what_the_product_prints(tmp_path):
         finally:
             os.chdir(cwd)
         assert result.exit_code == 0, result.output
-        assert result.output.splitlines()[: len(expected.splitlines())] == expected.splitlines()
+        lines, printed = expected.splitlines(), iter(result.output.splitlines())
+        assert lines[0] == next(printed), result.output
+        assert all(line in printed for line in lines[1:]), result.output  # in this order
+
+
+def test_file_size_section_quotes_what_the_builds_print(tmp_path):
+    """README's wsnet1d-tiny sizes are the bytes its shared ONNX and .ort builds print."""
+    from wsdeploy.compiler import ExportOptions, export
+
+    text = (ROOT / "README.md").read_text().split("## File size", 1)[1].split("\n## ", 1)[0]
+    text = " ".join(text.split())
+    quoted = {
+        "onnx": re.search(r"wsnet1d-tiny's shared ONNX file is ([\d,]+) bytes", text),
+        "ort": re.search(r"the same file is ([\d,]+) bytes as `\.ort`", text),
+    }
+    for target, found in quoted.items():
+        assert found, target
+        options = ExportOptions(target=target, strategy="shared", n_verify=8)
+        built = export("wsnet1d-tiny", tmp_path / target, options).manifest
+        assert built["size"]["artifact_bytes"] == int(found.group(1).replace(",", "")), target

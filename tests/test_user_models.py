@@ -374,9 +374,18 @@ def test_models_of_several_inputs_and_outputs_build_and_verify(two_files, tmp_pa
     result = _run([*args, "--strategy", "shared"])
     assert result.exit_code == 0, result.output
     assert ": recognised: WSNet conv1d" in result.output
-    if kind == "two_dyn.pt2":  # the build says it takes that length only
-        assert "input     audio: axis 2 = 1024 of [64, 4096]" in result.output
     m = json.loads((out / "manifest.json").read_text())
+    if kind == "two_dyn.pt2" and target in ("onnx", "ort"):  # any length in its range
+        line = "input     audio: axis 2 any size in [64, 4096] (verified at 64, 1024, 1537)"
+        assert line in result.output
+        assert "verified  at input 1x1x1537 1x6 on 8 inputs" in result.output
+        symbol = m["inputs"][0]["dynamic"]["2"]
+        assert (symbol["min"], symbol["max"]) == (64, 4096) and "dynamic" not in m["inputs"][1]
+        sizes = [d["input_shapes"] for d in m["verification"]["dynamic"]]
+        assert sizes == [[[1, 1, 64], [1, 6]], [[1, 1, 1537], [1, 6]]]
+    elif kind == "two_dyn.pt2":  # the build says it takes that length only
+        assert "input     audio: axis 2 = 1024 of [64, 4096]" in result.output
+        assert all("dynamic" not in i for i in m["inputs"])
     shapes = [i["shape"] for i in m["inputs"]]
     audio = 1024 if kind == "two_dyn.pt2" else 512
     assert shapes == [[1, 1, audio], [1, 6]]
@@ -470,3 +479,31 @@ def test_save_turns_a_trusted_pickle_into_a_program_that_needs_no_trust(two_file
     other = _run([*args[:4], str(tmp_path / "two.onnx"), *args[5:]])
     assert other.exit_code == 1 and "saved as .pt2" in other.output
     assert not (tmp_path / "two.onnx").exists()
+
+
+def test_save_keeps_an_axis_of_a_pickle_dynamic_and_onnx_keeps_it(two_files, tmp_path):
+    """A pickled module has no dynamic axis of its own: ``save --dynamic-axis`` gives its
+    program one, which an onnx build keeps (verified at several lengths)."""
+    root, _ = two_files
+    saved = tmp_path / "two_dyn.pt2"
+    base = ["save", str(root / "two.pt"), "--trust-pickle", "--input-shape", "1,1,512"]
+    base += ["--input-shape", "1,6", "-o", str(saved)]
+    result = _run([*base, "--dynamic-axis", "audio=2:64:4096"])
+    assert result.exit_code == 0, result.output
+    assert "audio axis 2 dynamic in [64, 4096]" in result.output
+    out = tmp_path / "o"
+    result = _run(["export", str(saved), "--input-shape", "audio=1,1,1000", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "audio: axis 2 any size in [64, 4096] (verified at 64, 1000, 1501)" in result.output
+    # mistakes: one line each, nothing written
+    for spec, message in [
+        ("2:64:4096", "give --dynamic-axis as NAME=AXIS:MIN:MAX"),
+        ("speech=2:64:4096", "names input 'speech'"),
+        ("audio=3:64:4096", "input 'audio' has 3 axes"),
+        ("audio=2:600:4096", "must hold the size the model is saved at (512)"),
+        ("audio=2:64", "is not [NAME=]AXIS:MIN:MAX"),
+    ]:
+        args = [*base[:-1], str(tmp_path / "bad.pt2"), "--dynamic-axis", spec]
+        result = _run(args)
+        assert result.exit_code in (1, 2) and message in result.output, (spec, result.output)
+        assert not (tmp_path / "bad.pt2").exists()

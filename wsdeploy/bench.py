@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from wsdeploy.compiler import read_manifest
+from wsdeploy.compiler import MANIFEST, read_manifest
 from wsdeploy.errors import WsdeployError
 from wsdeploy.modelfile import atomic_write
 from wsdeploy.targets import get_target
@@ -89,6 +89,7 @@ def bench(
     result = {
         "target": target.name,
         "precision": manifest.get("precision", "fp32"),
+        "strategy": manifest.get("strategy"),
         "model_sha256": manifest["source"]["sha256"],
         "device": rpc or "local",
         "emulated": rpc is not None and device.is_emulated(rpc),
@@ -104,18 +105,34 @@ def bench(
     if target.profiler is not None and rpc is None:
         result["kernels_ms"] = target.profiler(run, x)
     atomic_write(outdir / BENCH, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    _list_in_manifest(outdir, BENCH)
     return result
 
 
+def _list_in_manifest(outdir: Path, name: str) -> None:
+    """Add ``name`` to the files the build's manifest lists (every file of a build is
+    listed), rewriting the manifest atomically."""
+    path = outdir / MANIFEST
+    manifest = json.loads(path.read_text())
+    if name not in manifest["files"]:
+        manifest["files"].append(name)
+        atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+
+
 def precision_speedups(outdirs: list[Path], results: list[dict[str, Any]]) -> list[str]:
-    """One line per int8 build that has an fp32 build of the same model and target among
-    ``results``: its latency against the fp32 one's."""
+    """One line per int8 build that has an fp32 build of the same model, target and
+    strategy among ``results``: its latency against the fp32 one's (a pair of different
+    strategies would mix the lowering's speed into the precision's)."""
     lines = []
+
+    def key(r: dict[str, Any]) -> tuple:
+        return r["model_sha256"], r["target"], r.get("strategy")
+
     for d8, r8 in zip(outdirs, results, strict=True):
         if r8["precision"] != "int8":
             continue
         for d32, r32 in zip(outdirs, results, strict=True):
-            same = (r32["model_sha256"], r32["target"]) == (r8["model_sha256"], r8["target"])
+            same = key(r32) == key(r8)
             if r32["precision"] == "fp32" and same:
                 lines.append(
                     f"int8 {d8} runs {r32['median_ms'] / r8['median_ms']:.2f}x as fast as "
@@ -167,6 +184,29 @@ def report(outdirs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+LABEL_STEP_PT = 8
+"""Vertical step (points) between labels that would overlap in the plot."""
+
+
+def _label_offsets(ax, labels: list[tuple[tuple[float, float], str]]):
+    """Each label with a vertical offset (points) that keeps it off the labels placed
+    before it: a label near another (within a line's height, and within its width to the
+    right or left) moves up a step at a time."""
+    placed: list[tuple[float, float, float]] = []  # x, y (pixels), width (pixels)
+    per_pt = ax.figure.dpi / 72
+    for xy, text in sorted(labels, key=lambda item: item[0][1]):
+        x, y = ax.transData.transform(xy)
+        width = len(text) * 3.2 * per_pt  # 6 pt type: about 3.2 pt a character
+        dy = 4.0
+        while any(
+            abs(y + dy * per_pt - py) < LABEL_STEP_PT * per_pt and x < px + pw and px < x + width
+            for px, py, pw in placed
+        ):
+            dy += LABEL_STEP_PT
+        placed.append((x, y + dy * per_pt, width))
+        yield xy, text, dy
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Size vs latency of the reported builds (builds never benched are left out)."""
     try:
@@ -186,6 +226,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     colours = {"fp32": "tab:blue", "int8": "tab:orange"}
     markers = ["o", "s", "^", "D", "P", "v", "X"]
     targets = sorted({r["target"] for r in timed})
+    ax.set_xscale("log")
+    ax.set_yscale("log")  # emulated and native latencies differ by orders of magnitude
+    labels = []
     for r in timed:
         xy = (r["bytes"] / 1024, r["median_ms"])
         emulated = (r["timed_on"] or "").startswith("emulated")
@@ -198,13 +241,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         )
         if r["bytes"] == r["dense_bytes"]:  # the dense baseline (or a build equal to it)
             ax.scatter(*xy, marker="o", s=180, facecolors="none", edgecolors="red")
-        ax.annotate(
-            f"{r['model']} {r['strategy']}" + (" (emulated)" if emulated else ""),
-            xy,
-            fontsize=6,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
+        text = f"{r['model']} {r['strategy']}" + (" int8" if r["precision"] == "int8" else "")
+        labels.append((xy, text + (" (emulated)" if emulated else "")))
+    ax.autoscale_view()
+    for xy, text, dy in _label_offsets(ax, labels):
+        ax.annotate(text, xy, fontsize=6, xytext=(4, dy), textcoords="offset points")
     handles = [
         plt.Line2D([], [], ls="", marker=markers[i % len(markers)], color="gray", label=t)
         for i, t in enumerate(targets)
@@ -214,8 +255,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         plt.Line2D([], [], ls="", marker="o", mfc="none", mec="red", ms=10, label="dense size")
     )
     ax.legend(handles=handles, fontsize=7, loc="best")
-    ax.set_xscale("log")
-    ax.set_yscale("log")  # emulated and native latencies differ by orders of magnitude
     ax.set_xlabel("artifact size (KB)")
     ax.set_ylabel("median latency (ms); hollow: emulated device")
     fig.tight_layout()

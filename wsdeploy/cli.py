@@ -458,21 +458,57 @@ def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: tuple[st
     type=click.Path(path_type=Path, dir_okay=False),
     help="The .pt2 file to write (never replaces one).",
 )
+@click.option(
+    "--dynamic-axis",
+    multiple=True,
+    metavar="[NAME=]AXIS:MIN:MAX",
+    help="Keep AXIS of the input (of input NAME) dynamic in the program, sizes MIN to MAX "
+    "(e.g. 2:4000:64000 for a variable length); onnx and ort builds of it keep the axis. "
+    "Repeat it per axis.",
+)
 @with_model_options
 @_errors
-def save(model: str, output: Path, trust_pickle: bool, input_shape: tuple[str, ...]) -> None:
+def save(
+    model: str,
+    output: Path,
+    dynamic_axis: tuple[str, ...],
+    trust_pickle: bool,
+    input_shape: tuple[str, ...],
+) -> None:
     """Save MODEL as a weights-only torch.export program (.pt2).
 
     A pickled module loads only with --trust-pickle, since unpickling runs its code; saved
-    once as a program (at --input-shape), it loads anywhere without that. The file is read
-    back untrusted and checked against the model before it is kept.
+    once as a program (at --input-shape, with any --dynamic-axis kept dynamic), it loads
+    anywhere without that. The file is read back untrusted and checked against the model
+    before it is kept.
     """
     from wsdeploy.modelfile import load_model, save_program
 
+    axes = [_dynamic_axis(v) for v in dynamic_axis]
     loaded = load_model(model, trust_pickle=trust_pickle, input_shape=_shape(input_shape))
-    path = save_program(loaded, output)
+    path = save_program(loaded, output, axes)
     shapes = " ".join(",".join(map(str, s)) for s in loaded.input_shapes)
-    click.echo(f"saved {path} ({path.stat().st_size:,} bytes; input shape {shapes})")
+    kept = "".join(
+        f"; {a.input + ' ' if a.input else ''}axis {a.axis} dynamic in [{a.min}, {a.max}]"
+        for a in axes
+    )
+    click.echo(f"saved {path} ({path.stat().st_size:,} bytes; input shape {shapes}{kept})")
+
+
+def _dynamic_axis(value: str):
+    """``--dynamic-axis [NAME=]AXIS:MIN:MAX``."""
+    from wsdeploy.modelfile import DynamicAxis
+
+    name, _, spec = value.rpartition("=")
+    try:
+        axis, lo, hi = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not [NAME=]AXIS:MIN:MAX (e.g. 2:4000:64000)"
+        ) from None
+    if lo > hi:
+        raise click.BadParameter(f"{value!r}: MIN is above MAX")
+    return DynamicAxis(name.strip() or None, axis, lo, hi)
 
 
 def _ratio(value: float | None) -> str:
@@ -698,6 +734,8 @@ def _print_build(m: dict, outdir: Path) -> None:
     _print_recognition(m.get("recognition", []))
     for fixed in m.get("fixed_dimensions", []):
         click.echo(f"  input     {fixed} (a dynamic program, built for this shape only)")
+    for kept in m.get("dynamic_dimensions", []):
+        click.echo(f"  input     {kept}")
     for warning in m.get("warnings", []):
         click.echo(f"  warning   {warning}")
     ratio = size["ratio"]
@@ -745,6 +783,13 @@ def _print_verification(v: dict) -> None:
             f"{o['max_abs']:.2g}, max rel err {o['max_rel']:.2g}, cosine "
             f"{o['cosine']:.6f}{top1} (atol {o['atol']:g}, rtol {o['rtol']:g}): "
             f"{'PASS' if o['ok'] else 'FAIL'}"
+        )
+    for d in v.get("dynamic", []):  # a build keeping dynamic axes, at its other sizes
+        worst = max(o["max_abs"] for o in d["outputs"])
+        shapes = " ".join("x".join(map(str, s)) for s in d["input_shapes"])
+        click.echo(
+            f"  verified  at input {shapes} on {d['n_inputs']} inputs: max abs err {worst:.2g}: "
+            f"{'PASS' if d['passed'] else 'FAIL'}"
         )
     if v.get("note"):
         click.echo(f"  note      {v['note']}")

@@ -34,7 +34,7 @@ from wsdeploy import __version__, numerics, quantize, trace
 from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
 from wsdeploy.modelfile import LoadedModel, Shapes, default_mode, load_model
 from wsdeploy.passes import PRECISIONS
-from wsdeploy.passes._graph import static_shape
+from wsdeploy.passes._graph import shape_hints, static_shape
 from wsdeploy.passes.affine import AffinePass
 from wsdeploy.passes.base import Pass, PassManager
 from wsdeploy.passes.cleanup import CleanupPass
@@ -151,12 +151,34 @@ def _check_precision(target: Target, precision: str) -> None:
         )
 
 
-def torch_stage(loaded: LoadedModel) -> tuple[torch.export.ExportedProgram, list[Any]]:
+def torch_stage(
+    loaded: LoadedModel, dynamic: bool = False
+) -> tuple[torch.export.ExportedProgram, list[Any]]:
     """The torch stage: ``torch.export`` the model, then rewrite the WSNet layers written by
     hand in plain PyTorch into wsnet ops (``RecognizePass``), before ONNX constant folding
     could bake their computed weights into dense ones. Returns the program and one
-    ``recognize.Record`` per convolution and linear layer."""
-    return recognize(trace.trace(loaded))
+    ``recognize.Record`` per convolution and linear layer. ``dynamic``: a .pt2's dynamic
+    dimensions are kept (``trace.trace``)."""
+    return recognize(trace.trace(loaded, dynamic))
+
+
+def keeps_dynamic(loaded: LoadedModel, target: Target, precision: str) -> bool:
+    """Whether the build keeps the model's dynamic dimensions (``Target.dynamic``, fp32:
+    int8 calibrates and traces the model at its concrete shape)."""
+    return loaded.dynamic_program is not None and target.dynamic and precision == "fp32"
+
+
+def dynamic_sizes(loaded: LoadedModel) -> dict[str, int]:
+    """Each dynamic dimension's symbol and its size in ``--input-shape`` (what estimates
+    and records are made at)."""
+    hints: dict[str, int] = {}
+    if loaded.dynamic_program is None:
+        return hints
+    axes = trace.dynamic_axes(loaded.dynamic_program)
+    for shape, found in zip(loaded.input_shapes, axes, strict=True):
+        for axis, a in found.items():
+            hints[a.symbol] = shape[axis]
+    return hints
 
 
 def lower(
@@ -175,7 +197,8 @@ def lower(
         raise WsdeployError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
     target = get_target(target) if isinstance(target, str) else target
     _check_precision(target, precision)
-    program, records = torch_stage(loaded)
+    dynamic = keeps_dynamic(loaded, target, precision)
+    program, records = torch_stage(loaded, dynamic)
     if recognition is not None:
         recognition.extend(records)
     if target.consumes == "torch":
@@ -184,7 +207,8 @@ def lower(
         return lower_program(program, strategy, goal)
     model = trace.to_onnx(program)
     layers: list[dict[str, Any]] = []
-    pipeline(strategy, target, goal, precision, layers)(model)
+    with shape_hints(dynamic_sizes(loaded) if dynamic else {}):
+        pipeline(strategy, target, goal, precision, layers)(model)
     return model, layers
 
 
@@ -201,9 +225,10 @@ def check(
     inputs: list[numerics.Inputs],
     stage: str = "runtime",
     step: float = 1.0,
+    where: str = "",
 ) -> dict[str, Any]:
     """Run ``runner`` and the eager model on ``inputs``; summarise, raise on mismatch
-    (``step``: see ``numerics.compare``)."""
+    (``step``: see ``numerics.compare``; ``where``: said after each output's name)."""
     actual: list[list[np.ndarray]] = []
     expected: list[list[np.ndarray]] = []
     for x in inputs:
@@ -213,7 +238,8 @@ def check(
     for i in range(len(expected[0])):
         a = np.concatenate([o[i] for o in actual])
         e = np.concatenate([o[i] for o in expected])
-        results.append(numerics.compare(a, e, stage=stage, name=f"output_{i}", step=step))
+        name = f"output_{i}{where}"
+        results.append(numerics.compare(a, e, stage=stage, name=name, step=step))
     summary = {
         "passed": all(r.ok for r in results),
         "n_inputs": len(inputs),
@@ -224,6 +250,60 @@ def check(
         if not r.ok:
             raise NumericsMismatch(r.name, r.max_abs, r.max_rel, r.atol, r.rtol, stage)
     return summary
+
+
+def verification_sizes(loaded: LoadedModel) -> list[tuple[tuple[int, ...], ...]]:
+    """The input shapes besides ``--input-shape``'s that a build keeping dynamic axes is
+    verified at: every dynamic axis at its range's lower end, then at 1.5x its given size
+    plus one (an odd size, within the range)."""
+    axes = trace.dynamic_axes(loaded.dynamic_program)
+    given = dynamic_sizes(loaded)
+    ranges = {a.symbol: a for found in axes for a in found.values()}
+    shapes = []
+    for pick in (lambda a, n: a.min, lambda a, n: n + n // 2 + 1):
+        sizes = {}
+        for symbol, n in given.items():
+            a = ranges[symbol]
+            sizes[symbol] = max(a.min, min(pick(a, n), a.max or MAX_DYNAMIC_SIZE))
+        shape = tuple(
+            tuple(sizes[found[i].symbol] if i in found else d for i, d in enumerate(s))
+            for s, found in zip(loaded.input_shapes, axes, strict=True)
+        )
+        if shape != loaded.input_shapes and shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+MAX_DYNAMIC_SIZE = 1 << 16
+"""The largest size verification picks on an axis whose range has no upper bound."""
+
+
+def check_dynamic(loaded: LoadedModel, runner, n: int, seed: int) -> list[dict[str, Any]]:
+    """Check a build keeping dynamic axes at the other sizes of ``verification_sizes``; one
+    summary per size, raising on the first mismatch (the size in its message)."""
+    found = []
+    for shapes in verification_sizes(loaded):
+        inputs = numerics.model_inputs(shapes, None, {}, n=n, seed=seed)
+        label = " x ".join("x".join(map(str, s)) for s in shapes)
+        summary = check(loaded, runner, inputs, where=f" at input {label}")
+        found.append({"input_shapes": [list(s) for s in shapes], **summary})
+    return found
+
+
+def dynamic_lines(loaded: LoadedModel, checked: list[dict[str, Any]]) -> list[str]:
+    """One line per input with dynamic axes: each axis, its range, the sizes verified."""
+    lines = []
+    names = loaded.input_names or tuple(f"input_{i}" for i in range(len(loaded.input_shapes)))
+    axes = trace.dynamic_axes(loaded.dynamic_program)
+    for i, (name, found) in enumerate(zip(names, axes, strict=True)):
+        for axis, a in found.items():
+            sizes = [loaded.input_shapes[i][axis]] + [c["input_shapes"][i][axis] for c in checked]
+            hi = "inf" if a.max is None else a.max
+            lines.append(
+                f"{name}: axis {axis} any size in [{a.min}, {hi}] "
+                f"(verified at {', '.join(map(str, sorted(set(sizes))))})"
+            )
+    return lines
 
 
 def _tool_versions() -> dict[str, str]:
@@ -365,7 +445,9 @@ def layered(loaded: LoadedModel) -> LoadedModel:
     return _memo(
         loaded,
         ("layered",),
-        lambda: dataclasses.replace(loaded, module=modularize(program), exported=None),
+        lambda: dataclasses.replace(
+            loaded, module=modularize(program), exported=None, dynamic_program=None
+        ),
     )
 
 
@@ -443,7 +525,8 @@ def target_int8_reference(
     calibration = quantize.Calibration(
         {}, out_max, quantize.count(samples), source, method=f"{target.name} (PT2E, XNNPACK)"
     )
-    return dataclasses.replace(loaded, module=qmodule, exported=None), calibration, layers
+    reference = dataclasses.replace(loaded, module=qmodule, exported=None, dynamic_program=None)
+    return reference, calibration, layers
 
 
 def accuracy_gate(
@@ -789,13 +872,20 @@ def _built_for_cpu(target, cpu: str | None) -> str | None:
     return str(t.attrs.get("mcpu", "") or "") or "generic"
 
 
+DEFAULT_RECORDS = "default"
+"""The manifest's ``tuning_records`` of a build that used the default root
+(``$WSDEPLOY_TUNING_DIR`` or ``~/.cache/wsdeploy/tuning``)."""
+
+
 def _records_root(target, records: str | None) -> str | None:
-    """The root of the tuning records a TVM build applied (None: not a tuned target)."""
+    """Which tuning records a TVM build applied, for its manifest (None: not a tuned
+    target): ``DEFAULT_RECORDS``, or the ``--records`` directory as given if relative, its
+    name if absolute (a shipped manifest must not leak the builder's paths)."""
     if target.tvm_target is None:
         return None
-    from wsdeploy.targets.tvm.records import default_root
-
-    return str(Path(records) if records is not None else default_root())
+    if records is None:
+        return DEFAULT_RECORDS
+    return records if not Path(records).is_absolute() else Path(records).name
 
 
 def _linker(target, cc: str | None) -> dict[str, Any] | None:
@@ -938,6 +1028,7 @@ def export(
         else:
             reference, calibration, own_int8 = target_int8_reference(loaded, options, target)
     say("trace, recognise and lower")
+    dynamic = keeps_dynamic(loaded, target, options.precision)
     recognition: list[Any] = []
     lowered, layers = lower(
         reference, options.strategy, target, recognition, options.goal, options.precision
@@ -974,6 +1065,11 @@ def export(
             say(f"verify against PyTorch ({where.verified_on})")
             if calibration is None:
                 verification = check(loaded, where.runner, inputs)
+                if dynamic:
+                    say("verify at other sizes of the dynamic axes")
+                    verification["dynamic"] = check_dynamic(
+                        loaded, where.runner, options.n_verify, options.seed
+                    )
             else:
                 verification = check(
                     reference, where.runner, inputs, stage="quantized", step=calibration.output_step
@@ -989,7 +1085,11 @@ def export(
                     data=held_out,
                 )
                 verification["accuracy_gate"]["ran_on"] = where.gate_on
-        verification["device"] = options.rpc or "local"
+        # the device's address, or where it ran without one (an emulated device started
+        # for the check has no address worth keeping)
+        verification["device"] = options.rpc or (
+            where.verified_on if where.verified_on == "emulated-arm64" else "local"
+        )
         verification["verified_on"] = where.verified_on
         if where.note:
             verification["note"] = where.note
@@ -1024,9 +1124,12 @@ def export(
                 for r in recognition
             ],
             "warnings": warnings,
-            "fixed_dimensions": list(loaded.fixed),
-            "inputs": _io(lowered, "inputs"),
-            "outputs": _io(lowered, "outputs"),
+            "fixed_dimensions": [] if dynamic else list(loaded.fixed),
+            "dynamic_dimensions": (
+                dynamic_lines(loaded, verification["dynamic"]) if dynamic else []
+            ),
+            "inputs": _io(lowered, "inputs", loaded, dynamic),
+            "outputs": _io(lowered, "outputs", loaded, dynamic),
             "size": {
                 "artifact_bytes": size,
                 "dense_baseline_bytes": baseline,
@@ -1059,13 +1162,35 @@ def _source_name(loaded: LoadedModel) -> str:
     return Path(loaded.source).name
 
 
-def _io(lowered: ir.Model | torch.export.ExportedProgram, which: str) -> list[dict[str, Any]]:
-    """The lowered model's ``inputs`` or ``outputs``: name, static shape, dtype."""
+def _io(
+    lowered: ir.Model | torch.export.ExportedProgram,
+    which: str,
+    loaded: LoadedModel | None = None,
+    dynamic: bool = False,
+) -> list[dict[str, Any]]:
+    """The lowered model's ``inputs`` or ``outputs``: name, shape (at ``--input-shape``),
+    dtype; where the build keeps dynamic axes, ``dynamic`` says each one's size: an input's
+    symbol and range, an output's expression of them."""
     if isinstance(lowered, ir.Model):
-        return [
-            {"name": v.name, "shape": list(static_shape(v)), "dtype": str(v.dtype.numpy())}
-            for v in getattr(lowered.graph, which)
-        ]
+        values = list(getattr(lowered.graph, which))
+        with shape_hints(dynamic_sizes(loaded) if dynamic and loaded else {}):
+            found = [
+                {"name": v.name, "shape": list(static_shape(v)), "dtype": str(v.dtype.numpy())}
+                for v in values
+            ]
+        axes = trace.dynamic_axes(loaded.dynamic_program) if dynamic and loaded else []
+        for i, (spec, v) in enumerate(zip(found, values, strict=True)):
+            sizes = {
+                str(axis): {"size": d.value}
+                for axis, d in enumerate(v.shape)
+                if not isinstance(d, int)
+            }
+            if which == "inputs" and i < len(axes):
+                for axis, a in axes[i].items():
+                    sizes[str(axis)] = {"size": a.symbol, "min": a.min, "max": a.max}
+            if sizes:
+                spec["dynamic"] = sizes
+        return found
     signature = lowered.graph_signature
     if which == "inputs":
         names = set(signature.user_inputs)
@@ -1217,6 +1342,9 @@ def verify(
     with runs as where:
         if not int8:
             result = check(loaded, where.runner, inputs)
+            kept = any("dynamic" in spec for spec in manifest["inputs"])
+            if kept and loaded.dynamic_program is not None:
+                result["dynamic"] = check_dynamic(loaded, where.runner, n_verify, seed)
         else:
             result = check(
                 reference, where.runner, inputs, stage="quantized", step=calibration.output_step

@@ -26,10 +26,10 @@ import re
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -69,6 +69,9 @@ class LoadedModel:
     """The shapes of inputs 2..N of a model taking several (``input_shape`` is the first)."""
     input_names: tuple[str, ...] = ()
     """The inputs' names, where the model file says them (a .pt2, a module's forward)."""
+    dynamic_program: torch.export.ExportedProgram | None = None
+    """A .pt2's program with its dynamic dimensions, for targets that keep them
+    (``Target.dynamic``); the others trace ``module`` at ``input_shapes``."""
     fixed: tuple[str, ...] = ()
     """The dynamic dimensions of a .pt2 fixed by ``--input-shape``, one line per input:
     builds take that shape only."""
@@ -145,11 +148,56 @@ def save_checkpoint(
     atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
-def save_program(loaded: LoadedModel, path: Path) -> Path:
+class DynamicAxis(NamedTuple):
+    """``--dynamic-axis [NAME=]AXIS:MIN:MAX``: an input axis a saved program keeps dynamic."""
+
+    input: str | None  # None: the model's only input
+    axis: int
+    min: int
+    max: int
+
+
+def _dynamic_spec(loaded: LoadedModel, axes: Sequence[DynamicAxis]) -> tuple | None:
+    """torch.export's ``dynamic_shapes`` for ``axes``, checked against the model's inputs
+    (each axis exists, its range holds the size the model is saved at)."""
+    if not axes:
+        return None
+    names = list(loaded.input_names or [f"input_{i}" for i in range(len(loaded.input_shapes))])
+    spec: list[dict] = [{} for _ in names]
+    for a in axes:
+        if a.input is None and len(names) > 1:
+            raise ModelFileError(
+                f"the model takes {len(names)} inputs ({', '.join(map(repr, names))}): give "
+                "--dynamic-axis as NAME=AXIS:MIN:MAX"
+            )
+        if a.input is not None and a.input not in names:
+            raise ModelFileError(
+                f"--dynamic-axis names input {a.input!r}; the model's inputs are "
+                + ", ".join(map(repr, names))
+            )
+        i = 0 if a.input is None else names.index(a.input)
+        shape = loaded.input_shapes[i]
+        if not 0 <= a.axis < len(shape):
+            raise ModelFileError(
+                f"--dynamic-axis {a.axis}: input {names[i]!r} has {len(shape)} axes"
+            )
+        if not 2 <= a.min <= shape[a.axis] <= a.max:
+            raise ModelFileError(
+                f"--dynamic-axis {a.axis}:{a.min}:{a.max} must hold the size the model is "
+                f"saved at ({shape[a.axis]}), from 2 up"
+            )
+        symbol = re.sub(r"\W", "_", f"{names[i]}_{a.axis}")
+        spec[i][a.axis] = torch.export.Dim(symbol, min=a.min, max=a.max)
+    return tuple(s or None for s in spec)
+
+
+def save_program(loaded: LoadedModel, path: Path, dynamic: Sequence[DynamicAxis] = ()) -> Path:
     """Write ``loaded`` as a ``torch.export`` program (``.pt2``) atomically: what a trusted
     pickle becomes to load later without ``trust_pickle`` (weights, graph and input shapes
-    only; no Python code of the model's). The file is loaded back, without trusting it, and
-    must compute what the model computes before it is kept. Refuses to replace a file."""
+    only; no Python code of the model's), with the ``dynamic`` axes kept dynamic. The file
+    is loaded back, without trusting it, and must compute what the model computes (with
+    dynamic axes, also at each one's lower end) before it is kept. Refuses to replace a
+    file."""
     from wsdeploy import numerics, trace
 
     path = Path(path)
@@ -157,20 +205,45 @@ def save_program(loaded: LoadedModel, path: Path) -> Path:
         raise ModelFileError(f"{path}: a program is saved as .pt2")
     if path.exists():
         raise ModelFileError(f"{path} exists; remove it or choose another name")
-    program = trace.trace(loaded)
+    spec = _dynamic_spec(loaded, dynamic)
+    if spec is None:
+        program = trace.trace(loaded)
+    else:
+        example = tuple(torch.zeros(s) for s in loaded.input_shapes)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(loaded.module, example, dynamic_shapes=spec)
+        except Exception as e:
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            why = " ".join(lines[:2])[:400]
+            raise ModelFileError(
+                f"--dynamic-axis: torch.export cannot keep it dynamic ({why})"
+            ) from None
     atomic_write(path, lambda tmp: torch.export.save(program, tmp), suffix=".tmp.pt2")
+    sizes = [loaded.input_shapes]
+    if spec is not None:
+        sizes.append(
+            tuple(
+                tuple(
+                    spec[i][axis].min if spec[i] and axis in spec[i] else d
+                    for axis, d in enumerate(shape)
+                )
+                for i, shape in enumerate(loaded.input_shapes)
+            )
+        )
     try:
-        again = load_model(path)
         rng = np.random.default_rng(0)
-        xs = [
-            torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in loaded.input_shapes
-        ]
-        with torch.no_grad():
-            want, got = loaded.module(*xs), again.module(*xs)
-        want = want if isinstance(want, tuple | list) else (want,)
-        got = got if isinstance(got, tuple | list) else (got,)
-        for w, g in zip(want, got, strict=True):
-            numerics.assert_close(g.numpy(), w.numpy(), stage="rewrite")
+        for shapes in sizes:
+            given = (shapes[0] if len(shapes) == 1 else list(shapes)) if spec else None
+            again = load_model(path, input_shape=given)
+            xs = [torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+            with torch.no_grad():
+                want, got = loaded.module(*xs), again.module(*xs)
+            want = want if isinstance(want, tuple | list) else (want,)
+            got = got if isinstance(got, tuple | list) else (got,)
+            for w, g in zip(want, got, strict=True):
+                numerics.assert_close(g.numpy(), w.numpy(), stage="rewrite")
     except Exception as e:
         path.unlink(missing_ok=True)  # ours: written just now
         raise ModelFileError(
@@ -597,6 +670,7 @@ def _load_pt2(
         "pt2",
         # a dynamic program is re-traced at the concrete shapes by wsdeploy.trace
         exported=None if dynamic else ep,
+        dynamic_program=ep if dynamic else None,
         more_inputs=tuple(shapes[1:]),
         input_names=tuple(names),
         fixed=tuple(fixed),

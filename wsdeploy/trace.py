@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -53,9 +55,12 @@ def _translations() -> dict:
     }
 
 
-def trace(loaded: LoadedModel) -> torch.export.ExportedProgram:
+def trace(loaded: LoadedModel, dynamic: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` the model at its example input shapes (a static .pt2 is already
-    traced)."""
+    traced); with ``dynamic``, a .pt2 exported with dynamic dimensions is that program,
+    its dimensions kept (``LoadedModel.dynamic_program``)."""
+    if dynamic and loaded.dynamic_program is not None:
+        return loaded.dynamic_program
     if loaded.exported is not None:
         return loaded.exported
     example = tuple(torch.zeros(shape) for shape in loaded.input_shapes)
@@ -74,6 +79,9 @@ def to_onnx(ep: torch.export.ExportedProgram) -> ir.Model:
     it cannot see through a ``wsnet`` node, so phi is never materialised into dense weights.
     """
     onnx_ops.register_schemas()
+    # torch.onnx warns, once per process, that torchvision's ops are not registered: wsdeploy
+    # needs none of them, and the warning read as a problem on every command's stderr
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     example = example_inputs(ep)
     try:
         with warnings.catch_warnings():
@@ -98,11 +106,83 @@ def to_onnx(ep: torch.export.ExportedProgram) -> ir.Model:
     return model
 
 
-def example_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...]:
-    """Zero tensors of the program's user-input shapes and dtypes (to trace it again)."""
+def _user_inputs(ep: torch.export.ExportedProgram) -> list[torch.Tensor]:
+    """The fake tensors of the program's user inputs, in order."""
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    return tuple(
-        torch.zeros(tuple(nodes[n].meta["val"].shape), dtype=nodes[n].meta["val"].dtype)
-        for n in names
-    )
+    return [nodes[n].meta["val"] for n in names]
+
+
+def _concrete(d: int | torch.SymInt) -> int:
+    """A size of the program: an integer, or a symbolic one's example value (its hint, the
+    size it was exported at; else its range's lower bound)."""
+    if isinstance(d, int):
+        return d
+    hint = d.node.hint
+    if hint is not None:
+        return int(hint)
+    return int(d.node.shape_env.var_to_range[d.node.expr].lower)
+
+
+def example_inputs(
+    ep: torch.export.ExportedProgram, shapes: Sequence[Sequence[int]] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Zero tensors of the program's user-input shapes and dtypes (to trace it again); a
+    dynamic size takes its example value, or ``shapes``' if given."""
+    vals = _user_inputs(ep)
+    if shapes is None:
+        shapes = [[_concrete(d) for d in v.shape] for v in vals]
+    return tuple(torch.zeros(tuple(s), dtype=v.dtype) for s, v in zip(shapes, vals, strict=True))
+
+
+class DynamicAxis(NamedTuple):
+    """One dynamic dimension of a program's input: its symbol and range."""
+
+    symbol: str
+    min: int
+    max: int | None  # None: unbounded
+
+
+def dynamic_axes(ep: torch.export.ExportedProgram) -> list[dict[int, DynamicAxis]]:
+    """Per user input, its dynamic axes (a plain symbol each; an input whose size is an
+    expression of another's, e.g. ``2*s0``, is refused)."""
+    axes: list[dict[int, DynamicAxis]] = []
+    for v in _user_inputs(ep):
+        found = {}
+        for axis, d in enumerate(v.shape):
+            if isinstance(d, int):
+                continue
+            expr = d.node.expr
+            if not expr.is_Symbol:
+                raise UnsupportedLayerError(
+                    f"input size {expr} is an expression of another input's: wsdeploy keeps "
+                    "dynamic axes that are sizes of their own"
+                )
+            r = ep.range_constraints.get(expr)
+            lo = int(r.lower) if r is not None and r.lower.is_finite else 0
+            hi = int(r.upper) if r is not None and r.upper.is_finite else None
+            found[axis] = DynamicAxis(str(expr), lo, hi)
+        axes.append(found)
+    return axes
+
+
+def dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[dict | None, ...] | None:
+    """``torch.export``'s ``dynamic_shapes`` that re-traces a module of ``ep`` with the same
+    dynamic axes (one ``Dim`` per symbol, shared where inputs share it); None if static."""
+    axes = dynamic_axes(ep)
+    if not any(axes):
+        return None
+    dims: dict[str, Any] = {}
+    spec = []
+    for found in axes:
+        entry = {}
+        for axis, a in found.items():
+            if a.symbol not in dims:
+                dims[a.symbol] = torch.export.Dim(a.symbol, min=a.min, max=a.max or MAX_SIZE)
+            entry[axis] = dims[a.symbol]
+        spec.append(entry or None)
+    return tuple(spec)
+
+
+MAX_SIZE = 2**31 - 2
+"""The largest size torch.export's ``Dim`` takes as a bound: an unbounded axis gets it."""

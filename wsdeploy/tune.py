@@ -60,6 +60,14 @@ class TuneResult:
     """One per tuned PrimFunc: name, trials measured, best latency (µs) in the records."""
 
 
+def _records(recorded: str | None) -> str | None:
+    """The records directory a build's manifest names (``compiler._records_root``); a
+    directory not found from here is for ``--records`` to name again (``tune``)."""
+    if recorded in (None, compiler.DEFAULT_RECORDS):
+        return None
+    return recorded
+
+
 def options_from_outdir(outdir: Path) -> tuple[dict, ExportOptions, quantize.Calibration | None]:
     """(the manifest's source record, export options, calibration) of a finished build."""
     manifest = compiler.read_manifest(Path(outdir))
@@ -69,7 +77,7 @@ def options_from_outdir(outdir: Path) -> tuple[dict, ExportOptions, quantize.Cal
         goal=manifest.get("goal", "speed"),
         cpu=manifest.get("cpu"),
         precision=manifest.get("precision", "fp32"),
-        records=manifest.get("tuning_records"),
+        records=_records(manifest.get("tuning_records")),
     )
     q = manifest.get("quantization")
     calibration = None
@@ -430,6 +438,11 @@ def tune_and_rebuild(
     options = dataclasses.replace(options, rpc=rpc)
     if records is not None:
         options = dataclasses.replace(options, records=records)
+    elif options.records is not None and not Path(options.records).is_dir():
+        raise WsdeployError(
+            f"{outdir} was built with the tuning records in {options.records!r}, not found "
+            "from here: pass --records DIR"
+        )
     if model is None:
         name = source.get("name")
         if not (isinstance(name, str) and name in zoo.ZOO):

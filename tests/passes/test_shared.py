@@ -7,7 +7,8 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given
+import torch
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import eager, op_types, randomize_bn, run_ir, to_ir
@@ -160,3 +161,73 @@ def test_conv2d_table_in_blocks(tmp_path):
     first, diag = _convs(result.model)
     assert first == {"kernel": [2, 2], "strides": [2, 2]}
     assert diag["kernel"] == [2, 2]
+
+
+def _dynamic(module, lo: int, channels: int):
+    """``module`` exported with its batch and length (from ``lo``) dynamic; the symbols'
+    example sizes as ``shape_hints``."""
+    from torch.export import Dim
+
+    from wsdeploy.passes._graph import shape_hints
+    from wsdeploy.trace import dynamic_axes
+
+    dims = {0: Dim("batch", min=1, max=4), 2: Dim("length", min=lo, max=lo + 40)}
+    example = torch.randn(2, channels, lo + 5)
+    ep = torch.export.export(module, (example,), dynamic_shapes=(dims,))
+    symbols = {a.symbol: example.shape[axis] for axis, a in dynamic_axes(ep)[0].items()}
+    assert len(symbols) == 2
+    return ep, shape_hints(symbols)
+
+
+@settings(max_examples=25, deadline=None)
+@given(conv1d_cfg, st.sampled_from(["shared", "custom"]))
+def test_conv1d_with_a_dynamic_batch_and_length(tmp_path_factory, cfg, strategy):
+    # the graph that runs at any length: k/g strided slices of the table, summed
+    from wsdeploy.trace import to_onnx
+
+    module, shape = conv1d_model(cfg)
+    randomize_bn(module)
+    # torch.export specialises a size that may be 1: two outputs at the shortest length
+    lo = max(2, cfg["k"] - 2 * cfg["padding"] + cfg["stride"])
+    ep, hints = _dynamic(module, lo, shape[1])
+    model = to_onnx(ep)
+    with hints:
+        records = []
+        pipeline(strategy, records=records)(model)
+    assert records[0]["strategy"] == strategy and "note" not in records[0]
+    assert not isinstance(model.graph.inputs[0].shape[2], int)  # the length stays symbolic
+    tmp = tmp_path_factory.mktemp("dyn")
+    rng = np.random.default_rng(2)
+    for batch, length in [(1, lo), (3, lo + 1), (2, lo + 17), (4, lo + 40)]:
+        x = rng.standard_normal((batch, shape[1], length)).astype(np.float32)
+        assert_close(run_ir(model, x, tmp), eager(module, x), stage="rewrite")
+
+
+def test_layers_whose_shared_graph_needs_static_sizes_fold_and_say_why(tmp_path):
+    # a WSNet linear layer on a dynamic batch: its shared graph reshapes by the row count
+    from wsdeploy.models import WSLinear
+
+    module = torch.nn.Sequential(WSLinear(8, 6, sample_stride=2)).eval()
+    ep, _, hints, to_onnx = _dynamic_batch(module, (2, 8))
+    model = to_onnx(ep)
+    with hints:
+        records = []
+        pipeline("shared", records=records)(model)
+    assert records[0]["strategy"] == "fold"
+    assert "needs input axis 0 static" in records[0]["note"]
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 8)).astype(np.float32)
+        assert_close(run_ir(model, x, tmp_path), eager(module, x), stage="rewrite")
+
+
+def _dynamic_batch(module, shape):
+    from torch.export import Dim
+
+    from wsdeploy.passes._graph import shape_hints
+    from wsdeploy.trace import dynamic_axes, to_onnx
+
+    ep = torch.export.export(
+        module, (torch.randn(*shape),), dynamic_shapes=({0: Dim("batch", min=1, max=8)},)
+    )
+    symbols = {a.symbol: shape[axis] for axis, a in dynamic_axes(ep)[0].items()}
+    return ep, symbols, shape_hints(symbols), to_onnx

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from wsdeploy.cli import main
 from wsdeploy.compiler import ExportOptions, export
 from wsdeploy.errors import CompileError, WsdeployError
+from wsdeploy.targets.tvm.records import default_root
 
 
 @pytest.fixture(autouse=True)
@@ -200,7 +201,7 @@ def test_emulated_device_end_to_end(tmp_path):
         assert "rebuilt" in result.output and "records:" in result.output
         info = json.loads((out / "tvm.json").read_text())
         assert info["records_applied"]
-        records = Path(info["tuning_records"])
+        records = default_root() / info["tuning_records"]
         assert "aarch64" in (records / "target.txt").read_text()
         # MetaSchedule's candidates really ran on the device (a failed run records 1e10 s)
         lines = (records / "records.json").read_text().splitlines()

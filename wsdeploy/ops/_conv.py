@@ -191,7 +191,7 @@ def translate(op_type: str):
     return translate
 
 
-def spec(spatial: int, materialize, layout, layout_ops, shared) -> OpSpec:
+def spec(spatial: int, materialize, layout, layout_ops, shared, dynamic_axes=frozenset()) -> OpSpec:
     """The spec of the ``spatial``-D WSNet conv (``WSConv1d``, ``WSConv2d``): what differs
     between them is how phi is sampled, laid out and shared; the rest is common."""
     op_type = f"WSConv{spatial}d"
@@ -213,4 +213,5 @@ def spec(spatial: int, materialize, layout, layout_ops, shared) -> OpSpec:
         dense_layout=dense_layout,
         dense_scale=dense_scale,
         translate=translate(op_type),
+        dynamic_axes=frozenset(dynamic_axes),
     )

@@ -79,6 +79,9 @@ class OpSpec:
         dense_scale: ``dense_scale(scale, attrs)``, (scale, axis) of the dense weight's
             DequantizeLinear from int8 phi's per-condensed-channel scales.
         translate: the onnxscript translation of the torch custom op into this op.
+        dynamic_axes: the input axes ``shared`` may get as None, sizes known only at run
+            time (a dynamic axis the build keeps); a layer whose input is dynamic on
+            another axis is folded (``passes.strategy.choose``).
     """
 
     op_type: str
@@ -98,6 +101,7 @@ class OpSpec:
     dense_layout: Callable[[np.ndarray, int], np.ndarray]
     dense_scale: Callable[[np.ndarray, dict[str, int]], tuple[Any, int]]
     translate: Callable[..., Any]
+    dynamic_axes: frozenset[int] = frozenset()
 
     def channel_axis(self, rank: int) -> int:
         """The output axis the epilogue's per-channel scale and bias run along."""

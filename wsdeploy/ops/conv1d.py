@@ -10,7 +10,10 @@ of C*). Its shared computation (WSNET.md §2), in standard ops:
                                 Conv_{kernel g, stride d}(                  # the table D
                                   Sum(Split_r(Pad(x))), windows(phi))))))
 
-See ``wsdeploy.passes.shared`` for the steps and ``_conv.blocking`` for g, e and d.
+See ``wsdeploy.passes.shared`` for the steps and ``_conv.blocking`` for g, e and d. A
+build keeping a dynamic length (or batch) cannot reshape by Td nor dilate by it: there each
+output is the sum of k/g strided Slices of the table, one per diagonal tap, whose ends count
+from the end of the axis (``_sliced_diagonals``).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def shared(
     in_shape: Shape,
     phi_shape: Shape,
 ) -> ir.Value:
-    """The shared computation of one WSConv1d; ``blocks`` is phi as (L*/e, C*, e)."""
+    """The shared computation of one WSConv1d; ``blocks`` is phi as (L*/e, C*, e).
+    ``in_shape`` has None for a size known only at run time (``OpSpec.dynamic_axes``)."""
     batch, _c, t0 = in_shape
     n, k, s, p = attrs["out_channels"], attrs["kernel_size"], attrs["stride"], attrs["padding"]
     ss, r = attrs["sample_stride"], attrs["channel_repeat"]
@@ -62,9 +66,6 @@ def shared(
     cut = _conv.blocking(attrs, phi_shape)
     g, e, d = cut
     nw, taps, over = cut.rows(ls), cut.taps(attrs), g // e  # table rows; blocks per window
-    tp = t0 + 2 * p
-    t_out = (tp - k) // s + 1
-    td = (tp - g) // d + 1  # table columns
     if over > 1:  # overlapping windows from phi stored once: window j is blocks j .. j+over-1
         parts = [b.slice(blocks, [m], [m + nw], [0], [1]) for m in range(over)]
         blocks = b.op("Concat", parts, axis=2)
@@ -73,6 +74,11 @@ def shared(
         x = b.op("Pad", [x, b.ints([0, 0, p, 0, 0, p])])
     xs = presum(b, x, r)
     table = b.op("Conv", [xs, blocks], kernel_shape=[g], strides=[d])  # (B, rows, Td)
+    if batch is None or t0 is None:
+        return epilogue(b, _sliced_diagonals(b, table, attrs, cut), scale, bias, n, 1)
+    tp = t0 + 2 * p
+    t_out = (tp - k) // s + 1
+    td = (tp - g) // d + 1  # table columns
     if taps == 1:  # every filter is one window: the table is the output
         rows = table
     else:
@@ -101,4 +107,33 @@ def shared(
     return epilogue(b, y, scale, bias, n, 1)
 
 
-CONV1D = _conv.spec(1, materialize, layout, layout_ops, shared)
+END = 2**63 - 1
+"""A Slice end meaning "to the end of the axis", whatever its size."""
+
+
+def _sliced_diagonals(b: Builder, table: ir.Value, attrs: dict[str, int], cut) -> ir.Value:
+    """The outputs from the table (B, rows, Td) of any length: output (i, t) sums the taps
+    D[i·S/e + q·g/e, t·s/d + q·g/d], q < k/g, so tap q is the table sliced from row q·g/e
+    and column q·g/d at steps S/e and s/d, its column range ending (k/g - 1 - q)·g/d before
+    the table's end; each slice then holds exactly T_out columns. No reshape or dilation
+    depends on Td, so the graph runs at every length. (Measured on ONNX Runtime at a fixed
+    length, the flat diagonal conv of ``shared`` was faster: it stays where Td is known.)"""
+    n, ss, s = attrs["out_channels"], attrs["sample_stride"], attrs["stride"]
+    g, e, d = cut
+    taps, over, step = cut.taps(attrs), g // e, g // d
+    parts = []
+    for q in range(taps):
+        back = (taps - 1 - q) * step
+        parts.append(
+            b.slice(
+                table,
+                [q * over, q * step],
+                [q * over + (n - 1) * (ss // e) + 1, -back if back else END],
+                [1, 2],
+                [ss // e, s // d],
+            )
+        )
+    return b.sum(parts)
+
+
+CONV1D = _conv.spec(1, materialize, layout, layout_ops, shared, dynamic_axes={0, 2})

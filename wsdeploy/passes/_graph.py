@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
+import sympy
 
 from wsdeploy import ops
 from wsdeploy.ops.base import NO_FOLD_KEY, input_of
@@ -41,11 +44,57 @@ def const(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+_HINTS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+    "wsdeploy_shape_hints", default=None
+)
+
+
+@contextlib.contextmanager
+def shape_hints(hints: Mapping[str, int]) -> Iterator[None]:
+    """Within this block, a size known only at run time (a dynamic axis the build keeps: a
+    symbolic dimension such as ``s0`` or ``((s0 - 7)//4) + 1``) reads, in ``static_shape``,
+    as its value at the example sizes ``hints`` (symbol -> size): what cost estimates and
+    records are made at. Emitters ask ``shape_of``, which keeps such a size unknown."""
+    token = _HINTS.set(dict(hints))
+    try:
+        yield
+    finally:
+        _HINTS.reset(token)
+
+
+def _hinted(dim: ir.SymbolicDim) -> int | None:
+    from wsdeploy import symexpr
+
+    hints = _HINTS.get()
+    if not hints or dim.value is None:
+        return None
+    symbols = {name: sympy.Symbol(name) for name in hints}
+    try:
+        expr = symexpr.parse(dim.value, symbols=symbols)
+    except symexpr.SymExprError:
+        return None
+    value = sympy.sympify(expr).subs({symbols[k]: v for k, v in hints.items()})
+    return int(value) if value.is_Integer else None
+
+
+def shape_of(value: ir.Value) -> tuple[int | None, ...]:
+    """The shape of ``value`` with None for each size known only at run time."""
+    if value.shape is None:
+        raise ValueError(f"value {value.name!r} has no shape")
+    return tuple(int(d) if isinstance(d, int) else None for d in value.shape)
+
+
 def static_shape(value: ir.Value) -> tuple[int, ...]:
-    """The fully static shape of ``value``; compile-time shapes are static in wsdeploy."""
-    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+    """The static shape of ``value``; a dynamic size reads as its example value inside
+    ``shape_hints``, and is an error outside."""
+    dims = (
+        []
+        if value.shape is None
+        else [int(d) if isinstance(d, int) else _hinted(d) for d in value.shape]
+    )
+    if value.shape is None or any(d is None for d in dims):
         raise ValueError(f"value {value.name!r} has no static shape ({value.shape})")
-    return tuple(int(d) for d in value.shape)
+    return tuple(dims)
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:

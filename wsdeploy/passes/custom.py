@@ -19,7 +19,16 @@ import onnx_ir as ir
 from wsdeploy import onnx_ops, ops
 from wsdeploy.ops.builder import Builder
 
-from ._graph import STRATEGY_KEY, epilogue, phi_of, static_shape, ws_attrs, ws_nodes, x_of
+from ._graph import (
+    STRATEGY_KEY,
+    epilogue,
+    phi_of,
+    shape_of,
+    static_shape,
+    ws_attrs,
+    ws_nodes,
+    x_of,
+)
 from .base import Pass, PassResult
 from .shared import build
 
@@ -33,7 +42,7 @@ def overload_key(node: ir.Node) -> str:
     scale, bias = epilogue(node)
     parts = [
         *(f"{k}{v}" for k, v in a.items()),
-        "x" + "x".join(map(str, static_shape(x_of(node)))),
+        "x" + "x".join("?" if d is None else str(d) for d in shape_of(x_of(node))),
         "s" if scale is not None else "",
         "b" if bias is not None else "",
     ]

@@ -209,11 +209,10 @@ def recognize(
     _delete_unused_attributes(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
-    from wsdeploy.trace import example_inputs
+    from wsdeploy.trace import dynamic_shapes, example_inputs
 
-    example = example_inputs(ep)
-    try:
-        new = torch.export.export(gm, example)
+    try:  # at the program's own shapes, its dynamic dimensions kept
+        new = torch.export.export(gm, example_inputs(ep), dynamic_shapes=dynamic_shapes(ep))
     except Exception as e:  # the rewrite must re-trace; if not, say so and keep the original
         log.warning("recognised layers could not be re-traced (%s): kept as written", e)
         for r in records:
@@ -241,15 +240,24 @@ def _dense_counts(node: torch.fx.Node, layer: str, weight: torch.fx.Node) -> dic
     w, out = weight.meta.get("val"), node.meta.get("val")
     if not isinstance(w, torch.Tensor) or not isinstance(out, torch.Tensor):
         return {}
-    shape = [int(d) for d in w.shape]
+    shape = [_example(d) for d in w.shape]
     per_output = int(np.prod(shape[1:])) if layer != "linear" else shape[-1]
     if _op_name(node) in ("matmul", "mm"):
         per_output = shape[0]
     return {
         "weight_shape": shape,
         "params": int(np.prod(shape)),
-        "dense_macs": int(out.numel()) * per_output,
+        "dense_macs": _example(out.numel()) * per_output,
     }
+
+
+def _example(size: int | torch.SymInt) -> int:
+    """A size, at the example sizes of a program with dynamic dimensions: ``int()`` of a
+    symbolic size would make the program guard on that value and lose the dimension."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else 0
+    return int(size)
 
 
 def _where(node: torch.fx.Node) -> str:
@@ -671,22 +679,38 @@ def _fit_1d(base: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def _fit_2d(base: np.ndarray, n: int, k: int) -> tuple[int, np.ndarray]:
+    """(S, phi re-laid canonically) if the filters are k x k patches S apart of one condensed
+    filter, on a grid of any number of columns filled row by row (phi's width then says the
+    columns: ``sampling.grid_cols``)."""
     cs = base.shape[1]
+    want = base.transpose(1, 0, 2, 3)  # (C*, N, k, k)
+    a = np.arange(k)
     for s in range(1, k * 4 + 1) if n > 1 else (1,):
-        h, w = sampling.condensed_shape_2d(n, k, s)
-        rows, cols = sampling.conv2d_offsets(n, s)
-        a = np.arange(k)
-        r_idx = (rows[:, None] + a[None, :])[:, :, None]
-        c_idx = (cols[:, None] + a[None, :])[:, None, :]
-        canon = np.full((cs, h, w), -1, dtype=np.int64)
-        want = base.transpose(1, 0, 2, 3)  # (C*, N, k, k)
-        canon[:, r_idx, c_idx] = want
-        if np.array_equal(canon[:, r_idx, c_idx], want):
-            return s, canon
+        for cols in _grid_columns(base, n, k, s):
+            h, w = sampling.condensed_shape_2d(n, k, s, cols)
+            rows, offsets = sampling.conv2d_offsets(n, s, cols)
+            r_idx = (rows[:, None] + a[None, :])[:, :, None]
+            c_idx = (offsets[:, None] + a[None, :])[:, None, :]
+            canon = np.full((cs, h, w), -1, dtype=np.int64)
+            canon[:, r_idx, c_idx] = want
+            if np.array_equal(canon[:, r_idx, c_idx], want):
+                return s, canon
     raise NotRecognised(
-        "filters are not shifted k x k patches on wsdeploy's patch grid "
-        f"({sampling.grid_shape(n)[1]} columns) of one condensed filter"
+        "filters are not shifted k x k patches of one condensed filter on a grid filled row by row"
     )
+
+
+def _grid_columns(base: np.ndarray, n: int, k: int, s: int) -> list[int]:
+    """The grid widths worth trying at sample stride ``s``: wsdeploy's own, then the one the
+    filters say: overlapping patches (s < k) of one grid row share columns, so a row is the
+    run of filters each sharing its right-hand k - s columns with the next's left-hand ones."""
+    widths = [sampling.grid_shape(n)[1]]
+    if s < k and n > 1:
+        shares = np.all(base[:-1, :, :, s:] == base[1:, :, :, : k - s], axis=(1, 2, 3))
+        row = int(np.argmin(shares)) + 1 if not shares.all() else n
+        if row not in widths:
+            widths.append(row)
+    return widths
 
 
 def _linear(gm, node, index, phi_flat, ops, param) -> Record:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from ._graph import STRATEGY_KEY, ws_nodes
 from .base import Pass, PassResult
-from .strategy import Layer, choose, layer, lowered_macs, macs
+from .strategy import NOTE_KEY, Layer, choose, layer, lowered_macs, macs
 
 
 def record(
@@ -59,5 +59,8 @@ class RecordPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         for node in ws_nodes(model.graph):
             strategy = node.meta[STRATEGY_KEY]
-            self.records.append(record(node.name, node, strategy, self.native, self.goal))
+            found = record(node.name, node, strategy, self.native, self.goal)
+            if NOTE_KEY in node.meta:
+                found["note"] = node.meta[NOTE_KEY]
+            self.records.append(found)
         return PassResult(model, False)

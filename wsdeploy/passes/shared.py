@@ -57,6 +57,7 @@ from ._graph import (
     phi_of,
     prune_initializers,
     replace_node,
+    shape_of,
     static_shape,
     ws_attrs,
     ws_nodes,
@@ -85,7 +86,7 @@ def build(
         scale,
         bias,
         ws_attrs(node),
-        static_shape(x_of(node)),
+        shape_of(x_of(node)),
         static_shape(phi_of(node)),
     )
 

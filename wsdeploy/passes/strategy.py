@@ -29,7 +29,7 @@ from wsdeploy.ops import SharedWork
 from wsdeploy.passes import GOALS, STRATEGIES  # re-exported: the one table
 
 from ._cost import dense_seconds, shared_seconds
-from ._graph import STRATEGY_KEY, phi_of, static_shape, ws_attrs, ws_nodes, x_of
+from ._graph import STRATEGY_KEY, phi_of, shape_of, static_shape, ws_attrs, ws_nodes, x_of
 from .base import Pass, PassResult
 
 __all__ = ["GOALS", "STRATEGIES", "Layer", "SharedWork"]
@@ -134,6 +134,17 @@ def choose(
     return wsnet if ws <= dense * (1 + ESTIMATE_ERROR) else "fold"
 
 
+NOTE_KEY = "wsdeploy.strategy_note"
+"""Node metadata key: why a layer got another lowering than its strategy's."""
+
+
+def static_only(node: ir.Node) -> list[int]:
+    """The axes of ``node``'s input that are dynamic (sizes known at run time only) but that
+    its kind's shared graph needs static (``OpSpec.dynamic_axes``)."""
+    dims = shape_of(x_of(node))
+    return [a for a, d in enumerate(dims) if d is None and a not in ops.spec(node).dynamic_axes]
+
+
 class StrategyPass(Pass):
     """Mark every wsnet node with the lowering chosen by ``strategy``."""
 
@@ -151,6 +162,14 @@ class StrategyPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         modified = False
         for node in ws_nodes(model.graph):
-            node.meta[STRATEGY_KEY] = choose(node, self.strategy, self.native, self.goal)
+            chosen = choose(node, self.strategy, self.native, self.goal)
+            axes = static_only(node)
+            if chosen != "fold" and axes:
+                node.meta[NOTE_KEY] = (
+                    f"folded: its {chosen} lowering needs input axis "
+                    f"{', '.join(map(str, axes))} static, and the build keeps it dynamic"
+                )
+                chosen = "fold"
+            node.meta[STRATEGY_KEY] = chosen
             modified = True
         return PassResult(model, modified)

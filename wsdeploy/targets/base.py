@@ -96,6 +96,9 @@ class Target:
             ``quantize(module, batches)`` -> (the quantized module, the absmax of its
             outputs), run on the lowered program with its WSNet layers folded
             (``compiler.calibrated_reference``); None: wsdeploy's int8 (``quantize``).
+        dynamic: fp32 builds keep a .pt2's dynamic dimensions (the runtime takes any size in
+            their range, and verification runs several); the other targets build for the
+            concrete ``--input-shape``.
     """
 
     name: str
@@ -120,6 +123,7 @@ class Target:
     report: Callable[[Path], dict[str, Any]] | None = None
     requires: Callable[[], None] | None = None
     quantize: Callable[..., tuple[Any, float]] | None = None
+    dynamic: bool = False
 
 
 STANDARD_OP_PASSES = {"fp32": (), "int8": ("pool_order",)}

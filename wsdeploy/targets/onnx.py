@@ -79,4 +79,5 @@ ONNX = Target(
     load,
     STANDARD_OP_PASSES,
     tied_at_load=True,
+    dynamic=True,
 )

@@ -203,4 +203,5 @@ ORT = Target(
     load,
     STANDARD_OP_PASSES,
     tied_at_load=True,
+    dynamic=True,
 )

@@ -133,6 +133,6 @@ def build(
         "records_applied": tuned,
     }
     if tuned:
-        info["tuning_records"] = str(records_dir(target, records))
+        info["tuning_records"] = records_dir(target, records).name  # the key, not the path
     (outdir / "tvm.json").write_text(json.dumps(info, indent=2) + "\n")
     return [library, "tvm.json"]

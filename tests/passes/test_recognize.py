@@ -14,7 +14,11 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 from torch import nn
 
+from tests.conftest import run_ir
+from wsdeploy.compiler import lower
+from wsdeploy.modelfile import LoadedModel
 from wsdeploy.models import sampling
+from wsdeploy.models.layers import conv2d_weight
 from wsdeploy.numerics import assert_close
 from wsdeploy.passes.recognize import recognize
 
@@ -172,17 +176,19 @@ def test_dense_sampling_draws_more_filters_from_the_same_phi():
 
 
 class UserConv2d(nn.Module):
-    """A 2-D WSNet layer by hand: k x k patches of phi (C*, H*, W*) on the patch grid."""
+    """A 2-D WSNet layer by hand: k x k patches of phi (C*, H*, W*) on a patch grid of
+    ``cols`` columns (default: wsdeploy's own)."""
 
-    def __init__(self, cs, r, n, k, s, idiom):
+    def __init__(self, cs, r, n, k, s, idiom, cols=None):
         super().__init__()
         self.cs, self.r, self.n, self.k, self.s, self.idiom = cs, r, n, k, s, idiom
-        self.phi = nn.Parameter(torch.randn(cs, *sampling.condensed_shape_2d(n, k, s)))
+        self.cols = sampling.grid_shape(n)[1] if cols is None else cols
+        shape = sampling.condensed_shape_2d(n, k, s, self.cols)
+        self.phi = nn.Parameter(torch.randn(cs, *shape))
         self.bias = nn.Parameter(torch.randn(n))
 
     def weight(self):
-        n, k, s = self.n, self.k, self.s
-        _, cols = sampling.grid_shape(n)
+        n, k, s, cols = self.n, self.k, self.s, self.cols
         if self.idiom == "loop":
             patches = [
                 self.phi[:, (i // cols) * s : (i // cols) * s + k, (i % cols) * s :][:, :, :k]
@@ -199,15 +205,39 @@ class UserConv2d(nn.Module):
 
 
 @pytest.mark.parametrize("idiom", ["loop", "unfold"])
-@pytest.mark.parametrize("cs, r, n, k, s", [(2, 2, 4, 3, 1), (1, 3, 9, 3, 2), (3, 1, 6, 2, 1)])
-def test_conv2d_patches_are_recognised(idiom, cs, r, n, k, s):
-    layer = UserConv2d(cs, r, n, k, s, idiom)
+@pytest.mark.parametrize(
+    "cs, r, n, k, s, cols",
+    [
+        (2, 2, 4, 3, 1, None),
+        (1, 3, 9, 3, 2, None),
+        (3, 1, 6, 2, 1, None),
+        (2, 2, 4, 3, 1, 4),  # one row of patches
+        (1, 2, 9, 3, 2, 2),  # two columns, five rows
+        (2, 1, 7, 4, 2, 5),  # a last row half full
+        (1, 2, 6, 2, 1, 6),
+    ],
+)
+def test_conv2d_patches_are_recognised_on_any_grid(idiom, cs, r, n, k, s, cols, tmp_path):
+    layer = UserConv2d(cs, r, n, k, s, idiom, cols)
     new, (rec,) = _recognise(layer, (1, cs * r, 9, 9))
     assert rec.status == "recognised", rec.line()
     (node,) = _wsnet_nodes(new)
     assert node.target == torch.ops.wsnet.conv2d.default
     assert node.args[2:] == (n, k, 1, 1, s, r)
-    torch.testing.assert_close(_phi_value(new, node), layer.phi.detach())
+    phi = _phi_value(new, node)
+    assert phi.shape == layer.phi.shape  # (a half-full last row leaves entries no one reads)
+    with torch.no_grad():
+        torch.testing.assert_close(conv2d_weight(phi, n, k, s, r), layer.weight())
+    # the op, the fold and the shared graph read that grid (TVM: tests/targets/test_tvm_kernels)
+    x = torch.randn(1, cs * r, 9, 9)
+    with torch.no_grad():
+        want = layer(x)
+        torch.testing.assert_close(new.module()(x), want, rtol=1e-4, atol=1e-5)
+    loaded = LoadedModel.from_module(layer, (1, cs * r, 9, 9))
+    for strategy in ("fold", "shared"):
+        model, _ = lower(loaded, strategy, "onnx")
+        got = run_ir(model, x.numpy(), tmp_path)
+        assert_close(got, want.numpy(), stage="rewrite")
 
 
 class UserLinear(nn.Module):

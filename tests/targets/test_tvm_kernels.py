@@ -108,6 +108,7 @@ conv2d_cfg = st.fixed_dictionaries(
         "p": st.integers(0, 2),
         "h": st.integers(4, 9),
         "affine": st.booleans(),
+        "cols": st.one_of(st.none(), st.integers(1, 10)),  # None: wsdeploy's own grid
     }
 )
 
@@ -121,7 +122,7 @@ def test_conv2d_te_matches_reference(cfg, schedule):
     rng = np.random.default_rng(1)
     c, n, k = cfg["cs"] * cfg["r"], cfg["n"], cfg["k"]
     h = max(cfg["h"], k)
-    hs, ws = sampling.condensed_shape_2d(n, k, cfg["S"])
+    hs, ws = sampling.condensed_shape_2d(n, k, cfg["S"], cfg["cols"])
     phi = rng.standard_normal((cfg["cs"], hs, ws)).astype(np.float32)
     x = rng.standard_normal((1, c, h, h + 1)).astype(np.float32)
     xp, pp = te.placeholder(x.shape, name="x"), te.placeholder(phi.shape, name="phi")

@@ -27,8 +27,8 @@ def _index1d(n: int, k: int, s: int) -> Tensor:
 
 
 @lru_cache(maxsize=256)
-def _index2d(n: int, k: int, s: int) -> tuple[Tensor, Tensor]:
-    rows, cols = sampling.conv2d_offsets(n, s)
+def _index2d(n: int, k: int, s: int, gw: int) -> tuple[Tensor, Tensor]:
+    rows, cols = sampling.conv2d_offsets(n, s, gw)
     kk = torch.arange(k)
     r = (torch.from_numpy(rows)[:, None] + kk[None, :])[:, :, None]
     c = (torch.from_numpy(cols)[:, None] + kk[None, :])[:, None, :]
@@ -46,8 +46,10 @@ def conv1d_weight(
 def conv2d_weight(
     phi: Tensor, out_channels: int, kernel_size: int, sample_stride: int, channel_repeat: int
 ) -> Tensor:
-    """Dense (N, C, k, k) weight sampled from phi (C*, H*, W*); differentiable in phi."""
-    r, c = _index2d(out_channels, kernel_size, sample_stride)
+    """Dense (N, C, k, k) weight sampled from phi (C*, H*, W*), on the grid its width says;
+    differentiable in phi."""
+    gw = sampling.grid_cols(kernel_size, sample_stride, int(phi.shape[2]))
+    r, c = _index2d(out_channels, kernel_size, sample_stride, gw)
     w = phi[:, r, c]
     return w.permute(1, 0, 2, 3).repeat(1, channel_repeat, 1, 1)
 

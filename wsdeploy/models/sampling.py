@@ -5,8 +5,10 @@ fold pass, the shared-computation graphs, the tests) derives its weights from th
 
 - conv1d: ``W[i, c, k] = phi[c mod C*, i*S + k]`` with phi of shape (C*, L + (N-1)*S).
 - conv2d: filters are shifted k x k patches of a condensed (C*, H*, W*) filter laid out on a
-  grid of ``gw = ceil(sqrt(N))`` columns: filter i takes the patch whose top-left corner is
+  grid of gw columns, row by row: filter i takes the patch whose top-left corner is
   ``((i // gw) * S, (i % gw) * S)``; ``W[i, c, a, b] = phi[c mod C*, (i//gw)*S + a, (i%gw)*S + b]``.
+  phi's width says gw: ``W* = (gw - 1) * S + k`` (``grid_cols``). wsdeploy's own layers
+  take ``gw = ceil(sqrt(N))``; a user's layer may have any (the torch stage recognises it).
 - linear: row i is a window of a condensed vector, ``W[i, j] = phi[i*S + (j mod in*)]``.
 
 Channel repeating tiles the whole block of C* channels r times (like ``torch.repeat``).
@@ -32,9 +34,18 @@ def grid_shape(out_channels: int) -> tuple[int, int]:
     return math.ceil(out_channels / cols), cols
 
 
-def condensed_shape_2d(out_channels: int, kernel_size: int, sample_stride: int) -> tuple[int, int]:
-    """(H*, W*) of the condensed 2-D filter for N filters of k x k at sample stride S."""
-    rows, cols = grid_shape(out_channels)
+def grid_cols(kernel_size: int, sample_stride: int, width: int) -> int:
+    """The patch grid's columns of a condensed 2-D filter W* wide: W* = (gw - 1) * S + k."""
+    return (width - kernel_size) // sample_stride + 1
+
+
+def condensed_shape_2d(
+    out_channels: int, kernel_size: int, sample_stride: int, cols: int | None = None
+) -> tuple[int, int]:
+    """(H*, W*) of the condensed 2-D filter for N filters of k x k at sample stride S, on a
+    grid of ``cols`` columns (default ``grid_shape``'s)."""
+    cols = grid_shape(out_channels)[1] if cols is None else cols
+    rows = math.ceil(out_channels / cols)
     return (
         kernel_size + (rows - 1) * sample_stride,
         kernel_size + (cols - 1) * sample_stride,
@@ -48,9 +59,12 @@ def conv1d_index(out_channels: int, kernel_size: int, sample_stride: int) -> np.
     return i * sample_stride + k
 
 
-def conv2d_offsets(out_channels: int, sample_stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column offsets (each shape (N,)) of every filter's patch in the condensed filter."""
-    _, cols = grid_shape(out_channels)
+def conv2d_offsets(
+    out_channels: int, sample_stride: int, cols: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column offsets (each shape (N,)) of every filter's patch in the condensed
+    filter, on a grid of ``cols`` columns (default ``grid_shape``'s)."""
+    cols = grid_shape(out_channels)[1] if cols is None else cols
     i = np.arange(out_channels)
     return (i // cols) * sample_stride, (i % cols) * sample_stride
 
@@ -66,8 +80,9 @@ def materialize_conv1d(
 def materialize_conv2d(
     phi: np.ndarray, out_channels: int, kernel_size: int, sample_stride: int, channel_repeat: int
 ) -> np.ndarray:
-    """Dense (N, C, k, k) weight from phi (C*, H*, W*)."""
-    rows, cols = conv2d_offsets(out_channels, sample_stride)
+    """Dense (N, C, k, k) weight from phi (C*, H*, W*), on the grid its width says."""
+    gw = grid_cols(kernel_size, sample_stride, phi.shape[2])
+    rows, cols = conv2d_offsets(out_channels, sample_stride, gw)
     k = np.arange(kernel_size)
     r_idx = (rows[:, None] + k[None, :])[:, :, None]  # (N, k, 1)
     c_idx = (cols[:, None] + k[None, :])[:, None, :]  # (N, 1, k)

@@ -1,6 +1,7 @@
 """``wsnet.WSConv2d``: a 2-D convolution whose k x k filters are patches of phi (C*, H*, W*).
 
-The filters sit on a grid (``sampling.grid_shape``) of patches S apart. Its shared
+The filters sit on a grid of patches S apart, as many columns as phi's width holds
+(``sampling.grid_cols``). Its shared
 computation uses disjoint g x g blocks of phi (g = gcd(S, k)): one table conv, the flat view
 (rows_h·Hd, rows_w·Wd) of the table, a (k/g) x (k/g) dilated conv of ones summing every
 diagonal, and strided slices (see ``wsdeploy.passes.shared``).
@@ -57,7 +58,8 @@ def shared(
     _, hs, ws = phi_shape
     g, _, d = _conv.blocking(attrs, phi_shape)  # disjoint blocks in 2-D
     nh, nw, taps, step = hs // g, ws // g, k // g, g // d
-    gh, gw = sampling.grid_shape(n)
+    gw = sampling.grid_cols(k, ss, ws)
+    gh = -(-n // gw)
     hp, wp = h0 + 2 * p, w0 + 2 * p
     ho, wo = (hp - k) // s + 1, (wp - k) // s + 1
     hd, wd = (hp - g) // d + 1, (wp - g) // d + 1

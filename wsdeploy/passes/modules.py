@@ -106,8 +106,8 @@ def _wsnet_module(gm, node, spec: ops.OpSpec) -> nn.Module:
     layer = getattr(models, spec.layer).from_attrs(
         in_channels, dict(zip(spec.attrs, args, strict=True))
     )
-    with torch.no_grad():
-        layer.phi.copy_(phi)
+    # phi as the op has it: a recognised 2-D layer's grid may not be the layer class's
+    layer.phi = nn.Parameter(phi.detach().clone())
     return layer
 
 

@@ -39,7 +39,7 @@ def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r, sh=None):
     integer = _integer(x)
     b_, _c, h0, w0 = (int(d) for d in x.shape)
     cs, hs, ws = (int(d) for d in phi.shape)
-    gw = sampling.grid_shape(n)[1]
+    gw = sampling.grid_cols(k, ss, ws)
     ho, wo = (h0 + 2 * p - k) // s + 1, (w0 + 2 * p - k) // s + 1
     uh, uw = (ho - 1) * s + k, (wo - 1) * s + k
     rr = te.reduce_axis((0, r), name="rr")

@@ -33,8 +33,9 @@ def test_readme_quotes_the_committed_benchmark_results():
 
 
 def test_your_own_model_section_is_what_the_product_prints(tmp_path):
-    """README's hand-written WSNet and tied layers run as shown: each snippet saves its
-    .pt2, and its export prints the recognition and size lines README quotes."""
+    """README's own-model walk runs as shown: its snippets save the models and data (the
+    dynamic-length export is appended to the first), then each quoted command prints the
+    lines README quotes, in that order."""
     import subprocess
     import sys
 
@@ -45,22 +46,23 @@ def test_your_own_model_section_is_what_the_product_prints(tmp_path):
     text = (ROOT / "README.md").read_text().split("## Your own model", 1)[1]
     text = text.split("\n## ", 1)[0]
     snippets = re.findall(r"```python\n(.*?)```", text, re.S)
-    quoted = re.findall(r"```\n\$ (wsdeploy export .*?)\n(.*?)```", text, re.S)
-    # a WSNet, the same exported with a dynamic length (appended to it), then weight tying
-    assert len(snippets) == len(quoted) == 3
-    snippets[1] = snippets[0] + snippets[1]
-    for snippet, (command, expected) in zip(snippets, quoted, strict=True):
+    quoted = re.findall(r"```\n\$ (wsdeploy \w+ .*?)\n(.*?)```", text, re.S)
+    # a WSNet, int8 data, the WSNet with a dynamic length, weight tying
+    assert len(snippets) == 4 and len(quoted) == 5
+    snippets[2] = snippets[0] + snippets[2]
+    for snippet in snippets:
         subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, check=True)
-        cwd = os.getcwd()
-        os.chdir(tmp_path)
-        try:
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for command, expected in quoted:
             result = CliRunner().invoke(main, command.split()[1:])
-        finally:
-            os.chdir(cwd)
-        assert result.exit_code == 0, result.output
-        lines, printed = expected.splitlines(), iter(result.output.splitlines())
-        assert lines[0] == next(printed), result.output
-        assert all(line in printed for line in lines[1:]), result.output  # in this order
+            assert result.exit_code == 0, result.output
+            printed = iter(line.rstrip() for line in result.output.splitlines())
+            missing = [line for line in expected.splitlines() if line.rstrip() not in printed]
+            assert not missing, (command, missing, result.output)  # each, in this order
+    finally:
+        os.chdir(cwd)
 
 
 def test_file_size_section_quotes_what_the_builds_print(tmp_path):

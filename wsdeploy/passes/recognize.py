@@ -244,10 +244,13 @@ def _dense_counts(node: torch.fx.Node, layer: str, weight: torch.fx.Node) -> dic
     per_output = int(np.prod(shape[1:])) if layer != "linear" else shape[-1]
     if _op_name(node) in ("matmul", "mm"):
         per_output = shape[0]
+    x = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
     return {
         "weight_shape": shape,
         "params": int(np.prod(shape)),
         "dense_macs": _example(out.numel()) * per_output,
+        "input_shape": [_example(d) for d in x.shape] if isinstance(x, torch.Tensor) else [],
+        "output_shape": [_example(d) for d in out.shape],
     }
 
 

@@ -32,6 +32,7 @@ def record(
         "op": lay.spec.op_type,
         "strategy": strategy,
         "input_shape": list(lay.x),
+        "output_shape": list(lay.y),
         "phi_shape": list(lay.phi),
         "dense_params": lay.spec.dense_params(lay.attrs, lay.x[1]),
         "dense_macs": dense,

@@ -36,7 +36,7 @@ def test_export_matches_pytorch(model, strategy, target, tmp_path):
     assert out0["top1_agreement"] == 1.0 and out0["cosine"] > 0.99999
     if strategy != "auto":
         assert {layer["strategy"] for layer in m["layers"]} == {strategy}
-    runtime = "ort" if target in ("onnx", "ort") else "tvm"
+    runtime = {"onnx": "ort", "ort": "ort", "executorch": "xnnpack"}.get(target, "tvm")
     for layer in m["layers"]:
         assert layer["auto"][runtime] in ("fold", "shared", "custom")
         if strategy == "auto":

@@ -16,6 +16,9 @@ from torch import nn
 from wsdeploy.cli import main
 
 LENGTH = 2048
+STRUCTURE_BYTES = 8000
+"""A small model's graph structure: op types, attributes, value names (about 50 bytes a
+node; wsnet1d-tiny's shared file: 2,054 bytes for 41 nodes)."""
 
 
 class HandWSConv1d(nn.Module):
@@ -142,6 +145,9 @@ def test_pt2_fp32_onnx_recognises_and_shrinks(user_files, tmp_path):
 
     dense_weights = 16 * 9 + 16 * 16 * 7 + 16 * 5 + 32 * 16 * 5 + 8 * 32 + 4 * 8
     assert m["size"]["stored_params"] < dense_weights / 2
+    # the file: 4 bytes a stored value, within 10%, plus the graph's own structure
+    size, stored = m["size"]["artifact_bytes"], m["size"]["stored_params"]
+    assert size <= 1.1 * 4 * stored + STRUCTURE_BYTES, (size, stored)
     proto = onnx.load(tmp_path / "o" / "model.onnx")
     tables = [t.name for t in proto.graph.initializer if t.data_type == 7 and np.prod(t.dims) > 16]
     assert tables == []  # int64 index tables: none

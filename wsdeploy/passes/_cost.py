@@ -1,6 +1,6 @@
 """What a standard-op runtime's graph costs: the throughputs behind ``auto``'s choice of
 lowering (``passes.strategy``) and the shared graph's choice of block length
-(``passes.shared.blocking``).
+(``passes.shared.blocking``), one fitted model per runtime (``COSTS``).
 
 The shared graph writes its table to memory and reads it back once per diagonal tap, so its
 time is the table conv's multiply-adds plus that traffic, not multiply-adds alone.
@@ -8,29 +8,53 @@ time is the table conv's multiply-adds plus that traffic, not multiply-adds alon
 
 from __future__ import annotations
 
-DENSE_MACS_PER_S = 140e9  # ONNX Runtime's dense conv (and the table conv: the same GEMM)
-DENSE_OVERHEAD_S = 14e-6  # per dense conv node
-TRAFFIC_BYTES_PER_S = 41e9  # the table written once and read once per diagonal tap
-SHARED_OVERHEAD_S = 23e-6  # per shared graph (about 8 standard ops)
-"""Fitted (weighted least squares on relative error) to ONNX Runtime 1.x on this 2-core
-machine, timing every conv layer of the zoo and WSNET.md's layer at conv stride 1 and 2, each
+from typing import NamedTuple
+
+
+class Costs(NamedTuple):
+    """One runtime's fitted throughputs."""
+
+    dense_macs_per_s: float  # its dense conv (and the table conv: the same GEMM)
+    dense_overhead_s: float  # per dense conv node
+    traffic_bytes_per_s: float  # the table written once and read once per diagonal tap
+    shared_overhead_s: float  # per shared graph (about 8 standard ops)
+    fixed_weights: bool = False
+    """The runtime takes only weights fixed at build time, so its shared graph keeps phi's
+    disjoint blocks (``ops._conv.disjoint_blocks``)."""
+
+
+ORT = Costs(140e9, 14e-6, 41e9, 23e-6)
+"""ONNX Runtime 1.x on this 2-core machine: fitted (weighted least squares on relative
+error) timing every conv layer of the zoo and WSNET.md's layer at conv stride 1 and 2, each
 lowered alone both ways (session 8; median relative error of the shared estimate about 40%).
 The decisions they give matched the measured faster lowering on 14 of those 17 layers; the
 three others were within 1.3x either way (SoundNet-8's first and last layers, the talk
 layer at stride 2)."""
 
+XNNPACK = Costs(68.9e9, 20.9e-6, 5.06e9, 41.1e-6, fixed_weights=True)
+"""ExecuTorch 1.5 with the XNNPACK delegate, the ATen lowering of ``passes.aten``: fitted
+the same way on the same 17 layers (``python -m benchmarks.xnnpack_fit``, results in
+benchmarks/results/xnnpack_layers.json). Its diagonal sums run outside XNNPACK at about 5
+GB/s, so the shared graph was slower on 15 of them (up to 17x on wsnet2d-cifar's first
+layer); the estimate's decision under ``auto``'s 10% rule matched the measured one on 16 of
+17 (SoundNet-8's last layer, measured a tie, is estimated 1.9x slower shared)."""
 
-def dense_seconds(macs: float) -> float:
+COSTS = {"ort": ORT, "xnnpack": XNNPACK}
+"""The cost model of each standard-op runtime ``auto`` decides for."""
+
+
+def dense_seconds(macs: float, costs: Costs = ORT) -> float:
     """Estimated time of one dense conv (or GEMM) node."""
-    return macs / DENSE_MACS_PER_S + DENSE_OVERHEAD_S
+    return macs / costs.dense_macs_per_s + costs.dense_overhead_s
 
 
-def table_seconds(table_macs: float, elements: float, taps: int) -> float:
+def table_seconds(table_macs: float, elements: float, taps: int, costs: Costs = ORT) -> float:
     """Estimated time of a shared graph's table: the table conv, then the table's traffic
     (written once, read once per diagonal tap, and the output written and sliced)."""
-    return table_macs / DENSE_MACS_PER_S + elements * (taps + 2) * 4 / TRAFFIC_BYTES_PER_S
+    traffic = elements * (taps + 2) * 4 / costs.traffic_bytes_per_s
+    return table_macs / costs.dense_macs_per_s + traffic
 
 
-def shared_seconds(table_macs: float, elements: float, taps: int) -> float:
+def shared_seconds(table_macs: float, elements: float, taps: int, costs: Costs = ORT) -> float:
     """Estimated time of one shared graph."""
-    return table_seconds(table_macs, elements, taps) + SHARED_OVERHEAD_S
+    return table_seconds(table_macs, elements, taps, costs) + costs.shared_overhead_s

@@ -9,9 +9,9 @@ built into the app::
 Each lowering is the op kind's own standard-op graph (``OpSpec.dense`` and ``OpSpec.shared``,
 the very ones the ONNX passes emit) run by ``ops.builder.TorchBuilder`` in a module's forward
 and traced by ``torch.export``: one definition of each lowering, two IRs. ``auto`` chooses per
-layer with the standard-op estimate (``strategy.choose``); ``custom`` is refused (no custom op
-kernels in a prebuilt runtime). Returns the re-exported program and one record per layer, as
-``RecordPass`` writes them.
+layer with XNNPACK's own cost model (``_cost.XNNPACK``, ``strategy.choose``); ``custom`` is
+refused (no custom op kernels in a prebuilt runtime). Returns the re-exported program and
+one record per layer, as ``RecordPass`` writes them.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _lower(ep, strategy: str, goal: str):
         x, phi_node, *args = node.args
         attrs = dict(zip(spec.attrs, (int(a) for a in args), strict=True))
         lay = Layer(spec, attrs, _shape(x), _shape(node), _shape(phi_node))
-        chosen = choose(lay, strategy, native=False, goal=goal)
+        chosen = choose(lay, strategy, native=False, goal=goal, runtime="xnnpack")
         records.append(record(node.name, lay, chosen, False, goal))
         name = f"wsnet{len(records) - 1}_{node.name}"
         gm.add_submodule(name, _module(spec, lay, _attr(gm, phi_node).numpy(), chosen))

@@ -39,10 +39,12 @@ def record(
         "shared_macs": shared,  # WSNET.md §2's count, whatever the lowering
         # as built
         "macs": lowered_macs(lay, strategy, native),
-        # what auto picks on standard-op runtimes and on TVM's native kernels
+        # what auto picks on the standard-op runtimes (ONNX Runtime, ExecuTorch's XNNPACK)
+        # and on TVM's native kernels
         "auto": {
             "ort": choose(lay, "auto", goal=goal),
             "tvm": choose(lay, "auto", native=True, goal=goal),
+            "xnnpack": choose(lay, "auto", goal=goal, runtime="xnnpack"),
         },
     }
 

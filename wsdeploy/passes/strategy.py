@@ -20,15 +20,16 @@ The lowering passes (fold, shared, custom) then act only on the nodes marked for
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import onnx_ir as ir
 
 from wsdeploy import ops
-from wsdeploy.ops import SharedWork
+from wsdeploy.ops import SharedWork, _conv
 from wsdeploy.passes import GOALS, STRATEGIES  # re-exported: the one table
 
-from ._cost import dense_seconds, shared_seconds
+from ._cost import COSTS, dense_seconds, shared_seconds
 from ._graph import STRATEGY_KEY, phi_of, shape_of, static_shape, ws_attrs, ws_nodes, x_of
 from .base import Pass, PassResult
 
@@ -89,13 +90,18 @@ def lowered_macs(node: ir.Node | Layer, strategy: str, native: bool = False) -> 
     return work.table_macs + work.diagonal_adds
 
 
-def estimate_seconds(node: ir.Node | Layer) -> tuple[float, float]:
-    """(dense, shared) estimated run time of one layer on a standard-op runtime."""
+def estimate_seconds(node: ir.Node | Layer, runtime: str = "ort") -> tuple[float, float]:
+    """(dense, shared) estimated run time of one layer on a standard-op runtime (its cost
+    model in ``_cost.COSTS``), the shared graph as that runtime gets it."""
+    costs = COSTS[runtime]
     dense, _ = macs(node)
-    work = shared_work(node)
+    blocks = _conv.disjoint_blocks() if costs.fixed_weights else contextlib.nullcontext()
+    with blocks:
+        work = shared_work(node)
     if work is None:
-        return dense_seconds(dense), dense_seconds(dense)
-    return dense_seconds(dense), shared_seconds(work.table_macs, work.elements, work.taps)
+        return dense_seconds(dense, costs), dense_seconds(dense, costs)
+    shared = shared_seconds(work.table_macs, work.elements, work.taps, costs)
+    return dense_seconds(dense, costs), shared
 
 
 def kernel_macs(node: ir.Node | Layer) -> int:
@@ -107,10 +113,15 @@ def kernel_macs(node: ir.Node | Layer) -> int:
 
 
 def choose(
-    node: ir.Node | Layer, strategy: str, native: bool = False, goal: str = "balanced"
+    node: ir.Node | Layer,
+    strategy: str,
+    native: bool = False,
+    goal: str = "balanced",
+    runtime: str = "ort",
 ) -> str:
     """The lowering for one layer under ``strategy``; ``native`` targets run wsnet nodes with
-    their own kernels, so ``auto`` keeps a shared layer as a ``custom`` node for them.
+    their own kernels, so ``auto`` keeps a shared layer as a ``custom`` node for them; the
+    others are estimated with ``runtime``'s cost model (``_cost.COSTS``).
 
     ``auto`` weighs the two by ``goal`` (``GOALS``): users ship for app size, so by default a
     layer stays WSNet (phi only in the file) unless the dense conv is estimated faster by
@@ -128,7 +139,7 @@ def choose(
     if native:
         dense, ws = macs(node)[0], kernel_macs(node)
     else:
-        dense, ws = estimate_seconds(node)
+        dense, ws = estimate_seconds(node, runtime)
     if goal == "speed":
         return wsnet if ws < dense else "fold"
     return wsnet if ws <= dense * (1 + ESTIMATE_ERROR) else "fold"

@@ -163,19 +163,18 @@ def torch_stage(
 
 
 def keeps_dynamic(loaded: LoadedModel, target: Target, precision: str) -> bool:
-    """Whether the build keeps the model's dynamic dimensions (``Target.dynamic``, fp32:
-    int8 calibrates and traces the model at its concrete shape)."""
-    return loaded.dynamic_program is not None and target.dynamic and precision == "fp32"
+    """Whether the build keeps the model's dynamic dimensions (``Target.dynamic``): fp32,
+    and wsdeploy's own int8 (calibrated at ``--input-shape``: its ranges are per tensor);
+    a target's own quantizer (``Target.quantize``) builds at ``--input-shape``."""
+    own_int8 = precision == "int8" and target.quantize is not None
+    return bool(loaded.dynamic_axes) and target.dynamic and not own_int8
 
 
 def dynamic_sizes(loaded: LoadedModel) -> dict[str, int]:
     """Each dynamic dimension's symbol and its size in ``--input-shape`` (what estimates
     and records are made at)."""
     hints: dict[str, int] = {}
-    if loaded.dynamic_program is None:
-        return hints
-    axes = trace.dynamic_axes(loaded.dynamic_program)
-    for shape, found in zip(loaded.input_shapes, axes, strict=True):
+    for shape, found in zip(loaded.input_shapes, loaded.dynamic_axes, strict=False):
         for axis, a in found.items():
             hints[a.symbol] = shape[axis]
     return hints
@@ -256,7 +255,7 @@ def verification_sizes(loaded: LoadedModel) -> list[tuple[tuple[int, ...], ...]]
     """The input shapes besides ``--input-shape``'s that a build keeping dynamic axes is
     verified at: every dynamic axis at its range's lower end, then at 1.5x its given size
     plus one (an odd size, within the range)."""
-    axes = trace.dynamic_axes(loaded.dynamic_program)
+    axes = loaded.dynamic_axes
     given = dynamic_sizes(loaded)
     ranges = {a.symbol: a for found in axes for a in found.values()}
     shapes = []
@@ -278,14 +277,18 @@ MAX_DYNAMIC_SIZE = 1 << 16
 """The largest size verification picks on an axis whose range has no upper bound."""
 
 
-def check_dynamic(loaded: LoadedModel, runner, n: int, seed: int) -> list[dict[str, Any]]:
-    """Check a build keeping dynamic axes at the other sizes of ``verification_sizes``; one
-    summary per size, raising on the first mismatch (the size in its message)."""
+def check_dynamic(
+    loaded: LoadedModel, runner, n: int, seed: int, stage: str = "runtime", step: float = 1.0
+) -> list[dict[str, Any]]:
+    """Check a build keeping dynamic axes at the other sizes of ``verification_sizes``
+    against ``loaded`` (an int8 build: its fake-quantized reference, ``stage``/``step`` as
+    in ``check``); one summary per size, raising on the first mismatch (its size said)."""
     found = []
     for shapes in verification_sizes(loaded):
         inputs = numerics.model_inputs(shapes, None, {}, n=n, seed=seed)
         label = " x ".join("x".join(map(str, s)) for s in shapes)
-        summary = check(loaded, runner, inputs, where=f" at input {label}")
+        where = f" at input {label}"
+        summary = check(loaded, runner, inputs, stage=stage, step=step, where=where)
         found.append({"input_shapes": [list(s) for s in shapes], **summary})
     return found
 
@@ -294,8 +297,7 @@ def dynamic_lines(loaded: LoadedModel, checked: list[dict[str, Any]]) -> list[st
     """One line per input with dynamic axes: each axis, its range, the sizes verified."""
     lines = []
     names = loaded.input_names or tuple(f"input_{i}" for i in range(len(loaded.input_shapes)))
-    axes = trace.dynamic_axes(loaded.dynamic_program)
-    for i, (name, found) in enumerate(zip(names, axes, strict=True)):
+    for i, (name, found) in enumerate(zip(names, loaded.dynamic_axes, strict=True)):
         for axis, a in found.items():
             sizes = [loaded.input_shapes[i][axis]] + [c["input_shapes"][i][axis] for c in checked]
             hi = "inf" if a.max is None else a.max
@@ -431,30 +433,34 @@ def calibration_samples(
     return ds.x, f"{loaded.dataset} calib split ({n} samples, seed {options.seed})"
 
 
-def layered(loaded: LoadedModel) -> LoadedModel:
+def layered(loaded: LoadedModel, dynamic: bool = False) -> LoadedModel:
     """The model with every layer a module, as int8 quantizes layers: a wsdeploy checkpoint
     is built of them; any other model (a .pt2 program, a user's module, whose layers may
     be calls on computed weights) is rebuilt from its torch program after recognition
     (``passes.modules``), so every kind takes the same int8 path. Same function, up to
-    rounding: recognised layers compute what the user's code did."""
+    rounding: recognised layers compute what the user's code did. ``dynamic``: rebuilt from
+    the program with its dynamic dimensions, which it keeps (else at ``--input-shape``)."""
     if loaded.kind == "checkpoint":
         return loaded
     from wsdeploy.passes.modules import modularize
 
-    program, _ = _memo(loaded, ("torch stage",), lambda: torch_stage(loaded))
+    program, _ = _memo(loaded, ("torch stage", dynamic), lambda: torch_stage(loaded, dynamic))
+    axes = loaded.dynamic_axes if dynamic else ()
     return _memo(
         loaded,
-        ("layered",),
+        ("layered", dynamic),
         lambda: dataclasses.replace(
-            loaded, module=modularize(program), exported=None, dynamic_program=None
+            loaded, module=modularize(program), exported=None, dynamic_axes=axes
         ),
     )
 
 
-def quantized_reference(loaded: LoadedModel, calibration: quantize.Calibration) -> LoadedModel:
+def quantized_reference(
+    loaded: LoadedModel, calibration: quantize.Calibration, dynamic: bool = False
+) -> LoadedModel:
     """The fake-quantized PyTorch model an int8 build computes: the reference it is checked
-    against, and what is traced."""
-    base = layered(loaded)
+    against, and what is traced (with ``dynamic``, with the model's dynamic dimensions)."""
+    base = layered(loaded, dynamic)
     qmodule = quantize.quantize_model(base.module, calibration)
     return dataclasses.replace(base, module=qmodule)
 
@@ -481,14 +487,15 @@ def _memo(loaded: LoadedModel, key: tuple, compute):
 
 
 def calibrated_reference(
-    loaded: LoadedModel, options: ExportOptions
+    loaded: LoadedModel, options: ExportOptions, dynamic: bool = False
 ) -> tuple[LoadedModel, quantize.Calibration]:
-    """Calibrate on the options' samples: (the fake-quantized reference, its calibration)."""
+    """Calibrate on the options' samples: (the fake-quantized reference, its calibration);
+    ``dynamic``: see ``quantized_reference``."""
 
     def calibrate() -> quantize.Calibration:
         samples, source = calibration_samples(loaded, options)
         return quantize.calibrate(
-            layered(loaded).module,
+            layered(loaded, dynamic).module,
             quantize.batches(samples, loaded.input_shape[0]),
             source,
             options.calib_method,
@@ -500,7 +507,7 @@ def calibrated_reference(
         calibration = _memo(loaded, key, calibrate)
     else:
         calibration = calibrate()
-    return quantized_reference(loaded, calibration), calibration
+    return quantized_reference(loaded, calibration, dynamic), calibration
 
 
 def target_int8_reference(
@@ -515,7 +522,7 @@ def target_int8_reference(
     from wsdeploy.passes.aten import lower_program
     from wsdeploy.passes.conv_affine import fold_affine
 
-    program, _ = _memo(loaded, ("torch stage",), lambda: torch_stage(loaded))
+    program, _ = _memo(loaded, ("torch stage", False), lambda: torch_stage(loaded))
     lowered, layers = lower_program(program, "fold", options.goal)
     module = lowered.module()
     fold_affine(module)
@@ -525,7 +532,7 @@ def target_int8_reference(
     calibration = quantize.Calibration(
         {}, out_max, quantize.count(samples), source, method=f"{target.name} (PT2E, XNNPACK)"
     )
-    reference = dataclasses.replace(loaded, module=qmodule, exported=None, dynamic_program=None)
+    reference = dataclasses.replace(loaded, module=qmodule, exported=None, dynamic_axes=())
     return reference, calibration, layers
 
 
@@ -610,8 +617,9 @@ def _gate_inputs(loaded: LoadedModel, shape: tuple[int, ...], n: int, batch: int
 
 
 def _fp32_top1(loaded: LoadedModel, xs: quantize.Samples, batch: int) -> np.ndarray:
-    # the eager model takes any batch (int8 needs the module, not a fixed-shape .pt2)
-    chunk = batch * max(1, EAGER_BATCH // batch) if loaded.exported is None else batch
+    # an eager module takes any batch; a .pt2's program (even one with a dynamic length)
+    # takes the batch it was exported at
+    chunk = batch * max(1, EAGER_BATCH // batch) if loaded.kind != "pt2" else batch
     n = quantize.count(xs)
     top1 = []
     for i in range(0, n, chunk):
@@ -1018,17 +1026,17 @@ def export(
             },
         )
     t0 = time.perf_counter()
+    dynamic = keeps_dynamic(loaded, target, options.precision)
     reference, calibration, held_out = loaded, None, None
     own_int8 = None
     if int8:
         held_out = gate_data(loaded, options)  # refuses before any work if there is none
         say("calibrate")
         if target.quantize is None:
-            reference, calibration = calibrated_reference(loaded, options)
+            reference, calibration = calibrated_reference(loaded, options, dynamic)
         else:
             reference, calibration, own_int8 = target_int8_reference(loaded, options, target)
     say("trace, recognise and lower")
-    dynamic = keeps_dynamic(loaded, target, options.precision)
     recognition: list[Any] = []
     lowered, layers = lower(
         reference, options.strategy, target, recognition, options.goal, options.precision
@@ -1036,7 +1044,7 @@ def export(
     if own_int8 is not None:  # the WSNet layers were folded before quantizing
         layers = own_int8
     if int8:  # the reference is built of layer modules: report the user's model itself
-        recognition = _memo(loaded, ("torch stage",), lambda: torch_stage(loaded))[1]
+        recognition = _memo(loaded, ("torch stage", False), lambda: torch_stage(loaded))[1]
     # int8 quantizes tied weights as dense int8 layers (``layered``)
     at_load = not int8 and tied_at_load(options.strategy, target)
     tied_lowering = "at load" if at_load else "dense"
@@ -1071,9 +1079,13 @@ def export(
                         loaded, where.runner, options.n_verify, options.seed
                     )
             else:
-                verification = check(
-                    reference, where.runner, inputs, stage="quantized", step=calibration.output_step
-                )
+                step = calibration.output_step
+                verification = check(reference, where.runner, inputs, stage="quantized", step=step)
+                if dynamic:
+                    say("verify at other sizes of the dynamic axes")
+                    verification["dynamic"] = check_dynamic(
+                        reference, where.runner, options.n_verify, options.seed, "quantized", step
+                    )
                 verification["reference"] = "fake-quantized PyTorch model"
                 verification["accuracy_gate"] = accuracy_gate(
                     loaded,
@@ -1168,9 +1180,9 @@ def _io(
     loaded: LoadedModel | None = None,
     dynamic: bool = False,
 ) -> list[dict[str, Any]]:
-    """The lowered model's ``inputs`` or ``outputs``: name, shape (at ``--input-shape``),
-    dtype; where the build keeps dynamic axes, ``dynamic`` says each one's size: an input's
-    symbol and range, an output's expression of them."""
+    """The lowered model's (ONNX, or a torch program's) ``inputs`` or ``outputs``: name,
+    shape (at ``--input-shape``), dtype; where the build keeps dynamic axes, ``dynamic`` says
+    each one's size: an input's symbol and range, an output's expression of them."""
     if isinstance(lowered, ir.Model):
         values = list(getattr(lowered.graph, which))
         with shape_hints(dynamic_sizes(loaded) if dynamic and loaded else {}):
@@ -1178,7 +1190,7 @@ def _io(
                 {"name": v.name, "shape": list(static_shape(v)), "dtype": str(v.dtype.numpy())}
                 for v in values
             ]
-        axes = trace.dynamic_axes(loaded.dynamic_program) if dynamic and loaded else []
+        axes = loaded.dynamic_axes if dynamic and loaded else ()
         for i, (spec, v) in enumerate(zip(found, values, strict=True)):
             sizes = {
                 str(axis): {"size": d.value}
@@ -1200,14 +1212,28 @@ def _io(
         output = next(n for n in lowered.graph.nodes if n.op == "output")
         vals = [a.meta["val"] for a in output.args[0]][: len(signature.user_outputs)]
     stem = "input" if which == "inputs" else "output"
-    return [
+    from wsdeploy.passes.recognize import _example
+
+    found = [
         {
             "name": stem if len(vals) == 1 else f"{stem}_{i}",
-            "shape": [int(d) for d in v.shape],
+            "shape": [_example(d) for d in v.shape],
             "dtype": str(v.dtype).removeprefix("torch."),
         }
         for i, v in enumerate(vals)
     ]
+    for i, (spec, v) in enumerate(zip(found, vals, strict=True)):
+        sizes = {
+            str(axis): {"size": str(d.node.expr)}
+            for axis, d in enumerate(v.shape)
+            if isinstance(d, torch.SymInt)
+        }
+        if which == "inputs" and dynamic and loaded and i < len(loaded.dynamic_axes):
+            for axis, a in loaded.dynamic_axes[i].items():
+                sizes[str(axis)] = {"size": a.symbol, "min": a.min, "max": a.max}
+        if sizes:
+            spec["dynamic"] = sizes
+    return found
 
 
 def _stored_params(lowered: ir.Model | torch.export.ExportedProgram, nbytes: bool = False) -> int:
@@ -1328,7 +1354,8 @@ def verify(
         # the same fake-quantized reference as at export: the weights quantize
         # deterministically, the activation ranges come from the manifest
         calibration = quantize.Calibration.from_dict(manifest["quantization"])
-        reference = quantized_reference(loaded, calibration)
+        kept = any("dynamic" in spec for spec in manifest["inputs"])
+        reference = quantized_reference(loaded, calibration, kept and bool(loaded.dynamic_axes))
     strategy = str(manifest.get("strategy", "auto"))
     goal = str(manifest.get("goal", "speed"))  # builds before goals existed: speed
 
@@ -1343,12 +1370,15 @@ def verify(
         if not int8:
             result = check(loaded, where.runner, inputs)
             kept = any("dynamic" in spec for spec in manifest["inputs"])
-            if kept and loaded.dynamic_program is not None:
+            if kept and loaded.dynamic_axes:
                 result["dynamic"] = check_dynamic(loaded, where.runner, n_verify, seed)
         else:
-            result = check(
-                reference, where.runner, inputs, stage="quantized", step=calibration.output_step
-            )
+            step = calibration.output_step
+            result = check(reference, where.runner, inputs, stage="quantized", step=step)
+            if reference.dynamic_axes:
+                result["dynamic"] = check_dynamic(
+                    reference, where.runner, n_verify, seed, "quantized", step
+                )
             gate = manifest["verification"].get("accuracy_gate", {})
             if loaded.dataset is not None:
                 result["accuracy_gate"] = accuracy_gate(

@@ -69,9 +69,10 @@ class LoadedModel:
     """The shapes of inputs 2..N of a model taking several (``input_shape`` is the first)."""
     input_names: tuple[str, ...] = ()
     """The inputs' names, where the model file says them (a .pt2, a module's forward)."""
-    dynamic_program: torch.export.ExportedProgram | None = None
-    """A .pt2's program with its dynamic dimensions, for targets that keep them
-    (``Target.dynamic``); the others trace ``module`` at ``input_shapes``."""
+    dynamic_axes: tuple[dict[int, Any], ...] = ()
+    """Per input, the dynamic dimensions of a .pt2 (axis -> ``trace.DynamicAxis``: symbol
+    and range), for targets that keep them (``Target.dynamic``: ``trace.trace`` exports
+    ``module`` with them); empty: static, every target traces at ``input_shapes``."""
     fixed: tuple[str, ...] = ()
     """The dynamic dimensions of a .pt2 fixed by ``--input-shape``, one line per input:
     builds take that shape only."""
@@ -670,11 +671,24 @@ def _load_pt2(
         "pt2",
         # a dynamic program is re-traced at the concrete shapes by wsdeploy.trace
         exported=None if dynamic else ep,
-        dynamic_program=ep if dynamic else None,
+        dynamic_axes=_dynamic_axes(ep) if dynamic else (),
         more_inputs=tuple(shapes[1:]),
         input_names=tuple(names),
         fixed=tuple(fixed),
     )
+
+
+def _dynamic_axes(ep) -> tuple[dict[int, Any], ...]:
+    """The program's dynamic axes (``trace.dynamic_axes``), or none where one input's size
+    is an expression of another's: such a program builds at ``--input-shape`` only."""
+    from wsdeploy import trace
+    from wsdeploy.errors import UnsupportedLayerError
+
+    try:
+        return tuple(trace.dynamic_axes(ep))
+    except UnsupportedLayerError as e:
+        log.info("%s: built at --input-shape only", e)
+        return ()
 
 
 def _check_ranges(path: Path, ep, shape, input_shape) -> list[str]:

@@ -57,15 +57,15 @@ def _translations() -> dict:
 
 def trace(loaded: LoadedModel, dynamic: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` the model at its example input shapes (a static .pt2 is already
-    traced); with ``dynamic``, a .pt2 exported with dynamic dimensions is that program,
-    its dimensions kept (``LoadedModel.dynamic_program``)."""
-    if dynamic and loaded.dynamic_program is not None:
-        return loaded.dynamic_program
-    if loaded.exported is not None:
+    traced); with ``dynamic``, the dynamic dimensions of the .pt2 it came from are kept
+    (``LoadedModel.dynamic_axes``): the module may be a rewrite of that program (int8's
+    fake-quantized layers), traced again with the same ``Dim``s."""
+    spec = _dims(loaded.dynamic_axes) if dynamic and loaded.dynamic_axes else None
+    if loaded.exported is not None and spec is None:
         return loaded.exported
     example = tuple(torch.zeros(shape) for shape in loaded.input_shapes)
     try:
-        return torch.export.export(loaded.module, example)
+        return torch.export.export(loaded.module, example, dynamic_shapes=spec)
     except Exception as e:
         raise UnsupportedLayerError(
             f"torch.export could not trace {loaded.source}: {str(e).strip().splitlines()[0][:300]}"
@@ -170,8 +170,11 @@ def dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[dict | None, ...] 
     """``torch.export``'s ``dynamic_shapes`` that re-traces a module of ``ep`` with the same
     dynamic axes (one ``Dim`` per symbol, shared where inputs share it); None if static."""
     axes = dynamic_axes(ep)
-    if not any(axes):
-        return None
+    return _dims(axes) if any(axes) else None
+
+
+def _dims(axes: Sequence[dict[int, DynamicAxis]]) -> tuple[dict | None, ...]:
+    """``dynamic_shapes`` of ``axes``: one ``Dim`` per symbol, shared where inputs share it."""
     dims: dict[str, Any] = {}
     spec = []
     for found in axes:

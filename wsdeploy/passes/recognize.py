@@ -560,7 +560,7 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
         s, canon, order = _fit_1d_any_order(base)
         target = torch.ops.wsnet.conv1d.default
     else:
-        s, canon = _fit_2d(base, n, k)
+        s, canon, order = _fit_2d_any_order(base, n, k)
         target = torch.ops.wsnet.conv2d.default
     phi = _gather(phi_flat, canon)
     _check_shared(node, phi, index.shape)
@@ -701,6 +701,84 @@ def _fit_2d(base: np.ndarray, n: int, k: int) -> tuple[int, np.ndarray]:
     raise NotRecognised(
         "filters are not shifted k x k patches of one condensed filter on a grid filled row by row"
     )
+
+
+def _fit_2d_any_order(base: np.ndarray, n: int, k: int) -> tuple[int, np.ndarray, Any]:
+    """``_fit_2d`` of the filters in the order written, or in the order ``_grid_order``
+    finds (column by column, say) where that explains them by a smaller sample stride:
+    (S, canon, order), order None for the order written. (Any order fits at S >= k, where
+    patches do not overlap, with a larger phi: the smaller stride is the layer's.)"""
+    try:
+        written, why = _fit_2d(base, n, k), None
+    except NotRecognised as e:
+        written, why = None, e
+    order = _grid_order(base)
+    if order is not None:
+        found = _fit_2d(base[order], n, k)
+        if written is None or found[0] < written[0]:
+            return (*found, order)
+    if written is None:
+        raise why
+    return (*written, None)
+
+
+def _grid_order(base: np.ndarray) -> np.ndarray | None:
+    """The filters in row-by-row grid order, when they are k x k patches S < k apart of one
+    condensed filter written in another order; None if there is none. Patch b is right of
+    patch a when a's columns from S on are b's first columns, below it when a's rows from S
+    on are b's first rows; the grid is placed from the one patch with nothing left of it or
+    above it, and must fill its first N cells row by row (as the op's grid does)."""
+    n, _, k, _ = base.shape
+    if n < 2:
+        return None
+
+    def links(tail, head) -> dict[int, int] | None:
+        heads: dict[bytes, list[int]] = {}
+        for b in range(n):
+            heads.setdefault(np.ascontiguousarray(head(b)).tobytes(), []).append(b)
+        after = {}
+        for a in range(n):
+            found = heads.get(np.ascontiguousarray(tail(a)).tobytes(), [])
+            if len(found) > 1:
+                return None
+            if found:
+                after[a] = found[0]
+        return after
+
+    for s in range(1, k):
+        right = links(lambda a, s=s: base[a, :, :, s:], lambda b, s=s: base[b, :, :, : k - s])
+        down = links(lambda a, s=s: base[a, :, s:, :], lambda b, s=s: base[b, :, : k - s, :])
+        if right is None or down is None:
+            continue
+        corners = set(range(n)) - set(right.values()) - set(down.values())
+        if len(corners) != 1:
+            continue
+        cells = _place(corners.pop(), right, down)
+        if cells is None or len(cells) != n:
+            continue
+        width = max(c for _, c in cells.values()) + 1
+        at = {r * width + c: b for b, (r, c) in cells.items()}
+        if sorted(at) == list(range(n)):  # the grid's first n cells, row by row
+            return np.array([at[i] for i in range(n)])
+    return None
+
+
+def _place(start: int, right: dict[int, int], down: dict[int, int]):
+    """Grid cells (row, column) of every patch reachable from ``start`` at (0, 0) by the
+    right and down links; None if two paths put a patch in different cells."""
+    cells, todo = {start: (0, 0)}, [start]
+    while todo:
+        a = todo.pop()
+        r, c = cells[a]
+        for b, cell in ((right.get(a), (r, c + 1)), (down.get(a), (r + 1, c))):
+            if b is None:
+                continue
+            if b not in cells:
+                cells[b] = cell
+                todo.append(b)
+            elif cells[b] != cell:
+                return None
+    return cells
 
 
 def _grid_columns(base: np.ndarray, n: int, k: int, s: int) -> list[int]:

@@ -525,6 +525,8 @@ def _quiet_third_party_logs() -> None:
         import onnxruntime.tools.ort_format_model.utils  # noqa: F401
 
     warnings.filterwarnings("ignore", module=r"(tvm|torch|onnxscript|onnx_ir)\b.*")
+    # torch's pytree deprecation, raised from copyreg while modules are deep-copied
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     for name in (
         "torch.onnx",
         "torch._export",
@@ -739,7 +741,10 @@ def _print_build(m: dict, outdir: Path) -> None:
     for warning in m.get("warnings", []):
         click.echo(f"  warning   {warning}")
     ratio = size["ratio"]
-    relation = f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+    if size["artifact_bytes"] == size["dense_baseline_bytes"]:
+        relation = "the same size"
+    else:
+        relation = f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
     click.echo(
         f"  size      {size['artifact_bytes']:,} bytes vs dense fp32 baseline "
         f"{size['dense_baseline_bytes']:,} bytes ({relation})"

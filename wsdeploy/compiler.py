@@ -204,7 +204,7 @@ def lower(
         from wsdeploy.passes.aten import lower_program
 
         return lower_program(program, strategy, goal)
-    model = trace.to_onnx(program)
+    model = trace.to_onnx(program, loaded.input_names)
     layers: list[dict[str, Any]] = []
     with shape_hints(dynamic_sizes(loaded) if dynamic else {}):
         pipeline(strategy, target, goal, precision, layers)(model)
@@ -253,13 +253,14 @@ def check(
 
 def verification_sizes(loaded: LoadedModel) -> list[tuple[tuple[int, ...], ...]]:
     """The input shapes besides ``--input-shape``'s that a build keeping dynamic axes is
-    verified at: every dynamic axis at its range's lower end, then at 1.5x its given size
-    plus one (an odd size, within the range)."""
+    verified at: every dynamic axis at its range's lower end, at 1.5x its given size plus
+    one (an odd size, within the range), and at its upper end (at most
+    ``MAX_DYNAMIC_SIZE``): a runtime sizing its buffers for the example fails there."""
     axes = loaded.dynamic_axes
     given = dynamic_sizes(loaded)
     ranges = {a.symbol: a for found in axes for a in found.values()}
     shapes = []
-    for pick in (lambda a, n: a.min, lambda a, n: n + n // 2 + 1):
+    for pick in (lambda a, n: a.min, lambda a, n: n + n // 2 + 1, lambda a, n: MAX_DYNAMIC_SIZE):
         sizes = {}
         for symbol, n in given.items():
             a = ranges[symbol]
@@ -366,6 +367,12 @@ def gate_data(loaded: LoadedModel, options: ExportOptions) -> GateData | None:
     ``--calib`` file (``CALIB_HOLDOUT``). Refuses when there is no real data at all: random
     inputs are only the numerics check's, never the accuracy gate's."""
     if options.gate_data is not None:
+        if options.calib is not None and _same_file(options.calib, options.gate_data):
+            raise WsdeployError(
+                f"--gate-data {options.gate_data} is the --calib file: the accuracy gate must "
+                "run on inputs held out from calibration (or drop --gate-data: every "
+                f"{CALIB_HOLDOUT}th sample of the --calib file is then held out)"
+            )
         x = _samples(loaded, options.gate_data)
         n = quantize.count(x)
         labels = quantize.load_labels(options.gate_data, n)
@@ -394,6 +401,13 @@ def gate_data(loaded: LoadedModel, options: ExportOptions) -> GateData | None:
         f"{arrays}, optional 'labels'), or a --calib file of at least "
         f"{MIN_GATE_INPUTS * CALIB_HOLDOUT} samples (every {CALIB_HOLDOUT}th is held out)"
     )
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _samples(loaded: LoadedModel, path: str) -> quantize.Samples:
@@ -1331,6 +1345,10 @@ def verify(
     outdir = Path(outdir)
     _check_n_verify(n_verify)
     manifest = read_manifest(outdir)
+    if input_shape is None and (str(model).endswith(".pt2") or trust_pickle):
+        # the shapes the build was made at: a dynamic .pt2 or a pickle needs them
+        shapes = [tuple(spec["shape"]) for spec in manifest["inputs"]]
+        input_shape = shapes[0] if len(shapes) == 1 else shapes
     loaded = load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
     if loaded.sha256 != manifest["source"]["sha256"]:
         raise WsdeployError(

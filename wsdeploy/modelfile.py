@@ -182,10 +182,15 @@ def _dynamic_spec(loaded: LoadedModel, axes: Sequence[DynamicAxis]) -> tuple | N
             raise ModelFileError(
                 f"--dynamic-axis {a.axis}: input {names[i]!r} has {len(shape)} axes"
             )
-        if not 2 <= a.min <= shape[a.axis] <= a.max:
+        if a.min < 2:
+            raise ModelFileError(
+                f"--dynamic-axis {a.axis}:{a.min}:{a.max}: MIN must be at least 2 (torch.export "
+                "fixes a size that may be 0 or 1)"
+            )
+        if not a.min <= shape[a.axis] <= a.max:
             raise ModelFileError(
                 f"--dynamic-axis {a.axis}:{a.min}:{a.max} must hold the size the model is "
-                f"saved at ({shape[a.axis]}), from 2 up"
+                f"saved at ({shape[a.axis]})"
             )
         symbol = re.sub(r"\W", "_", f"{names[i]}_{a.axis}")
         spec[i][a.axis] = torch.export.Dim(symbol, min=a.min, max=a.max)

@@ -72,8 +72,10 @@ def trace(loaded: LoadedModel, dynamic: bool = False) -> torch.export.ExportedPr
         ) from e
 
 
-def to_onnx(ep: torch.export.ExportedProgram) -> ir.Model:
+def to_onnx(ep: torch.export.ExportedProgram, names: Sequence[str] = ()) -> ir.Model:
     """Translate an exported program to ONNX IR with one ``wsnet`` node per WSNet layer.
+    Its inputs take ``names`` (the model's own, which users feed it by), else ``input``
+    (``input_0``, ``input_1``... for several); its outputs are ``output`` (``output_i``).
 
     The stock optimiser runs (it folds the small constant shape arithmetic torch emits), but
     it cannot see through a ``wsnet`` node, so phi is never materialised into dense weights.
@@ -99,8 +101,14 @@ def to_onnx(ep: torch.export.ExportedProgram) -> ir.Model:
         raise CompileError(f"ONNX export failed: {str(e).strip().splitlines()[0][:300]}") from e
     model = program.model
     model.graph.opset_imports.setdefault(onnx_ops.DOMAIN, onnx_ops.VERSION)
-    for i, value in enumerate(model.graph.inputs):
-        value.name = "input" if len(model.graph.inputs) == 1 else f"input_{i}"
+    inputs = list(model.graph.inputs)
+    taken = set(model.graph.initializers) | {v.name for n in model.graph for v in n.outputs}
+    taken -= {v.name for v in inputs}
+    usable = len(names) == len(inputs) and len(set(names)) == len(names)
+    usable = usable and all(n.isidentifier() and n not in taken for n in names)
+    usable = usable and not any(n.startswith("output") for n in names)
+    for i, value in enumerate(inputs):
+        value.name = names[i] if usable else "input" if len(inputs) == 1 else f"input_{i}"
     for i, value in enumerate(model.graph.outputs):
         value.name = "output" if len(model.graph.outputs) == 1 else f"output_{i}"
     return model

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import op_types
 from tests.passes.strategies import (
@@ -39,3 +43,46 @@ def test_linear_random_configs(tmp_path_factory, cfg):
     module, shape = linear_model(cfg)
     result = lower_and_compare(module, shape, "fold", tmp_path_factory.mktemp("fl"))
     assert op_types(result.model) == ["Gemm", "Tanh"]
+
+
+class _Reordered(torch.nn.Module):
+    """A hand-written WSNet conv1d whose channel repeat is repeat_interleave and whose
+    filters run backwards: recognition gathers its input and its outputs into the op's
+    order."""
+
+    def __init__(self, cs, r, n, k, s, padding):
+        super().__init__()
+        self.k, self.s, self.r, self.padding = k, s, r, padding
+        self.phi = torch.nn.Parameter(torch.randn(cs, k + (n - 1) * s))
+        self.bias = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        w = self.phi.unfold(1, self.k, self.s).permute(1, 0, 2).flip(0)
+        w = w.repeat_interleave(self.r, dim=1)
+        return torch.relu(F.conv1d(x, w, self.bias, padding=self.padding))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.integers(1, 3), st.integers(2, 3), st.integers(2, 8), st.integers(2, 5), st.integers(1, 3)
+)
+def test_channel_and_filter_gathers_fold_into_the_dense_weight(tmp_path_factory, cs, r, n, k, s):
+    # folded, a gather of the input's channels or of the outputs is a permutation of the
+    # dense weight's columns or rows: no Gather left, the same outputs
+    from tests.conftest import eager, run_ir
+    from wsdeploy.compiler import lower
+    from wsdeploy.modelfile import LoadedModel
+    from wsdeploy.numerics import assert_close
+
+    s = min(s, k - 1)  # overlapping windows: the order is found from them
+    module = torch.nn.Sequential(_Reordered(cs, r, n, k, s, k // 2)).eval()
+    shape = (2, cs * r, 20)
+    loaded = LoadedModel.from_module(module, shape)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    tmp = tmp_path_factory.mktemp("g")
+    for strategy in ("fold", "shared"):
+        model, layers = lower(loaded, strategy, "onnx")
+        assert len(layers) == 1, layers
+        gathers = op_types(model).count("Gather")  # shared: the outputs' at least
+        assert gathers == 0 if strategy == "fold" else gathers >= 1
+        assert_close(run_ir(model, x, tmp), eager(module, x), stage="rewrite")

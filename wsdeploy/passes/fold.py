@@ -5,7 +5,13 @@
     WSLinear(x; phi, scale, bias) -> Gemm(x, W * scale, bias, transB=1)   (MatMul+Add above 2-D)
 
 The dense fallback, and the baseline every comparison is made against. Folding the scale
-into the dense weight is safe here: nothing is shared any more.
+into the dense weight is safe here: nothing is shared any more. So are the channel gathers
+recognition put around a layer written in another channel or filter order than the op's
+(``passes.recognize``): a Gather permuting the input channels, or the outputs, becomes a
+permutation of the dense weight's columns, or rows (and bias), and the copy is gone:
+
+    Gather(Conv(Gather(x, p_in, axis=1), W, B), p_out, axis=1)
+        -> Conv(x, W[p_out][:, argsort(p_in)], B[p_out])
 
 int8 phi (``DequantizeLinear(phi_q, s)``, per condensed channel c*) folds without touching
 the quantized values: the dense weight is int8 too, each input channel c carries the scale
@@ -34,6 +40,7 @@ from ._graph import (
     phi_of,
     prune_initializers,
     replace_node,
+    rewire,
     static_shape,
     ws_attrs,
     ws_nodes,
@@ -75,6 +82,15 @@ class FoldPass(Pass):
             base = phi_of(node).name or "w"
             x = x_of(node)
             rank = len(static_shape(x))
+            channel = spec.channel_axis(rank)  # of the input, and of the output
+            before = _input_gather(x, channel, rank, w.shape[1])
+            if before is not None:  # the input's channels permuted: the weight's columns
+                w = w[:, np.argsort(before[1])]
+                x = before[0].inputs[0]
+            after = _output_gather(node.outputs[0], channel, rank, w.shape[0])
+            if after is not None:  # the outputs permuted: the weight's rows and the bias
+                w = w[after[1]]
+                bias = None if bias is None else bias[after[1]]
             stored = spec.dense_layout(w, rank).astype(np.float32)
             weight = add_initializer(graph, f"{base}.dense", stored)
             b = (
@@ -85,10 +101,49 @@ class FoldPass(Pass):
             builder = Builder()
             y = spec.dense(builder, x, weight, b, ws_attrs(node), rank)
             replace_node(graph, node, builder.nodes, y)
+            if after is not None:
+                rewire(after[0].outputs[0], y)
+                graph.remove(after[0], safe=True)
+            if before is not None and not before[0].outputs[0].uses():
+                graph.remove(before[0], safe=True)
             modified = True
         if modified:
             prune_initializers(graph)
         return PassResult(model, modified)
+
+
+def _input_gather(x: ir.Value, axis: int, rank: int, n: int):
+    """(Gather, permutation) if ``x`` is a Gather of all ``n`` channels along ``axis`` in
+    another order, read by the layer alone; else None."""
+    gather = x.producer()
+    if gather is None or len(x.uses()) != 1:
+        return None
+    return _permutation(gather, axis, rank, n)
+
+
+def _output_gather(y: ir.Value, axis: int, rank: int, n: int):
+    """(Gather, permutation) if the layer's output ``y`` is read only by a Gather of all
+    ``n`` channels along ``axis`` in another order; else None."""
+    uses = list(y.uses())
+    if y.is_graph_output() or len(uses) != 1:
+        return None
+    gather = uses[0][0]
+    if gather.inputs[0] is not y:
+        return None
+    return _permutation(gather, axis, rank, n)
+
+
+def _permutation(gather: ir.Node, axis: int, rank: int, n: int):
+    if gather.op_type != "Gather" or gather.domain != "":
+        return None
+    a = gather.attributes["axis"].as_int() if "axis" in gather.attributes else 0
+    perm = const(gather.inputs[1])
+    if a % rank != axis or perm is None or perm.ndim != 1:
+        return None
+    perm = perm.astype(np.int64) % n
+    if sorted(perm.tolist()) != list(range(n)):
+        return None
+    return gather, perm
 
 
 def _fold_int8(graph: ir.Graph, node: ir.Node) -> None:

@@ -251,6 +251,5 @@ EXECUTORCH = Target(
     quantize=quantize,
     report=report,
     requires=_require,
-    dynamic=True,
     threads=threads,
 )

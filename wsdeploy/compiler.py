@@ -1226,12 +1226,10 @@ def _io(
         output = next(n for n in lowered.graph.nodes if n.op == "output")
         vals = [a.meta["val"] for a in output.args[0]][: len(signature.user_outputs)]
     stem = "input" if which == "inputs" else "output"
-    from wsdeploy.passes.recognize import _example
-
     found = [
         {
             "name": stem if len(vals) == 1 else f"{stem}_{i}",
-            "shape": [_example(d) for d in v.shape],
+            "shape": [trace.example_size(d) for d in v.shape],
             "dtype": str(v.dtype).removeprefix("torch."),
         }
         for i, v in enumerate(vals)

@@ -121,15 +121,17 @@ def _user_inputs(ep: torch.export.ExportedProgram) -> list[torch.Tensor]:
     return [nodes[n].meta["val"] for n in names]
 
 
-def _concrete(d: int | torch.SymInt) -> int:
-    """A size of the program: an integer, or a symbolic one's example value (its hint, the
-    size it was exported at; else its range's lower bound)."""
-    if isinstance(d, int):
-        return d
+def example_size(d: int | torch.SymInt) -> int:
+    """A size of a program: an integer, or a symbolic one's example value (its hint, the
+    size it was exported at; else its range's lower bound), read without the guard that
+    ``int()`` of a symbolic size adds (which would make the program lose the dimension)."""
+    if not isinstance(d, torch.SymInt):
+        return int(d)
     hint = d.node.hint
     if hint is not None:
         return int(hint)
-    return int(d.node.shape_env.var_to_range[d.node.expr].lower)
+    found = d.node.shape_env.var_to_range.get(d.node.expr)
+    return int(found.lower) if found is not None else 0
 
 
 def example_inputs(
@@ -139,7 +141,7 @@ def example_inputs(
     dynamic size takes its example value, or ``shapes``' if given."""
     vals = _user_inputs(ep)
     if shapes is None:
-        shapes = [[_concrete(d) for d in v.shape] for v in vals]
+        shapes = [[example_size(d) for d in v.shape] for v in vals]
     return tuple(torch.zeros(tuple(s), dtype=v.dtype) for s, v in zip(shapes, vals, strict=True))
 
 

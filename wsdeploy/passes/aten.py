@@ -29,7 +29,7 @@ from wsdeploy.ops.builder import TorchBuilder
 
 from .modules import _attr, _tied_op
 from .record import record
-from .strategy import Layer, choose
+from .strategy import Layer, choose, fold_if_static_only
 
 STRATEGIES = ("auto", "fold", "shared")
 
@@ -63,9 +63,9 @@ class Lowered(nn.Module):
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...]:
     """The node's shape at the program's example sizes (a dynamic size: its example)."""
-    from .recognize import _example
+    from wsdeploy.trace import example_size
 
-    return tuple(_example(d) for d in node.meta["val"].shape)
+    return tuple(example_size(d) for d in node.meta["val"].shape)
 
 
 def _run_time_sizes(node: torch.fx.Node) -> tuple[int | None, ...]:
@@ -120,14 +120,7 @@ def _lower(ep, strategy: str, goal: str):
         lay = Layer(spec, attrs, _shape(x), _shape(node), _shape(phi_node))
         chosen = choose(lay, strategy, native=False, goal=goal, runtime="xnnpack")
         sizes = _run_time_sizes(x)
-        static = [a for a, d in enumerate(sizes) if d is None and a not in spec.dynamic_axes]
-        note = None
-        if chosen != "fold" and static:  # as StrategyPass does for the ONNX targets
-            note = (
-                f"folded: its {chosen} lowering needs input axis "
-                f"{', '.join(map(str, static))} static, and the build keeps it dynamic"
-            )
-            chosen = "fold"
+        chosen, note = fold_if_static_only(spec, sizes, chosen)
         records.append(record(node.name, lay, chosen, False, goal))
         if note:
             records[-1]["note"] = note

@@ -237,10 +237,12 @@ def _delete_unused_attributes(gm: torch.fx.GraphModule, among: set[str] | None =
 
 def _dense_counts(node: torch.fx.Node, layer: str, weight: torch.fx.Node) -> dict[str, Any]:
     """Weight shape, parameters and multiply-adds of a layer with a stored weight."""
+    from wsdeploy.trace import example_size
+
     w, out = weight.meta.get("val"), node.meta.get("val")
     if not isinstance(w, torch.Tensor) or not isinstance(out, torch.Tensor):
         return {}
-    shape = [_example(d) for d in w.shape]
+    shape = [example_size(d) for d in w.shape]
     per_output = int(np.prod(shape[1:])) if layer != "linear" else shape[-1]
     if _op_name(node) in ("matmul", "mm"):
         per_output = shape[0]
@@ -248,19 +250,10 @@ def _dense_counts(node: torch.fx.Node, layer: str, weight: torch.fx.Node) -> dic
     return {
         "weight_shape": shape,
         "params": int(np.prod(shape)),
-        "dense_macs": _example(out.numel()) * per_output,
-        "input_shape": [_example(d) for d in x.shape] if isinstance(x, torch.Tensor) else [],
-        "output_shape": [_example(d) for d in out.shape],
+        "dense_macs": example_size(out.numel()) * per_output,
+        "input_shape": [example_size(d) for d in x.shape] if isinstance(x, torch.Tensor) else [],
+        "output_shape": [example_size(d) for d in out.shape],
     }
-
-
-def _example(size: int | torch.SymInt) -> int:
-    """A size, at the example sizes of a program with dynamic dimensions: ``int()`` of a
-    symbolic size would make the program guard on that value and lose the dimension."""
-    if isinstance(size, torch.SymInt):
-        hint = size.node.hint
-        return int(hint) if hint is not None else 0
-    return int(size)
 
 
 def _where(node: torch.fx.Node) -> str:

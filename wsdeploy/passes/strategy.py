@@ -149,11 +149,20 @@ NOTE_KEY = "wsdeploy.strategy_note"
 """Node metadata key: why a layer got another lowering than its strategy's."""
 
 
-def static_only(node: ir.Node) -> list[int]:
-    """The axes of ``node``'s input that are dynamic (sizes known at run time only) but that
-    its kind's shared graph needs static (``OpSpec.dynamic_axes``)."""
-    dims = shape_of(x_of(node))
-    return [a for a, d in enumerate(dims) if d is None and a not in ops.spec(node).dynamic_axes]
+def fold_if_static_only(
+    spec: ops.OpSpec, sizes: tuple[int | None, ...], chosen: str
+) -> tuple[str, str | None]:
+    """(lowering, note): ``chosen``, or ``fold`` with the reason when the layer's input
+    (``sizes``, None for a size known at run time only) is dynamic on an axis its kind's
+    shared graph needs static (``OpSpec.dynamic_axes``)."""
+    axes = [a for a, d in enumerate(sizes) if d is None and a not in spec.dynamic_axes]
+    if chosen == "fold" or not axes:
+        return chosen, None
+    note = (
+        f"folded: its {chosen} lowering needs input axis {', '.join(map(str, axes))} static, "
+        "and the build keeps it dynamic"
+    )
+    return "fold", note
 
 
 class StrategyPass(Pass):
@@ -174,13 +183,9 @@ class StrategyPass(Pass):
         modified = False
         for node in ws_nodes(model.graph):
             chosen = choose(node, self.strategy, self.native, self.goal)
-            axes = static_only(node)
-            if chosen != "fold" and axes:
-                node.meta[NOTE_KEY] = (
-                    f"folded: its {chosen} lowering needs input axis "
-                    f"{', '.join(map(str, axes))} static, and the build keeps it dynamic"
-                )
-                chosen = "fold"
+            chosen, note = fold_if_static_only(ops.spec(node), shape_of(x_of(node)), chosen)
+            if note:
+                node.meta[NOTE_KEY] = note
             node.meta[STRATEGY_KEY] = chosen
             modified = True
         return PassResult(model, modified)

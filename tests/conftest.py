@@ -50,6 +50,20 @@ def _own_tuning_records(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture
+def one_device_user(tmp_path_factory):
+    """One emulated arm64 device per machine (its state lives in ~/.cache/wsdeploy): tests
+    that start, stop or use it take turns, whichever pytest-xdist worker runs them
+    (xdist's own grouping, --dist loadgroup, did not group anything with pytest 9.2 and
+    xdist 3.8 here)."""
+    import fcntl
+
+    lock = tmp_path_factory.getbasetemp().parent / "arm64-device.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -549,3 +549,37 @@ def test_int8_of_a_dynamic_length_program(two_files, tmp_path, target):
     assert all(d["stage"] == "quantized" for d in m["verification"]["dynamic"])
     again = _run(["verify", str(out), "--model", str(root / "two_dyn.pt2"), *args[6:8]])
     assert again.exit_code == 0 and "verified  at input 1x1x769 1x6" in again.output, again.output
+
+
+@pytest.mark.slow
+def test_user_programs_on_executorch_run_on_the_emulated_arm64_device(
+    user_files, two_files, tmp_path, one_device_user
+):
+    """A user's .pt2 (hand-written WSNet layers recognised, three of them shared) and a
+    program of two inputs and two outputs: their .pte files run on the emulated arm64
+    device through ExecuTorch's aarch64 libraries and match PyTorch there."""
+    from wsdeploy import device
+
+    user_root, _ = user_files
+    two_root, _ = two_files
+    with device.session() as info:
+        out = tmp_path / "user"
+        result = _export(
+            user_root, "user.pt2", "executorch", "fp32", out, "--strategy", "shared",
+            "--rpc", info.address,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert result.output.count(": recognised: WSNet") == 3
+        assert "on the emulated arm64 device" in result.output
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["verification"]["verified_on"] == "emulated-arm64"
+        assert [layer["strategy"] for layer in m["layers"]] == ["shared"] * 3
+        out = tmp_path / "two"
+        args = ["export", str(two_root / "two.pt2"), "--target", "executorch", "-o", str(out)]
+        result = _run([*args, "--rpc", info.address])
+        assert result.exit_code == 0, result.output
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["verification"]["verified_on"] == "emulated-arm64"
+        outputs = m["verification"]["outputs"]
+        assert [o["name"] for o in outputs] == ["output_0", "output_1"]
+        assert all(o["ok"] for o in outputs)

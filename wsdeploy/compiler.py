@@ -860,6 +860,9 @@ def preflight(target, rpc: str | None, cc: str | None) -> None:
                 f"{target.name} builds run on this machine, not on a device: drop "
                 f"--rpc/--tracker (devices run {remote})"
             )
+        if target.devices is not None:
+            target.devices(rpc)
+            return
         from wsdeploy.targets import tvm as tvm_build
 
         tvm_build.check_reachable(rpc)
@@ -929,6 +932,9 @@ def verification_runners(
     if rpc is not None:
         runner = target.load(builddir, rpc)
         where = "emulated-arm64" if device.is_emulated(rpc) else "device"
+        if int8 and target.portable:  # the same file runs here: the gate's inputs run here
+            yield Verification(runner, where, target.load(builddir, None), "local")
+            return
         if where == "device" or not int8 or lowered is None or target.host_twin is None:
             yield Verification(runner, where, runner, where)
             return

@@ -18,16 +18,9 @@ from wsdeploy.targets.tvm.records import default_root
 
 
 @pytest.fixture(autouse=True)
-def _one_device_user_at_a_time(tmp_path_factory):
-    """One emulated device per machine (its state lives in ~/.cache/wsdeploy): the tests here
-    take turns, whichever pytest-xdist worker runs them (xdist's own grouping, --dist
-    loadgroup, did not group anything with pytest 9.2 and xdist 3.8 here)."""
-    import fcntl
-
-    lock = tmp_path_factory.getbasetemp().parent / "arm64-device.lock"
-    with open(lock, "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        yield
+def _one_device_user_at_a_time(one_device_user):
+    """Every test here may start or stop the emulated device (conftest.one_device_user)."""
+    yield
 
 
 @pytest.fixture

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import builtins
 import json
+import shutil
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from wsdeploy.cli import main
+from wsdeploy.errors import CompileError
+from wsdeploy.numerics import assert_close
 
 
 def _export(out, model="wsnet1d-tiny", *extra):
@@ -55,6 +59,9 @@ def test_bench_and_verify_run_the_pte(tmp_path):
     bench = json.loads(result.output)
     assert bench["target"] == "executorch" and bench["median_ms"] > 0
     assert bench["threads"] >= 1  # ExecuTorch's own threadpool, as it reports it
+    # both ways: compute only (the native runner times method.execute) and end to end
+    # (ExecuTorch's Python runtime on numpy input)
+    assert bench["timing"].startswith("compute only") and bench["e2e_median_ms"] > 0
     result = runner.invoke(main, ["verify", str(out), "--model", "wsnet1d-tiny"])
     assert result.exit_code == 0 and "PASS" in result.output, result.output
 
@@ -64,7 +71,7 @@ def test_bench_and_verify_run_the_pte(tmp_path):
     [
         (["--strategy", "custom"], "needs custom op kernels"),
         (["--quantize", "int8", "--strategy", "shared"], "int8 on executorch folds every"),
-        (["--rpc", "127.0.0.1:9"], "builds run on this machine"),
+        (["--rpc", "127.0.0.1:9"], "builds run on this machine or on the emulated arm64"),
     ],
 )
 def test_what_it_does_not_build_is_one_line(extra, message, tmp_path):
@@ -132,3 +139,78 @@ def test_affine_folding_keeps_the_function():
         x = torch.randn(*loaded.input_shape)
         with torch.no_grad():
             assert_close(gm(x).numpy(), loaded.module(x).numpy(), stage="rewrite")
+
+
+def test_native_runner_runs_the_pte_as_the_python_runtime_does(tmp_path):
+    """wsdeploy's runner (ExecuTorch's runtime libraries, no Python, no libtorch) gives the
+    Python runtime's outputs, for every input and output of the program; bad input is one
+    line."""
+    from wsdeploy.targets import executorch_runner as native
+    from wsdeploy.targets.executorch import load
+
+    out = tmp_path / "o"
+    assert _export(out, "wsnet1d-tiny", "--strategy", "shared").exit_code == 0
+    python = load(out)
+    runner = native.build(native.host_arch())
+    assert (runner / native.PROGRAM).exists() and (runner / "COMPLETE").exists()
+    shape = json.loads((out / "manifest.json").read_text())["inputs"][0]["shape"]
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        x = rng.standard_normal(shape).astype(np.float32)
+        got, ms = native.run(runner, out / "model.pte", [x], warmup=1, repeat=4)
+        want = python(x)
+        assert len(got) == len(want) and len(ms) == 4 and (ms > 0).all()
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            assert_close(g, w, stage="runtime")
+    with pytest.raises(CompileError, match="input size differs"):
+        native.run(runner, out / "model.pte", [np.zeros(3, np.float32)])
+    with pytest.raises(CompileError, match="takes 1 inputs, 2 were given"):
+        native.run(runner, out / "model.pte", [x, x])
+    (tmp_path / "not.pte").write_bytes(b"\0" * 64)
+    with pytest.raises(CompileError, match="not an ExecuTorch program"):
+        native.run(runner, tmp_path / "not.pte", [x])
+
+
+def _device_export(out, model, address, *extra):
+    result = _export(out, model, "--rpc", address, *extra)
+    assert result.exit_code == 0, result.output
+    assert "on the emulated arm64 device" in result.output and "PASS" in result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verification"]["verified_on"] == "emulated-arm64"
+    assert m["verification"]["device"] == address
+    return m
+
+
+@pytest.mark.slow
+def test_zoo_builds_run_on_the_emulated_arm64_device(tmp_path, one_device_user):
+    """Every zoo model, every strategy, fp32 and int8: the .pte (portable) runs on the
+    emulated arm64 device through ExecuTorch's aarch64 libraries (XNNPACK's arm64 kernels)
+    and matches PyTorch there; int8's thousand gate inputs run the same file here."""
+    from wsdeploy import device
+    from wsdeploy.targets import executorch_runner as native
+
+    assert shutil.which("qemu-aarch64-static"), "CI installs qemu-user-static"
+    with device.session() as info:
+        address = info.address
+        for model in ("wsnet1d-tiny", "wsnet2d-cifar", "wsnet1d-soundnet8"):
+            for strategy in ("fold", "shared", "auto"):
+                out = tmp_path / f"{model}-{strategy}"
+                _device_export(out, model, address, "--strategy", strategy)
+            m = _device_export(tmp_path / f"{model}-int8", model, address, "--quantize", "int8")
+            gate = m["verification"]["accuracy_gate"]
+            assert gate["passed"] and gate["ran_on"] == "local" and gate["n"] >= 1000
+        arm = native.build("aarch64")
+        elf = (arm / native.PROGRAM).read_bytes()
+        assert elf[:4] == b"\x7fELF" and elf[18] == 183  # e_machine EM_AARCH64
+        built = tmp_path / "wsnet2d-cifar-int8"
+        result = CliRunner().invoke(
+            main, ["bench", str(built), "--rpc", address, "--repeat", "3", "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        timing = json.loads(result.output)
+        assert timing["emulated"] and timing["timing"].startswith("compute only")
+        assert timing["median_ms"] > 0 and timing["e2e_median_ms"] is None
+        args = ["verify", str(tmp_path / "wsnet1d-tiny-shared"), "--model", "wsnet1d-tiny"]
+        result = CliRunner().invoke(main, [*args, "--rpc", address])
+        assert result.exit_code == 0 and "PASS" in result.output, result.output

@@ -96,6 +96,10 @@ class Target:
             ``quantize(module, batches)`` -> (the quantized module, the absmax of its
             outputs), run on the lowered program with its WSNet layers folded
             (``compiler.calibrated_reference``); None: wsdeploy's int8 (``quantize``).
+        devices: ``devices(address)`` raises ``WsdeployError`` if the target's builds cannot
+            run on the device at ``address`` (None: any TVM RPC server runs them).
+        portable: its file is the same for every CPU, so where a device checks the numerics,
+            the int8 gate's many inputs run the same file on this machine.
         dynamic: fp32 builds keep a .pt2's dynamic dimensions (the runtime takes any size in
             their range, and verification runs several); the other targets build for the
             concrete ``--input-shape``.
@@ -123,6 +127,8 @@ class Target:
     report: Callable[[Path], dict[str, Any]] | None = None
     requires: Callable[[], None] | None = None
     quantize: Callable[..., tuple[Any, float]] | None = None
+    devices: Callable[[str], None] | None = None
+    portable: bool = False
     dynamic: bool = False
 
 

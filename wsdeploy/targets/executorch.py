@@ -10,7 +10,8 @@ A prebuilt ExecuTorch runtime holds only its portable kernels and the XNNPACK de
 no wsnet custom op reaches the file. Writes ``model.pte`` and ``delegation.json``: which
 operators XNNPACK runs and which fall back to portable kernels (the silent performance trap),
 and the operator list a selective runtime build needs. Verified with ExecuTorch's Python
-runtime (``executorch.runtime``), the same kernels an app links.
+runtime (``executorch.runtime``), the same kernels an app links, and with ``--rpc`` of the
+emulated arm64 device there, by ExecuTorch's aarch64 libraries (``executorch_runner``).
 
 Optional: ``pip install 'wsdeploy[executorch]'`` (executorch pulls torchao, pandas and, on
 x86_64, coremltools; too heavy for the default install).
@@ -136,8 +137,33 @@ def build(
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:
+    """The build run by ExecuTorch's Python runtime here, or, on the emulated arm64 device
+    (``device``: its address), by wsdeploy's native runner with ExecuTorch's aarch64
+    libraries under qemu (``executorch_runner``). Either runner's ``time(repeat)`` times the
+    last input it ran compute-only, with the native runner (no Python in the loop)."""
+    from wsdeploy.numerics import as_inputs
+
+    from . import executorch_runner as native
+
+    pte = Path(outdir) / FILENAME
     if device is not None:
-        raise WsdeployError("executorch builds run on this machine here (no --rpc)")
+        check_device(device)
+        from wsdeploy import device as emulated
+
+        info = emulated.status()
+        assert info is not None  # check_device: it runs
+        emulator = native.emulator(Path(info.root) / "rootfs")
+        runner = native.build("aarch64")
+
+        def run_emulated(x) -> list:
+            run_emulated.last = x
+            return native.run(runner, pte, as_inputs(x), emulator=emulator)[0]
+
+        run_emulated.time = lambda repeat: native.run(
+            runner, pte, as_inputs(run_emulated.last), warmup=1, repeat=repeat, emulator=emulator
+        )[1]
+        return run_emulated
+
     _require()
     import numpy as np
     import torch
@@ -145,14 +171,13 @@ def load(outdir: Path, device: str | None = None) -> Runner:
 
     try:
         with _quiet(native=True):
-            program = Runtime.get().load_program(Path(outdir) / FILENAME)
+            program = Runtime.get().load_program(pte)
             method = program.load_method("forward")
     except RuntimeError as e:  # its log (stderr, silenced) says more; the build is refused
         raise CompileError(f"ExecuTorch's runtime cannot load {FILENAME}: {e}") from None
 
-    from wsdeploy.numerics import as_inputs
-
     def run(x) -> list[np.ndarray]:
+        run.last = x
         try:
             outputs = method.execute(
                 [torch.from_numpy(np.ascontiguousarray(a)) for a in as_inputs(x)]
@@ -162,7 +187,28 @@ def load(outdir: Path, device: str | None = None) -> Runner:
         return [o.detach().numpy().copy() for o in outputs]
 
     run.program = program  # keep the program alive as long as its method
+    run.time = lambda repeat: native.run(
+        native.build(native.host_arch()), pte, as_inputs(run.last), warmup=2, repeat=repeat
+    )[1]
     return run
+
+
+def check_device(address: str) -> None:
+    """ExecuTorch builds run on this machine and on the emulated arm64 device; a board's TVM
+    RPC server runs TVM libraries only (there, the ``.pte`` runs in the app)."""
+    from wsdeploy import device
+
+    if not device.is_emulated(address):
+        raise WsdeployError(
+            f"executorch builds run on this machine or on the emulated arm64 device ('wsdeploy "
+            f"device start'), and {address} is not that device: a board's TVM RPC server runs "
+            "TVM libraries only; there the .pte runs in the app"
+        )
+
+
+def _timer(run, repeat: int):
+    """Milliseconds of each of ``repeat`` runs, compute only (see ``load``)."""
+    return run.time(repeat)
 
 
 def quantize(module, batches) -> tuple[Any, float]:
@@ -192,7 +238,31 @@ def quantize(module, batches) -> tuple[Any, float]:
             outs = out if isinstance(out, tuple | list) else (out,)
             out_max = max(out_max, *(float(o.abs().max()) for o in outs))
         converted = convert_pt2e(prepared)
+    _fp32_inputs(converted, last)
     return converted, out_max
+
+
+def _fp32_inputs(module, names: set[str]) -> None:
+    """Give each layer kept fp32 (``names``) whose input the previous layer's quantized
+    output feeds (a dequantize) an fp32 tensor of its own: a multiplication by one between
+    them. XNNPACK's channels-last pass otherwise re-quantizes around the layout change of a
+    conv whose input is a dequantize (fp32 weight, int8 input: "Weight and Input should both
+    be quantized", wsnet1d-soundnet8's conv classifier); the product is exact."""
+    import torch
+
+    dequantize = {"dequantize_per_tensor", "dequantize_per_channel"}
+    for node in list(module.graph.nodes):
+        if node.op != "call_function" or node.name not in names or not node.args:
+            continue
+        source = node.args[0]
+        if not (isinstance(source, torch.fx.Node) and source.op == "call_function"):
+            continue
+        if getattr(source.target, "__name__", "").split(".")[0] not in dequantize:
+            continue
+        with module.graph.inserting_before(node):
+            fp32 = module.graph.call_function(torch.ops.aten.mul.Tensor, (source, 1.0))
+        node.replace_input_with(source, fp32)
+    module.recompile()
 
 
 def _output_layers(module) -> set[str]:
@@ -252,4 +322,8 @@ EXECUTORCH = Target(
     report=report,
     requires=_require,
     threads=threads,
+    remote=True,
+    devices=check_device,
+    timer=_timer,
+    portable=True,
 )

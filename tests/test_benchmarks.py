@@ -65,6 +65,7 @@ def test_quick_benchmark_run(tmp_path):
         "ExecuTorch dense baseline (fold)",
         "ExecuTorch WSNet shared",
         "ExecuTorch WSNet auto",
+        "ExecuTorch int8 (XNNPACK, folded)",
     }
     assert {r["build"] for r in models if r["runtime"] == "torch"} == {
         f"PyTorch {how}, {kind}"

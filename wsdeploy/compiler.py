@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import tempfile
@@ -33,7 +34,7 @@ import torch
 from wsdeploy import __version__, numerics, quantize, trace
 from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
 from wsdeploy.modelfile import LoadedModel, Shapes, default_mode, load_model
-from wsdeploy.passes import PRECISIONS
+from wsdeploy.passes import CALIB_METHODS, PRECISIONS
 from wsdeploy.passes._graph import shape_hints, static_shape
 from wsdeploy.passes.affine import AffinePass
 from wsdeploy.passes.base import Pass, PassManager
@@ -542,12 +543,35 @@ def target_int8_reference(
     fold_affine(module)
     module = torch.export.export(module, trace.example_inputs(lowered)).module()
     samples, source = calibration_samples(loaded, options)
-    qmodule, out_max = target.quantize(module, quantize.batches(samples, loaded.input_shape[0]))
-    calibration = quantize.Calibration(
-        {}, out_max, quantize.count(samples), source, method=f"{target.name} (PT2E, XNNPACK)"
-    )
+    batches = quantize.batches(samples, loaded.input_shape[0])
+    qmodule, out_max, method = target.quantize(module, batches, options.calib_method)
+    method = f"{method} ({target.name}: PT2E, XNNPACK)"
+    calibration = quantize.Calibration({}, out_max, quantize.count(samples), source, method=method)
     reference = dataclasses.replace(loaded, module=qmodule, exported=None, dynamic_axes=())
     return reference, calibration, layers
+
+
+def _replayed_options(manifest: dict[str, Any], loaded: LoadedModel, target) -> ExportOptions:
+    """The export options that calibrate an int8 build of a target's own quantizer again on
+    the very samples of its export (its manifest's ``quantization``): the model's dataset's
+    calibration split at the recorded count and seed, with the recorded method."""
+    q = manifest.get("quantization", {})
+    method = str(q.get("method", "")).split(" ")[0]
+    found = re.fullmatch(r".* calib split \((\d+) samples, seed (\d+)\)", q.get("source", ""))
+    if method not in CALIB_METHODS or found is None or loaded.dataset is None:
+        raise WsdeployError(
+            f"verify re-runs an int8 {target.name} build's calibration only where it used "
+            f"the model's own dataset; this one used {q.get('source', '?')!r}: export again "
+            "to check it"
+        )
+    return ExportOptions(
+        target=target.name,
+        precision="int8",
+        strategy=str(manifest.get("strategy", "auto")),
+        calib_samples=int(found.group(1)),
+        seed=int(found.group(2)),
+        calib_method=method,
+    )
 
 
 def accuracy_gate(
@@ -1368,11 +1392,12 @@ def verify(
     int8 = manifest.get("precision") == "int8"
     reference = loaded
     if int8 and target.quantize is not None:
-        raise WsdeployError(
-            f"verify does not re-run int8 {target.name} builds yet: their reference is the "
-            "quantizer's, calibrated at export (the export verified it); export again"
-        )
-    if int8:
+        # the target's quantizer keeps its ranges: calibrated again on the same samples
+        # (deterministic), it gives the export's reference
+        replay = _replayed_options(manifest, loaded, target)
+        reference = target_int8_reference(loaded, replay, target)[0]
+        calibration = quantize.Calibration.from_dict(manifest["quantization"])
+    elif int8:
         # the same fake-quantized reference as at export: the weights quantize
         # deterministically, the activation ranges come from the manifest
         calibration = quantize.Calibration.from_dict(manifest["quantization"])

@@ -10,6 +10,8 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from wsdeploy.cli import main
 from wsdeploy.errors import CompileError
@@ -114,8 +116,10 @@ def test_int8_is_xnnpack_integer_kernels_through_both_gates(tmp_path):
     assert not any("batch_norm" in op for op in (*delegated, *m["runtime"]["portable"]))
     assert [layer["strategy"] for layer in m["layers"]] == ["fold"] * len(m["layers"])
     assert m["size"]["artifact_bytes"] < m["size"]["wsnet_fp32_bytes"] / 2.5
+    # verify calibrates again on the same samples: the export's reference, checked again
     result = CliRunner().invoke(main, ["verify", str(out), "--model", "wsnet2d-cifar"])
-    assert result.exit_code == 1 and "export again" in result.output
+    assert result.exit_code == 0 and "PASS" in result.output, result.output
+    assert "int8 gate" in result.output
 
 
 def test_affine_folding_keeps_the_function():
@@ -214,3 +218,37 @@ def test_zoo_builds_run_on_the_emulated_arm64_device(tmp_path, one_device_user):
         args = ["verify", str(tmp_path / "wsnet1d-tiny-shared"), "--model", "wsnet1d-tiny"]
         result = CliRunner().invoke(main, [*args, "--rpc", address])
         assert result.exit_code == 0 and "PASS" in result.output, result.output
+
+
+@settings(max_examples=30)
+@given(
+    dims=st.sampled_from([1, 2]),
+    cin=st.integers(1, 4),
+    k=st.integers(1, 5),
+    stride=st.integers(1, 3),
+    padding=st.integers(0, 3),
+    dilation=st.integers(1, 2),
+    size=st.integers(8, 20),
+    batch=st.integers(1, 3),
+)
+def test_patch_means_are_the_conv_patches_means(
+    dims, cin, k, stride, padding, dilation, size, batch
+):
+    """Bias correction's E[patch] (strided slices of the padded input) equals the mean of the
+    patches a conv reads, taken by a conv with one-hot kernels, over random shapes."""
+    import torch
+    import torch.nn.functional as F
+
+    from wsdeploy.targets.executorch import _patch_means
+
+    assume(size + 2 * padding >= dilation * (k - 1) + 1)  # at least one output position
+    kernel = (k,) * dims
+    x = torch.randn(batch, cin, *(size,) * dims)
+    args = ([stride], [padding], [dilation])
+    got = _patch_means(x, kernel, args)
+    eye = torch.eye(cin * k**dims).reshape(-1, cin, *kernel)
+    conv = F.conv1d if dims == 1 else F.conv2d
+    patches = conv(x, eye, None, stride, padding, dilation)
+    want = patches.transpose(0, 1).reshape(eye.shape[0], -1).mean(1).reshape(cin, *kernel)
+    assert_close(got.numpy(), want.numpy(), stage="rewrite")
+    assert _patch_means(x, kernel, ()).shape == (cin, *kernel)  # defaults: stride 1, no padding

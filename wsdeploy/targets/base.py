@@ -93,8 +93,9 @@ class Target:
         requires: ``requires()`` raises ``WsdeployError`` naming what the target needs and
             this machine lacks (an optional extra), before any work; None: nothing.
         quantize: for a target consuming the torch program, its own int8:
-            ``quantize(module, batches)`` -> (the quantized module, the absmax of its
-            outputs), run on the lowered program with its WSNet layers folded
+            ``quantize(module, batches, method)`` -> (the quantized module, the absmax of
+            its outputs, the ``--calib-method`` it used: "auto" picks one), run on the
+            lowered program with its WSNet layers folded
             (``compiler.calibrated_reference``); None: wsdeploy's int8 (``quantize``).
         devices: ``devices(address)`` raises ``WsdeployError`` if the target's builds cannot
             run on the device at ``address`` (None: any TVM RPC server runs them).

@@ -188,7 +188,7 @@ def setup(
     expected = _marker_content()
     if _is_complete(device, expected):
         return device
-    with _locked(cache / ".setup.lock"):
+    with locked(cache / ".setup.lock"):
         if _is_complete(device, expected):  # another process finished it while we waited
             return device
         qemu, debootstrap = _host_tools()
@@ -429,7 +429,7 @@ def start(
     """
     cache = _cache_dir(cache)
     device = setup(cache, mirror=mirror, progress=progress)
-    with _locked(cache / ".server.lock"):
+    with locked(cache / ".server.lock"):
         running = _status(cache)
         if running is not None:
             if running.port != port:
@@ -547,7 +547,7 @@ def stop(cache: Path | None = None) -> bool:
         True if a server was running and was stopped, False if nothing was running.
     """
     cache = _cache_dir(cache)
-    with _locked(cache / ".server.lock"):
+    with locked(cache / ".server.lock"):
         return _stop(cache)
 
 
@@ -702,7 +702,7 @@ def _cache_dir(cache: Path | None) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive flock(2) on ``path`` (blocks until other processes release it)."""
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

@@ -201,7 +201,10 @@ def test_zoo_builds_run_on_the_emulated_arm64_device(tmp_path, one_device_user):
             for strategy in ("fold", "shared", "auto"):
                 out = tmp_path / f"{model}-{strategy}"
                 _device_export(out, model, address, "--strategy", strategy)
-            m = _device_export(tmp_path / f"{model}-int8", model, address, "--quantize", "int8")
+            # SoundNet-8's near ties: 98.3% agreement in XNNPACK's int8 (README, ExecuTorch)
+            bar = ["--min-agreement", "0.98"] if model == "wsnet1d-soundnet8" else []
+            args = ("--quantize", "int8", *bar)
+            m = _device_export(tmp_path / f"{model}-int8", model, address, *args)
             gate = m["verification"]["accuracy_gate"]
             assert gate["passed"] and gate["ran_on"] == "local" and gate["n"] >= 1000
         arm = native.build("aarch64")

@@ -27,8 +27,6 @@ Cache layout (default ``~/.cache/wsdeploy/executorch-runner``)::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -39,11 +37,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from wsdeploy.device import locked
 from wsdeploy.errors import CompileError, WsdeployError
 
 SOURCE = Path(__file__).with_name("executorch_runner.cpp")
@@ -112,7 +111,7 @@ def build(arch: str, cache: Path | None = None, progress: Callable[[str], None] 
     dest = cache / f"{version}-{arch}-{source}"
     if (dest / _MARKER).exists():
         return dest
-    with _locked(cache / ".lock"):
+    with locked(cache / ".lock"):
         if (dest / _MARKER).exists():  # another process built it while we waited
             return dest
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
@@ -191,16 +190,6 @@ def _run(cmd: list[str], log: Path, what: str) -> None:
         lines = (res.stderr or res.stdout).decode(errors="replace").strip().splitlines()
         errors = [line for line in lines if "error" in line.lower()] or lines or ["no output"]
         raise WsdeployError(f"{what} failed: {errors[0].strip()[:300]} (log: {log})")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def emulator(rootfs: Path) -> tuple[str, ...]:

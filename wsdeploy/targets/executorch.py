@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -329,6 +330,12 @@ def _layer_input_means(module, batches) -> dict[str, Any]:
     return {name: total / counts[name] for name, total in sums.items()}
 
 
+def _attr(module, target: str):
+    """A ``get_attr`` node's tensor: its target is a dotted path into the module
+    (``stem.weight`` in a user's program)."""
+    return functools.reduce(getattr, target.split("."), module)
+
+
 def _patch_means(x, kernel, given) -> Any:
     """The mean, over the batch and the output positions, of each (input channel, tap)
     entry of a conv's patches (zero padding included): per tap, a strided slice of the
@@ -372,7 +379,7 @@ def _correct_biases(converted, fp32_module, means: dict[str, Any]) -> None:
     import torch
 
     weights = {
-        n.name: getattr(fp32_module, n.args[1].target)
+        n.name: _attr(fp32_module, n.args[1].target)
         for n in fp32_module.graph.nodes
         if n.op == "call_function"
         and getattr(n.target, "__name__", "").split(".")[0] in _LAYERS
@@ -386,7 +393,7 @@ def _correct_biases(converted, fp32_module, means: dict[str, Any]) -> None:
             continue
         if not getattr(dq.target, "__name__", "").startswith("dequantize_per_channel"):
             continue
-        q, scale, zero = (getattr(converted, a.target) for a in dq.args[:3])
+        q, scale, zero = (_attr(converted, a.target) for a in dq.args[:3])
         axis = int(dq.args[3])
         view = [-1 if i == axis else 1 for i in range(q.dim())]
         rounded = (q.float() - zero.reshape(view).float()) * scale.reshape(view)
@@ -401,7 +408,7 @@ def _correct_biases(converted, fp32_module, means: dict[str, Any]) -> None:
             blocks = torch.stack([mean[g * per_group : (g + 1) * per_group] for g in group_of])
             shift = (error * blocks).flatten(1).sum(1)
         with torch.no_grad():
-            getattr(converted, bias.target).sub_(shift)
+            _attr(converted, bias.target).sub_(shift)
 
 
 _ANNOTATION = "quantization_annotation"  # where PT2E quantizers annotate a node

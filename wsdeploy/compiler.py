@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import signal
 import tempfile
@@ -546,7 +545,10 @@ def target_int8_reference(
     batches = quantize.batches(samples, loaded.input_shape[0])
     qmodule, out_max, method = target.quantize(module, batches, options.calib_method)
     method = f"{method} ({target.name}: PT2E, XNNPACK)"
-    calibration = quantize.Calibration({}, out_max, quantize.count(samples), source, method=method)
+    seed = options.seed if options.calib is None else None  # the dataset's split: replayable
+    calibration = quantize.Calibration(
+        {}, out_max, quantize.count(samples), source, method=method, seed=seed
+    )
     reference = dataclasses.replace(loaded, module=qmodule, exported=None, dynamic_axes=())
     return reference, calibration, layers
 
@@ -554,22 +556,22 @@ def target_int8_reference(
 def _replayed_options(manifest: dict[str, Any], loaded: LoadedModel, target) -> ExportOptions:
     """The export options that calibrate an int8 build of a target's own quantizer again on
     the very samples of its export (its manifest's ``quantization``): the model's dataset's
-    calibration split at the recorded count and seed, with the recorded method."""
-    q = manifest.get("quantization", {})
-    method = str(q.get("method", "")).split(" ")[0]
-    found = re.fullmatch(r".* calib split \((\d+) samples, seed (\d+)\)", q.get("source", ""))
-    if method not in CALIB_METHODS or found is None or loaded.dataset is None:
+    calibration split at the recorded count and seed, with the recorded method (the first
+    word of ``method``)."""
+    calibration = quantize.Calibration.from_dict(manifest["quantization"])
+    method = calibration.method.split(" ")[0]
+    if method not in CALIB_METHODS or calibration.seed is None or loaded.dataset is None:
         raise WsdeployError(
             f"verify re-runs an int8 {target.name} build's calibration only where it used "
-            f"the model's own dataset; this one used {q.get('source', '?')!r}: export again "
+            f"the model's own dataset; this one used {calibration.source!r}: export again "
             "to check it"
         )
     return ExportOptions(
         target=target.name,
         precision="int8",
         strategy=str(manifest.get("strategy", "auto")),
-        calib_samples=int(found.group(1)),
-        seed=int(found.group(2)),
+        calib_samples=calibration.n_samples,
+        seed=calibration.seed,
         calib_method=method,
     )
 
@@ -1391,16 +1393,16 @@ def verify(
     )
     int8 = manifest.get("precision") == "int8"
     reference = loaded
+    if int8:
+        calibration = quantize.Calibration.from_dict(manifest["quantization"])
     if int8 and target.quantize is not None:
         # the target's quantizer keeps its ranges: calibrated again on the same samples
         # (deterministic), it gives the export's reference
         replay = _replayed_options(manifest, loaded, target)
         reference = target_int8_reference(loaded, replay, target)[0]
-        calibration = quantize.Calibration.from_dict(manifest["quantization"])
     elif int8:
         # the same fake-quantized reference as at export: the weights quantize
         # deterministically, the activation ranges come from the manifest
-        calibration = quantize.Calibration.from_dict(manifest["quantization"])
         kept = any("dynamic" in spec for spec in manifest["inputs"])
         reference = quantized_reference(loaded, calibration, kept and bool(loaded.dynamic_axes))
     strategy = str(manifest.get("strategy", "auto"))

@@ -266,6 +266,9 @@ class Calibration:
     output_error: dict[str, float] = field(default_factory=dict)
     """method -> relative squared error of the model output on the calibration samples
     (filled by ``method="auto"``)."""
+    seed: int | None = None
+    """The seed of the model's dataset's calibration split it was calibrated on (None: the
+    user's file, or not recorded)."""
 
     def activation(self, name: str) -> tuple[float, bool]:
         """(scale, unsigned) of the input of layer ``name``."""
@@ -288,6 +291,7 @@ class Calibration:
             },
             "output_absmax": self.output,
             "output_step": self.output_step,
+            **({} if self.seed is None else {"seed": self.seed}),
         }
 
     @classmethod
@@ -297,7 +301,8 @@ class Calibration:
         method = d.get("method", "minmax")
         errors = {k: float(v) for k, v in d.get("output_error", {}).items()}
         n, source = int(d["n_samples"]), d["source"]
-        return cls(ranges, float(d["output_absmax"]), n, source, clip, method, errors)
+        seed = None if d.get("seed") is None else int(d["seed"])
+        return cls(ranges, float(d["output_absmax"]), n, source, clip, method, errors, seed)
 
     @property
     def output_step(self) -> float:
@@ -393,14 +398,20 @@ def calibrate(
 
 def _output_error(module: nn.Module, cal: Calibration, batches, reference) -> float:
     """Squared error of the quantized model's outputs relative to fp32's, over ``batches``."""
-    qmodel = quantize_model(module, cal)
+    return output_error(quantize_model(module, cal), batches, reference)
+
+
+def output_error(qmodel, batches, reference) -> float:
+    """Squared error of ``qmodel``'s outputs relative to ``reference`` (the fp32 outputs of
+    each batch, a list per batch), over ``batches``: what ``method="auto"`` minimises."""
     err = ref = 0.0
-    for x, expected in zip(batches, reference, strict=True):
-        out = qmodel(*_tensors(x))
-        outs = out if isinstance(out, tuple | list) else (out,)
-        for o, e in zip(outs, expected, strict=True):
-            err += float(((o - e) ** 2).sum())
-            ref += float((e**2).sum())
+    with torch.no_grad():
+        for x, expected in zip(batches, reference, strict=True):
+            out = qmodel(*_tensors(x))
+            outs = out if isinstance(out, tuple | list) else (out,)
+            for o, e in zip(outs, expected, strict=True):
+                err += float(((o - e) ** 2).sum())
+                ref += float((e**2).sum())
     return err / max(ref, 1e-30)
 
 

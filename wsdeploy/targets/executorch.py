@@ -231,6 +231,8 @@ def quantize(module, batches, method: str = "auto") -> tuple[Any, float, str]:
     _require()
     import torch
 
+    from wsdeploy.quantize import output_error
+
     batches = list(batches)
     with _quiet(), torch.no_grad():
         fp32 = [_outputs(module, batch) for batch in batches]
@@ -240,13 +242,8 @@ def quantize(module, batches, method: str = "auto") -> tuple[Any, float, str]:
     for name in OBSERVERS if method == "auto" else (method,):
         converted = _quantized(copy.deepcopy(module), batches, name)
         _correct_biases(converted, module, means)
-        with _quiet(), torch.no_grad():
-            err = ref = 0.0
-            for batch, expected in zip(batches, fp32, strict=True):
-                for o, e in zip(_outputs(converted, batch), expected, strict=True):
-                    err += float(((o - e) ** 2).sum())
-                    ref += float((e**2).sum())
-        candidates[name] = (err / max(ref, 1e-30), converted)
+        with _quiet():
+            candidates[name] = (output_error(converted, batches, fp32), converted)
     best = min(candidates, key=lambda k: (candidates[k][0], k != "minmax"))
     return candidates[best][1], out_max, best
 
@@ -314,8 +311,8 @@ def _layer_input_means(module, batches) -> dict[str, Any]:
     class Recorder(torch.fx.Interpreter):
         def run_node(self, node):
             result = super().run_node(node)
-            op = getattr(node.target, "__name__", "").split(".")[0]
-            if node.op == "call_function" and op in _LAYERS:
+            op = _op_name(node) if node.op == "call_function" else None
+            if op in _LAYERS:
                 x, w = (self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[:2])
                 if op == "linear":
                     mean = x.reshape(-1, x.shape[-1]).mean(0)
@@ -382,7 +379,7 @@ def _correct_biases(converted, fp32_module, means: dict[str, Any]) -> None:
         n.name: _attr(fp32_module, n.args[1].target)
         for n in fp32_module.graph.nodes
         if n.op == "call_function"
-        and getattr(n.target, "__name__", "").split(".")[0] in _LAYERS
+        and _op_name(n) in _LAYERS
         and getattr(n.args[1], "op", None) == "get_attr"
     }
     for node in converted.graph.nodes:
@@ -391,7 +388,7 @@ def _correct_biases(converted, fp32_module, means: dict[str, Any]) -> None:
         dq, bias = node.args[1], node.args[2]  # dq: dequantize_per_channel(int8, scales, ...)
         if getattr(dq, "op", None) != "call_function" or getattr(bias, "op", None) != "get_attr":
             continue
-        if not getattr(dq.target, "__name__", "").startswith("dequantize_per_channel"):
+        if _op_name(dq) != "dequantize_per_channel":
             continue
         q, scale, zero = (_attr(converted, a.target) for a in dq.args[:3])
         axis = int(dq.args[3])
@@ -476,7 +473,7 @@ def _fp32_inputs(module, names: set[str]) -> None:
         source = node.args[0]
         if not (isinstance(source, torch.fx.Node) and source.op == "call_function"):
             continue
-        if getattr(source.target, "__name__", "").split(".")[0] not in dequantize:
+        if _op_name(source) not in dequantize:
             continue
         with module.graph.inserting_before(node):
             fp32 = module.graph.call_function(torch.ops.aten.mul.Tensor, (source, 1.0))

@@ -172,7 +172,10 @@ def with_device_options(fn):
         "--rpc",
         default=None,
         metavar="HOST:PORT",
-        help="The device behind this TVM RPC server (arm64 builds).",
+        help=(
+            "The device behind this TVM RPC server (arm64 builds; executorch builds on the "
+            "emulated arm64 device only)."
+        ),
     )
     @click.option(
         "--tracker",

@@ -175,10 +175,12 @@ def time_rounds(
     """Time every spec ``rounds`` times, interleaved, each time in a fresh process. Per spec:
     the median of the rounds' medians (one disturbed round cannot move it), p90 and min over
     every timed run, and whatever else the first round reported (accuracy: only the first
-    round gets the spec's ``eval``)."""
+    round gets the spec's ``eval``). A spec's own ``rounds`` caps its number of rounds."""
     results: dict[str, list[dict]] = {label: [] for label in specs}
     for i in range(rounds):
         for label, spec in specs.items():
+            if i >= spec.get("rounds", rounds):
+                continue
             if say:
                 say(label if rounds == 1 else f"{label} (round {i + 1}/{rounds})")
             spec = {**spec, "min_seconds": min_seconds, **({} if i == 0 else {"eval": None})}
@@ -195,7 +197,7 @@ def time_rounds(
             "e2e_p90_ms": float(np.percentile(e2e, 90)),
             "min_ms": float(ms.min()),
             "runs": len(ms),
-            "rounds": rounds,
+            "rounds": len(runs),
         }
     return out
 

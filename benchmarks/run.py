@@ -100,7 +100,8 @@ BUILDS = [
     ("executorch", "auto", "int8", "ExecuTorch int8 (XNNPACK, folded)"),
 ]
 """(target, strategy, precision, label) of every exported build timed per zoo model. With
-tuning trials, every TVM build is exported once more after tuning, labelled ", tuned".
+tuning trials, the TVM builds of ``TUNED_STRATEGIES`` are exported once more after tuning,
+labelled ", tuned".
 ExecuTorch's int8 is XNNPACK's (every layer folded: its int8 convs take build-time weights),
 so it has one build, ``auto``."""
 
@@ -109,6 +110,10 @@ RUNTIME = {"onnx": "ort", "x86_64": "tvm", "executorch": "executorch"}
 GRID_NAME = {"ort": "ORT", "tvm": "TVM", "executorch": "ExecuTorch"}
 
 TUNED = ", tuned"
+TUNED_STRATEGIES = ("auto",)
+"""The TVM builds that are tuned: what the summary reports is ``auto`` tuned against untuned
+(tuning the other six builds too took most of the run's tuning time and was neutral in every
+full run, medians 0.92x-1.01x)."""
 
 
 def bench_models(
@@ -119,11 +124,13 @@ def bench_models(
     say,
     trials: int = 0,
     min_seconds: float = MIN_SECONDS,
+    phases: dict | None = None,
 ) -> list[dict]:
     """Export, time and evaluate every build of ``BUILDS`` for each model. With ``trials``,
-    one MetaSchedule session per model then tunes the kernels of all its TVM builds together
-    (into fresh records of the model's own), and each TVM build is exported again with them.
-    The untuned builds see no records at all."""
+    one MetaSchedule session per model then tunes the kernels of its ``TUNED_STRATEGIES`` TVM
+    builds together (into fresh records of the model's own), and each is exported again with
+    them. The untuned builds see no records at all. Each row records its export's seconds, and
+    each model's phases go to ``phases`` (seconds by "model: phase")."""
     rows = []
     for k, name in enumerate(names, 1):
         say(f"model {k}/{len(names)}: {name}")
@@ -144,10 +151,15 @@ def bench_models(
         # untuned builds see no records at all: a directory that is never created
         job = {"loaded": loaded, "name": name, "workdir": workdir, "counts": counts, "say": say}
         job["records"] = workdir / "no-records"
+        clock = time.perf_counter()
         for i, spec in enumerate(BUILDS, 1):
             _export_build(builds, rows, spec, **job, step=f"{i}/{len(BUILDS)}")
-        tvm_builds = [spec for spec in BUILDS if RUNTIME[spec[0]] == "tvm"]
+        _lap(phases, f"{name}: export", clock)
+        tvm_builds = [
+            spec for spec in BUILDS if RUNTIME[spec[0]] == "tvm" and spec[1] in TUNED_STRATEGIES
+        ]
         if trials and tvm_builds:
+            clock = time.perf_counter()
             job["records"] = workdir / f"{name}-records"
             say(f"{name}: tune the kernels of {len(tvm_builds)} TVM builds ({trials} trials)")
             tuning = tune(
@@ -168,21 +180,26 @@ def bench_models(
                 spec = (target, strategy, precision, label + TUNED)
                 step = f"{i}/{len(tvm_builds)} tuned"
                 _export_build(builds, rows, spec, extra=extra, **job, step=step)
+            _lap(phases, f"{name}: tune and export tuned", clock)
         ckpt = str(Path(loaded.source))
         for how, compiled in (("eager", False), ("compiled (inductor)", True)):
             for kind, dense in (("dense baseline", True), ("WSNet", False)):
                 module = dense_baseline(loaded.module) if dense else loaded.module
                 spec = {"runtime": "torch", "path": ckpt, "dense": dense, "compile": compiled}
+                if compiled:
+                    spec["rounds"] = 1  # inductor compiles for a minute in every process
                 label = f"PyTorch {how}, {kind}"
                 builds.append(
                     (label, spec, _param_bytes(module), counts.dense_macs, "fp32", None, {})
                 )
+        clock = time.perf_counter()
         timings = time_rounds(
             {label: {**spec, "shape": shape, "eval": str(npz)} for label, spec, *_ in builds},
             repeat,
             say=lambda m, name=name: say(f"{name}: time {m}"),
             min_seconds=min_seconds,
         )
+        _lap(phases, f"{name}: time", clock)
         for label, spec, size, macs, precision, gate, extra in builds:
             timing = timings[label]
             rows.append(
@@ -200,6 +217,11 @@ def bench_models(
                 }
             )
     return rows
+
+
+def _lap(phases: dict | None, phase: str, since: float) -> None:
+    if phases is not None:
+        phases[phase] = round(time.perf_counter() - since, 1)
 
 
 def _export_build(
@@ -222,6 +244,7 @@ def _export_build(
     target, strategy, precision, label = spec
     out = workdir / f"{name}-{target}-{strategy}-{precision}{'-tuned' if extra else ''}"
     say(f"{name}: export {label}" + (f" ({step})" if step else ""))
+    clock = time.perf_counter()
     options = ExportOptions(
         target=target, strategy=strategy, precision=precision, records=str(records)
     )
@@ -241,6 +264,7 @@ def _export_build(
             return
     runtime = RUNTIME[target]
     fields = {"target": target, "strategy": strategy, "tuned": bool(extra), **(extra or {})}
+    fields["export_seconds"] = round(time.perf_counter() - clock, 1)
     if target == "onnx":
         fields["ort_bytes"] = _ort_bytes(out / m["artifact"])
     builds.append(
@@ -419,7 +443,8 @@ def markdown(
         f"{info.get('threads', '?')} threads, each process for at least "
         f"{info.get('repeat', 30)} runs and {info.get('min_seconds', 0)} s after its warm-up: "
         f"the talk layer in {TALK_ROUNDS} and the zoo models in {ROUNDS} interleaved rounds "
-        "(the median of the rounds' medians, p90 over all runs), each zoo layer in one round."
+        "(the median of the rounds' medians, p90 over all runs), except torch.compile's builds "
+        "(one round: inductor compiles in every process), each zoo layer in one round."
         + (
             f" This machine's fp32 peak measured {info['peak_gmacs']:.0f} GMAC/s in this run; "
             "the host is shared and its speed varies from run to run (230 GMAC/s in an "
@@ -431,6 +456,13 @@ def markdown(
             f" The run took {info['seconds'] / 60:.1f} minutes, "
             f"{info['tune_seconds'] / 60:.1f} of them tuning."
             if "seconds" in info
+            else ""
+        )
+        + (
+            " By phase (minutes): "
+            + ", ".join(f"{k} {v / 60:.1f}" for k, v in info["phase_seconds"].items())
+            + "."
+            if info.get("phase_seconds")
             else ""
         ),
         "",
@@ -712,6 +744,8 @@ def main() -> None:
         # untuned TVM builds (the layers' too) never see this machine's tuning records
         none = work / "no-records"  # never created
         peak = info["peak_gmacs"] = peak_gmacs()
+        phases = info["phase_seconds"] = {}
+        clock = time.perf_counter()
         layers = [
             bench_layer(
                 {**TALK_LAYER, "stride": s},
@@ -724,9 +758,12 @@ def main() -> None:
             )
             for s in (1, 2)
         ]
+        _lap(phases, "talk layer", clock)
+        clock = time.perf_counter()
         zoo = bench_zoo_layers(
             names, work / "zoo-layers", repeat, peak, say, min_seconds, records=none
         )
+        _lap(phases, "zoo layers", clock)
         models = bench_models(
             model_names,
             work,
@@ -735,6 +772,7 @@ def main() -> None:
             say,
             0 if args.quick else args.trials,
             min_seconds,
+            phases,
         )
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["repeat"] = repeat

@@ -73,6 +73,12 @@ def test_quick_benchmark_run(tmp_path):
         for kind in ("dense baseline", "WSNet")
     }
     assert not [r for r in models if "failed" in r]  # its int8 builds pass the gate
+    # inductor compiles in every process: its builds are timed in one round, the rest in three
+    assert {r["build"]: r["rounds"] for r in models if r["rounds"] == 1} == {
+        "PyTorch compiled (inductor), dense baseline": 1,
+        "PyTorch compiled (inductor), WSNet": 1,
+    }
+    assert all(r["export_seconds"] > 0 for r in models if r["runtime"] != "torch")
     assert all(r["median_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in models)
     assert all(r["e2e_median_ms"] > 0 for r in models)  # both timings, every runtime
     assert {r["compute_path"] for r in models} == {
@@ -85,6 +91,12 @@ def test_quick_benchmark_run(tmp_path):
     assert all(r["gate_n"] == 1000 for r in int8)
     machine = json.loads((tmp_path / "layers.json").read_text())["machine"]
     assert machine["seconds"] > 0 and machine["tune_seconds"] == 0  # --quick: no tuning
+    assert list(machine["phase_seconds"]) == [
+        "talk layer",
+        "zoo layers",
+        "wsnet1d-tiny: export",
+        "wsnet1d-tiny: time",
+    ]
     text = (tmp_path / "results.md").read_text()
     assert (
         "| formulation | median ms | p90 ms | end to end ms |" in text
@@ -92,6 +104,31 @@ def test_quick_benchmark_run(tmp_path):
         and f"took {machine['seconds'] / 60:.1f} minutes" in text
     )
     assert (tmp_path / "size_latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_time_rounds_interleaves_and_honours_a_specs_own_rounds(monkeypatch):
+    from benchmarks import layers
+
+    calls = []
+
+    def worker(spec, repeat):
+        calls.append((spec["name"], spec["eval"]))
+        ms = {"a": 1.0, "b": 2.0}[spec["name"]] + len(calls) / 100
+        return {
+            "ms": np.array([ms]),
+            "e2e_ms": np.array([ms]),
+            "median_ms": ms,
+            "e2e_median_ms": ms,
+            "accuracy": 0.5,
+        }
+
+    monkeypatch.setattr(layers, "run_worker", worker)
+    specs = {"a": {"name": "a", "eval": "x.npz"}, "b": {"name": "b", "eval": "x.npz", "rounds": 1}}
+    out = layers.time_rounds(specs, repeat=1, rounds=3)
+    # interleaved, b in the first round only, and only the first round evaluates
+    assert calls == [("a", "x.npz"), ("b", "x.npz"), ("a", None), ("a", None)]
+    assert out["a"]["rounds"] == 3 and out["b"]["rounds"] == 1
+    assert out["a"]["median_ms"] == pytest.approx(1.03) and out["b"]["median_ms"] == 2.02
 
 
 def _row(build, target, strategy, precision, ms, tuned=False, **extra):

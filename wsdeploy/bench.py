@@ -48,7 +48,7 @@ def bench(
     target = get_target(manifest["target"])
     from wsdeploy.compiler import preflight
 
-    preflight(target, rpc, None)
+    preflight(target, rpc, None, say)
     cpu = manifest.get("cpu")
     if rpc is None and target.runs_here is not None and not target.runs_here(cpu):
         raise WsdeployError(

@@ -866,11 +866,12 @@ class Verification:
     note: str | None = None
 
 
-def preflight(target, rpc: str | None, cc: str | None) -> None:
+def preflight(target, rpc: str | None, cc: str | None, say=None) -> None:
     """Everything that can be checked before any work, in the order a user needs it: what
     the target needs installed, a device address for a target that does not run on
     devices, an unreachable device, a missing linker. Every problem found is named in one
-    error, so that a user fixes them all at once."""
+    error, so that a user fixes them all at once. Then the device is readied
+    (``Target.ready``), telling ``say``."""
     from wsdeploy.targets import TARGETS
 
     def requires() -> None:
@@ -913,6 +914,8 @@ def preflight(target, rpc: str | None, cc: str | None) -> None:
         raise WsdeployError(
             f"{len(lines)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(lines, 1))
         )
+    if rpc is not None and target.ready is not None:
+        target.ready(rpc, say or (lambda message: None))
 
 
 def _built_for_cpu(target, cpu: str | None) -> str | None:
@@ -1056,7 +1059,7 @@ def export(
             f"int8 on {target.name} folds every WSNet layer (its int8 convolutions take "
             f"weights fixed at build time): use --strategy fold or auto, not {options.strategy}"
         )
-    preflight(target, options.rpc, options.cc)
+    preflight(target, options.rpc, options.cc, say)
     loaded = (
         model
         if isinstance(model, LoadedModel)

@@ -98,6 +98,31 @@ def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_preflight_readies_the_device_runner_only_once_checks_pass(monkeypatch):
+    import dataclasses
+
+    from wsdeploy import device
+    from wsdeploy.compiler import preflight
+    from wsdeploy.errors import WsdeployError
+    from wsdeploy.targets import executorch_runner, get_target
+
+    target = get_target("executorch")
+    built, said = [], []
+    monkeypatch.setattr(
+        executorch_runner, "build", lambda arch, progress=None: built.append(arch) or progress("x")
+    )
+    monkeypatch.setattr(device, "is_emulated", lambda address: address == "emulated:1")
+    preflight(target, "emulated:1", None, said.append)
+    assert built == ["aarch64"] and said == ["x"]  # the first --rpc use says what it builds
+    with pytest.raises(WsdeployError, match="not that device"):
+        preflight(target, "board:9090", None, said.append)
+    preflight(target, None, None, said.append)  # on this machine: nothing to ready
+    broken = dataclasses.replace(target, requires=lambda: (_ for _ in ()).throw(WsdeployError("x")))
+    with pytest.raises(WsdeployError):
+        preflight(broken, "emulated:1", None, said.append)
+    assert built == ["aarch64"]
+
+
 def test_int8_is_xnnpack_integer_kernels_through_both_gates(tmp_path):
     """int8 by XNNPACK's own quantizer (PT2E): WSNet layers folded, batch norms folded into
     the convs, per-channel int8 weights; the .pte is checked against the quantized

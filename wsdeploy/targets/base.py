@@ -99,6 +99,9 @@ class Target:
             (``compiler.calibrated_reference``); None: wsdeploy's int8 (``quantize``).
         devices: ``devices(address)`` raises ``WsdeployError`` if the target's builds cannot
             run on the device at ``address`` (None: any TVM RPC server runs them).
+        ready: ``ready(address, say)`` readies what runs the target's builds on the device
+            at ``address`` once checks have passed (ExecuTorch: builds its aarch64 runner the
+            first time), telling ``say`` about a long step; None: nothing to ready.
         portable: its file is the same for every CPU, so where a device checks the numerics,
             the int8 gate's many inputs run the same file on this machine.
         dynamic: fp32 builds keep a .pt2's dynamic dimensions (the runtime takes any size in
@@ -129,6 +132,7 @@ class Target:
     requires: Callable[[], None] | None = None
     quantize: Callable[..., tuple[Any, float]] | None = None
     devices: Callable[[str], None] | None = None
+    ready: Callable[[str, Callable[[str], None]], None] | None = None
     portable: bool = False
     dynamic: bool = False
 

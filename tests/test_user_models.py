@@ -387,7 +387,7 @@ def test_models_of_several_inputs_and_outputs_build_and_verify(two_files, tmp_pa
     assert result.exit_code == 0, result.output
     assert ": recognised: WSNet conv1d" in result.output
     m = json.loads((out / "manifest.json").read_text())
-    if kind == "two_dyn.pt2" and target in ("onnx", "ort"):  # any length in its range
+    if kind == "two_dyn.pt2" and target in ("onnx", "ort", "executorch"):  # any length
         line = "input     audio: axis 2 any size in [64, 4096] (verified at 64, 1024, 1537, 4096)"
         assert line in result.output
         assert "verified  at input 1x1x1537 1x6 on 8 inputs" in result.output
@@ -575,11 +575,14 @@ def test_user_programs_on_executorch_run_on_the_emulated_arm64_device(
         assert m["verification"]["verified_on"] == "emulated-arm64"
         assert [layer["strategy"] for layer in m["layers"]] == ["shared"] * 3
         out = tmp_path / "two"
-        args = ["export", str(two_root / "two.pt2"), "--target", "executorch", "-o", str(out)]
-        result = _run([*args, "--rpc", info.address])
+        # its length dynamic: the .pte runs every size of [64, 4096] on the device
+        args = ["export", str(two_root / "two_dyn.pt2"), "--target", "executorch", "-o", str(out)]
+        result = _run([*args, *TWO_SHAPES["two_dyn.pt2"], "--rpc", info.address])
         assert result.exit_code == 0, result.output
+        assert "any size in [64, 4096] (verified at 64, 1024, 1537, 4096)" in result.output
         m = json.loads((out / "manifest.json").read_text())
         assert m["verification"]["verified_on"] == "emulated-arm64"
+        assert len(m["verification"]["dynamic"]) == 3
         outputs = m["verification"]["outputs"]
         assert [o["name"] for o in outputs] == ["output_0", "output_1"]
         assert all(o["ok"] for o in outputs)

@@ -192,13 +192,49 @@ def test_native_runner_runs_the_pte_as_the_python_runtime_does(tmp_path):
         for g, w in zip(got, want, strict=True):
             assert g.dtype == w.dtype and g.shape == w.shape
             assert_close(g, w, stage="runtime")
-    with pytest.raises(CompileError, match="input size differs"):
+    with pytest.raises(CompileError, match="fewer sizes than the input's dimensions"):
         native.run(runner, out / "model.pte", [np.zeros(3, np.float32)])
+    with pytest.raises(CompileError, match="the program refused an input"):  # a static one
+        native.run(runner, out / "model.pte", [np.zeros([*shape[:-1], 99], np.float32)])
     with pytest.raises(CompileError, match="takes 1 inputs, 2 were given"):
         native.run(runner, out / "model.pte", [x, x])
     (tmp_path / "not.pte").write_bytes(b"\0" * 64)
     with pytest.raises(CompileError, match="not an ExecuTorch program"):
         native.run(runner, tmp_path / "not.pte", [x])
+
+
+def test_a_dynamic_length_is_planned_at_its_upper_bound(tmp_path):
+    """A .pt2 with a dynamic length: the .pte is traced at the range's upper end, so that
+    ExecuTorch plans the input for it, and runs every size of the range in both runtimes
+    (the native runner takes each input's sizes); above the range it refuses in one line."""
+    import torch
+    from torch import nn
+
+    from wsdeploy.targets import executorch_runner as native
+    from wsdeploy.targets.executorch import load
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 8, 9, stride=2, padding=4), nn.ReLU(), nn.Conv1d(8, 4, 3))
+    length = torch.export.Dim("length", min=32, max=3000)
+    program = torch.export.export(
+        model.eval(), (torch.randn(1, 1, 256),), dynamic_shapes=({2: length},)
+    )
+    torch.export.save(program, tmp_path / "dyn.pt2")
+    out = tmp_path / "o"
+    result = _export(out, str(tmp_path / "dyn.pt2"), "--input-shape", "1,1,256")
+    assert result.exit_code == 0, result.output
+    assert "any size in [32, 3000] (verified at 32, 256, 385, 3000)" in result.output
+    report = json.loads((out / "delegation.json").read_text())
+    assert report["planned_upper_bounds"] == {"input[2]": 3000}  # its input name
+    python, runner = load(out), native.build(native.host_arch())
+    for n in (32, 1001, 3000):
+        x = np.random.default_rng(n).standard_normal((1, 1, n)).astype(np.float32)
+        want = model(torch.from_numpy(x)).detach().numpy()
+        got, _ = native.run(runner, out / "model.pte", [x])
+        assert_close(got[0], want, stage="runtime")
+        assert_close(python(x)[0], want, stage="runtime")
+    with pytest.raises(CompileError, match="the program refused an input"):
+        native.run(runner, out / "model.pte", [np.zeros((1, 1, 3001), np.float32)])
 
 
 def _device_export(out, model, address, *extra):

@@ -12,6 +12,8 @@ operators XNNPACK runs and which fall back to portable kernels (the silent perfo
 and the operator list a selective runtime build needs. Verified with ExecuTorch's Python
 runtime (``executorch.runtime``), the same kernels an app links, and with ``--rpc`` of the
 emulated arm64 device there, by ExecuTorch's aarch64 libraries (``executorch_runner``).
+fp32 builds keep a program's dynamic dimensions, planned at their ranges' upper ends
+(``_at_upper_bounds``).
 
 Optional: ``pip install 'wsdeploy[executorch]'`` (executorch pulls torchao, pandas and, on
 x86_64, coremltools; too heavy for the default install).
@@ -120,6 +122,7 @@ def build(
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    program, bounds = _at_upper_bounds(program)
     try:
         with _quiet():
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
@@ -133,9 +136,63 @@ def build(
         f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators
     )
     report["delegates"] = sorted({d.id for d in plan.delegates})
+    if bounds:
+        report["planned_upper_bounds"] = bounds
     (outdir / FILENAME).write_bytes(et.buffer)
     (outdir / DELEGATION).write_text(json.dumps(report, indent=2) + "\n")
     return [FILENAME, DELEGATION]
+
+
+def _at_upper_bounds(program) -> tuple[Any, dict[str, int]]:
+    """A program with dynamic input dimensions, exported again with each at its range's
+    upper end (an unbounded one at ``compiler.MAX_DYNAMIC_SIZE``), and those sizes by
+    ``input[axis]``. ExecuTorch 1.5 plans an XNNPACK-delegated input's memory from the
+    example's size, whatever the range says (ConstraintBasedSymShapeEvalPass included): a
+    ``.pte`` traced at 1024 for [64, 4096] refused 4096 ("maximum capacity of 2560
+    elements"), and the same program traced at 4096 runs every size of the range. A static
+    program, or one whose input sizes are expressions of symbols rather than symbols, is
+    returned as it is."""
+    import torch
+    from torch.export import Dim
+
+    from wsdeploy.compiler import MAX_DYNAMIC_SIZE
+
+    names = set(program.graph_signature.user_inputs)
+    nodes = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
+    dims: dict[Any, Any] = {}
+    planned: dict[str, int] = {}
+    examples, specs = [], []
+    for node in nodes:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return program, {}
+        spec, sizes = {}, []
+        for axis, size in enumerate(val.shape):
+            if not isinstance(size, torch.SymInt):
+                sizes.append(int(size))
+                continue
+            symbol = size.node.expr
+            if not symbol.is_Symbol or symbol not in program.range_constraints:
+                return program, {}
+            bounds = program.range_constraints[symbol]
+            high = int(bounds.upper) if bounds.upper.is_finite else MAX_DYNAMIC_SIZE
+            dims.setdefault(symbol, (Dim(str(symbol), min=int(bounds.lower), max=high), high))
+            spec[axis] = dims[symbol][0]
+            sizes.append(high)
+            planned[f"{node.name}[{axis}]"] = high
+        specs.append(spec or None)
+        examples.append(torch.zeros(sizes, dtype=val.dtype))
+    if not dims:
+        return program, {}
+    try:
+        with _quiet():
+            again = torch.export.export(program.module(), tuple(examples), dynamic_shapes=specs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CompileError(
+            f"ExecuTorch: cannot trace the program at its dynamic inputs' upper bounds: {first}"
+        ) from e
+    return again, planned
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:
@@ -548,6 +605,7 @@ EXECUTORCH = Target(
     threads=threads,
     remote=True,
     devices=check_device,
+    dynamic=True,
     ready=_ready,
     timer=_timer,
     portable=True,

@@ -4,10 +4,11 @@
 // arm64 (zig c++) against the headers and libraries of ExecuTorch's wheel for that
 // architecture, and runs it to verify and time a build on the emulated arm64 device.
 //
-//   executorch_runner MODEL.pte OUT_PREFIX WARMUP REPEAT [INPUT.bin ...]
+//   executorch_runner MODEL.pte OUT_PREFIX WARMUP REPEAT [INPUT.bin[:D0xD1x...] ...]
 //
 // Each INPUT.bin holds one input's raw bytes, in the layout and type of the program's input
-// (checked against its size). Runs the first method WARMUP + REPEAT times; writes each tensor
+// (checked against its size), at the program's sizes or at the sizes after the colon (a
+// program with dynamic dimensions takes any within the bounds it was planned for). Runs the first method WARMUP + REPEAT times; writes each tensor
 // output's raw bytes to OUT_PREFIX-<i>.bin and prints one line of JSON on stdout:
 //   {"outputs": [{"dtype": <ScalarType code>, "shape": [...]}, ...], "ms": [...]}
 // (milliseconds of each timed run). Errors go to stderr as one line, exit status 1.
@@ -133,17 +134,36 @@ int main(int argc, char** argv) {
     auto* sizes = new TensorImpl::SizesType[dim > 0 ? dim : 1];
     auto* order = new TensorImpl::DimOrderType[dim > 0 ? dim : 1];
     auto* strides = new TensorImpl::StridesType[dim > 0 ? dim : 1];
+    size_t planned_numel = 1;
     for (size_t d = 0; d < dim; ++d) {
       sizes[d] = info->sizes()[d];
       order[d] = info->dim_order()[d];
+      planned_numel *= static_cast<size_t>(sizes[d]);
     }
+    const size_t element = planned_numel ? info->nbytes() / planned_numel : 0;
+    char* path = argv[5 + i];
+    char* colon = std::strrchr(path, ':');
+    if (colon != nullptr && colon[1] != '\0' && std::strspn(colon + 1, "0123456789x") ==
+                                                    std::strlen(colon + 1)) {
+      *colon = '\0';  // PATH:D0xD1x...: this run's sizes
+      size_t d = 0;
+      for (char* at = colon + 1; *at != '\0'; ++d) {
+        if (d >= dim) fail("more sizes than the input's dimensions", path, 0);
+        char* end = nullptr;
+        sizes[d] = static_cast<TensorImpl::SizesType>(std::strtol(at, &end, 10));
+        at = (*end == 'x') ? end + 1 : end;
+      }
+      if (d != dim) fail("fewer sizes than the input's dimensions", path, 0);
+    }
+    size_t numel = 1;
+    for (size_t d = 0; d < dim; ++d) numel *= static_cast<size_t>(sizes[d]);
     int32_t stride = 1;  // contiguous in dim order: the last dimension in it varies fastest
     for (size_t d = dim; d-- > 0;) {
       strides[order[d]] = stride;
       stride *= sizes[order[d]];
     }
-    void* data = pool(info->nbytes());
-    read_file(argv[5 + i], data, info->nbytes());
+    void* data = pool(numel * element);
+    read_file(path, data, numel * element);
     auto* impl = new TensorImpl(info->scalar_type(), static_cast<ssize_t>(dim), sizes, data,
                                 order, strides);
     inputs[i] = EValue(Tensor(impl));

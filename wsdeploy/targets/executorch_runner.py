@@ -217,7 +217,8 @@ def run(
         for i, a in enumerate(inputs):
             path = Path(tmp) / f"input-{i}.bin"
             np.ascontiguousarray(a).tofile(path)
-            files.append(str(path))
+            sizes = f":{'x'.join(map(str, a.shape))}" if np.ndim(a) else ""  # any in range
+            files.append(f"{path}{sizes}")
         prefix = Path(tmp) / "output"
         cmd = [*emulator, str(runner / PROGRAM), str(pte), str(prefix), str(warmup), str(repeat)]
         try:

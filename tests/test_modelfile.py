@@ -466,6 +466,30 @@ def test_dynamic_pt2_builds_at_a_concrete_shape_in_its_range(dynamic_pt2):
         torch.testing.assert_close(loaded.module(x), net(x))
 
 
+def test_an_unbounded_dynamic_length_loads(tmp_path):
+    """A ``Dim`` without a max: torch stores the range's end as ``int_oo``, which says it is
+    finite and is no integer (it used to end the load in a traceback)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(1, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    net = Net().eval()
+    length = torch.export.Dim("T", min=16)
+    ep = torch.export.export(net, (torch.randn(1, 1, 64),), dynamic_shapes=({2: length},))
+    torch.export.save(ep, tmp_path / "open.pt2")
+    with pytest.raises(ModelFileError, match=r"outside the range \[16, inf\]"):
+        load_model(tmp_path / "open.pt2", input_shape=(1, 1, 8))
+    loaded = load_model(tmp_path / "open.pt2", input_shape=(1, 1, 100_000))
+    assert loaded.dynamic_axes[0][2].min == 16 and loaded.dynamic_axes[0][2].max is None
+    x = torch.randn(1, 1, 100_000)
+    torch.testing.assert_close(loaded.module(x), net(x))
+
+
 def test_static_pt2_refuses_a_contradicting_input_shape(zoo_pt2):
     path, eager = zoo_pt2
     with pytest.raises(ModelFileError, match="contradicts"):

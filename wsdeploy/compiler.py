@@ -294,16 +294,22 @@ def check_dynamic(
     return found
 
 
-def dynamic_lines(loaded: LoadedModel, checked: list[dict[str, Any]]) -> list[str]:
-    """One line per input with dynamic axes: each axis, its range, the sizes verified."""
+def dynamic_lines(
+    loaded: LoadedModel, checked: list[dict[str, Any]], planned: dict[str, int] | None = None
+) -> list[str]:
+    """One line per input with dynamic axes: each axis, its range, the sizes verified;
+    ``planned``: the sizes a runtime that plans memory ahead (ExecuTorch) planned each axis
+    for, by ``name[axis]``, said where they cut the program's range."""
     lines = []
     names = loaded.input_names or tuple(f"input_{i}" for i in range(len(loaded.input_shapes)))
     for i, (name, found) in enumerate(zip(names, loaded.dynamic_axes, strict=True)):
         for axis, a in found.items():
             sizes = [loaded.input_shapes[i][axis]] + [c["input_shapes"][i][axis] for c in checked]
             hi = "inf" if a.max is None else a.max
+            cut = (planned or {}).get(f"{name}[{axis}]", hi)
+            note = "" if cut == hi else f" (memory planned up to {cut}; the program's: {hi})"
             lines.append(
-                f"{name}: axis {axis} any size in [{a.min}, {hi}] "
+                f"{name}: axis {axis} any size in [{a.min}, {cut}]{note} "
                 f"(verified at {', '.join(map(str, sorted(set(sizes))))})"
             )
     return lines
@@ -1157,6 +1163,7 @@ def export(
         say("dense baseline size")
         size = _dir_size([target.artifact], staging)
         baseline = _artifact_size(loaded, options)
+        runtime = None if target.report is None else target.report(staging)
         manifest = {
             "format": MANIFEST_FORMAT,
             "manifest_version": MANIFEST_VERSION,
@@ -1187,7 +1194,11 @@ def export(
             "warnings": warnings,
             "fixed_dimensions": [] if dynamic else list(loaded.fixed),
             "dynamic_dimensions": (
-                dynamic_lines(loaded, verification["dynamic"]) if dynamic else []
+                dynamic_lines(
+                    loaded, verification["dynamic"], (runtime or {}).get("planned_upper_bounds")
+                )
+                if dynamic
+                else []
             ),
             "inputs": _io(lowered, "inputs", loaded, dynamic),
             "outputs": _io(lowered, "outputs", loaded, dynamic),
@@ -1198,7 +1209,7 @@ def export(
                 "stored_params": _stored_params(lowered),
                 "param_bytes": _stored_params(lowered, nbytes=True),
             },
-            "runtime": None if target.report is None else target.report(staging),
+            "runtime": runtime,
             "quantization": None if calibration is None else calibration.to_dict(),
             "verification": verification,
             "tools": _tool_versions(),

@@ -698,6 +698,8 @@ def _dynamic_axes(ep) -> tuple[dict[int, Any], ...]:
 
 def _check_ranges(path: Path, ep, shape, input_shape) -> list[str]:
     """Refuse sizes outside the program's ranges; say, per dynamic axis, what was fixed."""
+    from wsdeploy import trace
+
     fixed = []
     for axis, (d, n) in enumerate(zip(shape, input_shape, strict=True)):
         if isinstance(d, int):
@@ -707,13 +709,14 @@ def _check_ranges(path: Path, ep, shape, input_shape) -> list[str]:
         if r is None:
             fixed.append(f"axis {axis} = {n}")
             continue
-        lo, hi = r.lower, r.upper
-        if (lo.is_finite and n < int(lo)) or (hi.is_finite and n > int(hi)):
+        lo, hi = trace.finite(r.lower), trace.finite(r.upper)
+        shown = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
             raise ModelFileError(
-                f"{path}: --input-shape size {n} is outside the range [{lo}, {hi}] the "
+                f"{path}: --input-shape size {n} is outside the range {shown} the "
                 f"program was exported for ({expr})"
             )
-        fixed.append(f"axis {axis} = {n} of [{lo}, {hi}]")
+        fixed.append(f"axis {axis} = {n} of {shown}")
     return fixed
 
 

@@ -60,7 +60,7 @@ def trace(loaded: LoadedModel, dynamic: bool = False) -> torch.export.ExportedPr
     traced); with ``dynamic``, the dynamic dimensions of the .pt2 it came from are kept
     (``LoadedModel.dynamic_axes``): the module may be a rewrite of that program (int8's
     fake-quantized layers), traced again with the same ``Dim``s."""
-    spec = _dims(loaded.dynamic_axes) if dynamic and loaded.dynamic_axes else None
+    spec = dims_spec(loaded.dynamic_axes) if dynamic and loaded.dynamic_axes else None
     if loaded.exported is not None and spec is None:
         return loaded.exported
     example = tuple(torch.zeros(shape) for shape in loaded.input_shapes)
@@ -114,7 +114,7 @@ def to_onnx(ep: torch.export.ExportedProgram, names: Sequence[str] = ()) -> ir.M
     return model
 
 
-def _user_inputs(ep: torch.export.ExportedProgram) -> list[torch.Tensor]:
+def user_inputs(ep: torch.export.ExportedProgram) -> list[torch.Tensor]:
     """The fake tensors of the program's user inputs, in order."""
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
@@ -139,7 +139,7 @@ def example_inputs(
 ) -> tuple[torch.Tensor, ...]:
     """Zero tensors of the program's user-input shapes and dtypes (to trace it again); a
     dynamic size takes its example value, or ``shapes``' if given."""
-    vals = _user_inputs(ep)
+    vals = user_inputs(ep)
     if shapes is None:
         shapes = [[example_size(d) for d in v.shape] for v in vals]
     return tuple(torch.zeros(tuple(s), dtype=v.dtype) for s, v in zip(shapes, vals, strict=True))
@@ -153,11 +153,21 @@ class DynamicAxis(NamedTuple):
     max: int | None  # None: unbounded
 
 
+def finite(bound) -> int | None:
+    """A range bound as an integer; None if it is infinite: sympy's ``oo`` or torch's
+    ``int_oo`` (an unbounded ``Dim``), which says ``is_finite`` and cannot be an int."""
+    from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
+
+    if isinstance(bound, IntInfinity | NegativeIntInfinity) or not bound.is_finite:
+        return None
+    return int(bound)
+
+
 def dynamic_axes(ep: torch.export.ExportedProgram) -> list[dict[int, DynamicAxis]]:
     """Per user input, its dynamic axes (a plain symbol each; an input whose size is an
     expression of another's, e.g. ``2*s0``, is refused)."""
     axes: list[dict[int, DynamicAxis]] = []
-    for v in _user_inputs(ep):
+    for v in user_inputs(ep):
         found = {}
         for axis, d in enumerate(v.shape):
             if isinstance(d, int):
@@ -169,8 +179,8 @@ def dynamic_axes(ep: torch.export.ExportedProgram) -> list[dict[int, DynamicAxis
                     "dynamic axes that are sizes of their own"
                 )
             r = ep.range_constraints.get(expr)
-            lo = int(r.lower) if r is not None and r.lower.is_finite else 0
-            hi = int(r.upper) if r is not None and r.upper.is_finite else None
+            lo = (finite(r.lower) if r is not None else None) or 0
+            hi = finite(r.upper) if r is not None else None
             found[axis] = DynamicAxis(str(expr), lo, hi)
         axes.append(found)
     return axes
@@ -180,10 +190,10 @@ def dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[dict | None, ...] 
     """``torch.export``'s ``dynamic_shapes`` that re-traces a module of ``ep`` with the same
     dynamic axes (one ``Dim`` per symbol, shared where inputs share it); None if static."""
     axes = dynamic_axes(ep)
-    return _dims(axes) if any(axes) else None
+    return dims_spec(axes) if any(axes) else None
 
 
-def _dims(axes: Sequence[dict[int, DynamicAxis]]) -> tuple[dict | None, ...]:
+def dims_spec(axes: Sequence[dict[int, DynamicAxis]]) -> tuple[dict | None, ...]:
     """``dynamic_shapes`` of ``axes``: one ``Dim`` per symbol, shared where inputs share it."""
     dims: dict[str, Any] = {}
     spec = []

@@ -235,6 +235,18 @@ def test_a_dynamic_length_is_planned_at_its_upper_bound(tmp_path):
         assert_close(python(x)[0], want, stage="runtime")
     with pytest.raises(CompileError, match="the program refused an input"):
         native.run(runner, out / "model.pte", [np.zeros((1, 1, 3001), np.float32)])
+    # no upper end: planned at 65536 (the size verification takes there), and it says so
+    open_ended = torch.export.export(
+        model, (torch.randn(1, 1, 256),), dynamic_shapes=({2: torch.export.Dim("n", min=32)},)
+    )
+    torch.export.save(open_ended, tmp_path / "open.pt2")
+    out = tmp_path / "open"
+    result = _export(out, str(tmp_path / "open.pt2"), "--input-shape", "1,1,256")
+    assert result.exit_code == 0, result.output
+    line = "any size in [32, 65536] (memory planned up to 65536; the program's: inf)"
+    assert line in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runtime"]["planned_upper_bounds"] == {"input[2]": 65536}
 
 
 def _device_export(out, model, address, *extra):

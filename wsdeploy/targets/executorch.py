@@ -143,6 +143,16 @@ def build(
     return [FILENAME, DELEGATION]
 
 
+def _planned(high: int | None) -> int:
+    """The size a dynamic axis is planned for: its range's upper end, or for an unbounded one
+    (None, or ``trace.MAX_SIZE``, which the torch stage gives it) ``compiler.MAX_DYNAMIC_SIZE``:
+    planned at 2**31 elements, a conv's buffers asked for 24 GiB."""
+    from wsdeploy import trace
+    from wsdeploy.compiler import MAX_DYNAMIC_SIZE
+
+    return MAX_DYNAMIC_SIZE if high is None or high >= trace.MAX_SIZE else high
+
+
 def _at_upper_bounds(program) -> tuple[Any, dict[str, int]]:
     """A program with dynamic input dimensions, exported again with each at its range's
     upper end (an unbounded one at ``compiler.MAX_DYNAMIC_SIZE``), and those sizes by
@@ -153,40 +163,34 @@ def _at_upper_bounds(program) -> tuple[Any, dict[str, int]]:
     program, or one whose input sizes are expressions of symbols rather than symbols, is
     returned as it is."""
     import torch
-    from torch.export import Dim
 
-    from wsdeploy.compiler import MAX_DYNAMIC_SIZE
+    from wsdeploy import trace
+    from wsdeploy.errors import UnsupportedLayerError
 
-    names = set(program.graph_signature.user_inputs)
-    nodes = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
-    dims: dict[Any, Any] = {}
-    planned: dict[str, int] = {}
-    examples, specs = [], []
-    for node in nodes:
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            return program, {}
-        spec, sizes = {}, []
-        for axis, size in enumerate(val.shape):
-            if not isinstance(size, torch.SymInt):
-                sizes.append(int(size))
-                continue
-            symbol = size.node.expr
-            if not symbol.is_Symbol or symbol not in program.range_constraints:
-                return program, {}
-            bounds = program.range_constraints[symbol]
-            high = int(bounds.upper) if bounds.upper.is_finite else MAX_DYNAMIC_SIZE
-            dims.setdefault(symbol, (Dim(str(symbol), min=int(bounds.lower), max=high), high))
-            spec[axis] = dims[symbol][0]
-            sizes.append(high)
-            planned[f"{node.name}[{axis}]"] = high
-        specs.append(spec or None)
-        examples.append(torch.zeros(sizes, dtype=val.dtype))
-    if not dims:
+    try:
+        axes = trace.dynamic_axes(program)
+    except UnsupportedLayerError:  # a size that is an expression of another's
         return program, {}
+    if not any(axes):
+        return program, {}
+    capped = [{i: a._replace(max=_planned(a.max)) for i, a in found.items()} for found in axes]
+    names = program.graph_signature.user_inputs
+    shapes = [
+        [found[i].max if i in found else trace.example_size(d) for i, d in enumerate(v.shape)]
+        for v, found in zip(trace.user_inputs(program), capped, strict=True)
+    ]
+    planned = {
+        f"{name}[{i}]": a.max
+        for name, found in zip(names, capped, strict=True)
+        for i, a in found.items()
+    }
     try:
         with _quiet():
-            again = torch.export.export(program.module(), tuple(examples), dynamic_shapes=specs)
+            again = torch.export.export(
+                program.module(),
+                trace.example_inputs(program, shapes),
+                dynamic_shapes=trace.dims_spec(capped),
+            )
     except Exception as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CompileError(
@@ -234,6 +238,10 @@ def load(outdir: Path, device: str | None = None) -> Runner:
             method = program.load_method("forward")
     except RuntimeError as e:  # its log (stderr, silenced) says more; the build is refused
         raise CompileError(f"ExecuTorch's runtime cannot load {FILENAME}: {e}") from None
+    except MemoryError:
+        raise CompileError(
+            f"ExecuTorch's runtime cannot load {FILENAME}: its planned memory does not fit"
+        ) from None
 
     def run(x) -> list[np.ndarray]:
         run.last = x
@@ -586,9 +594,11 @@ def threads() -> int:
 
 
 def report(outdir: Path) -> dict[str, Any]:
-    """The manifest's view of the build: the delegation summary."""
+    """The manifest's view of the build: the delegation summary (and the sizes its dynamic
+    inputs were planned for)."""
     data = json.loads((Path(outdir) / DELEGATION).read_text())
-    return {k: data[k] for k in ("backend", "delegated", "portable", "operators")}
+    keys = ("backend", "delegated", "portable", "operators", "planned_upper_bounds")
+    return {k: data[k] for k in keys if k in data}
 
 
 EXECUTORCH = Target(

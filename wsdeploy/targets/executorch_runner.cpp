@@ -8,8 +8,9 @@
 //
 // Each INPUT.bin holds one input's raw bytes, in the layout and type of the program's input
 // (checked against its size), at the program's sizes or at the sizes after the colon (a
-// program with dynamic dimensions takes any within the bounds it was planned for). Runs the first method WARMUP + REPEAT times; writes each tensor
-// output's raw bytes to OUT_PREFIX-<i>.bin and prints one line of JSON on stdout:
+// program with dynamic dimensions takes any within the bounds it was planned for). Runs the
+// first method WARMUP + REPEAT times; writes each tensor output's raw bytes to
+// OUT_PREFIX-<i>.bin and prints one line of JSON on stdout:
 //   {"outputs": [{"dtype": <ScalarType code>, "shape": [...]}, ...], "ms": [...]}
 // (milliseconds of each timed run). Errors go to stderr as one line, exit status 1.
 //

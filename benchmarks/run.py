@@ -374,12 +374,17 @@ def summary(layers: list[dict], models: list[dict], zoo: list[dict] = ()) -> lis
                 if r["build"].endswith(TUNED)
             ]
             ratios = sorted(u["median_ms"] / r["median_ms"] for r, u in pairs if u)
+            each = [f"{u['build']} {u['median_ms'] / r['median_ms']:.2f}x" for r, u in pairs if u]
+            ran = (  # two or three pairs: each one; a median of two would be the larger
+                "; ".join(each)
+                if len(ratios) <= 3
+                else f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x (median {ratios[len(ratios) // 2]:.2f}x)"
+            )
             lines.append(
                 f"  Tuned ({tuned[0]['tune_trials']} MetaSchedule trials over the "
                 f"{tuned[0]['tuned_kernels']} distinct generically scheduled kernels of its "
-                f"{len(tuned)} TVM builds, {tuned[0]['tune_seconds']:.0f} s): tuned builds ran "
-                f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x as fast as untuned (median "
-                f"{ratios[len(ratios) // 2]:.2f}x); `auto` tuned "
+                f"{len(tuned)} TVM builds, {tuned[0]['tune_seconds']:.0f} s), as fast as "
+                f"untuned: {ran}; `auto` tuned "
                 + next(
                     (f"{r['median_ms']:.2f} ms" for r, u in pairs if u is tvm),
                     "failed",

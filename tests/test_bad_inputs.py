@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from wsdeploy import compiler, modelfile
+from wsdeploy import cli, compiler, modelfile
 from wsdeploy.cli import main
 from wsdeploy.modelfile import save_checkpoint
 from wsdeploy.models import zoo
@@ -362,3 +364,72 @@ def test_identical_inputs_give_identical_artifacts(tmp_path, target):
     for m in manifests:
         m.pop("build_seconds")
     assert manifests[0] == manifests[1]
+
+
+class _SignalFromAnotherThread:
+    """Calling it delivers a signal to a thread other than the main one, started before
+    (as the kernel may pick any thread that does not block the signal: a new thread would
+    inherit the caller's mask); the main thread handles it at its next chance."""
+
+    def __init__(self, sig):
+        self.sig, self.go, self.sent = sig, threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self.go.wait()
+        signal.raise_signal(self.sig)
+        self.sent.set()
+
+    def __call__(self):
+        self.go.set()
+        self.sent.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_right_after_the_staging_directory_is_made_removes_it(tmp_path, monkeypatch, sig):
+    made, send = tempfile.mkdtemp, _SignalFromAnotherThread(sig)
+
+    def mkdtemp_then_signal(*args, **kwargs):
+        path = made(*args, **kwargs)
+        send()
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_signal)
+    previous = signal.signal(signal.SIGTERM, cli._terminate)
+    try:
+        with pytest.raises(KeyboardInterrupt), compiler.staging_dir(tmp_path / "o"):
+            pytest.fail("the block ran although a signal came first")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_during_the_swap_leaves_one_whole_build(tmp_path, monkeypatch):
+    """Without an atomic exchange the old build is moved aside first: a signal then must
+    not leave the output directory missing."""
+    manifest = json.dumps(
+        {
+            "format": compiler.MANIFEST_FORMAT,
+            "manifest_version": compiler.MANIFEST_VERSION,
+            "source": {"sha256": "0" * 64},
+            "files": ["model.onnx"],
+        }
+    )
+    out, staging = tmp_path / "o", tmp_path / ".o.tmp-new"
+    for d, text in ((out, "old"), (staging, "new")):
+        d.mkdir()
+        (d / compiler.MANIFEST).write_text(manifest)
+        (d / "model.onnx").write_text(text)
+    monkeypatch.setattr(compiler, "_exchange", lambda a, b: False)
+    moved, send = os.replace, _SignalFromAnotherThread(signal.SIGINT)
+
+    def replace_then_signal(a, b):
+        moved(a, b)
+        send()
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        compiler.replace_dir(staging, out)
+    assert (out / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]

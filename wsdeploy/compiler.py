@@ -745,42 +745,65 @@ def check_outdir(outdir: Path) -> Path:
     return outdir
 
 
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block are handled when it ends, by the
+    handlers that were in place, so that a few steps that must not be split (make and mark
+    a directory, swap two) happen whole or not at all.
+
+    Python-level handlers, not the signal mask: a blocked signal is delivered to any other
+    thread that does not block it (a heartbeat, a runtime's pool), and Python then runs the
+    handler in the main thread between any two bytecodes. Outside the main thread signals
+    never reach Python code, so nothing needs deferring there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in _DEFERRED}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if got:
+            handler = previous[got[0]]
+            if callable(handler):
+                handler(got[0], None)
+            elif handler in (signal.SIG_DFL, None):
+                signal.raise_signal(got[0])
+
+
 @contextlib.contextmanager
 def staging_dir(outdir: Path) -> Iterator[Path]:
     """A new staging directory beside ``outdir`` (same file system: the final rename is
     atomic), marked as ours, and removed if the block raises or is interrupted; leftovers
     of killed exports there are removed first.
 
-    SIGINT and SIGTERM are held while the directory is made and marked and arrive inside
-    this block's ``try``: a signal between ``mkdtemp`` and the caller's cleanup used to
-    leave the directory behind."""
+    Signals are deferred while the directory is made and marked (``signals_deferred``) and
+    arrive inside this block's ``try``: a signal between ``mkdtemp`` and the assignment
+    used to leave the directory behind."""
     try:
         outdir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(outdir)
     except OSError as e:
         raise WsdeployError(f"cannot write into {outdir.parent}: {e.strerror or e}") from e
-    held = {signal.SIGINT, signal.SIGTERM}
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main_thread else None
     staging = None
     try:
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
-            (staging / STAGING_MARKER).write_text(f"{os.getpid()}\n")
-            os.chmod(staging, default_mode(directory=True))
-        except OSError as e:
-            raise WsdeployError(f"cannot write into {outdir.parent}: {e.strerror or e}") from e
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal raises here
-            previous = None
+        with signals_deferred():
+            try:
+                staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+                (staging / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+                os.chmod(staging, default_mode(directory=True))
+            except OSError as e:
+                raise WsdeployError(f"cannot write into {outdir.parent}: {e.strerror or e}") from e
         yield staging
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def remove_stale_staging(outdir: Path) -> list[Path]:
@@ -833,24 +856,28 @@ def _exchange(a: Path, b: Path) -> bool:
 def replace_dir(staging: Path, outdir: Path) -> None:
     """Move a complete staging directory onto ``outdir``, replacing any earlier build (and
     nothing else: see ``check_outdir``). The swap is atomic where the system allows it: at
-    every moment ``outdir`` holds the old build or the new one."""
+    every moment ``outdir`` holds the old build or the new one. A signal during the swap
+    is handled after it (``signals_deferred``): the old build is never left moved aside."""
     outdir = check_outdir(outdir)
     (staging / STAGING_MARKER).unlink(missing_ok=True)
-    if not outdir.exists():
-        os.replace(staging, outdir)
-        return
-    if _exchange(staging, outdir):  # staging now holds the old build: ours to remove
-        shutil.rmtree(staging, ignore_errors=True)
-        return
-    backup = outdir.with_name(f".{outdir.name}.tmp-old-{os.getpid()}")
-    os.replace(outdir, backup)
-    (backup / STAGING_MARKER).write_text(f"{os.getpid()}\n")
-    try:
-        os.replace(staging, outdir)
-    except BaseException:
-        os.replace(backup, outdir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+    with signals_deferred():
+        if not outdir.exists():
+            os.replace(staging, outdir)
+            return
+        if _exchange(staging, outdir):  # staging now holds the old build: ours to remove
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        backup = outdir.with_name(f".{outdir.name}.tmp-old-{os.getpid()}")
+        os.replace(outdir, backup)
+        marker = backup / STAGING_MARKER  # a SIGKILL here: the next export removes it
+        marker.write_text(f"{os.getpid()}\n")
+        try:
+            os.replace(staging, outdir)
+        except BaseException:
+            marker.unlink(missing_ok=True)
+            os.replace(backup, outdir)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 VERIFIED_ON = ("local", "device", "emulated-arm64", "host-twin")

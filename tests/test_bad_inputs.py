@@ -433,3 +433,17 @@ def test_a_signal_during_the_swap_leaves_one_whole_build(tmp_path, monkeypatch):
         compiler.replace_dir(staging, out)
     assert (out / "model.onnx").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_a_signal_right_after_the_temporary_file_is_made_removes_it(tmp_path, monkeypatch):
+    made, send = tempfile.mkstemp, _SignalFromAnotherThread(signal.SIGINT)
+
+    def mkstemp_then_signal(*args, **kwargs):
+        fd, path = made(*args, **kwargs)
+        send()
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        modelfile.atomic_write(tmp_path / "m.pt", lambda p: pytest.fail("wrote after a signal"))
+    assert list(tmp_path.iterdir()) == []

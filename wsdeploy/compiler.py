@@ -17,9 +17,7 @@ import logging
 import os
 import platform
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,7 +30,7 @@ import torch
 
 from wsdeploy import __version__, numerics, quantize, trace
 from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
-from wsdeploy.modelfile import LoadedModel, Shapes, default_mode, load_model
+from wsdeploy.modelfile import LoadedModel, Shapes, default_mode, load_model, signals_deferred
 from wsdeploy.passes import CALIB_METHODS, PRECISIONS
 from wsdeploy.passes._graph import shape_hints, static_shape
 from wsdeploy.passes.affine import AffinePass
@@ -743,37 +741,6 @@ def check_outdir(outdir: Path) -> Path:
                     "choose another output directory"
                 )
     return outdir
-
-
-_DEFERRED = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive inside the block are handled when it ends, by the
-    handlers that were in place, so that a few steps that must not be split (make and mark
-    a directory, swap two) happen whole or not at all.
-
-    Python-level handlers, not the signal mask: a blocked signal is delivered to any other
-    thread that does not block it (a heartbeat, a runtime's pool), and Python then runs the
-    handler in the main thread between any two bytecodes. Outside the main thread signals
-    never reach Python code, so nothing needs deferring there."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in _DEFERRED}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        if got:
-            handler = previous[got[0]]
-            if callable(handler):
-                handler(got[0], None)
-            elif handler in (signal.SIG_DFL, None):
-                signal.raise_signal(got[0])
 
 
 @contextlib.contextmanager

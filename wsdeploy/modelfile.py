@@ -23,7 +23,9 @@ import operator
 import os
 import pickle
 import re
+import signal
 import tempfile
+import threading
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -114,19 +116,53 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block are handled when it ends, by the
+    handlers that were in place, so that a few steps that must not be split (make and mark
+    a directory, swap two) happen whole or not at all.
+
+    Python-level handlers, not the signal mask: a blocked signal is delivered to any other
+    thread that does not block it (a heartbeat, a runtime's pool), and Python then runs the
+    handler in the main thread between any two bytecodes. Outside the main thread signals
+    never reach Python code, so nothing needs deferring there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in _DEFERRED}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if got:
+            handler = previous[got[0]]
+            if callable(handler):
+                handler(got[0], None)
+            elif handler in (signal.SIG_DFL, None):
+                signal.raise_signal(got[0])
+
+
 def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
     ``suffix`` ends the temporary name (a writer may insist on an extension)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        with signals_deferred():  # a signal right after mkstemp would leave the file
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+            os.close(fd)
         write(Path(tmp))
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

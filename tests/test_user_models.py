@@ -192,12 +192,15 @@ def test_int8_without_held_out_data_is_refused(user_files, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_pt2_on_executorch_runs_recognised_layers_as_aten_ops(user_files, tmp_path):
-    """The executorch target consumes the torch program: the user's hand-written WSNet
-    layers, recognised there, reach the .pte as the shared computation in ATen ops."""
+@pytest.mark.parametrize("target", ["executorch", "litert"])
+def test_pt2_on_the_torch_consuming_targets_runs_recognised_layers_as_aten_ops(
+    user_files, tmp_path, target
+):
+    """The executorch and litert targets consume the torch program: the user's hand-written
+    WSNet layers, recognised there, reach the file as the shared computation in ATen ops."""
     root, _ = user_files
     out = tmp_path / "o"
-    result = _export(root, "user.pt2", "executorch", "fp32", out, "--strategy", "shared")
+    result = _export(root, "user.pt2", target, "fp32", out, "--strategy", "shared")
     assert result.exit_code == 0, result.output
     assert result.output.count(": recognised: WSNet") == 3
     m = json.loads((out / "manifest.json").read_text())
@@ -378,7 +381,7 @@ TWO_SHAPES = {
 
 
 @pytest.mark.parametrize("kind", list(TWO_SHAPES))
-@pytest.mark.parametrize("target", ["onnx", "ort", "x86_64", "executorch"])
+@pytest.mark.parametrize("target", ["onnx", "ort", "x86_64", "executorch", "litert"])
 def test_models_of_several_inputs_and_outputs_build_and_verify(two_files, tmp_path, kind, target):
     root, _ = two_files
     out = tmp_path / "o"

@@ -1,0 +1,273 @@
+"""The ``litert`` target: a ``.tflite`` model for LiteRT (formerly TensorFlow Lite), run on
+its CPU path, XNNPACK.
+
+Like ``executorch`` it consumes the torch program (``Target.consumes = "torch"``): after the
+torch stage has recognised the WSNet layers, ``passes.aten`` lowers each one to standard
+ATen ops (folded to a dense conv, or the shared computation; ``auto`` by XNNPACK's cost
+model, which is what runs them here too), then LiteRT's own converter::
+
+    litert_torch.convert(program.module(), example_inputs).model_content()
+
+A stock LiteRT runtime has no wsnet kernels, so no custom op reaches the file. Writes
+``model.tflite`` and ``delegation.json``: the operators the file holds, which of them the
+XNNPACK delegate takes and which the interpreter's own kernels run (a silent fallback is the
+usual performance trap), for a selective runtime build. Verified with LiteRT's interpreter
+(``ai_edge_litert.interpreter``), the runtime an Android app links, before anything is
+written.
+
+fp32 only, at the concrete ``--input-shape`` (the converter's shapes are static); int8 and
+the emulated arm64 device are not built yet.
+
+Optional, and not a pip extra: ``pip install --no-deps -r`` the ``litert-requirements.txt``
+beside this module (exact versions). pip cannot resolve litert-converter's declared
+dependencies together with wsdeploy's (xdsl 0.28 wants typing-extensions<4.13, apache-tvm-ffi
+>=4.13), and converting never imports xdsl, nor the transformers and kagglehub litert-torch
+declares. The converter needs JAX, not TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wsdeploy.errors import CompileError, WsdeployError
+
+from .base import Runner, Target
+
+if TYPE_CHECKING:
+    import torch
+
+FILENAME = "model.tflite"
+DELEGATION = "delegation.json"
+REQUIREMENTS = Path(__file__).with_name("litert-requirements.txt")
+INSTALL = f"pip install --no-deps -r {REQUIREMENTS}"
+DELEGATE = "DELEGATE"  # the op name of a node a delegate took a partition into
+
+
+@contextlib.contextmanager
+def _quiet(capture: list[str] | None = None):
+    """The converter prints a progress line per step and the runtime logs its delegate to
+    the process's stdout and stderr (native code: file descriptors 1 and 2), and JAX and
+    absl warn on import; none of it is the user's business, and errors still raise. What
+    was printed goes to ``capture`` (a converter error's cause is often only there)."""
+    names = ("jax", "absl", "litert_torch", "jax._src.xla_bridge")
+    quiet = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            for fd in (1, 2):
+                os.dup2(sink.fileno(), fd)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+            for log, level in zip(quiet, levels, strict=True):
+                log.setLevel(level)
+            if capture is not None:
+                sink.seek(0)
+                capture.extend(sink.read().decode(errors="replace").splitlines())
+
+
+def _require() -> None:
+    try:
+        with _quiet():
+            import ai_edge_litert.interpreter  # noqa: F401
+            import litert_torch  # noqa: F401
+    except ImportError as e:
+        raise WsdeployError(
+            f"the litert target needs LiteRT and its converter, installed apart from wsdeploy's "
+            f"own dependencies (pip cannot resolve them together): {INSTALL} ({e})"
+        ) from None
+
+
+def _first_line(e: Exception, printed: list[str]) -> str:
+    """The first line of a converter error, or of what it printed before failing."""
+    for text in (str(e), *reversed(printed)):
+        for line in text.strip().splitlines():
+            if line.strip() and "Traceback" not in line:
+                return line.strip()[:300]
+    return type(e).__name__
+
+
+def build(
+    program: torch.export.ExportedProgram,
+    outdir: Path,
+    cpu: str | None = None,
+    cc: str | None = None,
+    records: str | None = None,
+) -> list[str]:
+    _require()
+    import litert_torch
+
+    from wsdeploy import trace
+
+    printed: list[str] = []
+    try:
+        with _quiet(printed):
+            model = litert_torch.convert(program.module(), trace.example_inputs(program))
+            content = model.model_content()
+    except Exception as e:
+        raise CompileError(
+            f"LiteRT's converter could not convert the program: {_first_line(e, printed)}"
+        ) from e
+    (outdir / FILENAME).write_bytes(content)
+    interpreter = _interpreter(outdir / FILENAME, threads=1)
+    (outdir / DELEGATION).write_text(json.dumps(delegation(interpreter), indent=2) + "\n")
+    return [FILENAME, DELEGATION]
+
+
+def delegation(interpreter) -> dict[str, Any]:
+    """What XNNPACK took, from an interpreter after the delegate was applied: operator counts
+    inside its partitions and outside them (the interpreter's own kernels run those), and
+    every operator the file holds (a selective runtime build's list).
+
+    The interpreter lists the file's operators and then one ``DELEGATE`` node per partition,
+    whose inputs and outputs are the partition's boundary: an operator is delegated if it
+    is reached walking back from a delegate node's outputs through producers, stopping at
+    that node's inputs."""
+    ops = interpreter._get_ops_details()
+    producer = {int(t): op for op in ops if op["op_name"] != DELEGATE for t in op["outputs"]}
+    taken: set[int] = set()
+    for node in (op for op in ops if op["op_name"] == DELEGATE):
+        boundary = {int(t) for t in node["inputs"]}
+        stack = [int(t) for t in node["outputs"]]
+        while stack:
+            tensor = stack.pop()
+            op = producer.get(tensor)
+            if tensor in boundary or op is None or op["index"] in taken:
+                continue
+            taken.add(op["index"])
+            stack.extend(int(t) for t in op["inputs"] if int(t) >= 0)
+    own = [op for op in ops if op["op_name"] != DELEGATE]
+    delegated = Counter(op["op_name"].lower() for op in own if op["index"] in taken)
+    portable = Counter(op["op_name"].lower() for op in own if op["index"] not in taken)
+    return {
+        "backend": "XNNPACK",
+        "delegated": dict(sorted(delegated.items())),
+        "portable": dict(sorted(portable.items())),
+        "operators": sorted({op["op_name"] for op in own}),
+    }
+
+
+def _interpreter(path: Path, threads: int):
+    """LiteRT's interpreter on ``path`` with its default delegate (XNNPACK) applied and its
+    tensors allocated."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        with _quiet():
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            interpreter.allocate_tensors()
+    except (RuntimeError, ValueError) as e:
+        raise CompileError(f"LiteRT's interpreter cannot load {path.name}: {e}") from None
+    return interpreter
+
+
+def load(outdir: Path, device: str | None = None) -> Runner:
+    """The build run by LiteRT's interpreter here, on as many threads as the other
+    runtimes (one per physical core)."""
+    if device is not None:
+        raise WsdeployError("litert builds run on this machine only (no device runner yet)")
+    _require()
+    import numpy as np
+
+    from wsdeploy.numerics import as_inputs
+    from wsdeploy.threads import cpu_threads
+
+    interpreter = _interpreter(Path(outdir) / FILENAME, threads=cpu_threads())
+    ins, outs = _signature(interpreter)
+
+    def run(x) -> list[np.ndarray]:
+        arrays = as_inputs(x)
+        if len(arrays) != len(ins):
+            raise CompileError(f"{FILENAME} takes {len(ins)} inputs, {len(arrays)} were given")
+        for detail, a in zip(ins, arrays, strict=True):
+            if tuple(a.shape) != tuple(detail["shape"]):
+                raise CompileError(
+                    f"{FILENAME} takes {detail['name']} of shape {list(detail['shape'])}, "
+                    f"not {list(a.shape)}"
+                )
+            interpreter.set_tensor(detail["index"], np.ascontiguousarray(a, detail["dtype"]))
+        interpreter.invoke()
+        return [interpreter.get_tensor(d["index"]).copy() for d in outs]
+
+    def time(repeat: int) -> list[float]:
+        """Milliseconds of each of ``repeat`` invocations on the input last run, already in
+        the interpreter's tensors: compute only (LiteRT has no timer of its own; this loop
+        holds nothing but ``invoke``)."""
+        import time as clock
+
+        ms = []
+        for _ in range(repeat):
+            t0 = clock.perf_counter()
+            interpreter.invoke()
+            ms.append((clock.perf_counter() - t0) * 1e3)
+        return ms
+
+    run.interpreter, run.time = interpreter, time
+    return run
+
+
+def _timer(run, repeat: int) -> list[float]:
+    """Milliseconds of each of ``repeat`` runs, compute only (see ``load``)."""
+    return run.time(repeat)
+
+
+def _signature(interpreter) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model's inputs and outputs, each in the program's order: the converter names them
+    ``args_<i>`` and ``output_<i>`` in its one signature, and the tensor indices need not
+    follow that order."""
+    (signature,) = interpreter._get_full_signature_list().values()
+    details = {
+        d["index"]: d for d in (*interpreter.get_input_details(), *interpreter.get_output_details())
+    }
+
+    def ordered(names: dict[str, int]) -> list[dict[str, Any]]:
+        by_position = sorted(names.items(), key=lambda kv: int(kv[0].rsplit("_", 1)[-1]))
+        return [details[index] for _, index in by_position]
+
+    return ordered(signature["inputs"]), ordered(signature["outputs"])
+
+
+def threads() -> int:
+    """The interpreter's threads in this process: one per physical core, as wsdeploy sets
+    them for every runtime (LiteRT's own default is one)."""
+    from wsdeploy.threads import cpu_threads
+
+    return cpu_threads()
+
+
+def report(outdir: Path) -> dict[str, Any]:
+    """The manifest's view of the build: the delegation summary."""
+    data = json.loads((Path(outdir) / DELEGATION).read_text())
+    keys = ("backend", "delegated", "portable", "operators")
+    return {k: data[k] for k in keys if k in data}
+
+
+LITERT = Target(
+    name="litert",
+    description="LiteRT (TensorFlow Lite) .tflite model, XNNPACK (WSNet layers as ATen ops)",
+    artifact=FILENAME,
+    build=build,
+    load=load,
+    passes={"fp32": ()},
+    consumes="torch",
+    report=report,
+    requires=_require,
+    threads=threads,
+    timer=_timer,
+    portable=True,
+)

@@ -98,6 +98,9 @@ BUILDS = [
     ("executorch", "shared", "fp32", "ExecuTorch WSNet shared"),
     ("executorch", "auto", "fp32", "ExecuTorch WSNet auto"),
     ("executorch", "auto", "int8", "ExecuTorch int8 (XNNPACK, folded)"),
+    ("litert", "fold", "fp32", "LiteRT dense baseline (fold)"),
+    ("litert", "shared", "fp32", "LiteRT WSNet shared"),
+    ("litert", "auto", "fp32", "LiteRT WSNet auto"),
 ]
 """(target, strategy, precision, label) of every exported build timed per zoo model. With
 tuning trials, the TVM builds of ``TUNED_STRATEGIES`` are exported once more after tuning,
@@ -105,9 +108,9 @@ labelled ", tuned".
 ExecuTorch's int8 is XNNPACK's (every layer folded: its int8 convs take build-time weights),
 so it has one build, ``auto``."""
 
-RUNTIME = {"onnx": "ort", "x86_64": "tvm", "executorch": "executorch"}
+RUNTIME = {"onnx": "ort", "x86_64": "tvm", "executorch": "executorch", "litert": "litert"}
 """The benchmark worker's runtime (``benchmarks.worker.RUNNERS``) for each exported target."""
-GRID_NAME = {"ort": "ORT", "tvm": "TVM", "executorch": "ExecuTorch"}
+GRID_NAME = {"ort": "ORT", "tvm": "TVM", "executorch": "ExecuTorch", "litert": "LiteRT"}
 
 TUNED = ", tuned"
 TUNED_STRATEGIES = ("auto",)
@@ -560,7 +563,7 @@ def grid_table(models: list[dict]) -> list[str]:
             cells[(r["model"], r["strategy"], r["precision"], runtime)] = r["median_ms"]
     if not cells:
         return []
-    runtimes = ["ORT", "TVM", "TVM tuned", "ExecuTorch"]
+    runtimes = ["ORT", "TVM", "TVM tuned", "ExecuTorch", "LiteRT"]
     lines = [
         "### Latency grid (median ms, batch 1)",
         "",
@@ -630,7 +633,14 @@ def plot(models: list[dict], path: Path) -> None:
     if not names:
         return
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
-    markers = {"ORT": "o", "TVM": "s", "TVM tuned": "^", "PyTorch": "D", "ExecuTorch": "P"}
+    markers = {
+        "ORT": "o",
+        "TVM": "s",
+        "TVM tuned": "^",
+        "PyTorch": "D",
+        "ExecuTorch": "P",
+        "LiteRT": "X",
+    }
     colours = {"fp32": "tab:blue", "int8": "tab:orange"}
     for ax, name in zip(axes[0], names, strict=True):
         rows = [r for r in models if r["model"] == name and "failed" not in r]
@@ -645,6 +655,8 @@ def plot(models: list[dict], path: Path) -> None:
                 if r.get("runtime") == "tvm"
                 else "ExecuTorch"
                 if r.get("runtime") == "executorch"
+                else "LiteRT"
+                if r.get("runtime") == "litert"
                 else "ORT"
             )
             xy = (r["bytes"] / 1024, r["median_ms"])

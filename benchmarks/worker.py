@@ -119,22 +119,32 @@ def _executorch(spec):
     return executorch.load(Path(spec["path"]).parent)
 
 
+def _litert(spec):
+    """The .tflite through LiteRT's interpreter (XNNPACK), as the target's own verification
+    runs it; compute only: ``invoke`` on the input already set."""
+    from wsdeploy.targets import litert
+
+    return litert.load(Path(spec["path"]).parent)
+
+
 RUNNERS = {
     "ort": _ort,
     "torch": _torch,
     "layer-torch": _layer_torch,
     "tvm": _tvm,
     "executorch": _executorch,
+    "litert": _litert,
 }
 
 
 def measure(run, x, warmup: int, repeat: int, min_seconds: float = 0.0) -> dict:
     """Time ``run`` both ways: compute only (``median_ms``: buffers bound before timing, so
     no input copy or output allocation is timed: ONNX Runtime's IOBinding, TVM's own
-    evaluator on the input the warm-up set) and end to end through the runtime's public
-    Python API on a numpy input (``e2e_median_ms``: what an application calling it pays).
-    A runtime without a separate pre-bound path (PyTorch, ExecuTorch's Python runtime) is
-    timed once and both figures are the same runs (``compute_path`` says which).
+    evaluator on the input the warm-up set, LiteRT's ``invoke`` on the input set before) and
+    end to end through the runtime's public Python API on a numpy input (``e2e_median_ms``:
+    what an application calling it pays). A runtime without a separate pre-bound path
+    (PyTorch, ExecuTorch's Python runtime) is timed once and both figures are the same runs
+    (``compute_path`` says which).
 
     Each way warms up, then times at least ``repeat`` runs and at least ``min_seconds`` of
     them (the run count is set from the warm-up's fastest run), so that a fast build is not
@@ -147,7 +157,8 @@ def measure(run, x, warmup: int, repeat: int, min_seconds: float = 0.0) -> dict:
         compute, path = np.array(evaluator("main").results) * 1e3, "TVM time_evaluator"
     elif getattr(run, "compute", None) is not None:
         run.bind(x)
-        compute, path = _timed(run.compute, warmup, repeat, min_seconds), "ORT IOBinding"
+        path = getattr(run, "compute_path", "ORT IOBinding")
+        compute = _timed(run.compute, warmup, repeat, min_seconds)
     else:
         compute, path = e2e, "same call"
     e2e_stats = _stats(e2e)

@@ -67,6 +67,11 @@ def test_quick_benchmark_run(tmp_path):
         "ExecuTorch WSNet auto",
         "ExecuTorch int8 (XNNPACK, folded)",
     }
+    assert {r["build"] for r in models if r["runtime"] == "litert"} == {
+        "LiteRT dense baseline (fold)",
+        "LiteRT WSNet shared",
+        "LiteRT WSNet auto",
+    }
     assert {r["build"] for r in models if r["runtime"] == "torch"} == {
         f"PyTorch {how}, {kind}"
         for how in ("eager", "compiled (inductor)")
@@ -84,6 +89,7 @@ def test_quick_benchmark_run(tmp_path):
     assert {r["compute_path"] for r in models} == {
         "ORT IOBinding",
         "TVM time_evaluator",
+        "LiteRT invoke",
         "same call",
     }
     int8 = [r for r in models if r["precision"] == "int8"]
@@ -135,7 +141,9 @@ def _row(build, target, strategy, precision, ms, tuned=False, **extra):
     row = {
         "model": "m",
         "build": build,
-        "runtime": {"onnx": "ort", "executorch": "executorch"}.get(target, "tvm"),
+        "runtime": {"onnx": "ort", "executorch": "executorch", "litert": "litert"}.get(
+            target, "tvm"
+        ),
         "target": target,
         "strategy": strategy,
         "precision": precision,
@@ -165,6 +173,7 @@ def test_grid_and_tuning_summary_come_from_the_rows():
         _row("TVM WSNet auto (fused kernels), tuned", "x86_64", "auto", "fp32", 0.8, True),
         _row("TVM WSNet auto int8 (integer kernels), tuned", "x86_64", "auto", "int8", 1.0, True),
         _row("ExecuTorch WSNet auto", "executorch", "auto", "fp32", 3.0),
+        _row("LiteRT WSNet auto", "litert", "auto", "fp32", 2.2),
     ]
     text = "\n".join(run.summary([], models))
     # tuned/untuned per build: 1.6/0.8 = 2x and 0.8/1.0 = 0.8x; auto fp32 tuned 0.80 ms
@@ -180,8 +189,8 @@ def test_grid_and_tuning_summary_come_from_the_rows():
     ) in text
     assert "end to end" not in text
     grid = run.grid_table(models)
-    assert "| m | auto | fp32 | 2.50 | 1.60 | 0.80 | 3.00 |" in grid
-    assert "| m | fold | fp32 | 4.00 | - | - | - |" in grid
+    assert "| m | auto | fp32 | 2.50 | 1.60 | 0.80 | 3.00 | 2.20 |" in grid
+    assert "| m | fold | fp32 | 4.00 | - | - | - | - |" in grid
     assert run._tuning(models) == {"m": 90.0}  # one session per model, not one per row
 
 

@@ -43,6 +43,7 @@ def test_wheel_holds_every_package(tmp_path):
     for package in packages:
         assert f"{package}/__init__.py" in names, f"{package} is not in the wheel"
     assert "wsdeploy/models/checkpoints/wsnet1d-soundnet8.pt" in names
-    # files the code opens beside itself: the native runner's source, the litert packages
+    # files the code opens beside itself: the native runners' sources, the litert packages
     assert "wsdeploy/targets/executorch_runner.cpp" in names
+    assert "wsdeploy/targets/litert_runner.cpp" in names
     assert "wsdeploy/targets/litert-requirements.txt" in names

@@ -104,12 +104,14 @@ def test_preflight_readies_the_device_runner_only_once_checks_pass(monkeypatch):
     from wsdeploy import device
     from wsdeploy.compiler import preflight
     from wsdeploy.errors import WsdeployError
-    from wsdeploy.targets import executorch_runner, get_target
+    from wsdeploy.targets import get_target, native_runner
 
     target = get_target("executorch")
     built, said = [], []
     monkeypatch.setattr(
-        executorch_runner, "build", lambda arch, progress=None: built.append(arch) or progress("x")
+        native_runner,
+        "build",
+        lambda runtime, arch, progress=None: built.append(arch) or progress("x"),
     )
     monkeypatch.setattr(device, "is_emulated", lambda address: address == "emulated:1")
     preflight(target, "emulated:1", None, said.append)
@@ -174,33 +176,33 @@ def test_native_runner_runs_the_pte_as_the_python_runtime_does(tmp_path):
     """wsdeploy's runner (ExecuTorch's runtime libraries, no Python, no libtorch) gives the
     Python runtime's outputs, for every input and output of the program; bad input is one
     line."""
-    from wsdeploy.targets import executorch_runner as native
-    from wsdeploy.targets.executorch import load
+    from wsdeploy.targets import native_runner as native
+    from wsdeploy.targets.executorch import load, runner
 
     out = tmp_path / "o"
     assert _export(out, "wsnet1d-tiny", "--strategy", "shared").exit_code == 0
     python = load(out)
-    runner = native.build(native.host_arch())
-    assert (runner / native.PROGRAM).exists() and (runner / "COMPLETE").exists()
+    built = native.build(runner(), native.host_arch())
+    assert (built / runner().program).exists() and (built / "COMPLETE").exists()
     shape = json.loads((out / "manifest.json").read_text())["inputs"][0]["shape"]
     rng = np.random.default_rng(3)
     for _ in range(3):
         x = rng.standard_normal(shape).astype(np.float32)
-        got, ms = native.run(runner, out / "model.pte", [x], warmup=1, repeat=4)
+        got, ms = native.run(runner(), built, out / "model.pte", [x], warmup=1, repeat=4)
         want = python(x)
         assert len(got) == len(want) and len(ms) == 4 and (ms > 0).all()
         for g, w in zip(got, want, strict=True):
             assert g.dtype == w.dtype and g.shape == w.shape
             assert_close(g, w, stage="runtime")
     with pytest.raises(CompileError, match="fewer sizes than the input's dimensions"):
-        native.run(runner, out / "model.pte", [np.zeros(3, np.float32)])
+        native.run(runner(), built, out / "model.pte", [np.zeros(3, np.float32)])
     with pytest.raises(CompileError, match="the program refused an input"):  # a static one
-        native.run(runner, out / "model.pte", [np.zeros([*shape[:-1], 99], np.float32)])
+        native.run(runner(), built, out / "model.pte", [np.zeros([*shape[:-1], 99], np.float32)])
     with pytest.raises(CompileError, match="takes 1 inputs, 2 were given"):
-        native.run(runner, out / "model.pte", [x, x])
+        native.run(runner(), built, out / "model.pte", [x, x])
     (tmp_path / "not.pte").write_bytes(b"\0" * 64)
     with pytest.raises(CompileError, match="not an ExecuTorch program"):
-        native.run(runner, tmp_path / "not.pte", [x])
+        native.run(runner(), built, tmp_path / "not.pte", [x])
 
 
 def test_a_dynamic_length_is_planned_at_its_upper_bound(tmp_path):
@@ -210,8 +212,8 @@ def test_a_dynamic_length_is_planned_at_its_upper_bound(tmp_path):
     import torch
     from torch import nn
 
-    from wsdeploy.targets import executorch_runner as native
-    from wsdeploy.targets.executorch import load
+    from wsdeploy.targets import native_runner as native
+    from wsdeploy.targets.executorch import load, runner
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(1, 8, 9, stride=2, padding=4), nn.ReLU(), nn.Conv1d(8, 4, 3))
@@ -226,15 +228,15 @@ def test_a_dynamic_length_is_planned_at_its_upper_bound(tmp_path):
     assert "any size in [32, 3000] (verified at 32, 256, 385, 3000)" in result.output
     report = json.loads((out / "delegation.json").read_text())
     assert report["planned_upper_bounds"] == {"input[2]": 3000}  # its input name
-    python, runner = load(out), native.build(native.host_arch())
+    python, built = load(out), native.build(runner(), native.host_arch())
     for n in (32, 1001, 3000):
         x = np.random.default_rng(n).standard_normal((1, 1, n)).astype(np.float32)
         want = model(torch.from_numpy(x)).detach().numpy()
-        got, _ = native.run(runner, out / "model.pte", [x])
+        got, _ = native.run(runner(), built, out / "model.pte", [x])
         assert_close(got[0], want, stage="runtime")
         assert_close(python(x)[0], want, stage="runtime")
     with pytest.raises(CompileError, match="the program refused an input"):
-        native.run(runner, out / "model.pte", [np.zeros((1, 1, 3001), np.float32)])
+        native.run(runner(), built, out / "model.pte", [np.zeros((1, 1, 3001), np.float32)])
     # no upper end: planned at 65536 (the size verification takes there), and it says so
     open_ended = torch.export.export(
         model, (torch.randn(1, 1, 256),), dynamic_shapes=({2: torch.export.Dim("n", min=32)},)
@@ -265,7 +267,8 @@ def test_zoo_builds_run_on_the_emulated_arm64_device(tmp_path, one_device_user):
     emulated arm64 device through ExecuTorch's aarch64 libraries (XNNPACK's arm64 kernels)
     and matches PyTorch there; int8's thousand gate inputs run the same file here."""
     from wsdeploy import device
-    from wsdeploy.targets import executorch_runner as native
+    from wsdeploy.targets import native_runner as native
+    from wsdeploy.targets.executorch import runner
 
     assert shutil.which("qemu-aarch64-static"), "CI installs qemu-user-static"
     with device.session() as info:
@@ -280,8 +283,8 @@ def test_zoo_builds_run_on_the_emulated_arm64_device(tmp_path, one_device_user):
             m = _device_export(tmp_path / f"{model}-int8", model, address, *args)
             gate = m["verification"]["accuracy_gate"]
             assert gate["passed"] and gate["ran_on"] == "local" and gate["n"] >= 1000
-        arm = native.build("aarch64")
-        elf = (arm / native.PROGRAM).read_bytes()
+        arm = native.build(runner(), "aarch64")
+        elf = (arm / runner().program).read_bytes()
         assert elf[:4] == b"\x7fELF" and elf[18] == 183  # e_machine EM_AARCH64
         built = tmp_path / "wsnet2d-cifar-int8"
         result = CliRunner().invoke(

@@ -109,7 +109,7 @@ def test_a_fallback_from_xnnpack_is_reported():
     [
         (["--strategy", "custom"], "needs custom op kernels"),
         (["--quantize", "int8"], "target litert does not build int8"),
-        (["--rpc", "127.0.0.1:9"], "litert builds run on this machine, not on a device"),
+        (["--rpc", "127.0.0.1:9"], "builds run on this machine or on the emulated arm64"),
     ],
 )
 def test_what_it_does_not_build_is_one_line(extra, message, tmp_path):
@@ -210,3 +210,71 @@ def test_conv2d_random_configs(tmp_path, cfg, strategy):
 @given(linear_cfg, st.sampled_from(["fold", "shared"]))
 def test_linear_random_configs(tmp_path, cfg, strategy):
     _through_litert(*linear_model(cfg), strategy, tmp_path)
+
+
+@pytest.mark.slow
+def test_zoo_builds_run_on_the_emulated_arm64_device(tmp_path, one_device_user):
+    """Every zoo model, every strategy: the .tflite runs on the emulated arm64 device through
+    LiteRT's C API and its aarch64 library (XNNPACK's arm64 kernels) and matches PyTorch
+    there; bench times it there, compute only."""
+    import shutil
+
+    from wsdeploy import device
+    from wsdeploy.targets import native_runner as native
+    from wsdeploy.targets.litert import runner
+
+    assert shutil.which("qemu-aarch64-static"), "CI installs qemu-user-static"
+    with device.session() as info:
+        address = info.address
+        for model in ("wsnet1d-tiny", "wsnet2d-cifar", "wsnet1d-soundnet8"):
+            for strategy in ("fold", "shared", "auto"):
+                out = tmp_path / f"{model}-{strategy}"
+                result = _export(out, model, "--strategy", strategy, "--rpc", address)
+                assert result.exit_code == 0, result.output
+                assert "on the emulated arm64 device" in result.output and "PASS" in result.output
+                m = json.loads((out / "manifest.json").read_text())
+                assert m["verification"]["verified_on"] == "emulated-arm64"
+        elf = (native.build(runner(), "aarch64") / runner().program).read_bytes()
+        assert elf[:4] == b"\x7fELF" and elf[18] == 183  # e_machine EM_AARCH64
+        built = tmp_path / "wsnet2d-cifar-auto"
+        result = CliRunner().invoke(
+            main, ["bench", str(built), "--rpc", address, "--repeat", "3", "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        timing = json.loads(result.output)
+        assert timing["emulated"] and timing["timing"].startswith("compute only")
+        assert timing["median_ms"] > 0
+        args = ["verify", str(tmp_path / "wsnet1d-tiny-shared"), "--model", "wsnet1d-tiny"]
+        result = CliRunner().invoke(main, [*args, "--rpc", address])
+        assert result.exit_code == 0 and "PASS" in result.output, result.output
+
+
+def test_native_runner_runs_the_tflite_as_the_interpreter_does(tmp_path):
+    """wsdeploy's runner (LiteRT's C API, no Python) gives the interpreter's outputs, for
+    every input and output of the model, in order; bad input is one line."""
+    import torch
+    from torch import nn
+
+    from wsdeploy.targets import litert
+    from wsdeploy.targets import native_runner as native
+
+    class Two(nn.Module):
+        def forward(self, a, b):
+            return b.sum(-1), torch.relu(a * 2), a[:, :1] - b.mean()
+
+    a = np.random.default_rng(0).standard_normal((1, 3, 5)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    program = torch.export.export(Two(), (torch.from_numpy(a), torch.from_numpy(b)))
+    litert.build(program, tmp_path)
+    model = tmp_path / litert.FILENAME
+    built = native.build(litert.runner(), native.host_arch())
+    got, ms = native.run(litert.runner(), built, model, [a, b], warmup=1, repeat=3)
+    want = litert.load(tmp_path)((a, b))
+    assert len(got) == len(want) == 3 and len(ms) == 3 and (ms > 0).all()
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert_close(g, w, stage="runtime")
+    with pytest.raises(CompileError, match="takes 2 inputs, 1 were given"):
+        native.run(litert.runner(), built, model, [a])
+    with pytest.raises(CompileError, match="refused an input"):
+        native.run(litert.runner(), built, model, [a[:, :2], b])

@@ -40,6 +40,21 @@ def _tvm_profiler(run: Runner, x) -> dict[str, float]:
     return profile_kernels(run, x)
 
 
+DELEGATION = "delegation.json"
+"""The file where a target whose runtime delegates to XNNPACK (ExecuTorch, LiteRT) records
+which operators the delegate takes and which fall back."""
+
+
+def delegation_report(outdir: Path) -> dict[str, Any]:
+    """``Target.report`` of those targets: the delegation summary (and, for a program with
+    dynamic inputs, the sizes they were planned for)."""
+    import json
+
+    data = json.loads((Path(outdir) / DELEGATION).read_text())
+    keys = ("backend", "delegated", "portable", "operators", "planned_upper_bounds")
+    return {k: data[k] for k in keys if k in data}
+
+
 @dataclass(frozen=True)
 class Target:
     """A compilation target.

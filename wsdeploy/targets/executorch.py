@@ -11,7 +11,8 @@ no wsnet custom op reaches the file. Writes ``model.pte`` and ``delegation.json`
 operators XNNPACK runs and which fall back to portable kernels (the silent performance trap),
 and the operator list a selective runtime build needs. Verified with ExecuTorch's Python
 runtime (``executorch.runtime``), the same kernels an app links, and with ``--rpc`` of the
-emulated arm64 device there, by ExecuTorch's aarch64 libraries (``executorch_runner``).
+emulated arm64 device there, by ExecuTorch's aarch64 libraries (``runner``:
+wsdeploy's native runner).
 fp32 builds keep a program's dynamic dimensions, planned at their ranges' upper ends
 (``_at_upper_bounds``).
 
@@ -34,13 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from wsdeploy.errors import CompileError, WsdeployError
 
-from .base import Runner, Target
+from .base import DELEGATION, Runner, Target, delegation_report
 
 if TYPE_CHECKING:
     import torch
 
 FILENAME = "model.pte"
-DELEGATION = "delegation.json"
 EXTRA = "pip install 'wsdeploy[executorch]'"
 
 
@@ -202,30 +202,16 @@ def _at_upper_bounds(program) -> tuple[Any, dict[str, int]]:
 def load(outdir: Path, device: str | None = None) -> Runner:
     """The build run by ExecuTorch's Python runtime here, or, on the emulated arm64 device
     (``device``: its address), by wsdeploy's native runner with ExecuTorch's aarch64
-    libraries under qemu (``executorch_runner``). Either runner's ``time(repeat)`` times the
+    libraries under qemu (``runner``). Either runner's ``time(repeat)`` times the
     last input it ran compute-only, with the native runner (no Python in the loop)."""
     from wsdeploy.numerics import as_inputs
 
-    from . import executorch_runner as native
+    from . import native_runner as native
 
     pte = Path(outdir) / FILENAME
     if device is not None:
         check_device(device)
-        from wsdeploy import device as emulated
-
-        info = emulated.status()
-        assert info is not None  # check_device: it runs
-        emulator = native.emulator(Path(info.root) / "rootfs")
-        runner = native.build("aarch64")
-
-        def run_emulated(x) -> list:
-            run_emulated.last = x
-            return native.run(runner, pte, as_inputs(x), emulator=emulator)[0]
-
-        run_emulated.time = lambda repeat: native.run(
-            runner, pte, as_inputs(run_emulated.last), warmup=1, repeat=repeat, emulator=emulator
-        )[1]
-        return run_emulated
+        return native.on_emulated_device(runner(), pte)
 
     _require()
     import numpy as np
@@ -254,31 +240,70 @@ def load(outdir: Path, device: str | None = None) -> Runner:
         return [o.detach().numpy().copy() for o in outputs]
 
     run.program = program  # keep the program alive as long as its method
-    run.time = lambda repeat: native.run(
-        native.build(native.host_arch()), pte, as_inputs(run.last), warmup=2, repeat=repeat
-    )[1]
+    run.time = lambda repeat: native.time_here(runner(), pte, run.last, repeat)
     return run
+
+
+_LIBS = (
+    "executorch",
+    "executorch_kernels_optimized",
+    "executorch_kernels_quantized",
+    "executorch_backend_xnnpack",
+    "executorch_threadpool",
+)
+"""ExecuTorch's runtime libraries the runner links (in full: their static initialisers
+register the kernels and the XNNPACK backend)."""
+
+
+def _runner_flags(package: Path) -> list[str]:
+    include = package / "include"
+    return [
+        "-fno-exceptions",
+        "-fno-rtti",
+        f"-I{include}",
+        f"-I{include}/executorch/runtime/core/portable_type/c10",
+        "-DC10_USING_CUSTOM_GENERATED_MACROS",
+    ]
+
+
+@functools.cache
+def runner():
+    """wsdeploy's native runner for ExecuTorch (``executorch_runner.cpp``, built by
+    ``native_runner``): what an app does with a ``.pte`` (load the program, plan its memory,
+    ``set_input``, ``execute``), linked against ExecuTorch's own runtime libraries (its
+    optimized and quantized kernels, the XNNPACK delegate), without libtorch. For aarch64,
+    those of ExecuTorch's ``manylinux_2_28_aarch64`` wheel of the same version: its Python
+    bindings need a libtorch for aarch64, which PyPI has only as a CUDA build."""
+    from .native_runner import Runtime
+
+    return Runtime(
+        name="ExecuTorch",
+        program="executorch_runner",
+        distribution="executorch",
+        package="executorch",
+        platforms={"x86_64": "manylinux_2_28_x86_64", "aarch64": "manylinux_2_28_aarch64"},
+        libs=tuple(f"lib/lib{name}.so" for name in _LIBS),
+        unpack=("include/", "lib/"),
+        flags=_runner_flags,
+        install=EXTRA,
+        wheel_mb=18,
+    )
 
 
 def check_device(address: str) -> None:
     """ExecuTorch builds run on this machine and on the emulated arm64 device; a board's TVM
     RPC server runs TVM libraries only (there, the ``.pte`` runs in the app)."""
-    from wsdeploy import device
+    from .native_runner import check_emulated
 
-    if not device.is_emulated(address):
-        raise WsdeployError(
-            f"executorch builds run on this machine or on the emulated arm64 device ('wsdeploy "
-            f"device start'), and {address} is not that device: a board's TVM RPC server runs "
-            "TVM libraries only; there the .pte runs in the app"
-        )
+    check_emulated(address, "executorch", ".pte")
 
 
 def _ready(address: str, say) -> None:
     """Build the aarch64 runner the emulated device runs ``.pte`` files with (once: about a
     minute and an 18 MB download the first time; later a cache hit)."""
-    from . import executorch_runner as native
+    from . import native_runner as native
 
-    native.build("aarch64", progress=say)
+    native.build(runner(), "aarch64", progress=say)
 
 
 def _timer(run, repeat: int):
@@ -593,14 +618,6 @@ def threads() -> int:
         return int(portable_lib._threadpool_get_thread_count())
 
 
-def report(outdir: Path) -> dict[str, Any]:
-    """The manifest's view of the build: the delegation summary (and the sizes its dynamic
-    inputs were planned for)."""
-    data = json.loads((Path(outdir) / DELEGATION).read_text())
-    keys = ("backend", "delegated", "portable", "operators", "planned_upper_bounds")
-    return {k: data[k] for k in keys if k in data}
-
-
 EXECUTORCH = Target(
     name="executorch",
     description="ExecuTorch .pte program, XNNPACK-delegated (WSNet layers as ATen ops)",
@@ -610,7 +627,7 @@ EXECUTORCH = Target(
     passes={"fp32": (), "int8": ()},
     consumes="torch",
     quantize=quantize,
-    report=report,
+    report=delegation_report,
     requires=_require,
     threads=threads,
     remote=True,

@@ -15,8 +15,9 @@ usual performance trap), for a selective runtime build. Verified with LiteRT's i
 (``ai_edge_litert.interpreter``), the runtime an Android app links, before anything is
 written.
 
-fp32 only, at the concrete ``--input-shape`` (the converter's shapes are static); int8 and
-the emulated arm64 device are not built yet.
+With ``--rpc`` of the emulated arm64 device the same file runs there through LiteRT's C API
+and its aarch64 library (``runner``). fp32 only, at the concrete ``--input-shape`` (the
+converter's shapes are static); int8 is not built yet.
 
 Optional, and not a pip extra: ``pip install --no-deps -r`` the ``litert-requirements.txt``
 beside this module (exact versions). pip cannot resolve litert-converter's declared
@@ -28,6 +29,7 @@ declares. The converter needs JAX, not TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -39,13 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 from wsdeploy.errors import CompileError, WsdeployError
 
-from .base import Runner, Target
+from .base import DELEGATION, Runner, Target, delegation_report
 
 if TYPE_CHECKING:
     import torch
 
 FILENAME = "model.tflite"
-DELEGATION = "delegation.json"
 REQUIREMENTS = Path(__file__).with_name("litert-requirements.txt")
 INSTALL = f"pip install --no-deps -r {REQUIREMENTS}"
 DELEGATE = "DELEGATE"  # the op name of a node a delegate took a partition into
@@ -177,20 +178,25 @@ def _interpreter(path: Path, threads: int):
 
 
 def load(outdir: Path, device: str | None = None) -> Runner:
-    """The build run by LiteRT's interpreter here, on as many threads as the other
-    runtimes (one per physical core)."""
+    """The build run by LiteRT's interpreter here, on as many threads as the other runtimes
+    (one per physical core); or, on the emulated arm64 device (``device``: its address), by
+    wsdeploy's native runner with LiteRT's aarch64 library under qemu (``runner``)."""
+    model = Path(outdir) / FILENAME
     if device is not None:
-        raise WsdeployError("litert builds run on this machine only (no device runner yet)")
+        from . import native_runner as native
+
+        check_device(device)
+        return native.on_emulated_device(runner(), model)
     _require()
     import numpy as np
 
     from wsdeploy.numerics import as_inputs
     from wsdeploy.threads import cpu_threads
 
-    interpreter = _interpreter(Path(outdir) / FILENAME, threads=cpu_threads())
+    interpreter = _interpreter(model, threads=cpu_threads())
     ins, outs = _signature(interpreter)
 
-    def run(x) -> list[np.ndarray]:
+    def set_inputs(x) -> None:
         arrays = as_inputs(x)
         if len(arrays) != len(ins):
             raise CompileError(f"{FILENAME} takes {len(ins)} inputs, {len(arrays)} were given")
@@ -201,6 +207,9 @@ def load(outdir: Path, device: str | None = None) -> Runner:
                     f"not {list(a.shape)}"
                 )
             interpreter.set_tensor(detail["index"], np.ascontiguousarray(a, detail["dtype"]))
+
+    def run(x) -> list[np.ndarray]:
+        set_inputs(x)
         interpreter.invoke()
         return [interpreter.get_tensor(d["index"]).copy() for d in outs]
 
@@ -217,6 +226,8 @@ def load(outdir: Path, device: str | None = None) -> Runner:
             ms.append((clock.perf_counter() - t0) * 1e3)
         return ms
 
+    # the benchmark worker's compute-only protocol (as for ONNX Runtime's IOBinding)
+    run.bind, run.compute, run.compute_path = set_inputs, interpreter.invoke, "LiteRT invoke"
     run.interpreter, run.time = interpreter, time
     return run
 
@@ -250,11 +261,41 @@ def threads() -> int:
     return cpu_threads()
 
 
-def report(outdir: Path) -> dict[str, Any]:
-    """The manifest's view of the build: the delegation summary."""
-    data = json.loads((Path(outdir) / DELEGATION).read_text())
-    keys = ("backend", "delegated", "portable", "operators")
-    return {k: data[k] for k in keys if k in data}
+@functools.cache
+def runner():
+    """wsdeploy's native runner for LiteRT (``litert_runner.cpp``, built by ``native_runner``):
+    what an app does with a ``.tflite`` through LiteRT's C API (the compiled model on the
+    CPU, XNNPACK), linked against ``libLiteRt.so`` of ``ai-edge-litert``'s wheel (for
+    aarch64, the ``manylinux_2_27_aarch64`` wheel of the same version): no Python."""
+    from .native_runner import Runtime
+
+    return Runtime(
+        name="LiteRT",
+        program="litert_runner",
+        distribution="ai-edge-litert",
+        package="ai_edge_litert",
+        platforms={"x86_64": "manylinux_2_27_x86_64", "aarch64": "manylinux_2_27_aarch64"},
+        libs=("libLiteRt.so",),
+        unpack=("libLiteRt.so",),
+        flags=lambda package: ["-fno-exceptions", "-fno-rtti"],
+        install=INSTALL,
+        wheel_mb=14,
+    )
+
+
+def check_device(address: str) -> None:
+    """LiteRT builds run here and on the emulated arm64 device (``native_runner``)."""
+    from .native_runner import check_emulated
+
+    check_emulated(address, "litert", ".tflite")
+
+
+def _ready(address: str, say) -> None:
+    """Build the aarch64 runner the emulated device runs ``.tflite`` files with (once: a
+    14 MB download and a few seconds' compile the first time; later a cache hit)."""
+    from . import native_runner as native
+
+    native.build(runner(), "aarch64", progress=say)
 
 
 LITERT = Target(
@@ -265,9 +306,12 @@ LITERT = Target(
     load=load,
     passes={"fp32": ()},
     consumes="torch",
-    report=report,
+    report=delegation_report,
     requires=_require,
     threads=threads,
     timer=_timer,
+    remote=True,
+    devices=check_device,
+    ready=_ready,
     portable=True,
 )

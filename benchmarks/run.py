@@ -651,13 +651,7 @@ def plot(models: list[dict], path: Path) -> None:
                 if r.get("runtime") == "torch"
                 else "TVM tuned"
                 if r.get("tuned")
-                else "TVM"
-                if r.get("runtime") == "tvm"
-                else "ExecuTorch"
-                if r.get("runtime") == "executorch"
-                else "LiteRT"
-                if r.get("runtime") == "litert"
-                else "ORT"
+                else GRID_NAME.get(r.get("runtime"), "ORT")
             )
             xy = (r["bytes"] / 1024, r["median_ms"])
             ax.scatter(*xy, marker=markers[runtime], c=colours[r["precision"]], s=22, alpha=0.8)

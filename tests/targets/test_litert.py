@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import builtins
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,8 +184,7 @@ def _through_litert(module, shape, strategy, tmp_path):
     randomize_bn(module)
     loaded = LoadedModel.from_module(module, shape)
     program, _ = compiler.lower(loaded, strategy, "litert")
-    out = tmp_path / f"b{np.random.default_rng().integers(1 << 30)}"
-    out.mkdir()
+    out = Path(tempfile.mkdtemp(dir=tmp_path))  # one per hypothesis example
     litert.build(program, out)
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     assert_close(litert.load(out)(x)[0], eager(module, x), stage="runtime")

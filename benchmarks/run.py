@@ -33,6 +33,7 @@ from wsdeploy.errors import AccuracyGateFailed
 from wsdeploy.modelfile import load_model
 from wsdeploy.models import count_model, dense_baseline, zoo
 from wsdeploy.models.train import dataset_for
+from wsdeploy.targets import TARGETS
 from wsdeploy.tune import tune
 
 RESULTS = Path(__file__).parent / "results"
@@ -267,6 +268,11 @@ def _export_build(
             return
     runtime = RUNTIME[target]
     fields = {"target": target, "strategy": strategy, "tuned": bool(extra), **(extra or {})}
+    layout = (m.get("quantization") or {}).get("layout")
+    if TARGETS[target].integer_convs and layout is not None:
+        fields["int8_layout"] = layout
+        if layout == "phi":  # the gate refused the integer kernels' dense weights
+            label = f"{label}, phi scales (gate refused dense weights)"
     fields["export_seconds"] = round(time.perf_counter() - clock, 1)
     if target == "onnx":
         fields["ort_bytes"] = _ort_bytes(out / m["artifact"])

@@ -23,6 +23,7 @@ from wsdeploy.errors import WsdeployError
 from wsdeploy.numerics import MIN_VERIFY
 from wsdeploy.passes import CALIB_METHODS as _CALIB_METHODS
 from wsdeploy.passes import GOALS as _GOALS
+from wsdeploy.passes import INT8_LAYOUTS as _INT8_LAYOUTS
 from wsdeploy.passes import PRECISIONS as _PRECISIONS
 from wsdeploy.passes import STRATEGIES as _STRATEGIES
 from wsdeploy.targets import TARGETS as _TARGET_NAMES
@@ -630,6 +631,16 @@ def _quiet_third_party_logs() -> None:
     "two keeps the model output closer to fp32 on the calibration samples (auto).",
 )
 @click.option(
+    "--int8-layout",
+    type=click.Choice(list(_INT8_LAYOUTS)),
+    default="auto",
+    show_default=True,
+    help="int8 on ONNX Runtime (onnx, ort): the layers the strategy folds quantized as dense "
+    "convs per output channel, which it runs as integer kernels (dense), with phi's scales, "
+    "which it runs in float (phi), or dense unless the accuracy gate refuses it, then phi "
+    "(auto).",
+)
+@click.option(
     "--min-agreement",
     type=click.FloatRange(0.5, 1.0),
     default=None,
@@ -674,6 +685,7 @@ def export(
     calib: Path | None,
     calib_samples: int | None,
     calib_method: str,
+    int8_layout: str,
     min_agreement: float | None,
     gate_samples: int | None,
     gate_data: Path | None,
@@ -710,6 +722,7 @@ def export(
         calib=None if calib is None else str(calib),
         calib_samples=calib_samples,
         calib_method=calib_method,
+        int8_layout=int8_layout,
         min_agreement=min_agreement,
         gate_samples=gate_samples,
         gate_data=None if gate_data is None else str(gate_data),

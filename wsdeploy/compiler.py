@@ -31,7 +31,7 @@ import torch
 from wsdeploy import __version__, numerics, quantize, trace
 from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
 from wsdeploy.modelfile import LoadedModel, Shapes, default_mode, load_model, signals_deferred
-from wsdeploy.passes import CALIB_METHODS, PRECISIONS
+from wsdeploy.passes import CALIB_METHODS, INT8_LAYOUTS, PRECISIONS
 from wsdeploy.passes._graph import shape_hints, static_shape
 from wsdeploy.passes.affine import AffinePass
 from wsdeploy.passes.base import Pass, PassManager
@@ -71,6 +71,7 @@ class ExportOptions:
     gate_samples: int | None = None  # int8: held-out samples for the accuracy gate
     gate_data: str | None = None  # int8: .npz of held-out inputs (x) and optional labels
     min_agreement: float | None = None  # int8: the gate's agreement bar (None: AGREEMENT_MIN)
+    int8_layout: str = "auto"  # int8 where Target.integer_convs: INT8_LAYOUTS
     n_verify: int = numerics.MIN_VERIFY
     seed: int = 0
 
@@ -451,13 +452,23 @@ def calibration_samples(
     return ds.x, f"{loaded.dataset} calib split ({n} samples, seed {options.seed})"
 
 
-def layered(loaded: LoadedModel, dynamic: bool = False) -> LoadedModel:
+def layered(
+    loaded: LoadedModel, dynamic: bool = False, fold: tuple[str, str] | None = None
+) -> LoadedModel:
     """The model with every layer a module, as int8 quantizes layers: a wsdeploy checkpoint
     is built of them; any other model (a .pt2 program, a user's module, whose layers may
     be calls on computed weights) is rebuilt from its torch program after recognition
     (``passes.modules``), so every kind takes the same int8 path. Same function, up to
     rounding: recognised layers compute what the user's code did. ``dynamic``: rebuilt from
-    the program with its dynamic dimensions, which it keeps (else at ``--input-shape``)."""
+    the program with its dynamic dimensions, which it keeps (else at ``--input-shape``).
+
+    ``fold``: (strategy, goal) for a runtime with integer convolutions only on dense weights
+    per output channel (``Target.integer_convs``): the layers that strategy folds are dense
+    convs already, with every per-channel affine after a stored-weight layer folded in
+    (``passes.conv_affine``), so int8 quantizes them as the convs they are built as
+    (``int8_layers`` has every WSNet layer's record)."""
+    if fold is not None:
+        return int8_layers(loaded, dynamic, fold)[0]
     if loaded.kind == "checkpoint":
         return loaded
     from wsdeploy.passes.modules import modularize
@@ -473,13 +484,57 @@ def layered(loaded: LoadedModel, dynamic: bool = False) -> LoadedModel:
     )
 
 
+def _folded(loaded: LoadedModel, dynamic: bool, fold: tuple[str, str] | None) -> tuple | None:
+    """Which layers ``fold`` folds (None: the phi layout): builds that fold the same layers
+    quantize the same module, and share its calibration."""
+    if fold is None:
+        return None
+    records = int8_layers(loaded, dynamic, fold)[1]
+    return tuple(r["node"] for r in records if r["strategy"] == "fold")
+
+
+def int8_layers(
+    loaded: LoadedModel, dynamic: bool, fold: tuple[str, str]
+) -> tuple[LoadedModel, list[dict[str, Any]]]:
+    """``layered`` with ``fold``, and the WSNet layers' records (their lowerings are chosen
+    here, before quantizing: a layer's int8 layout follows from it)."""
+    from wsdeploy.passes.aten import lower_program
+    from wsdeploy.passes.conv_affine import fold_affine
+    from wsdeploy.passes.modules import modularize
+
+    def build():
+        program, _ = _memo(loaded, ("torch stage", dynamic), lambda: torch_stage(loaded, dynamic))
+        lowered, records = lower_program(program, fold[0], fold[1], folds_only="ort")
+        module = lowered.module()
+        fold_affine(module)
+        again = torch.export.export(
+            module, trace.example_inputs(lowered), dynamic_shapes=trace.dynamic_shapes(lowered)
+        )
+        axes = loaded.dynamic_axes if dynamic else ()
+        layered_model = dataclasses.replace(
+            loaded, module=modularize(again), exported=None, dynamic_axes=axes
+        )
+        return layered_model, records
+
+    return _memo(loaded, ("layered", dynamic, fold), build)
+
+
 def quantized_reference(
-    loaded: LoadedModel, calibration: quantize.Calibration, dynamic: bool = False
+    loaded: LoadedModel,
+    calibration: quantize.Calibration,
+    dynamic: bool = False,
+    fold: tuple[str, str] | None = None,
 ) -> LoadedModel:
     """The fake-quantized PyTorch model an int8 build computes: the reference it is checked
-    against, and what is traced (with ``dynamic``, with the model's dynamic dimensions)."""
-    base = layered(loaded, dynamic)
+    against, and what is traced (with ``dynamic``, with the model's dynamic dimensions).
+    ``fold``: see ``layered``; its dense convs are requantized right after their epilogue
+    (``passes.requantize``)."""
+    base = layered(loaded, dynamic, fold)
     qmodule = quantize.quantize_model(base.module, calibration)
+    if fold is not None:
+        from wsdeploy.passes.requantize import requantize
+
+        requantize(qmodule)
     return dataclasses.replace(base, module=qmodule)
 
 
@@ -505,27 +560,32 @@ def _memo(loaded: LoadedModel, key: tuple, compute):
 
 
 def calibrated_reference(
-    loaded: LoadedModel, options: ExportOptions, dynamic: bool = False
+    loaded: LoadedModel,
+    options: ExportOptions,
+    dynamic: bool = False,
+    fold: tuple[str, str] | None = None,
 ) -> tuple[LoadedModel, quantize.Calibration]:
     """Calibrate on the options' samples: (the fake-quantized reference, its calibration);
-    ``dynamic``: see ``quantized_reference``."""
+    ``dynamic``, ``fold``: see ``quantized_reference``."""
 
     def calibrate() -> quantize.Calibration:
         samples, source = calibration_samples(loaded, options)
-        return quantize.calibrate(
-            layered(loaded, dynamic).module,
+        calibration = quantize.calibrate(
+            layered(loaded, dynamic, fold).module,
             quantize.batches(samples, loaded.input_shape[0]),
             source,
             options.calib_method,
         )
+        calibration.layout = "phi" if fold is None else "dense"
+        return calibration
 
     if options.calib is None:  # the model's own dataset: the same samples every time
         key = ("calibration", loaded.input_shape, options.calib_samples, options.calib_method)
-        key += (options.seed,)
+        key += (options.seed, dynamic, _folded(loaded, dynamic, fold))
         calibration = _memo(loaded, key, calibrate)
     else:
         calibration = calibrate()
-    return quantized_reference(loaded, calibration, dynamic), calibration
+    return quantized_reference(loaded, calibration, dynamic, fold), calibration
 
 
 def target_int8_reference(
@@ -1043,10 +1103,10 @@ def export(
         options.min_agreement,
         options.gate_data,
     )
-    if not int8 and any(v is not None for v in int8_only):
+    if not int8 and (any(v is not None for v in int8_only) or options.int8_layout != "auto"):
         raise WsdeployError(
-            "--calib/--calib-samples/--gate-samples/--gate-data/--min-agreement need "
-            "--quantize int8"
+            "--calib/--calib-samples/--gate-samples/--gate-data/--min-agreement/--int8-layout "
+            "need --quantize int8"
         )
     _check_n_verify(options.n_verify)
     outdir = check_outdir(outdir)
@@ -1074,6 +1134,23 @@ def export(
                 "--gate-samples": options.gate_samples,
             },
         )
+    if options.int8_layout not in INT8_LAYOUTS:
+        raise WsdeployError(
+            f"unknown int8 layout {options.int8_layout!r}; choose from {list(INT8_LAYOUTS)}"
+        )
+    fallback = None
+    if int8 and target.integer_convs and options.int8_layout == "auto":
+        try:
+            dense = dataclasses.replace(options, int8_layout="dense")
+            return export(loaded, outdir, dense, progress=progress)
+        except AccuracyGateFailed as e:
+            fallback = (
+                f"int8: integer kernels (dense weights per output channel) refused by the "
+                f"gate ({str(e).split(': ', 1)[-1]}); built with phi's scales instead, whose "
+                "layers the runtime computes in float"
+            )
+            say(fallback)
+            options = dataclasses.replace(options, int8_layout="phi")
     t0 = time.perf_counter()
     dynamic = keeps_dynamic(loaded, target, options.precision)
     reference, calibration, held_out = loaded, None, None
@@ -1082,7 +1159,11 @@ def export(
         held_out = gate_data(loaded, options)  # refuses before any work if there is none
         say("calibrate")
         if target.quantize is None:
-            reference, calibration = calibrated_reference(loaded, options, dynamic)
+            fold = None
+            if target.integer_convs and options.int8_layout == "dense":
+                fold = (options.strategy, options.goal)
+                own_int8 = int8_layers(loaded, dynamic, fold)[1]
+            reference, calibration = calibrated_reference(loaded, options, dynamic, fold)
         else:
             reference, calibration, own_int8 = target_int8_reference(loaded, options, target)
     say("trace, recognise and lower")
@@ -1090,14 +1171,14 @@ def export(
     lowered, layers = lower(
         reference, options.strategy, target, recognition, options.goal, options.precision
     )
-    if own_int8 is not None:  # the WSNet layers were folded before quantizing
+    if own_int8 is not None:  # the layers' lowerings were chosen before quantizing
         layers = own_int8
     if int8:  # the reference is built of layer modules: report the user's model itself
         recognition = _memo(loaded, ("torch stage", False), lambda: torch_stage(loaded))[1]
     # int8 quantizes tied weights as dense int8 layers (``layered``)
     at_load = not int8 and tied_at_load(options.strategy, target)
     tied_lowering = "at load" if at_load else "dense"
-    warnings = []
+    warnings = [] if fallback is None else [fallback]
     kept_tied = at_load and any(r.status == "tied" for r in recognition)
     if options.strategy in ("shared", "custom") and not layers and not kept_tied:
         convs = sum(r.status != "recognised" for r in recognition)
@@ -1412,7 +1493,11 @@ def verify(
         # the same fake-quantized reference as at export: the weights quantize
         # deterministically, the activation ranges come from the manifest
         kept = any("dynamic" in spec for spec in manifest["inputs"])
-        reference = quantized_reference(loaded, calibration, kept and bool(loaded.dynamic_axes))
+        fold = None
+        if calibration.layout == "dense":
+            fold = (str(manifest.get("strategy", "auto")), str(manifest.get("goal", "speed")))
+        dynamic = kept and bool(loaded.dynamic_axes)
+        reference = quantized_reference(loaded, calibration, dynamic, fold)
     strategy = str(manifest.get("strategy", "auto"))
     goal = str(manifest.get("goal", "speed"))  # builds before goals existed: speed
 

@@ -269,6 +269,10 @@ class Calibration:
     seed: int | None = None
     """The seed of the model's dataset's calibration split it was calibrated on (None: the
     user's file, or not recorded)."""
+    layout: str = "phi"
+    """Which layers it calibrated: "phi" (every WSNet layer as such, int8 phi; a layer
+    folded later inherits phi's scales) or "dense" (the layers its strategy folds as dense
+    convs, per output channel: ``compiler.layered``'s ``fold``)."""
 
     def activation(self, name: str) -> tuple[float, bool]:
         """(scale, unsigned) of the input of layer ``name``."""
@@ -291,6 +295,7 @@ class Calibration:
             },
             "output_absmax": self.output,
             "output_step": self.output_step,
+            "layout": self.layout,
             **({} if self.seed is None else {"seed": self.seed}),
         }
 
@@ -302,7 +307,9 @@ class Calibration:
         errors = {k: float(v) for k, v in d.get("output_error", {}).items()}
         n, source = int(d["n_samples"]), d["source"]
         seed = None if d.get("seed") is None else int(d["seed"])
-        return cls(ranges, float(d["output_absmax"]), n, source, clip, method, errors, seed)
+        layout = str(d.get("layout", "phi"))
+        out = float(d["output_absmax"])
+        return cls(ranges, out, n, source, clip, method, errors, seed, layout)
 
     @property
     def output_step(self) -> float:

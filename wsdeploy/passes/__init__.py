@@ -8,6 +8,14 @@ PRECISIONS = ("fp32", "int8")
 CALIB_METHODS = ("auto", "mse", "minmax")
 """How int8 calibration clips each activation (``quantize.calibrate``)."""
 
+INT8_LAYOUTS = ("auto", "dense", "phi")
+"""How int8 quantizes the layers a strategy folds on a target with ``integer_convs`` (ONNX
+Runtime): "dense" as the dense convs they are built as (per output channel, 7 bits: the
+runtime's integer kernels), "phi" with phi's per-condensed-channel scales (8 bits; the
+runtime computes those layers in float after dequantizing their weights), "auto" dense
+unless the accuracy gate refuses it, then phi (``compiler.export``). Other targets quantize
+one way and ignore it."""
+
 STRATEGIES = ("auto", "fold", "shared", "custom")
 
 GOALS = ("balanced", "size", "speed")

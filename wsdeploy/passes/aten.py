@@ -87,18 +87,28 @@ def _module(spec: ops.OpSpec, lay: Layer, phi: np.ndarray, strategy: str, sizes:
 
 
 def lower_program(
-    ep: torch.export.ExportedProgram, strategy: str = "auto", goal: str = "balanced"
+    ep: torch.export.ExportedProgram,
+    strategy: str = "auto",
+    goal: str = "balanced",
+    folds_only: str | None = None,
 ) -> tuple[torch.export.ExportedProgram, list[dict[str, Any]]]:
     """Lower every wsnet op of ``ep`` (after recognition) with ``strategy``. The shared
     computation keeps phi's disjoint blocks (``_conv.disjoint_blocks``): XNNPACK runs only
     convolutions whose weights are fixed at build time, which overlapping windows built from
-    phi at run time are not (measured: its runtime rejected them)."""
+    phi at run time are not (measured: its runtime rejected them).
+
+    ``folds_only``: a runtime of standard ops taking the ONNX model (``_cost.COSTS``, "ort"):
+    only the layers ``strategy`` folds for it become dense convolutions; the others stay
+    wsnet ops for the ONNX passes (int8 quantizes a folded layer as the dense conv it is:
+    ``compiler.layered``). Every layer gets its record."""
+    if folds_only is not None:
+        return _lower(ep, strategy, goal, folds_only)
     with _conv.disjoint_blocks():
         return _lower(ep, strategy, goal)
 
 
-def _lower(ep, strategy: str, goal: str):
-    if strategy not in STRATEGIES:
+def _lower(ep, strategy: str, goal: str, folds_only: str | None = None):
+    if strategy not in STRATEGIES and folds_only is None:
         raise WsdeployError(
             f"strategy {strategy!r} needs custom op kernels, which this runtime lacks; "
             f"choose from {list(STRATEGIES)}"
@@ -118,12 +128,14 @@ def _lower(ep, strategy: str, goal: str):
         x, phi_node, *args = node.args
         attrs = dict(zip(spec.attrs, (int(a) for a in args), strict=True))
         lay = Layer(spec, attrs, _shape(x), _shape(node), _shape(phi_node))
-        chosen = choose(lay, strategy, native=False, goal=goal, runtime="xnnpack")
+        chosen = choose(lay, strategy, native=False, goal=goal, runtime=folds_only or "xnnpack")
         sizes = _run_time_sizes(x)
         chosen, note = fold_if_static_only(spec, sizes, chosen)
         records.append(record(node.name, lay, chosen, False, goal))
         if note:
             records[-1]["note"] = note
+        if folds_only is not None and chosen != "fold":
+            continue
         name = f"wsnet{len(records) - 1}_{node.name}"
         phi = _attr(gm, phi_node).numpy()
         gm.add_submodule(name, _module(spec, lay, phi, chosen, sizes))
@@ -132,6 +144,8 @@ def _lower(ep, strategy: str, goal: str):
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
+    if not any(r["strategy"] == "fold" for r in records) and folds_only is not None:
+        return ep, records
     if not records and not tied:
         return ep, records
     from .recognize import _delete_unused_attributes

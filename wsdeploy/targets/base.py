@@ -119,6 +119,11 @@ class Target:
             first time), telling ``say`` about a long step; None: nothing to ready.
         portable: its file is the same for every CPU, so where a device checks the numerics,
             the int8 gate's many inputs run the same file on this machine.
+        integer_convs: its runtime runs an int8 conv as an integer kernel only with dense
+            weights per output channel and its output quantized (ONNX Runtime's
+            QLinearConv), so int8 quantizes the layers the strategy folds as dense convs
+            (``compiler.layered``); if that loses the accuracy gate, the build falls back to
+            phi's scales (float kernels), and says so.
         dynamic: fp32 builds keep a .pt2's dynamic dimensions (the runtime takes any size in
             their range, and verification runs several); the other targets build for the
             concrete ``--input-shape``.
@@ -149,6 +154,7 @@ class Target:
     devices: Callable[[str], None] | None = None
     ready: Callable[[str, Callable[[str], None]], None] | None = None
     portable: bool = False
+    integer_convs: bool = False
     dynamic: bool = False
 
 

@@ -80,4 +80,5 @@ ONNX = Target(
     STANDARD_OP_PASSES,
     tied_at_load=True,
     dynamic=True,
+    integer_convs=True,
 )

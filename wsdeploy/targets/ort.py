@@ -204,4 +204,5 @@ ORT = Target(
     STANDARD_OP_PASSES,
     tied_at_load=True,
     dynamic=True,
+    integer_convs=True,
 )

@@ -226,12 +226,19 @@ def _tamper(build, tmp_path, edit) -> Path:
     return copy
 
 
+LAYOUT_BASE = {"ranges": {}, "n_samples": 1, "source": "s", "output_absmax": 1.0}
+"""A quantization record that reads but for what an entry changes."""
+
 TAMPERED = {
     "size-empty": (lambda m: m.update(size={}), "size.artifact_bytes"),
     "outputs-not-a-list": (lambda m: m.update(outputs="y"), "'outputs'"),
     "int8-without-quantization": (
         lambda m: m.update(precision="int8", quantization={}),
         "quantization",
+    ),
+    "int8-unknown-layout": (
+        lambda m: m.update(precision="int8", quantization={**LAYOUT_BASE, "layout": "x"}),
+        "layout 'x' is none of",
     ),
     "shape-not-integers": (lambda m: m["inputs"][0].update(shape=[1, "a"]), "'inputs'"),
     "shape-huge": (lambda m: m["inputs"][0].update(shape=[1, 1, 10**12]), "GiB per input"),

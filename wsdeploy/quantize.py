@@ -246,6 +246,9 @@ QUANTIZERS: dict[type, type[_Quantized]] = {
 """Layer type -> its quantized replacement; every other module stays float."""
 
 
+LAYOUTS = ("phi", "dense")
+"""What ``Calibration.layout`` may say (``compiler.INT8_LAYOUTS`` less ``auto``)."""
+
 SAMPLES_PER_BATCH = 16384
 """Values of each layer's input kept per calibration batch for the clipping search."""
 CLIP_SEARCH = np.linspace(0.3, 1.0, 71)
@@ -307,7 +310,9 @@ class Calibration:
         errors = {k: float(v) for k, v in d.get("output_error", {}).items()}
         n, source = int(d["n_samples"]), d["source"]
         seed = None if d.get("seed") is None else int(d["seed"])
-        layout = str(d.get("layout", "phi"))
+        layout = d.get("layout", "phi")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is none of {LAYOUTS}")
         out = float(d["output_absmax"])
         return cls(ranges, out, n, source, clip, method, errors, seed, layout)
 

@@ -34,7 +34,10 @@ def test_int8_build_passes_the_gate(model, target, tmp_path):
     m = export(model, out, ExportOptions(target=target, precision="int8")).manifest
     assert m["precision"] == "int8"
     v = m["verification"]
-    assert v["passed"] and v["stage"] == "quantized"
+    # ONNX Runtime's integer kernels (the dense layout) requantize with their own rounding
+    stage = "requantized" if m["quantization"]["layout"] == "dense" else "quantized"
+    assert v["passed"] and v["stage"] == stage
+    assert (m["quantization"]["layout"] == "dense") == TARGETS[target].integer_convs
     gate = v["accuracy_gate"]
     assert gate["passed"] and gate["held_out"] and gate["n"] == 1000
     assert gate["top1_agreement"] >= 0.99 and gate["accuracy_drop"] <= 0.01

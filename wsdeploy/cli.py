@@ -798,7 +798,8 @@ def _print_verification(v: dict) -> None:
             if o["top1_agreement"] is not None
             else ""
         )
-        against = "fake-quantized PyTorch" if v.get("stage") == "quantized" else "PyTorch"
+        quantized = v.get("stage") in ("quantized", "requantized")
+        against = "fake-quantized PyTorch" if quantized else "PyTorch"
         click.echo(
             f"  verified  {o['name']} vs {against}{where} on {v['n_inputs']} inputs: max abs err "
             f"{o['max_abs']:.2g}, max rel err {o['max_rel']:.2g}, cosine "

@@ -1210,11 +1210,12 @@ def export(
                     )
             else:
                 step = calibration.output_step
-                verification = check(reference, where.runner, inputs, stage="quantized", step=step)
+                stage = "requantized" if calibration.layout == "dense" else "quantized"
+                verification = check(reference, where.runner, inputs, stage=stage, step=step)
                 if dynamic:
                     say("verify at other sizes of the dynamic axes")
                     verification["dynamic"] = check_dynamic(
-                        reference, where.runner, options.n_verify, options.seed, "quantized", step
+                        reference, where.runner, options.n_verify, options.seed, stage, step
                     )
                 verification["reference"] = "fake-quantized PyTorch model"
                 verification["accuracy_gate"] = accuracy_gate(
@@ -1516,10 +1517,11 @@ def verify(
                 result["dynamic"] = check_dynamic(loaded, where.runner, n_verify, seed)
         else:
             step = calibration.output_step
-            result = check(reference, where.runner, inputs, stage="quantized", step=step)
+            stage = "requantized" if calibration.layout == "dense" else "quantized"
+            result = check(reference, where.runner, inputs, stage=stage, step=step)
             if reference.dynamic_axes:
                 result["dynamic"] = check_dynamic(
-                    reference, where.runner, n_verify, seed, "quantized", step
+                    reference, where.runner, n_verify, seed, stage, step
                 )
             gate = manifest["verification"].get("accuracy_gate", {})
             if loaded.dataset is not None:

@@ -3,7 +3,8 @@
 Stages: ``rewrite`` (a graph pass against eager PyTorch: reordered fp32 sums only),
 ``runtime`` (a compiled artifact on a runtime against eager PyTorch), ``quantized`` (an int8
 build against its fake-quantized PyTorch reference: within one quantization step of the
-output, so ``atol`` is in units of that step) and ``int8`` (integer kernels against an
+output, so ``atol`` is in units of that step; ``requantized``: two steps, for runtimes that
+requantize hidden layers with their own rounding) and ``int8`` (integer kernels against an
 integer reference: exact). Elementwise test as in ``torch.testing``:
 ``|actual - expected| <= atol * step + rtol * |expected|``.
 """
@@ -21,6 +22,11 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "rewrite": (1e-5, 1e-4),
     "runtime": (1e-4, 1e-3),
     "quantized": (1.0, 0.0),  # atol: one quantization step of the output
+    # an int8 build whose runtime requantizes hidden layers in its own integer kernels (ONNX
+    # Runtime's QLinearConv: the dense int8 layout) rounds a near tie of a hidden value
+    # either way, one step, which the layers after it carry to the output: seen at 1.18
+    # output steps on an untrained user model with tied layers
+    "requantized": (2.0, 0.0),
     "int8": (0.0, 0.0),  # integers compare exactly
 }
 

@@ -588,6 +588,12 @@ def calibrated_reference(
     return quantized_reference(loaded, calibration, dynamic, fold), calibration
 
 
+def _quantized_stage(calibration: quantize.Calibration) -> str:
+    """The numerics stage an int8 build is checked at against its reference: the dense
+    layout's integer kernels requantize hidden layers with their own rounding."""
+    return "requantized" if calibration.layout == "dense" else "quantized"
+
+
 def target_int8_reference(
     loaded: LoadedModel, options: ExportOptions, target: Target
 ) -> tuple[LoadedModel, quantize.Calibration, list[dict[str, Any]]]:
@@ -1210,7 +1216,7 @@ def export(
                     )
             else:
                 step = calibration.output_step
-                stage = "requantized" if calibration.layout == "dense" else "quantized"
+                stage = _quantized_stage(calibration)
                 verification = check(reference, where.runner, inputs, stage=stage, step=step)
                 if dynamic:
                     say("verify at other sizes of the dynamic axes")
@@ -1517,7 +1523,7 @@ def verify(
                 result["dynamic"] = check_dynamic(loaded, where.runner, n_verify, seed)
         else:
             step = calibration.output_step
-            stage = "requantized" if calibration.layout == "dense" else "quantized"
+            stage = _quantized_stage(calibration)
             result = check(reference, where.runner, inputs, stage=stage, step=step)
             if reference.dynamic_axes:
                 result["dynamic"] = check_dynamic(

@@ -144,9 +144,8 @@ def _lower(ep, strategy: str, goal: str, folds_only: str | None = None):
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
-    if not any(r["strategy"] == "fold" for r in records) and folds_only is not None:
-        return ep, records
-    if not records and not tied:
+    lowered = [r for r in records if folds_only is None or r["strategy"] == "fold"]
+    if not lowered and not tied:
         return ep, records
     from .recognize import _delete_unused_attributes
 

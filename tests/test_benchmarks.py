@@ -214,3 +214,65 @@ def test_the_worker_times_compute_only_and_end_to_end(tmp_path):
     assert result["runs"] >= 7 and len(result["e2e_ms"]) >= 7
     assert result["median_ms"] > 0 and result["e2e_median_ms"] > 0
     np.testing.assert_array_equal(run(x)[0], np.maximum(x, 0))  # binding left run() intact
+
+
+@pytest.mark.parametrize(
+    "target, agreements, exports, built",
+    [
+        # ExecuTorch: one export at the relaxed bar, judged at both
+        ("executorch", [0.985], 1, "relaxed"),
+        ("executorch", [0.995], 1, "strict"),
+        ("executorch", [0.97], 1, None),
+        # ONNX Runtime: the bar decides the layout, so the strict export comes first
+        ("onnx", [0.985, 0.985], 2, "relaxed"),
+        ("onnx", [0.995], 1, "strict"),
+        ("onnx", [0.97, 0.97], 2, None),
+    ],
+)
+def test_a_build_failing_its_gate_is_listed_and_built_at_the_relaxed_bar(
+    monkeypatch, tmp_path, target, agreements, exports, built
+):
+    """A build the gate refuses at 99% is listed as failed, with the gate's own message,
+    then measured under a labelled relaxed bar, or dropped if it fails that too."""
+    from benchmarks import run
+    from wsdeploy.compiler import gate_failure
+    from wsdeploy.errors import AccuracyGateFailed
+
+    calls = []
+
+    def fake_export(loaded, out, options):
+        calls.append(options.min_agreement)
+        gate = {"n": 1000, "top1_agreement": agreements[len(calls) - 1], "accuracy_drop": None}
+        failure = gate_failure(gate, options.min_agreement or 0.99)
+        if failure:
+            raise AccuracyGateFailed(failure, gate)
+        manifest = {
+            "artifact": "model.pte",
+            "size": {"artifact_bytes": 10},
+            "layers": [],
+            "verification": {"accuracy_gate": gate},
+        }
+        return type("Result", (), {"manifest": manifest})()
+
+    monkeypatch.setattr(run, "export", fake_export)
+    monkeypatch.setattr(run, "_ort_bytes", lambda path: 5)
+    builds, rows = [], []
+    counts = type("Counts", (), {"dense_macs": 100})()
+    spec = (target, "fold", "int8", "int8 build")
+    run._export_build(
+        builds, rows, spec, loaded=None, name="m", workdir=tmp_path, counts=counts,
+        say=lambda m: None, records=tmp_path / "r",
+    )  # fmt: skip
+    assert len(calls) == exports
+    failed = [r["build"] for r in rows if "failed" in r]
+    if built == "strict":
+        assert not failed and [b[0] for b in builds] == ["int8 build"]
+        return
+    relaxed = "int8 build, gate relaxed to 98% agreement"
+    assert "need >= 99.0%" in rows[0]["failed"] and failed[0] == "int8 build"
+    if built == "relaxed":
+        assert failed == ["int8 build"] and [b[0] for b in builds] == [relaxed]
+        assert builds[0][5]["top1_agreement"] == 0.985
+    else:
+        assert failed == ["int8 build", relaxed] and not builds
+        assert "need >= 98.0%" in rows[1]["failed"]

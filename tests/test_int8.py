@@ -276,6 +276,27 @@ def _optimized_ops(path, tmp_path) -> dict[str, int]:
     return collections.Counter(n.op_type for n in graph.node)
 
 
+def test_onnx_runtime_int8_auto_decides_with_integer_kernel_costs(tmp_path):
+    """int8 ``auto`` on ONNX Runtime chooses each layer with the integer kernels' cost model
+    (``_cost.ORT_INT8``), not fp32's: wsnet1d-tiny's middle conv, shared in fp32, is folded
+    and runs as a QLinearConv like the others; the manifest's layers say so."""
+    model = "wsnet1d-tiny"
+    fp32 = export(model, tmp_path / "f", ExportOptions()).manifest
+    assert [r["strategy"] for r in fp32["layers"] if r["op"] == "WSConv1d"] == [
+        "fold",
+        "shared",
+        "fold",
+    ]
+    out = tmp_path / "q"
+    m = export(model, out, ExportOptions(precision="int8")).manifest
+    assert m["quantization"]["layout"] == "dense" and not m["warnings"]
+    for r in m["layers"]:
+        assert r["strategy"] == r["auto"]["ort-int8"]
+    assert {r["strategy"] for r in m["layers"] if r["op"] == "WSConv1d"} == {"fold"}
+    assert _optimized_ops(out / "model.onnx", tmp_path)["QLinearConv"] == 2
+    assert verify(out, model, n_verify=8)["passed"]
+
+
 @pytest.mark.parametrize(
     "model, integer", [("wsnet1d-tiny", 2), ("wsnet2d-cifar", 3)]
 )  # every conv that another conv follows; the last feeds a mean, so stays float

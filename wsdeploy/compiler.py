@@ -504,7 +504,7 @@ def int8_layers(
 
     def build():
         program, _ = _memo(loaded, ("torch stage", dynamic), lambda: torch_stage(loaded, dynamic))
-        lowered, records = lower_program(program, fold[0], fold[1], folds_only="ort")
+        lowered, records = lower_program(program, fold[0], fold[1], folds_only="ort-int8")
         module = lowered.module()
         fold_affine(module)
         again = torch.export.export(
@@ -701,20 +701,26 @@ def accuracy_gate(
         "accuracy_fp32": correct_f / n if ys is not None else None,
         "accuracy_int8": correct_q / n if ys is not None else None,
     }
-    drop = None if ys is None else (correct_f - correct_q) / n
-    result["accuracy_drop"] = drop
+    result["accuracy_drop"] = None if ys is None else (correct_f - correct_q) / n
     bar = AGREEMENT_MIN if min_agreement is None else min_agreement
     result["min_agreement"] = bar
-    result["passed"] = result["top1_agreement"] >= bar - 1e-12 and (
-        drop is None or drop <= ACCURACY_DROP_MAX + 1e-12
-    )
-    if not result["passed"]:
-        what = f"top-1 agreement with fp32 {result['top1_agreement']:.1%} (need >= {bar:.1%})"
-        if drop is not None:
-            acc_q, acc_f = result["accuracy_int8"], result["accuracy_fp32"]
-            what += f", accuracy {acc_q:.1%} vs fp32 {acc_f:.1%}"
-        raise AccuracyGateFailed(f"int8 accuracy gate failed on {n} held-out inputs: {what}")
+    failure = gate_failure(result, bar)
+    result["passed"] = failure is None
+    if failure is not None:
+        raise AccuracyGateFailed(failure, result)
     return result
+
+
+def gate_failure(result: dict[str, Any], min_agreement: float = AGREEMENT_MIN) -> str | None:
+    """Why an accuracy gate's ``result`` fails at ``min_agreement`` top-1 agreement (and
+    ``ACCURACY_DROP_MAX``), or None if it passes."""
+    agreement, drop = result["top1_agreement"], result["accuracy_drop"]
+    if agreement >= min_agreement - 1e-12 and (drop is None or drop <= ACCURACY_DROP_MAX + 1e-12):
+        return None
+    what = f"top-1 agreement with fp32 {agreement:.1%} (need >= {min_agreement:.1%})"
+    if drop is not None:
+        what += f", accuracy {result['accuracy_int8']:.1%} vs fp32 {result['accuracy_fp32']:.1%}"
+    return f"int8 accuracy gate failed on {result['n']} held-out inputs: {what}"
 
 
 def _gate_inputs(loaded: LoadedModel, shape: tuple[int, ...], n: int, batch: int):
@@ -1160,22 +1166,24 @@ def export(
     t0 = time.perf_counter()
     dynamic = keeps_dynamic(loaded, target, options.precision)
     reference, calibration, held_out = loaded, None, None
-    own_int8 = None
+    own_int8 = fold = None
+    strategy = options.strategy
     if int8:
         held_out = gate_data(loaded, options)  # refuses before any work if there is none
         say("calibrate")
         if target.quantize is None:
-            fold = None
             if target.integer_convs and options.int8_layout == "dense":
                 fold = (options.strategy, options.goal)
                 own_int8 = int8_layers(loaded, dynamic, fold)[1]
+                if strategy == "auto":  # int8's own choice: the layers left stay WSNet
+                    strategy = "shared"
             reference, calibration = calibrated_reference(loaded, options, dynamic, fold)
         else:
             reference, calibration, own_int8 = target_int8_reference(loaded, options, target)
     say("trace, recognise and lower")
     recognition: list[Any] = []
     lowered, layers = lower(
-        reference, options.strategy, target, recognition, options.goal, options.precision
+        reference, strategy, target, recognition, options.goal, options.precision
     )
     if own_int8 is not None:  # the layers' lowerings were chosen before quantizing
         layers = own_int8

@@ -51,4 +51,9 @@ class NumericsMismatch(WsdeployError):
 
 
 class AccuracyGateFailed(WsdeployError):
-    """An int8 build agrees too little with the fp32 model, or loses too much accuracy."""
+    """An int8 build agrees too little with the fp32 model, or loses too much accuracy;
+    ``result``: what the gate measured (``compiler.accuracy_gate``'s result)."""
+
+    def __init__(self, message: str, result: dict | None = None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -21,6 +21,9 @@ class Costs(NamedTuple):
     fixed_weights: bool = False
     """The runtime takes only weights fixed at build time, so its shared graph keeps phi's
     disjoint blocks (``ops._conv.disjoint_blocks``)."""
+    table_macs_per_s: float | None = None
+    """The shared graph's table conv, where it runs at another rate than the dense conv
+    (None: the same GEMM)."""
 
 
 ORT = Costs(140e9, 14e-6, 41e9, 23e-6)
@@ -39,7 +42,17 @@ GB/s, so the shared graph was slower on 15 of them (up to 17x on wsnet2d-cifar's
 layer); the estimate's decision under ``auto``'s 10% rule matched the measured one on 16 of
 17 (SoundNet-8's last layer, measured a tie, is estimated 1.9x slower shared)."""
 
-COSTS = {"ort": ORT, "xnnpack": XNNPACK}
+ORT_INT8 = Costs(242.3e9, 13.1e-6, 22.9e9, 18.8e-6, table_macs_per_s=87.5e9)
+"""ONNX Runtime's dense int8 layout (``compiler.int8_layers``): a folded layer is one
+QLinearConv (uint8 activations, 7-bit weights per output channel); a layer kept WSNet runs
+its shared graph in float, phi's scales dequantized. Fitted on the same 17 layers (``python
+-m benchmarks.cost_fit ort-int8``, results in benchmarks/results/ort-int8_layers.json, session
+22): the QLinearConv at 242 GMAC/s against 87 for the float Conv timed beside it (2.1-4.3x
+per layer, except wsnet2d-cifar's 3-channel first layer, 0.4x); the shared graph with its
+table conv at that float rate. So int8 folds more layers than fp32: every layer of
+wsnet1d-tiny and wsnet2d-cifar, and SoundNet-8's first two."""
+
+COSTS = {"ort": ORT, "ort-int8": ORT_INT8, "xnnpack": XNNPACK}
 """The cost model of each standard-op runtime ``auto`` decides for."""
 
 
@@ -52,7 +65,7 @@ def table_seconds(table_macs: float, elements: float, taps: int, costs: Costs = 
     """Estimated time of a shared graph's table: the table conv, then the table's traffic
     (written once, read once per diagonal tap, and the output written and sliced)."""
     traffic = elements * (taps + 2) * 4 / costs.traffic_bytes_per_s
-    return table_macs / costs.dense_macs_per_s + traffic
+    return table_macs / (costs.table_macs_per_s or costs.dense_macs_per_s) + traffic
 
 
 def shared_seconds(table_macs: float, elements: float, taps: int, costs: Costs = ORT) -> float:

@@ -97,7 +97,7 @@ def lower_program(
     convolutions whose weights are fixed at build time, which overlapping windows built from
     phi at run time are not (measured: its runtime rejected them).
 
-    ``folds_only``: a runtime of standard ops taking the ONNX model (``_cost.COSTS``, "ort"):
+    ``folds_only``: a runtime of standard ops taking the ONNX model (``_cost.COSTS``: "ort-int8"):
     only the layers ``strategy`` folds for it become dense convolutions; the others stay
     wsnet ops for the ONNX passes (int8 quantizes a folded layer as the dense conv it is:
     ``compiler.layered``). Every layer gets its record."""

@@ -39,10 +39,11 @@ def record(
         "shared_macs": shared,  # WSNET.md §2's count, whatever the lowering
         # as built
         "macs": lowered_macs(lay, strategy, native),
-        # what auto picks on the standard-op runtimes (ONNX Runtime, ExecuTorch's XNNPACK)
-        # and on TVM's native kernels
+        # what auto picks on the standard-op runtimes (ONNX Runtime fp32 and its int8
+        # integer kernels, ExecuTorch's XNNPACK) and on TVM's native kernels
         "auto": {
             "ort": choose(lay, "auto", goal=goal),
+            "ort-int8": choose(lay, "auto", goal=goal, runtime="ort-int8"),
             "tvm": choose(lay, "auto", native=True, goal=goal),
             "xnnpack": choose(lay, "auto", goal=goal, runtime="xnnpack"),
         },

@@ -36,7 +36,7 @@ layer at stride 2)."""
 
 XNNPACK = Costs(68.9e9, 20.9e-6, 5.06e9, 41.1e-6, fixed_weights=True)
 """ExecuTorch 1.5 with the XNNPACK delegate, the ATen lowering of ``passes.aten``: fitted
-the same way on the same 17 layers (``python -m benchmarks.xnnpack_fit``, results in
+the same way on the same 17 layers (``python -m benchmarks.cost_fit xnnpack``, results in
 benchmarks/results/xnnpack_layers.json). Its diagonal sums run outside XNNPACK at about 5
 GB/s, so the shared graph was slower on 15 of them (up to 17x on wsnet2d-cifar's first
 layer); the estimate's decision under ``auto``'s 10% rule matched the measured one on 16 of

@@ -293,23 +293,23 @@ def test_onnx_runtime_int8_auto_decides_with_integer_kernel_costs(tmp_path):
     for r in m["layers"]:
         assert r["strategy"] == r["auto"]["ort-int8"]
     assert {r["strategy"] for r in m["layers"] if r["op"] == "WSConv1d"} == {"fold"}
-    assert _optimized_ops(out / "model.onnx", tmp_path)["QLinearConv"] == 2
+    assert _optimized_ops(out / "model.onnx", tmp_path)["QLinearConv"] == 3
     assert verify(out, model, n_verify=8)["passed"]
 
 
-@pytest.mark.parametrize(
-    "model, integer", [("wsnet1d-tiny", 2), ("wsnet2d-cifar", 3)]
-)  # every conv that another conv follows; the last feeds a mean, so stays float
+@pytest.mark.parametrize("model, integer", [("wsnet1d-tiny", 3), ("wsnet2d-cifar", 4)])
 def test_onnx_runtime_int8_runs_integer_kernels(model, integer, tmp_path):
     """Folded layers quantized as dense convs, per output channel, with their affine folded
-    in and their output requantized: ONNX Runtime runs them as QLinearConv."""
+    in and their output requantized (at the next layer's scale, or the last one before the
+    mean at its own range): ONNX Runtime runs every conv as a QLinearConv."""
     out = tmp_path / "q"
     m = export(model, out, ExportOptions(strategy="fold", precision="int8")).manifest
     assert m["quantization"]["layout"] == "dense" and not m["warnings"]
     assert {r["strategy"] for r in m["layers"]} == {"fold"}
     ops = _optimized_ops(out / "model.onnx", tmp_path)
     assert ops["QLinearConv"] == integer, ops
-    assert ops.get("Conv", 0) + ops.get("FusedConv", 0) == 1, ops
+    assert ops.get("Conv", 0) + ops.get("FusedConv", 0) == 0, ops
+    assert m["quantization"]["conv_output_ranges"]
     # verify rebuilds the same reference from the manifest
     again = verify(out, model, n_verify=8)
     assert again["passed"] and again["accuracy_gate"]["passed"]

@@ -129,6 +129,22 @@ def test_calibration_ranges_and_unsigned_inputs():
     assert set(mse.clip) == {"0", "2"} and mse.method == "mse"
 
 
+def test_calibration_records_each_dense_convs_output_range():
+    """What the dense layout requantizes a conv before a mean at
+    (``passes.requantize``), kept in the manifest's calibration."""
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.ReLU(), torch.nn.Conv1d(3, 2, 1))
+    x = np.random.default_rng(0).standard_normal((4, 2, 16)).astype(np.float32)
+    cal = quantize.calibrate(model, [x[:2], x[2:]], "unit", method="minmax")
+    with torch.no_grad():
+        y = model[0](torch.from_numpy(x))
+    assert cal.conv_outputs["0"] == (float(y.min()), float(y.max()))
+    assert set(cal.conv_outputs) == {"0", "2"}
+    again = quantize.Calibration.from_dict(cal.to_dict())
+    assert again.conv_outputs == cal.conv_outputs
+    qmodel = quantize.quantize_model(model, cal)
+    assert qmodel[0].out_range == cal.conv_outputs["0"]
+
+
 def test_auto_calibration_keeps_the_candidate_closer_to_fp32():
     """auto measures both candidates' output error on the calibration batches and keeps the
     smaller: checked against a direct measurement of each."""

@@ -212,6 +212,10 @@ class QuantWSLinear(_Quantized):
 class QuantConv(_Quantized):
     """nn.Conv1d/nn.Conv2d with int8 weights per output channel."""
 
+    out_range: tuple[float, float] | None = None
+    """The calibrated (min, max) of its output (``Calibration.conv_outputs``), set by
+    ``quantize_model``."""
+
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, act: tuple[float, bool]) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise WsdeployError(f"int8: unsupported conv {conv} (groups, padding mode)")
@@ -276,6 +280,10 @@ class Calibration:
     """Which layers it calibrated: "phi" (every WSNet layer as such, int8 phi; a layer
     folded later inherits phi's scales) or "dense" (the layers its strategy folds as dense
     convs, per output channel: ``compiler.layered``'s ``fold``)."""
+    conv_outputs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """(min, max) of every dense conv's output (by module name): where no quantized layer
+    follows a conv, the dense layout requantizes its output at this range
+    (``passes.requantize``)."""
 
     def activation(self, name: str) -> tuple[float, bool]:
         """(scale, unsigned) of the input of layer ``name``."""
@@ -300,6 +308,11 @@ class Calibration:
             "output_step": self.output_step,
             "layout": self.layout,
             **({} if self.seed is None else {"seed": self.seed}),
+            **(
+                {"conv_output_ranges": {k: list(v) for k, v in self.conv_outputs.items()}}
+                if self.conv_outputs
+                else {}
+            ),
         }
 
     @classmethod
@@ -314,7 +327,8 @@ class Calibration:
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is none of {LAYOUTS}")
         out = float(d["output_absmax"])
-        return cls(ranges, out, n, source, clip, method, errors, seed, layout)
+        convs = {k: (float(v[0]), float(v[1])) for k, v in d.get("conv_output_ranges", {}).items()}
+        return cls(ranges, out, n, source, clip, method, errors, seed, layout, convs)
 
     @property
     def output_step(self) -> float:
@@ -358,6 +372,7 @@ def calibrate(
     if not targets:
         raise WsdeployError("int8: the model has no conv, linear or WSNet layer to quantize")
     ranges = {n: (np.inf, -np.inf) for n, _ in targets}
+    conv_outputs: dict[str, tuple[float, float]] = {}
     kept: dict[str, list[np.ndarray]] = {n: [] for n, _ in targets}
     rng = np.random.default_rng(0)
     hooks = []
@@ -374,6 +389,13 @@ def calibrate(
                 kept[name].append(flat.astype(np.float32, copy=True))
 
         hooks.append(m.register_forward_pre_hook(hook))
+        if isinstance(m, nn.Conv1d | nn.Conv2d):
+
+            def out_hook(mod, args, y, name=name):
+                lo, hi = conv_outputs.get(name, (np.inf, -np.inf))
+                conv_outputs[name] = (min(lo, float(y.min())), max(hi, float(y.max())))
+
+            hooks.append(m.register_forward_hook(out_hook))
     out_max, n = 0.0, 0
     module.eval()
     batches = list(batches)
@@ -396,10 +418,10 @@ def calibrate(
         for name, (lo, hi) in ranges.items():
             clip[name] = clip_threshold(np.concatenate(kept[name]), max(-lo, hi), lo >= 0)
     if method != "auto":
-        return Calibration(ranges, out_max, n, source, clip, method)
+        return Calibration(ranges, out_max, n, source, clip, method, conv_outputs=conv_outputs)
     candidates = {
-        "minmax": Calibration(ranges, out_max, n, source, {}, "minmax"),
-        "mse": Calibration(ranges, out_max, n, source, clip, "mse"),
+        "minmax": Calibration(ranges, out_max, n, source, {}, "minmax", conv_outputs=conv_outputs),
+        "mse": Calibration(ranges, out_max, n, source, clip, "mse", conv_outputs=conv_outputs),
     }
     errors = {k: _output_error(module, c, batches, reference) for k, c in candidates.items()}
     best = min(candidates, key=lambda k: (errors[k], k != "minmax"))
@@ -432,6 +454,8 @@ def quantize_model(module: nn.Module, calibration: Calibration) -> nn.Module:
     qmodel = copy.deepcopy(module).eval()
     for name, m in _quantizable(qmodel):
         qlayer = QUANTIZERS[type(m)](m, calibration.activation(name))
+        if name in calibration.conv_outputs:
+            qlayer.out_range = calibration.conv_outputs[name]
         parent_name, _, child = name.rpartition(".")
         parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
         setattr(parent, child, qlayer)

@@ -15,7 +15,7 @@ from wsdeploy.passes.requantize import requantize
 
 
 class _Chain(torch.nn.Module):
-    """conv -> batch norm -> [ReLU] -> [max pool] -> [mean] -> conv, 1-D or 2-D."""
+    """conv -> batch norm -> [ReLU] -> [max pool] -> [a mean] -> conv, 1-D or 2-D."""
 
     def __init__(self, ndim: int, cfg: dict) -> None:
         super().__init__()
@@ -40,8 +40,10 @@ class _Chain(torch.nn.Module):
             y = self.relu(y)
         if self.pool is not None:
             y = self.pool(y)
-        if self.mean:
+        if self.mean == "subtract":  # a mean, but not what the conv feeds alone
             y = y - y.mean()
+        elif self.mean == "global":  # the conv feeds a global mean: requantized at its range
+            y = y.flatten(2).mean(-1).reshape(*y.shape[:2], *[1] * (y.dim() - 2))
         return self.b(y)
 
 
@@ -56,7 +58,7 @@ configs = st.fixed_dictionaries(
         "inplace": st.booleans(),
         "pool": st.sampled_from([0, 2, 3]),
         "ceil": st.booleans(),
-        "mean": st.booleans(),
+        "mean": st.sampled_from(["none", "subtract", "global"]),
         "batch": st.integers(1, 3),
         "size": st.integers(12, 24),  # the conv's output holds a whole pool window
         "seed": st.integers(0, 2**16),
@@ -79,12 +81,14 @@ def test_requantize_is_exact_and_sits_after_the_conv_or_its_relu(cfg):
     plain = quantize.quantize_model(layered, cal)
     requantized = quantize.quantize_model(layered, cal)
     n = requantize(requantized)
-    with torch.no_grad():
-        for _ in range(3):
-            probe = torch.randn_like(x) * 2
-            assert torch.equal(plain(probe), requantized(probe))
-    # only ReLU and max pools may lie between: a mean is no requantization point
-    assert n == (0 if cfg["mean"] else 1)
+    # only ReLU, max pools and reshapes may lie between: a mean of a tensor used elsewhere
+    # too is no requantization point
+    assert n == (0 if cfg["mean"] == "subtract" else 1)
+    if cfg["mean"] != "global":  # at the next layer's scale: exact
+        with torch.no_grad():
+            for _ in range(3):
+                probe = torch.randn_like(x) * 2
+                assert torch.equal(plain(probe), requantized(probe))
     if n:
         (q,) = [
             node
@@ -97,6 +101,12 @@ def test_requantize_is_exact_and_sits_after_the_conv_or_its_relu(cfg):
             assert source.op == "call_function" and "relu" in str(source.target)
         else:
             assert source is convs[0]
+        if cfg["mean"] == "global":  # the conv's own calibrated range, min-max
+            lo, hi = cal.conv_outputs[convs[0].target]
+            unsigned = cfg["relu"] or lo >= 0
+            amax = hi if unsigned else max(-lo, hi)
+            assert q.args[1:] == (quantize.activation_scale(amax, unsigned), unsigned)
+            return
         # the next layer's own input quantization
         following = requantized.get_submodule(convs[1].target)
         assert q.args[1:] == (following.act_scale, following.act_unsigned)
@@ -107,7 +117,7 @@ def test_no_requantization_after_a_conv_whose_batch_norm_stayed():
     quantization above it would change values. Nothing is inserted."""
     torch.manual_seed(0)
     cfg = dict(channels=3, k=3, stride=1, padding=1, relu=True, inplace=False, pool=2)
-    model = _Chain(1, {**cfg, "ceil": False, "mean": False}).eval()
+    model = _Chain(1, {**cfg, "ceil": False, "mean": "none"}).eval()
     x = torch.randn(1, 2, 16)
     layered = modularize(torch.export.export(model, (x,)))  # batch norm not folded
     cal = quantize.calibrate(layered, [x.numpy()], "test", "minmax")

@@ -6,11 +6,17 @@ right after the conv (or its ReLU) instead of after the max pools between them::
       ->  conv -> relu -> fake_quant(s) -> max_pool -> fake_quant(s) -> next layer
 
 Exact: quantization is monotonic, so it commutes with a max pool, and a max pool of
-quantized values is quantized already (the second one is the identity). It is for ONNX
-Runtime, which runs a QDQ convolution as an integer kernel (QLinearConv) only when a
-QuantizeLinear takes its output; it drops a ReLU before a uint8 QuantizeLinear with zero
-point 0 (which clips at 0 itself) and runs the pool on the quantized tensor. The layer must
-be a dense conv with per-output-channel weights and no epilogue left after it (its affine
+quantized values is quantized already (the second one is the identity). A conv that feeds a
+mean instead (a classifier's global average pool) has no next layer's scale: its output is
+requantized at its own calibrated range (``Calibration.conv_outputs``, min-max: a mean
+keeps every value), which is one more rounding, made by the reference as by the build::
+
+    conv -> relu -> mean  ->  conv -> relu -> fake_quant(own range) -> mean
+
+It is for ONNX Runtime, which runs a QDQ convolution as an integer kernel (QLinearConv) only
+when a QuantizeLinear takes its output; it drops a ReLU before a uint8 QuantizeLinear with
+zero point 0 (which clips at 0 itself) and runs the pool on the quantized tensor. The layer
+must be a dense conv with per-output-channel weights and no epilogue left after it (its affine
 folded in: ``passes.conv_affine``), which is what ``compiler.layered`` gives int8 on
 runtimes with ``Target.integer_convs``.
 """
@@ -28,9 +34,24 @@ PASS_THROUGH = {
     aten.relu_.default,
     aten.max_pool1d.default,
     aten.max_pool2d.default,
+    aten.flatten.using_ints,
+    aten.view.default,
+    aten.reshape.default,
 }
 """Ops between a conv and the next quantized layer that quantization commutes with (ReLU,
-max pools): the requantization may sit before them."""
+max pools, reshapes): the requantization may sit before them."""
+
+MEANS = {
+    aten.mean.dim,
+    aten.mean.default,
+    aten.adaptive_avg_pool1d.default,
+    aten.adaptive_avg_pool2d.default,
+    aten.avg_pool1d.default,
+    aten.avg_pool2d.default,
+}
+"""Means a conv may feed through ``PASS_THROUGH`` ops: its output is then requantized at its
+own calibrated range (one more rounding, in the reference too), so that ONNX Runtime runs
+the conv as a QLinearConv and the mean on the dequantized tensor."""
 
 
 def _quantized(gm: torch.fx.GraphModule, node: torch.fx.Node, kinds) -> bool:
@@ -39,7 +60,7 @@ def _quantized(gm: torch.fx.GraphModule, node: torch.fx.Node, kinds) -> bool:
 
 def _next_layer(gm, conv: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     """(the node whose output is requantized: the conv or its ReLU, the quantized layer the
-    chain reaches), when only ReLU and max pools lie between, each with one consumer."""
+    chain reaches), when only ``PASS_THROUGH`` ops lie between, each with one consumer."""
     node, after = conv, conv
     while len(node.users) == 1:
         user = next(iter(node.users))
@@ -53,24 +74,46 @@ def _next_layer(gm, conv: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] 
     return None
 
 
+def _before_mean(gm, conv: torch.fx.Node) -> tuple[torch.fx.Node, float, bool] | None:
+    """(the conv or its ReLU, scale, unsigned) to requantize a conv at its own calibrated
+    output range, when only ``PASS_THROUGH`` ops lie between it and a mean."""
+    out_range = gm.get_submodule(conv.target).out_range
+    node, after = conv, conv
+    while out_range is not None and len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_function" and user.target in MEANS:
+            lo, hi = out_range
+            unsigned = after is not conv or lo >= 0  # after its ReLU: nothing below 0
+            amax = hi if unsigned else max(-lo, hi)
+            return after, quantize.activation_scale(amax, unsigned), unsigned
+        if user.op != "call_function" or user.target not in PASS_THROUGH:
+            return None
+        if user.target in (aten.relu.default, aten.relu_.default) and after is node:
+            after = user
+        node = user
+    return None
+
+
 def requantize(gm: torch.fx.GraphModule) -> int:
     """Insert the requantization after every dense int8 conv of ``gm`` that feeds another
-    quantized layer (see the module docstring). Returns how many."""
+    quantized layer, or a mean (see the module docstring). Returns how many."""
     count = 0
     for node in list(gm.graph.nodes):
         if not _quantized(gm, node, quantize.QuantConv):
             continue
         found = _next_layer(gm, node)
+        if found is not None:
+            after, layer = found
+            module = gm.get_submodule(layer.target)
+            found = (after, module.act_scale, module.act_unsigned)
+        else:
+            found = _before_mean(gm, node)
         if found is None:
             continue
-        after, layer = found
-        module = gm.get_submodule(layer.target)
+        after, scale, unsigned = found
         users = list(after.users)
         with gm.graph.inserting_after(after):
-            q = gm.graph.call_function(
-                torch.ops.wsnet.fake_quant.default,
-                (after, module.act_scale, module.act_unsigned),
-            )
+            q = gm.graph.call_function(torch.ops.wsnet.fake_quant.default, (after, scale, unsigned))
         q.meta.update(after.meta)
         for user in users:
             user.replace_input_with(after, q)

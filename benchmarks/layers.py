@@ -156,6 +156,13 @@ ROUNDS = 3
 """Fresh processes per measurement, interleaved (A B C, A B C, ...): this machine is shared,
 and a neighbour's burst of load during one process would otherwise decide a ratio."""
 
+EXTRA_ROUNDS = 2
+DISAGREE = 1.5
+"""A row whose round medians differ by more than this factor gets up to ``EXTRA_ROUNDS``
+more rounds (the median of all its rounds' medians is reported). In session 22's run a
+dozen rows had medians 1.4-5x their fastest run, whole processes running slow; the same
+builds timed at their fastest-run speed in isolation."""
+
 TALK_ROUNDS = 5
 """Rounds for the talk layer, whose ratios are the issue's bars: two identical ONNX Runtime
 graphs once measured 1.07 and 0.71 ms in 3 rounds of 30 runs."""
@@ -175,16 +182,25 @@ def time_rounds(
     """Time every spec ``rounds`` times, interleaved, each time in a fresh process. Per spec:
     the median of the rounds' medians (one disturbed round cannot move it), p90 and min over
     every timed run, and whatever else the first round reported (accuracy: only the first
-    round gets the spec's ``eval``). A spec's own ``rounds`` caps its number of rounds."""
+    round gets the spec's ``eval``). A spec's own ``rounds`` caps its number of rounds; a spec
+    whose rounds disagree (``DISAGREE``) gets up to ``EXTRA_ROUNDS`` more, one at a time while
+    they still do."""
     results: dict[str, list[dict]] = {label: [] for label in specs}
+
+    def one(label: str, spec: dict, i: int, of: int) -> None:
+        if say:
+            say(label if of == 1 else f"{label} (round {i + 1}/{of})")
+        spec = {**spec, "min_seconds": min_seconds, **({} if i == 0 else {"eval": None})}
+        results[label].append(run_worker(spec, repeat))
+
     for i in range(rounds):
         for label, spec in specs.items():
-            if i >= spec.get("rounds", rounds):
-                continue
-            if say:
-                say(label if rounds == 1 else f"{label} (round {i + 1}/{rounds})")
-            spec = {**spec, "min_seconds": min_seconds, **({} if i == 0 else {"eval": None})}
-            results[label].append(run_worker(spec, repeat))
+            if i < spec.get("rounds", rounds):
+                one(label, spec, i, rounds)
+    # a row whose rounds disagree caught the host's load in some: more rounds, interleaved
+    for i in range(rounds, rounds + EXTRA_ROUNDS):
+        for label in [k for k, runs in results.items() if _disagree(runs)]:
+            one(label, specs[label], i, rounds + EXTRA_ROUNDS)
     out = {}
     for label, runs in results.items():
         ms = np.concatenate([r.pop("ms") for r in runs])
@@ -198,8 +214,16 @@ def time_rounds(
             "min_ms": float(ms.min()),
             "runs": len(ms),
             "rounds": len(runs),
+            "round_medians": [round(r["median_ms"], 5) for r in runs],
         }
     return out
+
+
+def _disagree(runs: list[dict]) -> bool:
+    """Whether a row's round medians are more than ``DISAGREE`` apart (a row of one round
+    by design, such as torch.compile's, is left alone)."""
+    medians = [r["median_ms"] for r in runs]
+    return len(medians) > 1 and max(medians) > DISAGREE * min(medians)
 
 
 def run_worker(spec: dict, repeat: int) -> dict:

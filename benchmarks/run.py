@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.layers import (
+    DISAGREE,
+    EXTRA_ROUNDS,
     MIN_SECONDS,
     ROUNDS,
     TALK_LAYER,
@@ -463,6 +465,7 @@ def _fastest(rows: dict[str, dict]) -> list[str]:
 def markdown(
     layers: list[dict], models: list[dict], info: dict, command: str, zoo: list[dict] = ()
 ) -> str:
+    extra = sum(max(0, len(r.get("round_medians", ())) - ROUNDS) for r in models)
     lines = [
         f"Measured by `{command}` on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
@@ -472,6 +475,12 @@ def markdown(
         f"the talk layer in {TALK_ROUNDS} and the zoo models in {ROUNDS} interleaved rounds "
         "(the median of the rounds' medians, p90 over all runs), except torch.compile's builds "
         "(one round: inductor compiles in every process), each zoo layer in one round."
+        + (
+            f" A build whose round medians differ by more than {DISAGREE}x gets up to "
+            f"{EXTRA_ROUNDS} more rounds ({extra} of them here)."
+            if any("round_medians" in r for r in models)
+            else ""
+        )
         + (
             f" This machine's fp32 peak measured {info['peak_gmacs']:.0f} GMAC/s in this run; "
             "the host is shared and its speed varies from run to run (230 GMAC/s in an "

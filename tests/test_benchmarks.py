@@ -137,6 +137,35 @@ def test_time_rounds_interleaves_and_honours_a_specs_own_rounds(monkeypatch):
     assert out["a"]["median_ms"] == pytest.approx(1.03) and out["b"]["median_ms"] == 2.02
 
 
+def test_time_rounds_gives_a_row_whose_rounds_disagree_more_rounds(monkeypatch):
+    """A row with one slow round (the host's load) gets extra rounds until its rounds
+    agree or the extra rounds run out; its median is the median of all its rounds."""
+    from benchmarks import layers
+
+    times = {"steady": [1.0, 1.0, 1.1], "slow": [1.0, 3.0, 3.0, 1.0, 1.0], "loaded": [5.0, 1.0]}
+    times["loaded"] += [5.0] * 10
+
+    def worker(spec, repeat):
+        ms = times[spec["name"]].pop(0)
+        return {
+            "ms": np.array([ms]),
+            "e2e_ms": np.array([ms]),
+            "median_ms": ms,
+            "e2e_median_ms": ms,
+        }
+
+    monkeypatch.setattr(layers, "run_worker", worker)
+    specs = {name: {"name": name, "eval": None} for name in ("steady", "slow")}
+    specs["loaded"] = {"name": "loaded", "eval": None, "rounds": 2}
+    out = layers.time_rounds(specs, repeat=1, rounds=3)
+    assert out["steady"]["rounds"] == 3 and out["steady"]["median_ms"] == 1.0
+    # 1, 3, 3 disagree: a fourth round (1) and a fifth (1): the median is 1, not 3
+    assert out["slow"]["round_medians"] == [1.0, 3.0, 3.0, 1.0, 1.0]
+    assert out["slow"]["median_ms"] == 1.0
+    # its own two rounds, then both extra rounds (still disagreeing), and no more
+    assert out["loaded"]["rounds"] == 2 + layers.EXTRA_ROUNDS
+
+
 def _row(build, target, strategy, precision, ms, tuned=False, **extra):
     row = {
         "model": "m",

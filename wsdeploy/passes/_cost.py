@@ -47,10 +47,10 @@ ORT_INT8 = Costs(242.3e9, 13.1e-6, 22.9e9, 18.8e-6, table_macs_per_s=87.5e9)
 QLinearConv (uint8 activations, 7-bit weights per output channel); a layer kept WSNet runs
 its shared graph in float, phi's scales dequantized. Fitted on the same 17 layers (``python
 -m benchmarks.cost_fit ort-int8``, results in benchmarks/results/ort-int8_layers.json, session
-22): the QLinearConv at 242 GMAC/s against 87 for the float Conv timed beside it (2.1-4.3x
-per layer, except wsnet2d-cifar's 3-channel first layer, 0.4x); the shared graph with its
-table conv at that float rate. So int8 folds more layers than fp32: every layer of
-wsnet1d-tiny and wsnet2d-cifar, and SoundNet-8's first two."""
+22): the QLinearConv at 242 GMAC/s against 87 for the float Conv timed beside it (1.6-4.6x
+per layer, except the first layers of wsnet2d-cifar, 0.6x, and wsnet1d-tiny, 0.9x); the
+shared graph with its table conv at that float rate. So int8 folds more layers than fp32:
+every layer of wsnet1d-tiny and wsnet2d-cifar, and SoundNet-8's first two and its last."""
 
 COSTS = {"ort": ORT, "ort-int8": ORT_INT8, "xnnpack": XNNPACK}
 """The cost model of each standard-op runtime ``auto`` decides for."""

@@ -58,40 +58,37 @@ def _quantized(gm: torch.fx.GraphModule, node: torch.fx.Node, kinds) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), kinds)
 
 
-def _next_layer(gm, conv: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
-    """(the node whose output is requantized: the conv or its ReLU, the quantized layer the
-    chain reaches), when only ``PASS_THROUGH`` ops lie between, each with one consumer."""
+def _chain_end(conv: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(the node whose output would be requantized: the conv or its ReLU, the first node
+    past the ``PASS_THROUGH`` ops after it), each node on the way with one consumer."""
     node, after = conv, conv
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if _quantized(gm, user, quantize._Quantized):
-            return after, user
         if user.op != "call_function" or user.target not in PASS_THROUGH:
-            return None
+            return after, user
         if user.target in (aten.relu.default, aten.relu_.default) and after is node:
             after = user  # the requantization goes after a ReLU right after the conv
         node = user
     return None
 
 
-def _before_mean(gm, conv: torch.fx.Node) -> tuple[torch.fx.Node, float, bool] | None:
-    """(the conv or its ReLU, scale, unsigned) to requantize a conv at its own calibrated
-    output range, when only ``PASS_THROUGH`` ops lie between it and a mean."""
+def _requantization(gm, conv: torch.fx.Node) -> tuple[torch.fx.Node, float, bool] | None:
+    """(where, scale, unsigned) of a dense conv's requantization: the next quantized
+    layer's input quantization, or before a mean the conv's own calibrated range."""
+    found = _chain_end(conv)
+    if found is None:
+        return None
+    after, end = found
+    if _quantized(gm, end, quantize._Quantized):
+        layer = gm.get_submodule(end.target)
+        return after, layer.act_scale, layer.act_unsigned
     out_range = gm.get_submodule(conv.target).out_range
-    node, after = conv, conv
-    while out_range is not None and len(node.users) == 1:
-        user = next(iter(node.users))
-        if user.op == "call_function" and user.target in MEANS:
-            lo, hi = out_range
-            unsigned = after is not conv or lo >= 0  # after its ReLU: nothing below 0
-            amax = hi if unsigned else max(-lo, hi)
-            return after, quantize.activation_scale(amax, unsigned), unsigned
-        if user.op != "call_function" or user.target not in PASS_THROUGH:
-            return None
-        if user.target in (aten.relu.default, aten.relu_.default) and after is node:
-            after = user
-        node = user
-    return None
+    if out_range is None or end.op != "call_function" or end.target not in MEANS:
+        return None
+    lo, hi = out_range
+    unsigned = after is not conv or lo >= 0  # after its ReLU: nothing below 0
+    amax = hi if unsigned else max(-lo, hi)
+    return after, quantize.activation_scale(amax, unsigned), unsigned
 
 
 def requantize(gm: torch.fx.GraphModule) -> int:
@@ -101,13 +98,7 @@ def requantize(gm: torch.fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if not _quantized(gm, node, quantize.QuantConv):
             continue
-        found = _next_layer(gm, node)
-        if found is not None:
-            after, layer = found
-            module = gm.get_submodule(layer.target)
-            found = (after, module.act_scale, module.act_unsigned)
-        else:
-            found = _before_mean(gm, node)
+        found = _requantization(gm, node)
         if found is None:
             continue
         after, scale, unsigned = found

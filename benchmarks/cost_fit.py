@@ -3,10 +3,13 @@ dense conv) and as the shared computation, and fit the constants of
 ``wsdeploy.passes._cost``'s model for it (``ORT`` was fitted the same way, session 8).
 
     python -m benchmarks.cost_fit xnnpack    # results/xnnpack_layers.json
+    python -m benchmarks.cost_fit litert     # results/litert_layers.json
     python -m benchmarks.cost_fit ort-int8   # results/ort-int8_layers.json
 
 - ``xnnpack``: ExecuTorch's XNNPACK delegate, each layer lowered by ``passes.aten`` (fold,
   and shared with phi's disjoint blocks) and built to a ``.pte``.
+- ``litert``: the same lowering converted to a ``.tflite`` and run by LiteRT's interpreter
+  (XNNPACK applied as in an app).
 - ``ort-int8``: ONNX Runtime's integer kernels, what the dense int8 layout runs: the folded
   layer is one QLinearConv (uint8 activations, 7-bit int8 weights per output channel,
   ``quantize.WEIGHT_QMAX``) between a QuantizeLinear and a DequantizeLinear; a layer kept
@@ -51,15 +54,23 @@ def _median_seconds(run, x, repeat: int) -> float:
     return float(np.median(times))
 
 
-def _xnnpack(module, shape, strategy: str, workdir: Path):
-    from wsdeploy.targets.executorch import EXECUTORCH
+TORCH_TARGETS = {"xnnpack": "executorch", "litert": "litert"}
+"""The runtimes fitted on a target consuming the torch program, and that target."""
 
+
+def _torch_target(runtime: str, module, shape, strategy: str, workdir: Path):
+    """One layer lowered by ``passes.aten`` and built for the runtime's target; its runner
+    (through the runtime's Python API, input and output copies included, as for
+    ExecuTorch's fit: the same for both lowerings of a layer)."""
+    from wsdeploy.targets import get_target
+
+    target = get_target(TORCH_TARGETS[runtime])
     loaded = LoadedModel.from_module(module, tuple(shape))
-    program, _ = lower(loaded, strategy, EXECUTORCH)
+    program, _ = lower(loaded, strategy, target)
     out = workdir / strategy
     out.mkdir()
-    EXECUTORCH.build(program, out)
-    return EXECUTORCH.load(out, None)
+    target.build(program, out)
+    return target.load(out, None)
 
 
 def _ort_session(proto):
@@ -147,15 +158,15 @@ def measure(runtime: str, repeat: int) -> list[dict]:
         attrs = dict(zip(spec.attrs, layer.attrs(), strict=True))
         lay = Layer(spec, attrs, tuple(shape), out_shape, tuple(layer.phi.shape))
         # the shared graph as the runtime's lowering builds it (ExecuTorch: phi's blocks)
-        fixed = runtime == "xnnpack"
+        fixed = runtime in TORCH_TARGETS
         with _conv.disjoint_blocks() if fixed else contextlib.nullcontext():
             work = shared_work(lay)
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         timings = {}
-        if runtime == "xnnpack":
+        if runtime in TORCH_TARGETS:
             with tempfile.TemporaryDirectory() as tmp:
                 for strategy in ("fold", "shared"):
-                    run = _xnnpack(module, shape, strategy, Path(tmp))
+                    run = _torch_target(runtime, module, shape, strategy, Path(tmp))
                     timings[f"{strategy}_s"] = _median_seconds(run, x, repeat)
         else:
             conv = layer.to_dense()
@@ -201,7 +212,7 @@ def fit(rows: list[dict], table_macs_per_s: float | None = None) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("runtime", choices=["xnnpack", "ort-int8"])
+    parser.add_argument("runtime", choices=[*TORCH_TARGETS, "ort-int8"])
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     rows = measure(args.runtime, args.repeat)

@@ -104,12 +104,13 @@ BUILDS = [
     ("litert", "fold", "fp32", "LiteRT dense baseline (fold)"),
     ("litert", "shared", "fp32", "LiteRT WSNet shared"),
     ("litert", "auto", "fp32", "LiteRT WSNet auto"),
+    ("litert", "auto", "int8", "LiteRT int8 (XNNPACK, folded)"),
 ]
 """(target, strategy, precision, label) of every exported build timed per zoo model. With
 tuning trials, the TVM builds of ``TUNED_STRATEGIES`` are exported once more after tuning,
 labelled ", tuned".
-ExecuTorch's int8 is XNNPACK's (every layer folded: its int8 convs take build-time weights),
-so it has one build, ``auto``."""
+ExecuTorch's and LiteRT's int8 are their own quantizers' (PT2E; every layer folded: XNNPACK's
+int8 convs take build-time weights), so each has one build, ``auto``."""
 
 RUNTIME = {"onnx": "ort", "x86_64": "tvm", "executorch": "executorch", "litert": "litert"}
 """The benchmark worker's runtime (``benchmarks.worker.RUNNERS``) for each exported target."""

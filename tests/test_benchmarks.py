@@ -71,6 +71,7 @@ def test_quick_benchmark_run(tmp_path):
         "LiteRT dense baseline (fold)",
         "LiteRT WSNet shared",
         "LiteRT WSNet auto",
+        "LiteRT int8 (XNNPACK, folded)",
     }
     assert {r["build"] for r in models if r["runtime"] == "torch"} == {
         f"PyTorch {how}, {kind}"

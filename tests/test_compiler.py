@@ -173,3 +173,24 @@ def test_ort_file_stores_the_onnx_files_weights_and_no_folded_windows(model, tmp
     proto = onnx.load(tmp_path / "onnx" / "model.onnx")
     onnx_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     assert ort_target.weight_bytes(tmp_path / "ort" / "model.ort") == onnx_bytes
+
+
+def test_memo_tells_models_apart_by_weight_shapes_and_input_shapes():
+    """Found by a random-layer test: a conv1d and a conv2d model whose weights held the same
+    numbers shared one memo entry, and the conv2d export got the conv1d's program."""
+    import torch
+
+    from wsdeploy.modelfile import LoadedModel
+
+    def model(shape):
+        module = torch.nn.Module()
+        module.w = torch.nn.Parameter(torch.arange(4.0).reshape(shape))
+        return module
+
+    flat = LoadedModel.from_module(model((4,)), (1, 4))
+    square = LoadedModel.from_module(model((2, 2)), (1, 4))
+    longer = LoadedModel.from_module(model((4,)), (1, 8))
+    assert flat.sha256 == longer.sha256  # (the same module: only the input differs)
+    seen = [compiler._memo(m, ("test",), lambda m=m: m) for m in (flat, square, longer)]
+    assert seen == [flat, square, longer]
+    assert compiler._memo(flat, ("test",), lambda: None) is flat  # still remembered

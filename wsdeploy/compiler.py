@@ -202,7 +202,7 @@ def lower(
     if target.consumes == "torch":
         from wsdeploy.passes.aten import lower_program
 
-        return lower_program(program, strategy, goal)
+        return lower_program(program, strategy, goal, runtime=target.cost_model)
     model = trace.to_onnx(program, loaded.input_names)
     layers: list[dict[str, Any]] = []
     with shape_hints(dynamic_sizes(loaded) if dynamic else {}):
@@ -546,12 +546,15 @@ def _memo(loaded: LoadedModel, key: tuple, compute):
     """``compute()``, remembered in this process for this model's weights and ``key``: every
     int8 build of one model (a benchmark makes a dozen) shares its calibration and its
     gate's fp32 predictions instead of recomputing them. The key holds a digest of every
-    parameter and buffer, so a model changed in place is a new key."""
+    parameter and buffer (name, shape, dtype and values), so a model changed in place is a
+    new key, and so is another model whose weights hold the same numbers in other shapes;
+    and the input shapes the model is traced at."""
     digest = hashlib.sha256()
     for name, t in (*loaded.module.named_parameters(), *loaded.module.named_buffers()):
-        digest.update(name.encode())
+        digest.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    full = (digest.hexdigest(), loaded.arch, repr(sorted(loaded.config.items())), *key)
+    config = repr(sorted(loaded.config.items()))
+    full = (digest.hexdigest(), loaded.arch, config, loaded.input_shapes, *key)
     if full not in _MEMO:
         if len(_MEMO) >= _MEMO_ENTRIES:
             _MEMO.clear()

@@ -318,7 +318,7 @@ def test_patch_means_are_the_conv_patches_means(
     import torch
     import torch.nn.functional as F
 
-    from wsdeploy.targets.executorch import _patch_means
+    from wsdeploy.targets.pt2e import _patch_means
 
     assume(size + 2 * padding >= dilation * (k - 1) + 1)  # at least one output position
     kernel = (k,) * dims

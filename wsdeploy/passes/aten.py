@@ -91,6 +91,7 @@ def lower_program(
     strategy: str = "auto",
     goal: str = "balanced",
     folds_only: str | None = None,
+    runtime: str = "xnnpack",
 ) -> tuple[torch.export.ExportedProgram, list[dict[str, Any]]]:
     """Lower every wsnet op of ``ep`` (after recognition) with ``strategy``. The shared
     computation keeps phi's disjoint blocks (``_conv.disjoint_blocks``): XNNPACK runs only
@@ -100,14 +101,17 @@ def lower_program(
     ``folds_only``: a runtime of standard ops taking the ONNX model (``_cost.COSTS``: "ort-int8"):
     only the layers ``strategy`` folds for it become dense convolutions; the others stay
     wsnet ops for the ONNX passes (int8 quantizes a folded layer as the dense conv it is:
-    ``compiler.layered``). Every layer gets its record."""
+    ``compiler.layered``). Every layer gets its record.
+
+    ``runtime``: the cost model ``auto`` decides with (``_cost.COSTS``), that of the target
+    the program is lowered for (``Target.cost_model``)."""
     if folds_only is not None:
         return _lower(ep, strategy, goal, folds_only)
     with _conv.disjoint_blocks():
-        return _lower(ep, strategy, goal)
+        return _lower(ep, strategy, goal, runtime=runtime)
 
 
-def _lower(ep, strategy: str, goal: str, folds_only: str | None = None):
+def _lower(ep, strategy: str, goal: str, folds_only: str | None = None, runtime: str = "xnnpack"):
     if strategy not in STRATEGIES and folds_only is None:
         raise WsdeployError(
             f"strategy {strategy!r} needs custom op kernels, which this runtime lacks; "
@@ -128,7 +132,7 @@ def _lower(ep, strategy: str, goal: str, folds_only: str | None = None):
         x, phi_node, *args = node.args
         attrs = dict(zip(spec.attrs, (int(a) for a in args), strict=True))
         lay = Layer(spec, attrs, _shape(x), _shape(node), _shape(phi_node))
-        chosen = choose(lay, strategy, native=False, goal=goal, runtime=folds_only or "xnnpack")
+        chosen = choose(lay, strategy, native=False, goal=goal, runtime=folds_only or runtime)
         sizes = _run_time_sizes(x)
         chosen, note = fold_if_static_only(spec, sizes, chosen)
         records.append(record(node.name, lay, chosen, False, goal))

@@ -124,6 +124,9 @@ class Target:
             QLinearConv), so int8 quantizes the layers the strategy folds as dense convs
             (``compiler.layered``); if that loses the accuracy gate, the build falls back to
             phi's scales (float kernels), and says so.
+        cost_model: for a target consuming the torch program, the cost model ``auto``
+            decides each layer's lowering with (a key of ``passes._cost.COSTS``, fitted on
+            its runtime).
         dynamic: fp32 builds keep a .pt2's dynamic dimensions (the runtime takes any size in
             their range, and verification runs several); the other targets build for the
             concrete ``--input-shape``.
@@ -156,6 +159,7 @@ class Target:
     portable: bool = False
     integer_convs: bool = False
     dynamic: bool = False
+    cost_model: str = "xnnpack"
 
 
 STANDARD_OP_PASSES = {"fp32": (), "int8": ("pool_order",)}

@@ -23,19 +23,18 @@ x86_64, coremltools; too heavy for the default install).
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
-import logging
 import os
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsdeploy.errors import CompileError, WsdeployError
 
+from . import pt2e
 from .base import DELEGATION, Runner, Target, delegation_report
+from .pt2e import _op_name
 
 if TYPE_CHECKING:
     import torch
@@ -46,28 +45,20 @@ EXTRA = "pip install 'wsdeploy[executorch]'"
 
 @contextlib.contextmanager
 def _quiet(native: bool = False):
-    """ExecuTorch's import and lowering warn about torchao's GPU kernels and deprecations
-    on every run, and its runtime logs its CPU probing to stderr at start (``native``): none
-    of it is the user's business; errors still raise."""
-    names = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")
-    quiet = [logging.getLogger(name) for name in names]
-    levels = [log.level for log in quiet]
-    for log in quiet:
-        log.setLevel(logging.ERROR)
+    """ExecuTorch's import and lowering warn (``pt2e.quiet``), and its runtime logs its CPU
+    probing to stderr at start (``native``): none of it is the user's business; errors
+    still raise."""
     saved = os.dup(2) if native else None
     try:
         if saved is not None:
             with open(os.devnull, "wb") as null:
                 os.dup2(null.fileno(), 2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with pt2e.quiet():
             yield
     finally:
         if saved is not None:
             os.dup2(saved, 2)
             os.close(saved)
-        for log, level in zip(quiet, levels, strict=True):
-            log.setLevel(level)
 
 
 def _require() -> None:
@@ -79,12 +70,6 @@ def _require() -> None:
         raise WsdeployError(
             f"the executorch target needs ExecuTorch, an optional extra: {EXTRA} ({e})"
         ) from None
-
-
-def _op_name(node) -> str:
-    target = node.target
-    name = getattr(target, "__name__", str(target))
-    return name.removeprefix("aten.").split(".")[0] if "." in name else name
 
 
 def delegation(edge_program) -> dict[str, Any]:
@@ -311,301 +296,28 @@ def _timer(run, repeat: int):
     return run.time(repeat)
 
 
-OBSERVERS = {"minmax": "MinMaxObserver", "mse": "HistogramObserver"}
-"""``--calib-method`` in XNNPACK's flow: each activation's range is its absmax (minmax) or
-the range whose histogram quantizes with the least squared error (mse, XNNPACK's default);
-``auto`` quantizes with both and keeps the one whose outputs are closer to fp32 on the
-calibration samples, as wsdeploy's own int8 does (``quantize.calibrate``)."""
-
-
 def quantize(module, batches, method: str = "auto") -> tuple[Any, float, str]:
-    """int8 the way XNNPACK runs it in integers: torchao's PT2E flow with XNNPACK's quantizer
-    (symmetric, per-output-channel int8 weights, static int8 activations) calibrated on
-    ``batches`` (``quantize.Samples`` of the model's batch size), activation ranges by
-    ``method`` (``OBSERVERS``), then each layer's bias corrected for the mean shift its
-    weights' rounding causes (``_correct_biases``). Returns the converted module (quantize/
-    dequantize ops around every layer: the reference the build must match, run eagerly),
-    the absmax of its fp32 outputs on the batches and the method used."""
+    """int8 the way XNNPACK runs it in integers: the PT2E flow (``pt2e.quantize``) with
+    XNNPACK's quantizer (symmetric, per-output-channel int8 weights, static int8
+    activations), the int8 weights stored as constants."""
     _require()
-    import torch
-
-    from wsdeploy.quantize import output_error
-
-    batches = list(batches)
-    with _quiet(), torch.no_grad():
-        fp32 = [_outputs(module, batch) for batch in batches]
-        means = _layer_input_means(module, batches)
-    out_max = max(float(o.abs().max()) for outs in fp32 for o in outs)
-    candidates = {}
-    for name in OBSERVERS if method == "auto" else (method,):
-        converted = _quantized(copy.deepcopy(module), batches, name)
-        _correct_biases(converted, module, means)
-        with _quiet():
-            candidates[name] = (output_error(converted, batches, fp32), converted)
-    best = min(candidates, key=lambda k: (candidates[k][0], k != "minmax"))
-    return candidates[best][1], out_max, best
+    return pt2e.quantize(module, batches, method, _xnnpack_quantizer)
 
 
-def _outputs(module, batch) -> list:
-    import torch
-
-    from wsdeploy.numerics import as_inputs
-
-    out = module(*(torch.from_numpy(a) for a in as_inputs(batch)))
-    return list(out) if isinstance(out, tuple | list) else [out]
-
-
-def _quantized(module, batches, method: str):
-    """``module`` prepared with XNNPACK's quantizer (activation observer by ``method``),
-    calibrated on ``batches`` and converted."""
-    import dataclasses
-
-    import torch
-    import torchao.quantization.pt2e as observers
+def _xnnpack_quantizer(observer, skip: set[str]):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    last = _output_layers(module)
 
     class Quantizer(XNNPACKQuantizer):
         def annotate(self, model):
             model = super().annotate(model)
-            _share_through_1d_pools(model)
-            _fp32_into(model, last)
+            pt2e.annotate_more(model, skip)
             return model
 
-    config = get_symmetric_quantization_config(is_per_channel=True)
-    observer = getattr(observers, OBSERVERS[method]).with_args(eps=2**-12)
-    activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
-    config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
-    quantizer = Quantizer().set_filter_function(lambda node: node.name not in last)
-    with _quiet(), torch.no_grad():
-        prepared = prepare_pt2e(module, quantizer.set_global(config))
-        for batch in batches:
-            _outputs(prepared, batch)
-        converted = convert_pt2e(prepared)
-    _fp32_inputs(converted, last)
-    return converted
-
-
-_LAYERS = ("conv1d", "conv2d", "linear")
-
-
-def _layer_input_means(module, batches) -> dict[str, Any]:
-    """For every conv/linear node, the mean over the calibration batches of each entry of
-    the patches its weight multiplies (conv: per input channel and tap, zero padding
-    included; linear: per input feature): what the bias correction weighs the weights'
-    rounding error by."""
-    import torch
-
-    from wsdeploy.numerics import as_inputs
-
-    sums: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node):
-            result = super().run_node(node)
-            op = _op_name(node) if node.op == "call_function" else None
-            if op in _LAYERS:
-                x, w = (self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[:2])
-                if op == "linear":
-                    mean = x.reshape(-1, x.shape[-1]).mean(0)
-                else:
-                    mean = _patch_means(x, w.shape[2:], node.args[3:6])
-                sums[node.name] = sums.get(node.name, 0) + mean
-                counts[node.name] = counts.get(node.name, 0) + 1
-            return result
-
-    for batch in batches:
-        Recorder(module).run(*(torch.from_numpy(a) for a in as_inputs(batch)))
-    return {name: total / counts[name] for name, total in sums.items()}
-
-
-def _attr(module, target: str):
-    """A ``get_attr`` node's tensor: its target is a dotted path into the module
-    (``stem.weight`` in a user's program)."""
-    return functools.reduce(getattr, target.split("."), module)
-
-
-def _patch_means(x, kernel, given) -> Any:
-    """The mean, over the batch and the output positions, of each (input channel, tap)
-    entry of a conv's patches (zero padding included): per tap, a strided slice of the
-    padded input."""
-    import itertools
-
-    import torch.nn.functional as F
-
-    dims = len(kernel)
-    stride, padding, dilation = (
-        [int(e) for e in (v * dims if len(v) == 1 else v)]
-        for v in (
-            list(given[i]) if i < len(given) else [default] for i, default in enumerate((1, 0, 1))
-        )
-    )
-    padded = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
-    spatial = x.shape[2:]
-    out = [
-        (spatial[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
-        for d in range(dims)
-    ]
-    means = x.new_zeros((x.shape[1], *kernel))
-    for tap in itertools.product(*(range(k) for k in kernel)):
-        index = tuple(
-            slice(
-                tap[d] * dilation[d], tap[d] * dilation[d] + stride[d] * (out[d] - 1) + 1, stride[d]
-            )
-            for d in range(dims)
-        )
-        means[(slice(None), *tap)] = padded[(slice(None), slice(None), *index)].mean(
-            dim=(0, *range(2, 2 + dims))
-        )
-    return means
-
-
-def _correct_biases(converted, fp32_module, means: dict[str, Any]) -> None:
-    """Bias correction (Nagel et al. 2019, "Data-Free Quantization", with the calibration
-    data's means): a layer's int8 weights move its outputs' mean by (W_q - W) . E[patch];
-    its bias takes that shift back. Measured in fake-quantized PyTorch on 1000 held-out
-    clips: wsnet1d-tiny's top-1 agreement with fp32 98.3% -> 99.1%."""
-    import torch
-
-    weights = {
-        n.name: _attr(fp32_module, n.args[1].target)
-        for n in fp32_module.graph.nodes
-        if n.op == "call_function"
-        and _op_name(n) in _LAYERS
-        and getattr(n.args[1], "op", None) == "get_attr"
-    }
-    for node in converted.graph.nodes:
-        if node.name not in means or node.name not in weights or len(node.args) < 3:
-            continue
-        dq, bias = node.args[1], node.args[2]  # dq: dequantize_per_channel(int8, scales, ...)
-        if getattr(dq, "op", None) != "call_function" or getattr(bias, "op", None) != "get_attr":
-            continue
-        if _op_name(dq) != "dequantize_per_channel":
-            continue
-        q, scale, zero = (_attr(converted, a.target) for a in dq.args[:3])
-        axis = int(dq.args[3])
-        view = [-1 if i == axis else 1 for i in range(q.dim())]
-        rounded = (q.float() - zero.reshape(view).float()) * scale.reshape(view)
-        error = rounded - weights[node.name]
-        mean = means[node.name]
-        groups = int(node.args[6]) if len(node.args) > 6 else 1
-        if error.dim() == 2:  # linear
-            shift = error @ mean
-        else:  # conv: output o reads its group's input channels
-            per_group = error.shape[1]
-            group_of = torch.arange(error.shape[0]) // (error.shape[0] // groups)
-            blocks = torch.stack([mean[g * per_group : (g + 1) * per_group] for g in group_of])
-            shift = (error * blocks).flatten(1).sum(1)
-        with torch.no_grad():
-            _attr(converted, bias.target).sub_(shift)
-
-
-_ANNOTATION = "quantization_annotation"  # where PT2E quantizers annotate a node
-
-
-def _share_through_1d_pools(model) -> None:
-    """A 1-D max pool's output shares its input's quantization, as XNNPACK's quantizer does
-    for 2-D ones only: the max of quantized values is one of them, so the pool is exact in
-    int8; left alone, the next layer's input was quantized again at a scale of its own
-    (wsnet1d-tiny: 0.0257 after 0.0241), a second rounding of every value."""
-    import torch
-    from torchao.quantization.pt2e.quantizer import (
-        QuantizationAnnotation,
-        SharedQuantizationSpec,
-    )
-
-    for node in model.graph.nodes:
-        if node.op != "call_function" or node.target != torch.ops.aten.max_pool1d.default:
-            continue
-        source = node.args[0]
-        before = getattr(source, "meta", {}).get(_ANNOTATION)
-        if before is None or before.output_qspec is None:
-            continue
-        shared = SharedQuantizationSpec(source)
-        node.meta[_ANNOTATION] = QuantizationAnnotation(
-            input_qspec_map={source: shared}, output_qspec=shared, _annotated=True
-        )
-
-
-def _fp32_into(model, names: set[str]) -> None:
-    """The ops between the last quantized layer and a layer kept fp32 (``names``: the
-    classifier) keep fp32 outputs: XNNPACK's quantizer quantizes a mean or flatten there at
-    its input's scale, which rounds the pooled features the classifier reads (a mean of
-    8-bit values is finer than 8 bits)."""
-    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
-
-    for node in model.graph.nodes:
-        if node.op != "call_function" or node.name not in names or not node.args:
-            continue
-        source = node.args[0]
-        while (
-            getattr(source, "op", None) == "call_function"
-            and len(source.users) == 1
-            and isinstance(
-                getattr(source.meta.get(_ANNOTATION), "output_qspec", None),
-                SharedQuantizationSpec,
-            )
-        ):
-            del source.meta[_ANNOTATION]
-            source = source.args[0]
-
-
-def _fp32_inputs(module, names: set[str]) -> None:
-    """Give each layer kept fp32 (``names``) whose input the previous layer's quantized
-    output feeds (a dequantize) an fp32 tensor of its own: a multiplication by one between
-    them. XNNPACK's channels-last pass otherwise re-quantizes around the layout change of a
-    conv whose input is a dequantize (fp32 weight, int8 input: "Weight and Input should both
-    be quantized", wsnet1d-soundnet8's conv classifier); the product is exact."""
-    import torch
-
-    dequantize = {"dequantize_per_tensor", "dequantize_per_channel"}
-    for node in list(module.graph.nodes):
-        if node.op != "call_function" or node.name not in names or not node.args:
-            continue
-        source = node.args[0]
-        if not (isinstance(source, torch.fx.Node) and source.op == "call_function"):
-            continue
-        if _op_name(source) not in dequantize:
-            continue
-        with module.graph.inserting_before(node):
-            fp32 = module.graph.call_function(torch.ops.aten.mul.Tensor, (source, 1.0))
-        node.replace_input_with(source, fp32)
-    module.recompile()
-
-
-def _output_layers(module) -> set[str]:
-    """The names of the conv/linear nodes whose outputs reach the model's first output (the
-    logits the accuracy gate reads) without passing another layer (the classifier): kept
-    fp32, as int8 deployments usually keep them; in int8 they moved top-1 agreement with
-    fp32 below the gate's 99% on the zoo models (98.0-98.9%)."""
-    import torch
-
-    layers = {
-        torch.ops.aten.conv1d.default,
-        torch.ops.aten.conv2d.default,
-        torch.ops.aten.linear.default,
-    }
-    output = next(n for n in module.graph.nodes if n.op == "output")
-    first = output.args[0]  # the first output: the logits the accuracy gate reads
-    while isinstance(first, tuple | list):
-        first = first[0]
-    found, seen, stack = set(), set(), [first] if isinstance(first, torch.fx.Node) else []
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_function" and node.target in layers:
-            found.add(node.name)
-        else:
-            stack.extend(node.all_input_nodes)
-    return found
+    config = pt2e.observed(get_symmetric_quantization_config(is_per_channel=True), observer)
+    return Quantizer().set_filter_function(lambda node: node.name not in skip).set_global(config)
 
 
 def threads() -> int:

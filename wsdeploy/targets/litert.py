@@ -16,8 +16,15 @@ usual performance trap), for a selective runtime build. Verified with LiteRT's i
 written.
 
 With ``--rpc`` of the emulated arm64 device the same file runs there through LiteRT's C API
-and its aarch64 library (``runner``). fp32 only, at the concrete ``--input-shape`` (the
-converter's shapes are static); int8 is not built yet.
+and its aarch64 library (``runner``). Built at the concrete ``--input-shape`` (the
+converter's shapes are static).
+
+int8 is LiteRT's own PT2E flow (``pt2e.quantize`` with ``litert_torch``'s ``PT2EQuantizer``:
+per-channel int8 weights, static int8 activations), every WSNet layer folded first, and the
+converter in its static QDQ mode: XNNPACK runs the convs, pools and the mean in integers.
+The converter runs in its strict QDQ mode (``_strict_qdq``), which keeps the model's input
+and output float with QUANTIZE/DEQUANTIZE inside, as the other targets' files take them;
+left to itself it made the input an int8 tensor the app must quantize.
 
 Optional, and not a pip extra: ``pip install --no-deps -r`` the ``litert-requirements.txt``
 beside this module (exact versions). pip cannot resolve litert-converter's declared
@@ -41,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsdeploy.errors import CompileError, WsdeployError
 
+from . import pt2e
 from .base import DELEGATION, Runner, Target, delegation_report
 
 if TYPE_CHECKING:
@@ -116,9 +124,14 @@ def build(
     from wsdeploy import trace
 
     printed: list[str] = []
+    int8 = _quantized(program)
     try:
-        with _quiet(printed):
-            model = litert_torch.convert(program.module(), trace.example_inputs(program))
+        with _quiet(printed), _strict_qdq() if int8 else contextlib.nullcontext():
+            model = litert_torch.convert(
+                program.module(),
+                trace.example_inputs(program),
+                quant_config=_static_qdq() if int8 else None,
+            )
             content = model.model_content()
     except Exception as e:
         raise CompileError(
@@ -128,6 +141,80 @@ def build(
     interpreter = _interpreter(outdir / FILENAME, threads=1)
     (outdir / DELEGATION).write_text(json.dumps(delegation(interpreter), indent=2) + "\n")
     return [FILENAME, DELEGATION]
+
+
+def _quantized(program: torch.export.ExportedProgram) -> bool:
+    """The program holds PT2E's quantize/dequantize ops (an int8 build's reference)."""
+    return any(
+        str(node.target).startswith("quantized_decomposed.")
+        for node in program.graph.nodes
+        if node.op == "call_function"
+    )
+
+
+def _static_qdq():
+    """The converter's config for a PT2E-quantized program: its static QDQ mode (the config
+    carries a quantizer only to say so; the program is quantized already)."""
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    return QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(config))
+
+
+@contextlib.contextmanager
+def _strict_qdq():
+    """The converter with ``strict_qdq_mode`` set: the program's quantize/dequantize ops
+    stay where they are, so the input stays float behind a QUANTIZE (litert-torch 0.10 sets
+    the converter's config itself and has no argument for it)."""
+    from litert_torch._convert import litert_converter
+
+    api = litert_converter.converter_api_ext
+    make = api.ConvertToTFLConfig
+
+    def strict():
+        config = make()
+        config.strict_qdq_mode = True
+        return config
+
+    api.ConvertToTFLConfig = strict
+    try:
+        yield
+    finally:
+        api.ConvertToTFLConfig = make
+
+
+def quantize(module, batches, method: str = "auto") -> tuple[Any, float, str]:
+    """int8 as LiteRT runs it: the PT2E flow (``pt2e.quantize``) with LiteRT's own quantizer
+    (symmetric per-output-channel int8 weights, static int8 activations); the weights stay
+    fp32 behind their quantize ops, which the converter folds into int8 constants."""
+    _require()
+    return pt2e.quantize(module, batches, method, _litert_quantizer, fold_quantize=False)
+
+
+def _litert_quantizer(observer, skip: set[str]):
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    class Quantizer(PT2EQuantizer):
+        def _annotate_all_static_patterns(self, model, config, filter_fn=None):
+            def keep(node) -> bool:
+                return node.name not in skip and (filter_fn is None or filter_fn(node))
+
+            return super()._annotate_all_static_patterns(model, config, keep)
+
+        def annotate(self, model):
+            model = super().annotate(model)
+            pt2e.annotate_more(model, skip)
+            return model
+
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    return Quantizer().set_global(pt2e.observed(config, observer))
 
 
 def delegation(interpreter) -> dict[str, Any]:
@@ -304,8 +391,9 @@ LITERT = Target(
     artifact=FILENAME,
     build=build,
     load=load,
-    passes={"fp32": ()},
+    passes={"fp32": (), "int8": ()},
     consumes="torch",
+    quantize=quantize,
     report=delegation_report,
     requires=_require,
     threads=threads,

@@ -60,6 +60,8 @@ def test_zoo_models_build_and_verify_with_every_strategy(model, tmp_path):
         assert layers and all(layer["strategy"] in ("fold", "shared") for layer in layers)
         if strategy != "auto":
             assert {layer["strategy"] for layer in layers} == {strategy}
+        else:  # LiteRT's own cost model (passes._cost.LITERT) decides
+            assert all(layer["strategy"] == layer["auto"]["litert"] for layer in layers)
         sizes[strategy] = m["size"]["artifact_bytes"]
         assert m["size"]["dense_baseline_bytes"] == sizes.get("fold", sizes[strategy])
     # shared stores phi: the file is the condensed model's, not the dense one's

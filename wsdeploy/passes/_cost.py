@@ -42,6 +42,15 @@ GB/s, so the shared graph was slower on 15 of them (up to 17x on wsnet2d-cifar's
 layer); the estimate's decision under ``auto``'s 10% rule matched the measured one on 16 of
 17 (SoundNet-8's last layer, measured a tie, is estimated 1.9x slower shared)."""
 
+LITERT = Costs(64.8e9, 24.2e-6, 3.50e9, 22.0e-6, fixed_weights=True)
+"""LiteRT 2.3's interpreter with its XNNPACK delegate, the same ATen lowering converted by
+``litert_torch``: fitted the same way on the same 17 layers (``python -m benchmarks.cost_fit
+litert``, results in benchmarks/results/litert_layers.json, session 23). Close to
+ExecuTorch's (the same XNNPACK): 65 GMAC/s dense, the diagonal sums at 3.5 GB/s, so shared
+is faster only on SoundNet-8's 7th and last layers; the decisions match the measured ones on
+16 of 17 (the miss: SoundNet-8's 6th layer, estimated a tie, measured 1.14x faster folded),
+where ExecuTorch's constants matched 15."""
+
 ORT_INT8 = Costs(242.3e9, 13.1e-6, 22.9e9, 18.8e-6, table_macs_per_s=87.5e9)
 """ONNX Runtime's dense int8 layout (``compiler.int8_layers``): a folded layer is one
 QLinearConv (uint8 activations, 7-bit weights per output channel); a layer kept WSNet runs
@@ -52,7 +61,7 @@ per layer, except the first layers of wsnet2d-cifar, 0.6x, and wsnet1d-tiny, 0.9
 shared graph with its table conv at that float rate. So int8 folds more layers than fp32:
 every layer of wsnet1d-tiny and wsnet2d-cifar, and SoundNet-8's first two and its last."""
 
-COSTS = {"ort": ORT, "ort-int8": ORT_INT8, "xnnpack": XNNPACK}
+COSTS = {"ort": ORT, "ort-int8": ORT_INT8, "xnnpack": XNNPACK, "litert": LITERT}
 """The cost model of each standard-op runtime ``auto`` decides for."""
 
 

@@ -40,12 +40,13 @@ def record(
         # as built
         "macs": lowered_macs(lay, strategy, native),
         # what auto picks on the standard-op runtimes (ONNX Runtime fp32 and its int8
-        # integer kernels, ExecuTorch's XNNPACK) and on TVM's native kernels
+        # integer kernels, ExecuTorch's XNNPACK, LiteRT's) and on TVM's native kernels
         "auto": {
             "ort": choose(lay, "auto", goal=goal),
             "ort-int8": choose(lay, "auto", goal=goal, runtime="ort-int8"),
             "tvm": choose(lay, "auto", native=True, goal=goal),
             "xnnpack": choose(lay, "auto", goal=goal, runtime="xnnpack"),
+            "litert": choose(lay, "auto", goal=goal, runtime="litert"),
         },
     }
 

@@ -3,8 +3,8 @@ its CPU path, XNNPACK.
 
 Like ``executorch`` it consumes the torch program (``Target.consumes = "torch"``): after the
 torch stage has recognised the WSNet layers, ``passes.aten`` lowers each one to standard
-ATen ops (folded to a dense conv, or the shared computation; ``auto`` by XNNPACK's cost
-model, which is what runs them here too), then LiteRT's own converter::
+ATen ops (folded to a dense conv, or the shared computation; ``auto`` by LiteRT's own cost model,
+``passes._cost.LITERT``), then LiteRT's own converter::
 
     litert_torch.convert(program.module(), example_inputs).model_content()
 
@@ -393,6 +393,7 @@ LITERT = Target(
     load=load,
     passes={"fp32": (), "int8": ()},
     consumes="torch",
+    cost_model="litert",
     quantize=quantize,
     report=delegation_report,
     requires=_require,

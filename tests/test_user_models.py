@@ -449,21 +449,22 @@ def test_non_float_inputs_are_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["two.pt2", "two.pt"])
-@pytest.mark.parametrize("target", ["onnx", "x86_64", "executorch"])
+@pytest.mark.parametrize("target", ["onnx", "x86_64", "executorch", "litert"])
 def test_several_inputs_in_int8_with_data_keyed_by_input_name(two_files, tmp_path, kind, target):
     root, _ = two_files
     out = tmp_path / "o"
     args = ["export", str(root / kind), "--target", target, "-o", str(out), *TWO_SHAPES[kind]]
     args += ["--quantize", "int8", "--calib", str(root / "calib.npz")]
-    # XNNPACK's int8 (executorch) agrees less on this untrained model (97.7%): its gate
-    # runs on agreement alone, without the labels' 1-point accuracy rule
-    gate_file = "gate_unlabelled.npz" if target == "executorch" else "gate.npz"
+    # the PT2E int8 (executorch, litert) agrees less on this untrained model (97.7%): its
+    # gate runs on agreement alone, without the labels' 1-point accuracy rule
+    pt2e = target in ("executorch", "litert")
+    gate_file = "gate_unlabelled.npz" if pt2e else "gate.npz"
     result = _run([*args, "--gate-data", str(root / gate_file), "--min-agreement", "0.9"])
     assert result.exit_code == 0, result.output
     m = json.loads((out / "manifest.json").read_text())
     gate = m["verification"]["accuracy_gate"]
     assert gate["passed"] and gate["n"] == 128
-    assert (gate["accuracy_drop"] is None) == (target == "executorch")
+    assert (gate["accuracy_drop"] is None) == pt2e
     if target == "onnx":  # (a TVM library's size is mostly code)
         assert m["size"]["artifact_bytes"] < m["size"]["wsnet_fp32_bytes"]
     result = _run([*args, "--gate-data", str(root / "audio_only.npz")])
@@ -526,22 +527,23 @@ def test_save_keeps_an_axis_of_a_pickle_dynamic_and_onnx_keeps_it(two_files, tmp
         assert not (tmp_path / "bad.pt2").exists()
 
 
-@pytest.mark.parametrize("target", ["onnx", "ort", "x86_64", "executorch"])
+@pytest.mark.parametrize("target", ["onnx", "ort", "x86_64", "executorch", "litert"])
 def test_int8_of_a_dynamic_length_program(two_files, tmp_path, target):
     """int8 keeps the dynamic axis where fp32 does (onnx, ort), calibrated and gated at
     --input-shape and verified against the fake-quantized model at the other sizes too;
-    TVM, and ExecuTorch's own quantizer, build it at --input-shape."""
+    TVM, and ExecuTorch's and LiteRT's own quantizers, build it at --input-shape."""
     root, _ = two_files
     out = tmp_path / "o"
     args = ["export", str(root / "two_dyn.pt2"), "--target", target, "-o", str(out)]
     args += ["--input-shape", "audio=1,1,512", "--quantize", "int8"]
-    gate = "gate_unlabelled.npz" if target == "executorch" else "gate.npz"  # (as above)
+    pt2e = target in ("executorch", "litert")
+    gate = "gate_unlabelled.npz" if pt2e else "gate.npz"  # (as above)
     args += ["--calib", str(root / "calib.npz"), "--gate-data", str(root / gate)]
     result = _run([*args, "--min-agreement", "0.9"])
     assert result.exit_code == 0, result.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["verification"]["passed"] and m["verification"]["accuracy_gate"]["passed"]
-    if target in ("x86_64", "executorch"):
+    if target == "x86_64" or pt2e:
         assert "axis 2 = 512 of [64, 4096] (a dynamic program, built for this shape only)" in (
             result.output
         )

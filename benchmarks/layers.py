@@ -127,15 +127,45 @@ ORT_VARIANTS = {
 }
 
 
+TORCH_TARGET_VARIANTS = {
+    ("executorch", "fold"): "executorch dense conv",
+    ("executorch", "shared"): "executorch shared graph",
+    ("litert", "fold"): "litert dense conv",
+    ("litert", "shared"): "litert shared graph",
+}
+"""The talk layer on the targets consuming the torch program (XNNPACK through ExecuTorch
+and LiteRT), fp32: folded and shared by ``passes.aten``. (Their int8 keeps the layers that
+feed a model's output in fp32, so a one-layer model has nothing to quantize.)"""
+
+
 def talk_variants(cfg: dict, workdir: Path, records: Path) -> dict[str, dict]:
     """The talk layer's formulations: every layer's, plus ONNX Runtime's dense conv written
-    as Conv2d and PyTorch's dense conv and shared computation."""
+    as Conv2d, ExecuTorch's and LiteRT's dense conv and shared graph, and PyTorch's dense
+    conv and shared computation."""
+    from wsdeploy.targets import get_target
+
     shape = input_shape(cfg)
     tag = f"{cfg['name']}-s{cfg['stride']}"
-    specs, _ = build_variants(layer_module(cfg), shape, tag, workdir, records)
+    module = layer_module(cfg)
+    specs, _ = build_variants(module, shape, tag, workdir, records)
     path = workdir / f"{cfg['name']}-s{cfg['stride']}-dense2d.onnx"
     _dense_conv2d(cfg, path)
     specs["ort dense as Conv2d (1,L)"] = {"runtime": "ort", "path": str(path), "dense": True}
+    loaded = LoadedModel.from_module(module, tuple(shape))
+    for (name, strategy), label in TORCH_TARGET_VARIANTS.items():
+        target = get_target(name)
+        program, _ = lower(loaded, strategy, target)
+        out = workdir / f"{tag}-{name}-{strategy}"
+        out.mkdir(exist_ok=True)
+        target.build(program, out)
+        specs[label] = {
+            "runtime": name,
+            "path": str(out / target.artifact),
+            "dense": strategy == "fold",
+            # far from the bars' rows (2-4x ONNX Runtime's dense conv), and each process
+            # takes 5 s to import its runtime: three rounds, not TALK_ROUNDS
+            "rounds": ROUNDS,
+        }
     specs["torch dense conv1d"] = {
         "runtime": "layer-torch",
         "variant": "dense",

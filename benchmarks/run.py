@@ -516,8 +516,9 @@ def markdown(
             f"measured peak {res['peak_gmacs']:.0f} GMAC/s.",
             "",
             "*median* and *p90* time compute only (buffers bound before timing: ONNX "
-            "Runtime's IOBinding, TVM's time_evaluator; PyTorch's call is the same either "
-            "way); *end to end* is the runtime's public Python API on a numpy input, copies "
+            "Runtime's IOBinding, TVM's time_evaluator, LiteRT's invoke on the input set "
+            "before; PyTorch's and ExecuTorch's calls are the same either way); *end to "
+            "end* is the runtime's public Python API on a numpy input, copies "
             "and output allocation included. Speedups and GMAC/s use compute only.",
             "",
             "| formulation | median ms | p90 ms | end to end ms | speedup vs best dense "

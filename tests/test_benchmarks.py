@@ -94,7 +94,7 @@ def test_quick_benchmark_run(tmp_path):
         "same call",
     }
     int8 = [r for r in models if r["precision"] == "int8"]
-    assert len(int8) == 9 and all(r["agreement"] >= 0.99 for r in int8)
+    assert len(int8) == 10 and all(r["agreement"] >= 0.99 for r in int8)
     assert all(r["gate_n"] == 1000 for r in int8)
     machine = json.loads((tmp_path / "layers.json").read_text())["machine"]
     assert machine["seconds"] > 0 and machine["tune_seconds"] == 0  # --quick: no tuning

@@ -21,7 +21,8 @@ converter's shapes are static).
 
 int8 is LiteRT's own PT2E flow (``pt2e.quantize`` with ``litert_torch``'s ``PT2EQuantizer``:
 per-channel int8 weights, static int8 activations), every WSNet layer folded first, and the
-converter in its static QDQ mode: XNNPACK runs the convs, pools and the mean in integers.
+converter in its static QDQ mode: XNNPACK runs the convs and max pools on int8 (the mean and
+the classifier after the last conv stay float, as the recipe keeps them).
 The converter runs in its strict QDQ mode (``_strict_qdq``), which keeps the model's input
 and output float with QUANTIZE/DEQUANTIZE inside, as the other targets' files take them;
 left to itself it made the input an int8 tensor the app must quantize.

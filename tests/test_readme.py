@@ -32,6 +32,16 @@ def test_readme_quotes_the_committed_benchmark_results():
     assert block == (ROOT / "benchmarks" / "results" / "results.md").read_text()
 
 
+_FP32_NOISE = re.compile(r"max abs err \d(\.\d+)?e-(0[6-9]|[1-9]\d)\b")
+
+
+def _noise(line: str) -> str:
+    """A printed line with an fp32 rounding-level error (1e-6 and below) masked: its digits
+    depend on the CPU's kernels (README quotes 8.9e-08 at one length, printed on an AMD EPYC;
+    an AVX-512 Xeon prints 6e-08 for the same build), the PASS beside it does not."""
+    return _FP32_NOISE.sub("max abs err (fp32 rounding)", line)
+
+
 def test_your_own_model_section_is_what_the_product_prints(tmp_path):
     """README's own-model walk runs as shown: its snippets save the models and data (the
     dynamic-length export is appended to the first), then each quoted command prints the
@@ -58,8 +68,10 @@ def test_your_own_model_section_is_what_the_product_prints(tmp_path):
         for command, expected in quoted:
             result = CliRunner().invoke(main, command.split()[1:])
             assert result.exit_code == 0, result.output
-            printed = iter(line.rstrip() for line in result.output.splitlines())
-            missing = [line for line in expected.splitlines() if line.rstrip() not in printed]
+            printed = iter(_noise(line.rstrip()) for line in result.output.splitlines())
+            missing = [
+                line for line in expected.splitlines() if _noise(line.rstrip()) not in printed
+            ]
             assert not missing, (command, missing, result.output)  # each, in this order
     finally:
         os.chdir(cwd)

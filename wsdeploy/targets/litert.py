@@ -125,7 +125,7 @@ def build(
     from wsdeploy import trace
 
     printed: list[str] = []
-    int8 = _quantized(program)
+    int8 = _holds_qdq(program)
     try:
         with _quiet(printed), _strict_qdq() if int8 else contextlib.nullcontext():
             model = litert_torch.convert(
@@ -144,7 +144,7 @@ def build(
     return [FILENAME, DELEGATION]
 
 
-def _quantized(program: torch.export.ExportedProgram) -> bool:
+def _holds_qdq(program: torch.export.ExportedProgram) -> bool:
     """The program holds PT2E's quantize/dequantize ops (an int8 build's reference)."""
     return any(
         str(node.target).startswith("quantized_decomposed.")

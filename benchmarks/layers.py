@@ -353,9 +353,10 @@ def bench_layer(
     min_seconds: float = MIN_SECONDS,
     *,
     records: Path,
+    rounds: int = TALK_ROUNDS,
 ) -> dict:
-    """The talk layer at ``cfg``'s conv stride, every formulation, in ``TALK_ROUNDS``; TVM
-    builds take the tuning records under ``records``."""
+    """The talk layer at ``cfg``'s conv stride, every formulation, in ``rounds`` (a spec's
+    own ``rounds`` caps it); TVM builds take the tuning records under ``records``."""
     specs = talk_variants(cfg, workdir, records)
     dense_macs, shared_macs = theory(cfg)
     say = (lambda m: progress(f"layer stride {cfg['stride']}: {m}")) if progress else None
@@ -366,7 +367,7 @@ def bench_layer(
         "theoretical_speedup": dense_macs / shared_macs,
         "peak_gmacs": peak,
         "rows": _time_variants(
-            specs, dense_macs, shared_macs, repeat, peak, say, TALK_ROUNDS, min_seconds
+            specs, dense_macs, shared_macs, repeat, peak, say, rounds, min_seconds
         ),
     }
 

@@ -132,6 +132,7 @@ def bench_models(
     trials: int = 0,
     min_seconds: float = MIN_SECONDS,
     phases: dict | None = None,
+    rounds: int = ROUNDS,
 ) -> list[dict]:
     """Export, time and evaluate every build of ``BUILDS`` for each model. With ``trials``,
     one MetaSchedule session per model then tunes the kernels of its ``TUNED_STRATEGIES`` TVM
@@ -203,6 +204,7 @@ def bench_models(
         timings = time_rounds(
             {label: {**spec, "shape": shape, "eval": str(npz)} for label, spec, *_ in builds},
             repeat,
+            rounds,
             say=lambda m, name=name: say(f"{name}: time {m}"),
             min_seconds=min_seconds,
         )
@@ -466,14 +468,16 @@ def _fastest(rows: dict[str, dict]) -> list[str]:
 def markdown(
     layers: list[dict], models: list[dict], info: dict, command: str, zoo: list[dict] = ()
 ) -> str:
-    extra = sum(max(0, len(r.get("round_medians", ())) - ROUNDS) for r in models)
+    talk_rounds, model_rounds = info.get("rounds", (TALK_ROUNDS, ROUNDS))
+    extra = sum(max(0, len(r.get("round_medians", ())) - model_rounds) for r in models)
     lines = [
         f"Measured by `{command}` on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
         "Each build is timed in fresh processes, every runtime on "
         f"{info.get('threads', '?')} threads, each process for at least "
         f"{info.get('repeat', 30)} runs and {info.get('min_seconds', 0)} s after its warm-up: "
-        f"the talk layer in {TALK_ROUNDS} and the zoo models in {ROUNDS} interleaved rounds "
+        f"the talk layer in {talk_rounds} (its ExecuTorch and LiteRT rows in at most "
+        f"{min(ROUNDS, talk_rounds)}) and the zoo models in {model_rounds} interleaved rounds "
         "(the median of the rounds' medians, p90 over all runs), except torch.compile's builds "
         "(one round: inductor compiles in every process), each zoo layer in one round."
         + (
@@ -768,6 +772,9 @@ def main() -> None:
         return
     repeat = args.repeat or (10 if args.quick else 30)
     min_seconds = 0.0 if args.quick else MIN_SECONDS
+    # --quick: one round of everything (CI checks the harness, not the numbers; the talk
+    # layer's five rounds, with ExecuTorch's and LiteRT's 5-second imports, took most of it)
+    talk_rounds, model_rounds = (1, 1) if args.quick else (TALK_ROUNDS, ROUNDS)
     names = ["wsnet1d-tiny", "wsnet2d-cifar"] + ([] if args.quick else ["wsnet1d-soundnet8"])
     # --quick: the zoo's layers of both small models, but their 16 whole-model builds (each
     # int8 one gated on 1000 inputs) for one: CI checks the harness, not the numbers
@@ -796,6 +803,7 @@ def main() -> None:
                 say,
                 min_seconds,
                 records=none,
+                rounds=talk_rounds,
             )
             for s in (1, 2)
         ]
@@ -814,10 +822,12 @@ def main() -> None:
             0 if args.quick else args.trials,
             min_seconds,
             phases,
+            model_rounds,
         )
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["repeat"] = repeat
     info["min_seconds"] = min_seconds
+    info["rounds"] = (talk_rounds, model_rounds)
     info["tune_seconds"] = round(sum(_tuning(models).values()), 1)
     (args.out / "layers.json").write_text(
         json.dumps(

@@ -52,9 +52,12 @@ def test_auto_on_native_targets_counts_the_kernels_work():
     for model in (talk, first):
         StrategyPass("auto", native=True, goal="speed")(model)
     nodes = [n for m in (talk, first) for n in m.graph if n.domain == "wsnet"]
-    assert [n.meta[STRATEGY_KEY] for n in nodes] == ["custom", "fold", "fold"]
+    # the first layer's kernel tables blocks of gcd(8, 64) = 8 taps at the even input
+    # positions only: 3x fewer multiply-adds than its dense conv (every tap of the plain
+    # table, 1.4x more; the 2-thread kernel measured 0.78 ms against TVM's dense conv 2.3 ms)
+    assert [n.meta[STRATEGY_KEY] for n in nodes] == ["custom", "custom", "fold"]
     assert kernel_macs(nodes[0]) * 10 < macs(nodes[0])[0]
-    assert kernel_macs(nodes[1]) > macs(nodes[1])[0] > macs(nodes[1])[1]
+    assert kernel_macs(nodes[1]) * 3 < macs(nodes[1])[0]
 
 
 def test_goals_trade_file_size_against_estimated_time():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -59,13 +61,15 @@ conv1d_cfg = st.fixed_dictionaries(
         "cs": st.integers(1, 5),
         "r": st.integers(1, 3),
         "n": st.integers(1, 20),
-        "k": st.integers(1, 9),
+        # long filters and sample strides of 8 as SoundNet's first layers: blocks of 8 taps
+        "k": st.one_of(st.integers(1, 9), st.sampled_from([16, 24, 64])),
         "s": st.integers(1, 4),
-        "S": st.integers(1, 4),
+        "S": st.one_of(st.integers(1, 4), st.just(8)),
         "p": st.integers(0, 5),
         "t_out": st.integers(1, 300),
         "epilogue": st.sampled_from(["none", "affine", "affine_relu"]),
         "vl": st.sampled_from([4, 8, 16]),
+        "G": st.sampled_from([None, 1]),  # None: the kernel's blocks, gcd(S, k) taps
     }
 )
 
@@ -80,9 +84,21 @@ def test_fused_conv1d_kernel_matches_reference(cfg):
     phi = phi.astype(np.float32)
     x = rng.standard_normal((cfg["b"], c, t_in)).astype(np.float32)
     func, info = make_ws_conv1d(
-        cfg["b"], c, t_in, n, k, s, p, cfg["S"], cfg["r"], VL=cfg["vl"], epilogue=cfg["epilogue"]
+        cfg["b"],
+        c,
+        t_in,
+        n,
+        k,
+        s,
+        p,
+        cfg["S"],
+        cfg["r"],
+        VL=cfg["vl"],
+        epilogue=cfg["epilogue"],
+        G=cfg["G"],
     )
     assert info["To"] == t_out
+    assert info["G"] == (cfg["G"] or math.gcd(cfg["S"], k))
     w = sampling.materialize_conv1d(phi, n, k, cfg["S"], cfg["r"])
     expected = conv_ref(x, w, s, p)
     args = [x, phi]
@@ -210,10 +226,12 @@ def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
         VL=cfg["vl"],
         epilogue="affine_relu" if relu else "affine",
         qdtype=qdtype,
+        pmadd=pmadd,
+        G=cfg["G"],
     )
     exact = ws_conv1d_int_ref(xq, q, shifts.astype(np.int64), n, k, s, p, cfg["S"], cfg["r"])
     ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
-    weights = [pack_phi(q, shifts)] if info["pmadd"] else [q, shifts]
+    weights = [pack_phi(q, shifts, info["G"])] if info["pmadd"] else [q, shifts]
     got = _run(func, [xq, *weights, ones, zeros], exact.shape)
     expected = exact.astype(np.float32)  # float(sum): the same rounding numpy does
     np.testing.assert_array_equal(got, np.maximum(expected, 0) if relu else expected)

@@ -68,12 +68,13 @@ def test_auto_folds_only_where_the_kernel_would_do_more_work(tmp_path):
     out = tmp_path / "o"
     options = ExportOptions(target="x86_64", n_verify=8, goal="speed")
     m = export("wsnet1d-tiny", out, options).manifest
-    # The first layer (one input channel, 32 taps) runs faster as a dense conv; the linear
-    # classifier's kernel would do the dense multiply-adds, so it folds too (for speed; the
-    # balanced default keeps it WSNet: the same work, a smaller file).
-    assert [layer["strategy"] for layer in m["layers"]] == ["fold", "custom", "custom", "fold"]
+    # Every conv stays WSNet: the first one (one input channel, 32 taps, S = 8) as blocks of
+    # 8 taps, 2.4x fewer multiply-adds than dense (measured 0.017 ms against TVM's dense conv
+    # 0.044). The linear classifier's kernel would do the dense multiply-adds, so it folds
+    # (for speed; the balanced default keeps it WSNet: the same work, a smaller file).
+    assert [layer["strategy"] for layer in m["layers"]] == ["custom", "custom", "custom", "fold"]
     kernels = bench(out, repeat=2)["kernels_ms"]
-    assert sum(name.startswith("wsnet_conv1d") for name in kernels) == 2
+    assert sum(name.startswith("wsnet_conv1d") for name in kernels) == 3
 
 
 def _conv_module(ndim: int, reuse: bool):

@@ -109,15 +109,19 @@ def macs(attrs: dict[str, int], x: Shape, y: Shape, phi: Shape) -> tuple[int, in
 
 
 def kernel_macs(attrs: dict[str, int], x: Shape, y: Shape, phi: Shape) -> int:
-    """The TVM targets' kernels: the product table, then every filter tap summed directly
-    (N x taps per output; no prefix sums, which cost more than they save at these filter
-    lengths)."""
+    """The TVM targets' kernels: the product table, then N sums per output (no prefix sums,
+    which cost more than they save at these filter lengths). The 1-D kernel tables blocks
+    of g = gcd(S, k) taps (``kernels.make_ws_conv1d``'s G: the same multiply-adds per
+    tabled position, k/g terms per sum) at the input positions blocks start on (every
+    gcd(g, s)-th); the 2-D one tables single taps at every position."""
     k, s = attrs["kernel_size"], attrs["stride"]
     spatial_out = y[2:]
     positions = math.prod((o - 1) * s + k for o in spatial_out)
-    taps = k ** len(spatial_out)
+    g = math.gcd(attrs["sample_stride"], k) if len(spatial_out) == 1 else 1
+    terms = k ** len(spatial_out) // g
     return x[0] * (
-        positions * math.prod(phi) + attrs["out_channels"] * taps * math.prod(spatial_out)
+        positions // math.gcd(g, s) * math.prod(phi)
+        + attrs["out_channels"] * terms * math.prod(spatial_out)
     )
 
 

@@ -140,7 +140,7 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from .kernels import make_ws_conv1d
+    from .kernels import make_ws_conv1d, pack_phi
 
     def epilogue_args(inputs):
         scale = inputs[2] if len(inputs) > 2 else None
@@ -228,7 +228,7 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
             n = attr["out_channels"]
             r = attr["channel_repeat"]
             sh = shifts(attr, c // r)
-            packed = _packed_phi(w, sh, r)
+            packed = _pmadd_fits(w, sh, r)
             func, info = make_ws_conv1d(
                 b,
                 c,
@@ -242,10 +242,13 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
                 VL=vl,
                 epilogue="affine_relu" if attr.get("relu", 0) == 1 else "affine",
                 qdtype=str(xq.ty.dtype),
-                pmadd=packed is not None,
+                pmadd=packed,
             )
             gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d_int")
-            weights = [relax.const(packed)] if info["pmadd"] else [w, relax.const(sh)]
+            if info["pmadd"]:  # packed by the kernel's blocks of taps
+                weights = [relax.const(pack_phi(w.value.numpy(), sh, info["G"]))]
+            else:
+                weights = [w, relax.const(sh)]
             args = [xq, *weights, out_scale, bias]
             out = relax.TensorType([b, n, info["To"]], "float32")
             return bb.emit(relax.call_tir(gv, args, out))
@@ -307,20 +310,16 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
     }
 
 
-def _packed_phi(phi, sh: np.ndarray, repeat: int) -> np.ndarray | None:
-    """phi packed for the fused kernel's int16 pairwise variant (``kernels.pack_phi``), if
-    phi is constant, the shifted phi fits int16 and so do the pre-sums of ``repeat`` 8-bit
-    channels; else None."""
+def _pmadd_fits(phi, sh: np.ndarray, repeat: int) -> bool:
+    """Whether the fused kernel's int16 pairwise variant can take phi: phi is constant (it is
+    packed at build time, ``kernels.pack_phi``), the shifted phi fits int16 and so do the
+    pre-sums of ``repeat`` 8-bit channels."""
     import tvm
 
-    from .kernels import pack_phi
-
     if not isinstance(phi, tvm.ir.expr.Constant) or repeat * 255 >= 2**15:
-        return None
+        return False
     q = phi.value.numpy()
-    if int(np.abs(q.astype(np.int64)).max(initial=0)) << int(sh.max(initial=0)) >= 2**15:
-        return None
-    return pack_phi(q, sh)
+    return int(np.abs(q.astype(np.int64)).max(initial=0)) << int(sh.max(initial=0)) < 2**15
 
 
 def _pmadd_weights(w, sh: np.ndarray) -> np.ndarray | None:

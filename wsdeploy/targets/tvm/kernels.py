@@ -9,15 +9,19 @@ make_ws_conv1d(...) -> (tirx.PrimFunc, info), fast without any tuning:
 Per tile of TT output positions (T.parallel over batch x tiles), everything in cache:
   1. xs_t[c*, ph, w] = sum_r x[b, c*+r*C*, (t0+w)*s + ph - p]   phase-split: u = (t0+w)*s + ph
      (s == 2: unit-stride 32-lane loads + T.Shuffle de-interleave, no gathers)
-  2. P_t[v, ph, w] = sum_c* phi[c*, v] * xs_t[c*, ph, w]        register tile VB x (WB*16)
-  3. y[b, i, t0+j] = sum_k P_t[i*S+k, k % s, j + k // s]        8 vector loads per 16 outputs
+  2. P_t[j, ph, w] = sum_{c*, m<G} phi[c*, jG+m] * xs_t[c*, ph+m (phase-split), w]
+     G-tap blocks (G = gcd(S, L)), register tile VB x (WB*16); only the phases blocks
+     start on (every gcd(G, s)-th)
+  3. y[b, i, t0+j] = sum_{k<L/G} P_t[i*S/G+k, phase of kG, j + kG // s]   L/G vector loads
 The phase split makes all inner accesses unit-stride for any conv stride s. W (N,C,L) is
-never formed and P only exists as one (L*, s, ~TT) tile (L2 resident).
+never formed and P only exists as one (L*/G, phases, ~TT) tile (L2 resident).
 The last tile is clamped to t0 = T_out - TT (recomputes a few outputs, no predicates);
 tiles touching the zero padding / the end of x take a guarded scalar path for step 1.
 """
 
 from __future__ import annotations
+
+import math
 
 from tvm.script import tirx as T
 
@@ -62,6 +66,7 @@ def make_ws_conv1d(
     dtype="float32",
     qdtype=None,
     pmadd=False,
+    G=None,
     name="ws_conv1d",
 ):
     """The fused kernel for one WSConv1d shape; ``VL`` is the target's float vector width.
@@ -72,35 +77,49 @@ def make_ws_conv1d(
     float: ``y = float(sum) * scale + shift``.
 
     ``pmadd`` (integer, AVX2/AVX-512): the product table as int16 pairwise multiply-adds
-    (vpmaddwd/vpdpwssd) over pairs of condensed channels: the pre-sums are interleaved by
-    channel pair in the tile, and phi comes packed (``pack_phi``: (ceil(C*/2), L*) int32
-    words of shifted int16 pairs) instead of phi and shifts. ``info["pmadd"]`` says whether
-    the variant was used (it needs 8 or 16 lanes after narrowing to the output length)."""
+    (vpmaddwd/vpdpwssd) over pairs of block rows (c*, m): the pre-sums are interleaved by
+    row pair in the tile, and phi comes packed (``pack_phi(phi, shifts, G)``: (ceil(C* G/2),
+    L*/G) int32 words of shifted int16 pairs) instead of phi and shifts. ``info["pmadd"]``
+    says whether the variant was used (it needs 8 or 16 lanes after narrowing to the output
+    length).
+
+    ``G``: taps per block (README's blocked shared computation; default gcd(S, L)). The
+    table holds sums of G consecutive taps, Q[j, u] = sum_{c*, m < G} phi[c*, jG + m]
+    xs[c*, u + m]: the same multiply-adds as the plain product table, but each filter then
+    sums L/G entries instead of L. Only the input phases the blocks start on are tabled
+    (gcd(G, s) apart): a conv stride that divides G needs phase 0 alone."""
     Cs = C // r
     Ls = L + (N - 1) * S
     To = (T_in + 2 * p - L) // s + 1
     VL = vector_lanes(VL, To)
     assert Cs * r == C and To >= VL, "need C divisible by r"
+    INT = qdtype is not None
+    PM = INT and pmadd and VL in PMADD  # vpmaddwd needs 8 or 16 int32 lanes
+    G = G or math.gcd(S, L)
+    assert L % G == 0 and S % G == 0, "a block of G taps must tile the filter and its stride"
+    D = math.gcd(G, s)  # tabled input phases: 0, D, 2D, ...
+    NPH, Lb, SG, KB = s // D, Ls // G, S // G, L // G
     TT = min(TT, To - To % VL)
     n_tiles = (To + TT - 1) // TT
     KW = (L - 1) // s  # extra columns per phase beyond the tile
     WT = (TT + KW + VL - 1) // VL * VL  # tile width per phase, whole vectors
     nWV = WT // VL
+    # the pre-sum tile is wider by the columns a block's later taps reach
+    nXV = nWV + ((s - D + G - 1) // s + VL - 1) // VL
+    WX = nXV * VL
     WB = WB or _pick(nWV, 1, 4) or 1  # vectors per register block along w
-    VB = VB or _pick(Ls, 4, 8) or 4  # rows per register block along v
+    VB = VB or _pick(Lb, 4, 8) or 4  # rows per register block along v
     assert nWV % WB == 0
-    nVB, Lrem, nWB, TV = Ls // VB, Ls % VB, nWV // WB, TT // VL
+    nVB, Lrem, nWB, TV = Lb // VB, Lb % VB, nWV // WB, TT // VL
     NT = n_tiles * B
     PH1, PH2, PH3 = (1 in phases), (2 in phases), (3 in phases)
     EPI = epilogue != "none"
     RELU = epilogue == "affine_relu"
     EV = [2 * ln for ln in range(VL)]  # de-interleave indices for s == 2
     OD = [2 * ln + 1 for ln in range(VL)]
-    INT = qdtype is not None
     if INT:
         assert EPI, "the integer kernel needs its scale epilogue"
-    PM = INT and pmadd and VL in PMADD  # vpmaddwd needs 8 or 16 int32 lanes
-    Cs2 = (Cs + 1) // 2
+    Cs2 = (Cs * G + 1) // 2  # (pmadd) pairs of block rows (c*, m)
     IL = [i // 2 + (i % 2) * VL for i in range(2 * VL)]  # interleave two VL vectors
     XT = qdtype or dtype  # x
     WT_ = "int8" if INT else dtype  # phi
@@ -119,16 +138,23 @@ def make_ws_conv1d(
             return T.shift_left(T.Cast(AT, phi[c, v]), sh[c])
         return phi[c, v]
 
+    def block_row(xs_t, q, ph, wv):
+        """VL pre-sums of block row q = (c*, m) (the last row again past the end: its
+        packed phi is zero) at tabled phase ph, as int16."""
+        q = T.min(q, Cs * G - 1)
+        u = ph * D + q % G
+        return T.Cast(f"int16x{VL}", xs_t[q // G, u % s, T.Ramp(wv * VL + u // s, 1, VL)])
+
     @T.macro
     def tile(x, phi, sh, y, scale, shift, bt):
         b = bt // n_tiles
         t0 = T.min((bt % n_tiles) * TT, To - TT)
-        xs_t = T.alloc_buffer((Cs, s, WT), AT)
-        P_t = T.alloc_buffer((Ls, s, WT), AT)
+        xs_t = T.alloc_buffer((Cs, s, WX), AT)
+        P_t = T.alloc_buffer((Lb, NPH, WT), AT)
         # ---- 1. channel pre-sum (+ zero padding) into the phase-split tile
-        if PH1 and t0 * s - p >= 0 and (t0 + WT) * s - p <= T_in:
+        if PH1 and t0 * s - p >= 0 and (t0 + WX) * s - p <= T_in:
             if s == 1:
-                for c, wv in T.grid(Cs, nWV):
+                for c, wv in T.grid(Cs, nXV):
                     for ln in T.vectorized(VL):
                         xs_t[c, 0, wv * VL + ln] = wide(x[b, c, t0 + wv * VL + ln - p])
                     for rr in range(1, r):
@@ -137,7 +163,7 @@ def make_ws_conv1d(
                                 x[b, c + rr * Cs, t0 + wv * VL + ln - p]
                             )
             elif s == 2 and VL > 1:
-                for c, wv in T.grid(Cs, nWV):
+                for c, wv in T.grid(Cs, nXV):
                     a2 = T.alloc_buffer((2 * VL,), AT, scope="local")
                     u0 = (t0 + wv * VL) * 2 - p
                     a2[T.Ramp(0, 1, 2 * VL)] = wide_vec(x[b, c, T.Ramp(u0, 1, 2 * VL)], 2 * VL)
@@ -148,7 +174,7 @@ def make_ws_conv1d(
                     xs_t[c, 0, T.Ramp(wv * VL, 1, VL)] = T.Shuffle([a2[T.Ramp(0, 1, 2 * VL)]], EV)
                     xs_t[c, 1, T.Ramp(wv * VL, 1, VL)] = T.Shuffle([a2[T.Ramp(0, 1, 2 * VL)]], OD)
             else:  # generic stride: strided (gather) loads
-                for c, ph, wv in T.grid(Cs, s, nWV):
+                for c, ph, wv in T.grid(Cs, s, nXV):
                     for ln in T.vectorized(VL):
                         xs_t[c, ph, wv * VL + ln] = wide(x[b, c, (t0 + wv * VL + ln) * s + ph - p])
                     for rr in range(1, r):
@@ -157,29 +183,23 @@ def make_ws_conv1d(
                                 x[b, c + rr * Cs, (t0 + wv * VL + ln) * s + ph - p]
                             )
         elif PH1:
-            for c, ph, w in T.grid(Cs, s, WT):
+            for c, ph, w in T.grid(Cs, s, WX):
                 xs_t[c, ph, w] = zero
                 for rr in range(r):
                     if (t0 + w) * s + ph - p >= 0 and (t0 + w) * s + ph - p < T_in:
                         xs_t[c, ph, w] = xs_t[c, ph, w] + wide(
                             x[b, c + rr * Cs, (t0 + w) * s + ph - p]
                         )
-        # ---- 1b. (pmadd) channel pairs interleaved as int16: xs16[c/2, ph, 2w + c%2]
-        xs16 = T.alloc_buffer((Cs2, s, 2 * WT), "int16")
+        # ---- 1b. (pmadd) block rows q = (c*, m) in pairs, interleaved as int16:
+        # xs16[q/2, ph, 2w + q%2] = xs at channel c*, input position (t0+w)s + ph*D + m
+        xs16 = T.alloc_buffer((Cs2, NPH, 2 * WT), "int16")
         if PM:
-            for c2, ph, wv in T.grid(Cs2 if PH2 else 0, s, nWV):
+            for c2, ph, wv in T.grid(Cs2 if PH2 else 0, NPH, nWV):
                 xs16[c2, ph, T.Ramp(2 * wv * VL, 1, 2 * VL)] = T.Shuffle(
-                    [
-                        T.Cast(f"int16x{VL}", xs_t[2 * c2, ph, T.Ramp(wv * VL, 1, VL)]),
-                        T.Cast(
-                            f"int16x{VL}",
-                            xs_t[T.min(2 * c2 + 1, Cs - 1), ph, T.Ramp(wv * VL, 1, VL)],
-                        ),
-                    ],
-                    IL,
+                    [block_row(xs_t, 2 * c2, ph, wv), block_row(xs_t, 2 * c2 + 1, ph, wv)], IL
                 )
-        # ---- 2. P tile = phi^T @ xs_t, register blocked VB x (WB*VL)
-        for vo, ph, wo in T.grid(nVB if PH2 else 0, s, nWB):
+        # ---- 2. P tile = phi^T @ xs_t (G-tap blocks), register blocked VB x (WB*VL)
+        for vo, ph, wo in T.grid(nVB if PH2 else 0, NPH, nWB):
             acc = T.alloc_buffer((VB, WB * VL), AT, scope="local")
             for vi in T.unroll(VB):
                 for wi in T.unroll(WB):
@@ -201,19 +221,24 @@ def make_ws_conv1d(
                             )
             if not PM:
                 for c in range(Cs):
-                    for vi in T.unroll(VB):
-                        for wi in T.unroll(WB):
-                            for ln in T.vectorized(VL):
-                                acc[vi, wi * VL + ln] = (
-                                    acc[vi, wi * VL + ln]
-                                    + weight(phi, sh, c, vo * VB + vi)
-                                    * xs_t[c, ph, wo * WB * VL + wi * VL + ln]
-                                )
+                    for m in T.unroll(G):
+                        for vi in T.unroll(VB):
+                            for wi in T.unroll(WB):
+                                for ln in T.vectorized(VL):
+                                    acc[vi, wi * VL + ln] = (
+                                        acc[vi, wi * VL + ln]
+                                        + weight(phi, sh, c, (vo * VB + vi) * G + m)
+                                        * xs_t[
+                                            c,
+                                            (ph * D + m) % s,
+                                            wo * WB * VL + wi * VL + (ph * D + m) // s + ln,
+                                        ]
+                                    )
             for vi in T.unroll(VB):
                 for wi in T.unroll(WB):
                     for ln in T.vectorized(VL):
                         P_t[vo * VB + vi, ph, wo * WB * VL + wi * VL + ln] = acc[vi, wi * VL + ln]
-        for vr, ph, wv in T.grid(Lrem if PH2 else 0, s, nWV):  # leftover rows (L* % VB)
+        for vr, ph, wv in T.grid(Lrem if PH2 else 0, NPH, nWV):  # leftover rows (L*/G % VB)
             acc1 = T.alloc_buffer((VL,), AT, scope="local")
             for ln in T.vectorized(VL):
                 acc1[ln] = zero
@@ -228,21 +253,25 @@ def make_ws_conv1d(
                         dtype=f"int32x{VL}",
                     )
             if not PM:
-                for c in range(Cs):
+                for c, m in T.grid(Cs, G):
                     for ln in T.vectorized(VL):
                         acc1[ln] = (
-                            acc1[ln] + weight(phi, sh, c, nVB * VB + vr) * xs_t[c, ph, wv * VL + ln]
+                            acc1[ln]
+                            + weight(phi, sh, c, (nVB * VB + vr) * G + m)
+                            * xs_t[c, (ph * D + m) % s, wv * VL + (ph * D + m) // s + ln]
                         )
             for ln in T.vectorized(VL):
                 P_t[nVB * VB + vr, ph, wv * VL + ln] = acc1[ln]
-        # ---- 3. diagonal sums for all N filters (+ fused per-channel affine + ReLU)
+        # ---- 3. diagonal sums of L/G blocks for all N filters (+ fused affine + ReLU)
         for i, tv in T.grid(N if PH3 else 0, TV):
             acc2 = T.alloc_buffer((VL,), AT, scope="local")
             for ln in T.vectorized(VL):
-                acc2[ln] = P_t[i * S, 0, tv * VL + ln]
-            for k in T.unroll(1, L):
+                acc2[ln] = P_t[i * SG, 0, tv * VL + ln]
+            for k in T.unroll(1, KB):
                 for ln in T.vectorized(VL):
-                    acc2[ln] = acc2[ln] + P_t[i * S + k, k % s, tv * VL + k // s + ln]
+                    acc2[ln] = (
+                        acc2[ln] + P_t[i * SG + k, (k * G) % s // D, tv * VL + (k * G) // s + ln]
+                    )
             for ln in T.vectorized(VL):
                 if RELU:
                     y[b, i, t0 + tv * VL + ln] = T.max(
@@ -258,7 +287,7 @@ def make_ws_conv1d(
         @T.prim_func(private=True)
         def f(
             x: T.Buffer((B, C, T_in), XT),
-            phi: T.Buffer((Cs2, Ls), "int32"),
+            phi: T.Buffer((Cs2, Lb), "int32"),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
             y: T.Buffer((B, N, To), dtype),
@@ -309,7 +338,7 @@ def make_ws_conv1d(
                 tile(x, phi, None, y, scale, shift, bt)
 
     info = dict(
-        TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM
+        TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM, G=G
     )
     return f.with_attr("global_symbol", name), info
 
@@ -523,12 +552,15 @@ def pack_int16_pairs(a):
     return ((hi << 16) | lo).astype(np.uint32).view(np.int32)
 
 
-def pack_phi(phi, shifts):
-    """int8 phi (C*, L*) shifted per condensed channel, packed by channel pairs: (C*/2, L*)."""
+def pack_phi(phi, shifts, G=1):
+    """int8 phi (C*, L*) shifted per condensed channel, as the G-tap block table's rows
+    (c*, m) -> phi[c*, jG + m] for block j, packed by row pairs: (ceil(C* G/2), L*/G)."""
     import numpy as np
 
     wide = np.asarray(phi, np.int64) << np.asarray(shifts, np.int64)[:, None]
-    return np.ascontiguousarray(pack_int16_pairs(wide.T).T)
+    cs, ls = wide.shape
+    rows = wide.reshape(cs, ls // G, G).transpose(0, 2, 1).reshape(cs * G, ls // G)
+    return np.ascontiguousarray(pack_int16_pairs(rows.T).T)
 
 
 def pair_weights(w, shifts):

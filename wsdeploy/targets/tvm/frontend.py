@@ -228,7 +228,7 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
             n = attr["out_channels"]
             r = attr["channel_repeat"]
             sh = shifts(attr, c // r)
-            packed = _pmadd_fits(w, sh, r)
+            pairwise = _pmadd_fits(w, sh, r)
             func, info = make_ws_conv1d(
                 b,
                 c,
@@ -242,7 +242,7 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
                 VL=vl,
                 epilogue="affine_relu" if attr.get("relu", 0) == 1 else "affine",
                 qdtype=str(xq.ty.dtype),
-                pmadd=packed,
+                pmadd=pairwise,
             )
             gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d_int")
             if info["pmadd"]:  # packed by the kernel's blocks of taps

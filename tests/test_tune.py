@@ -121,8 +121,11 @@ def test_tune_cli_errors_are_one_line(records, tmp_path):
     assert "Traceback" not in result.output
     result = CliRunner().invoke(main, ["tune", str(tmp_path / "missing.pt")])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    result = CliRunner().invoke(main, ["tune", "wsnet1d-tiny", "--trials", "0"])
+    result = CliRunner().invoke(main, ["tune", "wsnet1d-tiny", "--trials", "-1"])
     assert result.exit_code == 2
+    args = ["tune", "wsnet1d-tiny", "--trials", "0", "--kernel-trials", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "nothing to measure" in result.output
     result = CliRunner().invoke(main, ["tune", "wsnet1d-tiny", "--target", "arm64"])
     assert result.exit_code == 1 and "--rpc HOST:PORT" in result.output
 
@@ -144,6 +147,8 @@ def test_tune_an_outdir_then_rebuild_it(records, tmp_path):
     assert sum(t < 1.0 for t in timed) > len(tasks)
     info = json.loads((out / "tvm.json").read_text())
     assert sorted(info["records_applied"]) == sorted(tasks)
+    assert len(info["knobs_applied"]) == 3  # and the knobs of its three fused kernels
+    assert "knobs of 3 fused kernels" in result.output
     after = json.loads((out / "manifest.json").read_text())
     assert after["verification"]["passed"] and after["source"] == before["source"]
 
@@ -177,3 +182,92 @@ def test_builds_tuned_together_need_one_target(records):
     with pytest.raises(WsdeployError, match="no builds"):
         tune.tune("wsnet1d-tiny", [], 4)
     assert not records.exists()
+
+
+def _fused(name: str = "wsnet1d-tiny", strategy: str = "auto"):
+    """The fused WSConv1d kernels an x86_64 import of ``name`` builds: key -> spec."""
+    target = get_target("x86_64")
+    tt = target.tvm_target(None)
+    lowered, _ = lower(load_model(name), strategy, "x86_64")
+    seen = tvm_build.KernelKnobs()
+    tvm_build.import_model(lowered, tvm_build.vector_lanes(tt), seen)
+    return seen.seen, tt
+
+
+def test_fused_kernel_knobs_are_measured_checked_and_kept_only_when_faster(records):
+    """Each kernel's knob search starts from its defaults, stays within the budget, keeps a
+    setting only where it measured faster, and drops a candidate whose output disagrees."""
+    from wsdeploy.targets.tvm.kernels import WS_CONV1D_KNOBS, ws_conv1d_from_spec
+
+    specs, tt = _fused()
+    assert len(specs) == 3  # tiny's three WSConv1d layers, all fused under auto on x86_64
+    key, spec = next(iter(specs.items()))
+    assert key == tvm_build.kernel_key(spec) and "L=32" in key and "S=8" in key
+    entries = tune._tune_knobs({key: spec}, tune._measure_target(tt), None, budget=6)
+    entry = entries[key]
+    assert set(entry["knobs"]) == set(WS_CONV1D_KNOBS)
+    assert 2 <= entry["candidates"] <= 6
+    assert 0 < entry["us"] <= entry["default_us"]
+    _, default = ws_conv1d_from_spec(spec)
+    if entry["us"] > entry["default_us"] * (1 - tune.KNOB_GAIN):
+        assert entry["knobs"] == {k: default[k] for k in WS_CONV1D_KNOBS}
+    bench = tune._KernelBench(ws_conv1d_from_spec(spec)[0], tune._measure_target(tt), None)
+    assert bench.time(ws_conv1d_from_spec(spec)[0]) > 0
+    # a kernel that skips its diagonal sums leaves the output unwritten: refused
+    assert bench.time(ws_conv1d_from_spec(spec, phases=(1, 2))[0]) == float("inf")
+    assert not records.exists()  # measuring writes nothing; tune() writes the table
+
+
+def test_builds_apply_recorded_knobs_and_fall_back_on_stale_ones(records, tmp_path, caplog):
+    """Knobs in the table are what the import builds each kernel with (``tvm.json`` says
+    which), the build passes the numerics gate; knobs a kernel cannot take are skipped with a
+    warning, not an error."""
+    specs, tt = _fused()
+    keys = list(specs)
+    table = {
+        keys[0]: {"knobs": {"TT": 32, "VB": 2, "WB": 1, "G": 4}, "us": 1.0, "default_us": 2.0},
+        keys[1]: {"knobs": {"TT": 16, "VB": 3, "WB": 1, "G": 1}, "us": 1.0, "default_us": 2.0},
+        keys[2]: {"knobs": {"TT": 16, "G": 3}, "us": 1.0, "default_us": 2.0},  # 3 !| S = 2
+        "ws_conv1d B=9 another kernel": {"knobs": {"TT": 8}, "us": 1.0, "default_us": 1.0},
+    }
+    path = tvm_build.write_knobs(tt, None, table)
+    assert path.name == "kernels.json" and path.parent == tvm_build.records_dir(tt)
+    assert not list(path.parent.glob(".kernels-*"))  # written whole, then renamed
+    out = tmp_path / "b"
+    m = export("wsnet1d-tiny", out, ExportOptions(target="x86_64")).manifest
+    assert m["verification"]["passed"]
+    info = json.loads((out / "tvm.json").read_text())
+    assert info["knobs_applied"] == {k: table[k]["knobs"] for k in keys[:2]}
+    assert info["records_applied"] == []  # no MetaSchedule records: knobs only
+    assert info["tuning_records"] == tvm_build.records_dir(tt).name
+    assert any("kernel knobs" in r.message and "not applied" in r.message for r in caplog.records)
+    # merged, not replaced: a second write keeps the other kernels' entries
+    tvm_build.write_knobs(tt, None, {keys[2]: {"knobs": {"TT": 16}, "us": 1, "default_us": 1}})
+    assert set(tvm_build.read_knobs(tt).table) == set(table)
+
+
+def test_unreadable_knobs_are_a_clear_error(records, tmp_path):
+    _, tt = _fused()
+    path = tvm_build.records_dir(tt)
+    path.mkdir(parents=True)
+    for text in ("{not json", '{"kernels": {"k": {"knobs": {"TT": -1}}}}', "[]"):
+        (path / "kernels.json").write_text(text)
+        with pytest.raises(CompileError, match=r"kernel knobs in .* unreadable.*delete the file"):
+            export("wsnet1d-tiny", tmp_path / "b", ExportOptions(target="x86_64"))
+        assert not (tmp_path / "b").exists()
+
+
+def test_tune_measures_knobs_into_the_records(records, tmp_path):
+    """``tune`` with knob trials and no MetaSchedule trials: the knob table holds every fused
+    kernel, and no MetaSchedule records are written."""
+    specs, tt = _fused()
+    result = tune.tune(
+        "wsnet1d-tiny", ExportOptions(target="x86_64", strategy="custom"), 0, kernel_trials=3
+    )
+    assert result.kernels == [] and result.trials == 0  # --trials 0: no MetaSchedule
+    assert {k["key"] for k in result.knobs} == set(specs)
+    assert all(k["candidates"] <= 3 for k in result.knobs)
+    assert set(tvm_build.read_knobs(tt).table) == set(specs)
+    assert not (tvm_build.records_dir(tt) / "records.json").exists()
+    result = CliRunner().invoke(main, ["tune", "wsnet1d-tiny", "--kernel-trials", "-1"])
+    assert result.exit_code == 2

@@ -899,10 +899,19 @@ def verify(
 )
 @click.option(
     "--trials",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=0),
     default=64,
     show_default=True,
-    help="MetaSchedule measurements in all, shared among the kernels.",
+    help="MetaSchedule measurements in all, shared among the generically scheduled kernels; "
+    "0: none (the fused kernels' knobs only).",
+)
+@click.option(
+    "--kernel-trials",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Knob settings (tile, register block, taps per block) measured at most per fused "
+    "WSNet kernel; 0 keeps their defaults.",
 )
 @click.option(
     "--records",
@@ -929,12 +938,14 @@ def tune(
     cpu: str | None,
     precision: str,
     trials: int,
+    kernel_trials: int,
     records: Path | None,
     rpc: str | None,
     trust_pickle: bool,
     input_shape: tuple[str, ...],
 ) -> None:
-    """Tune the generically scheduled kernels of a TVM build with MetaSchedule.
+    """Tune the kernels of a TVM build: the generically scheduled ones with MetaSchedule,
+    the knobs of the fused WSNet kernels by measuring their settings.
 
     MODEL (a checkpoint, .pt2 or zoo name): tune the kernels its export for --target would
     build and store the records; later exports for that target use them. OUTDIR (a finished
@@ -949,7 +960,11 @@ def tune(
     _quiet_third_party_logs()
     path = Path(model_or_outdir)
     is_build = path.is_dir() and (path / "manifest.json").exists()
-    kwargs = {"trust_pickle": trust_pickle, "input_shape": _shape(input_shape)}
+    kwargs = {
+        "trust_pickle": trust_pickle,
+        "input_shape": _shape(input_shape),
+        "kernel_trials": kernel_trials,
+    }
     with _steps("tuning") as say:
         if is_build:
             result = tune_and_rebuild(
@@ -979,16 +994,22 @@ def tune(
                 progress=say,
                 **kwargs,
             )
-    if not result.kernels:
+    if not result.kernels and not result.knobs:
         click.echo("nothing to tune: every kernel of this build has a schedule of its own")
         return
     click.echo(
-        f"tuned {len(result.kernels)} kernels with {result.trials} trials in "
-        f"{result.seconds:.0f} s; records: {result.records}"
+        f"tuned {len(result.kernels)} kernels with {result.trials} trials and the knobs of "
+        f"{len(result.knobs)} fused kernels in {result.seconds:.0f} s; records: {result.records}"
     )
     for k in result.kernels:
         best = "-" if k["best_us"] is None else f"{k['best_us']:.1f} us"
         click.echo(f"  {k['name']:<32} best {best}")
+    for k in result.knobs:
+        knobs = " ".join(f"{n}={v}" for n, v in k["knobs"].items())
+        click.echo(
+            f"  {k['key']}: {knobs}, {k['us']:.1f} us (defaults {k['default_us']:.1f} us, "
+            f"{k['candidates']} measured)"
+        )
     if is_build:
         click.echo(f"rebuilt {path} with the tuned kernels")
     else:

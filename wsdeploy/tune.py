@@ -1,17 +1,23 @@
-"""MetaSchedule tuning of a model's TVM build: ``wsdeploy tune MODEL|OUTDIR --target x86_64``.
+"""Tuning a model's TVM build: ``wsdeploy tune MODEL|OUTDIR --target x86_64``.
 
-What is tuned: the PrimFuncs of the build that no hand-written kernel of ours schedules
-(``tvm_build.tunable``: pooling, reductions, fused elementwise epilogues, the TE shared
-computations of WSConv2d/WSLinear, dequantize/requantize glue), exactly as the export would
-build them (same strategy, same precision and calibration). The fused WSConv1d kernels and
-the dense conv legalization keep their own schedules.
+What is tuned, exactly as the export would build it (same strategy, same precision and
+calibration):
+- with MetaSchedule, the PrimFuncs that no hand-written kernel of ours schedules
+  (``tvm_build.tunable``: pooling, reductions, fused elementwise epilogues, the TE shared
+  computations of WSConv2d/WSLinear, dequantize/requantize glue);
+- by measurement, the knobs of each fused WSConv1d kernel (``kernels.WS_CONV1D_KNOBS``: tile
+  width, register block, taps per block), one stage at a time from its defaults, each
+  candidate checked against the defaults' output (``_tune_knobs``). The winners go to the
+  records' ``kernels.json`` by kernel shape; a kernel keeps its defaults unless a setting
+  beat them by more than ``KNOB_GAIN``. The dense conv legalization keeps its schedule.
 
 Records go to one JSON database per TVM target (``tvm_build.records_dir``, default
 ``~/.cache/wsdeploy/tuning``, or ``$WSDEPLOY_TUNING_DIR``); inside, MetaSchedule keys them by
 each PrimFunc's structure, so a later export for the same target picks up every kernel whose
 shapes were tuned, whatever model it came from, and falls back to the generic schedule for
-the rest. Exports never need tuning; ``tvm.json`` in a build lists the kernels that took
-tuned schedules.
+the rest; the knob table beside them is keyed by the fused kernels' shapes the same way.
+Exports never need tuning; ``tvm.json`` in a build lists the kernels that took tuned
+schedules (``records_applied``) and tuned knobs (``knobs_applied``).
 
 Where candidates run: on this machine (MetaSchedule's local builder and runner) for a target
 that runs here (x86_64), or on the device behind ``options.rpc`` ("host:port" of a TVM RPC
@@ -46,6 +52,8 @@ from wsdeploy.tvm_runtime import load_tvm
 log = logging.getLogger(__name__)
 
 DEFAULT_TRIALS = 64
+KERNEL_TRIALS = 32
+"""Knob settings measured at most per hand-written kernel (``_tune_knobs``)."""
 BUILDER_TIMEOUT_S = 300  # MetaSchedule's builder workers take ~45 s just to start here
 RPC_TIMEOUT_S = 120  # one candidate on a device (the emulated one runs it under qemu)
 
@@ -58,6 +66,9 @@ class TuneResult:
     seconds: float
     kernels: list[dict[str, Any]] = field(default_factory=list)
     """One per tuned PrimFunc: name, trials measured, best latency (µs) in the records."""
+    knobs: list[dict[str, Any]] = field(default_factory=list)
+    """One per hand-written fused kernel: its key, default and best latency (µs), the knobs
+    kept and how many candidates were measured (``_tune_knobs``)."""
 
 
 def _records(recorded: str | None) -> str | None:
@@ -102,20 +113,25 @@ def tune(
     options: ExportOptions | Sequence[ExportOptions],
     trials: int = DEFAULT_TRIALS,
     *,
+    kernel_trials: int = KERNEL_TRIALS,
     calibration: quantize.Calibration | None = None,
     trust_pickle: bool = False,
     input_shape: Shapes | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
-    """Tune the kernels of ``model``'s build for ``options.target`` with ``trials``
-    MetaSchedule measurements in all, and add them to the target's records.
+    """Tune the kernels of ``model``'s build for ``options.target`` and add them to the
+    target's records: the generically scheduled ones with ``trials`` MetaSchedule
+    measurements in all, and the knobs of each fused WSConv1d kernel with at most
+    ``kernel_trials`` settings measured (0: they keep their defaults).
 
     ``options`` may list several builds of the model for one target and device (strategies,
     precisions): their kernels are tuned together, each distinct kernel once, in one
     MetaSchedule session that shares the ``trials`` among them all."""
     say = progress or (lambda msg: None)
-    if trials < 1:
-        raise WsdeployError("--trials must be at least 1")
+    if trials < 0 or kernel_trials < 0:
+        raise WsdeployError("--trials and --kernel-trials must be at least 0")
+    if not trials and not kernel_trials:
+        raise WsdeployError("nothing to measure: --trials and --kernel-trials are both 0")
     builds = [options] if isinstance(options, ExportOptions) else list(options)
     if not builds:
         raise WsdeployError("nothing to tune: no builds given")
@@ -153,6 +169,7 @@ def tune(
     tvm_target = target.tvm_target(first.cpu)
     vl = tvm_build.vector_lanes(tvm_target)
     tasks: dict[str, Any] = {}
+    fused = tvm_build.KernelKnobs()  # collects the fused kernels' specs as they are imported
     for build in builds:
         tag = f"{build.strategy} {build.precision}"
         reference = loaded
@@ -167,28 +184,35 @@ def tune(
             reference, build.strategy, target, goal=build.goal, precision=build.precision
         )
         try:
-            mod = tvm_build.prepare_module(tvm_build.import_model(lowered, vl), tvm_target, vl)
+            mod = tvm_build.import_model(lowered, vl, fused)
+            mod = tvm_build.prepare_module(mod, tvm_target, vl)
         except Exception as e:
             raise CompileError(f"TVM build failed: {str(e).strip().splitlines()[-1][:300]}") from e
-        _add_distinct(tasks, tvm_build.tunable(mod))
+        if trials:
+            _add_distinct(tasks, tvm_build.tunable(mod))
     records = tvm_build.records_dir(tvm_target, first.records)
-    if not tasks:
+    if not tasks and not (fused.seen and kernel_trials):
         return TuneResult(records, str(tvm_target), 0, 0.0)
     t0 = time.perf_counter()
     measure_target = _measure_target(tvm_target, device)  # connects to the device first
-    database = tvm_build.open_records(records, create=True)
-    (records / "target.txt").write_text(str(tvm_target) + "\n")
     where = "" if device is None else f" on {device.address}"
-    say(f"measure the generic schedules{where}")
-    _commit_generic(tasks, measure_target, database, vl, device)
-    say(f"tune {len(tasks)} kernels, {trials} trials{where}")
-    _run_metaschedule(tasks, measure_target, database, trials, device)
+    knobs: list[dict[str, Any]] = []
+    if fused.seen and kernel_trials:
+        say(f"measure the knobs of {len(fused.seen)} fused kernels{where}")
+        entries = _tune_knobs(fused.seen, measure_target, device, kernel_trials, say)
+        tvm_build.write_knobs(tvm_target, first.records, entries)
+        knobs = [{"key": key, **entry} for key, entry in entries.items()]
+    best: list[dict[str, Any]] = []
+    if tasks:
+        database = tvm_build.open_records(records, create=True)
+        say(f"measure the generic schedules{where}")
+        _commit_generic(tasks, measure_target, database, vl, device)
+        say(f"tune {len(tasks)} kernels, {trials} trials{where}")
+        _run_metaschedule(tasks, measure_target, database, trials, device)
+        best = _best(tasks, tvm_target, database)
+    (records / "target.txt").write_text(str(tvm_target) + "\n")
     return TuneResult(
-        records,
-        str(tvm_target),
-        trials,
-        time.perf_counter() - t0,
-        _best(tasks, tvm_target, database),
+        records, str(tvm_target), trials if tasks else 0, time.perf_counter() - t0, best, knobs
     )
 
 
@@ -296,19 +320,123 @@ def _time_primfunc(lib, args_info, device: _Device | None = None) -> float:
     ``device`` (MetaSchedule's runners' way: averages of 3 calls, repeated for at least
     100 ms)."""
     import numpy as np
-    import tvm
 
-    if device is None:
-        dev, func = tvm.cpu(), lib.jit()
-    else:
-        path = Path(device.export(lib))
-        remote = device.session()
-        remote.upload(str(path))
-        func = remote.load_module(path.name)
-        dev = remote.cpu()
+    func, dev = _load_primfunc(lib, device)
     args = _random_args([([int(d) for d in a.shape], str(a.dtype)) for a in args_info], dev)
     evaluator = func.time_evaluator("main", dev, number=3, repeat=5, min_repeat_ms=100)
     return float(np.median(evaluator(*args).results))
+
+
+def _load_primfunc(lib, device: _Device | None = None):
+    """(the loaded module, its device) of a built PrimFunc, here or on ``device``."""
+    import tvm
+
+    if device is None:
+        return lib.jit(), tvm.cpu()
+    path = Path(device.export(lib))
+    remote = device.session()
+    remote.upload(str(path))
+    return remote.load_module(path.name), remote.cpu()
+
+
+KNOB_GAIN = 0.03
+"""A fused kernel keeps measured knobs only where they beat its defaults by more than this
+(the rest is the machine's noise): a build without a real gain stays the default build."""
+
+
+def _tune_knobs(
+    specs: dict[str, dict[str, Any]],
+    measure_target,
+    device: _Device | None = None,
+    budget: int = KERNEL_TRIALS,
+    say: Callable[[str], None] = lambda m: None,
+) -> dict[str, dict[str, Any]]:
+    """Measure the knobs (``kernels.WS_CONV1D_KNOBS``) of each fused WSConv1d kernel in
+    ``specs`` (key -> spec) on the target, one knob stage at a time from the defaults: the
+    tile width, then the taps per block, then the register block, each stage keeping its
+    fastest value, until ``budget`` settings (the defaults included) have been measured.
+    Every candidate's output is checked against the defaults' on the same
+    inputs (a candidate that disagrees is dropped, with a warning). Returns the knob table's
+    entries: key -> {"knobs", "us", "default_us", "candidates"}."""
+    from wsdeploy.targets.tvm.kernels import (
+        WS_CONV1D_KNOBS,
+        ws_conv1d_from_spec,
+        ws_conv1d_knob_space,
+    )
+
+    entries = {}
+    for i, (key, spec) in enumerate(specs.items(), 1):
+        say(f"kernel {i}/{len(specs)}: {key}")
+        func, info = ws_conv1d_from_spec(spec)
+        default = {k: info[k] for k in WS_CONV1D_KNOBS}
+        bench = _KernelBench(func, measure_target, device)
+        timed = {tuple(default.items()): bench.time(func)}
+        best = dict(default)
+        for stage in ("TT", "G", "block"):
+            for value in ws_conv1d_knob_space(spec["L"], spec["S"], info["To"], spec["VL"], stage):
+                if len(timed) >= budget:
+                    break
+                try:
+                    candidate, resolved = ws_conv1d_from_spec(spec, **{**best, **value})
+                except ValueError:  # a value this shape cannot take
+                    continue
+                trial = tuple((k, resolved[k]) for k in WS_CONV1D_KNOBS)
+                if trial not in timed:
+                    timed[trial] = bench.time(candidate)
+            best = dict(min(timed, key=timed.get))
+        default_us, best_us = 1e6 * timed[tuple(default.items())], 1e6 * timed[tuple(best.items())]
+        if best_us > default_us * (1 - KNOB_GAIN):
+            best, best_us = default, default_us
+        entries[key] = {
+            "knobs": best,
+            "us": round(best_us, 2),
+            "default_us": round(default_us, 2),
+            "candidates": len(timed),
+        }
+    return entries
+
+
+class _KernelBench:
+    """Times candidates of one kernel on fixed seeded inputs (here or on ``device``), and
+    checks each one's output against the first one timed (the defaults)."""
+
+    def __init__(self, func, measure_target, device: _Device | None):
+        import numpy as np
+
+        self.target, self.device = measure_target, device
+        rng = np.random.default_rng(0)
+        self.values = []
+        for param in func.params:  # TVM 0.27: the buffers themselves
+            shape, dtype = [int(d) for d in param.shape], str(param.dtype)
+            if param.name == "sh":  # the integer kernel's left shifts: none
+                value = np.zeros(shape, dtype)
+            elif dtype.startswith(("int", "uint")):
+                lo = 0 if dtype.startswith("uint") else -8
+                value = rng.integers(lo, 8, shape).astype(dtype)
+            else:
+                value = rng.standard_normal(shape).astype(dtype)
+            self.values.append(value)
+        self.reference = None
+
+    def time(self, func) -> float:
+        """Median seconds of one call (inf for a candidate whose output disagrees)."""
+        import numpy as np
+        import tvm
+
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=self.target)
+        module, dev = _load_primfunc(lib, self.device)
+        args = [tvm.runtime.tensor(v, dev) for v in self.values]
+        module["main"](*args)
+        out = args[-1].numpy()
+        if self.reference is None:
+            self.reference = out
+        elif not np.allclose(
+            out, self.reference, rtol=1e-4, atol=1e-4 * np.abs(out).max(initial=1)
+        ):
+            log.warning("a kernel candidate disagrees with the defaults' output: dropped")
+            return float("inf")
+        evaluator = module.time_evaluator("main", dev, number=3, repeat=5, min_repeat_ms=50)
+        return float(np.median(evaluator(*args).results))
 
 
 def _random_args(specs: list[tuple[list[int], str]], dev, seed: int = 0) -> list:
@@ -424,6 +552,7 @@ def tune_and_rebuild(
     rpc: str | None = None,
     model: str | Path | None = None,
     records: str | None = None,
+    kernel_trials: int = KERNEL_TRIALS,
     **load_kwargs,
 ) -> TuneResult:
     """Tune a finished build's kernels, then rebuild it in place (same options, so it takes
@@ -457,10 +586,24 @@ def tune_and_rebuild(
             f"{loaded.source} is not the model {outdir} was built from (sha256 "
             f"{loaded.sha256[:12]} vs {str(source['sha256'])[:12]})"
         )
-    result = tune(loaded, options, trials, calibration=calibration, progress=progress)
+    result = tune(
+        loaded,
+        options,
+        trials,
+        kernel_trials=kernel_trials,
+        calibration=calibration,
+        progress=progress,
+    )
     (progress or (lambda m: None))("rebuild")
     compiler.export(loaded, outdir, options, progress=progress)
     return result
 
 
-__all__ = ["DEFAULT_TRIALS", "TuneResult", "options_from_outdir", "tune", "tune_and_rebuild"]
+__all__ = [
+    "DEFAULT_TRIALS",
+    "KERNEL_TRIALS",
+    "TuneResult",
+    "options_from_outdir",
+    "tune",
+    "tune_and_rebuild",
+]

@@ -21,6 +21,7 @@ from wsdeploy.targets.tvm.kernels import (  # noqa: E402
     make_ws_conv1d,
     pack_phi,
     pair_weights,
+    vector_lanes,
 )
 
 TARGET = tvm.target.Target.from_device(tvm.cpu())
@@ -70,8 +71,28 @@ conv1d_cfg = st.fixed_dictionaries(
         "epilogue": st.sampled_from(["none", "affine", "affine_relu"]),
         "vl": st.sampled_from([4, 8, 16]),
         "G": st.sampled_from([None, 1]),  # None: the kernel's blocks, gcd(S, k) taps
+        # the knobs `wsdeploy tune` measures (None: the kernel's own pick); the tile width
+        # in vectors, so it is a whole number of them
+        "tiles": st.sampled_from([None, 1, 2, 4, 16, 64]),
+        "VB": st.sampled_from([None, 1, 2, 3, 5, 8]),
+        "WB": st.sampled_from([None, 1, 2, 3, 4]),
     }
 )
+
+
+def make_conv1d(cfg, c, t_in, **kwargs):
+    """The fused kernel of ``cfg`` with its knobs; a register block width that does not
+    divide the tile (refused with a ValueError, as `wsdeploy tune` expects) is re-picked."""
+    lanes = vector_lanes(cfg["vl"], (t_in + 2 * cfg["p"] - cfg["k"]) // cfg["s"] + 1)
+    knobs = {"G": cfg["G"], "VB": cfg["VB"], "WB": cfg["WB"]}
+    if cfg["tiles"] is not None:
+        knobs["TT"] = cfg["tiles"] * lanes
+    args = (cfg["b"], c, t_in, cfg["n"], cfg["k"], cfg["s"], cfg["p"], cfg["S"], cfg["r"])
+    try:
+        return make_ws_conv1d(*args, VL=cfg["vl"], **knobs, **kwargs)
+    except ValueError as e:
+        assert "does not divide" in str(e) and cfg["WB"] is not None
+        return make_ws_conv1d(*args, VL=cfg["vl"], **{**knobs, "WB": None}, **kwargs)
 
 
 @given(conv1d_cfg)
@@ -83,20 +104,7 @@ def test_fused_conv1d_kernel_matches_reference(cfg):
     phi = rng.standard_normal((cfg["cs"], sampling.condensed_length(n, k, cfg["S"])))
     phi = phi.astype(np.float32)
     x = rng.standard_normal((cfg["b"], c, t_in)).astype(np.float32)
-    func, info = make_ws_conv1d(
-        cfg["b"],
-        c,
-        t_in,
-        n,
-        k,
-        s,
-        p,
-        cfg["S"],
-        cfg["r"],
-        VL=cfg["vl"],
-        epilogue=cfg["epilogue"],
-        G=cfg["G"],
-    )
+    func, info = make_conv1d(cfg, c, t_in, epilogue=cfg["epilogue"])
     assert info["To"] == t_out
     assert info["G"] == (cfg["G"] or math.gcd(cfg["S"], k))
     w = sampling.materialize_conv1d(phi, n, k, cfg["S"], cfg["r"])
@@ -213,22 +221,8 @@ def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
     lo, hi = (-128, 128) if qdtype == "int8" else (0, 256)
     xq = rng.integers(lo, hi, (cfg["b"], c, t_in)).astype(qdtype)
     relu = cfg["epilogue"] == "affine_relu"
-    func, info = make_ws_conv1d(
-        cfg["b"],
-        c,
-        t_in,
-        n,
-        k,
-        s,
-        p,
-        cfg["S"],
-        cfg["r"],
-        VL=cfg["vl"],
-        epilogue="affine_relu" if relu else "affine",
-        qdtype=qdtype,
-        pmadd=pmadd,
-        G=cfg["G"],
-    )
+    epilogue = "affine_relu" if relu else "affine"
+    func, info = make_conv1d(cfg, c, t_in, epilogue=epilogue, qdtype=qdtype, pmadd=pmadd)
     exact = ws_conv1d_int_ref(xq, q, shifts.astype(np.int64), n, k, s, p, cfg["S"], cfg["r"])
     ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
     weights = [pack_phi(q, shifts, info["G"])] if info["pmadd"] else [q, shifts]

@@ -18,13 +18,24 @@ every kernel a schedule, build, and run.
   generically scheduled PrimFuncs (``tunable``) and stores the records per target
   (``records_dir``); every later build for that target looks each such PrimFunc up there
   (by structure, so by shape) and uses the tuned schedule where one exists
-  (``apply_records``). Our hand-written kernels are never replaced.
+  (``apply_records``). Our hand-written kernels are never replaced: tuning measures the
+  fused WSConv1d kernel's knobs instead, and the import takes the winners per kernel shape
+  from the records' knob table (``read_knobs``, ``KernelKnobs``).
 """
 
 from .build import build, compile_module, export_library, resolve_target, target_dict, vector_lanes
 from .frontend import fuse_relu, import_model, ws_conv2d_te, ws_linear_te
 from .legalize import fuse_conv_epilogues
-from .records import TUNING_ENV, apply_records, open_records, records_dir
+from .records import (
+    TUNING_ENV,
+    KernelKnobs,
+    apply_records,
+    kernel_key,
+    open_records,
+    read_knobs,
+    records_dir,
+    write_knobs,
+)
 from .rpc import (
     CONNECT_ATTEMPTS,
     SESSION_TIMEOUT,
@@ -39,6 +50,7 @@ __all__ = [
     "CONNECT_ATTEMPTS",
     "SESSION_TIMEOUT",
     "TUNING_ENV",
+    "KernelKnobs",
     "apply_records",
     "build",
     "check_reachable",
@@ -48,9 +60,11 @@ __all__ = [
     "fuse_conv_epilogues",
     "fuse_relu",
     "import_model",
+    "kernel_key",
     "open_records",
     "parse_address",
     "prepare_module",
+    "read_knobs",
     "records_dir",
     "resolve_target",
     "rpc_runner",
@@ -59,6 +73,7 @@ __all__ = [
     "target_dict",
     "tunable",
     "vector_lanes",
+    "write_knobs",
     "ws_conv2d_te",
     "ws_linear_te",
 ]

@@ -13,7 +13,7 @@ from wsdeploy.errors import CompileError
 from wsdeploy.tvm_runtime import load_tvm  # lazily: TVM takes seconds to load
 
 from .frontend import import_model
-from .records import apply_records, records_dir
+from .records import apply_records, read_knobs, records_dir
 from .schedule import prepare_module, schedule_cpu
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ def build(
     import json
 
     vl = vector_lanes(target)
-    mod = import_model(model, vl)
+    knobs = read_knobs(target, records)
+    mod = import_model(model, vl, knobs)
     executable, tuned = compile_module(mod, target, vl, records)
     export_library(executable, outdir / library, linker)
     info = {
@@ -131,8 +132,9 @@ def build(
         "library": library,
         "linker": None if linker is None else linker.describe(),
         "records_applied": tuned,
+        "knobs_applied": {key: knobs.table[key]["knobs"] for key in knobs.applied},
     }
-    if tuned:
+    if tuned or knobs.applied:
         info["tuning_records"] = records_dir(target, records).name  # the key, not the path
     (outdir / "tvm.json").write_text(json.dumps(info, indent=2) + "\n")
     return [library, "tvm.json"]

@@ -17,6 +17,7 @@ from wsdeploy.passes._graph import rewire
 from wsdeploy.tvm_runtime import load_tvm  # lazily: TVM takes seconds to load
 
 from .legalize import phase_split
+from .records import KernelKnobs, kernel_key
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +136,38 @@ def _shape(expr) -> tuple[int, ...]:
     return tuple(int(d) for d in expr.ty.shape)
 
 
-def _wsnet_converters(vl: int) -> dict[str, Any]:
-    """ONNX converters for the wsnet ops, for a target with ``vl`` float lanes."""
+def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
+    """ONNX converters for the wsnet ops, for a target with ``vl`` float lanes; the fused
+    WSConv1d kernels take the measured knobs of ``knobs`` where it has them."""
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from .kernels import make_ws_conv1d, pack_phi
+    from .kernels import pack_phi, ws_conv1d_from_spec
+
+    def fused_conv1d(x, attr, epilogue, qdtype=None, pmadd=False):
+        b, c, t = _shape(x)
+        spec = {
+            "B": b,
+            "C": c,
+            "T": t,
+            "N": attr["out_channels"],
+            "L": attr["kernel_size"],
+            "s": attr["stride"],
+            "p": attr["padding"],
+            "S": attr["sample_stride"],
+            "r": attr["channel_repeat"],
+            "epilogue": epilogue,
+            "qdtype": qdtype,
+            "pmadd": pmadd,
+            "VL": vl,
+        }
+        tuned = knobs.knobs(spec)
+        try:
+            return ws_conv1d_from_spec(spec, **tuned)
+        except ValueError as e:  # knobs this kernel no longer takes: its defaults
+            log.warning("kernel knobs %s not applied: %s", tuned, e)
+            knobs.applied.remove(kernel_key(spec))
+            return ws_conv1d_from_spec(spec)
 
     def epilogue_args(inputs):
         scale = inputs[2] if len(inputs) > 2 else None
@@ -152,7 +179,7 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
         def _impl_v1(cls, bb, inputs, attr, params):
             x, phi = inputs[0], inputs[1]
             scale, shift = epilogue_args(inputs)
-            b, c, t = _shape(x)
+            b = _shape(x)[0]
             n = attr["out_channels"]
             relu = attr.get("relu", 0) == 1
             if scale is not None or shift is not None or relu:
@@ -161,19 +188,7 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
                 args, epilogue = [x, phi, scale, shift], "affine_relu" if relu else "affine"
             else:
                 args, epilogue = [x, phi], "none"
-            func, info = make_ws_conv1d(
-                b,
-                c,
-                t,
-                n,
-                attr["kernel_size"],
-                attr["stride"],
-                attr["padding"],
-                attr["sample_stride"],
-                attr["channel_repeat"],
-                VL=vl,
-                epilogue=epilogue,
-            )
+            func, info = fused_conv1d(x, attr, epilogue)
             gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d")
             out = relax.TensorType([b, n, info["To"]], "float32")
             return bb.emit(relax.call_tir(gv, args, out))
@@ -224,26 +239,13 @@ def _wsnet_converters(vl: int) -> dict[str, Any]:
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             xq, w, out_scale, bias = inputs
-            b, c, t = _shape(xq)
+            b, c, _ = _shape(xq)
             n = attr["out_channels"]
             r = attr["channel_repeat"]
             sh = shifts(attr, c // r)
             pairwise = _pmadd_fits(w, sh, r)
-            func, info = make_ws_conv1d(
-                b,
-                c,
-                t,
-                n,
-                attr["kernel_size"],
-                attr["stride"],
-                attr["padding"],
-                attr["sample_stride"],
-                attr["channel_repeat"],
-                VL=vl,
-                epilogue="affine_relu" if attr.get("relu", 0) == 1 else "affine",
-                qdtype=str(xq.ty.dtype),
-                pmadd=pairwise,
-            )
+            epilogue = "affine_relu" if attr.get("relu", 0) == 1 else "affine"
+            func, info = fused_conv1d(xq, attr, epilogue, str(xq.ty.dtype), pairwise)
             gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d_int")
             if info["pmadd"]:  # packed by the kernel's blocks of taps
                 weights = [relax.const(pack_phi(w.value.numpy(), sh, info["G"]))]
@@ -382,11 +384,11 @@ def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, 
 
 
 @contextlib.contextmanager
-def _extended_onnx_frontend(vl: int):
+def _extended_onnx_frontend(vl: int, knobs: KernelKnobs):
     from tvm.relax.frontend.onnx import onnx_frontend
 
     original = onnx_frontend._get_convert_map
-    extra = _wsnet_converters(vl)
+    extra = _wsnet_converters(vl, knobs)
     onnx_frontend._get_convert_map = lambda: {**original(), **extra}
     try:
         yield
@@ -394,15 +396,18 @@ def _extended_onnx_frontend(vl: int):
         onnx_frontend._get_convert_map = original
 
 
-def import_model(model: ir.Model, vl: int):
-    """The passed ONNX graph as a Relax IRModule, wsnet nodes as our kernels."""
+def import_model(model: ir.Model, vl: int, knobs: KernelKnobs | None = None):
+    """The passed ONNX graph as a Relax IRModule, wsnet nodes as our kernels, with the
+    measured knobs of ``knobs`` (``records.read_knobs``; None: every kernel's defaults).
+    ``knobs.seen`` then lists the fused kernels, ``knobs.applied`` those that took knobs."""
+    knobs = knobs if knobs is not None else KernelKnobs()
     from tvm.relax.frontend.onnx import from_onnx
 
     proto = ir.to_proto(fuse_relu(model))
     del proto.functions[:]  # the wsnet ops' ONNX definitions; TVM gets our kernels instead
     shapes = {v.name: list(v.shape) for v in model.graph.inputs}
     try:
-        with _extended_onnx_frontend(vl), warnings.catch_warnings():
+        with _extended_onnx_frontend(vl, knobs), warnings.catch_warnings():
             # onnx's checker does not know fuse_relu's private attribute; our converters do
             warnings.filterwarnings("ignore", message="Unrecognized attribute: relu")
             mod = from_onnx(

@@ -96,9 +96,12 @@ def make_ws_conv1d(
     INT = qdtype is not None
     PM = INT and pmadd and VL in PMADD  # vpmaddwd needs 8 or 16 int32 lanes
     G = G or math.gcd(S, L)
-    assert L % G == 0 and S % G == 0, "a block of G taps must tile the filter and its stride"
+    if L % G or S % G:
+        raise ValueError(f"G = {G}: a block of G taps must tile the filter and its stride")
     D = math.gcd(G, s)  # tabled input phases: 0, D, 2D, ...
     NPH, Lb, SG, KB = s // D, Ls // G, S // G, L // G
+    if TT % VL or TT < VL:
+        raise ValueError(f"TT = {TT} is not a whole number of {VL}-lane vectors")
     TT = min(TT, To - To % VL)
     n_tiles = (To + TT - 1) // TT
     KW = (L - 1) // s  # extra columns per phase beyond the tile
@@ -109,7 +112,8 @@ def make_ws_conv1d(
     WX = nXV * VL
     WB = WB or _pick(nWV, 1, 4) or 1  # vectors per register block along w
     VB = VB or _pick(Lb, 4, 8) or 4  # rows per register block along v
-    assert nWV % WB == 0
+    if nWV % WB:
+        raise ValueError(f"WB = {WB} does not divide the tile's {nWV} vectors")
     nVB, Lrem, nWB, TV = Lb // VB, Lb % VB, nWV // WB, TT // VL
     NT = n_tiles * B
     PH1, PH2, PH3 = (1 in phases), (2 in phases), (3 in phases)
@@ -341,6 +345,47 @@ def make_ws_conv1d(
         TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM, G=G
     )
     return f.with_attr("global_symbol", name), info
+
+
+def ws_conv1d_from_spec(spec, **knobs):
+    """``make_ws_conv1d`` of a kernel spec (``records.KERNEL_FIELDS``) with ``knobs``."""
+    return make_ws_conv1d(
+        *(spec[k] for k in ("B", "C", "T", "N", "L", "s", "p", "S", "r")),
+        VL=spec["VL"],
+        epilogue=spec["epilogue"],
+        qdtype=spec["qdtype"],
+        pmadd=spec["pmadd"],
+        **knobs,
+    )
+
+
+WS_CONV1D_KNOBS = ("TT", "VB", "WB", "G")
+"""The fused WSConv1d kernel's knobs (``make_ws_conv1d``'s keywords) that ``wsdeploy tune``
+measures per kernel shape: the tile width, the register block (rows x vectors) and the taps
+per block."""
+
+
+def ws_conv1d_knob_space(L, S, To, VL, stage):
+    """The knob settings ``wsdeploy tune`` tries in one stage of its search over a fused
+    WSConv1d kernel with ``L`` taps, sample stride ``S`` and ``To`` outputs, each a dict of
+    ``WS_CONV1D_KNOBS`` values: "TT" (tile widths: whole vectors, powers of two up to the
+    output length), "G" (the divisors of gcd(S, L): taps per block), "block" ((VB, WB)
+    register blocks of at most 24 accumulators, so they stay in registers). Settings a shape
+    cannot take (a WB not dividing the tile's vectors) are refused by ``make_ws_conv1d``
+    with a ValueError, and skipped by the search."""
+    if stage == "TT":
+        lanes, out = vector_lanes(VL, To), []
+        tt = lanes
+        while tt <= min(To, 2048):
+            out.append({"TT": tt, "WB": None})  # WB: the kernel's pick for this tile
+            tt *= 2
+        return out
+    if stage == "G":
+        g = math.gcd(S, L)
+        return [{"G": d} for d in range(1, g + 1) if g % d == 0]
+    if stage == "block":
+        return [{"VB": vb, "WB": wb} for vb in (2, 4, 6, 8) for wb in (1, 2, 4) if vb * wb <= 24]
+    raise ValueError(f"no knob stage {stage!r}")
 
 
 def make_dense_conv(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from wsdeploy.errors import CompileError
 
@@ -73,3 +76,76 @@ def apply_records(mod, target, root: Path | str | None = None) -> list[str]:
             mod[name] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
             tuned.append(name)
     return tuned
+
+
+KNOBS_FILE = "kernels.json"
+"""Beside MetaSchedule's records: the knobs ``wsdeploy tune`` measured best for each shape of
+our hand-written kernels (``kernels.WS_CONV1D_KNOBS``), which MetaSchedule never schedules."""
+
+KERNEL_FIELDS = ("B", "C", "T", "N", "L", "s", "p", "S", "r", "epilogue", "qdtype", "pmadd", "VL")
+"""What makes two fused WSConv1d kernels the same kernel (``make_ws_conv1d``'s arguments
+other than its knobs)."""
+
+
+def kernel_key(spec: dict[str, Any]) -> str:
+    """The records' key of one fused kernel: its shape and variant, readable."""
+    return "ws_conv1d " + " ".join(f"{k}={spec[k]}" for k in KERNEL_FIELDS)
+
+
+class KernelKnobs:
+    """The knob table of one target's records, as an import consults it: ``knobs(spec)``
+    gives a kernel's measured knobs (none: the kernel's defaults) and notes the kernel in
+    ``seen`` (what ``tune`` measures) and, if it had knobs, in ``applied`` (what a build
+    reports in ``tvm.json``)."""
+
+    def __init__(self, table: dict[str, dict[str, Any]] | None = None):
+        self.table = table or {}
+        self.seen: dict[str, dict[str, Any]] = {}
+        self.applied: list[str] = []
+
+    def knobs(self, spec: dict[str, Any]) -> dict[str, int]:
+        key = kernel_key(spec)
+        self.seen.setdefault(key, dict(spec))
+        entry = self.table.get(key)
+        if entry is None:
+            return {}
+        if key not in self.applied:
+            self.applied.append(key)
+        return dict(entry["knobs"])
+
+
+def read_knobs(target, root: Path | str | None = None) -> KernelKnobs:
+    """The knob table in the target's records under ``root`` (empty if there is none)."""
+    path = records_dir(target, root) / KNOBS_FILE
+    if not path.exists():
+        return KernelKnobs()
+    try:
+        data = json.loads(path.read_text())
+        table = data["kernels"]
+        for entry in table.values():
+            knobs = entry["knobs"]
+            if not all(isinstance(v, int) and v > 0 for v in knobs.values()):
+                raise ValueError(f"knobs {knobs} are not positive integers")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CompileError(
+            f"kernel knobs in {path} are unreadable ({e}); delete the file to start over"
+        ) from e
+    return KernelKnobs(table)
+
+
+def write_knobs(target, root: Path | str | None, entries: dict[str, dict[str, Any]]) -> Path:
+    """Merge ``entries`` (key -> {"knobs", "us", "default_us", ...}) into the target's knob
+    table, written whole to a temporary file and renamed over the old one."""
+    path = records_dir(target, root)
+    path.mkdir(parents=True, exist_ok=True)
+    table = {**read_knobs(target, root).table, **entries}
+    data = {"version": 1, "kernels": dict(sorted(table.items()))}
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".kernels-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path / KNOBS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path / KNOBS_FILE

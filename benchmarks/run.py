@@ -183,6 +183,7 @@ def bench_models(
                 "tune_seconds": round(tuning.seconds, 1),
                 "tune_trials": trials,
                 "tuned_kernels": len(tuning.kernels),
+                "tuned_knobs": len(tuning.knobs),
             }
             for i, (target, strategy, precision, label) in enumerate(tvm_builds, 1):
                 spec = (target, strategy, precision, label + TUNED)
@@ -410,7 +411,9 @@ def summary(layers: list[dict], models: list[dict], zoo: list[dict] = ()) -> lis
             lines.append(
                 f"  Tuned ({tuned[0]['tune_trials']} MetaSchedule trials over the "
                 f"{tuned[0]['tuned_kernels']} distinct generically scheduled kernels of its "
-                f"{len(tuned)} TVM builds, {tuned[0]['tune_seconds']:.0f} s), as fast as "
+                f"{len(tuned)} TVM builds and the knobs of their "
+                f"{tuned[0].get('tuned_knobs', 0)} fused kernels, "
+                f"{tuned[0]['tune_seconds']:.0f} s), as fast as "
                 f"untuned: {ran}; `auto` tuned "
                 + next(
                     (f"{r['median_ms']:.2f} ms" for r, u in pairs if u is tvm),

@@ -190,7 +190,7 @@ def _row(build, target, strategy, precision, ms, tuned=False, **extra):
         "gate_n": 1000 if precision == "int8" else None,
     }
     if tuned:
-        row.update(tune_seconds=90.0, tune_trials=32, tuned_kernels=7)
+        row.update(tune_seconds=90.0, tune_trials=32, tuned_kernels=7, tuned_knobs=3)
     return {**row, **extra}
 
 
@@ -215,6 +215,10 @@ def test_grid_and_tuning_summary_come_from_the_rows():
         "TVM WSNet auto int8 (integer kernels) 0.80x" in text
     )
     assert "`auto` tuned 0.80 ms against 1.60 ms" in text and "90 s" in text
+    assert (
+        "7 distinct generically scheduled kernels of its 2 TVM builds and the knobs of their "
+        "3 fused kernels" in text
+    )
     # against the fastest dense build of any runtime; no end-to-end times recorded: no claim
     assert (
         "compute only, TVM WSNet auto (fused kernels), tuned 0.80 ms, 5.00x as fast as the "

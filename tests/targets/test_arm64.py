@@ -189,13 +189,18 @@ def test_emulated_device_end_to_end(tmp_path):
         assert manifest["verification"]["accuracy_gate"]["ran_on"] == "host-twin"
         # tuning on the device: candidates cross-compiled here, timed there; the build is
         # rebuilt with the records and verified there again
-        result = runner.invoke(main, ["tune", str(out), "--rpc", address, "--trials", "4"])
+        args = ["tune", str(out), "--rpc", address, "--trials", "4", "--kernel-trials", "3"]
+        result = runner.invoke(main, args)
         assert result.exit_code == 0, result.output
         assert "rebuilt" in result.output and "records:" in result.output
         info = json.loads((out / "tvm.json").read_text())
         assert info["records_applied"]
         records = default_root() / info["tuning_records"]
         assert "aarch64" in (records / "target.txt").read_text()
+        # the fused kernels' knobs, measured there too (NEON: 4 lanes in every key)
+        knobs = json.loads((records / "kernels.json").read_text())["kernels"]
+        assert knobs and all("VL=4" in key for key in knobs)
+        assert all(2 <= e["candidates"] <= 3 and e["us"] > 0 for e in knobs.values())
         # MetaSchedule's candidates really ran on the device (a failed run records 1e10 s)
         lines = (records / "records.json").read_text().splitlines()
         timed = [json.loads(line)[1][1] for line in lines]

@@ -184,14 +184,15 @@ def test_builds_tuned_together_need_one_target(records):
     assert not records.exists()
 
 
-def _fused(name: str = "wsnet1d-tiny", strategy: str = "auto"):
-    """The fused WSConv1d kernels an x86_64 import of ``name`` builds: key -> spec."""
+def _fused(name: str = "wsnet1d-tiny", strategy: str = "auto", layers: bool = False):
+    """The fused WSConv1d kernels an x86_64 import of ``name`` builds: key -> spec (and,
+    with ``layers``, their layers' keys -> kernel keys)."""
     target = get_target("x86_64")
     tt = target.tvm_target(None)
     lowered, _ = lower(load_model(name), strategy, "x86_64")
     seen = tvm_build.KernelKnobs()
     tvm_build.import_model(lowered, tvm_build.vector_lanes(tt), seen)
-    return seen.seen, tt
+    return (seen.seen, tt, seen.layers) if layers else (seen.seen, tt)
 
 
 def test_fused_kernel_knobs_are_measured_checked_and_kept_only_when_faster(records):
@@ -260,14 +261,47 @@ def test_unreadable_knobs_are_a_clear_error(records, tmp_path):
 def test_tune_measures_knobs_into_the_records(records, tmp_path):
     """``tune`` with knob trials and no MetaSchedule trials: the knob table holds every fused
     kernel, and no MetaSchedule records are written."""
-    specs, tt = _fused()
-    result = tune.tune(
-        "wsnet1d-tiny", ExportOptions(target="x86_64", strategy="custom"), 0, kernel_trials=3
-    )
+    specs, tt, layers = _fused(strategy="custom", layers=True)
+    result = tune.tune("wsnet1d-tiny", ExportOptions(target="x86_64"), 0, kernel_trials=3)
     assert result.kernels == [] and result.trials == 0  # --trials 0: no MetaSchedule
     assert {k["key"] for k in result.knobs} == set(specs)
     assert all(k["candidates"] <= 3 for k in result.knobs)
     assert set(tvm_build.read_knobs(tt).table) == set(specs)
     assert not (tvm_build.records_dir(tt) / "records.json").exists()
+    # an auto build's layers, every one of them timed as its fused kernel and as the
+    # dense conv folding gives: what a later auto export decides by
+    measured = tvm_build.read_measured(tt)
+    assert set(measured) == set(layers) and len(layers) == 3
+    assert all(dense > 0 and wsnet > 0 for dense, wsnet in measured.values())
+    table = json.loads((tvm_build.records_dir(tt) / "kernels.json").read_text())["layers"]
+    assert {e["kernel"] for e in table.values()} == set(specs)
     result = CliRunner().invoke(main, ["tune", "wsnet1d-tiny", "--kernel-trials", "-1"])
     assert result.exit_code == 2
+
+
+def test_auto_exports_decide_layers_by_their_measured_times(records, tmp_path):
+    """A layer the records time as slower fused than dense is folded by ``auto`` on that
+    target (fp32), the manifest's layer record shows the times, the build passes the gate;
+    int8 keeps the estimate (its integer kernels were not timed), and so do other targets."""
+    from wsdeploy import compiler
+
+    _, tt, layers = _fused(layers=True)
+    first, *rest = sorted(layers, key=lambda k: "x=1x1x" not in k)  # the one-channel layer
+    assert "x=1x1x4096" in first
+    times = {first: {"dense_us": 10.0, "wsnet_us": 50.0, "kernel": layers[first]}}
+    times.update({k: {"dense_us": 50.0, "wsnet_us": 10.0, "kernel": layers[k]} for k in rest})
+    tvm_build.write_knobs(tt, None, {}, times)
+    m = export("wsnet1d-tiny", tmp_path / "b", ExportOptions(target="x86_64")).manifest
+    assert m["verification"]["passed"]
+    convs = [r for r in m["layers"] if r["op"] == "WSConv1d"]
+    assert [r["strategy"] for r in convs] == ["fold", "custom", "custom"]
+    assert convs[0]["measured_us"] == {"dense": 10.0, "wsnet": 50.0}
+    assert all("measured_us" in r for r in convs)
+    target = get_target("x86_64")
+    assert compiler.measured_layers(target, ExportOptions(target="x86_64")) is not None
+    for options in (
+        ExportOptions(target="x86_64", precision="int8"),
+        ExportOptions(target="x86_64", strategy="custom"),
+        ExportOptions(target="onnx"),
+    ):
+        assert compiler.measured_layers(get_target(options.target), options) is None

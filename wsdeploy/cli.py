@@ -1010,6 +1010,12 @@ def tune(
             f"  {k['key']}: {knobs}, {k['us']:.1f} us (defaults {k['default_us']:.1f} us, "
             f"{k['candidates']} measured)"
         )
+    for k in result.layers:
+        faster = "fused" if k["wsnet_us"] < k["dense_us"] else "dense"
+        click.echo(
+            f"  {k['key']}: fused {k['wsnet_us']:.1f} us, dense {k['dense_us']:.1f} us "
+            f"({faster} faster; auto exports decide by these)"
+        )
     if is_build:
         click.echo(f"rebuilt {path} with the tuned kernels")
     else:

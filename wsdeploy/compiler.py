@@ -43,7 +43,7 @@ from wsdeploy.passes.pool_order import PoolOrderPass
 from wsdeploy.passes.recognize import recognize
 from wsdeploy.passes.record import RecordPass
 from wsdeploy.passes.shared import SharedPass
-from wsdeploy.passes.strategy import STRATEGIES, StrategyPass
+from wsdeploy.passes.strategy import STRATEGIES, Measured, StrategyPass
 from wsdeploy.passes.tied import TiedPass
 from wsdeploy.targets import Target, get_target
 
@@ -114,18 +114,20 @@ def pipeline(
     goal: str = "balanced",
     precision: str = "fp32",
     records: list[dict[str, Any]] | None = None,
+    measured: Measured | None = None,
 ) -> Pipeline:
     """The passes lowering a model for ``target`` with ``strategy``; ``records``, if given,
-    receives one record per WSNet layer (``RecordPass``)."""
+    receives one record per WSNet layer (``RecordPass``); ``measured``: layers timed on a
+    native target, which ``auto`` decides by (``passes.strategy.choose``)."""
     target = get_target(target) if isinstance(target, str) else target
     _check_precision(target, precision)
     onnx = [
         TiedPass(tied_at_load(strategy, target)),
         AffinePass(),
-        StrategyPass(strategy, target.native_wsnet, goal),
+        StrategyPass(strategy, target.native_wsnet, goal, measured),
     ]
     if records is not None:
-        onnx.append(RecordPass(records, target.native_wsnet, goal))
+        onnx.append(RecordPass(records, target.native_wsnet, goal, measured))
     onnx += [FoldPass(), SharedPass(), CustomPass()]
     return Pipeline(
         {
@@ -186,11 +188,13 @@ def lower(
     recognition: list[Any] | None = None,
     goal: str = "balanced",
     precision: str = "fp32",
+    measured: Measured | None = None,
 ) -> tuple[ir.Model | torch.export.ExportedProgram, list[dict[str, Any]]]:
     """The torch stage, then what ``target`` consumes (``Target.consumes``): ONNX and the
     passes for ``target``, or the program with its WSNet layers as ATen ops
     (``passes.aten``). Returns that model and one record per WSNet layer.
-    ``recognition``, if given, receives the torch stage's records (``torch_stage``)."""
+    ``recognition``, if given, receives the torch stage's records (``torch_stage``);
+    ``measured``: layers timed on a native target (``measured_layers``)."""
     if strategy not in STRATEGIES:
         raise WsdeployError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
     target = get_target(target) if isinstance(target, str) else target
@@ -206,8 +210,19 @@ def lower(
     model = trace.to_onnx(program, loaded.input_names)
     layers: list[dict[str, Any]] = []
     with shape_hints(dynamic_sizes(loaded) if dynamic else {}):
-        pipeline(strategy, target, goal, precision, layers)(model)
+        pipeline(strategy, target, goal, precision, layers, measured)(model)
     return model, layers
+
+
+def measured_layers(target: Target, options: ExportOptions) -> Measured | None:
+    """The layers ``wsdeploy tune`` timed both ways on a TVM target (dense conv, WSNet
+    kernel), from the records the build applies: what ``auto`` decides fp32 layers by (the
+    integer kernels were not timed: int8 keeps the estimate)."""
+    if target.tvm_target is None or options.precision != "fp32" or options.strategy != "auto":
+        return None
+    from wsdeploy.targets import tvm as tvm_build
+
+    return tvm_build.read_measured(target.tvm_target(options.cpu), options.records) or None
 
 
 def _eager(loaded: LoadedModel, x: numerics.Inputs) -> list[np.ndarray]:
@@ -1186,7 +1201,13 @@ def export(
     say("trace, recognise and lower")
     recognition: list[Any] = []
     lowered, layers = lower(
-        reference, strategy, target, recognition, options.goal, options.precision
+        reference,
+        strategy,
+        target,
+        recognition,
+        options.goal,
+        options.precision,
+        measured_layers(target, options),
     )
     if own_int8 is not None:  # the layers' lowerings were chosen before quantizing
         layers = own_int8

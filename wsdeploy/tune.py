@@ -69,6 +69,9 @@ class TuneResult:
     knobs: list[dict[str, Any]] = field(default_factory=list)
     """One per hand-written fused kernel: its key, default and best latency (µs), the knobs
     kept and how many candidates were measured (``_tune_knobs``)."""
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    """One per float layer timed both ways (``_time_layers``): its key, dense and WSNet
+    latency (µs) and the kernel's key."""
 
 
 def _records(recorded: str | None) -> str | None:
@@ -168,8 +171,8 @@ def tune(
     )
     tvm_target = target.tvm_target(first.cpu)
     vl = tvm_build.vector_lanes(tvm_target)
-    tasks: dict[str, Any] = {}
     fused = tvm_build.KernelKnobs()  # collects the fused kernels' specs as they are imported
+    references, modules = [], []
     for build in builds:
         tag = f"{build.strategy} {build.precision}"
         reference = loaded
@@ -179,30 +182,42 @@ def tune(
             else:
                 say(f"calibrate ({tag})")
                 reference, _ = compiler.calibrated_reference(loaded, build)
+        references.append(reference)
         say(f"trace and lower ({tag})" if len(builds) > 1 else "trace and lower")
-        lowered, _ = compiler.lower(
-            reference, build.strategy, target, goal=build.goal, precision=build.precision
-        )
-        try:
-            mod = tvm_build.import_model(lowered, vl, fused)
-            mod = tvm_build.prepare_module(mod, tvm_target, vl)
-        except Exception as e:
-            raise CompileError(f"TVM build failed: {str(e).strip().splitlines()[-1][:300]}") from e
-        if trials:
-            _add_distinct(tasks, tvm_build.tunable(mod))
+        modules.append(_import(reference, build, target, tvm_target, vl, fused))
+        if kernel_trials and _decided_by_measurement(build):
+            # every layer as a fused kernel too: auto's choice is timed against the dense conv
+            _import(
+                reference,
+                dataclasses.replace(build, strategy="custom"),
+                target,
+                tvm_target,
+                vl,
+                fused,
+            )
     records = tvm_build.records_dir(tvm_target, first.records)
-    if not tasks and not (fused.seen and kernel_trials):
+    if not trials and not (fused.seen and kernel_trials):
         return TuneResult(records, str(tvm_target), 0, 0.0)
     t0 = time.perf_counter()
     measure_target = _measure_target(tvm_target, device)  # connects to the device first
     where = "" if device is None else f" on {device.address}"
     knobs: list[dict[str, Any]] = []
+    timed: list[dict[str, Any]] = []
     if fused.seen and kernel_trials:
         say(f"measure the knobs of {len(fused.seen)} fused kernels{where}")
         entries = _tune_knobs(fused.seen, measure_target, device, kernel_trials, say)
-        tvm_build.write_knobs(tvm_target, first.records, entries)
+        say(f"time {len(fused.layers)} layers fused and dense{where}")
+        layers = _time_layers(fused, entries, measure_target, vl, first.records, device)
+        tvm_build.write_knobs(tvm_target, first.records, entries, layers)
         knobs = [{"key": key, **entry} for key, entry in entries.items()]
+        timed = [{"key": key, **entry} for key, entry in layers.items()]
+    tasks: dict[str, Any] = {}
     best: list[dict[str, Any]] = []
+    if trials:
+        for i, build in enumerate(builds):
+            if kernel_trials and _decided_by_measurement(build):  # as the export now lowers it
+                modules[i] = _import(references[i], build, target, tvm_target, vl)
+            _add_distinct(tasks, tvm_build.tunable(modules[i]))
     if tasks:
         database = tvm_build.open_records(records, create=True)
         say(f"measure the generic schedules{where}")
@@ -212,8 +227,40 @@ def tune(
         best = _best(tasks, tvm_target, database)
     (records / "target.txt").write_text(str(tvm_target) + "\n")
     return TuneResult(
-        records, str(tvm_target), trials if tasks else 0, time.perf_counter() - t0, best, knobs
+        records,
+        str(tvm_target),
+        trials if tasks else 0,
+        time.perf_counter() - t0,
+        best,
+        knobs,
+        timed,
     )
+
+
+def _decided_by_measurement(build: ExportOptions) -> bool:
+    """Whether the export of ``build`` decides its layers by their measured times
+    (``compiler.measured_layers``)."""
+    return build.strategy == "auto" and build.precision == "fp32"
+
+
+def _import(reference, build: ExportOptions, target, tvm_target, vl: int, fused=None):
+    """``reference`` lowered as the export of ``build`` lowers it (with the layer times in
+    its records, if any), imported into Relax and prepared for scheduling; ``fused``
+    (``KernelKnobs``) collects its fused kernels."""
+    measured = compiler.measured_layers(target, build)
+    lowered, _ = compiler.lower(
+        reference,
+        build.strategy,
+        target,
+        goal=build.goal,
+        precision=build.precision,
+        measured=measured,
+    )
+    try:
+        mod = tvm_build.import_model(lowered, vl, fused)
+        return tvm_build.prepare_module(mod, tvm_target, vl)
+    except Exception as e:
+        raise CompileError(f"TVM build failed: {str(e).strip().splitlines()[-1][:300]}") from e
 
 
 def _add_distinct(tasks: dict[str, Any], new: dict[str, Any]) -> None:
@@ -328,7 +375,8 @@ def _time_primfunc(lib, args_info, device: _Device | None = None) -> float:
 
 
 def _load_primfunc(lib, device: _Device | None = None):
-    """(the loaded module, its device) of a built PrimFunc, here or on ``device``."""
+    """(the loaded module, its device) of a built PrimFunc or Relax module, here or on
+    ``device``."""
     import tvm
 
     if device is None:
@@ -394,6 +442,111 @@ def _tune_knobs(
             "candidates": len(timed),
         }
     return entries
+
+
+def _time_layers(
+    fused,
+    entries: dict[str, dict[str, Any]],
+    measure_target,
+    vl: int,
+    root: str | None,
+    device: _Device | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Time each float layer of ``fused`` (``KernelKnobs.layers``) both ways on the target,
+    as whole one-layer modules run by the Relax VM: its fused kernel with the knobs of
+    ``entries``, and the dense conv the export would fold it to (padding, input phases,
+    bias and ReLU as the export builds them). Two rounds, alternating, the faster of each
+    kept. Returns the layer table's entries: layer key -> {"dense_us", "wsnet_us",
+    "kernel"}."""
+    import numpy as np
+
+    out = {}
+    for layer, key in sorted(fused.layers.items()):
+        spec = fused.seen[key]
+        knobs = entries.get(key, {}).get("knobs", {})
+        x = np.random.default_rng(0).standard_normal((spec["B"], spec["C"], spec["T"]))
+        x = x.astype("float32")
+        built = [
+            tvm_build.compile_module(mod, measure_target, vl, root)[0]
+            for mod in (_fused_layer(spec, knobs), _dense_layer(spec))
+        ]
+        vms = [_load_module(exe, x, device) for exe in built]
+        times = [[], []]
+        for _ in range(2):
+            for i, (vm, dev) in enumerate(vms):
+                evaluator = vm.time_evaluator(
+                    "invoke_stateful", dev, number=3, repeat=5, min_repeat_ms=50
+                )
+                times[i].append(float(np.median(evaluator("main").results)))
+        wsnet, dense = (min(t) for t in times)
+        out[layer] = {
+            "dense_us": round(1e6 * dense, 2),
+            "wsnet_us": round(1e6 * wsnet, 2),
+            "kernel": key,
+        }
+    return out
+
+
+def _fused_layer(spec: dict[str, Any], knobs: dict[str, int]):
+    """A one-layer Relax module: the fused WSConv1d kernel of ``spec`` on random phi."""
+    import numpy as np
+    from tvm import relax
+
+    from wsdeploy.targets.tvm.kernels import ws_conv1d_from_spec
+
+    func, info = ws_conv1d_from_spec(spec, **knobs)
+    rng = np.random.default_rng(1)
+    b, n = spec["B"], spec["N"]
+    phi = rng.standard_normal((info["Cs"], info["Ls"])).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([b, spec["C"], spec["T"]], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d")
+            args = [x, relax.const(phi)]
+            if spec["epilogue"] != "none":
+                args += [relax.const(rng.standard_normal(n).astype("float32")) for _ in range(2)]
+            out = relax.TensorType([b, n, info["To"]], "float32")
+            y = bb.emit_output(bb.emit(relax.call_tir(gv, args, out)))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def _dense_layer(spec: dict[str, Any]):
+    """A one-layer Relax module: the dense conv1d (with bias and ReLU as the epilogue of
+    ``spec`` has them) that folding the layer of ``spec`` gives."""
+    import numpy as np
+    from tvm import relax
+
+    rng = np.random.default_rng(1)
+    b, c, n = spec["B"], spec["C"], spec["N"]
+    w = rng.standard_normal((n, c, spec["L"])).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([b, c, spec["T"]], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv1d(x, relax.const(w), strides=spec["s"], padding=spec["p"]))
+            if spec["epilogue"] != "none":
+                bias = rng.standard_normal((1, n, 1)).astype("float32")
+                y = bb.emit(relax.op.add(y, relax.const(bias)))
+            if spec["epilogue"] == "affine_relu":
+                y = bb.emit(relax.op.nn.relu(y))
+            y = bb.emit_output(y)
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def _load_module(exe, x, device: _Device | None = None):
+    """(Relax VM, its device) of a built one-input Relax module, here or on ``device``, with
+    ``x`` set as its input: its time evaluator then times the module alone (no copies or
+    network in the measurement)."""
+    import tvm
+    from tvm import relax
+
+    module, dev = _load_primfunc(exe, device)
+    vm = relax.VirtualMachine(module, dev)
+    vm.set_input("main", tvm.runtime.tensor(x, dev))
+    return vm, dev
 
 
 class _KernelBench:

@@ -60,6 +60,40 @@ def test_auto_on_native_targets_counts_the_kernels_work():
     assert kernel_macs(nodes[1]) * 3 < macs(nodes[1])[0]
 
 
+def test_auto_on_native_targets_follows_measured_times_where_it_has_them():
+    """A layer `wsdeploy tune` timed on the target is decided by those times (with the
+    goal's margin); a layer it did not time keeps the multiply-add count; standard-op
+    runtimes never use them."""
+    from wsdeploy.passes.record import record
+    from wsdeploy.passes.strategy import choose, layer, layer_key, measured_key
+
+    model = _small_conv_and_linear()
+    conv, linear = [n for n in model.graph if n.domain == "wsnet"]
+    key = measured_key(conv)
+    assert key == (
+        "WSConv1d x=1x16x528 out_channels=32 kernel_size=16 stride=2 padding=0 "
+        "sample_stride=4 channel_repeat=2"
+    )
+    lay = layer(conv)
+    assert layer_key("WSConv1d", lay.x, {**lay.attrs, "relu": 1}) == key  # its own attrs only
+    assert choose(conv, "auto", native=True, goal="speed") == "custom"  # by multiply-adds
+    slower = {key: (1e-6, 2e-6)}  # (dense, WSNet) seconds: the fused kernel measured slower
+    assert choose(conv, "auto", native=True, goal="speed", measured=slower) == "fold"
+    assert choose(conv, "auto", native=True, goal="size", measured=slower) == "custom"
+    close = {key: (1.0e-6, 1.05e-6)}  # within balanced's 10%: WSNet stores only phi
+    assert choose(conv, "auto", native=True, goal="balanced", measured=close) == "custom"
+    assert choose(conv, "auto", native=True, goal="speed", measured=close) == "fold"
+    assert choose(conv, "auto", goal="speed", measured=slower) == "fold"  # ORT: estimate
+    assert choose(conv, "fold", native=True, measured={key: (2e-6, 1e-6)}) == "fold"
+    StrategyPass("auto", native=True, goal="speed", measured=slower)(model)
+    assert [n.meta[STRATEGY_KEY] for n in (conv, linear)] == ["fold", "fold"]
+    found = record("conv", conv, "fold", True, "speed", slower)
+    assert found["measured_us"] == {"dense": 1.0, "wsnet": 2.0}
+    assert found["auto"]["tvm"] == "fold" and "measured_us" not in record(
+        "conv", conv, "fold", True, "speed"
+    )
+
+
 def test_goals_trade_file_size_against_estimated_time():
     """balanced keeps a layer WSNet (phi only) unless dense is estimated >10% faster; size
     never folds; speed folds wherever WSNet is not strictly faster."""

@@ -5,8 +5,8 @@
 What ``inspect``, the manifest and the benchmarks report per layer: the dense weight it
 samples, the dense and shared multiply-adds (WSNET.md §2, the op kind's formula in
 ``wsdeploy.ops``), the multiply-adds as lowered, and what ``auto`` picks on standard-op
-runtimes and on native kernels. It runs between marking and lowering, which replaces the
-nodes; it never changes the model.
+runtimes and on native kernels (by measurement where ``wsdeploy tune`` timed the layer). It
+runs between marking and lowering, which replaces the nodes; it never changes the model.
 """
 
 from __future__ import annotations
@@ -17,17 +17,32 @@ import onnx_ir as ir
 
 from ._graph import STRATEGY_KEY, ws_nodes
 from .base import Pass, PassResult
-from .strategy import NOTE_KEY, Layer, choose, layer, lowered_macs, macs
+from .strategy import (
+    NOTE_KEY,
+    Layer,
+    Measured,
+    choose,
+    layer,
+    lowered_macs,
+    macs,
+    measured_key,
+)
 
 
 def record(
-    name: str, node: ir.Node | Layer, strategy: str, native: bool, goal: str
+    name: str,
+    node: ir.Node | Layer,
+    strategy: str,
+    native: bool,
+    goal: str,
+    measured: Measured | None = None,
 ) -> dict[str, Any]:
     """The record of one WSNet layer lowered by ``strategy`` (an ONNX node or a torch
-    program's op, ``strategy.Layer``)."""
+    program's op, ``strategy.Layer``); a layer ``measured`` on the native target says so
+    (``measured_us``: its dense conv and WSNet kernel as timed by ``wsdeploy tune``)."""
     lay = layer(node)
     dense, shared = macs(lay)
-    return {
+    found = {
         "node": name,
         "op": lay.spec.op_type,
         "strategy": strategy,
@@ -44,11 +59,16 @@ def record(
         "auto": {
             "ort": choose(lay, "auto", goal=goal),
             "ort-int8": choose(lay, "auto", goal=goal, runtime="ort-int8"),
-            "tvm": choose(lay, "auto", native=True, goal=goal),
+            "tvm": choose(lay, "auto", native=True, goal=goal, measured=measured),
             "xnnpack": choose(lay, "auto", goal=goal, runtime="xnnpack"),
             "litert": choose(lay, "auto", goal=goal, runtime="litert"),
         },
     }
+    key = measured_key(lay)
+    if measured and key in measured:
+        dense_s, wsnet_s = measured[key]
+        found["measured_us"] = {"dense": round(1e6 * dense_s, 2), "wsnet": round(1e6 * wsnet_s, 2)}
+    return found
 
 
 class RecordPass(Pass):
@@ -56,15 +76,22 @@ class RecordPass(Pass):
 
     name = "record"
 
-    def __init__(self, records: list[dict[str, Any]], native: bool, goal: str) -> None:
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        native: bool,
+        goal: str,
+        measured: Measured | None = None,
+    ) -> None:
         self.records = records
         self.native = native
         self.goal = goal
+        self.measured = measured
 
     def call(self, model: ir.Model) -> PassResult:
         for node in ws_nodes(model.graph):
             strategy = node.meta[STRATEGY_KEY]
-            found = record(node.name, node, strategy, self.native, self.goal)
+            found = record(node.name, node, strategy, self.native, self.goal, self.measured)
             if NOTE_KEY in node.meta:
                 found["note"] = node.meta[NOTE_KEY]
             self.records.append(found)

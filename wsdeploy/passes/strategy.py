@@ -4,10 +4,10 @@
 
 ``auto`` picks, per layer:
 
-- on targets with native wsnet kernels (TVM): ``custom`` (the target's own kernel) where that
-  kernel needs fewer multiply-adds than the dense conv (``kernel_macs``), ``fold`` to the
-  target's dense conv elsewhere (SoundNet-8's first layer: 2.8 ms dense against 9.6 ms in
-  the fused kernel, which sums 64 taps for each of 16 filters);
+- on targets with native wsnet kernels (TVM): ``custom`` (the target's own kernel) where it
+  measured faster than the target's dense conv (``wsdeploy tune`` times both per layer
+  shape: ``measured``), else where it needs fewer multiply-adds (``kernel_macs``); ``fold``
+  to the dense conv elsewhere;
 - on standard-op runtimes (ONNX, ORT): ``shared`` where its estimated time is below the dense
   conv's, ``fold`` elsewhere. Multiply-adds alone mislead there: the standard-op graph writes
   its table to memory and reads it back once per diagonal tap, so small layers run faster
@@ -21,6 +21,7 @@ The lowering passes (fold, shared, custom) then act only on the nodes marked for
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import onnx_ir as ir
@@ -33,7 +34,7 @@ from ._cost import COSTS, dense_seconds, shared_seconds
 from ._graph import STRATEGY_KEY, phi_of, shape_of, static_shape, ws_attrs, ws_nodes, x_of
 from .base import Pass, PassResult
 
-__all__ = ["GOALS", "STRATEGIES", "Layer", "SharedWork"]
+__all__ = ["GOALS", "STRATEGIES", "Layer", "Measured", "SharedWork", "layer_key"]
 
 ESTIMATE_ERROR = 0.10
 """How far the time estimates may be off (``_cost.py``'s fit to this machine's layers): under
@@ -112,12 +113,30 @@ def kernel_macs(node: ir.Node | Layer) -> int:
     return lay.spec.kernel_macs(lay.attrs, lay.x, lay.y, lay.phi)
 
 
+Measured = Mapping[str, tuple[float, float]]
+"""Measured seconds of layers on a native target, (dense conv, WSNet kernel) by
+``layer_key`` (``wsdeploy tune`` measures them: ``tvm.records.read_measured``)."""
+
+
+def layer_key(op_type: str, x: Sequence[int], attrs: Mapping[str, int]) -> str:
+    """What makes two WSNet layers the same for a measurement: kind, input shape and
+    attributes (the op's own, ``ops.OPS[op_type].attrs``)."""
+    names = ops.OPS[op_type].attrs
+    return f"{op_type} x={'x'.join(map(str, x))} " + " ".join(f"{a}={attrs[a]}" for a in names)
+
+
+def measured_key(node: ir.Node | Layer) -> str:
+    lay = layer(node)
+    return layer_key(lay.spec.op_type, lay.x, lay.attrs)
+
+
 def choose(
     node: ir.Node | Layer,
     strategy: str,
     native: bool = False,
     goal: str = "balanced",
     runtime: str = "ort",
+    measured: Measured | None = None,
 ) -> str:
     """The lowering for one layer under ``strategy``; ``native`` targets run wsnet nodes with
     their own kernels, so ``auto`` keeps a shared layer as a ``custom`` node for them; the
@@ -128,7 +147,10 @@ def choose(
     more than ``ESTIMATE_ERROR``; ``speed`` folds wherever WSNet is not estimated strictly
     faster (a linear layer, whose shared form does the dense multiply-adds in more nodes:
     measured on wsnet1d-tiny's classifier under ONNX Runtime, 14 us of nodes against 3 us
-    for the Gemm); ``size`` never folds."""
+    for the Gemm); ``size`` never folds.
+
+    On a native target, a layer in ``measured`` (timed both ways on the target by ``wsdeploy
+    tune``) is decided by those times instead of multiply-adds."""
     if strategy != "auto":
         return strategy
     if goal not in GOALS:
@@ -136,7 +158,9 @@ def choose(
     wsnet = "custom" if native else "shared"
     if goal == "size":
         return wsnet
-    if native:
+    if native and measured and measured_key(node) in measured:
+        dense, ws = measured[measured_key(node)]
+    elif native:
         dense, ws = macs(node)[0], kernel_macs(node)
     else:
         dense, ws = estimate_seconds(node, runtime)
@@ -170,7 +194,13 @@ class StrategyPass(Pass):
 
     name = "strategy"
 
-    def __init__(self, strategy: str = "auto", native: bool = False, goal: str = "balanced"):
+    def __init__(
+        self,
+        strategy: str = "auto",
+        native: bool = False,
+        goal: str = "balanced",
+        measured: Measured | None = None,
+    ):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
         if goal not in GOALS:
@@ -178,11 +208,12 @@ class StrategyPass(Pass):
         self.strategy = strategy
         self.native = native
         self.goal = goal
+        self.measured = measured
 
     def call(self, model: ir.Model) -> PassResult:
         modified = False
         for node in ws_nodes(model.graph):
-            chosen = choose(node, self.strategy, self.native, self.goal)
+            chosen = choose(node, self.strategy, self.native, self.goal, measured=self.measured)
             chosen, note = fold_if_static_only(ops.spec(node), shape_of(x_of(node)), chosen)
             if note:
                 node.meta[NOTE_KEY] = note

@@ -33,6 +33,7 @@ from .records import (
     kernel_key,
     open_records,
     read_knobs,
+    read_measured,
     records_dir,
     write_knobs,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "parse_address",
     "prepare_module",
     "read_knobs",
+    "read_measured",
     "records_dir",
     "resolve_target",
     "rpc_runner",

@@ -14,6 +14,7 @@ import onnx_ir as ir
 from wsdeploy.errors import CompileError
 from wsdeploy.models import sampling
 from wsdeploy.passes._graph import rewire
+from wsdeploy.passes.strategy import layer_key
 from wsdeploy.tvm_runtime import load_tvm  # lazily: TVM takes seconds to load
 
 from .legalize import phase_split
@@ -161,7 +162,8 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             "pmadd": pmadd,
             "VL": vl,
         }
-        tuned = knobs.knobs(spec)
+        layer = None if qdtype else layer_key("WSConv1d", (b, c, t), attr)
+        tuned = knobs.knobs(spec, layer)
         try:
             return ws_conv1d_from_spec(spec, **tuned)
         except ValueError as e:  # knobs this kernel no longer takes: its defaults

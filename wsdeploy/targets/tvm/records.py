@@ -96,16 +96,20 @@ class KernelKnobs:
     """The knob table of one target's records, as an import consults it: ``knobs(spec)``
     gives a kernel's measured knobs (none: the kernel's defaults) and notes the kernel in
     ``seen`` (what ``tune`` measures) and, if it had knobs, in ``applied`` (what a build
-    reports in ``tvm.json``)."""
+    reports in ``tvm.json``); ``layers`` maps the float layers' ``strategy.layer_key`` to
+    their kernels' keys (what ``tune`` times against the dense conv)."""
 
     def __init__(self, table: dict[str, dict[str, Any]] | None = None):
         self.table = table or {}
         self.seen: dict[str, dict[str, Any]] = {}
         self.applied: list[str] = []
+        self.layers: dict[str, str] = {}
 
-    def knobs(self, spec: dict[str, Any]) -> dict[str, int]:
+    def knobs(self, spec: dict[str, Any], layer: str | None = None) -> dict[str, int]:
         key = kernel_key(spec)
         self.seen.setdefault(key, dict(spec))
+        if layer is not None:
+            self.layers[layer] = key
         entry = self.table.get(key)
         if entry is None:
             return {}
@@ -114,32 +118,58 @@ class KernelKnobs:
         return dict(entry["knobs"])
 
 
-def read_knobs(target, root: Path | str | None = None) -> KernelKnobs:
-    """The knob table in the target's records under ``root`` (empty if there is none)."""
+def _read(target, root: Path | str | None) -> dict[str, dict[str, Any]]:
+    """The knob file's two tables, checked: "kernels" (kernel key -> {"knobs", ...}) and
+    "layers" (layer key -> {"dense_us", "wsnet_us", ...}); empty if there is no file."""
     path = records_dir(target, root) / KNOBS_FILE
     if not path.exists():
-        return KernelKnobs()
+        return {"kernels": {}, "layers": {}}
     try:
         data = json.loads(path.read_text())
-        table = data["kernels"]
-        for entry in table.values():
+        kernels, layers = data["kernels"], data.get("layers", {})
+        for entry in kernels.values():
             knobs = entry["knobs"]
             if not all(isinstance(v, int) and v > 0 for v in knobs.values()):
                 raise ValueError(f"knobs {knobs} are not positive integers")
+        for entry in layers.values():
+            if not all(float(entry[k]) > 0 for k in ("dense_us", "wsnet_us")):
+                raise ValueError(f"layer times {entry} are not positive")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CompileError(
             f"kernel knobs in {path} are unreadable ({e}); delete the file to start over"
         ) from e
-    return KernelKnobs(table)
+    return {"kernels": kernels, "layers": layers}
 
 
-def write_knobs(target, root: Path | str | None, entries: dict[str, dict[str, Any]]) -> Path:
-    """Merge ``entries`` (key -> {"knobs", "us", "default_us", ...}) into the target's knob
-    table, written whole to a temporary file and renamed over the old one."""
+def read_knobs(target, root: Path | str | None = None) -> KernelKnobs:
+    """The knob table in the target's records under ``root`` (empty if there is none)."""
+    return KernelKnobs(_read(target, root)["kernels"])
+
+
+def read_measured(target, root: Path | str | None = None) -> dict[str, tuple[float, float]]:
+    """The layers ``wsdeploy tune`` timed both ways on the target: ``strategy.layer_key`` ->
+    (dense conv, WSNet kernel) seconds (``passes.strategy.Measured``)."""
+    layers = _read(target, root)["layers"]
+    return {k: (1e-6 * e["dense_us"], 1e-6 * e["wsnet_us"]) for k, e in layers.items()}
+
+
+def write_knobs(
+    target,
+    root: Path | str | None,
+    entries: dict[str, dict[str, Any]],
+    layers: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Merge ``entries`` (kernel key -> {"knobs", "us", "default_us", ...}) and ``layers``
+    (layer key -> {"dense_us", "wsnet_us", ...}) into the target's knob file, written whole
+    to a temporary file and renamed over the old one."""
     path = records_dir(target, root)
     path.mkdir(parents=True, exist_ok=True)
-    table = {**read_knobs(target, root).table, **entries}
-    data = {"version": 1, "kernels": dict(sorted(table.items()))}
+    old = _read(target, root)
+    data = {
+        "version": 1,
+        "kernels": dict(sorted({**old["kernels"], **entries}.items())),
+        "layers": dict(sorted({**old["layers"], **(layers or {})}.items())),
+    }
     fd, tmp = tempfile.mkstemp(dir=path, prefix=".kernels-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:

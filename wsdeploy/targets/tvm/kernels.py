@@ -399,6 +399,7 @@ def make_dense_conv(
     *,
     VL=16,
     NB=4,
+    WB=3,
     dtype="float32",
     qdtype=None,
     relu=False,
@@ -415,9 +416,12 @@ def make_dense_conv(
     ``x`` is already padded: (B, C, W) or (B, C, H, W); ``w`` is (N, C, KW) or
     (N, C, KH, KW); ``kernel``, ``stride`` and ``dilation`` are per spatial axis. Parallel
     over (batch, blocks of NB filters[, output rows]); each step of the (c, kh, kw) reduction
-    is NB vector multiply-adds over VL consecutive outputs, and the ragged end of a row takes
-    a scalar loop. TVM 0.27 has no default CPU schedule for conv (its untuned conv1d took
-    648 ms for a layer this kernel runs in 14 ms).
+    is NB x WB vector multiply-adds into as many accumulators (NB filters, WB vectors of VL
+    consecutive outputs: independent chains, so the FMA units stay busy). The last vector of
+    a row is clamped to end at the row's end (it recomputes a few outputs; no scalar tail:
+    a 14-output row of SoundNet-8 spent most of its 2 ms there). TVM 0.27 has no default
+    CPU schedule for conv (its untuned conv1d took 648 ms for a layer this kernel runs in
+    14 ms).
     """
     two_d = len(spatial_in) == 2
     H = spatial_in[0] if two_d else 1
@@ -430,7 +434,9 @@ def make_dense_conv(
     VL = min(VL, 1 << max(0, Wo.bit_length() - 1))
     NB = NB if N % NB == 0 else (2 if N % 2 == 0 else 1)
     NBLK = N // NB
-    nvec, tail = Wo // VL, Wo % VL
+    nW = -(-Wo // VL)  # vectors per output row, the last one clamped to end at Wo
+    WB = min(WB, nW)  # vectors per register block: NB x WB accumulators
+    nWB = -(-nW // WB)
     INT = qdtype is not None
     XT = qdtype or dtype
     WDT = "int8" if INT else dtype
@@ -454,44 +460,48 @@ def make_dense_conv(
 
     @T.macro
     def body(x, w, sh, sc, bi, y, b, nb, oh):
-        for wv in range(nvec):
-            acc = T.alloc_buffer((NB, VL), AT, scope="local")
+        for wo in range(nWB):
+            acc = T.alloc_buffer((NB, WB * VL), AT, scope="local")
             for j in T.unroll(NB):
-                for ln in T.vectorized(VL):
-                    acc[j, ln] = zero
+                for i in T.unroll(WB):
+                    for ln in T.vectorized(VL):
+                        acc[j, i * VL + ln] = zero
             for c, kh, kw in T.grid(C, KH, KW):
                 for j in T.unroll(NB):
+                    for i in T.unroll(WB):
+                        for ln in T.vectorized(VL):
+                            if two_d:
+                                acc[j, i * VL + ln] = acc[j, i * VL + ln] + wt(
+                                    w, sh, nb * NB + j, c, kh, kw
+                                ) * xv(
+                                    x[
+                                        b,
+                                        c,
+                                        oh * SH + kh * DH,
+                                        (T.min((wo * WB + i) * VL, Wo - VL) + ln) * SW + kw * DW,
+                                    ]
+                                )
+                            else:
+                                acc[j, i * VL + ln] = acc[j, i * VL + ln] + wt(
+                                    w, sh, nb * NB + j, c, kh, kw
+                                ) * xv(
+                                    x[
+                                        b,
+                                        c,
+                                        (T.min((wo * WB + i) * VL, Wo - VL) + ln) * SW + kw * DW,
+                                    ]
+                                )
+            for j in T.unroll(NB):
+                for i in T.unroll(WB):
                     for ln in T.vectorized(VL):
                         if two_d:
-                            acc[j, ln] = acc[j, ln] + wt(w, sh, nb * NB + j, c, kh, kw) * xv(
-                                x[b, c, oh * SH + kh * DH, (wv * VL + ln) * SW + kw * DW]
+                            y[b, nb * NB + j, oh, T.min((wo * WB + i) * VL, Wo - VL) + ln] = out(
+                                acc[j, i * VL + ln], sc, bi, nb * NB + j
                             )
                         else:
-                            acc[j, ln] = acc[j, ln] + wt(w, sh, nb * NB + j, c, kh, kw) * xv(
-                                x[b, c, (wv * VL + ln) * SW + kw * DW]
+                            y[b, nb * NB + j, T.min((wo * WB + i) * VL, Wo - VL) + ln] = out(
+                                acc[j, i * VL + ln], sc, bi, nb * NB + j
                             )
-            for j in T.unroll(NB):
-                for ln in T.vectorized(VL):
-                    if two_d:
-                        y[b, nb * NB + j, oh, wv * VL + ln] = out(acc[j, ln], sc, bi, nb * NB + j)
-                    else:
-                        y[b, nb * NB + j, wv * VL + ln] = out(acc[j, ln], sc, bi, nb * NB + j)
-        for j, tt in T.grid(NB, tail):
-            a1 = T.alloc_buffer((1,), AT, scope="local")
-            a1[0] = zero
-            for c, kh, kw in T.grid(C, KH, KW):
-                if two_d:
-                    a1[0] = a1[0] + wt(w, sh, nb * NB + j, c, kh, kw) * xv(
-                        x[b, c, oh * SH + kh * DH, (nvec * VL + tt) * SW + kw * DW]
-                    )
-                else:
-                    a1[0] = a1[0] + wt(w, sh, nb * NB + j, c, kh, kw) * xv(
-                        x[b, c, (nvec * VL + tt) * SW + kw * DW]
-                    )
-            if two_d:
-                y[b, nb * NB + j, oh, nvec * VL + tt] = out(a1[0], sc, bi, nb * NB + j)
-            else:
-                y[b, nb * NB + j, nvec * VL + tt] = out(a1[0], sc, bi, nb * NB + j)
 
     if two_d and INT:
 

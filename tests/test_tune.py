@@ -212,11 +212,33 @@ def test_fused_kernel_knobs_are_measured_checked_and_kept_only_when_faster(recor
     _, default = ws_conv1d_from_spec(spec)
     if entry["us"] > entry["default_us"] * (1 - tune.KNOB_GAIN):
         assert entry["knobs"] == {k: default[k] for k in WS_CONV1D_KNOBS}
-    bench = tune._KernelBench(ws_conv1d_from_spec(spec)[0], tune._measure_target(tt), None)
-    assert bench.time(ws_conv1d_from_spec(spec)[0]) > 0
+    bench = tune._KernelBench(spec, tune._measure_target(tt), None)
+    assert bench.time(*ws_conv1d_from_spec(spec)) > 0
     # a kernel that skips its diagonal sums leaves the output unwritten: refused
-    assert bench.time(ws_conv1d_from_spec(spec, phases=(1, 2))[0]) == float("inf")
+    assert bench.time(*ws_conv1d_from_spec(spec, phases=(1, 2))) == float("inf")
     assert not records.exists()  # measuring writes nothing; tune() writes the table
+
+
+@pytest.mark.parametrize("qdtype, pmadd", [("int8", True), ("uint8", False), (None, False)])
+def test_knob_search_reaches_every_stage_of_every_variant(qdtype, pmadd, records, caplog):
+    """Integer kernels too, the int16 pairwise one whose packed phi changes shape with the
+    taps per block (each candidate gets phi packed for its G): a short layer, so the tile
+    stage is short and the budget reaches the block and register stages."""
+    from wsdeploy.targets.tvm.kernels import PMADD, ws_conv1d_from_spec
+
+    _, tt = _fused()
+    vl = tvm_build.vector_lanes(tt)
+    spec = {"B": 1, "C": 2, "T": 64, "N": 6, "L": 32, "s": 2, "p": 16, "S": 8, "r": 2}
+    spec |= {"epilogue": "affine_relu", "qdtype": qdtype, "pmadd": pmadd and vl in PMADD}
+    spec |= {"VL": vl}
+    if qdtype is None:
+        spec["epilogue"] = "none"
+    key = tvm_build.kernel_key(spec)
+    entry = tune._tune_knobs({key: spec}, tune._measure_target(tt), None, budget=40)[key]
+    assert entry["candidates"] > 3 + 4  # the tile widths 8-32, then the four G values
+    assert ws_conv1d_from_spec(spec)[1]["pmadd"] == spec["pmadd"]
+    assert entry["us"] <= entry["default_us"]
+    assert not [r for r in caplog.records if "disagrees" in r.message]  # every one agreed
 
 
 def test_builds_apply_recorded_knobs_and_fall_back_on_stale_ones(records, tmp_path, caplog):

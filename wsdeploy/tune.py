@@ -417,8 +417,8 @@ def _tune_knobs(
         say(f"kernel {i}/{len(specs)}: {key}")
         func, info = ws_conv1d_from_spec(spec)
         default = {k: info[k] for k in WS_CONV1D_KNOBS}
-        bench = _KernelBench(func, measure_target, device)
-        timed = {tuple(default.items()): bench.time(func)}
+        bench = _KernelBench(spec, measure_target, device)
+        timed = {tuple(default.items()): bench.time(func, info)}
         best = dict(default)
         for stage in ("TT", "G", "block"):
             for value in ws_conv1d_knob_space(spec["L"], spec["S"], info["To"], spec["VL"], stage):
@@ -430,7 +430,7 @@ def _tune_knobs(
                     continue
                 trial = tuple((k, resolved[k]) for k in WS_CONV1D_KNOBS)
                 if trial not in timed:
-                    timed[trial] = bench.time(candidate)
+                    timed[trial] = bench.time(candidate, resolved)
             best = dict(min(timed, key=timed.get))
         default_us, best_us = 1e6 * timed[tuple(default.items())], 1e6 * timed[tuple(best.items())]
         if best_us > default_us * (1 - KNOB_GAIN):
@@ -550,35 +550,52 @@ def _load_module(exe, x, device: _Device | None = None):
 
 
 class _KernelBench:
-    """Times candidates of one kernel on fixed seeded inputs (here or on ``device``), and
-    checks each one's output against the first one timed (the defaults)."""
+    """Times candidates of one fused kernel (``spec``) on fixed seeded inputs (here or on
+    ``device``), and checks each one's output against the first one timed (the defaults).
+    The inputs are the layer's (x, phi, shifts, scale, shift); each candidate gets them as
+    its variant takes them (the int16 pairwise variant: phi packed by its blocks of taps)."""
 
-    def __init__(self, func, measure_target, device: _Device | None):
+    def __init__(self, spec: dict[str, Any], measure_target, device: _Device | None):
         import numpy as np
 
-        self.target, self.device = measure_target, device
+        self.spec, self.target, self.device = spec, measure_target, device
         rng = np.random.default_rng(0)
-        self.values = []
-        for param in func.params:  # TVM 0.27: the buffers themselves
-            shape, dtype = [int(d) for d in param.shape], str(param.dtype)
-            if param.name == "sh":  # the integer kernel's left shifts: none
-                value = np.zeros(shape, dtype)
-            elif dtype.startswith(("int", "uint")):
-                lo = 0 if dtype.startswith("uint") else -8
-                value = rng.integers(lo, 8, shape).astype(dtype)
-            else:
-                value = rng.standard_normal(shape).astype(dtype)
-            self.values.append(value)
+        b, c, n, q = spec["B"], spec["C"], spec["N"], spec["qdtype"]
+        cs, ls = c // spec["r"], spec["L"] + (n - 1) * spec["S"]
+        if q:
+            self.x = rng.integers(0 if q == "uint8" else -8, 8, (b, c, spec["T"])).astype(q)
+            self.phi = rng.integers(-8, 8, (cs, ls)).astype("int8")
+        else:
+            self.x = rng.standard_normal((b, c, spec["T"])).astype("float32")
+            self.phi = rng.standard_normal((cs, ls)).astype("float32")
+        self.shifts = np.zeros(cs, "int32")  # the integer kernel's left shifts: none
+        self.scale = rng.uniform(0.5, 2, n).astype("float32")
+        self.shift = rng.standard_normal(n).astype("float32")
         self.reference = None
 
-    def time(self, func) -> float:
+    def args(self, info: dict[str, Any]) -> list:
+        """The inputs as the candidate built with ``info`` takes them, and its output."""
+        import numpy as np
+
+        from wsdeploy.targets.tvm.kernels import pack_phi
+
+        y = np.zeros((self.spec["B"], self.spec["N"], info["To"]), "float32")
+        if info["pmadd"]:
+            return [self.x, pack_phi(self.phi, self.shifts, info["G"]), self.scale, self.shift, y]
+        if self.spec["qdtype"]:
+            return [self.x, self.phi, self.shifts, self.scale, self.shift, y]
+        if self.spec["epilogue"] != "none":
+            return [self.x, self.phi, self.scale, self.shift, y]
+        return [self.x, self.phi, y]
+
+    def time(self, func, info: dict[str, Any]) -> float:
         """Median seconds of one call (inf for a candidate whose output disagrees)."""
         import numpy as np
         import tvm
 
         lib = tvm.compile(tvm.IRModule({"main": func}), target=self.target)
         module, dev = _load_primfunc(lib, self.device)
-        args = [tvm.runtime.tensor(v, dev) for v in self.values]
+        args = [tvm.runtime.tensor(v, dev) for v in self.args(info)]
         module["main"](*args)
         out = args[-1].numpy()
         if self.reference is None:

@@ -470,10 +470,12 @@ def _time_layers(
             tvm_build.compile_module(mod, measure_target, vl, root)[0]
             for mod in (_fused_layer(spec, knobs), _dense_layer(spec))
         ]
-        vms = [_load_module(exe, x, device) for exe in built]
         times = [[], []]
         for _ in range(2):
-            for i, (vm, dev) in enumerate(vms):
+            for i, exe in enumerate(built):
+                # loaded for each measurement: on a device, each in a session of its own
+                # (a session held across both modules and rounds outlived its timeout)
+                vm, dev = _load_module(exe, x, device)
                 evaluator = vm.time_evaluator(
                     "invoke_stateful", dev, number=3, repeat=5, min_repeat_ms=50
                 )

@@ -206,8 +206,10 @@ def tune(
     if fused.seen and kernel_trials:
         say(f"measure the knobs of {len(fused.seen)} fused kernels{where}")
         entries = _tune_knobs(fused.seen, measure_target, device, kernel_trials, say)
-        say(f"time {len(fused.layers)} layers fused and dense{where}")
-        layers = _time_layers(fused, entries, measure_target, vl, first.records, device)
+        layers: dict[str, dict[str, Any]] = {}
+        if device is None:  # on a device (RPC) not yet: auto keeps the estimate there
+            say(f"time {len(fused.layers)} layers fused and dense")
+            layers = _time_layers(fused, entries, measure_target, vl, first.records)
         tvm_build.write_knobs(tvm_target, first.records, entries, layers)
         knobs = [{"key": key, **entry} for key, entry in entries.items()]
         timed = [{"key": key, **entry} for key, entry in layers.items()]

@@ -452,9 +452,8 @@ def _time_layers(
     measure_target,
     vl: int,
     root: str | None,
-    device: _Device | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Time each float layer of ``fused`` (``KernelKnobs.layers``) both ways on the target,
+    """Time each float layer of ``fused`` (``KernelKnobs.layers``) both ways on this machine,
     as whole one-layer modules run by the Relax VM: its fused kernel with the knobs of
     ``entries``, and the dense conv the export would fold it to (padding, input phases,
     bias and ReLU as the export builds them). Two rounds, alternating, the faster of each
@@ -475,9 +474,7 @@ def _time_layers(
         times = [[], []]
         for _ in range(2):
             for i, exe in enumerate(built):
-                # loaded for each measurement: on a device, each in a session of its own
-                # (a session held across both modules and rounds outlived its timeout)
-                vm, dev = _load_module(exe, x, device)
+                vm, dev = _load_module(exe, x)
                 evaluator = vm.time_evaluator(
                     "invoke_stateful", dev, number=3, repeat=5, min_repeat_ms=50
                 )

@@ -241,6 +241,61 @@ def test_knob_search_reaches_every_stage_of_every_variant(qdtype, pmadd, records
     assert not [r for r in caplog.records if "disagrees" in r.message]  # every one agreed
 
 
+def test_head_to_head_rounds_alternate_and_flag_a_busy_machine(caplog):
+    """Rounds alternate who goes first; a setting whose times spread by more than ``NOISY``
+    between rounds is reported as noise."""
+    calls = []
+    timers = [lambda i=i: calls.append(i) or 1.0 + i for i in range(3)]
+    times = tune._head_to_head(timers, 4)
+    assert calls == [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0]
+    assert times == [[1.0] * 4, [2.0] * 4, [3.0] * 4]
+    assert not tune._noise_warning("kernel k", [[1.0, 1.4], [2.0, 2.1]]) and not caplog.records
+    assert tune._noise_warning("kernel k", [[1.0, 1.6], [2.0, 2.1]])
+    assert "kernel k" in caplog.text and "1.6x" in caplog.text and "quiet machine" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "rounds, kept",
+    [
+        ([(10, 5), (10, 5), (10, 5)], True),  # faster in every round by far: kept
+        ([(10, 5), (10, 11), (10, 5)], False),  # one round the defaults won: not kept
+        ([(10, 9.9), (10, 9.9), (10, 9.9)], False),  # faster, but by less than KNOB_GAIN
+    ],
+)
+def test_knobs_are_kept_only_if_they_win_every_head_to_head_round(
+    rounds, kept, monkeypatch, caplog
+):
+    """The search's fastest setting meets the defaults again in alternating rounds: a
+    win the search saw once (a quiet moment for the candidate, a busy one for the defaults)
+    does not change the build unless it holds in every round by more than ``KNOB_GAIN``."""
+    from wsdeploy.targets.tvm.kernels import WS_CONV1D_KNOBS, ws_conv1d_from_spec
+
+    specs, tt = _fused()
+    key, spec = next(iter(specs.items()))
+    default = {k: ws_conv1d_from_spec(spec)[1][k] for k in WS_CONV1D_KNOBS}
+    served = {True: 0, False: 0}  # head-to-head times served so far: defaults, candidate
+
+    class Bench:
+        def __init__(self, *args):
+            self.first = True
+
+        def time(self, func, info):  # the search: defaults 10, every candidate 1 (fastest)
+            first, self.first = self.first, False
+            return 10e-6 if first else 1e-6
+
+        def again(self, knobs):  # the head to head: each one's time in the round it is in
+            is_default = knobs == default
+            i, served[is_default] = served[is_default], served[is_default] + 1
+            return 1e-6 * rounds[i][0 if is_default else 1]
+
+    monkeypatch.setattr(tune, "_KernelBench", Bench)
+    entry = tune._tune_knobs({key: spec}, tune._measure_target(tt), None, budget=3)[key]
+    assert (entry["knobs"] != default) == kept
+    assert entry["default_us"] == 10.0 and entry["candidates"] == 3
+    assert entry["us"] == (5.0 if kept else 10.0)
+    assert served == {True: 3, False: 3}
+
+
 def test_builds_apply_recorded_knobs_and_fall_back_on_stale_ones(records, tmp_path, caplog):
     """Knobs in the table are what the import builds each kernel with (``tvm.json`` says
     which), the build passes the numerics gate; knobs a kernel cannot take are skipped with a
@@ -292,11 +347,13 @@ def test_tune_measures_knobs_into_the_records(records, tmp_path):
     assert not (tvm_build.records_dir(tt) / "records.json").exists()
     # an auto build's layers, every one of them timed as its fused kernel and as the
     # dense conv folding gives: what a later auto export decides by
-    measured = tvm_build.read_measured(tt)
-    assert set(measured) == set(layers) and len(layers) == 3
-    assert all(dense > 0 and wsnet > 0 for dense, wsnet in measured.values())
     table = json.loads((tvm_build.records_dir(tt) / "kernels.json").read_text())["layers"]
+    assert set(table) == set(layers) and len(layers) == 3
     assert {e["kernel"] for e in table.values()} == set(specs)
+    assert all(e["dense_us"] > 0 and e["wsnet_us"] > 0 for e in table.values())
+    # the decisions that held in every head-to-head round are the ones exports use
+    measured = tvm_build.read_measured(tt)
+    assert set(measured) == {k for k, e in table.items() if e["held"] is True}
     result = CliRunner().invoke(main, ["tune", "wsnet1d-tiny", "--kernel-trials", "-1"])
     assert result.exit_code == 2
 
@@ -310,8 +367,10 @@ def test_auto_exports_decide_layers_by_their_measured_times(records, tmp_path):
     _, tt, layers = _fused(layers=True)
     first, *rest = sorted(layers, key=lambda k: "x=1x1x" not in k)  # the one-channel layer
     assert "x=1x1x4096" in first
-    times = {first: {"dense_us": 10.0, "wsnet_us": 50.0, "kernel": layers[first]}}
-    times.update({k: {"dense_us": 50.0, "wsnet_us": 10.0, "kernel": layers[k]} for k in rest})
+    times = {first: {"dense_us": 10.0, "wsnet_us": 50.0, "kernel": layers[first], "held": True}}
+    times.update(
+        {k: {"dense_us": 50.0, "wsnet_us": 10.0, "kernel": layers[k], "held": True} for k in rest}
+    )
     tvm_build.write_knobs(tt, None, {}, times)
     m = export("wsnet1d-tiny", tmp_path / "b", ExportOptions(target="x86_64")).manifest
     assert m["verification"]["passed"]
@@ -319,6 +378,15 @@ def test_auto_exports_decide_layers_by_their_measured_times(records, tmp_path):
     assert [r["strategy"] for r in convs] == ["fold", "custom", "custom"]
     assert convs[0]["measured_us"] == {"dense": 10.0, "wsnet": 50.0}
     assert all("measured_us" in r for r in convs)
+    # times whose rounds disagreed (or from before rounds were compared) are not used
+    times[first]["held"] = False
+    times[rest[0]].pop("held")
+    tvm_build.write_knobs(tt, None, {}, times)
+    assert set(tvm_build.read_measured(tt)) == set(rest[1:])
+    m = export("wsnet1d-tiny", tmp_path / "c", ExportOptions(target="x86_64")).manifest
+    convs = [r for r in m["layers"] if r["op"] == "WSConv1d"]
+    assert [r["strategy"] for r in convs] == ["custom"] * 3  # the estimate's choice
+    assert ["measured_us" in r for r in convs] == [False, False, True]
     target = get_target("x86_64")
     assert compiler.measured_layers(target, ExportOptions(target="x86_64")) is not None
     for options in (

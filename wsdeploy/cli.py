@@ -903,7 +903,7 @@ def verify(
     default=64,
     show_default=True,
     help="MetaSchedule measurements in all, shared among the generically scheduled kernels; "
-    "0: none (the fused kernels' knobs only).",
+    "0: none (only the fused kernels' knobs and, for auto, the layer times).",
 )
 @click.option(
     "--kernel-trials",
@@ -1012,9 +1012,13 @@ def tune(
         )
     for k in result.layers:
         faster = "fused" if k["wsnet_us"] < k["dense_us"] else "dense"
+        use = (
+            f"{faster} faster; auto exports decide by these"
+            if k["held"]
+            else "the rounds disagreed: auto exports keep the estimate"
+        )
         click.echo(
-            f"  {k['key']}: fused {k['wsnet_us']:.1f} us, dense {k['dense_us']:.1f} us "
-            f"({faster} faster; auto exports decide by these)"
+            f"  {k['key']}: fused {k['wsnet_us']:.1f} us, dense {k['dense_us']:.1f} us ({use})"
         )
     if is_build:
         click.echo(f"rebuilt {path} with the tuned kernels")

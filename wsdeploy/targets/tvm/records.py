@@ -148,9 +148,14 @@ def read_knobs(target, root: Path | str | None = None) -> KernelKnobs:
 
 def read_measured(target, root: Path | str | None = None) -> dict[str, tuple[float, float]]:
     """The layers ``wsdeploy tune`` timed both ways on the target: ``strategy.layer_key`` ->
-    (dense conv, WSNet kernel) seconds (``passes.strategy.Measured``)."""
+    (dense conv, WSNet kernel) seconds (``passes.strategy.Measured``); only those where the
+    same one was faster in every round ("held"): the rest keep the estimate."""
     layers = _read(target, root)["layers"]
-    return {k: (1e-6 * e["dense_us"], 1e-6 * e["wsnet_us"]) for k, e in layers.items()}
+    return {
+        k: (1e-6 * e["dense_us"], 1e-6 * e["wsnet_us"])
+        for k, e in layers.items()
+        if e.get("held") is True
+    }
 
 
 def write_knobs(

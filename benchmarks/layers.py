@@ -23,6 +23,12 @@ from wsdeploy.modelfile import LoadedModel
 from wsdeploy.models import WSConv1d
 from wsdeploy.targets import onnx as onnx_target
 
+TVM_CPU = "native"
+"""What the benchmark's TVM builds are compiled for (``--cpu``): this machine's CPU, as ONNX
+Runtime, XNNPACK and inductor pick their kernels by the CPU they run on. The portable
+default (x86-64-v3, AVX2) is what ``wsdeploy export --target x86_64`` builds without
+``--cpu``; on an AVX-512 host it is slower (half the vector width)."""
+
 TALK_LAYER = {
     "name": "talk",
     "cin": 64,
@@ -109,7 +115,7 @@ def build_variants(
         model, _ = lower(loaded, strategy, "x86_64")
         out = workdir / f"{tag}-tvm-{strategy}"
         out.mkdir(exist_ok=True)
-        x86_64.build(model, out, records=str(records))
+        x86_64.build(model, out, cpu=TVM_CPU, records=str(records))
         specs[label] = {
             "runtime": "tvm",
             "path": str(out / x86_64.LIBRARY),

@@ -25,6 +25,7 @@ from benchmarks.layers import (
     ROUNDS,
     TALK_LAYER,
     TALK_ROUNDS,
+    TVM_CPU,
     bench_layer,
     bench_zoo_layers,
     peak_gmacs,
@@ -173,7 +174,9 @@ def bench_models(
             tuning = tune(
                 loaded,
                 [
-                    ExportOptions(target=t, strategy=s, precision=p, records=str(job["records"]))
+                    ExportOptions(
+                        target=t, strategy=s, precision=p, records=str(job["records"]), cpu=TVM_CPU
+                    )
                     for t, s, p, _ in tvm_builds
                 ],
                 trials,
@@ -256,7 +259,11 @@ def _export_build(
     say(f"{name}: export {label}" + (f" ({step})" if step else ""))
     clock = time.perf_counter()
     options = ExportOptions(
-        target=target, strategy=strategy, precision=precision, records=str(records)
+        target=target,
+        strategy=strategy,
+        precision=precision,
+        records=str(records),
+        cpu=TVM_CPU if RUNTIME[target] == "tvm" else None,
     )
     # A build that fails its gate is listed as failed, then built at a lower, labelled bar
     # so that its size and latency are still measured. Where the bar does not change what
@@ -482,7 +489,9 @@ def markdown(
         f"the talk layer in {talk_rounds} (its ExecuTorch and LiteRT rows in at most "
         f"{min(ROUNDS, talk_rounds)}) and the zoo models in {model_rounds} interleaved rounds "
         "(the median of the rounds' medians, p90 over all runs), except torch.compile's builds "
-        "(one round: inductor compiles in every process), each zoo layer in one round."
+        "(one round: inductor compiles in every process), each zoo layer in one round. "
+        f"TVM builds are compiled for this machine's CPU (`--cpu {TVM_CPU}`), as the other "
+        "runtimes choose their kernels by the CPU they run on."
         + (
             f" A build whose round medians differ by more than {DISAGREE}x gets up to "
             f"{EXTRA_ROUNDS} more rounds ({extra} of them here)."

@@ -137,7 +137,7 @@ def test_tune_an_outdir_then_rebuild_it(records, tmp_path):
     out = tmp_path / "b"
     export("wsnet1d-tiny", out, ExportOptions(target="x86_64"))
     before = json.loads((out / "manifest.json").read_text())
-    result = CliRunner().invoke(main, ["tune", str(out), "--trials", "8"])
+    result = CliRunner().invoke(main, ["tune", str(out), "--trials", "8", "--kernel-trials", "4"])
     assert result.exit_code == 0, result.output
     assert "rebuilt" in result.output and "records:" in result.output
     record_lines = (next(records.iterdir()) / "records.json").read_text().splitlines()

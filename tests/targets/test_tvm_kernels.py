@@ -279,13 +279,14 @@ def test_int16_pairwise_stride2_conv_is_exact(b, c, n, k, w, qdtype, max_shift, 
     st.integers(1, 70),
     st.sampled_from([4, 8, 16]),
     st.sampled_from([1, 2, 3, 4]),
+    st.sampled_from([None, 1, 2, 4, 8]),
 )
 def test_dense_conv_with_fused_bias_relu_matches_reference(
-    b, c, n, k, s, d, two_d, bias, relu, w_out, vl, wb
+    b, c, n, k, s, d, two_d, bias, relu, w_out, vl, wb, nb
 ):
     """The float direct conv, 1-D and 2-D, any stride and dilation, with and without its
     bias and ReLU epilogue, at output widths that are and are not whole vectors (the last
-    vector clamped) and any register block."""
+    vector clamped) and any register block (filters that are and are not a multiple of it)."""
     rng = np.random.default_rng(4)
     width = (w_out - 1) * s + (k - 1) * d + 1
     spatial = [11, width] if two_d else [width]
@@ -294,7 +295,7 @@ def test_dense_conv_with_fused_bias_relu_matches_reference(
     w = rng.standard_normal((n, c, *kernel)).astype(np.float32)
     strides, dilations = [s] * len(kernel), [d] * len(kernel)
     func, out_shape = make_dense_conv(
-        b, c, spatial, n, kernel, strides, dilations, VL=vl, WB=wb, bias=bias, relu=relu
+        b, c, spatial, n, kernel, strides, dilations, VL=vl, NB=nb, WB=wb, bias=bias, relu=relu
     )
     # dilate the kernel with zeros for the numpy oracle
     wd = np.zeros((n, c, *[(k - 1) * d + 1] * len(kernel)), np.float32)

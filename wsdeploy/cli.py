@@ -749,6 +749,15 @@ def _print_build(m: dict, outdir: Path) -> None:
     precision = m.get("precision", "fp32")
     cpu = f", cpu {m['built_for_cpu']}" if m.get("built_for_cpu") else ""
     click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies}, {precision}{cpu})")
+    from wsdeploy.targets import x86_64
+
+    if m["target"] == "x86_64" and m.get("built_for_cpu") == x86_64.BASELINE:
+        wider = x86_64.wider_vectors_here()
+        if wider:
+            click.echo(
+                f"  cpu       {x86_64.BASELINE} runs on any x86-64 CPU since about 2015; this "
+                f"machine has {wider}: --cpu native builds faster code for CPUs like it"
+            )
     _print_recognition(m.get("recognition", []))
     for fixed in m.get("fixed_dimensions", []):
         click.echo(f"  input     {fixed} (a dynamic program, built for this shape only)")

@@ -50,6 +50,34 @@ def test_named_cpus_build_and_match(cpu, tmp_path):
     assert m["verification"]["passed"] and m["cpu"] == cpu
 
 
+def test_a_portable_build_on_a_wider_cpu_says_how_to_build_for_it(tmp_path, monkeypatch):
+    """The default (x86-64-v3, AVX2) runs everywhere; on a machine with AVX-512 the export
+    says, in one line, that ``--cpu native`` builds faster code for CPUs like it. A build
+    for a named CPU, or on a machine without wider vectors, gets no such line."""
+    from click.testing import CliRunner
+
+    from wsdeploy.cli import main
+    from wsdeploy.targets import x86_64
+
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert x86_64.wider_vectors_here() == ("AVX-512" if "avx512f" in flags else None)
+    hint = "--cpu native builds faster code"
+    for wider, cpu, shown in [
+        ("AVX-512", [], True),
+        (None, [], False),
+        ("AVX-512", ["--cpu", "haswell"], False),
+    ]:
+        monkeypatch.setattr(x86_64, "wider_vectors_here", lambda w=wider: w)
+        out = str(tmp_path / f"o-{wider}-{len(cpu)}")
+        args = ["export", "wsnet1d-tiny", "--target", "x86_64", "-o", out, *cpu]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert (hint in result.output) == shown, result.output
+        if shown:
+            assert "x86-64-v3 runs on any x86-64 CPU" in result.output
+
+
 @pytest.mark.parametrize(
     "cpu, message",
     [

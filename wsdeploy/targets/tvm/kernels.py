@@ -419,8 +419,9 @@ def make_dense_conv(
     is NB x WB vector multiply-adds into as many accumulators (NB filters, WB vectors of VL
     consecutive outputs: independent chains, so the FMA units stay busy). NB defaults to what
     the register file holds: 8 x 3 accumulators in AVX-512's 32 registers (VL 16), 4 x 3 in
-    AVX2's 16 (VL 8; 8 would spill) and NEON's (kept at 4: not measured on a real core). On
-    SoundNet-8's folded layers at VL 16, 8 filters ran 1.1-1.8x faster than 4. The last vector of
+    AVX2's 16 (VL 8; 8 x 3 would spill, and measured better on only some shapes there) and
+    NEON's (kept at 4: not measured on a real core). On SoundNet-8's folded layers at VL 16,
+    8 filters ran 1.0-1.8x faster than 4 (benchmarks/NOTES.md, session 26). The last vector of
     a row is clamped to end at the row's end (it recomputes a few outputs; no scalar tail:
     a 14-output row of SoundNet-8 spent most of its 2 ms there). TVM 0.27 has no default
     CPU schedule for conv (its untuned conv1d took 648 ms for a layer this kernel runs in

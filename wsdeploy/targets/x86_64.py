@@ -30,8 +30,8 @@ x86 server and desktop CPU since about 2015), so a shipped library runs on any o
 
 
 def wider_vectors_here() -> str | None:
-    """ "AVX-512" if this machine has it (read from /proc/cpuinfo, no TVM needed), else None:
-    a build for the portable baseline then uses half the vector width this CPU has
+    """The wider vectors this machine has than the baseline ("AVX-512"), or None; read from
+    /proc/cpuinfo (no TVM needed). A build for the baseline uses half the width it has
     (SoundNet-8 here: its dense build 1.7x and its fused-kernel build 1.5x slower than with
     ``--cpu native``)."""
     try:

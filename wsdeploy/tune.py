@@ -413,10 +413,6 @@ def _head_to_head(timers: Sequence[Callable[[], float]], rounds: int = ROUNDS) -
     return times
 
 
-def _median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
-
-
 def _noise_warning(what: str, times: Sequence[Sequence[float]]) -> bool:
     """Warn (and return True) if one setting's times varied by more than ``NOISY`` between
     rounds: on a machine that busy, a measured decision can be the load's, not the code's."""
@@ -481,7 +477,7 @@ def _tune_knobs(
             timers = [functools.partial(bench.again, k) for k in (default, best)]
             d, b = _head_to_head(timers, rounds)
             _noise_warning(f"kernel {key}", [d, b])
-            default_us, best_us = 1e6 * _median(d), 1e6 * _median(b)
+            default_us, best_us = 1e6 * statistics.median(d), 1e6 * statistics.median(b)
             held = all(bt < dt for bt, dt in zip(b, d, strict=True))
             if not held or best_us > default_us * (1 - KNOB_GAIN):
                 best, best_us = default, default_us
@@ -529,8 +525,8 @@ def _time_layers(
         _noise_warning(f"layer {layer}", [wsnet, dense])
         faster = {w < d for w, d in zip(wsnet, dense, strict=True)}
         out[layer] = {
-            "dense_us": round(1e6 * _median(dense), 2),
-            "wsnet_us": round(1e6 * _median(wsnet), 2),
+            "dense_us": round(1e6 * statistics.median(dense), 2),
+            "wsnet_us": round(1e6 * statistics.median(wsnet), 2),
             "kernel": key,
             "held": len(faster) == 1,
         }

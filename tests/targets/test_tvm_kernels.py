@@ -19,6 +19,7 @@ from wsdeploy.targets.tvm.kernels import (  # noqa: E402
     make_dense_conv,
     make_int_conv1d_s2,
     make_ws_conv1d,
+    make_ws_conv2d,
     pack_phi,
     pair_weights,
     vector_lanes,
@@ -123,48 +124,90 @@ def test_fused_conv1d_kernel_matches_reference(cfg):
 
 conv2d_cfg = st.fixed_dictionaries(
     {
-        "cs": st.sampled_from([1, 2, 3, 18, 32]),  # > 16: the unrolled reduction
+        "b": st.integers(1, 2),
+        "cs": st.sampled_from([1, 2, 3, 5, 18]),  # odd: the int16 pairs' padded channel
         "r": st.integers(1, 2),
-        "n": st.integers(1, 10),
-        "k": st.integers(1, 4),
-        "s": st.integers(1, 2),
+        "n": st.integers(1, 12),
+        "k": st.integers(1, 5),
+        "s": st.integers(1, 3),
         "S": st.integers(1, 3),
         "p": st.integers(0, 2),
-        "h": st.integers(4, 9),
-        "affine": st.booleans(),
+        "h": st.integers(1, 19),
+        "w": st.integers(1, 40),
         "cols": st.one_of(st.none(), st.integers(1, 10)),  # None: wsdeploy's own grid
+        "relu": st.booleans(),
+        "vl": st.sampled_from([4, 8, 16]),
+        # the kernel's knobs (None: its own pick): output rows per band, register block
+        "HB": st.sampled_from([None, 1, 2, 3, 16]),
+        "VB": st.sampled_from([None, 1, 2, 5, 8]),
+        "WB": st.sampled_from([None, 1, 2, 3, 4]),
     }
 )
 
 
-@given(conv2d_cfg, st.booleans())
-def test_conv2d_te_matches_reference(cfg, schedule):
-    """Unscheduled, and with the generic schedule the builds give it (parallel, reductions
-    unrolled)."""
-    from tvm import te
+def _conv2d_case(cfg):
+    """(C, input height, input width, (C*, H*, W*)) of a 2-D config: at least one output."""
+    k = cfg["k"]
+    h = max(cfg["h"], k - 2 * cfg["p"])
+    w = max(cfg["w"], k - 2 * cfg["p"])
+    hs, ws = sampling.condensed_shape_2d(cfg["n"], k, cfg["S"], cfg["cols"])
+    return cfg["cs"] * cfg["r"], h, w, (cfg["cs"], hs, ws)
 
+
+def _make_conv2d(cfg, c, h, w, phi_shape, **kwargs):
+    args = (cfg["b"], c, h, w, cfg["n"], cfg["k"], cfg["s"], cfg["p"], cfg["S"], cfg["r"])
+    knobs = {key: cfg[key] for key in ("HB", "VB", "WB")}
+    return make_ws_conv2d(*args, phi_shape, VL=cfg["vl"], relu=cfg["relu"], **knobs, **kwargs)
+
+
+@given(conv2d_cfg)
+def test_fused_conv2d_kernel_matches_reference(cfg):
+    """Any kernel size, stride, padding, sample stride, channel repeat, grid, batch, band and
+    register block, output widths that are and are not whole vectors."""
     rng = np.random.default_rng(1)
-    c, n, k = cfg["cs"] * cfg["r"], cfg["n"], cfg["k"]
-    h = max(cfg["h"], k)
-    hs, ws = sampling.condensed_shape_2d(n, k, cfg["S"], cfg["cols"])
-    phi = rng.standard_normal((cfg["cs"], hs, ws)).astype(np.float32)
-    x = rng.standard_normal((1, c, h, h + 1)).astype(np.float32)
-    xp, pp = te.placeholder(x.shape, name="x"), te.placeholder(phi.shape, name="phi")
-    sp = bp = None
-    args = [x, phi]
-    expected = conv_ref(
-        x, sampling.materialize_conv2d(phi, n, k, cfg["S"], cfg["r"]), cfg["s"], cfg["p"]
-    )
-    if cfg["affine"]:
-        scale, shift = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n)
-        shift = shift.astype(np.float32)
-        sp, bp = te.placeholder((n,), name="scale"), te.placeholder((n,), name="shift")
-        args += [scale, shift]
-        expected = expected * scale[:, None, None] + shift[:, None, None]
-    y = tvm_build.ws_conv2d_te(xp, pp, sp, bp, n, k, cfg["s"], cfg["p"], cfg["S"], cfg["r"])
-    params = [xp, pp] + ([sp, bp] if cfg["affine"] else []) + [y]
-    got = _run(te.create_prim_func(params), args, expected.shape, schedule)
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(c * k * k))
+    c, h, w, phi_shape = _conv2d_case(cfg)
+    n = cfg["n"]
+    phi = rng.standard_normal(phi_shape).astype(np.float32)
+    x = rng.standard_normal((cfg["b"], c, h, w)).astype(np.float32)
+    scale = rng.standard_normal(n).astype(np.float32)
+    shift = rng.standard_normal(n).astype(np.float32)
+    w2d = sampling.materialize_conv2d(phi, n, cfg["k"], cfg["S"], cfg["r"])
+    expected = conv_ref(x, w2d, cfg["s"], cfg["p"]) * scale[:, None, None]
+    expected = expected + shift[:, None, None]
+    if cfg["relu"]:
+        expected = np.maximum(expected, 0)
+    func, info = _make_conv2d(cfg, c, h, w, phi_shape)
+    assert (info["Ho"], info["Wo"]) == expected.shape[2:]
+    got = _run(func, [x, phi.reshape(phi_shape[0], -1), scale, shift], expected.shape)
+    tol = 1e-4 * np.sqrt(c * cfg["k"] ** 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=tol * np.abs(scale).max())
+
+
+@given(conv2d_cfg, st.sampled_from(["int8", "uint8"]), st.integers(0, 3), st.booleans())
+def test_integer_fused_conv2d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
+    """Both integer variants: int32 products, and int16 pairwise multiply-adds (x86)."""
+    pmadd = pmadd and X86 and cfg["vl"] in PAIRWISE_LANES
+    rng = np.random.default_rng(2)
+    c, h, w, phi_shape = _conv2d_case(cfg)
+    n, cs = cfg["n"], phi_shape[0]
+    q = rng.integers(-127, 128, phi_shape).astype(np.int8)
+    shifts = rng.integers(0, max_shift + 1, cs).astype(np.int32)
+    lo, hi = (-128, 128) if qdtype == "int8" else (0, 256)
+    xq = rng.integers(lo, hi, (cfg["b"], c, h, w)).astype(qdtype)
+    shifted = q.astype(np.int64) << shifts.astype(np.int64)[:, None, None]
+    w2d = sampling.materialize_conv2d(shifted, n, cfg["k"], cfg["S"], cfg["r"])
+    exact = np.rint(conv_ref(xq, w2d, cfg["s"], cfg["p"])).astype(np.int64)
+    func, info = _make_conv2d(cfg, c, h, w, phi_shape, qdtype=qdtype, pmadd=pmadd)
+    assert pmadd or not info["pmadd"]
+    flat = q.reshape(cs, -1)
+    weights = [pack_phi(flat, shifts)] if info["pmadd"] else [flat, shifts]
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    shift = rng.standard_normal(n).astype(np.float32)
+    got = _run(func, [xq, *weights, scale, shift], exact.shape)
+    expected = exact.astype(np.float32) * scale[:, None, None] + shift[:, None, None]
+    if cfg["relu"]:
+        expected = np.maximum(expected, 0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(3, 12), (2, 2, 12)])

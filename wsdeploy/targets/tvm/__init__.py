@@ -24,7 +24,7 @@ every kernel a schedule, build, and run.
 """
 
 from .build import build, compile_module, export_library, resolve_target, target_dict, vector_lanes
-from .frontend import fuse_relu, import_model, ws_conv2d_te, ws_linear_te
+from .frontend import fuse_relu, import_model, ws_linear_te
 from .legalize import fuse_conv_epilogues
 from .records import (
     TUNING_ENV,
@@ -76,6 +76,5 @@ __all__ = [
     "tunable",
     "vector_lanes",
     "write_knobs",
-    "ws_conv2d_te",
     "ws_linear_te",
 ]

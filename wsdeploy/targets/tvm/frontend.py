@@ -12,7 +12,6 @@ import onnx
 import onnx_ir as ir
 
 from wsdeploy.errors import CompileError
-from wsdeploy.models import sampling
 from wsdeploy.passes._graph import rewire
 from wsdeploy.passes.strategy import layer_key
 from wsdeploy.tvm_runtime import load_tvm  # lazily: TVM takes seconds to load
@@ -29,52 +28,6 @@ def _integer(x) -> bool:
 
 def _wide(v, integer: bool):
     return v.astype("int32") if integer else v
-
-
-def ws_conv2d_te(x, phi, scale, shift, n, k, s, p, ss, r, sh=None):
-    """TE shared computation of WSConv2d: pre-sum, product table, 2-D diagonal sums.
-
-    With 8-bit ``x`` (and int8 phi shifted left by ``sh[c*]``) every sum is exact int32 and
-    the (required) epilogue ``float(y) * scale + shift`` is the only float arithmetic."""
-    tvm = load_tvm()
-    te = tvm.te
-    integer = _integer(x)
-    b_, _c, h0, w0 = (int(d) for d in x.shape)
-    cs, hs, ws = (int(d) for d in phi.shape)
-    gw = sampling.grid_cols(k, ss, ws)
-    ho, wo = (h0 + 2 * p - k) // s + 1, (w0 + 2 * p - k) // s + 1
-    uh, uw = (ho - 1) * s + k, (wo - 1) * s + k
-    rr = te.reduce_axis((0, r), name="rr")
-    zero = tvm.tirx.const(0, x.dtype)
-
-    def xval(b, c, u, v):
-        inside = tvm.tirx.all(u >= p, u < h0 + p, v >= p, v < w0 + p)
-        return tvm.tirx.if_then_else(inside, x[b, c, u - p, v - p], zero)
-
-    xs = te.compute(
-        (b_, cs, uh, uw),
-        lambda b, c, u, v: te.sum(_wide(xval(b, c + rr * cs, u, v), integer), axis=rr),
-        name="xs",
-    )
-    cc = te.reduce_axis((0, cs), name="cc")
-
-    def weight(c, a, e):
-        return (phi[c, a, e].astype("int32") << sh[c]) if integer else phi[c, a, e]
-
-    table = te.compute(
-        (b_, hs, ws, uh, uw),
-        lambda b, a, e, u, v: te.sum(weight(cc, a, e) * xs[b, cc, u, v], axis=cc),
-        name="P",
-    )
-    ka = te.reduce_axis((0, k), name="ka")
-    kb = te.reduce_axis((0, k), name="kb")
-
-    def out(b, i, th, tw):
-        gi, gj = i // gw, i % gw
-        return te.sum(table[b, gi * ss + ka, gj * ss + kb, th * s + ka, tw * s + kb], axis=[ka, kb])
-
-    y = te.compute((b_, n, ho, wo), out, name="y")
-    return _epilogue_te(y, scale, shift, 1)
 
 
 def ws_linear_te(x, phi, scale, shift, out_features, in_features, ss, r):
@@ -143,7 +96,7 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from .kernels import pack_phi, ws_conv1d_from_spec
+    from .kernels import PMADD, make_ws_conv2d, pack_phi, ws_conv1d_from_spec
 
     def fused_conv1d(x, attr, epilogue, qdtype=None, pmadd=False):
         b, c, t = _shape(x)
@@ -195,24 +148,50 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             out = relax.TensorType([b, n, info["To"]], "float32")
             return bb.emit(relax.call_tir(gv, args, out))
 
+    def fused_conv2d(bb, x, phi, scale, shift, attr, sh=None):
+        """``make_ws_conv2d`` for one WSConv2d (``sh``: the integer variant's shifts), called
+        on phi as (C*, H*·W*), int16 pairs packed at build time where they fit."""
+        b, c, h, w = _shape(x)
+        phi_shape = _shape(phi)
+        n, r = attr["out_channels"], attr["channel_repeat"]
+        relu = attr.get("relu", 0) == 1
+        qdtype = str(x.ty.dtype) if sh is not None else None
+        pairwise = qdtype is not None and vl in PMADD and _pmadd_fits(phi, sh, r)
+        func, info = make_ws_conv2d(
+            b,
+            c,
+            h,
+            w,
+            n,
+            attr["kernel_size"],
+            attr["stride"],
+            attr["padding"],
+            attr["sample_stride"],
+            r,
+            phi_shape,
+            VL=vl,
+            relu=relu,
+            qdtype=qdtype,
+            pmadd=pairwise,
+        )
+        gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv2d")
+        cs = phi_shape[0]
+        if info["pmadd"]:
+            weights = [relax.const(pack_phi(phi.value.numpy().reshape(cs, -1), sh))]
+        else:
+            weights = [bb.emit(relax.op.reshape(phi, [cs, -1]))]
+            weights += [relax.const(sh)] if sh is not None else []
+        scale = scale if scale is not None else relax.const(np.ones(n, np.float32))
+        shift = shift if shift is not None else relax.const(np.zeros(n, np.float32))
+        scale, shift = (bb.emit(relax.op.reshape(v, [n])) for v in (scale, shift))
+        out = relax.TensorType([b, n, info["Ho"], info["Wo"]], "float32")
+        return bb.emit(relax.call_tir(gv, [x, *weights, scale, shift], out))
+
     class WSConv2d(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             scale, shift = epilogue_args(inputs)
-            return bb.emit_te(
-                ws_conv2d_te,
-                inputs[0],
-                inputs[1],
-                scale,
-                shift,
-                attr["out_channels"],
-                attr["kernel_size"],
-                attr["stride"],
-                attr["padding"],
-                attr["sample_stride"],
-                attr["channel_repeat"],
-                primfunc_name_hint="wsnet_conv2d",
-            )
+            return fused_conv2d(bb, inputs[0], inputs[1], scale, shift, attr)
 
     class WSLinear(OnnxOpConverter):
         @classmethod
@@ -261,22 +240,8 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             xq, w, out_scale, bias = inputs
-            cs = _shape(w)[0]
-            return bb.emit_te(
-                ws_conv2d_te,
-                xq,
-                w,
-                out_scale,
-                bias,
-                attr["out_channels"],
-                attr["kernel_size"],
-                attr["stride"],
-                attr["padding"],
-                attr["sample_stride"],
-                attr["channel_repeat"],
-                shifts_const(attr, cs),
-                primfunc_name_hint="wsnet_conv2d_int",
-            )
+            sh = shifts(attr, _shape(w)[0])
+            return fused_conv2d(bb, xq, w, out_scale, bias, attr, sh)
 
     class WSLinearInt(OnnxOpConverter):
         @classmethod
@@ -426,9 +391,13 @@ def _default_opset(proto: onnx.ModelProto) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
+FUSES_RELU = ("WSConv1d", "WSConv2d", "WSConv1dInt", "WSConv2dInt", "ConvInt")
+"""The wsnet nodes whose kernels apply a following ReLU in their epilogue."""
+
+
 def fuse_relu(model: ir.Model) -> ir.Model:
-    """A copy of ``model`` in which a ReLU right after a WSConv1d (or an integer conv of
-    ``passes.integer``) is the node's ``relu=1``.
+    """A copy of ``model`` in which a ReLU right after a fused WSNet conv (or an integer conv
+    of ``passes.integer``: ``FUSES_RELU``) is the node's ``relu=1``.
 
     Relax's operator fusion never fuses into an opaque hand-written kernel, so an activation
     after a WSNet layer would be one more pass over memory; the kernel applies it for free.
@@ -436,7 +405,7 @@ def fuse_relu(model: ir.Model) -> ir.Model:
     """
     model = ir.from_proto(ir.to_proto(model))
     for node in list(model.graph):
-        if node.domain != "wsnet" or node.op_type not in ("WSConv1d", "WSConv1dInt", "ConvInt"):
+        if node.domain != "wsnet" or node.op_type not in FUSES_RELU:
             continue
         out = node.outputs[0]
         uses = out.uses()

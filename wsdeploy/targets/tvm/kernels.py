@@ -347,6 +347,229 @@ def make_ws_conv1d(
     return f.with_attr("global_symbol", name), info
 
 
+def make_ws_conv2d(
+    B,
+    C,
+    H,
+    W,
+    N,
+    k,
+    s,
+    p,
+    S,
+    r,
+    phi_shape,
+    *,
+    HB=None,
+    VB=None,
+    WB=None,
+    VL=16,
+    relu=False,
+    dtype="float32",
+    qdtype=None,
+    pmadd=False,
+    name="ws_conv2d",
+):
+    """The fused kernel for one WSConv2d shape (phi ``phi_shape`` = (C*, H*, W*), filters on
+    ``sampling.grid_cols`` columns); ``VL`` is the target's float vector width.
+
+    ``ws_conv2d(x (B,C,H,W), phi (C*, H*·W*), scale (N,), shift (N,), y (B,N,Ho,Wo))``:
+    ``y = conv * scale + shift`` (then ``relu``). Integer (``qdtype``): as
+    ``make_ws_conv1d``'s, an ``sh (C*,) int32`` argument after phi, or with ``pmadd`` phi
+    packed by channel pairs (``pack_phi(phi.reshape(C*, -1), shifts)``) for int16 pairwise
+    multiply-adds; every sum exact int32, ``y = float(sum) * scale + shift``.
+
+    Parallel over (batch, bands of HB output rows); per band, everything in cache:
+      1. xs_t[c*, z] = sum_r x[b, c* + r C*, u, v], z = u·UW + v over the band's
+         (HB-1)s + k padded input rows of UW = (Wo-1)s + k columns, flattened: the rows run
+         on without a gap, so the product table below is one long vector loop.
+      2. Q_t[a·W* + e, z] = sum_c* phi[c*, a, e] xs_t[c*, z]: every tap of phi at every
+         position (``_conv.kernel_macs``), register blocked VB rows x WB vectors.
+      3. y[b, i, h, w] = sum_{ka, kb} Q_t[(gi S + ka) W* + gj S + kb, (h s + ka) UW + w s + kb]
+         for filter i = (gi, gj): k·k vector loads per output vector, the affine epilogue
+         and ReLU fused, the last vector of a row clamped to end at the row's end.
+    The band's table is (H*·W*) x ((HB-1)s + k)·UW values (about 430 KB for wsnet2d-cifar's
+    second layer at HB 16); neighbouring bands recompute k - s rows of it. The last band is
+    clamped to end at the last row (no predicates)."""
+    from wsdeploy.models.sampling import grid_cols
+
+    Cs, Hs, Ws = phi_shape
+    if Cs * r != C:
+        raise ValueError(f"C = {C} is not C* = {Cs} times r = {r}")
+    gw = grid_cols(k, S, Ws)
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    UW, Lq = (Wo - 1) * s + k, Hs * Ws
+    INT = qdtype is not None
+    VO = vector_lanes(VL, Wo)  # output lanes
+    nVO = -(-Wo // VO)
+    if HB is None:  # two bands at least (two cores), at most 16 rows each
+        bands = max(2 if Ho >= 2 else 1, -(-Ho // 16))
+        HB = -(-Ho // bands)
+    HB = min(HB, Ho)
+    n_bands = -(-Ho // HB)
+    RB = (HB - 1) * s + k  # input rows per band
+    Z = RB * UW
+    VZ = vector_lanes(VL, Z)  # table lanes
+    nZ = -(-Z // VZ)
+    PM = INT and pmadd and VZ in PMADD
+    if WB is None:  # the fewest padded vectors, then the widest block
+        WB = min((4, 3, 2, 1), key=lambda w: (-(-nZ // w) * w, -w))
+    WB = min(WB, nZ)
+    nZB = -(-nZ // WB)
+    ZV = nZB * WB * VZ
+    VB = min(VB or (6 if VL >= 16 else 3), Lq)
+    nVB = -(-Lq // VB)  # the last block clamped to end at the last row
+    Cs2 = (Cs + 1) // 2
+    IL = [i // 2 + (i % 2) * VZ for i in range(2 * VZ)]
+    XT = qdtype or dtype
+    AT = "int32" if INT else dtype
+    zero = T.Cast(AT, 0)
+    fzero = T.Cast(dtype, 0)
+
+    def wide(v):
+        return T.Cast(AT, v) if INT else v
+
+    def weight(phi, sh, c, q):
+        if INT:
+            return T.shift_left(T.Cast(AT, phi[c, q]), sh[c])
+        return phi[c, q]
+
+    def row16(xs_t, c, zv):
+        return T.Cast(f"int16x{VZ}", xs_t[T.min(c, Cs - 1), T.Ramp(zv * VZ, 1, VZ)])
+
+    @T.macro
+    def band(x, phi, sh, y, scale, shift, bb):
+        b = bb // n_bands
+        h0 = T.min((bb % n_bands) * HB, Ho - HB)
+        xs_t = T.alloc_buffer((Cs, ZV), AT)
+        Q_t = T.alloc_buffer((Lq, ZV), AT)
+        # ---- 1. channel pre-sum with the zero padding, rows flattened
+        for c, z in T.grid(Cs, ZV):
+            xs_t[c, z] = zero
+        for c, ul, v in T.grid(Cs, RB, UW):
+            if h0 * s + ul - p >= 0 and h0 * s + ul - p < H and v - p >= 0 and v - p < W:
+                for rr in range(r):
+                    xs_t[c, ul * UW + v] = xs_t[c, ul * UW + v] + wide(
+                        x[b, c + rr * Cs, h0 * s + ul - p, v - p]
+                    )
+        # ---- 1b. (pmadd) channel pairs interleaved as int16
+        xs16 = T.alloc_buffer((Cs2, 2 * ZV), "int16")
+        if PM:
+            for c2, zv in T.grid(Cs2, ZV // VZ):
+                xs16[c2, T.Ramp(2 * zv * VZ, 1, 2 * VZ)] = T.Shuffle(
+                    [row16(xs_t, 2 * c2, zv), row16(xs_t, 2 * c2 + 1, zv)], IL
+                )
+        # ---- 2. the product table, VB rows x WB vectors per register block
+        for vo, zo in T.grid(nVB, nZB):
+            q0 = T.min(vo * VB, Lq - VB)
+            acc = T.alloc_buffer((VB, WB * VZ), AT, scope="local")
+            for vi in T.unroll(VB):
+                for wi in T.unroll(WB):
+                    for ln in T.vectorized(VZ):
+                        acc[vi, wi * VZ + ln] = zero
+            if PM:
+                for c2 in range(Cs2):
+                    for vi in T.unroll(VB):
+                        for wi in T.unroll(WB):
+                            acc[vi, T.Ramp(wi * VZ, 1, VZ)] = acc[
+                                vi, T.Ramp(wi * VZ, 1, VZ)
+                            ] + T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(PMADD.get(VZ, "")),
+                                xs16[c2, T.Ramp(2 * (zo * WB + wi) * VZ, 1, 2 * VZ)],
+                                T.reinterpret(
+                                    T.Broadcast(phi[c2, q0 + vi], VZ), dtype=f"int16x{2 * VZ}"
+                                ),
+                                dtype=f"int32x{VZ}",
+                            )
+            if not PM:
+                for c in range(Cs):
+                    for vi in T.unroll(VB):
+                        for wi in T.unroll(WB):
+                            for ln in T.vectorized(VZ):
+                                acc[vi, wi * VZ + ln] = (
+                                    acc[vi, wi * VZ + ln]
+                                    + weight(phi, sh, c, q0 + vi)
+                                    * xs_t[c, (zo * WB + wi) * VZ + ln]
+                                )
+            for vi in T.unroll(VB):
+                for wi in T.unroll(WB):
+                    for ln in T.vectorized(VZ):
+                        Q_t[q0 + vi, (zo * WB + wi) * VZ + ln] = acc[vi, wi * VZ + ln]
+        # ---- 3. k x k diagonal sums per filter (+ the affine epilogue and ReLU)
+        for i, hl, tv in T.grid(N, HB, nVO):
+            w0 = T.min(tv * VO, Wo - VO)
+            acc2 = T.alloc_buffer((VO,), AT, scope="local")
+            for ln in T.vectorized(VO):
+                acc2[ln] = zero
+            for ka in T.unroll(k):
+                for kb in T.unroll(k):
+                    for ln in T.vectorized(VO):
+                        acc2[ln] = (
+                            acc2[ln]
+                            + Q_t[
+                                ((i // gw) * S + ka) * Ws + (i % gw) * S + kb,
+                                (hl * s + ka) * UW + (w0 + ln) * s + kb,
+                            ]
+                        )
+            for ln in T.vectorized(VO):
+                if relu:
+                    y[b, i, h0 + hl, w0 + ln] = T.max(
+                        T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], fzero
+                    )
+                else:
+                    y[b, i, h0 + hl, w0 + ln] = T.Cast(dtype, acc2[ln]) * scale[i] + shift[i]
+
+    NT = B * n_bands
+    if PM:
+
+        @T.prim_func(private=True)
+        def fp(
+            x: T.Buffer((B, C, H, W), XT),
+            phi: T.Buffer((Cs2, Lq), "int32"),
+            scale: T.Buffer((N,), dtype),
+            shift: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, Ho, Wo), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bb in T.parallel(NT):
+                band(x, phi, None, y, scale, shift, bb)
+
+        f = fp
+    elif INT:
+
+        @T.prim_func(private=True)
+        def fi(
+            x: T.Buffer((B, C, H, W), XT),
+            phi: T.Buffer((Cs, Lq), "int8"),
+            sh: T.Buffer((Cs,), "int32"),
+            scale: T.Buffer((N,), dtype),
+            shift: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, Ho, Wo), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bb in T.parallel(NT):
+                band(x, phi, sh, y, scale, shift, bb)
+
+        f = fi
+    else:
+
+        @T.prim_func(private=True)
+        def ff(
+            x: T.Buffer((B, C, H, W), dtype),
+            phi: T.Buffer((Cs, Lq), dtype),
+            scale: T.Buffer((N,), dtype),
+            shift: T.Buffer((N,), dtype),
+            y: T.Buffer((B, N, Ho, Wo), dtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for bb in T.parallel(NT):
+                band(x, phi, None, y, scale, shift, bb)
+
+        f = ff
+    info = dict(HB=HB, VB=VB, WB=WB, n_bands=n_bands, Ho=Ho, Wo=Wo, pmadd=PM, table=(Lq, ZV))
+    return f.with_attr("global_symbol", name), info
+
+
 def ws_conv1d_from_spec(spec, **knobs):
     """``make_ws_conv1d`` of a kernel spec (``records.KERNEL_FIELDS``) with ``knobs``."""
     return make_ws_conv1d(

@@ -4,12 +4,13 @@ What is tuned, exactly as the export would build it (same strategy, same precisi
 calibration):
 - with MetaSchedule, the PrimFuncs that no hand-written kernel of ours schedules
   (``tvm_build.tunable``: pooling, reductions, fused elementwise epilogues, the TE shared
-  computations of WSConv2d/WSLinear, dequantize/requantize glue);
+  computation of WSLinear, dequantize/requantize glue);
 - by measurement, the knobs of each fused WSConv1d kernel (``kernels.WS_CONV1D_KNOBS``: tile
   width, register block, taps per block), one stage at a time from its defaults, each
   candidate checked against the defaults' output (``_tune_knobs``). The winners go to the
   records' ``kernels.json`` by kernel shape; a kernel keeps its defaults unless a setting
-  beat them by more than ``KNOB_GAIN``. The dense conv legalization keeps its schedule.
+  beat them by more than ``KNOB_GAIN``. The dense conv legalization and the fused WSConv2d
+  kernel keep their schedules and defaults.
 
 Records go to one JSON database per TVM target (``tvm_build.records_dir``, default
 ``~/.cache/wsdeploy/tuning``, or ``$WSDEPLOY_TUNING_DIR``); inside, MetaSchedule keys them by

@@ -1,4 +1,5 @@
-"""TVM kernels for the wsnet ops: a hand-scheduled fused WSConv1d, TE for the others.
+"""TVM kernels for the wsnet ops: hand-scheduled fused WSConv1d and WSConv2d (``make_ws_conv2d``),
+the dense direct conv, TE for WSLinear.
 
 make_ws_conv1d(...) -> (tirx.PrimFunc, info), fast without any tuning:
     ws_conv1d(x (B,C,T), phi (C*,L*), y (B,N,T_out))                     epilogue="none"

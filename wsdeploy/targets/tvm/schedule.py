@@ -65,12 +65,13 @@ def _schedule_reduction(sch, blk, loops, n_spatial: int, vl: int) -> None:
     loop unrolled by up to ``UNROLL_REDUCTION`` steps.
 
     Vectorising a spatial loop inside the reduction fails TVM's compact-dataflow check once
-    the reduction is decomposed, so reductions (pooling, means, the TE shared computations
-    of WSConv2d/WSLinear) run parallel but scalar; the hot convolutions have kernels of
-    their own. The unroll matters: wsnet2d-cifar's last WSNet layer (32 condensed channels)
-    built its product table in 0.103 ms as a plain loop and in 0.022 ms unrolled by 16,
-    while the layer before it (16 channels) took 0.026 ms either way (presumably LLVM keeps
-    a 16-step sum in registers by itself, and a longer loop's sum in memory)."""
+    the reduction is decomposed, so reductions (pooling, means, the TE shared computation
+    of WSLinear) run parallel but scalar; the convolutions have kernels of their own. The
+    unroll matters: when wsnet2d-cifar's WSNet layers were TE computations too (until
+    session 27), its last one (32 condensed channels) built its product table in 0.103 ms
+    as a plain loop and in 0.022 ms unrolled by 16, while the layer before it (16 channels)
+    took 0.026 ms either way (presumably LLVM keeps a 16-step sum in registers by itself,
+    and a longer loop's sum in memory)."""
     from tvm import tirx
 
     del vl

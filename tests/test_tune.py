@@ -395,3 +395,66 @@ def test_auto_exports_decide_layers_by_their_measured_times(records, tmp_path):
         ExportOptions(target="onnx"),
     ):
         assert compiler.measured_layers(get_target(options.target), options) is None
+
+
+def test_fused_2d_kernels_are_tuned_and_timed_as_the_1d_ones(records, tmp_path):
+    """wsnet2d-cifar's fused WSConv2d kernels go through the same mechanism: their knobs
+    (band height, register block) are searched, checked and recorded; each layer is timed
+    fused against the dense conv2d folding gives; an export builds them with the recorded
+    knobs and passes the gate, and decides its layers by the times that held."""
+    from wsdeploy.targets.tvm.kernels import WS_CONV2D_KNOBS, ws_conv2d_from_spec
+
+    specs, tt, layers = _fused("wsnet2d-cifar", layers=True)
+    assert len(specs) == 4 and all(k.startswith("ws_conv2d ") for k in specs)
+    assert len(layers) == 4 and all(k.startswith("WSConv2d x=") for k in layers)
+    key = next(k for k in specs if "C=16 " in k)  # the second layer: 32x32, 16 channels
+    spec = specs[key]
+    entries = tune._tune_knobs({key: spec}, tune._measure_target(tt), None, budget=4)
+    assert set(entries[key]["knobs"]) == set(WS_CONV2D_KNOBS)
+    assert 2 <= entries[key]["candidates"] <= 4
+    bench = tune._KernelBench(spec, tune._measure_target(tt), None)
+    func, info = ws_conv2d_from_spec(spec)
+    assert bench.time(func, info) > 0
+    layer = next(k for k, v in layers.items() if v == key)
+    one = tvm_build.KernelKnobs()
+    one.seen, one.layers = {key: spec}, {layer: key}
+    vl = tvm_build.vector_lanes(tt)
+    timed = tune._time_layers(one, entries, tune._measure_target(tt), vl, None)
+    entry = timed[layer]
+    assert entry["kernel"] == key and entry["dense_us"] > 0 and entry["wsnet_us"] > 0
+    assert isinstance(entry["held"], bool)
+    # recorded knobs (not the defaults) and a recorded time are what the export uses
+    knobs = {"HB": 4, "VB": 2, "WB": 2}
+    assert knobs != {k: info[k] for k in WS_CONV2D_KNOBS}
+    times = {layer: {"dense_us": 1.0, "wsnet_us": 50.0, "kernel": key, "held": True}}
+    tvm_build.write_knobs(tt, None, {key: {"knobs": knobs, "us": 1, "default_us": 2}}, times)
+    out = tmp_path / "b"
+    m = export("wsnet2d-cifar", out, ExportOptions(target="x86_64")).manifest
+    assert m["verification"]["passed"]
+    convs = [r for r in m["layers"] if r["op"] == "WSConv2d"]
+    assert [r["strategy"] for r in convs] == ["custom", "fold", "custom", "custom"]
+    assert convs[1]["measured_us"] == {"dense": 1.0, "wsnet": 50.0}
+    # folded, that layer's kernel is not built; the custom build applies the knobs
+    out = tmp_path / "c"
+    export("wsnet2d-cifar", out, ExportOptions(target="x86_64", strategy="custom"))
+    assert json.loads((out / "tvm.json").read_text())["knobs_applied"] == {key: knobs}
+
+
+@pytest.mark.parametrize("qdtype, pmadd", [("int8", True), ("uint8", False), (None, False)])
+def test_2d_knob_search_reaches_every_stage_of_every_variant(qdtype, pmadd, records, caplog):
+    """A strided, padded 2-D kernel in each variant: the band heights, then the register
+    blocks, every candidate agreeing with the defaults."""
+    from wsdeploy.targets.tvm.kernels import PMADD, ws_conv2d_from_spec
+
+    _, tt = _fused()
+    vl = tvm_build.vector_lanes(tt)
+    spec = {"kind": "ws_conv2d", "B": 1, "C": 6, "H": 19, "W": 23, "N": 7, "k": 3, "s": 2}
+    spec |= {"p": 1, "S": 2, "r": 2, "Cs": 3, "Hs": 7, "Ws": 9, "epilogue": "affine_relu"}
+    spec |= {"qdtype": qdtype, "pmadd": pmadd and vl in PMADD, "VL": vl}
+    key = tvm_build.kernel_key(spec)
+    assert key.startswith("ws_conv2d ") and "Hs=7" in key
+    entry = tune._tune_knobs({key: spec}, tune._measure_target(tt), None, budget=14)[key]
+    assert entry["candidates"] > 8  # the band heights of 10 output rows, then blocks
+    assert ws_conv2d_from_spec(spec)[1]["pmadd"] == spec["pmadd"]
+    assert entry["us"] <= entry["default_us"]
+    assert not [r for r in caplog.records if "disagrees" in r.message]

@@ -919,7 +919,7 @@ def verify(
     type=click.IntRange(min=0),
     default=32,
     show_default=True,
-    help="Knob settings (tile, register block, taps per block) measured at most per fused "
+    help="Knob settings (tile or band, register block, taps per block) measured at most per fused "
     "WSNet kernel; 0 keeps their defaults.",
 )
 @click.option(

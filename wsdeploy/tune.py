@@ -5,12 +5,12 @@ calibration):
 - with MetaSchedule, the PrimFuncs that no hand-written kernel of ours schedules
   (``tvm_build.tunable``: pooling, reductions, fused elementwise epilogues, the TE shared
   computation of WSLinear, dequantize/requantize glue);
-- by measurement, the knobs of each fused WSConv1d kernel (``kernels.WS_CONV1D_KNOBS``: tile
-  width, register block, taps per block), one stage at a time from its defaults, each
-  candidate checked against the defaults' output (``_tune_knobs``). The winners go to the
-  records' ``kernels.json`` by kernel shape; a kernel keeps its defaults unless a setting
-  beat them by more than ``KNOB_GAIN``. The dense conv legalization and the fused WSConv2d
-  kernel keep their schedules and defaults.
+- by measurement, the knobs of each fused WSNet conv kernel (``kernels.FUSED_KERNELS``:
+  WSConv1d's tile width, register block and taps per block; WSConv2d's band height and
+  register block), one stage at a time from its defaults, each candidate checked against
+  the defaults' output (``_tune_knobs``). The winners go to the records' ``kernels.json`` by
+  kernel shape; a kernel keeps its defaults unless a setting beat them by more than
+  ``KNOB_GAIN``. The dense conv legalization keeps its schedule.
 
 Records go to one JSON database per TVM target (``tvm_build.records_dir``, default
 ``~/.cache/wsdeploy/tuning``, or ``$WSDEPLOY_TUNING_DIR``); inside, MetaSchedule keys them by
@@ -127,7 +127,7 @@ def tune(
 ) -> TuneResult:
     """Tune the kernels of ``model``'s build for ``options.target`` and add them to the
     target's records: the generically scheduled ones with ``trials`` MetaSchedule
-    measurements in all, and the knobs of each fused WSConv1d kernel with at most
+    measurements in all, and the knobs of each fused WSNet conv kernel with at most
     ``kernel_trials`` settings measured (0: they keep their defaults).
 
     ``options`` may list several builds of the model for one target and device (strategies,
@@ -437,39 +437,37 @@ def _tune_knobs(
     say: Callable[[str], None] = lambda m: None,
     rounds: int = ROUNDS,
 ) -> dict[str, dict[str, Any]]:
-    """Measure the knobs (``kernels.WS_CONV1D_KNOBS``) of each fused WSConv1d kernel in
-    ``specs`` (key -> spec) on the target, one knob stage at a time from the defaults: the
-    tile width, then the taps per block, then the register block, each stage keeping its
-    fastest value, until ``budget`` settings (the defaults included) have been measured.
+    """Measure the knobs (``kernels.FUSED_KERNELS``) of each fused kernel in ``specs``
+    (key -> spec) on the target, one knob stage at a time from the defaults (WSConv1d: the
+    tile width, then the taps per block, then the register block; WSConv2d: the band
+    height, then the register block), each stage keeping its fastest value, until
+    ``budget`` settings (the defaults included) have been measured.
     Every candidate's output is checked against the defaults' on the same
     inputs (a candidate that disagrees is dropped, with a warning). The fastest setting then
     meets the defaults again head to head (``rounds`` alternating rounds): it is kept only
     if it was faster in every round and its median beat theirs by more than ``KNOB_GAIN``.
     Returns the knob table's entries: key -> {"knobs", "us", "default_us", "candidates"}
     (the head-to-head medians)."""
-    from wsdeploy.targets.tvm.kernels import (
-        WS_CONV1D_KNOBS,
-        ws_conv1d_from_spec,
-        ws_conv1d_knob_space,
-    )
+    from wsdeploy.targets.tvm.kernels import fused_kernel
 
     entries = {}
     for i, (key, spec) in enumerate(specs.items(), 1):
         say(f"kernel {i}/{len(specs)}: {key}")
-        func, info = ws_conv1d_from_spec(spec)
-        default = {k: info[k] for k in WS_CONV1D_KNOBS}
+        family = fused_kernel(spec)
+        func, info = family.build(spec)
+        default = {k: info[k] for k in family.knobs}
         bench = _KernelBench(spec, measure_target, device)
         timed = {tuple(default.items()): bench.time(func, info)}
         best = dict(default)
-        for stage in ("TT", "G", "block"):
-            for value in ws_conv1d_knob_space(spec["L"], spec["S"], info["To"], spec["VL"], stage):
+        for stage in family.stages:
+            for value in family.space(spec, info, stage):
                 if len(timed) >= budget:
                     break
                 try:
-                    candidate, resolved = ws_conv1d_from_spec(spec, **{**best, **value})
+                    candidate, resolved = family.build(spec, **{**best, **value})
                 except ValueError:  # a value this shape cannot take
                     continue
-                trial = tuple((k, resolved[k]) for k in WS_CONV1D_KNOBS)
+                trial = tuple((k, resolved[k]) for k in family.knobs)
                 if trial not in timed:
                     timed[trial] = bench.time(candidate, resolved)
             best = dict(min(timed, key=timed.get))
@@ -508,12 +506,14 @@ def _time_layers(
     read_measured`` uses only those)."""
     import numpy as np
 
+    from wsdeploy.targets.tvm.kernels import fused_kernel
+
     out = {}
     for layer, key in sorted(fused.layers.items()):
         spec = fused.seen[key]
         knobs = entries.get(key, {}).get("knobs", {})
-        x = np.random.default_rng(0).standard_normal((spec["B"], spec["C"], spec["T"]))
-        x = x.astype("float32")
+        shape = fused_kernel(spec).input_shape(spec)
+        x = np.random.default_rng(0).standard_normal(shape).astype("float32")
         timers = []
         for mod in (_fused_layer(spec, knobs), _dense_layer(spec)):
             exe = tvm_build.compile_module(mod, measure_target, vl, root)[0]
@@ -535,46 +535,52 @@ def _time_layers(
 
 
 def _fused_layer(spec: dict[str, Any], knobs: dict[str, int]):
-    """A one-layer Relax module: the fused WSConv1d kernel of ``spec`` on random phi."""
+    """A one-layer Relax module: the fused kernel of ``spec`` on random phi."""
     import numpy as np
     from tvm import relax
 
-    from wsdeploy.targets.tvm.kernels import ws_conv1d_from_spec
+    from wsdeploy.targets.tvm.kernels import fused_kernel
 
-    func, info = ws_conv1d_from_spec(spec, **knobs)
+    family = fused_kernel(spec)
+    func, info = family.build(spec, **knobs)
     rng = np.random.default_rng(1)
-    b, n = spec["B"], spec["N"]
-    phi = rng.standard_normal((info["Cs"], info["Ls"])).astype("float32")
+    n = spec["N"]
+    phi = rng.standard_normal(family.phi_shape(spec)).astype("float32")
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([b, spec["C"], spec["T"]], "float32"))
+    x = relax.Var("x", relax.TensorType(list(family.input_shape(spec)), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d")
+            gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv")
             args = [x, relax.const(phi)]
             if spec["epilogue"] != "none":
                 args += [relax.const(rng.standard_normal(n).astype("float32")) for _ in range(2)]
-            out = relax.TensorType([b, n, info["To"]], "float32")
+            out = relax.TensorType(list(info["out_shape"]), "float32")
             y = bb.emit_output(bb.emit(relax.call_tir(gv, args, out)))
         bb.emit_func_output(y)
     return bb.get()
 
 
 def _dense_layer(spec: dict[str, Any]):
-    """A one-layer Relax module: the dense conv1d (with bias and ReLU as the epilogue of
-    ``spec`` has them) that folding the layer of ``spec`` gives."""
+    """A one-layer Relax module: the dense conv (1-D or 2-D, with bias and ReLU as the
+    epilogue of ``spec`` has them) that folding the layer of ``spec`` gives."""
     import numpy as np
     from tvm import relax
 
+    from wsdeploy.targets.tvm.kernels import fused_kernel
+
+    family = fused_kernel(spec)
     rng = np.random.default_rng(1)
-    b, c, n = spec["B"], spec["C"], spec["N"]
-    w = rng.standard_normal((n, c, spec["L"])).astype("float32")
+    shape = family.input_shape(spec)
+    ndim = len(shape) - 2
+    w = rng.standard_normal(family.weight_shape(spec)).astype("float32")
+    conv = {1: relax.op.nn.conv1d, 2: relax.op.nn.conv2d}[ndim]
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([b, c, spec["T"]], "float32"))
+    x = relax.Var("x", relax.TensorType(list(shape), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv1d(x, relax.const(w), strides=spec["s"], padding=spec["p"]))
+            y = bb.emit(conv(x, relax.const(w), strides=spec["s"], padding=spec["p"]))
             if spec["epilogue"] != "none":
-                bias = rng.standard_normal((1, n, 1)).astype("float32")
+                bias = rng.standard_normal((1, spec["N"]) + (1,) * ndim).astype("float32")
                 y = bb.emit(relax.op.add(y, relax.const(bias)))
             if spec["epilogue"] == "affine_relu":
                 y = bb.emit(relax.op.nn.relu(y))
@@ -606,17 +612,20 @@ class _KernelBench:
     def __init__(self, spec: dict[str, Any], measure_target, device: _Device | None):
         import numpy as np
 
+        from wsdeploy.targets.tvm.kernels import fused_kernel
+
         self.spec, self.target, self.device = spec, measure_target, device
+        self.family = fused_kernel(spec)
         rng = np.random.default_rng(0)
-        b, c, n, q = spec["B"], spec["C"], spec["N"], spec["qdtype"]
-        cs, ls = c // spec["r"], spec["L"] + (n - 1) * spec["S"]
+        n, q = spec["N"], spec["qdtype"]
+        x_shape, phi_shape = self.family.input_shape(spec), self.family.phi_shape(spec)
         if q:
-            self.x = rng.integers(0 if q == "uint8" else -8, 8, (b, c, spec["T"])).astype(q)
-            self.phi = rng.integers(-8, 8, (cs, ls)).astype("int8")
+            self.x = rng.integers(0 if q == "uint8" else -8, 8, x_shape).astype(q)
+            self.phi = rng.integers(-8, 8, phi_shape).astype("int8")
         else:
-            self.x = rng.standard_normal((b, c, spec["T"])).astype("float32")
-            self.phi = rng.standard_normal((cs, ls)).astype("float32")
-        self.shifts = np.zeros(cs, "int32")  # the integer kernel's left shifts: none
+            self.x = rng.standard_normal(x_shape).astype("float32")
+            self.phi = rng.standard_normal(phi_shape).astype("float32")
+        self.shifts = np.zeros(phi_shape[0], "int32")  # the integer kernel's shifts: none
         self.scale = rng.uniform(0.5, 2, n).astype("float32")
         self.shift = rng.standard_normal(n).astype("float32")
         self.reference = None
@@ -628,7 +637,7 @@ class _KernelBench:
 
         from wsdeploy.targets.tvm.kernels import pack_phi
 
-        y = np.zeros((self.spec["B"], self.spec["N"], info["To"]), "float32")
+        y = np.zeros(info["out_shape"], "float32")
         if info["pmadd"]:
             return [self.x, pack_phi(self.phi, self.shifts, info["G"]), self.scale, self.shift, y]
         if self.spec["qdtype"]:
@@ -650,8 +659,6 @@ class _KernelBench:
         import numpy as np
         import tvm
 
-        from wsdeploy.targets.tvm.kernels import WS_CONV1D_KNOBS
-
         lib = tvm.compile(tvm.IRModule({"main": func}), target=self.target)
         loaded = self._load(lib, info)
         module, _, args = loaded
@@ -664,7 +671,7 @@ class _KernelBench:
         ):
             log.warning("a kernel candidate disagrees with the defaults' output: dropped")
             return float("inf")
-        knobs = tuple((k, info[k]) for k in WS_CONV1D_KNOBS)
+        knobs = tuple((k, info[k]) for k in self.family.knobs)
         self.built[knobs] = (lib, info, loaded if self.device is None else None)
         return self._evaluate(loaded)
 

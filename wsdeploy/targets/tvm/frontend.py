@@ -92,11 +92,23 @@ def _shape(expr) -> tuple[int, ...]:
 
 def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
     """ONNX converters for the wsnet ops, for a target with ``vl`` float lanes; the fused
-    WSConv1d kernels take the measured knobs of ``knobs`` where it has them."""
+    conv kernels take the measured knobs of ``knobs`` where it has them."""
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from .kernels import PMADD, make_ws_conv2d, pack_phi, ws_conv1d_from_spec
+    from .kernels import PMADD, fused_kernel, pack_phi
+
+    def fused(spec, layer=None):
+        """The fused kernel of ``spec`` with its measured knobs (``layer``: the float layer's
+        ``layer_key``, which ``tune`` times against the dense conv)."""
+        family = fused_kernel(spec)
+        tuned = knobs.knobs(spec, layer)
+        try:
+            return family.build(spec, **tuned)
+        except ValueError as e:  # knobs this kernel no longer takes: its defaults
+            log.warning("kernel knobs %s not applied: %s", tuned, e)
+            knobs.applied.remove(kernel_key(spec))
+            return family.build(spec)
 
     def fused_conv1d(x, attr, epilogue, qdtype=None, pmadd=False):
         b, c, t = _shape(x)
@@ -115,14 +127,7 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             "pmadd": pmadd,
             "VL": vl,
         }
-        layer = None if qdtype else layer_key("WSConv1d", (b, c, t), attr)
-        tuned = knobs.knobs(spec, layer)
-        try:
-            return ws_conv1d_from_spec(spec, **tuned)
-        except ValueError as e:  # knobs this kernel no longer takes: its defaults
-            log.warning("kernel knobs %s not applied: %s", tuned, e)
-            knobs.applied.remove(kernel_key(spec))
-            return ws_conv1d_from_spec(spec)
+        return fused(spec, None if qdtype else layer_key("WSConv1d", (b, c, t), attr))
 
     def epilogue_args(inputs):
         scale = inputs[2] if len(inputs) > 2 else None
@@ -152,30 +157,22 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
         """``make_ws_conv2d`` for one WSConv2d (``sh``: the integer variant's shifts), called
         on phi as (C*, H*·W*), int16 pairs packed at build time where they fit."""
         b, c, h, w = _shape(x)
-        phi_shape = _shape(phi)
+        cs, hs, ws = _shape(phi)
         n, r = attr["out_channels"], attr["channel_repeat"]
-        relu = attr.get("relu", 0) == 1
         qdtype = str(x.ty.dtype) if sh is not None else None
-        pairwise = qdtype is not None and vl in PMADD and _pmadd_fits(phi, sh, r)
-        func, info = make_ws_conv2d(
-            b,
-            c,
-            h,
-            w,
-            n,
-            attr["kernel_size"],
-            attr["stride"],
-            attr["padding"],
-            attr["sample_stride"],
-            r,
-            phi_shape,
-            VL=vl,
-            relu=relu,
-            qdtype=qdtype,
-            pmadd=pairwise,
-        )
+        spec = {
+            "kind": "ws_conv2d",
+            **{"B": b, "C": c, "H": h, "W": w, "N": n, "k": attr["kernel_size"]},
+            **{"s": attr["stride"], "p": attr["padding"], "S": attr["sample_stride"], "r": r},
+            **{"Cs": cs, "Hs": hs, "Ws": ws},
+            "epilogue": "affine_relu" if attr.get("relu", 0) == 1 else "affine",
+            "qdtype": qdtype,
+            "pmadd": qdtype is not None and vl in PMADD and _pmadd_fits(phi, sh, r),
+            "VL": vl,
+        }
+        layer = None if qdtype else layer_key("WSConv2d", (b, c, h, w), attr)
+        func, info = fused(spec, layer)
         gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv2d")
-        cs = phi_shape[0]
         if info["pmadd"]:
             weights = [relax.const(pack_phi(phi.value.numpy().reshape(cs, -1), sh))]
         else:
@@ -212,9 +209,6 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
 
     def shifts(attr, n) -> np.ndarray:
         return np.asarray(list(attr.get("shifts", [])) or [0] * n, dtype=np.int32)
-
-    def shifts_const(attr, n):
-        return relax.const(shifts(attr, n))
 
     class WSConv1dInt(OnnxOpConverter):
         @classmethod

@@ -23,6 +23,9 @@ tiles touching the zero padding / the end of x take a guarded scalar path for st
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from tvm.script import tirx as T
 
@@ -345,6 +348,7 @@ def make_ws_conv1d(
     info = dict(
         TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM, G=G
     )
+    info["out_shape"] = (B, N, To)
     return f.with_attr("global_symbol", name), info
 
 
@@ -568,11 +572,13 @@ def make_ws_conv2d(
 
         f = ff
     info = dict(HB=HB, VB=VB, WB=WB, n_bands=n_bands, Ho=Ho, Wo=Wo, pmadd=PM, table=(Lq, ZV))
+    info |= {"G": 1, "out_shape": (B, N, Ho, Wo)}  # G: phi packs by single taps
     return f.with_attr("global_symbol", name), info
 
 
 def ws_conv1d_from_spec(spec, **knobs):
-    """``make_ws_conv1d`` of a kernel spec (``records.KERNEL_FIELDS``) with ``knobs``."""
+    """``make_ws_conv1d`` of a kernel spec (``records.KERNEL_FIELDS["ws_conv1d"]``) with
+    ``knobs``."""
     return make_ws_conv1d(
         *(spec[k] for k in ("B", "C", "T", "N", "L", "s", "p", "S", "r")),
         VL=spec["VL"],
@@ -610,6 +616,88 @@ def ws_conv1d_knob_space(L, S, To, VL, stage):
     if stage == "block":
         return [{"VB": vb, "WB": wb} for vb in (2, 4, 6, 8) for wb in (1, 2, 4) if vb * wb <= 24]
     raise ValueError(f"no knob stage {stage!r}")
+
+
+def ws_conv2d_from_spec(spec, **knobs):
+    """``make_ws_conv2d`` of a kernel spec (``records.KERNEL_FIELDS["ws_conv2d"]``) with
+    ``knobs``."""
+    return make_ws_conv2d(
+        *(spec[k] for k in ("B", "C", "H", "W", "N", "k", "s", "p", "S", "r")),
+        (spec["Cs"], spec["Hs"], spec["Ws"]),
+        VL=spec["VL"],
+        relu=spec["epilogue"] == "affine_relu",
+        qdtype=spec["qdtype"],
+        pmadd=spec["pmadd"],
+        **knobs,
+    )
+
+
+WS_CONV2D_KNOBS = ("HB", "VB", "WB")
+"""The fused WSConv2d kernel's knobs (``make_ws_conv2d``'s keywords): output rows per band
+and the table's register block (rows x vectors)."""
+
+
+def ws_conv2d_knob_space(spec, info, stage):
+    """The knob settings ``wsdeploy tune`` tries in one stage of its search over a fused
+    WSConv2d kernel: "HB" (the band heights that split the output rows into 1 to 8 bands:
+    more bands give more cores work and keep the table in a smaller cache, and recompute
+    more halo rows), "block" ((VB, WB) register blocks of at most 24 accumulators)."""
+    if stage == "HB":
+        ho = info["Ho"]
+        heights = sorted({-(-ho // bands) for bands in range(1, min(ho, 8) + 1)}, reverse=True)
+        return [{"HB": hb} for hb in heights]
+    if stage == "block":
+        return [{"VB": vb, "WB": wb} for vb in (2, 4, 6, 8) for wb in (1, 2, 3, 4) if vb * wb <= 24]
+    raise ValueError(f"no knob stage {stage!r}")
+
+
+@dataclass(frozen=True)
+class FusedKernel:
+    """One kind of fused WSNet kernel as ``wsdeploy tune`` measures it and an import builds
+    it from a spec (``records.KERNEL_FIELDS[kind]``)."""
+
+    build: Callable[..., tuple[Any, dict[str, Any]]]
+    """(spec, **knobs) -> (PrimFunc, info); info holds every knob's resolved value, "G"
+    (taps per packed phi block) and "out_shape"."""
+    knobs: tuple[str, ...]
+    stages: tuple[str, ...]
+    """The knob search's stages, in order (each keeps its fastest setting)."""
+    space: Callable[[dict, dict, str], list[dict[str, Any]]]
+    """(spec, defaults' info, stage) -> the settings that stage tries."""
+    input_shape: Callable[[dict], tuple[int, ...]]
+    phi_shape: Callable[[dict], tuple[int, ...]]
+    """phi as the kernel takes it (unpacked): (C*, L*) or (C*, H*·W*)."""
+    weight_shape: Callable[[dict], tuple[int, ...]]
+    """The dense conv's weight that folding the layer gives."""
+
+
+FUSED_KERNELS = {
+    "ws_conv1d": FusedKernel(
+        ws_conv1d_from_spec,
+        WS_CONV1D_KNOBS,
+        ("TT", "G", "block"),
+        lambda spec, info, stage: ws_conv1d_knob_space(
+            spec["L"], spec["S"], info["To"], spec["VL"], stage
+        ),
+        lambda spec: (spec["B"], spec["C"], spec["T"]),
+        lambda spec: (spec["C"] // spec["r"], spec["L"] + (spec["N"] - 1) * spec["S"]),
+        lambda spec: (spec["N"], spec["C"], spec["L"]),
+    ),
+    "ws_conv2d": FusedKernel(
+        ws_conv2d_from_spec,
+        WS_CONV2D_KNOBS,
+        ("HB", "block"),
+        ws_conv2d_knob_space,
+        lambda spec: (spec["B"], spec["C"], spec["H"], spec["W"]),
+        lambda spec: (spec["Cs"], spec["Hs"] * spec["Ws"]),
+        lambda spec: (spec["N"], spec["C"], spec["k"], spec["k"]),
+    ),
+}
+"""The fused kernels by kind (a spec's "kind"; specs without one are WSConv1d kernels)."""
+
+
+def fused_kernel(spec) -> FusedKernel:
+    return FUSED_KERNELS[spec.get("kind", "ws_conv1d")]
 
 
 def make_dense_conv(

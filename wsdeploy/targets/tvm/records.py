@@ -80,16 +80,24 @@ def apply_records(mod, target, root: Path | str | None = None) -> list[str]:
 
 KNOBS_FILE = "kernels.json"
 """Beside MetaSchedule's records: the knobs ``wsdeploy tune`` measured best for each shape of
-our hand-written kernels (``kernels.WS_CONV1D_KNOBS``), which MetaSchedule never schedules."""
+our hand-written kernels (``kernels.FUSED_KERNELS``), which MetaSchedule never schedules."""
 
-KERNEL_FIELDS = ("B", "C", "T", "N", "L", "s", "p", "S", "r", "epilogue", "qdtype", "pmadd", "VL")
-"""What makes two fused WSConv1d kernels the same kernel (``make_ws_conv1d``'s arguments
-other than its knobs)."""
+KERNEL_FIELDS = {
+    "ws_conv1d": ("B", "C", "T", "N", "L", "s", "p", "S", "r", "epilogue", "qdtype", "pmadd", "VL"),
+    "ws_conv2d": (
+        *("B", "C", "H", "W", "N", "k", "s", "p", "S", "r", "Cs", "Hs", "Ws"),
+        *("epilogue", "qdtype", "pmadd", "VL"),
+    ),
+}
+"""By kind (``kernels.FUSED_KERNELS``): what makes two fused kernels the same kernel (its
+maker's arguments other than its knobs)."""
 
 
 def kernel_key(spec: dict[str, Any]) -> str:
-    """The records' key of one fused kernel: its shape and variant, readable."""
-    return "ws_conv1d " + " ".join(f"{k}={spec[k]}" for k in KERNEL_FIELDS)
+    """The records' key of one fused kernel: its kind, shape and variant, readable (a spec
+    without a kind is a WSConv1d kernel's, as in records written before there were two)."""
+    kind = spec.get("kind", "ws_conv1d")
+    return f"{kind} " + " ".join(f"{k}={spec[k]}" for k in KERNEL_FIELDS[kind])
 
 
 class KernelKnobs:

@@ -5,9 +5,9 @@ every kernel a schedule, build, and run.
 
 - Import: TVM's ONNX importer looks converters up by op type and has no hook for custom
   domains, so its converter table is extended with the wsnet ops for the duration of one
-  import (``_wsnet_converters``). A wsnet node never becomes a dense conv: WSConv1d becomes
-  the fused shared-computation kernel of ``kernels`` (its per-channel epilogue, and a
-  following ReLU, fused in); WSConv2d and WSLinear become TE shared computations.
+  import (``_wsnet_converters``). A wsnet node never becomes a dense conv: WSConv1d and
+  WSConv2d become the fused shared-computation kernels of ``kernels`` (their per-channel
+  epilogue, and a following ReLU, fused in); WSLinear becomes a TE shared computation.
 - Schedules: TVM 0.27 has no default CPU schedule, and unscheduled loops are slow (its
   untuned dense conv1d of WSNET.md's layer took 648 ms). Plain float convolutions are
   legalized to a vectorised direct convolution (``kernels.make_dense_conv``, 14 ms);

@@ -50,6 +50,18 @@ def vector_lanes(vl: int, t_out: int) -> int:
     return lanes
 
 
+def madd_pairs(pairs, word, lanes: int):
+    """``lanes`` int32 sums of int16 pairs (vpmaddwd): lane i is pairs[2i] * lo + pairs[2i+1] *
+    hi, where ``word`` is the int32 packing of the int16 pair (lo, hi) (``pack_int16_pairs``),
+    broadcast. ``pairs`` is a 2·lanes int16 vector."""
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id(PMADD.get(lanes, "")),
+        pairs,
+        T.reinterpret(T.Broadcast(word, lanes), dtype=f"int16x{2 * lanes}"),
+        dtype=f"int32x{lanes}",
+    )
+
+
 def make_ws_conv1d(
     B,
     C,
@@ -219,13 +231,10 @@ def make_ws_conv1d(
                         for wi in T.unroll(WB):
                             acc[vi, T.Ramp(wi * VL, 1, VL)] = acc[
                                 vi, T.Ramp(wi * VL, 1, VL)
-                            ] + T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id(PMADD.get(VL, "")),
+                            ] + madd_pairs(
                                 xs16[c2, ph, T.Ramp(2 * (wo * WB * VL + wi * VL), 1, 2 * VL)],
-                                T.reinterpret(
-                                    T.Broadcast(phi[c2, vo * VB + vi], VL), dtype=f"int16x{2 * VL}"
-                                ),
-                                dtype=f"int32x{VL}",
+                                phi[c2, vo * VB + vi],
+                                VL,
                             )
             if not PM:
                 for c in range(Cs):
@@ -252,13 +261,8 @@ def make_ws_conv1d(
                 acc1[ln] = zero
             if PM:
                 for c2 in range(Cs2):
-                    acc1[T.Ramp(0, 1, VL)] = acc1[T.Ramp(0, 1, VL)] + T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id(PMADD.get(VL, "")),
-                        xs16[c2, ph, T.Ramp(2 * wv * VL, 1, 2 * VL)],
-                        T.reinterpret(
-                            T.Broadcast(phi[c2, nVB * VB + vr], VL), dtype=f"int16x{2 * VL}"
-                        ),
-                        dtype=f"int32x{VL}",
+                    acc1[T.Ramp(0, 1, VL)] = acc1[T.Ramp(0, 1, VL)] + madd_pairs(
+                        xs16[c2, ph, T.Ramp(2 * wv * VL, 1, 2 * VL)], phi[c2, nVB * VB + vr], VL
                     )
             if not PM:
                 for c, m in T.grid(Cs, G):
@@ -478,13 +482,10 @@ def make_ws_conv2d(
                         for wi in T.unroll(WB):
                             acc[vi, T.Ramp(wi * VZ, 1, VZ)] = acc[
                                 vi, T.Ramp(wi * VZ, 1, VZ)
-                            ] + T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id(PMADD.get(VZ, "")),
+                            ] + madd_pairs(
                                 xs16[c2, T.Ramp(2 * (zo * WB + wi) * VZ, 1, 2 * VZ)],
-                                T.reinterpret(
-                                    T.Broadcast(phi[c2, q0 + vi], VZ), dtype=f"int16x{2 * VZ}"
-                                ),
-                                dtype=f"int32x{VZ}",
+                                phi[c2, q0 + vi],
+                                VZ,
                             )
             if not PM:
                 for c in range(Cs):
@@ -965,7 +966,6 @@ def make_int_conv1d_s2(
     TV = TT // VL
     WB = WB if TV % WB == 0 else 1  # output vectors per register block: NB x WB accumulators
     XW = 2 * TT + 2 * K2  # input stretch of one tile
-    intrin = PMADD[VL]
 
     @T.prim_func(private=True)
     def f(
@@ -1000,14 +1000,10 @@ def make_int_conv1d_s2(
                         for j in T.unroll(NB):
                             acc[j, T.Ramp(wi * VL, 1, VL)] = acc[
                                 j, T.Ramp(wi * VL, 1, VL)
-                            ] + T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id(intrin),
+                            ] + madd_pairs(
                                 xe[c, T.Ramp(2 * (wo * WB + wi) * VL + 2 * kp, 1, 2 * VL)],
-                                T.reinterpret(
-                                    T.Broadcast(wp[nb * NB + j, c, kp], VL),
-                                    dtype=f"int16x{2 * VL}",
-                                ),
-                                dtype=f"int32x{VL}",
+                                wp[nb * NB + j, c, kp],
+                                VL,
                             )
                 for j, wi in T.grid(NB, WB):
                     for ln in T.vectorized(VL):

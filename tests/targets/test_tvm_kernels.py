@@ -210,8 +210,32 @@ def test_integer_fused_conv2d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "shape, pads",
+    [
+        ((2, 16, 32, 32), (1, 1)),  # innermost extent a whole number of vectors
+        ((1, 3, 5, 7), (2, 1)),  # not: left serial
+        ((4, 1), (0, 3)),
+        ((37,), (5,)),  # one loop
+    ],
+)
+def test_generic_schedule_of_spatial_blocks_matches_reference(shape, pads):
+    """The generic schedule of a purely spatial block (here padding: the pad before every dense
+    conv): parallel outer loops, the innermost vectorised or serial, any shape."""
+    from tvm import te, topi
+
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    before = [0] * (len(shape) - len(pads)) + list(pads)
+    xp = te.placeholder(shape, name="x")
+    y = topi.nn.pad(xp, before, before)
+    expected = np.pad(x, [(p, p) for p in before])
+    got = _run(te.create_prim_func([xp, y]), [x], expected.shape, schedule=True)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("schedule", [False, True])
 @pytest.mark.parametrize("shape", [(3, 12), (2, 2, 12)])
-def test_linear_te_matches_reference(shape):
+def test_linear_te_matches_reference(shape, schedule):
     from tvm import te
 
     rng = np.random.default_rng(2)
@@ -221,7 +245,7 @@ def test_linear_te_matches_reference(shape):
     expected = x.astype(np.float64) @ sampling.materialize_linear(phi, out, inf, ss, r).T
     xp, pp = te.placeholder(shape, name="x"), te.placeholder(phi.shape, name="phi")
     y = tvm_build.ws_linear_te(xp, pp, None, None, out, inf, ss, r)
-    got = _run(te.create_prim_func([xp, pp, y]), [x, phi], expected.shape)
+    got = _run(te.create_prim_func([xp, pp, y]), [x, phi], expected.shape, schedule)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -572,8 +572,8 @@ def make_ws_conv2d(
                 band(x, phi, None, y, scale, shift, bb)
 
         f = ff
-    info = dict(HB=HB, VB=VB, WB=WB, n_bands=n_bands, Ho=Ho, Wo=Wo, pmadd=PM, table=(Lq, ZV))
-    info |= {"G": 1, "out_shape": (B, N, Ho, Wo)}  # G: phi packs by single taps
+    info = dict(HB=HB, VB=VB, WB=WB, Ho=Ho, Wo=Wo, pmadd=PM, out_shape=(B, N, Ho, Wo))
+    info["G"] = 1  # phi packs by single taps
     return f.with_attr("global_symbol", name), info
 
 

@@ -440,17 +440,21 @@ def test_fused_2d_kernels_are_tuned_and_timed_as_the_1d_ones(records, tmp_path):
     assert json.loads((out / "tvm.json").read_text())["knobs_applied"] == {key: knobs}
 
 
-@pytest.mark.parametrize("qdtype, pmadd", [("int8", True), ("uint8", False), (None, False)])
-def test_2d_knob_search_reaches_every_stage_of_every_variant(qdtype, pmadd, records, caplog):
-    """A strided, padded 2-D kernel in each variant: the band heights, then the register
-    blocks, every candidate agreeing with the defaults."""
+@pytest.mark.parametrize(
+    "qdtype, pmadd, oq",
+    [("int8", True, ("int8", 4.0)), ("uint8", False, ("uint8", 2.0)), (None, False, None)],
+)
+def test_2d_knob_search_reaches_every_stage_of_every_variant(qdtype, pmadd, oq, records, caplog):
+    """A strided, padded 2-D kernel in each variant (the integer ones with their output
+    quantized in the epilogue, as an int8 build's hidden layers are): the band heights, then
+    the register blocks, every candidate agreeing with the defaults."""
     from wsdeploy.targets.tvm.kernels import PMADD, ws_conv2d_from_spec
 
     _, tt = _fused()
     vl = tvm_build.vector_lanes(tt)
     spec = {"kind": "ws_conv2d", "B": 1, "C": 6, "H": 19, "W": 23, "N": 7, "k": 3, "s": 2}
     spec |= {"p": 1, "S": 2, "r": 2, "Cs": 3, "Hs": 7, "Ws": 9, "epilogue": "affine_relu"}
-    spec |= {"qdtype": qdtype, "pmadd": pmadd and vl in PMADD, "VL": vl}
+    spec |= {"qdtype": qdtype, "pmadd": pmadd and vl in PMADD, "VL": vl, "oq": oq}
     key = tvm_build.kernel_key(spec)
     assert key.startswith("ws_conv2d ") and "Hs=7" in key
     entry = tune._tune_knobs({key: spec}, tune._measure_target(tt), None, budget=14)[key]

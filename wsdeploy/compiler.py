@@ -38,6 +38,7 @@ from wsdeploy.passes.base import Pass, PassManager
 from wsdeploy.passes.cleanup import CleanupPass
 from wsdeploy.passes.custom import CustomPass
 from wsdeploy.passes.fold import FoldPass
+from wsdeploy.passes.int_output import IntOutputPass
 from wsdeploy.passes.integer import IntegerPass
 from wsdeploy.passes.pool_order import PoolOrderPass
 from wsdeploy.passes.recognize import recognize
@@ -93,7 +94,11 @@ class ExportResult:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-TARGET_PASSES: dict[str, type] = {"integer": IntegerPass, "pool_order": PoolOrderPass}
+TARGET_PASSES: dict[str, type] = {
+    "integer": IntegerPass,
+    "int_output": IntOutputPass,
+    "pool_order": PoolOrderPass,
+}
 """The passes a target may ask for by name (``Target.passes``)."""
 
 

@@ -25,9 +25,10 @@ INTEGER_OPS: dict[str, tuple[str, ...]] = {
 }
 """Integer ops for TVM targets (``passes.integer``): ``Y = float(sum) * out_scale + bias``
 where ``sum`` is the layer's exact int32 sum of (u)int8 input times int8 weight, each weight
-shifted left by ``shifts[c]`` of its input channel. ``ConvInt`` also takes Conv's
-``kernel_shape``, ``strides``, ``pads`` and ``dilations``. Private to the TVM targets: no
-ONNX file carries them."""
+shifted left by ``shifts[c]`` of its input channel. With ``y_scale`` and ``y_zero_point``
+(0; ``passes.int_output``), Y is that value quantized as QuantizeLinear does, in the zero
+point's type. ``ConvInt`` also takes Conv's ``kernel_shape``, ``strides``, ``pads`` and
+``dilations``. Private to the TVM targets: no ONNX file carries them."""
 
 _registered = False
 
@@ -73,12 +74,16 @@ def register_schemas() -> None:
                 param("W", "T2"),
                 param("out_scale", "T3"),
                 param("bias", "T3"),
+                param("y_scale", "T3", param_option=option),
+                param("y_zero_point", "T4", param_option=option),
             ],
-            outputs=[param("Y", "T3")],
+            outputs=[param("Y", "T5")],
             type_constraints=[
                 ("T1", ["tensor(int8)", "tensor(uint8)"], "8-bit activations"),
                 ("T2", ["tensor(int8)"], "int8 weights"),
-                ("T3", ["tensor(float)"], "float scales and output"),
+                ("T3", ["tensor(float)"], "float scales"),
+                ("T4", ["tensor(int8)", "tensor(uint8)"], "the quantized output's type"),
+                ("T5", ["tensor(float)", "tensor(int8)", "tensor(uint8)"], "the output"),
             ],
             attributes=[
                 *(defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT, "") for a in attrs),

@@ -637,7 +637,8 @@ class _KernelBench:
 
         from wsdeploy.targets.tvm.kernels import pack_phi
 
-        y = np.zeros(info["out_shape"], "float32")
+        oq = self.spec.get("oq")  # an integer kernel's output quantized in its epilogue
+        y = np.zeros(info["out_shape"], oq[0] if oq else "float32")
         if info["pmadd"]:
             return [self.x, pack_phi(self.phi, self.shifts, info["G"]), self.scale, self.shift, y]
         if self.spec["qdtype"]:

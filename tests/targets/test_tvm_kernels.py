@@ -43,18 +43,47 @@ def conv_ref(x, w, stride, padding):
     return np.einsum("bchwij,ncij->bnhw", win, w)
 
 
-def _run(func, args, out_shape, schedule=False):
+def _run(func, args, out_shape, schedule=False, dtype="float32"):
     """Compile ``func`` (with the generic CPU schedule of unscheduled kernels, if
-    ``schedule``) and run it on ``args``."""
+    ``schedule``) and run it on ``args`` into a ``dtype`` output."""
     mod = tvm.IRModule({"main": func})
     if schedule:
         mod = tvm_build.schedule_cpu(mod, 16)
         assert mod["main"].attrs["tirx.is_scheduled"]
     lib = tvm.compile(mod, target=TARGET)
     dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32), dev)
+    out = tvm.runtime.tensor(np.zeros(out_shape, dtype), dev)
     lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
     return out.numpy()
+
+
+OUTPUT_QUANT = st.sampled_from([None, "int8", "uint8"])
+"""An integer kernel's output: float, or quantized in its epilogue to the next layer's type."""
+
+
+def out_quant(odt, expected):
+    """``oq`` for a kernel whose float output would be ``expected``: None, or (odt, a scale
+    that saturates the largest few values)."""
+    if odt is None:
+        return None
+    return odt, float(np.float32(max(np.abs(expected).max(), 1e-3) / 100))
+
+
+def assert_output(got, expected, oq, rtol=1e-6):
+    """A kernel's output against its float value ``expected`` (float32): allclose, or with
+    ``oq`` exactly ``expected`` quantized (rounded half to even, saturated), except that a
+    value within float rounding of a tie may round to either side of it."""
+    if oq is None:
+        np.testing.assert_allclose(got, expected, rtol=rtol)
+        return
+    odt, ys = oq
+    lo, hi = (-128, 127) if odt == "int8" else (0, 255)
+    ratio = expected.astype(np.float32) / np.float32(ys)
+    want = np.clip(np.rint(ratio), lo, hi).astype(np.int64)
+    assert got.dtype == np.dtype(odt)
+    diff = np.abs(got.astype(np.int64) - want)
+    tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) < 1e-4 * np.maximum(1, np.abs(ratio))
+    assert diff.max(initial=0) <= 1 and np.all((diff == 0) | tie), (got, want)
 
 
 conv1d_cfg = st.fixed_dictionaries(
@@ -183,9 +212,12 @@ def test_fused_conv2d_kernel_matches_reference(cfg):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=tol * np.abs(scale).max())
 
 
-@given(conv2d_cfg, st.sampled_from(["int8", "uint8"]), st.integers(0, 3), st.booleans())
-def test_integer_fused_conv2d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
-    """Both integer variants: int32 products, and int16 pairwise multiply-adds (x86)."""
+@given(
+    conv2d_cfg, st.sampled_from(["int8", "uint8"]), st.integers(0, 3), st.booleans(), OUTPUT_QUANT
+)
+def test_integer_fused_conv2d_kernel_is_exact(cfg, qdtype, max_shift, pmadd, odt):
+    """Both integer variants: int32 products, and int16 pairwise multiply-adds (x86); float
+    output, or quantized in the epilogue."""
     pmadd = pmadd and X86 and cfg["vl"] in PAIRWISE_LANES
     rng = np.random.default_rng(2)
     c, h, w, phi_shape = _conv2d_case(cfg)
@@ -197,17 +229,18 @@ def test_integer_fused_conv2d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
     shifted = q.astype(np.int64) << shifts.astype(np.int64)[:, None, None]
     w2d = sampling.materialize_conv2d(shifted, n, cfg["k"], cfg["S"], cfg["r"])
     exact = np.rint(conv_ref(xq, w2d, cfg["s"], cfg["p"])).astype(np.int64)
-    func, info = _make_conv2d(cfg, c, h, w, phi_shape, qdtype=qdtype, pmadd=pmadd)
-    assert pmadd or not info["pmadd"]
-    flat = q.reshape(cs, -1)
-    weights = [pack_phi(flat, shifts)] if info["pmadd"] else [flat, shifts]
     scale = rng.uniform(0.5, 2, n).astype(np.float32)
     shift = rng.standard_normal(n).astype(np.float32)
-    got = _run(func, [xq, *weights, scale, shift], exact.shape)
     expected = exact.astype(np.float32) * scale[:, None, None] + shift[:, None, None]
     if cfg["relu"]:
         expected = np.maximum(expected, 0)
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    oq = out_quant(odt, expected)
+    func, info = _make_conv2d(cfg, c, h, w, phi_shape, qdtype=qdtype, pmadd=pmadd, oq=oq)
+    assert pmadd or not info["pmadd"]
+    flat = q.reshape(cs, -1)
+    weights = [pack_phi(flat, shifts)] if info["pmadd"] else [flat, shifts]
+    got = _run(func, [xq, *weights, scale, shift], exact.shape, dtype=odt or "float32")
+    assert_output(got, expected, oq)
 
 
 @pytest.mark.parametrize(
@@ -275,9 +308,12 @@ def ws_conv1d_int_ref(xq, q, shifts, n, k, s, p, ss, r):
     return np.einsum("bctk,nck->bnt", win, w)
 
 
-@given(conv1d_cfg, st.sampled_from(["int8", "uint8"]), st.integers(0, 3), st.booleans())
-def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
-    """Both integer variants: int32 products, and int16 pairwise multiply-adds (x86)."""
+@given(
+    conv1d_cfg, st.sampled_from(["int8", "uint8"]), st.integers(0, 3), st.booleans(), OUTPUT_QUANT
+)
+def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd, odt):
+    """Both integer variants: int32 products, and int16 pairwise multiply-adds (x86); float
+    output, or quantized in the epilogue."""
     pmadd = pmadd and cfg["vl"] in PMADD and X86
     rng = np.random.default_rng(1)
     c, n, k, s, p = cfg["cs"] * cfg["r"], cfg["n"], cfg["k"], cfg["s"], cfg["p"]
@@ -298,9 +334,14 @@ def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
     np.testing.assert_array_equal(got, np.maximum(expected, 0) if relu else expected)
     scale = rng.uniform(0.5, 2, n).astype(np.float32)
     shift = rng.standard_normal(n).astype(np.float32)
-    got = _run(func, [xq, *weights, scale, shift], exact.shape)
     expected = expected * scale[:, None] + shift[:, None]
-    np.testing.assert_allclose(got, np.maximum(expected, 0) if relu else expected, rtol=1e-6)
+    expected = np.maximum(expected, 0) if relu else expected
+    oq = out_quant(odt, expected)
+    if oq is not None:
+        kw = {"epilogue": epilogue, "qdtype": qdtype, "pmadd": pmadd, "oq": oq}
+        func, info = make_conv1d(cfg, c, t_in, **kw)
+    got = _run(func, [xq, *weights, scale, shift], exact.shape, dtype=odt or "float32")
+    assert_output(got, expected, oq)
 
 
 @given(
@@ -313,8 +354,9 @@ def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd):
     st.integers(0, 4),
     st.sampled_from(PAIRWISE_LANES),
     st.booleans(),
+    OUTPUT_QUANT,
 )
-def test_int16_pairwise_stride2_conv_is_exact(b, c, n, k, w, qdtype, max_shift, vl, relu):
+def test_int16_pairwise_stride2_conv_is_exact(b, c, n, k, w, qdtype, max_shift, vl, relu, odt):
     if not X86:
         pytest.skip("vpmaddwd is x86")
     rng = np.random.default_rng(3)
@@ -330,7 +372,69 @@ def test_int16_pairwise_stride2_conv_is_exact(b, c, n, k, w, qdtype, max_shift, 
     ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
     got = _run(func, [xq, pair_weights(wq, shifts), ones, zeros], exact.shape)
     expected = exact.astype(np.float32)
-    np.testing.assert_array_equal(got, np.maximum(expected, 0) if relu else expected)
+    expected = np.maximum(expected, 0) if relu else expected
+    np.testing.assert_array_equal(got, expected)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    shift = rng.standard_normal(n).astype(np.float32)
+    expected = exact.astype(np.float32) * scale[:, None] + shift[:, None]
+    expected = np.maximum(expected, 0) if relu else expected
+    oq = out_quant(odt, expected)
+    func, _ = make_int_conv1d_s2(b, c, w, n, k, VL=vl, qdtype=qdtype, relu=relu, oq=oq)
+    got = _run(
+        func, [xq, pair_weights(wq, shifts), scale, shift], exact.shape, dtype=odt or "float32"
+    )
+    assert_output(got, expected, oq)
+
+
+@given(
+    st.integers(1, 2),
+    st.integers(1, 4),
+    st.integers(1, 9),
+    st.integers(1, 4),
+    st.integers(1, 2),
+    st.booleans(),
+    st.booleans(),
+    st.integers(1, 40),
+    st.sampled_from([4, 8, 16]),
+    st.sampled_from(["int8", "uint8"]),
+    st.integers(0, 3),
+    OUTPUT_QUANT,
+)
+def test_integer_dense_conv_is_exact(b, c, n, k, s, two_d, relu, w_out, vl, qdtype, max_shift, odt):
+    """The integer direct conv (folded int8 layers), 1-D and 2-D: exact int32 sums with
+    shifted weights, the float epilogue, and the output quantized in it or not."""
+    rng = np.random.default_rng(5)
+    width = (w_out - 1) * s + k
+    spatial = [7, width] if two_d else [width]
+    kernel = [k, k] if two_d else [k]
+    lo, hi = (-128, 128) if qdtype == "int8" else (0, 256)
+    xq = rng.integers(lo, hi, (b, c, *spatial)).astype(qdtype)
+    wq = rng.integers(-127, 128, (n, c, *kernel)).astype(np.int8)
+    shifts = rng.integers(0, max_shift + 1, c).astype(np.int32)
+    wide = wq.astype(np.int64) << shifts.reshape(1, c, *[1] * len(kernel)).astype(np.int64)
+    exact = np.rint(conv_ref(xq, wide, s, 0)).astype(np.int64)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    shift = rng.standard_normal(n).astype(np.float32)
+    axes = (n, *[1] * len(kernel))
+    expected = exact.astype(np.float32) * scale.reshape(axes) + shift.reshape(axes)
+    expected = np.maximum(expected, 0) if relu else expected
+    oq = out_quant(odt, expected)
+    func, out_shape = make_dense_conv(
+        b,
+        c,
+        spatial,
+        n,
+        kernel,
+        [s] * len(kernel),
+        [1] * len(kernel),
+        VL=vl,
+        qdtype=qdtype,
+        relu=relu,
+        oq=oq,
+    )
+    assert tuple(out_shape) == expected.shape
+    got = _run(func, [xq, wq, shifts, scale, shift], expected.shape, dtype=odt or "float32")
+    assert_output(got, expected, oq)
 
 
 @given(

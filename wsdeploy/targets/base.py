@@ -166,8 +166,9 @@ STANDARD_OP_PASSES = {"fp32": (), "int8": ("pool_order",)}
 """Target stage of runtimes of standard ops (ONNX Runtime): int8 max pools move before
 their ReLU so that they run on the quantized tensor."""
 
-TVM_PASSES = {"fp32": (), "int8": ("integer",)}
-"""Target stage of the TVM targets: int8 layers become integer ops for their kernels."""
+TVM_PASSES = {"fp32": (), "int8": ("integer", "int_output")}
+"""Target stage of the TVM targets: int8 layers become integer ops for their kernels, which
+write the next layer's quantized input themselves."""
 
 TVM_RUNTIME = {"timer": _tvm_timer, "profiler": _tvm_profiler, "threads": _tvm_threads}
 """How the TVM targets' builds are timed (the VM's time evaluator, on the device), profiled

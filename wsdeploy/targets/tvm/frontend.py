@@ -110,7 +110,7 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             knobs.applied.remove(kernel_key(spec))
             return family.build(spec)
 
-    def fused_conv1d(x, attr, epilogue, qdtype=None, pmadd=False):
+    def fused_conv1d(x, attr, epilogue, qdtype=None, pmadd=False, oq=None):
         b, c, t = _shape(x)
         spec = {
             "B": b,
@@ -126,8 +126,16 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             "qdtype": qdtype,
             "pmadd": pmadd,
             "VL": vl,
+            "oq": oq,
         }
         return fused(spec, None if qdtype else layer_key("WSConv1d", (b, c, t), attr))
+
+    def out_quant(inputs):
+        """``oq`` (dtype, scale) of an integer op that quantizes its output
+        (``passes.int_output``: y_scale, y_zero_point inputs), else None."""
+        if len(inputs) < 6 or inputs[4] is None:
+            return None
+        return str(inputs[5].ty.dtype), float(inputs[4].value.numpy().reshape(()))
 
     def epilogue_args(inputs):
         scale = inputs[2] if len(inputs) > 2 else None
@@ -153,9 +161,10 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             out = relax.TensorType([b, n, info["To"]], "float32")
             return bb.emit(relax.call_tir(gv, args, out))
 
-    def fused_conv2d(bb, x, phi, scale, shift, attr, sh=None):
-        """``make_ws_conv2d`` for one WSConv2d (``sh``: the integer variant's shifts), called
-        on phi as (C*, H*·W*), int16 pairs packed at build time where they fit."""
+    def fused_conv2d(bb, x, phi, scale, shift, attr, sh=None, oq=None):
+        """``make_ws_conv2d`` for one WSConv2d (``sh``: the integer variant's shifts; ``oq``:
+        its output quantized), called on phi as (C*, H*·W*), int16 pairs packed at build
+        time where they fit."""
         b, c, h, w = _shape(x)
         cs, hs, ws = _shape(phi)
         n, r = attr["out_channels"], attr["channel_repeat"]
@@ -169,6 +178,7 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             "qdtype": qdtype,
             "pmadd": qdtype is not None and vl in PMADD and _pmadd_fits(phi, sh, r),
             "VL": vl,
+            "oq": oq,
         }
         layer = None if qdtype else layer_key("WSConv2d", (b, c, h, w), attr)
         func, info = fused(spec, layer)
@@ -181,7 +191,7 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
         scale = scale if scale is not None else relax.const(np.ones(n, np.float32))
         shift = shift if shift is not None else relax.const(np.zeros(n, np.float32))
         scale, shift = (bb.emit(relax.op.reshape(v, [n])) for v in (scale, shift))
-        out = relax.TensorType([b, n, info["Ho"], info["Wo"]], "float32")
+        out = relax.TensorType([b, n, info["Ho"], info["Wo"]], oq[0] if oq else "float32")
         return bb.emit(relax.call_tir(gv, [x, *weights, scale, shift], out))
 
     class WSConv2d(OnnxOpConverter):
@@ -213,29 +223,30 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
     class WSConv1dInt(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
-            xq, w, out_scale, bias = inputs
+            xq, w, out_scale, bias = inputs[:4]
+            oq = out_quant(inputs)
             b, c, _ = _shape(xq)
             n = attr["out_channels"]
             r = attr["channel_repeat"]
             sh = shifts(attr, c // r)
             pairwise = _pmadd_fits(w, sh, r)
             epilogue = "affine_relu" if attr.get("relu", 0) == 1 else "affine"
-            func, info = fused_conv1d(xq, attr, epilogue, str(xq.ty.dtype), pairwise)
+            func, info = fused_conv1d(xq, attr, epilogue, str(xq.ty.dtype), pairwise, oq)
             gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d_int")
             if info["pmadd"]:  # packed by the kernel's blocks of taps
                 weights = [relax.const(pack_phi(w.value.numpy(), sh, info["G"]))]
             else:
                 weights = [w, relax.const(sh)]
             args = [xq, *weights, out_scale, bias]
-            out = relax.TensorType([b, n, info["To"]], "float32")
+            out = relax.TensorType([b, n, info["To"]], oq[0] if oq else "float32")
             return bb.emit(relax.call_tir(gv, args, out))
 
     class WSConv2dInt(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
-            xq, w, out_scale, bias = inputs
+            xq, w, out_scale, bias = inputs[:4]
             sh = shifts(attr, _shape(w)[0])
-            return fused_conv2d(bb, xq, w, out_scale, bias, attr, sh)
+            return fused_conv2d(bb, xq, w, out_scale, bias, attr, sh, out_quant(inputs))
 
     class WSLinearInt(OnnxOpConverter):
         @classmethod
@@ -257,10 +268,12 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
     class ConvInt(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
-            xq, w, out_scale, bias = inputs
+            xq, w, out_scale, bias = inputs[:4]
             c = _shape(w)[1]
             relu = attr.get("relu", 0) == 1
-            return _integer_conv(bb, xq, w, shifts(attr, c), out_scale, bias, attr, relu, vl)
+            oq = out_quant(inputs)
+            sh = shifts(attr, c)
+            return _integer_conv(bb, xq, w, sh, out_scale, bias, attr, relu, vl, oq)
 
     return {
         "WSConv1d": WSConv1d,
@@ -300,15 +313,17 @@ def _pmadd_weights(w, sh: np.ndarray) -> np.ndarray | None:
     return pair_weights(wq, sh)
 
 
-def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, vl: int):
+def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, vl: int, oq=None):
     """``ConvInt``: zero padding in the integer domain (zero point 0), then the integer direct
     convolution; a strided 1-D conv runs over its input phases (``phase_split``), at stride 2
-    on AVX2/AVX-512 as int16 pairwise multiply-adds straight off the input."""
+    on AVX2/AVX-512 as int16 pairwise multiply-adds straight off the input. ``oq``: the
+    output quantized in the epilogue (``kernels.stored``)."""
     from tvm import relax, topi
 
     from .kernels import PMADD, make_dense_conv, make_int_conv1d_s2
 
     qdtype = str(xq.ty.dtype)
+    ydtype = oq[0] if oq else "float32"
     ndim = len(xq.ty.shape) - 2
     pads = list(attr.get("pads", [0] * (2 * ndim)))
     strides = list(attr.get("strides", [1] * ndim))
@@ -324,10 +339,10 @@ def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, 
         wo = (spatial[0] - kernel[0]) // 2 + 1
         if wo >= vl:  # int16 pairwise multiply-adds straight off the padded input
             func, wo = make_int_conv1d_s2(
-                b, c, spatial[0], n, kernel[0], VL=vl, qdtype=qdtype, relu=relu
+                b, c, spatial[0], n, kernel[0], VL=vl, qdtype=qdtype, relu=relu, oq=oq
             )
             gv = bb.add_func(func.without_attr("global_symbol"), "conv1d_s2_int16")
-            out = relax.TensorType([b, n, wo], "float32")
+            out = relax.TensorType([b, n, wo], ydtype)
             return bb.emit(relax.call_tir(gv, [xq, relax.const(pmadd), out_scale, bias], out))
     args = [xq, w, relax.const(sh)]
     if ndim == 1 and strides[0] > 1 and dilations[0] == 1:
@@ -336,11 +351,11 @@ def _integer_conv(bb, xq, w, sh: np.ndarray, out_scale, bias, attr, relu: bool, 
         args = [xph, w2, relax.const(np.repeat(sh, s).astype(np.int32))]
         c, spatial, kernel, strides = c * s, [length], [q], [1]
     func, out_shape = make_dense_conv(
-        b, c, spatial, n, kernel, strides, dilations, VL=vl, qdtype=qdtype, relu=relu
+        b, c, spatial, n, kernel, strides, dilations, VL=vl, qdtype=qdtype, relu=relu, oq=oq
     )
     gv = bb.add_func(func.without_attr("global_symbol"), f"dense_conv{ndim}d_int")
     return bb.emit(
-        relax.call_tir(gv, [*args, out_scale, bias], relax.TensorType(list(out_shape), "float32"))
+        relax.call_tir(gv, [*args, out_scale, bias], relax.TensorType(list(out_shape), ydtype))
     )
 
 

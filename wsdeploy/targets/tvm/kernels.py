@@ -62,6 +62,22 @@ def madd_pairs(pairs, word, lanes: int):
     )
 
 
+def stored(v, relu: bool, oq, dtype="float32"):
+    """What a kernel stores of its float epilogue value ``v``: ReLU'd if ``relu``, then, with
+    ``oq`` = (dtype, scale), quantized in the epilogue as ONNX's QuantizeLinear with zero
+    point 0 does it (and TVM's own ``quantize``, in the same float operations): v / scale
+    rounded half to even, saturated to the 8-bit type. The next layer's input is then
+    written once, in 8 bits, instead of in float and again by a quantize pass."""
+    if relu:
+        v = T.max(v, T.Cast(dtype, 0))
+    if oq is None:
+        return v
+    odt, ys = oq
+    lo, hi = (0, 255) if odt == "uint8" else (-128, 127)
+    r = T.round(v / T.Cast(dtype, float(ys)))
+    return T.Cast(odt, T.max(T.min(r, T.Cast(dtype, hi)), T.Cast(dtype, lo)))
+
+
 def make_ws_conv1d(
     B,
     C,
@@ -83,6 +99,7 @@ def make_ws_conv1d(
     qdtype=None,
     pmadd=False,
     G=None,
+    oq=None,
     name="ws_conv1d",
 ):
     """The fused kernel for one WSConv1d shape; ``VL`` is the target's float vector width.
@@ -90,7 +107,8 @@ def make_ws_conv1d(
     ``qdtype`` ("int8"/"uint8"): the integer variant. x is 8-bit, phi int8 with a left shift
     per condensed channel (an extra ``sh (C*,) int32`` argument after phi), the pre-sums, P
     and the diagonal sums are exact int32, and the epilogue (required) turns the sum into
-    float: ``y = float(sum) * scale + shift``.
+    float: ``y = float(sum) * scale + shift``; with ``oq`` = (dtype, scale), y is that value
+    quantized (``stored``): the next layer's 8-bit input.
 
     ``pmadd`` (integer, AVX2/AVX-512): the product table as int16 pairwise multiply-adds
     (vpmaddwd/vpdpwssd) over pairs of block rows (c*, m): the pre-sums are interleaved by
@@ -137,15 +155,15 @@ def make_ws_conv1d(
     RELU = epilogue == "affine_relu"
     EV = [2 * ln for ln in range(VL)]  # de-interleave indices for s == 2
     OD = [2 * ln + 1 for ln in range(VL)]
-    if INT:
-        assert EPI, "the integer kernel needs its scale epilogue"
+    if INT or oq:
+        assert EPI, "the integer kernel and a quantized output need the scale epilogue"
+    YT = oq[0] if oq else dtype  # y
     Cs2 = (Cs * G + 1) // 2  # (pmadd) pairs of block rows (c*, m)
     IL = [i // 2 + (i % 2) * VL for i in range(2 * VL)]  # interleave two VL vectors
     XT = qdtype or dtype  # x
     WT_ = "int8" if INT else dtype  # phi
     AT = "int32" if INT else dtype  # pre-sums, P, accumulators
     zero = T.Cast(AT, 0)
-    fzero = T.Cast(dtype, 0)
 
     def wide(v):
         return T.Cast(AT, v) if INT else v
@@ -285,12 +303,10 @@ def make_ws_conv1d(
                         acc2[ln] + P_t[i * SG + k, (k * G) % s // D, tv * VL + (k * G) // s + ln]
                     )
             for ln in T.vectorized(VL):
-                if RELU:
-                    y[b, i, t0 + tv * VL + ln] = T.max(
-                        T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], fzero
+                if EPI:
+                    y[b, i, t0 + tv * VL + ln] = stored(
+                        T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], RELU, oq, dtype
                     )
-                elif EPI:
-                    y[b, i, t0 + tv * VL + ln] = T.Cast(dtype, acc2[ln]) * scale[i] + shift[i]
                 else:
                     y[b, i, t0 + tv * VL + ln] = acc2[ln]
 
@@ -302,7 +318,7 @@ def make_ws_conv1d(
             phi: T.Buffer((Cs2, Lb), "int32"),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, To), dtype),
+            y: T.Buffer((B, N, To), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bt in T.parallel(NT):
@@ -317,7 +333,7 @@ def make_ws_conv1d(
             sh: T.Buffer((Cs,), "int32"),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, To), dtype),
+            y: T.Buffer((B, N, To), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bt in T.parallel(NT):
@@ -343,7 +359,7 @@ def make_ws_conv1d(
             phi: T.Buffer((Cs, Ls), dtype),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, To), dtype),
+            y: T.Buffer((B, N, To), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bt in T.parallel(NT):
@@ -377,6 +393,7 @@ def make_ws_conv2d(
     dtype="float32",
     qdtype=None,
     pmadd=False,
+    oq=None,
     name="ws_conv2d",
 ):
     """The fused kernel for one WSConv2d shape (phi ``phi_shape`` = (C*, H*, W*), filters on
@@ -386,7 +403,8 @@ def make_ws_conv2d(
     ``y = conv * scale + shift`` (then ``relu``). Integer (``qdtype``): as
     ``make_ws_conv1d``'s, an ``sh (C*,) int32`` argument after phi, or with ``pmadd`` phi
     packed by channel pairs (``pack_phi(phi.reshape(C*, -1), shifts)``) for int16 pairwise
-    multiply-adds; every sum exact int32, ``y = float(sum) * scale + shift``.
+    multiply-adds; every sum exact int32, ``y = float(sum) * scale + shift``. With ``oq`` =
+    (dtype, scale), y is stored quantized (``stored``).
 
     Parallel over (batch, bands of HB output rows); per band, everything in cache:
       1. xs_t[c*, z] = sum_r x[b, c* + r C*, u, v], z = u·UW + v over the band's
@@ -431,9 +449,9 @@ def make_ws_conv2d(
     Cs2 = (Cs + 1) // 2
     IL = [i // 2 + (i % 2) * VZ for i in range(2 * VZ)]
     XT = qdtype or dtype
+    YT = oq[0] if oq else dtype
     AT = "int32" if INT else dtype
     zero = T.Cast(AT, 0)
-    fzero = T.Cast(dtype, 0)
 
     def wide(v):
         return T.Cast(AT, v) if INT else v
@@ -518,12 +536,9 @@ def make_ws_conv2d(
                             ]
                         )
             for ln in T.vectorized(VO):
-                if relu:
-                    y[b, i, h0 + hl, w0 + ln] = T.max(
-                        T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], fzero
-                    )
-                else:
-                    y[b, i, h0 + hl, w0 + ln] = T.Cast(dtype, acc2[ln]) * scale[i] + shift[i]
+                y[b, i, h0 + hl, w0 + ln] = stored(
+                    T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], relu, oq, dtype
+                )
 
     NT = B * n_bands
     if PM:
@@ -534,7 +549,7 @@ def make_ws_conv2d(
             phi: T.Buffer((Cs2, Lq), "int32"),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, Ho, Wo), dtype),
+            y: T.Buffer((B, N, Ho, Wo), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bb in T.parallel(NT):
@@ -550,7 +565,7 @@ def make_ws_conv2d(
             sh: T.Buffer((Cs,), "int32"),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, Ho, Wo), dtype),
+            y: T.Buffer((B, N, Ho, Wo), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bb in T.parallel(NT):
@@ -565,7 +580,7 @@ def make_ws_conv2d(
             phi: T.Buffer((Cs, Lq), dtype),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, Ho, Wo), dtype),
+            y: T.Buffer((B, N, Ho, Wo), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bb in T.parallel(NT):
@@ -586,6 +601,7 @@ def ws_conv1d_from_spec(spec, **knobs):
         epilogue=spec["epilogue"],
         qdtype=spec["qdtype"],
         pmadd=spec["pmadd"],
+        oq=spec.get("oq"),
         **knobs,
     )
 
@@ -629,6 +645,7 @@ def ws_conv2d_from_spec(spec, **knobs):
         relu=spec["epilogue"] == "affine_relu",
         qdtype=spec["qdtype"],
         pmadd=spec["pmadd"],
+        oq=spec.get("oq"),
         **knobs,
     )
 
@@ -717,6 +734,7 @@ def make_dense_conv(
     qdtype=None,
     relu=False,
     bias=False,
+    oq=None,
     name="dense_conv",
 ):
     """A vectorised direct convolution (1-D or 2-D) for TVM's dense layers.
@@ -724,7 +742,8 @@ def make_dense_conv(
     Float epilogue: ``bias`` adds a per-filter ``bi (N,)`` argument (after ``w``), ``relu``
     clamps at zero, both applied to the accumulators before the one store of each output
     (a separate add/ReLU pass would read and write the whole output again).
-    Integer (``qdtype``): ``y = float(sum) * sc[n] + bi[n]`` (then ``relu``).
+    Integer (``qdtype``): ``y = float(sum) * sc[n] + bi[n]`` (then ``relu``), stored
+    quantized with ``oq`` = (dtype, scale) (``stored``).
 
     ``x`` is already padded: (B, C, W) or (B, C, H, W); ``w`` is (N, C, KW) or
     (N, C, KH, KW); ``kernel``, ``stride`` and ``dilation`` are per spatial axis. Parallel
@@ -756,7 +775,9 @@ def make_dense_conv(
     WB = min(WB, nW)  # vectors per register block: NB x WB accumulators
     nWB = -(-nW // WB)
     INT = qdtype is not None
+    assert INT or oq is None, "a quantized output takes the integer variant"
     XT = qdtype or dtype
+    YT = oq[0] if oq else dtype
     WDT = "int8" if INT else dtype
     AT = "int32" if INT else dtype
     zero = T.Cast(AT, 0)
@@ -774,7 +795,7 @@ def make_dense_conv(
             r = T.Cast(dtype, v) * sc[n] + bi[n]
         elif bias:
             r = v + bi[n]
-        return T.max(r, T.Cast(dtype, 0)) if relu else r
+        return stored(r, relu, oq, dtype)
 
     @T.macro
     def body(x, w, sh, sc, bi, y, b, nb, oh):
@@ -830,7 +851,7 @@ def make_dense_conv(
             sh: T.Buffer((C,), "int32"),
             sc: T.Buffer((N,), dtype),
             bi: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, Ho, Wo), dtype),
+            y: T.Buffer((B, N, Ho, Wo), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bno in T.parallel(B * NBLK * Ho):
@@ -876,7 +897,7 @@ def make_dense_conv(
             sh: T.Buffer((C,), "int32"),
             sc: T.Buffer((N,), dtype),
             bi: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, Wo), dtype),
+            y: T.Buffer((B, N, Wo), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bno in T.parallel(B * NBLK):
@@ -946,7 +967,7 @@ def pair_weights(w, shifts):
 
 
 def make_int_conv1d_s2(
-    B, C, W, N, K, *, VL=16, NB=8, WB=2, TT=512, qdtype="int8", relu=False, name="conv"
+    B, C, W, N, K, *, VL=16, NB=8, WB=2, TT=512, qdtype="int8", relu=False, oq=None, name="conv"
 ):
     """Integer conv1d at stride 2 as int16 pairwise multiply-adds (vpmaddwd), for AVX2/AVX-512.
 
@@ -955,7 +976,8 @@ def make_int_conv1d_s2(
     vpmaddwd does 2*VL multiply-adds with no shuffles. Parallel over tiles of TT outputs: a
     tile widens its stretch of x to int16 once (in cache), then runs every filter over it.
     ``x`` (B, C, W) is padded (8-bit), ``wp`` (N, C, K2) the packed pairs of
-    ``pair_weights``; y = float(sum)*scale + bias (then ReLU). Returns (PrimFunc, W_out)."""
+    ``pair_weights``; y = float(sum)*scale + bias (then ReLU; stored quantized with ``oq``:
+    ``stored``). Returns (PrimFunc, W_out)."""
     K2 = (K + 1) // 2
     Wo = (W - K) // 2 + 1
     assert VL in PMADD and Wo >= VL
@@ -966,6 +988,7 @@ def make_int_conv1d_s2(
     TV = TT // VL
     WB = WB if TV % WB == 0 else 1  # output vectors per register block: NB x WB accumulators
     XW = 2 * TT + 2 * K2  # input stretch of one tile
+    YT = oq[0] if oq else "float32"
 
     @T.prim_func(private=True)
     def f(
@@ -973,7 +996,7 @@ def make_int_conv1d_s2(
         wp: T.Buffer((N, C, K2), "int32"),
         sc: T.Buffer((N,), "float32"),
         bi: T.Buffer((N,), "float32"),
-        y: T.Buffer((B, N, Wo), "float32"),
+        y: T.Buffer((B, N, Wo), YT),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for bt in T.parallel(B * n_tiles):
@@ -1007,16 +1030,11 @@ def make_int_conv1d_s2(
                             )
                 for j, wi in T.grid(NB, WB):
                     for ln in T.vectorized(VL):
-                        if relu:
-                            y[b, nb * NB + j, t_base + (wo * WB + wi) * VL + ln] = T.max(
-                                T.Cast("float32", acc[j, wi * VL + ln]) * sc[nb * NB + j]
-                                + bi[nb * NB + j],
-                                T.float32(0),
-                            )
-                        else:
-                            y[b, nb * NB + j, t_base + (wo * WB + wi) * VL + ln] = (
-                                T.Cast("float32", acc[j, wi * VL + ln]) * sc[nb * NB + j]
-                                + bi[nb * NB + j]
-                            )
+                        y[b, nb * NB + j, t_base + (wo * WB + wi) * VL + ln] = stored(
+                            T.Cast("float32", acc[j, wi * VL + ln]) * sc[nb * NB + j]
+                            + bi[nb * NB + j],
+                            relu,
+                            oq,
+                        )
 
     return f.with_attr("global_symbol", name), Wo

@@ -106,15 +106,33 @@ conv1d_cfg = st.fixed_dictionaries(
         "tiles": st.sampled_from([None, 1, 2, 4, 16, 64]),
         "VB": st.sampled_from([None, 1, 2, 3, 5, 8]),
         "WB": st.sampled_from([None, 1, 2, 3, 4]),
+        # the max pool fused after it (1: none), narrowed to what the outputs and lanes take
+        "pool": st.sampled_from([1, 1, 2, 4, 8, 16]),
     }
 )
+
+
+def fitting_pool(cfg, t_out):
+    """The widest pool, at most ``cfg["pool"]``, that the kernel's outputs and lanes take."""
+    pool = cfg["pool"]
+    while pool > 1 and (t_out < pool or pool > vector_lanes(cfg["vl"], t_out // pool * pool)):
+        pool //= 2
+    return pool
+
+
+def max_pool(a, pool):
+    """MaxPool1d(pool, pool) in numpy: floor mode, the last axis."""
+    n = a.shape[-1] // pool
+    return a[..., : n * pool].reshape(*a.shape[:-1], n, pool).max(-1)
 
 
 def make_conv1d(cfg, c, t_in, **kwargs):
     """The fused kernel of ``cfg`` with its knobs; a register block width that does not
     divide the tile (refused with a ValueError, as `wsdeploy tune` expects) is re-picked."""
-    lanes = vector_lanes(cfg["vl"], (t_in + 2 * cfg["p"] - cfg["k"]) // cfg["s"] + 1)
-    knobs = {"G": cfg["G"], "VB": cfg["VB"], "WB": cfg["WB"]}
+    t_out = (t_in + 2 * cfg["p"] - cfg["k"]) // cfg["s"] + 1
+    pool = fitting_pool(cfg, t_out)
+    lanes = vector_lanes(cfg["vl"], t_out // pool * pool)
+    knobs = {"G": cfg["G"], "VB": cfg["VB"], "WB": cfg["WB"], "pool": pool}
     if cfg["tiles"] is not None:
         knobs["TT"] = cfg["tiles"] * lanes
     args = (cfg["b"], c, t_in, cfg["n"], cfg["k"], cfg["s"], cfg["p"], cfg["S"], cfg["r"])
@@ -135,7 +153,8 @@ def test_fused_conv1d_kernel_matches_reference(cfg):
     phi = phi.astype(np.float32)
     x = rng.standard_normal((cfg["b"], c, t_in)).astype(np.float32)
     func, info = make_conv1d(cfg, c, t_in, epilogue=cfg["epilogue"])
-    assert info["To"] == t_out
+    pool = info["pool"]
+    assert pool == fitting_pool(cfg, t_out) and info["To"] == t_out // pool * pool
     assert info["G"] == (cfg["G"] or math.gcd(cfg["S"], k))
     w = sampling.materialize_conv1d(phi, n, k, cfg["S"], cfg["r"])
     expected = conv_ref(x, w, s, p)
@@ -147,6 +166,7 @@ def test_fused_conv1d_kernel_matches_reference(cfg):
         expected = expected * scale[:, None] + shift[:, None]
         if cfg["epilogue"] == "affine_relu":
             expected = np.maximum(expected, 0)
+    expected = max_pool(expected, pool)
     got = _run(func, args, expected.shape)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(c * k))
 
@@ -329,18 +349,20 @@ def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd, odt
     exact = ws_conv1d_int_ref(xq, q, shifts.astype(np.int64), n, k, s, p, cfg["S"], cfg["r"])
     ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
     weights = [pack_phi(q, shifts, info["G"])] if info["pmadd"] else [q, shifts]
-    got = _run(func, [xq, *weights, ones, zeros], exact.shape)
+    pool = info["pool"]
     expected = exact.astype(np.float32)  # float(sum): the same rounding numpy does
-    np.testing.assert_array_equal(got, np.maximum(expected, 0) if relu else expected)
+    expected = max_pool(np.maximum(expected, 0) if relu else expected, pool)
+    got = _run(func, [xq, *weights, ones, zeros], expected.shape)
+    np.testing.assert_array_equal(got, expected)
     scale = rng.uniform(0.5, 2, n).astype(np.float32)
     shift = rng.standard_normal(n).astype(np.float32)
-    expected = expected * scale[:, None] + shift[:, None]
-    expected = np.maximum(expected, 0) if relu else expected
+    expected = exact.astype(np.float32) * scale[:, None] + shift[:, None]
+    expected = max_pool(np.maximum(expected, 0) if relu else expected, pool)
     oq = out_quant(odt, expected)
     if oq is not None:
         kw = {"epilogue": epilogue, "qdtype": qdtype, "pmadd": pmadd, "oq": oq}
         func, info = make_conv1d(cfg, c, t_in, **kw)
-    got = _run(func, [xq, *weights, scale, shift], exact.shape, dtype=odt or "float32")
+    got = _run(func, [xq, *weights, scale, shift], expected.shape, dtype=odt or "float32")
     assert_output(got, expected, oq)
 
 

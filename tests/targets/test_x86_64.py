@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wsdeploy import threads
 from wsdeploy.bench import bench
@@ -25,6 +27,7 @@ def test_custom_build_runs_wsnet_kernels_not_dense_convs(tmp_path):
     assert sum(name.startswith("wsnet_conv1d") for name in kernels) == 3
     assert "wsnet_linear" in kernels
     assert not any("conv" in name and not name.startswith("wsnet") for name in kernels)
+    assert not any("pool" in name for name in kernels)  # both max pools fused in the kernels
     assert result["threads"] == threads.runtime_threads()
 
 
@@ -218,3 +221,61 @@ except WsdeployError as e:
     assert done.stdout.startswith("refused: TVM's compiler is needed")
     expected = local_runner(out / "model.so")(x)[0]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    st.sampled_from([2, 3, 4, 8, 16]),
+    st.sampled_from([17, 20, 37, 300]),
+    st.booleans(),
+)
+def test_max_pools_after_1d_layers_fuse_into_their_kernels(tmp_path_factory, pool, length, int8):
+    """A max pool after a WSNet conv1d becomes its kernel's epilogue where the kernel takes
+    it (a power of two within its vector lanes at that length), and stays a pool of its
+    own otherwise; either way the build matches its reference, fp32 and int8."""
+    import numpy as np
+    import torch
+
+    from tests.conftest import eager, randomize_bn
+    from wsdeploy import compiler, numerics, quantize
+    from wsdeploy.modelfile import LoadedModel
+    from wsdeploy.models.layers import WSConv1d
+    from wsdeploy.targets.tvm.frontend import fuse_epilogues, import_model
+    from wsdeploy.targets.tvm.kernels import vector_lanes
+    from wsdeploy.targets.x86_64 import X86_64
+
+    module = torch.nn.Sequential(
+        WSConv1d(2, 8, 5, padding=2, sample_stride=1),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool1d(pool),
+        WSConv1d(8, 4, 3, padding=1, sample_stride=1),
+    )
+    module = randomize_bn(module).eval()
+    shape = (1, 2, length)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    reference, stage, step = module, "runtime", 1.0
+    if int8:
+        calib = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+        cal = quantize.calibrate(module, calib, "random")
+        reference, stage, step = quantize.quantize_model(module, cal), "quantized", cal.output_step
+    model, _ = compiler.lower(
+        LoadedModel.from_module(reference, shape),
+        "custom",
+        X86_64,
+        precision="int8" if int8 else "fp32",
+    )
+    (first, _) = [n for n in fuse_epilogues(model).graph if n.op_type.startswith("WSConv1d")]
+    power_of_two = pool & (pool - 1) == 0
+    assert first.attributes.get("pool") is None or first.attributes["pool"].value == pool
+    assert (first.attributes.get("pool") is not None) == power_of_two
+    outdir = tmp_path_factory.mktemp("b")
+    X86_64.build(model, outdir, None)
+    c = numerics.compare(
+        X86_64.load(outdir, None)(x)[0], eager(reference, x), stage=stage, step=step
+    )
+    assert c.ok, c
+    vl = json.loads((outdir / "tvm.json").read_text())["vector_lanes"]
+    in_kernel = power_of_two and pool <= vector_lanes(vl, length // pool * pool)
+    assert ("max_pool1d" in import_model(model, vl).script()) != in_kernel

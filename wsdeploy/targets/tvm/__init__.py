@@ -24,7 +24,7 @@ every kernel a schedule, build, and run.
 """
 
 from .build import build, compile_module, export_library, resolve_target, target_dict, vector_lanes
-from .frontend import fuse_relu, import_model, ws_linear_te
+from .frontend import fuse_epilogues, import_model, ws_linear_te
 from .legalize import fuse_conv_epilogues
 from .records import (
     TUNING_ENV,
@@ -59,7 +59,7 @@ __all__ = [
     "connect_device",
     "export_library",
     "fuse_conv_epilogues",
-    "fuse_relu",
+    "fuse_epilogues",
     "import_model",
     "kernel_key",
     "open_records",

@@ -96,13 +96,15 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from .kernels import PMADD, fused_kernel, pack_phi
+    from .kernels import PMADD, fused_kernel, pack_phi, vector_lanes
 
     def fused(spec, layer=None):
         """The fused kernel of ``spec`` with its measured knobs (``layer``: the float layer's
         ``layer_key``, which ``tune`` times against the dense conv)."""
         family = fused_kernel(spec)
-        tuned = knobs.knobs(spec, layer)
+        # knobs are measured on the kernel without a fused pool (the dense conv it is timed
+        # against has none), and apply to it with one
+        tuned = knobs.knobs({k: v for k, v in spec.items() if k != "pool"}, layer)
         try:
             return family.build(spec, **tuned)
         except ValueError as e:  # knobs this kernel no longer takes: its defaults
@@ -111,7 +113,14 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             return family.build(spec)
 
     def fused_conv1d(x, attr, epilogue, qdtype=None, pmadd=False, oq=None):
+        """``make_ws_conv1d`` for one WSConv1d, with the max pool ``fuse_epilogues`` gave it
+        where the kernel takes it at this length (``info["pool"]``; else ``unfused_pool``
+        applies it after)."""
         b, c, t = _shape(x)
+        pool = attr.get("pool", 1)
+        t_out = (t + 2 * attr["padding"] - attr["kernel_size"]) // attr["stride"] + 1
+        if pool > 1 and (t_out < pool or pool > vector_lanes(vl, t_out // pool * pool)):
+            pool = 1
         spec = {
             "B": b,
             "C": c,
@@ -127,6 +136,7 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             "pmadd": pmadd,
             "VL": vl,
             "oq": oq,
+            "pool": pool,
         }
         return fused(spec, None if qdtype else layer_key("WSConv1d", (b, c, t), attr))
 
@@ -136,6 +146,13 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
         if len(inputs) < 6 or inputs[4] is None:
             return None
         return str(inputs[5].ty.dtype), float(inputs[4].value.numpy().reshape(()))
+
+    def unfused_pool(bb, y, attr, info):
+        """``y``, max pooled if the node carries a pool its kernel did not take."""
+        pool = attr.get("pool", 1)
+        if pool == 1 or info["pool"] == pool:
+            return y
+        return bb.emit(relax.op.nn.max_pool1d(y, [pool], [pool]))
 
     def epilogue_args(inputs):
         scale = inputs[2] if len(inputs) > 2 else None
@@ -147,7 +164,6 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
         def _impl_v1(cls, bb, inputs, attr, params):
             x, phi = inputs[0], inputs[1]
             scale, shift = epilogue_args(inputs)
-            b = _shape(x)[0]
             n = attr["out_channels"]
             relu = attr.get("relu", 0) == 1
             if scale is not None or shift is not None or relu:
@@ -158,8 +174,8 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
                 args, epilogue = [x, phi], "none"
             func, info = fused_conv1d(x, attr, epilogue)
             gv = bb.add_func(func.without_attr("global_symbol"), "wsnet_conv1d")
-            out = relax.TensorType([b, n, info["To"]], "float32")
-            return bb.emit(relax.call_tir(gv, args, out))
+            out = relax.TensorType(list(info["out_shape"]), "float32")
+            return unfused_pool(bb, bb.emit(relax.call_tir(gv, args, out)), attr, info)
 
     def fused_conv2d(bb, x, phi, scale, shift, attr, sh=None, oq=None):
         """``make_ws_conv2d`` for one WSConv2d (``sh``: the integer variant's shifts; ``oq``:
@@ -225,8 +241,7 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
         def _impl_v1(cls, bb, inputs, attr, params):
             xq, w, out_scale, bias = inputs[:4]
             oq = out_quant(inputs)
-            b, c, _ = _shape(xq)
-            n = attr["out_channels"]
+            c = _shape(xq)[1]
             r = attr["channel_repeat"]
             sh = shifts(attr, c // r)
             pairwise = _pmadd_fits(w, sh, r)
@@ -238,8 +253,8 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
             else:
                 weights = [w, relax.const(sh)]
             args = [xq, *weights, out_scale, bias]
-            out = relax.TensorType([b, n, info["To"]], oq[0] if oq else "float32")
-            return bb.emit(relax.call_tir(gv, args, out))
+            out = relax.TensorType(list(info["out_shape"]), oq[0] if oq else "float32")
+            return unfused_pool(bb, bb.emit(relax.call_tir(gv, args, out)), attr, info)
 
     class WSConv2dInt(OnnxOpConverter):
         @classmethod
@@ -379,13 +394,13 @@ def import_model(model: ir.Model, vl: int, knobs: KernelKnobs | None = None):
     knobs = knobs if knobs is not None else KernelKnobs()
     from tvm.relax.frontend.onnx import from_onnx
 
-    proto = ir.to_proto(fuse_relu(model))
+    proto = ir.to_proto(fuse_epilogues(model))
     del proto.functions[:]  # the wsnet ops' ONNX definitions; TVM gets our kernels instead
     shapes = {v.name: list(v.shape) for v in model.graph.inputs}
     try:
         with _extended_onnx_frontend(vl, knobs), warnings.catch_warnings():
-            # onnx's checker does not know fuse_relu's private attribute; our converters do
-            warnings.filterwarnings("ignore", message="Unrecognized attribute: relu")
+            # onnx's checker does not know fuse_epilogues' private attributes; our converters do
+            warnings.filterwarnings("ignore", message="Unrecognized attribute: (relu|pool)")
             mod = from_onnx(
                 proto, shape_dict=shapes, dtype_dict="float32", opset=_default_opset(proto)
             )
@@ -403,27 +418,64 @@ def _default_opset(proto: onnx.ModelProto) -> int:
 FUSES_RELU = ("WSConv1d", "WSConv2d", "WSConv1dInt", "WSConv2dInt", "ConvInt")
 """The wsnet nodes whose kernels apply a following ReLU in their epilogue."""
 
+FUSES_POOL = ("WSConv1d", "WSConv1dInt")
+"""The wsnet nodes whose kernels apply a following max pool in their epilogue
+(``make_ws_conv1d``'s ``pool``)."""
 
-def fuse_relu(model: ir.Model) -> ir.Model:
+
+def _sole_user(node: ir.Node, op_type: str) -> ir.Node | None:
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    user = uses[0].node
+    return user if user.op_type == op_type and user.domain == "" else None
+
+
+def _fusable_pool(pool: ir.Node) -> int | None:
+    """The window of a MaxPool the fused 1-D kernel can apply: P at stride P, no padding or
+    dilation, floor mode, P a power of two; else None. (The kernel also needs P within its
+    vector lanes at the layer's output length, which the converter checks: ONNX does not
+    know the length here.)"""
+    a = {name: attr.value for name, attr in pool.attributes.items()}
+    k = list(a.get("kernel_shape", []))
+    if len(k) != 1 or (len(pool.outputs) > 1 and pool.outputs[1].uses()):
+        return None
+    p = k[0]
+    if p < 2 or p & (p - 1) or list(a.get("strides", [1])) != [p]:
+        return None
+    if any(a.get("pads", [0, 0])) or list(a.get("dilations", [1])) != [1]:
+        return None
+    if a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    return p
+
+
+def fuse_epilogues(model: ir.Model) -> ir.Model:
     """A copy of ``model`` in which a ReLU right after a fused WSNet conv (or an integer conv
-    of ``passes.integer``: ``FUSES_RELU``) is the node's ``relu=1``.
+    of ``passes.integer``: ``FUSES_RELU``) is the node's ``relu=1``, and a max pool after
+    a 1-D one (``FUSES_POOL``, ``_fusable_pool``) its ``pool=P``.
 
     Relax's operator fusion never fuses into an opaque hand-written kernel, so an activation
-    after a WSNet layer would be one more pass over memory; the kernel applies it for free.
-    The attribute is private to this target: the ONNX file never carries it.
+    or pool after a WSNet layer would be one more pass over memory; the kernel applies it
+    for free, and with a pool never writes the layer's full output. The attributes are
+    private to this target: the ONNX file never carries them.
     """
     model = ir.from_proto(ir.to_proto(model))
     for node in list(model.graph):
         if node.domain != "wsnet" or node.op_type not in FUSES_RELU:
             continue
-        out = node.outputs[0]
-        uses = out.uses()
-        if len(uses) != 1 or out.is_graph_output():
-            continue
-        relu = uses[0].node
-        if relu.op_type != "Relu" or relu.domain != "":
-            continue
-        node.attributes["relu"] = ir.AttrInt64("relu", 1)
-        rewire(relu.outputs[0], out)
-        model.graph.remove(relu, safe=True)
+        relu = _sole_user(node, "Relu")
+        if relu is not None:
+            node.attributes["relu"] = ir.AttrInt64("relu", 1)
+            rewire(relu.outputs[0], node.outputs[0])
+            model.graph.remove(relu, safe=True)
+        pool = _sole_user(node, "MaxPool") if node.op_type in FUSES_POOL else None
+        window = _fusable_pool(pool) if pool is not None else None
+        if window is not None:
+            node.attributes["pool"] = ir.AttrInt64("pool", window)
+            out = node.outputs[0]
+            out.shape = pool.outputs[0].shape
+            rewire(pool.outputs[0], out)
+            model.graph.remove(pool, safe=True)
     return model

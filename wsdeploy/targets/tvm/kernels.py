@@ -100,6 +100,7 @@ def make_ws_conv1d(
     pmadd=False,
     G=None,
     oq=None,
+    pool=1,
     name="ws_conv1d",
 ):
     """The fused kernel for one WSConv1d shape; ``VL`` is the target's float vector width.
@@ -109,6 +110,13 @@ def make_ws_conv1d(
     and the diagonal sums are exact int32, and the epilogue (required) turns the sum into
     float: ``y = float(sum) * scale + shift``; with ``oq`` = (dtype, scale), y is that value
     quantized (``stored``): the next layer's 8-bit input.
+
+    ``pool`` (a power of two): the max pool of ``pool`` outputs at stride ``pool`` (no
+    padding, floor mode) that follows the layer, fused: y is (B, N, T_out // pool), each
+    output the max of its window's epilogue values (then quantized, which commutes with
+    the max), reduced in registers by ``log2(pool)`` shuffles. The conv outputs are never
+    written: for SoundNet-8's first layer that is 7 MB per run, written and read again by
+    a separate pool. Only the T_out // pool · pool outputs the pool reads are computed.
 
     ``pmadd`` (integer, AVX2/AVX-512): the product table as int16 pairwise multiply-adds
     (vpmaddwd/vpdpwssd) over pairs of block rows (c*, m): the pre-sums are interleaved by
@@ -125,7 +133,12 @@ def make_ws_conv1d(
     Cs = C // r
     Ls = L + (N - 1) * S
     To = (T_in + 2 * p - L) // s + 1
+    if pool & (pool - 1) or pool < 1:
+        raise ValueError(f"pool = {pool}: the fused max pool takes powers of two")
+    To = To // pool * pool  # the conv outputs the pool reads (all of them without a pool)
     VL = vector_lanes(VL, To)
+    if pool > VL:
+        raise ValueError(f"pool = {pool} is wider than the kernel's {VL}-lane vectors")
     assert Cs * r == C and To >= VL, "need C divisible by r"
     INT = qdtype is not None
     PM = INT and pmadd and VL in PMADD  # vpmaddwd needs 8 or 16 int32 lanes
@@ -158,6 +171,11 @@ def make_ws_conv1d(
     if INT or oq:
         assert EPI, "the integer kernel and a quantized output need the scale epilogue"
     YT = oq[0] if oq else dtype  # y
+    Tp = To // pool  # y's length
+    # the pool's shuffles: lane l takes the max with lane l + h, h = pool/2, ..., 1
+    POOLS = [[(ln + (pool >> k)) % VL for ln in range(VL)] for k in range(1, 5)]
+    NPOOL = pool.bit_length() - 1
+    PV = math.gcd(TT // pool, VL)  # lanes of the pooled outputs' stores
     Cs2 = (Cs * G + 1) // 2  # (pmadd) pairs of block rows (c*, m)
     IL = [i // 2 + (i % 2) * VL for i in range(2 * VL)]  # interleave two VL vectors
     XT = qdtype or dtype  # x
@@ -189,6 +207,7 @@ def make_ws_conv1d(
         t0 = T.min((bt % n_tiles) * TT, To - TT)
         xs_t = T.alloc_buffer((Cs, s, WX), AT)
         P_t = T.alloc_buffer((Lb, NPH, WT), AT)
+        yp = T.alloc_buffer((N, TT // pool), dtype)  # (pool) the windows' maxima
         # ---- 1. channel pre-sum (+ zero padding) into the phase-split tile
         if PH1 and t0 * s - p >= 0 and (t0 + WX) * s - p <= T_in:
             if s == 1:
@@ -302,13 +321,45 @@ def make_ws_conv1d(
                     acc2[ln] = (
                         acc2[ln] + P_t[i * SG + k, (k * G) % s // D, tv * VL + (k * G) // s + ln]
                     )
-            for ln in T.vectorized(VL):
-                if EPI:
-                    y[b, i, t0 + tv * VL + ln] = stored(
-                        T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], RELU, oq, dtype
+            if pool == 1:
+                for ln in T.vectorized(VL):
+                    if EPI:
+                        y[b, i, t0 + tv * VL + ln] = stored(
+                            T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], RELU, oq, dtype
+                        )
+                    else:
+                        y[b, i, t0 + tv * VL + ln] = acc2[ln]
+            else:  # the epilogue per output, the max per window, then the quantization
+                e = T.alloc_buffer((VL,), dtype, scope="local")
+                for ln in T.vectorized(VL):
+                    if EPI:
+                        e[ln] = stored(
+                            T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], RELU, None, dtype
+                        )
+                    else:
+                        e[ln] = acc2[ln]
+                if NPOOL >= 1:
+                    e[T.Ramp(0, 1, VL)] = T.max(
+                        e[T.Ramp(0, 1, VL)], T.Shuffle([e[T.Ramp(0, 1, VL)]], POOLS[0])
                     )
-                else:
-                    y[b, i, t0 + tv * VL + ln] = acc2[ln]
+                if NPOOL >= 2:
+                    e[T.Ramp(0, 1, VL)] = T.max(
+                        e[T.Ramp(0, 1, VL)], T.Shuffle([e[T.Ramp(0, 1, VL)]], POOLS[1])
+                    )
+                if NPOOL >= 3:
+                    e[T.Ramp(0, 1, VL)] = T.max(
+                        e[T.Ramp(0, 1, VL)], T.Shuffle([e[T.Ramp(0, 1, VL)]], POOLS[2])
+                    )
+                if NPOOL >= 4:
+                    e[T.Ramp(0, 1, VL)] = T.max(
+                        e[T.Ramp(0, 1, VL)], T.Shuffle([e[T.Ramp(0, 1, VL)]], POOLS[3])
+                    )
+                for ln in T.vectorized(VL // pool):
+                    yp[i, tv * (VL // pool) + ln] = e[ln * pool]
+        # ---- 3b. (pool) the tile's pooled outputs, quantized, in whole vectors
+        for i, jv in T.grid(N if PH3 and pool > 1 else 0, TT // pool // PV):
+            for ln in T.vectorized(PV):
+                y[b, i, t0 // pool + jv * PV + ln] = stored(yp[i, jv * PV + ln], False, oq, dtype)
 
     if PM:
 
@@ -318,7 +369,7 @@ def make_ws_conv1d(
             phi: T.Buffer((Cs2, Lb), "int32"),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, To), YT),
+            y: T.Buffer((B, N, Tp), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bt in T.parallel(NT):
@@ -333,7 +384,7 @@ def make_ws_conv1d(
             sh: T.Buffer((Cs,), "int32"),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, To), YT),
+            y: T.Buffer((B, N, Tp), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bt in T.parallel(NT):
@@ -345,7 +396,7 @@ def make_ws_conv1d(
         def f(
             x: T.Buffer((B, C, T_in), dtype),
             phi: T.Buffer((Cs, Ls), dtype),
-            y: T.Buffer((B, N, To), dtype),
+            y: T.Buffer((B, N, Tp), dtype),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bt in T.parallel(NT):
@@ -359,7 +410,7 @@ def make_ws_conv1d(
             phi: T.Buffer((Cs, Ls), dtype),
             scale: T.Buffer((N,), dtype),
             shift: T.Buffer((N,), dtype),
-            y: T.Buffer((B, N, To), YT),
+            y: T.Buffer((B, N, Tp), YT),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             for bt in T.parallel(NT):
@@ -368,7 +419,8 @@ def make_ws_conv1d(
     info = dict(
         TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM, G=G
     )
-    info["out_shape"] = (B, N, To)
+    info["out_shape"] = (B, N, Tp)
+    info["pool"] = pool
     return f.with_attr("global_symbol", name), info
 
 
@@ -602,6 +654,7 @@ def ws_conv1d_from_spec(spec, **knobs):
         qdtype=spec["qdtype"],
         pmadd=spec["pmadd"],
         oq=spec.get("oq"),
+        pool=spec.get("pool", 1),
         **knobs,
     )
 

@@ -78,6 +78,17 @@ def stored(v, relu: bool, oq, dtype="float32"):
     return T.Cast(odt, T.max(T.min(r, T.Cast(dtype, hi)), T.Cast(dtype, lo)))
 
 
+def window_max(v, pool: int, lanes: int):
+    """A ``lanes``-vector expression whose lane l·pool is the max of v's lanes l·pool to
+    l·pool + pool - 1 (``pool`` a power of two): log2(pool) shuffles, lane l taking the
+    max with lane l + h for h = pool/2, ..., 1 (the other lanes hold partial maxima)."""
+    h = pool // 2
+    while h:
+        v = T.max(v, T.Shuffle([v], [(ln + h) % lanes for ln in range(lanes)]))
+        h //= 2
+    return v
+
+
 def make_ws_conv1d(
     B,
     C,
@@ -172,9 +183,6 @@ def make_ws_conv1d(
         assert EPI, "the integer kernel and a quantized output need the scale epilogue"
     YT = oq[0] if oq else dtype  # y
     Tp = To // pool  # y's length
-    # the pool's shuffles: lane l takes the max with lane l + h, h = pool/2, ..., 1
-    POOLS = [[(ln + (pool >> k)) % VL for ln in range(VL)] for k in range(1, 5)]
-    NPOOL = pool.bit_length() - 1
     PV = math.gcd(TT // pool, VL)  # lanes of the pooled outputs' stores
     Cs2 = (Cs * G + 1) // 2  # (pmadd) pairs of block rows (c*, m)
     IL = [i // 2 + (i % 2) * VL for i in range(2 * VL)]  # interleave two VL vectors
@@ -338,22 +346,7 @@ def make_ws_conv1d(
                         )
                     else:
                         e[ln] = acc2[ln]
-                if NPOOL >= 1:
-                    e[T.Ramp(0, 1, VL)] = T.max(
-                        e[T.Ramp(0, 1, VL)], T.Shuffle([e[T.Ramp(0, 1, VL)]], POOLS[0])
-                    )
-                if NPOOL >= 2:
-                    e[T.Ramp(0, 1, VL)] = T.max(
-                        e[T.Ramp(0, 1, VL)], T.Shuffle([e[T.Ramp(0, 1, VL)]], POOLS[1])
-                    )
-                if NPOOL >= 3:
-                    e[T.Ramp(0, 1, VL)] = T.max(
-                        e[T.Ramp(0, 1, VL)], T.Shuffle([e[T.Ramp(0, 1, VL)]], POOLS[2])
-                    )
-                if NPOOL >= 4:
-                    e[T.Ramp(0, 1, VL)] = T.max(
-                        e[T.Ramp(0, 1, VL)], T.Shuffle([e[T.Ramp(0, 1, VL)]], POOLS[3])
-                    )
+                e[T.Ramp(0, 1, VL)] = window_max(e[T.Ramp(0, 1, VL)], pool, VL)
                 for ln in T.vectorized(VL // pool):
                     yp[i, tv * (VL // pool) + ln] = e[ln * pool]
         # ---- 3b. (pool) the tile's pooled outputs, quantized, in whole vectors

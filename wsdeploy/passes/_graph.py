@@ -118,6 +118,14 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def sole_use(value: ir.Value) -> ir.Node | None:
+    """The one node that reads ``value``, if nothing else does (a graph output neither)."""
+    uses = value.uses()
+    if value.is_graph_output() or len(uses) != 1:
+        return None
+    return uses[0].node
+
+
 def rewire(old: ir.Value, new: ir.Value) -> None:
     """Move every use of ``old`` (graph outputs included) to ``new``; a graph output keeps
     its public name."""

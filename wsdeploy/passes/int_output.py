@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from wsdeploy import onnx_ops
 
-from ._graph import const, rewire
+from ._graph import const, rewire, sole_use
 from .base import Pass, PassResult
 
 QUANTIZED_OUTPUT = {"ConvInt", "WSConv1dInt", "WSConv2dInt"}
@@ -36,18 +36,11 @@ PASS_THROUGH = {"Relu", "MaxPool"}
 """Ops between a layer and the next one's QuantizeLinear that quantization commutes with."""
 
 
-def _sole_use(value: ir.Value) -> ir.Node | None:
-    uses = value.uses()
-    if value.is_graph_output() or len(uses) != 1:
-        return None
-    return uses[0].node
-
-
 def _chain(node: ir.Node) -> tuple[list[ir.Node], ir.Node] | None:
     """(the pass-through nodes after ``node``, the QuantizeLinear ending them), or None."""
     between: list[ir.Node] = []
     value = node.outputs[0]
-    while (user := _sole_use(value)) is not None and user.domain == "":
+    while (user := sole_use(value)) is not None and user.domain == "":
         if user.op_type == "QuantizeLinear":
             return between, user
         if user.op_type not in PASS_THROUGH or user.inputs[0] is not value:

@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from wsdeploy.errors import CompileError
-from wsdeploy.passes._graph import rewire
+from wsdeploy.passes._graph import rewire, sole_use
 from wsdeploy.passes.strategy import layer_key
 from wsdeploy.tvm_runtime import load_tvm  # lazily: TVM takes seconds to load
 
@@ -96,7 +96,7 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from .kernels import PMADD, fused_kernel, pack_phi, vector_lanes
+    from .kernels import PMADD, fused_kernel, fused_pool, pack_phi
 
     def fused(spec, layer=None):
         """The fused kernel of ``spec`` with its measured knobs (``layer``: the float layer's
@@ -117,10 +117,8 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
         where the kernel takes it at this length (``info["pool"]``; else ``unfused_pool``
         applies it after)."""
         b, c, t = _shape(x)
-        pool = attr.get("pool", 1)
         t_out = (t + 2 * attr["padding"] - attr["kernel_size"]) // attr["stride"] + 1
-        if pool > 1 and (t_out < pool or pool > vector_lanes(vl, t_out // pool * pool)):
-            pool = 1
+        pool = fused_pool(vl, t_out, attr.get("pool", 1))
         spec = {
             "B": b,
             "C": c,
@@ -424,12 +422,8 @@ FUSES_POOL = ("WSConv1d", "WSConv1dInt")
 
 
 def _sole_user(node: ir.Node, op_type: str) -> ir.Node | None:
-    out = node.outputs[0]
-    uses = out.uses()
-    if len(uses) != 1 or out.is_graph_output():
-        return None
-    user = uses[0].node
-    return user if user.op_type == op_type and user.domain == "" else None
+    user = sole_use(node.outputs[0])
+    return user if user is not None and user.op_type == op_type and user.domain == "" else None
 
 
 def _fusable_pool(pool: ir.Node) -> int | None:

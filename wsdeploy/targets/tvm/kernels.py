@@ -89,6 +89,15 @@ def window_max(v, pool: int, lanes: int):
     return v
 
 
+def fused_pool(vl: int, t_out: int, pool: int) -> int:
+    """``pool`` if ``make_ws_conv1d`` of ``t_out`` outputs on ``vl`` float lanes can fuse a
+    max pool of that window (a power of two, within the lanes its pooled length leaves),
+    else 1 (the pool runs on its own)."""
+    if pool < 1 or pool & (pool - 1) or t_out < pool:
+        return 1
+    return pool if pool <= vector_lanes(vl, t_out // pool * pool) else 1
+
+
 def make_ws_conv1d(
     B,
     C,
@@ -144,12 +153,10 @@ def make_ws_conv1d(
     Cs = C // r
     Ls = L + (N - 1) * S
     To = (T_in + 2 * p - L) // s + 1
-    if pool & (pool - 1) or pool < 1:
-        raise ValueError(f"pool = {pool}: the fused max pool takes powers of two")
+    if fused_pool(VL, To, pool) != pool:
+        raise ValueError(f"pool = {pool}: not a power of two within the kernel's vector lanes")
     To = To // pool * pool  # the conv outputs the pool reads (all of them without a pool)
     VL = vector_lanes(VL, To)
-    if pool > VL:
-        raise ValueError(f"pool = {pool} is wider than the kernel's {VL}-lane vectors")
     assert Cs * r == C and To >= VL, "need C divisible by r"
     INT = qdtype is not None
     PM = INT and pmadd and VL in PMADD  # vpmaddwd needs 8 or 16 int32 lanes
@@ -184,6 +191,7 @@ def make_ws_conv1d(
     YT = oq[0] if oq else dtype  # y
     Tp = To // pool  # y's length
     PV = math.gcd(TT // pool, VL)  # lanes of the pooled outputs' stores
+    YP = (N, TT // pool) if pool > 1 else (1, 1)  # the tile's pooled outputs (none unpooled)
     Cs2 = (Cs * G + 1) // 2  # (pmadd) pairs of block rows (c*, m)
     IL = [i // 2 + (i % 2) * VL for i in range(2 * VL)]  # interleave two VL vectors
     XT = qdtype or dtype  # x
@@ -215,7 +223,7 @@ def make_ws_conv1d(
         t0 = T.min((bt % n_tiles) * TT, To - TT)
         xs_t = T.alloc_buffer((Cs, s, WX), AT)
         P_t = T.alloc_buffer((Lb, NPH, WT), AT)
-        yp = T.alloc_buffer((N, TT // pool), dtype)  # (pool) the windows' maxima
+        yp = T.alloc_buffer(YP, dtype)  # (pool) the windows' maxima
         # ---- 1. channel pre-sum (+ zero padding) into the phase-split tile
         if PH1 and t0 * s - p >= 0 and (t0 + WX) * s - p <= T_in:
             if s == 1:

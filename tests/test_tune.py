@@ -462,3 +462,41 @@ def test_2d_knob_search_reaches_every_stage_of_every_variant(qdtype, pmadd, oq, 
     assert ws_conv2d_from_spec(spec)[1]["pmadd"] == spec["pmadd"]
     assert entry["us"] <= entry["default_us"]
     assert not [r for r in caplog.records if "disagrees" in r.message]
+
+
+INTRINSICS = """
+import hashlib, sys
+import torch  # as in every wsdeploy process: thousands of modules
+if sys.argv[1] == "wsdeploy":
+    from wsdeploy.tune import _import_tensor_intrinsics
+
+    _import_tensor_intrinsics()
+else:
+    import tvm.s_tir.tensor_intrin
+from tvm.s_tir import TensorIntrin
+from tvm.s_tir.tensor_intrin import cuda
+
+digest, n = hashlib.sha256(), 0
+for name, value in sorted(vars(cuda).items()):
+    intrin = TensorIntrin.get(value, allow_missing=True) if isinstance(value, str) else None
+    if intrin is not None:
+        n += 1
+        digest.update(f"{name} {intrin.desc} {intrin.impl}".encode())
+print(n, digest.hexdigest())
+"""
+
+
+def test_tensor_intrinsics_import_the_same_without_the_source_lookups():
+    """wsdeploy imports TVM's tensor intrinsics (MetaSchedule's first import) with cheap
+    frame lists; the intrinsics it registers are the ones the plain import registers."""
+    import subprocess
+    import sys
+
+    def registered(how: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", INTRINSICS, how], capture_output=True, text=True, check=True
+        )
+        return out.stdout.split()
+
+    fast = registered("wsdeploy")
+    assert int(fast[0]) > 50 and fast == registered("plain")

@@ -6,6 +6,9 @@ from __future__ import annotations
 import builtins
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -66,6 +69,30 @@ def test_bench_and_verify_run_the_pte(tmp_path):
     assert bench["timing"].startswith("compute only") and bench["e2e_median_ms"] > 0
     result = runner.invoke(main, ["verify", str(out), "--model", "wsnet1d-tiny"])
     assert result.exit_code == 0 and "PASS" in result.output, result.output
+    # a process that only runs the .pte does not import ExecuTorch's compiler (seconds of
+    # a benchmark's every process), and can still import it afterwards
+    loaded = _in_fresh_process(
+        f"""
+        run = executorch.load(Path({str(out)!r}))
+        run(np.zeros((1, 1, 4096), np.float32))
+        print(sorted(m for m in sys.modules if m.startswith("executorch.exir")))
+        from executorch.exir import to_edge_transform_and_lower
+        print(to_edge_transform_and_lower.__module__)
+        """
+    )
+    assert loaded[-2:] == ["[]", "executorch.exir.program._program"]
+
+
+def _in_fresh_process(code: str) -> list[str]:
+    head = "import sys\nfrom pathlib import Path\nimport numpy as np\n"
+    head += "from wsdeploy.targets import executorch\n"
+    out = subprocess.run(
+        [sys.executable, "-c", head + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.splitlines()
 
 
 @pytest.mark.parametrize(

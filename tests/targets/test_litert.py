@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import builtins
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -80,6 +82,17 @@ def test_bench_and_verify_run_the_tflite(tmp_path):
     assert bench["timing"].startswith("compute only") and bench["e2e_median_ms"] > 0
     result = runner.invoke(main, ["verify", str(out), "--model", "wsnet1d-tiny"])
     assert result.exit_code == 0 and "PASS" in result.output, result.output
+    # a process that only runs the .tflite does not import the converter (seconds of a
+    # benchmark's every process)
+    code = (
+        "import sys\nfrom pathlib import Path\nimport numpy as np\n"
+        "from wsdeploy.targets import litert\n"
+        f"run = litert.load(Path({str(out)!r}))\n"
+        "run(np.zeros((1, 1, 4096), np.float32))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('litert_torch', 'torch')))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert ran.stdout.splitlines()[-1] == "[]"
 
 
 def test_a_fallback_from_xnnpack_is_reported():

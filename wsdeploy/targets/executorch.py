@@ -61,15 +61,56 @@ def _quiet(native: bool = False):
             os.close(saved)
 
 
-def _require() -> None:
+def _require(compiler: bool = True) -> None:
+    """ExecuTorch's runtime and, unless only a ``.pte`` is to be run (``compiler`` False),
+    its compiler (``executorch.exir``)."""
     try:
         with _quiet():
-            import executorch.exir
-            import executorch.runtime  # noqa: F401
+            if compiler:
+                import executorch.exir
+            with contextlib.nullcontext() if compiler else _without_compiler():
+                import executorch.runtime  # noqa: F401
     except ImportError as e:
         raise WsdeployError(
             f"the executorch target needs ExecuTorch, an optional extra: {EXTRA} ({e})"
         ) from None
+
+
+@contextlib.contextmanager
+def _without_compiler():
+    """Import ExecuTorch's runtime without its compiler. ``executorch.runtime``'s bindings
+    import one small module of ``executorch.exir`` (its warning decorators), and with it
+    the package's ``__init__``, which imports the whole compiler: 2.5 of the 3 seconds every
+    process that only runs a ``.pte`` paid (a benchmark starts dozens). Inside, the package
+    is a placeholder that loads its submodules alone; after, it is removed with them, so a
+    later ``import executorch.exir`` runs the real package. Any surprise (another ExecuTorch
+    layout) leaves the plain import, always right, only slower."""
+    import importlib.util
+    import sys
+    import types
+
+    name = "executorch.exir"
+    spec = None
+    if "executorch.runtime" not in sys.modules and name not in sys.modules:
+        with contextlib.suppress(ImportError, ValueError):
+            spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        yield
+        return
+    import executorch
+
+    placeholder = types.ModuleType(name)
+    placeholder.__path__ = list(spec.submodule_search_locations)
+    sys.modules[name] = placeholder
+    executorch.exir = placeholder
+    try:
+        yield
+    finally:  # the placeholder and what was loaded under it: a later import starts afresh
+        if sys.modules.get(name) is placeholder:
+            for loaded in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+                del sys.modules[loaded]
+        if getattr(executorch, "exir", None) is placeholder:
+            del executorch.exir
 
 
 def delegation(edge_program) -> dict[str, Any]:
@@ -198,7 +239,7 @@ def load(outdir: Path, device: str | None = None) -> Runner:
         check_device(device)
         return native.on_emulated_device(runner(), pte)
 
-    _require()
+    _require(compiler=False)
     import numpy as np
     import torch
     from executorch.runtime import Runtime

@@ -91,11 +91,16 @@ def _quiet(capture: list[str] | None = None):
                 capture.extend(sink.read().decode(errors="replace").splitlines())
 
 
-def _require() -> None:
+def _require(converter: bool = True) -> None:
+    """LiteRT's interpreter and, unless only a ``.tflite`` is to be run (``converter``
+    False), its converter: importing that takes seconds (it imports torch and JAX's
+    tooling), which every benchmark process timing a ``.tflite`` paid for nothing."""
     try:
         with _quiet():
             import ai_edge_litert.interpreter  # noqa: F401
-            import litert_torch  # noqa: F401
+
+            if converter:
+                import litert_torch  # noqa: F401
     except ImportError as e:
         raise WsdeployError(
             f"the litert target needs LiteRT and its converter, installed apart from wsdeploy's "
@@ -275,7 +280,7 @@ def load(outdir: Path, device: str | None = None) -> Runner:
 
         check_device(device)
         return native.on_emulated_device(runner(), model)
-    _require()
+    _require(converter=False)
     import numpy as np
 
     from wsdeploy.numerics import as_inputs

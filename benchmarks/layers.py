@@ -168,8 +168,8 @@ def talk_variants(cfg: dict, workdir: Path, records: Path) -> dict[str, dict]:
             "runtime": name,
             "path": str(out / target.artifact),
             "dense": strategy == "fold",
-            # far from the bars' rows (2-4x ONNX Runtime's dense conv), and each process
-            # takes 5 s to import its runtime: three rounds, not TALK_ROUNDS
+            # far from the bars' rows (2-4x ONNX Runtime's dense conv): three rounds, not
+            # TALK_ROUNDS
             "rounds": ROUNDS,
         }
     specs["torch dense conv1d"] = {

@@ -468,9 +468,9 @@ INTRINSICS = """
 import hashlib, sys
 import torch  # as in every wsdeploy process: thousands of modules
 if sys.argv[1] == "wsdeploy":
-    from wsdeploy.tune import _import_tensor_intrinsics
+    from wsdeploy.tvm_runtime import import_tensor_intrinsics
 
-    _import_tensor_intrinsics()
+    import_tensor_intrinsics()
 else:
     import tvm.s_tir.tensor_intrin
 from tvm.s_tir import TensorIntrin

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TRIALS = 64
 KERNEL_TRIALS = 32
 """Knob settings measured at most per hand-written kernel (``_tune_knobs``)."""
-BUILDER_TIMEOUT_S = 300  # generous: one candidate build is about 1.4 s here
+BUILDER_TIMEOUT_S = 300  # generous: a batch of 16 candidates builds in about 6 s here
 RPC_TIMEOUT_S = 120  # one candidate on a device (the emulated one runs it under qemu)
 
 
@@ -720,15 +720,18 @@ def _run_metaschedule(
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    _import_tensor_intrinsics()
+    from wsdeploy.tvm_runtime import import_tensor_intrinsics
+
+    import_tensor_intrinsics()
 
     def builder_and_runner():
+        # each batch of candidates is built in fresh worker processes, which import the
+        # tensor intrinsics first (20 s each the plain way)
+        kwargs = {"timeout_sec": BUILDER_TIMEOUT_S, "max_workers": 1}
+        kwargs["initializer"] = import_tensor_intrinsics
         if device is None:
-            builder = ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S, max_workers=1)
-            return builder, ms.runner.LocalRunner()
-        builder = ms.builder.LocalBuilder(
-            f_export=device.export, timeout_sec=BUILDER_TIMEOUT_S, max_workers=1
-        )
+            return ms.builder.LocalBuilder(**kwargs), ms.runner.LocalRunner()
+        builder = ms.builder.LocalBuilder(f_export=device.export, **kwargs)
         # dummy tracker fields only satisfy the config's checks: sessions come from the device
         config = ms.runner.RPCConfig(
             tracker_host="-", tracker_port=1, tracker_key="-", session_timeout_sec=RPC_TIMEOUT_S
@@ -757,41 +760,6 @@ def _run_metaschedule(
             raise CompileError(
                 f"MetaSchedule tuning failed: {str(e).strip().splitlines()[-1][:300]}"
             ) from e
-
-
-def _import_tensor_intrinsics() -> None:
-    """Import TVM's tensor intrinsics (``tvm.s_tir.tensor_intrin``), which MetaSchedule's
-    first task imports, in a second rather than half a minute. The module parses some 250
-    TVMScript functions, and each parse takes ``inspect.stack()`` (the decorator's closure
-    variables) and ``inspect.getouterframes``; those look up every frame's source module,
-    and each lookup of a frame without a file on disk (an import's frozen frames) walks all
-    of ``sys.modules``: thousands once torch is imported (28 s of each model's tuning in
-    session 28's benchmark run). While it imports, both return the frames without their
-    source lines, all the parser reads of them for functions defined outside a class, as
-    every one there is."""
-    import inspect
-    import sys
-
-    if "tvm.s_tir.tensor_intrin" in sys.modules:
-        return
-
-    def frames(frame, context: int = 1) -> list[inspect.FrameInfo]:
-        out = []
-        while frame is not None:
-            code = frame.f_code
-            out.append(
-                inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None)
-            )
-            frame = frame.f_back
-        return out
-
-    stack, outer = inspect.stack, inspect.getouterframes
-    inspect.stack = lambda context=1: frames(sys._getframe(1))
-    inspect.getouterframes = frames
-    try:
-        import tvm.s_tir.tensor_intrin  # noqa: F401
-    finally:
-        inspect.stack, inspect.getouterframes = stack, outer
 
 
 @contextlib.contextmanager

@@ -190,3 +190,39 @@ def profile_kernels(run, x: np.ndarray, repeat: int = 10) -> dict[str, float]:
         for name, v in sorted(per_run.items(), key=lambda kv: -float(np.median(kv[1])))
         if not name.startswith("vm.builtin")
     }
+
+
+def import_tensor_intrinsics() -> None:
+    """Import TVM's tensor intrinsics (``tvm.s_tir.tensor_intrin``), which MetaSchedule's
+    first task imports, in a second rather than half a minute. The module parses some 250
+    TVMScript functions, and each parse takes ``inspect.stack()`` (the decorator's closure
+    variables) and ``inspect.getouterframes``; those look up every frame's source module,
+    and each lookup of a frame without a file on disk (an import's frozen frames) walks all
+    of ``sys.modules``: thousands of modules (20 s in a process that imported only TVM, 28 s
+    of each model's tuning in session 28's benchmark run; MetaSchedule's builder workers,
+    fresh processes for each batch of candidates, import it too). While it imports, both
+    return the frames without their source lines, all the parser reads of them for functions
+    defined outside a class, as every one there is."""
+    import inspect
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+
+    def frames(frame, context: int = 1) -> list[inspect.FrameInfo]:
+        out = []
+        while frame is not None:
+            code = frame.f_code
+            out.append(
+                inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None)
+            )
+            frame = frame.f_back
+        return out
+
+    stack, outer = inspect.stack, inspect.getouterframes
+    inspect.stack = lambda context=1: frames(sys._getframe(1))
+    inspect.getouterframes = frames
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack, inspect.getouterframes = stack, outer

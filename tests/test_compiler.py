@@ -194,3 +194,26 @@ def test_memo_tells_models_apart_by_weight_shapes_and_input_shapes():
     seen = [compiler._memo(m, ("test",), lambda m=m: m) for m in (flat, square, longer)]
     assert seen == [flat, square, longer]
     assert compiler._memo(flat, ("test",), lambda: None) is flat  # still remembered
+
+
+def test_the_memo_forgets_the_least_recently_used(monkeypatch):
+    """Past its size the memo forgets the entry used longest ago, not everything (clearing
+    it all dropped a model's calibrations between two of its exports)."""
+    import torch
+
+    from wsdeploy.modelfile import LoadedModel
+
+    monkeypatch.setattr(compiler, "_MEMO", {})
+    monkeypatch.setattr(compiler, "_MEMO_ENTRIES", 3)
+    loaded = LoadedModel.from_module(torch.nn.Linear(2, 2), (1, 2))
+    computed = []
+
+    def value(key: str) -> str:
+        return compiler._memo(loaded, (key,), lambda: computed.append(key) or key.upper())
+
+    assert [value(k) for k in "abc"] == ["A", "B", "C"]
+    value("a")  # used again: b is now the one used longest ago
+    value("d")  # forgets b
+    assert [value(k) for k in "acd"] == ["A", "C", "D"] and computed == list("abcd")
+    value("b")
+    assert computed == list("abcdb") and len(compiler._MEMO) == 3

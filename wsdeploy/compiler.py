@@ -581,9 +581,11 @@ def quantized_reference(
 
 _MEMO: dict[tuple, Any] = {}
 _MEMO_ENTRIES = 64
-"""Entries ``_memo`` holds before it starts afresh: a benchmark's exports of one model make
-about twenty (calibrations, the gate's inputs and predictions, a dozen artifact sizes); the
-large ones (a gate's inputs: 0.9 GB for SoundNet-8's 1000 clips) are one per model."""
+"""Entries ``_memo`` holds; past that it forgets the least recently used. A benchmark's
+exports of one model make about twenty (calibrations, the gate's inputs and predictions, a
+dozen artifact sizes); the large ones (a gate's inputs: 0.9 GB for SoundNet-8's 1000 clips)
+are one per model. (Clearing every entry when full, as before, dropped SoundNet-8's
+calibrations and gate inputs in the middle of session 29's run.)"""
 
 
 def _memo(loaded: LoadedModel, key: tuple, compute):
@@ -599,11 +601,14 @@ def _memo(loaded: LoadedModel, key: tuple, compute):
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     config = repr(sorted(loaded.config.items()))
     full = (digest.hexdigest(), loaded.arch, config, loaded.input_shapes, *key)
-    if full not in _MEMO:
-        if len(_MEMO) >= _MEMO_ENTRIES:
-            _MEMO.clear()
-        _MEMO[full] = compute()
-    return _MEMO[full]
+    if full in _MEMO:  # least recently used last: the next to forget is the first
+        _MEMO[full] = _MEMO.pop(full)
+        return _MEMO[full]
+    value = compute()
+    while len(_MEMO) >= _MEMO_ENTRIES:
+        del _MEMO[next(iter(_MEMO))]
+    _MEMO[full] = value
+    return value
 
 
 def calibrated_reference(

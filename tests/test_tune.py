@@ -474,15 +474,16 @@ if sys.argv[1] == "wsdeploy":
 else:
     import tvm.s_tir.tensor_intrin
 from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin import cuda
 
 digest, n = hashlib.sha256(), 0
-for name, value in sorted(vars(cuda).items()):
-    intrin = TensorIntrin.get(value, allow_missing=True) if isinstance(value, str) else None
-    if intrin is not None:
-        n += 1
-        digest.update(f"{name} {intrin.desc} {intrin.impl}".encode())
-print(n, digest.hexdigest())
+modules = sorted(m for m in sys.modules if m.startswith("tvm.s_tir.tensor_intrin."))
+for module in modules:  # x86's and arm's dot products, cuda's, ...
+    for name, value in sorted(vars(sys.modules[module]).items()):
+        intrin = TensorIntrin.get(value, allow_missing=True) if isinstance(value, str) else None
+        if intrin is not None:
+            n += 1
+            digest.update(f"{module} {name} {intrin.desc} {intrin.impl}".encode())
+print(len(modules), n, digest.hexdigest())
 """
 
 
@@ -499,4 +500,4 @@ def test_tensor_intrinsics_import_the_same_without_the_source_lookups():
         return out.stdout.split()
 
     fast = registered("wsdeploy")
-    assert int(fast[0]) > 50 and fast == registered("plain")
+    assert int(fast[0]) >= 5 and int(fast[1]) > 100 and fast == registered("plain")

@@ -381,8 +381,8 @@ def _records_state(target, records: str | None) -> tuple | None:
     root = Path(records) if records is not None else default_root()
     if not root.is_dir():
         return (str(root),)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return (str(root), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    stats = sorted((str(p), p.stat()) for p in root.rglob("*") if p.is_file())
+    return (str(root), *((path, st.st_size, st.st_mtime_ns) for path, st in stats))
 
 
 def _dataset(loaded: LoadedModel, split: str, n: int, seed: int):

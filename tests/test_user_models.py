@@ -305,13 +305,16 @@ def test_tied_layers_ship_as_values_and_index_planes(tied_files, tmp_path, kind,
 
 
 @pytest.mark.parametrize(
-    "target, precision", [("x86_64", "fp32"), ("executorch", "fp32"), ("onnx", "int8")]
+    "target, precision",
+    [("x86_64", "fp32"), ("executorch", "fp32"), ("executorch", "int8"), ("onnx", "int8")],
 )
 def test_tied_layers_are_stored_dense_where_the_runtime_cannot_unpack(
     tied_files, tmp_path, target, precision
 ):
     """TVM compiles the weights into its code, XNNPACK takes fixed weights only, and int8
-    quantizes the dense weight: the tied layers are recognised and stored dense."""
+    quantizes the dense weight: the tied layers are recognised and stored dense. On
+    ExecuTorch the user's 1-D max pools run in XNNPACK too (``passes.pools_2d``), in int8 on
+    the quantized tensor: none falls back to the portable kernels."""
     root, _ = tied_files
     out = tmp_path / "o"
     extra = []
@@ -323,6 +326,10 @@ def test_tied_layers_are_stored_dense_where_the_runtime_cannot_unpack(
     assert result.output.count("stored dense here") == 2, result.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["verification"]["passed"]
+    if target == "executorch":
+        runtime = m["runtime"]
+        assert runtime["delegated"].get("max_pool2d") == 2, runtime
+        assert not any("pool" in op for op in runtime["portable"]), runtime
 
 
 class TwoInputs(nn.Module):

@@ -211,7 +211,13 @@ def lower(
     if target.consumes == "torch":
         from wsdeploy.passes.aten import lower_program
 
-        return lower_program(program, strategy, goal, runtime=target.cost_model)
+        return lower_program(
+            program,
+            strategy,
+            goal,
+            runtime=target.cost_model,
+            rewrites=target.passes[precision],
+        )
     model = trace.to_onnx(program, loaded.input_names)
     layers: list[dict[str, Any]] = []
     with shape_hints(dynamic_sizes(loaded) if dynamic else {}):
@@ -659,7 +665,7 @@ def target_int8_reference(
     from wsdeploy.passes.conv_affine import fold_affine
 
     program, _ = _memo(loaded, ("torch stage", False), lambda: torch_stage(loaded))
-    lowered, layers = lower_program(program, "fold", options.goal)
+    lowered, layers = lower_program(program, "fold", options.goal, rewrites=target.passes["int8"])
     module = lowered.module()
     fold_affine(module)
     module = torch.export.export(module, trace.example_inputs(lowered)).module()

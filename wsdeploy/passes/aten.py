@@ -28,10 +28,16 @@ from wsdeploy.ops import _conv
 from wsdeploy.ops.builder import TorchBuilder
 
 from .modules import _attr, _tied_op
+from .pools_2d import pools_2d
 from .record import record
 from .strategy import Layer, choose, fold_if_static_only
 
 STRATEGIES = ("auto", "fold", "shared")
+
+TORCH_PASSES = {"pools_2d": pools_2d}
+"""The torch-stage passes a target consuming the torch program names in its ``Target.passes``
+(by precision): ``rewrite(gm) -> changes`` on the program's module once its WSNet layers
+are lowered (``lower_program``)."""
 
 
 class Lowered(nn.Module):
@@ -92,6 +98,7 @@ def lower_program(
     goal: str = "balanced",
     folds_only: str | None = None,
     runtime: str = "xnnpack",
+    rewrites: tuple[str, ...] = (),
 ) -> tuple[torch.export.ExportedProgram, list[dict[str, Any]]]:
     """Lower every wsnet op of ``ep`` (after recognition) with ``strategy``. The shared
     computation keeps phi's disjoint blocks (``_conv.disjoint_blocks``): XNNPACK runs only
@@ -104,14 +111,24 @@ def lower_program(
     ``compiler.layered``). Every layer gets its record.
 
     ``runtime``: the cost model ``auto`` decides with (``_cost.COSTS``), that of the target
-    the program is lowered for (``Target.cost_model``)."""
+    the program is lowered for (``Target.cost_model``).
+
+    ``rewrites``: the target's torch-stage passes (``TORCH_PASSES``, named in its
+    ``Target.passes``), run on the program after the layers are lowered."""
     if folds_only is not None:
         return _lower(ep, strategy, goal, folds_only)
     with _conv.disjoint_blocks():
-        return _lower(ep, strategy, goal, runtime=runtime)
+        return _lower(ep, strategy, goal, runtime=runtime, rewrites=rewrites)
 
 
-def _lower(ep, strategy: str, goal: str, folds_only: str | None = None, runtime: str = "xnnpack"):
+def _lower(
+    ep,
+    strategy: str,
+    goal: str,
+    folds_only: str | None = None,
+    runtime: str = "xnnpack",
+    rewrites: tuple[str, ...] = (),
+):
     if strategy not in STRATEGIES and folds_only is None:
         raise WsdeployError(
             f"strategy {strategy!r} needs custom op kernels, which this runtime lacks; "
@@ -148,8 +165,9 @@ def _lower(ep, strategy: str, goal: str, folds_only: str | None = None, runtime:
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
+    changed = sum(TORCH_PASSES[name](gm) for name in rewrites)
     lowered = [r for r in records if folds_only is None or r["strategy"] == "fold"]
-    if not lowered and not tied:
+    if not lowered and not tied and not changed:
         return ep, records
     from .recognize import _delete_unused_attributes
 
@@ -176,4 +194,4 @@ def _materialize_tied(gm: torch.fx.GraphModule) -> int:
     return len(nodes)
 
 
-__all__ = ["STRATEGIES", "Lowered", "lower_program"]
+__all__ = ["STRATEGIES", "TORCH_PASSES", "Lowered", "lower_program"]

@@ -74,7 +74,8 @@ class Target:
             on one input, on this machine (``device=None``) or on a remote device
             (``"host:port"`` of a TVM RPC server) where the target supports it.
         passes: the target stage's passes, by precision (names in
-            ``compiler.TARGET_PASSES``); a precision missing here is one it does not build.
+            ``compiler.TARGET_PASSES``; for a target consuming the torch program, in
+            ``passes.aten.TORCH_PASSES``); a precision missing here is one it does not build.
         native_wsnet: the target runs wsnet nodes with its own kernels, so the ``auto``
             strategy keeps them as nodes instead of inlining the standard-op graph.
         tied_at_load: the runtime materialises tied weights (``wsdeploy.ops.tied``) when it

@@ -1,0 +1,85 @@
+"""The 1-D pools as 2-D pass: every 1-D max and average pool of a program becomes the 2-D
+pool XNNPACK delegates, computing what eager PyTorch computes, over random windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsdeploy.numerics import assert_close
+from wsdeploy.passes.aten import lower_program
+from wsdeploy.passes.pools_2d import pools_2d
+
+aten = torch.ops.aten
+
+
+class Pools(torch.nn.Module):
+    """A conv, then one pool of ``kind`` with the given window, and a second use of the
+    conv's output (a pool's input may feed other nodes)."""
+
+    def __init__(self, kind: str, window: dict) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(3, 4, 3)
+        self.kind, self.window = kind, window
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        pool = F.max_pool1d if self.kind == "max" else F.avg_pool1d
+        return pool(y, **self.window), y.mean(-1)
+
+
+@st.composite
+def pools(draw):
+    kind = draw(st.sampled_from(["max", "avg"]))
+    kernel = draw(st.integers(1, 6))
+    window = {"kernel_size": kernel}
+    if draw(st.booleans()):
+        window["stride"] = draw(st.integers(1, 7))
+    window["padding"] = draw(st.integers(0, kernel // 2))
+    window["ceil_mode"] = draw(st.booleans())
+    if kind == "max":
+        window["dilation"] = draw(st.integers(1, 3))
+    else:
+        window["count_include_pad"] = draw(st.booleans())
+    span = window.get("dilation", 1) * (kernel - 1) + 1
+    length = draw(st.integers(span + 2, 64))
+    batch = draw(st.integers(1, 3))
+    return kind, window, (batch, 3, length)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pools())
+def test_pools_become_2d_and_compute_the_same(case):
+    kind, window, shape = case
+    module = Pools(kind, window).eval()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    program = torch.export.export(module, (x,))
+    gm = program.module()
+    assert pools_2d(gm) == 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    twin = aten.max_pool2d.default if kind == "max" else aten.avg_pool2d.default
+    assert twin in targets
+    assert aten.max_pool1d.default not in targets and aten.avg_pool1d.default not in targets
+    with torch.no_grad():
+        for got, want in zip(gm(x), module(x), strict=True):
+            assert got.shape == want.shape
+            assert_close(got.numpy(), want.numpy(), stage="rewrite")
+
+
+def test_lower_program_runs_a_targets_rewrites_on_a_model_without_wsnet_layers():
+    """The rewrite applies to a program with nothing to lower (a dense model), and not
+    where the target names none."""
+    module = Pools("max", {"kernel_size": 4}).eval()
+    x = torch.randn(2, 3, 40)
+    program = torch.export.export(module, (x,))
+    same, _ = lower_program(program, "fold")
+    assert same is program
+    lowered, _ = lower_program(program, "fold", rewrites=("pools_2d",))
+    targets = {n.target for n in lowered.graph.nodes if n.op == "call_function"}
+    assert aten.max_pool2d.default in targets and aten.max_pool1d.default not in targets
+    with torch.no_grad():
+        for got, want in zip(lowered.module()(x), module(x), strict=True):
+            assert torch.equal(got, want)

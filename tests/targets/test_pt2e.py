@@ -99,3 +99,48 @@ def test_conv2d_random_configs(tmp_path, target, cfg):
 def test_linear_random_configs(tmp_path, target, cfg, batch):
     module, shape = linear_model(cfg)
     _int8_export(module, (batch, *shape[1:]), target, tmp_path)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv1d(2, 8, 5), torch.nn.Conv1d(8, 8, 3)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.b(torch.nn.functional.max_pool1d(torch.relu(self.a(x)), 2)))
+        return self.fc(y.mean(-1))
+
+
+def _qparams(converted) -> list:
+    """Every quantize/dequantize node's target and parameters, in graph order."""
+    return [
+        (str(n.target), [a for a in n.args[1:] if not isinstance(a, torch.fx.Node)])
+        for n in converted.graph.nodes
+        if n.op == "call_function" and "quantize_per_tensor" in str(n.target)
+    ]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_histogram_calibration_gives_minmax_its_own_ranges(target):
+    """``auto`` calibrates once with histogram observers and converts a copy with their
+    running min and max: the same quantization parameters, and the same outputs, as a
+    calibration with min-max observers of its own."""
+    from wsdeploy.targets import executorch, litert, pt2e
+
+    quantizer = {"executorch": executorch._xnnpack_quantizer, "litert": litert._litert_quantizer}
+    quantizer = quantizer[target]
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 64)
+    module = torch.export.export(_Net().eval(), (x,)).module()
+    rng = np.random.default_rng(0)
+    # batches of growing range: the histograms are re-binned, the running min/max move
+    batches = [(rng.standard_normal((1, 2, 64)) * (1 + i)).astype(np.float32) for i in range(6)]
+    last = pt2e._output_layers(module)
+    own = pt2e._converted(pt2e._calibrated(module, batches, "minmax", quantizer), last, True)
+    histogram = pt2e._calibrated(module, batches, "mse", quantizer)
+    assert pt2e._as_minmax(histogram) >= 3
+    shared = pt2e._converted(histogram, last, True)
+    assert _qparams(shared) == _qparams(own) and len(_qparams(own)) >= 6
+    with torch.no_grad():
+        assert torch.equal(shared(x), own(x))

@@ -69,19 +69,28 @@ def quantize(
     corrected. ``fold_quantize``: the int8 weights stored as constants (ExecuTorch), or left
     as quantize ops on the fp32 weights (LiteRT's converter quantizes them itself). Returns
     the converted module, the absmax of its fp32 outputs on the batches and the method
-    used."""
+    used.
+
+    ``auto`` calibrates once, with histograms: a histogram observer keeps the running min
+    and max a min-max observer keeps, so the ``minmax`` candidate is the same calibration
+    converted with those (``_as_minmax``), the same ranges as a calibration of its own
+    (a test checks), for one pass over the batches instead of two."""
     import torch
 
     from wsdeploy.quantize import output_error
 
     batches = list(batches)
     with quiet(), torch.no_grad():
-        fp32 = [_outputs(module, batch) for batch in batches]
-        means = _layer_input_means(module, batches)
+        fp32, means = _fp32_pass(module, batches)
     out_max = max(float(o.abs().max()) for outs in fp32 for o in outs)
+    last = _output_layers(module)
+    prepared = _calibrated(module, batches, "mse" if method == "auto" else method, quantizer)
     candidates = {}
     for name in OBSERVERS if method == "auto" else (method,):
-        converted = _quantized(copy.deepcopy(module), batches, name, quantizer, fold_quantize)
+        calibrated = prepared if method != "auto" else copy.deepcopy(prepared)
+        if method == "auto" and name == "minmax":
+            _as_minmax(calibrated)
+        converted = _converted(calibrated, last, fold_quantize)
         _correct_biases(converted, module, means)
         with quiet():
             candidates[name] = (output_error(converted, batches, fp32), converted)
@@ -112,22 +121,42 @@ def _outputs(module, batch) -> list:
     return list(out) if isinstance(out, tuple | list) else [out]
 
 
-def _quantized(module, batches, method: str, quantizer: Quantizer, fold_quantize: bool):
-    """``module`` prepared with ``quantizer`` (activation observer by ``method``), calibrated
-    on ``batches`` and converted; the classifier stays fp32."""
+def _calibrated(module, batches, method: str, quantizer: Quantizer):
+    """A copy of ``module`` prepared with ``quantizer`` (activation observer by ``method``),
+    the classifier left fp32, and calibrated on ``batches``."""
     import torch
     import torchao.quantization.pt2e as observers
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    last = _output_layers(module)
     observer = getattr(observers, OBSERVERS[method]).with_args(eps=2**-12)
     with quiet(), torch.no_grad():
-        prepared = prepare_pt2e(module, quantizer(observer, last))
+        prepared = prepare_pt2e(copy.deepcopy(module), quantizer(observer, _output_layers(module)))
         for batch in batches:
             _outputs(prepared, batch)
+    return prepared
+
+
+def _converted(prepared, last: set[str], fold_quantize: bool):
+    """A calibrated module converted (quantize/dequantize ops around its layers); the layers
+    kept fp32 (``last``) take an fp32 input of their own (``_fp32_inputs``)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    with quiet():
         converted = convert_pt2e(prepared, fold_quantize=fold_quantize)
     _fp32_inputs(converted, last)
     return converted
+
+
+def _as_minmax(prepared) -> int:
+    """Every histogram observer of ``prepared`` quantizes with the running min and max it
+    kept, as a min-max observer would (``MinMaxObserver.calculate_qparams``); returns how
+    many."""
+    from torchao.quantization.pt2e import HistogramObserver
+
+    found = [m for m in prepared.modules() if isinstance(m, HistogramObserver)]
+    for m in found:
+        m.calculate_qparams = lambda m=m: m._calculate_qparams(m.min_val, m.max_val)
+    return len(found)
 
 
 def _op_name(node) -> str:
@@ -139,11 +168,11 @@ def _op_name(node) -> str:
 _LAYERS = ("conv1d", "conv2d", "linear")
 
 
-def _layer_input_means(module, batches) -> dict[str, Any]:
-    """For every conv/linear node, the mean over the calibration batches of each entry of
-    the patches its weight multiplies (conv: per input channel and tap, zero padding
-    included; linear: per input feature): what the bias correction weighs the weights'
-    rounding error by."""
+def _fp32_pass(module, batches) -> tuple[list[list], dict[str, Any]]:
+    """One fp32 run over the calibration batches: each batch's outputs, and for every
+    conv/linear node the mean over the batches of each entry of the patches its weight
+    multiplies (conv: per input channel and tap, zero padding included; linear: per input
+    feature): what the bias correction weighs the weights' rounding error by."""
     import torch
 
     from wsdeploy.numerics import as_inputs
@@ -165,9 +194,11 @@ def _layer_input_means(module, batches) -> dict[str, Any]:
                 counts[node.name] = counts.get(node.name, 0) + 1
             return result
 
+    outputs = []
     for batch in batches:
-        Recorder(module).run(*(torch.from_numpy(a) for a in as_inputs(batch)))
-    return {name: total / counts[name] for name, total in sums.items()}
+        out = Recorder(module).run(*(torch.from_numpy(a) for a in as_inputs(batch)))
+        outputs.append(list(out) if isinstance(out, tuple | list) else [out])
+    return outputs, {name: total / counts[name] for name, total in sums.items()}
 
 
 def _attr(module, target: str):

@@ -533,7 +533,8 @@ def markdown(
             "",
             "*median* and *p90* time compute only (buffers bound before timing: ONNX "
             "Runtime's IOBinding, TVM's time_evaluator, LiteRT's invoke on the input set "
-            "before; PyTorch's and ExecuTorch's calls are the same either way); *end to "
+            "before, ExecuTorch's native runner's execute; PyTorch's calls are the same "
+            "either way); *end to "
             "end* is the runtime's public Python API on a numpy input, copies "
             "and output allocation included. Speedups and GMAC/s use compute only.",
             "",

@@ -89,7 +89,11 @@ def test_quick_benchmark_run(tmp_path):
         "ORT IOBinding",
         "TVM time_evaluator",
         "LiteRT invoke",
-        "same call",
+        "ExecuTorch native runner",
+        "same call",  # PyTorch's
+    }
+    assert {r["compute_path"] for r in models if r["runtime"] == "executorch"} == {
+        "ExecuTorch native runner"
     }
     int8 = [r for r in models if r["precision"] == "int8"]
     assert len(int8) == 10 and all(r["agreement"] >= 0.99 for r in int8)

@@ -599,3 +599,64 @@ def test_user_programs_on_executorch_run_on_the_emulated_arm64_device(
         outputs = m["verification"]["outputs"]
         assert [o["name"] for o in outputs] == ["output_0", "output_1"]
         assert all(o["ok"] for o in outputs)
+
+
+class StridedWSConv1d(nn.Module):
+    """WSNet conv1d by hand with as_strided: filter n is phi's window at n·S."""
+
+    def __init__(self, cin, n, k, sample_stride, padding):
+        super().__init__()
+        self.shape, self.padding = (n, cin, k), padding
+        self.phi = nn.Parameter(torch.randn(cin, k + (n - 1) * sample_stride) / (cin * k) ** 0.5)
+        self.strides = (sample_stride, self.phi.shape[1], 1)
+
+    def forward(self, x):
+        w = self.phi.as_strided(self.shape, self.strides)
+        return F.conv1d(x, w, padding=self.padding)
+
+
+class PooledNet(nn.Module):
+    """1-D pools as users write them: max with padding and ceil_mode, average with
+    ceil_mode, a plain max, then a global mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(1, 16, 9, stride=2, padding=4)
+        self.ws1 = StridedWSConv1d(16, 32, 5, 2, 2)
+        self.ws2 = StridedWSConv1d(32, 64, 3, 1, 1)
+        self.head = nn.Linear(64, 6)
+
+    def forward(self, x):
+        y = F.max_pool1d(F.relu(self.stem(x)), 3, 2, 1, ceil_mode=True)
+        y = F.avg_pool1d(F.relu(self.ws1(y)), 4, ceil_mode=True)
+        y = F.max_pool1d(F.relu(self.ws2(y)), 2)
+        return self.head(y.mean(-1))
+
+
+def test_executorch_int8_of_recognised_layers_holds_their_int8_weights_only(tmp_path):
+    """A user's as_strided WSNet layers in ExecuTorch int8: folded and quantized, the file
+    holds their int8 weights and not the fp32 ones they replaced (it did: 57 KB against the
+    dense fp32 46 KB); the max pools run in XNNPACK (the ceil-mode average pool, which
+    XNNPACK refuses, on the portable kernels, and the delegation report says so)."""
+    torch.manual_seed(0)
+    model = PooledNet().eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20)  # decisive logits
+    shape = (1, 1, 2000)
+    torch.export.save(torch.export.export(model, (torch.randn(*shape),)), tmp_path / "m.pt2")
+    rng = np.random.default_rng(0)
+    for name, n in (("calib", 32), ("gate", 128)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((n, *shape[1:]), np.float32))
+    out = tmp_path / "o"
+    args = ["export", str(tmp_path / "m.pt2"), "--target", "executorch", "-o", str(out)]
+    args += ["--quantize", "int8", "--calib", str(tmp_path / "calib.npz")]
+    result = _run([*args, "--gate-data", str(tmp_path / "gate.npz"), "--min-agreement", "0.95"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": recognised: WSNet") == 2, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verification"]["passed"]
+    size = m["size"]
+    assert size["artifact_bytes"] < size["dense_baseline_bytes"] / 1.8, size
+    runtime = m["runtime"]
+    assert runtime["delegated"].get("max_pool2d") == 2, runtime
+    assert runtime["portable"].get("avg_pool2d") == 1, runtime

@@ -663,6 +663,7 @@ def target_int8_reference(
     the WSNet layers' records."""
     from wsdeploy.passes.aten import lower_program
     from wsdeploy.passes.conv_affine import fold_affine
+    from wsdeploy.passes.recognize import _delete_unused_attributes
 
     program, _ = _memo(loaded, ("torch stage", False), lambda: torch_stage(loaded))
     lowered, layers = lower_program(program, "fold", options.goal, rewrites=target.passes["int8"])
@@ -672,6 +673,9 @@ def target_int8_reference(
     samples, source = calibration_samples(loaded, options)
     batches = quantize.batches(samples, loaded.input_shape[0])
     qmodule, out_max, method = target.quantize(module, batches, options.calib_method)
+    # the fp32 weights the quantized ones replaced: a program stores every buffer it holds
+    # (a user's two recognised layers' 35 KB of fp32 weights beside their int8 ones)
+    _delete_unused_attributes(qmodule)
     method = f"{method} ({target.name}: PT2E, XNNPACK)"
     seed = options.seed if options.calib is None else None  # the dataset's split: replayable
     calibration = quantize.Calibration(

@@ -342,6 +342,28 @@ def test_interrupted_export_leaves_the_old_build_and_nothing_else(build, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+def test_an_interrupt_a_library_turned_into_another_error_is_an_interrupt(monkeypatch, tmp_path):
+    """Ctrl-C inside torch.export's tracing surfaced as its own cleanup's RuntimeError
+    ("Trying to pop empty mode stack"), which wsdeploy reported as a model it could not
+    trace, exit 1 (seen in CI: the SIGINT of the test above landing mid-trace). It is an
+    interruption: exit 130, nothing written."""
+    import torch
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("Trying to pop empty mode stack")
+
+    monkeypatch.setattr(torch.export, "export", interrupted)
+    out = tmp_path / "o"
+    args = ["export", "wsnet1d-tiny", "--target", "onnx", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "could not trace" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_export_is_cleaned_up_by_the_next(build, tmp_path):
     out = tmp_path / "k"
     proc = _export_process(out)

@@ -99,14 +99,33 @@ def _errors(fn):
         try:
             return fn(*args, **kwargs)
         except WsdeployError as e:
+            _raise_interrupt(e)
             raise click.ClickException(
                 str(e).splitlines()[0] if str(e) else type(e).__name__
             ) from e
         except OSError as e:  # a file the user named: unreadable, unwritable, a directory...
+            _raise_interrupt(e)
             where = f": {e.filename}" if e.filename else ""
             raise click.ClickException(f"{e.strerror or e}{where}") from e
 
     return wrapper
+
+
+def _raise_interrupt(error: BaseException) -> None:
+    """Raise the Ctrl-C or SIGTERM an error came from, if it did: an interrupt inside a
+    library can surface as another exception (torch.export, interrupted mid-trace, failed
+    its own cleanup with "Trying to pop empty mode stack", which wsdeploy reported as a model
+    it could not trace, exit 1); it is an interruption (exit 130)."""
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            raise e
+        seen.add(id(e))
+        stack += [e.__cause__, e.__context__]
 
 
 def _progress() -> Progress:

@@ -137,8 +137,9 @@ def test_the_histogram_calibration_gives_minmax_its_own_ranges(target):
     # batches of growing range: the histograms are re-binned, the running min/max move
     batches = [(rng.standard_normal((1, 2, 64)) * (1 + i)).astype(np.float32) for i in range(6)]
     last = pt2e._output_layers(module)
-    own = pt2e._converted(pt2e._calibrated(module, batches, "minmax", quantizer), last, True)
-    histogram = pt2e._calibrated(module, batches, "mse", quantizer)
+    own = pt2e._calibrated(module, batches, "minmax", quantizer, last)
+    own = pt2e._converted(own, last, True)
+    histogram = pt2e._calibrated(module, batches, "mse", quantizer, last)
     assert pt2e._as_minmax(histogram) >= 3
     shared = pt2e._converted(histogram, last, True)
     assert _qparams(shared) == _qparams(own) and len(_qparams(own)) >= 6

@@ -84,11 +84,13 @@ def quantize(
         fp32, means = _fp32_pass(module, batches)
     out_max = max(float(o.abs().max()) for outs in fp32 for o in outs)
     last = _output_layers(module)
-    prepared = _calibrated(module, batches, "mse" if method == "auto" else method, quantizer)
+    observed_by = "mse" if method == "auto" else method
+    prepared = _calibrated(module, batches, observed_by, quantizer, last)
     candidates = {}
     for name in OBSERVERS if method == "auto" else (method,):
-        calibrated = prepared if method != "auto" else copy.deepcopy(prepared)
-        if method == "auto" and name == "minmax":
+        calibrated = prepared
+        if name != observed_by:  # auto's minmax: a copy of the histogram calibration
+            calibrated = copy.deepcopy(prepared)
             _as_minmax(calibrated)
         converted = _converted(calibrated, last, fold_quantize)
         _correct_biases(converted, module, means)
@@ -121,16 +123,16 @@ def _outputs(module, batch) -> list:
     return list(out) if isinstance(out, tuple | list) else [out]
 
 
-def _calibrated(module, batches, method: str, quantizer: Quantizer):
+def _calibrated(module, batches, method: str, quantizer: Quantizer, last: set[str]):
     """A copy of ``module`` prepared with ``quantizer`` (activation observer by ``method``),
-    the classifier left fp32, and calibrated on ``batches``."""
+    the classifier (``last``) left fp32, and calibrated on ``batches``."""
     import torch
     import torchao.quantization.pt2e as observers
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     observer = getattr(observers, OBSERVERS[method]).with_args(eps=2**-12)
     with quiet(), torch.no_grad():
-        prepared = prepare_pt2e(copy.deepcopy(module), quantizer(observer, _output_layers(module)))
+        prepared = prepare_pt2e(copy.deepcopy(module), quantizer(observer, last))
         for batch in batches:
             _outputs(prepared, batch)
     return prepared

@@ -464,6 +464,51 @@ def test_2d_knob_search_reaches_every_stage_of_every_variant(qdtype, pmadd, oq, 
     assert not [r for r in caplog.records if "disagrees" in r.message]
 
 
+def test_knob_search_builds_each_resolved_setting_once(monkeypatch):
+    """The search resolves a candidate's knobs without building its kernel (``plan_only``)
+    and builds only settings it has not timed: on SoundNet-8's first layer (1-D, 110,000
+    outputs) and a 2-D layer whose band heights and blocks clamp to the same settings, the
+    kernels built are exactly the distinct settings timed, and each resolved setting is
+    what the built kernel reports."""
+    import dataclasses
+
+    from wsdeploy.targets.tvm import kernels
+
+    sn8 = {"B": 1, "C": 1, "T": 220500, "N": 16, "L": 64, "s": 2, "p": 32, "S": 8, "r": 1}
+    sn8 |= {"epilogue": "affine_relu", "qdtype": None, "pmadd": False, "VL": 16}
+    conv2d = {"kind": "ws_conv2d", "B": 1, "C": 6, "H": 9, "W": 5, "N": 7, "k": 3, "s": 1}
+    conv2d |= {"p": 1, "S": 2, "r": 2, "Cs": 3, "Hs": 7, "Ws": 9, "epilogue": "affine_relu"}
+    conv2d |= {"qdtype": None, "pmadd": False, "VL": 16, "oq": None}
+    for spec in (sn8, conv2d):
+        family = kernels.FUSED_KERNELS[spec.get("kind", "ws_conv1d")]
+        built, plans = [], []
+
+        def build(spec, plan_only=False, family=family, built=built, plans=plans, **knobs):
+            func, info = family.build(spec, plan_only=plan_only, **knobs)
+            (plans if plan_only else built).append((knobs, info))
+            assert (func is None) == plan_only
+            return func, info
+
+        counted = dataclasses.replace(family, build=build)
+        monkeypatch.setattr(kernels, "fused_kernel", lambda s, f=counted: f)
+
+        class Bench:  # times without compiling: the defaults (timed first) fastest
+            def __init__(self, spec, target, device):
+                self.calls = 0
+
+            def time(self, func, info):
+                self.calls += 1
+                return 1.0 if self.calls == 1 else 2.0
+
+        monkeypatch.setattr(tune, "_KernelBench", Bench)
+        entry = tune._tune_knobs({"k": spec}, None, None, budget=64)["k"]
+        distinct = {tuple(info[k] for k in family.knobs) for _, info in built}
+        assert len(built) == len(distinct) == entry["candidates"]
+        assert len(plans) > len(built) - 1  # candidates that resolved to a timed one: planned
+        for knobs, info in built[1:]:  # the plan of every built candidate is its build's
+            assert family.build(spec, plan_only=True, **knobs)[1] == info
+
+
 INTRINSICS = """
 import hashlib, sys
 import torch  # as in every wsdeploy process: thousands of modules

@@ -463,12 +463,14 @@ def _tune_knobs(
             for value in family.space(spec, info, stage):
                 if len(timed) >= budget:
                     break
-                try:
-                    candidate, resolved = family.build(spec, **{**best, **value})
+                knobs = {**best, **value}
+                try:  # the knobs as the kernel resolves them, before its TVMScript is built
+                    _, resolved = family.build(spec, plan_only=True, **knobs)
                 except ValueError:  # a value this shape cannot take
                     continue
                 trial = tuple((k, resolved[k]) for k in family.knobs)
-                if trial not in timed:
+                if trial not in timed:  # a setting that resolves to one timed: not built
+                    candidate, resolved = family.build(spec, **knobs)
                     timed[trial] = bench.time(candidate, resolved)
             best = dict(min(timed, key=timed.get))
         default_us = best_us = 1e6 * timed[tuple(default.items())]

@@ -122,6 +122,7 @@ def make_ws_conv1d(
     oq=None,
     pool=1,
     name="ws_conv1d",
+    plan_only=False,
 ):
     """The fused kernel for one WSConv1d shape; ``VL`` is the target's float vector width.
 
@@ -149,7 +150,9 @@ def make_ws_conv1d(
     table holds sums of G consecutive taps, Q[j, u] = sum_{c*, m < G} phi[c*, jG + m]
     xs[c*, u + m]: the same multiply-adds as the plain product table, but each filter then
     sums L/G entries instead of L. Only the input phases the blocks start on are tabled
-    (gcd(G, s) apart): a conv stride that divides G needs phase 0 alone."""
+    (gcd(G, s) apart): a conv stride that divides G needs phase 0 alone.
+
+    ``plan_only``: (None, info), the knobs resolved without building the kernel."""
     Cs = C // r
     Ls = L + (N - 1) * S
     To = (T_in + 2 * p - L) // s + 1
@@ -197,6 +200,13 @@ def make_ws_conv1d(
     XT = qdtype or dtype  # x
     WT_ = "int8" if INT else dtype  # phi
     AT = "int32" if INT else dtype  # pre-sums, P, accumulators
+    info = dict(
+        TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM, G=G
+    )
+    info["out_shape"] = (B, N, Tp)
+    info["pool"] = pool
+    if plan_only:
+        return None, info
     zero = T.Cast(AT, 0)
 
     def wide(v):
@@ -417,11 +427,6 @@ def make_ws_conv1d(
             for bt in T.parallel(NT):
                 tile(x, phi, None, y, scale, shift, bt)
 
-    info = dict(
-        TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM, G=G
-    )
-    info["out_shape"] = (B, N, Tp)
-    info["pool"] = pool
     return f.with_attr("global_symbol", name), info
 
 
@@ -448,6 +453,7 @@ def make_ws_conv2d(
     pmadd=False,
     oq=None,
     name="ws_conv2d",
+    plan_only=False,
 ):
     """The fused kernel for one WSConv2d shape (phi ``phi_shape`` = (C*, H*, W*), filters on
     ``sampling.grid_cols`` columns); ``VL`` is the target's float vector width.
@@ -470,7 +476,7 @@ def make_ws_conv2d(
          and ReLU fused, the last vector of a row clamped to end at the row's end.
     The band's table is (H*·W*) x ((HB-1)s + k)·UW values (about 430 KB for wsnet2d-cifar's
     second layer at HB 16); neighbouring bands recompute k - s rows of it. The last band is
-    clamped to end at the last row (no predicates)."""
+    clamped to end at the last row (no predicates). ``plan_only``: as ``make_ws_conv1d``'s."""
     from wsdeploy.models.sampling import grid_cols
 
     Cs, Hs, Ws = phi_shape
@@ -504,6 +510,10 @@ def make_ws_conv2d(
     XT = qdtype or dtype
     YT = oq[0] if oq else dtype
     AT = "int32" if INT else dtype
+    info = dict(HB=HB, VB=VB, WB=WB, Ho=Ho, Wo=Wo, pmadd=PM, out_shape=(B, N, Ho, Wo))
+    info["G"] = 1  # phi packs by single taps
+    if plan_only:
+        return None, info
     zero = T.Cast(AT, 0)
 
     def wide(v):
@@ -640,8 +650,6 @@ def make_ws_conv2d(
                 band(x, phi, None, y, scale, shift, bb)
 
         f = ff
-    info = dict(HB=HB, VB=VB, WB=WB, Ho=Ho, Wo=Wo, pmadd=PM, out_shape=(B, N, Ho, Wo))
-    info["G"] = 1  # phi packs by single taps
     return f.with_attr("global_symbol", name), info
 
 
@@ -730,7 +738,10 @@ class FusedKernel:
 
     build: Callable[..., tuple[Any, dict[str, Any]]]
     """(spec, **knobs) -> (PrimFunc, info); info holds every knob's resolved value, "G"
-    (taps per packed phi block) and "out_shape"."""
+    (taps per packed phi block) and "out_shape". With ``plan_only=True``: (None, info),
+    without building the TVMScript (about 0.1 s): how the knob search skips settings that
+    resolve to one it has timed (a tile wider than the output, a block clamped to the
+    table)."""
     knobs: tuple[str, ...]
     stages: tuple[str, ...]
     """The knob search's stages, in order (each keeps its fastest setting)."""

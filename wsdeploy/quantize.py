@@ -340,6 +340,15 @@ def _quantizable(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in module.named_modules() if type(m) in QUANTIZERS]
 
 
+def clip_sample(x: Tensor, rng: np.random.Generator) -> np.ndarray:
+    """The values of one batch's activation ``x`` the clipping search keeps: at most
+    ``SAMPLES_PER_BATCH`` of them, drawn with ``rng``."""
+    flat = x.detach().reshape(-1).numpy()
+    if flat.size > SAMPLES_PER_BATCH:
+        flat = flat[rng.integers(0, flat.size, SAMPLES_PER_BATCH)]
+    return flat.astype(np.float32, copy=True)
+
+
 def clip_threshold(values: np.ndarray, absmax: float, unsigned: bool) -> float:
     """The threshold in ``CLIP_SEARCH * absmax`` whose quantization of ``values`` (rounding
     below it, saturation above) has the smallest mean squared error; ties go to the larger."""
@@ -389,10 +398,7 @@ def calibrate(
             x = args[0].detach()
             ranges[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
             if method != "minmax":
-                flat = x.reshape(-1).numpy()
-                if flat.size > SAMPLES_PER_BATCH:
-                    flat = flat[rng.integers(0, flat.size, SAMPLES_PER_BATCH)]
-                kept[name].append(flat.astype(np.float32, copy=True))
+                kept[name].append(clip_sample(x, rng))
 
         hooks.append(m.register_forward_pre_hook(hook))
         if isinstance(m, nn.Conv1d | nn.Conv2d):

@@ -5,6 +5,7 @@ within the tolerance table's ``quantized`` stage (one output step)."""
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -122,10 +123,11 @@ def _qparams(converted) -> list:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_the_histogram_calibration_gives_minmax_its_own_ranges(target):
-    """``auto`` calibrates once with histogram observers and converts a copy with their
-    running min and max: the same quantization parameters, and the same outputs, as a
-    calibration with min-max observers of its own."""
+def test_the_clip_calibration_gives_minmax_its_own_ranges(target):
+    """``auto`` calibrates once with the clip search's observers and converts a copy with
+    their running min and max: the same quantization parameters, and the same outputs, as a
+    calibration with min-max observers of its own; the clip search's own ranges are
+    ``quantize.clip_threshold``'s of the values it kept, within the observed ones."""
     from wsdeploy.targets import executorch, litert, pt2e
 
     quantizer = {"executorch": executorch._xnnpack_quantizer, "litert": litert._litert_quantizer}
@@ -134,14 +136,44 @@ def test_the_histogram_calibration_gives_minmax_its_own_ranges(target):
     x = torch.randn(1, 2, 64)
     module = torch.export.export(_Net().eval(), (x,)).module()
     rng = np.random.default_rng(0)
-    # batches of growing range: the histograms are re-binned, the running min/max move
+    # batches of growing range: the running min/max move
     batches = [(rng.standard_normal((1, 2, 64)) * (1 + i)).astype(np.float32) for i in range(6)]
     last = pt2e._output_layers(module)
     own = pt2e._calibrated(module, batches, "minmax", quantizer, last)
     own = pt2e._converted(own, last, True)
-    histogram = pt2e._calibrated(module, batches, "mse", quantizer, last)
-    assert pt2e._as_minmax(histogram) >= 3
-    shared = pt2e._converted(histogram, last, True)
+    clipped = pt2e._calibrated(module, batches, "mse", quantizer, last)
+    observers = [m for m in clipped.modules() if isinstance(m, pt2e._clip_observer())]
+    assert len(observers) >= 3 and all(m.clipped is not None and not m.kept for m in observers)
+    for m in observers:
+        lo, hi = (float(v) for v in m.clipped)
+        assert float(m.min_val) <= lo <= hi <= float(m.max_val)
+    assert any(hi < float(m.max_val) for m in observers for _, hi in [m.clipped])
+    mse = _qparams(pt2e._converted(copy.deepcopy(clipped), last, True))
+    assert pt2e._as_minmax(clipped) == len(observers)
+    shared = pt2e._converted(clipped, last, True)
     assert _qparams(shared) == _qparams(own) and len(_qparams(own)) >= 6
+    assert mse != _qparams(own)
     with torch.no_grad():
         assert torch.equal(shared(x), own(x))
+
+
+def test_the_clip_search_observer_clips_where_the_own_int8_would():
+    """The ``mse`` observer's range is ``quantize.clip_threshold`` of the values it kept
+    (``quantize.clip_sample`` of each batch), unsigned after a ReLU: on heavy-tailed values
+    it clips below the absmax, as wsdeploy's own int8 does."""
+    from wsdeploy import quantize
+    from wsdeploy.targets import pt2e
+
+    rng = np.random.default_rng(1)
+    observer = pt2e._clip_observer()(  # XNNPACK's activations: affine int8
+        dtype=torch.int8, quant_min=-128, quant_max=127, eps=2**-12
+    )
+    draws = [np.abs(rng.standard_cauchy(40_000)).astype(np.float32) for _ in range(3)]
+    for d in draws:
+        observer(torch.from_numpy(d))
+    again = np.random.default_rng(0)
+    kept = np.concatenate([quantize.clip_sample(torch.from_numpy(d), again) for d in draws])
+    clip = quantize.clip_threshold(kept, float(np.max(draws)), True)
+    assert clip < 0.9 * float(np.max(draws))
+    scale, zero = observer.calculate_qparams()
+    assert float(scale) == pytest.approx(clip / 255, rel=1e-6) and int(zero) == -128

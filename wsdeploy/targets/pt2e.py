@@ -29,11 +29,14 @@ from typing import Any
 
 from wsdeploy.errors import CompileError
 
-OBSERVERS = {"minmax": "MinMaxObserver", "mse": "HistogramObserver"}
-"""``--calib-method`` in the PT2E flow: each activation's range is its absmax (minmax) or the
-range whose histogram quantizes with the least squared error (mse, XNNPACK's and LiteRT's
-default); ``auto`` quantizes with both and keeps the one whose outputs are closer to fp32 on the
-calibration samples, as wsdeploy's own int8 does (``quantize.calibrate``)."""
+OBSERVERS = ("minmax", "mse")
+"""``--calib-method`` in the PT2E flow, as in wsdeploy's own int8 (``quantize.calibrate``):
+each activation's range is its observed min and max (minmax), or clipped at the threshold
+whose quantization of a sample of its values has the least squared error (mse: the same
+search, ``quantize.clip_threshold``, on the runtime's grid); ``auto`` quantizes with both
+and keeps the one whose outputs are closer to fp32 on the calibration samples. (XNNPACK's
+and LiteRT's default, torchao's histogram observer, chose ranges with an output error of
+2.8% on wsnet1d-soundnet8 against the clip search's 1.8%: benchmarks/NOTES.md.)"""
 
 
 Quantizer = Callable[[Any, set[str]], Any]
@@ -71,7 +74,7 @@ def quantize(
     the converted module, the absmax of its fp32 outputs on the batches and the method
     used.
 
-    ``auto`` calibrates once, with histograms: a histogram observer keeps the running min
+    ``auto`` calibrates once, with the clip search's observers: they keep the running min
     and max a min-max observer keeps, so the ``minmax`` candidate is the same calibration
     converted with those (``_as_minmax``), the same ranges as a calibration of its own
     (a test checks), for one pass over the batches instead of two."""
@@ -89,7 +92,7 @@ def quantize(
     candidates = {}
     for name in OBSERVERS if method == "auto" else (method,):
         calibrated = prepared
-        if name != observed_by:  # auto's minmax: a copy of the histogram calibration
+        if name != observed_by:  # auto's minmax: a copy of the clip search's calibration
             calibrated = copy.deepcopy(prepared)
             _as_minmax(calibrated)
         converted = _converted(calibrated, last, fold_quantize)
@@ -127,14 +130,17 @@ def _calibrated(module, batches, method: str, quantizer: Quantizer, last: set[st
     """A copy of ``module`` prepared with ``quantizer`` (activation observer by ``method``),
     the classifier (``last``) left fp32, and calibrated on ``batches``."""
     import torch
-    import torchao.quantization.pt2e as observers
+    from torchao.quantization.pt2e import MinMaxObserver
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    observer = getattr(observers, OBSERVERS[method]).with_args(eps=2**-12)
+    observer = {"minmax": MinMaxObserver, "mse": _clip_observer()}[method].with_args(eps=2**-12)
     with quiet(), torch.no_grad():
         prepared = prepare_pt2e(copy.deepcopy(module), quantizer(observer, last))
         for batch in batches:
             _outputs(prepared, batch)
+    for m in prepared.modules():
+        if isinstance(m, _clip_observer()):
+            m.settle()
     return prepared
 
 
@@ -149,13 +155,53 @@ def _converted(prepared, last: set[str], fold_quantize: bool):
     return converted
 
 
+@functools.cache
+def _clip_observer():
+    """The ``mse`` observer (``OBSERVERS``): torchao's min-max observer that also keeps a
+    sample of each batch's values (``quantize.clip_sample``) and quantizes with the range
+    clipped at ``quantize.clip_threshold`` of them (unsigned after a ReLU: the grid [0, clip]
+    is XNNPACK's affine int8 with zero point -128, wsdeploy's own uint8)."""
+    import numpy as np
+    import torch
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    from wsdeploy import quantize
+
+    class ClipObserver(MinMaxObserver):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.kept: list[np.ndarray] = []
+            self.rng = np.random.default_rng(0)
+            self.clipped = None
+
+        def forward(self, x):
+            self.kept.append(quantize.clip_sample(x, self.rng))
+            return super().forward(x)
+
+        def settle(self) -> None:
+            """Search the clipping threshold once and drop the sample (convert asks for
+            the parameters at every use of the observer; ``auto`` copies the observers)."""
+            if self.clipped is None and self.kept:
+                lo, hi = float(self.min_val), float(self.max_val)
+                values = np.concatenate(self.kept)
+                clip = quantize.clip_threshold(values, max(-lo, hi), lo >= 0)
+                self.clipped = (torch.tensor(max(lo, -clip)), torch.tensor(min(hi, clip)))
+            self.kept = []
+
+        def calculate_qparams(self):
+            self.settle()
+            if self.clipped is None:  # never observed anything
+                return super().calculate_qparams()
+            return self._calculate_qparams(*self.clipped)
+
+    return ClipObserver
+
+
 def _as_minmax(prepared) -> int:
-    """Every histogram observer of ``prepared`` quantizes with the running min and max it
+    """Every clip-search observer of ``prepared`` quantizes with the running min and max it
     kept, as a min-max observer would (``MinMaxObserver.calculate_qparams``); returns how
     many."""
-    from torchao.quantization.pt2e import HistogramObserver
-
-    found = [m for m in prepared.modules() if isinstance(m, HistogramObserver)]
+    found = [m for m in prepared.modules() if isinstance(m, _clip_observer())]
     for m in found:
         m.calculate_qparams = lambda m=m: m._calculate_qparams(m.min_val, m.max_val)
     return len(found)

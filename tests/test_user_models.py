@@ -636,8 +636,9 @@ class PooledNet(nn.Module):
 def test_executorch_int8_of_recognised_layers_holds_their_int8_weights_only(tmp_path):
     """A user's as_strided WSNet layers in ExecuTorch int8: folded and quantized, the file
     holds their int8 weights and not the fp32 ones they replaced (it did: 57 KB against the
-    dense fp32 46 KB); the max pools run in XNNPACK (the ceil-mode average pool, which
-    XNNPACK refuses, on the portable kernels, and the delegation report says so)."""
+    dense fp32 46 KB); the max pools and the global mean run in XNNPACK (the ceil-mode
+    average pool, which XNNPACK refuses, on the portable kernels, and the delegation report
+    says so)."""
     torch.manual_seed(0)
     model = PooledNet().eval()
     with torch.no_grad():
@@ -660,3 +661,5 @@ def test_executorch_int8_of_recognised_layers_holds_their_int8_weights_only(tmp_
     runtime = m["runtime"]
     assert runtime["delegated"].get("max_pool2d") == 2, runtime
     assert runtime["portable"].get("avg_pool2d") == 1, runtime
+    # the global mean over the length: XNNPACK's 4-D form (``passes.pools_2d``)
+    assert runtime["delegated"].get("mean") == 1 and "mean" not in runtime["portable"], runtime

@@ -1,5 +1,6 @@
 """The 1-D pools as 2-D pass: every 1-D max and average pool of a program becomes the 2-D
-pool XNNPACK delegates, computing what eager PyTorch computes, over random windows."""
+pool XNNPACK delegates, and every mean over the length the 4-D mean it delegates, computing
+what eager PyTorch computes, over random windows and shapes."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ class Pools(torch.nn.Module):
         return pool(y, **self.window), y.mean(-1)
 
 
+def _rank(node) -> int:
+    """A node's output rank: traced (``val``), or a view the pass inserted (its shape)."""
+    if "val" in node.meta:
+        return node.meta["val"].dim()
+    assert node.target == aten.view.default
+    return len(node.args[1])
+
+
 @st.composite
 def pools(draw):
     kind = draw(st.sampled_from(["max", "avg"]))
@@ -58,11 +67,13 @@ def test_pools_become_2d_and_compute_the_same(case):
     x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     program = torch.export.export(module, (x,))
     gm = program.module()
-    assert pools_2d(gm) == 1
+    assert pools_2d(gm) == 2  # the pool and the mean over the length
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     twin = aten.max_pool2d.default if kind == "max" else aten.avg_pool2d.default
     assert twin in targets
     assert aten.max_pool1d.default not in targets and aten.avg_pool1d.default not in targets
+    means = [n for n in gm.graph.nodes if n.target == aten.mean.dim]
+    assert [(_rank(n.args[0]), n.args[1:]) for n in means] == [(4, ([2, 3], True))]
     with torch.no_grad():
         for got, want in zip(gm(x), module(x), strict=True):
             assert got.shape == want.shape
@@ -83,3 +94,34 @@ def test_lower_program_runs_a_targets_rewrites_on_a_model_without_wsnet_layers()
     with torch.no_grad():
         for got, want in zip(lowered.module()(x), module(x), strict=True):
             assert torch.equal(got, want)
+
+
+class Means(torch.nn.Module):
+    def __init__(self, dims, keepdim: bool) -> None:
+        super().__init__()
+        self.dims, self.keepdim = dims, keepdim
+
+    def forward(self, x):
+        return x.mean(self.dims, keepdim=self.keepdim) * 2, x.mean(1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.sampled_from([[-1], [2], (-1,)]),
+    st.booleans(),
+    st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 50)),
+)
+def test_means_over_the_length_become_4d_and_compute_the_same(dims, keepdim, shape):
+    """A mean over the last axis, kept or not, becomes XNNPACK's form (4-D, axes 2 and 3,
+    kept); a mean over the channels stays as it is."""
+    module = Means(dims, keepdim).eval()
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal(shape).astype(np.float32))
+    gm = torch.export.export(module, (x,)).module()
+    assert pools_2d(gm) == 1
+    means = [n for n in gm.graph.nodes if n.target == aten.mean.dim]
+    forms = sorted((_rank(n.args[0]), list(n.args[1])) for n in means)
+    assert forms == [(3, [1]), (4, [2, 3])]
+    with torch.no_grad():
+        for got, want in zip(gm(x), module(x), strict=True):
+            assert got.shape == want.shape
+            assert_close(got.numpy(), want.numpy(), stage="rewrite")

@@ -13,6 +13,12 @@ kernels, 8.2 ms with them delegated (one XNNPACK subgraph; ExecuTorch's Python r
 20 runs each). The views are reshapes XNNPACK takes, and XNNPACK's int8 quantizer shares a
 max pool's and a view's quantization with their input's, so the pool stays on int8.
 
+A mean over the length of a (B, C, T) tensor, the 1-D global average pool, becomes the mean
+over the last two axes of the (B, C, T, 1) view, with ``keepdim``: XNNPACK's partitioner
+takes ``mean.dim`` only on 4-D tensors over their innermost two axes, kept (its global
+average pool), and left the 1-D one to the portable kernels (a user's 1-D WSNet, the last
+op before its classifier; SoundNet-8's, after its conv classifier).
+
 Only pools of static sizes: torch.export (2.13) specialises a dynamic length at a 1-D
 pool, so a program keeping one has none.
 """
@@ -38,12 +44,26 @@ def _one(value, default: int) -> int:
     return int(value[0]) if value else default
 
 
+def _length_mean(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a mean over the last axis of a 3-D tensor (no dtype override)."""
+    if node.op != "call_function" or node.target != aten.mean.dim or node.kwargs.get("dtype"):
+        return False
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    dims = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 3 or not isinstance(dims, list | tuple):
+        return False
+    return [int(d) % 3 for d in dims] == [2]
+
+
 def pools_2d(gm: torch.fx.GraphModule) -> int:
     """Rewrite every 1-D max and average pool of ``gm`` (an ATen graph: ``ep.module()``)
-    whose input is (B, C, T) of static sizes as its 2-D twin; returns how many. The caller
-    exports again."""
+    whose input is (B, C, T) of static sizes as its 2-D twin, and every mean over T as the
+    4-D mean XNNPACK takes; returns how many. The caller exports again."""
     done = 0
     for node in list(gm.graph.nodes):
+        if _length_mean(node):
+            done += _mean_4d(gm, node)
+            continue
         target = POOLS.get(node.target) if node.op == "call_function" else None
         x = node.args[0] if target is not None else None
         val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
@@ -76,3 +96,24 @@ def pools_2d(gm: torch.fx.GraphModule) -> int:
     if done:
         gm.recompile()
     return done
+
+
+def _mean_4d(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+    """``mean(x, [-1], keepdim)`` of a static (B, C, T) ``x`` as ``view(mean(view(x, (B, C,
+    T, 1)), [2, 3], True), out)``: the same sum over the same T values. Returns 1, or 0 for a
+    dynamic shape."""
+    x = node.args[0]
+    val, out = x.meta["val"], node.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return 0
+    if not all(isinstance(d, int) for d in (*val.shape, *out.shape)):
+        return 0
+    graph = gm.graph
+    with graph.inserting_before(node):
+        lifted = graph.call_function(aten.view.default, (x, [*val.shape, 1]))
+        mean = graph.call_function(aten.mean.dim, (lifted, [2, 3], True))
+        flat = graph.call_function(aten.view.default, (mean, list(out.shape)))
+    flat.meta.update(node.meta)
+    node.replace_all_uses_with(flat)
+    graph.erase_node(node)
+    return 1

@@ -48,11 +48,22 @@ def _length_mean(node: torch.fx.Node) -> bool:
     """Whether ``node`` is a mean over the last axis of a 3-D tensor (no dtype override)."""
     if node.op != "call_function" or node.target != aten.mean.dim or node.kwargs.get("dtype"):
         return False
-    val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
     dims = node.args[1] if len(node.args) > 1 else None
-    if not isinstance(val, torch.Tensor) or val.dim() != 3 or not isinstance(dims, list | tuple):
-        return False
-    return [int(d) % 3 for d in dims] == [2]
+    return isinstance(dims, list | tuple) and [int(d) % 3 for d in dims] == [2]
+
+
+def _pool_args(target, given: list) -> tuple:
+    """A 1-D pool's window arguments as its 2-D twin's (a trailing window axis of one)."""
+    kernel = _one(given[0], 0)
+    stride = _one(given[1], kernel) if len(given) > 1 else kernel
+    pad = _one(given[2], 0) if len(given) > 2 else 0
+    if target is aten.max_pool2d.default:
+        dil = _one(given[3], 1) if len(given) > 3 else 1
+        ceil = len(given) > 4 and bool(given[4])
+        return ([kernel, 1], [stride, 1], [pad, 0], [dil, 1], ceil)
+    ceil = len(given) > 3 and bool(given[3])
+    include = len(given) <= 4 or bool(given[4])
+    return ([kernel, 1], [stride, 1], [pad, 0], ceil, include)
 
 
 def pools_2d(gm: torch.fx.GraphModule) -> int:
@@ -62,57 +73,31 @@ def pools_2d(gm: torch.fx.GraphModule) -> int:
     done = 0
     for node in list(gm.graph.nodes):
         if _length_mean(node):
-            done += _mean_4d(gm, node)
-            continue
-        target = POOLS.get(node.target) if node.op == "call_function" else None
-        x = node.args[0] if target is not None else None
-        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        out = node.meta.get("val")
-        if not (isinstance(val, torch.Tensor) and isinstance(out, torch.Tensor)):
-            continue
-        if val.dim() != 3 or not all(isinstance(d, int) for d in (*val.shape, *out.shape)):
-            continue
-        given = list(node.args[1:])
-        kernel = _one(given[0], 0)
-        stride = _one(given[1], kernel) if len(given) > 1 else kernel
-        pad = _one(given[2], 0) if len(given) > 2 else 0
-        if target is aten.max_pool2d.default:
-            dil = _one(given[3], 1) if len(given) > 3 else 1
-            ceil = len(given) > 4 and bool(given[4])
-            args = ([kernel, 1], [stride, 1], [pad, 0], [dil, 1], ceil)
-        else:
-            ceil = len(given) > 3 and bool(given[3])
-            include = len(given) <= 4 or bool(given[4])
-            args = ([kernel, 1], [stride, 1], [pad, 0], ceil, include)
-        graph = gm.graph
-        with graph.inserting_before(node):
-            lifted = graph.call_function(aten.view.default, (x, [*val.shape, 1]))
-            pooled = graph.call_function(target, (lifted, *args))
-            flat = graph.call_function(aten.view.default, (pooled, list(out.shape)))
-        flat.meta.update(node.meta)
-        node.replace_all_uses_with(flat)
-        graph.erase_node(node)
-        done += 1
+            done += _on_view(gm, node, aten.mean.dim, ([2, 3], True))
+        elif node.op == "call_function" and node.target in POOLS:
+            target = POOLS[node.target]
+            done += _on_view(gm, node, target, _pool_args(target, list(node.args[1:])))
     if done:
         gm.recompile()
     return done
 
 
-def _mean_4d(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
-    """``mean(x, [-1], keepdim)`` of a static (B, C, T) ``x`` as ``view(mean(view(x, (B, C,
-    T, 1)), [2, 3], True), out)``: the same sum over the same T values. Returns 1, or 0 for a
-    dynamic shape."""
+def _on_view(gm: torch.fx.GraphModule, node: torch.fx.Node, target, args: tuple) -> int:
+    """Replace ``node``, whose first argument x is (B, C, T) of static sizes, with
+    ``view(target(view(x, (B, C, T, 1)), *args), out)``. Returns 1, or 0 (leaving it) where x
+    is not 3-D or a size is dynamic."""
     x = node.args[0]
-    val, out = x.meta["val"], node.meta.get("val")
-    if not isinstance(out, torch.Tensor):
+    val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    out = node.meta.get("val")
+    if not (isinstance(val, torch.Tensor) and isinstance(out, torch.Tensor)):
         return 0
-    if not all(isinstance(d, int) for d in (*val.shape, *out.shape)):
+    if val.dim() != 3 or not all(isinstance(d, int) for d in (*val.shape, *out.shape)):
         return 0
     graph = gm.graph
     with graph.inserting_before(node):
         lifted = graph.call_function(aten.view.default, (x, [*val.shape, 1]))
-        mean = graph.call_function(aten.mean.dim, (lifted, [2, 3], True))
-        flat = graph.call_function(aten.view.default, (mean, list(out.shape)))
+        result = graph.call_function(target, (lifted, *args))
+        flat = graph.call_function(aten.view.default, (result, list(out.shape)))
     flat.meta.update(node.meta)
     node.replace_all_uses_with(flat)
     graph.erase_node(node)

@@ -257,6 +257,8 @@ SAMPLES_PER_BATCH = 16384
 """Values of each layer's input kept per calibration batch for the clipping search."""
 CLIP_SEARCH = np.linspace(0.3, 1.0, 71)
 """Candidate clipping thresholds, as fractions of the observed absmax."""
+CLIP_BLOCK = 65536
+"""Values the clipping search takes at a time (512 KB of float64: stays in L2)."""
 
 
 @dataclass
@@ -352,20 +354,30 @@ def clip_sample(x: Tensor, rng: np.random.Generator) -> np.ndarray:
 def clip_threshold(values: np.ndarray, absmax: float, unsigned: bool) -> float:
     """The threshold in ``CLIP_SEARCH * absmax`` whose quantization of ``values`` (rounding
     below it, saturation above) has the smallest mean squared error; ties go to the larger."""
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values)
+    values = values[values != 0]  # exact zeros (ReLU's 40-70%) cost nothing at any threshold
     if absmax <= 0 or values.size == 0:
         return float(absmax)
     lo, hi = (0, 255) if unsigned else (-128, 127)
+    fractions = CLIP_SEARCH[::-1]
+    scales = [activation_scale(absmax * frac, unsigned) for frac in fractions]
+    errors = np.zeros(len(scales))
+    # every candidate over one cache-sized block of float64 at a time, in place: 2x faster
+    # than each candidate over all the values (SoundNet-8: 4-16 M a layer)
+    block, error = (np.empty(min(values.size, CLIP_BLOCK)) for _ in range(2))
+    for start in range(0, values.size, CLIP_BLOCK):
+        n = min(CLIP_BLOCK, values.size - start)
+        b, e = block[:n], error[:n]
+        b[...] = values[start : start + n]
+        for i, s in enumerate(scales):
+            np.divide(b, s, out=e)
+            np.rint(e, out=e)
+            np.clip(e, lo, hi, out=e)
+            e *= s
+            e -= b
+            errors[i] += float(np.dot(e, e))
     best, best_err = float(absmax), np.inf
-    error = np.empty_like(values)  # one buffer, in place: 2.5x faster than fresh arrays
-    for frac in CLIP_SEARCH[::-1]:
-        s = activation_scale(absmax * frac, unsigned)
-        np.divide(values, s, out=error)
-        np.rint(error, out=error)
-        np.clip(error, lo, hi, out=error)
-        error *= s
-        error -= values
-        err = float(np.dot(error, error)) / values.size
+    for frac, err in zip(fractions, errors, strict=True):
         if err < best_err:
             best, best_err = float(absmax * frac), err
     return best

@@ -192,6 +192,37 @@ def test_mse_clipping_beats_absmax_when_an_outlier_sets_the_range(unsigned):
     assert _qmse(v, clip, unsigned) == pytest.approx(best, rel=1e-9)
 
 
+@given(
+    n=st.integers(1, 5000),
+    zeros=st.floats(0.0, 0.9),
+    power=st.integers(1, 3),
+    unsigned=st.booleans(),
+    block=st.sampled_from([7, 64, 4096]),
+    seed=st.integers(0, 2**16),
+)
+def test_clip_search_is_the_best_candidate_over_blocks_and_zeros(
+    n, zeros, power, unsigned, block, seed
+):
+    """The blocked search, exact zeros skipped, picks a candidate of the least error over
+    every value (zeros included), at any block size and share of zeros; all zeros keep the
+    range."""
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(n).astype(np.float32) ** power
+    v = np.abs(v) if unsigned else v
+    v[rng.random(n) < zeros] = 0.0
+    absmax = float(np.abs(v).max()) * float(rng.uniform(0.5, 1.5))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize, "CLIP_BLOCK", block)
+        clip = quantize.clip_threshold(v, absmax, unsigned)
+        assert quantize.clip_threshold(np.zeros_like(v), absmax, unsigned) == absmax
+    if absmax == 0:
+        assert clip == 0
+        return
+    assert any(clip == pytest.approx(absmax * f, rel=1e-12) for f in quantize.CLIP_SEARCH)
+    best = min(_qmse(v.astype(np.float64), absmax * f, unsigned) for f in quantize.CLIP_SEARCH)
+    assert _qmse(v.astype(np.float64), clip, unsigned) <= best * (1 + 1e-9) + 1e-300
+
+
 def test_mse_clipping_keeps_the_range_of_uniform_values():
     v = np.linspace(-1.0, 1.0, 4001)
     assert quantize.clip_threshold(v, 1.0, False) >= 0.95

@@ -125,3 +125,40 @@ def test_means_over_the_length_become_4d_and_compute_the_same(dims, keepdim, sha
         for got, want in zip(gm(x), module(x), strict=True):
             assert got.shape == want.shape
             assert_close(got.numpy(), want.numpy(), stage="rewrite")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    st.sampled_from(["length", "batch", "both"]),
+    st.booleans(),
+    st.lists(st.integers(2, 70), min_size=1, max_size=3),
+)
+def test_a_mean_over_a_dynamic_size_becomes_4d_with_it_inferred(dynamic, keepdim, lengths):
+    """A mean over a dynamic length (or with a dynamic batch) becomes the 4-D mean on views
+    whose one dynamic size is inferred (-1, what XNNPACK takes), exports again with the same
+    dynamic shapes and computes what eager does at every size; two dynamic sizes (no single
+    inferred one) are left as they are."""
+    module = Means([-1], keepdim).eval()
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal((2, 5, 33)).astype(np.float32))
+    dims = {"length": {2: torch.export.Dim("T", min=2, max=100)}}
+    dims["batch"] = {0: torch.export.Dim("B", min=2, max=8)}
+    dims["both"] = {**dims["length"], **dims["batch"]}
+    program = torch.export.export(module, (x,), dynamic_shapes=(dims[dynamic],))
+    gm = program.module()
+    if dynamic == "both":
+        assert pools_2d(gm) == 0
+        return
+    assert pools_2d(gm) == 1
+    views = [n.args[1] for n in gm.graph.nodes if n.target == aten.view.default]
+    assert all(isinstance(d, int) for v in views for d in v)  # no symbolic size
+    assert list(views[0]).count(-1) == 1  # (B, C, T, 1): its dynamic size inferred
+    assert all(list(v).count(-1) <= 1 for v in views)
+    again = torch.export.export(gm, (x,), dynamic_shapes=(dims[dynamic],)).module()
+    for n in lengths:
+        shape = (2, 5, n) if dynamic == "length" else (min(n, 8), 5, 33)
+        x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        with torch.no_grad():
+            for got, want in zip(again(x), module(x), strict=True):
+                assert got.shape == want.shape
+                assert_close(got.numpy(), want.numpy(), stage="rewrite")

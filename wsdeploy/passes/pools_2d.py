@@ -19,8 +19,10 @@ takes ``mean.dim`` only on 4-D tensors over their innermost two axes, kept (its 
 average pool), and left the 1-D one to the portable kernels (a user's 1-D WSNet, the last
 op before its classifier; SoundNet-8's, after its conv classifier).
 
-Only pools of static sizes: torch.export (2.13) specialises a dynamic length at a 1-D
-pool, so a program keeping one has none.
+A dynamic size (a user's variable length, or batch) becomes the views' one inferred size
+(-1): XNNPACK takes a view with one, not with a symbolic size, so a mean over a variable
+length runs in the delegate too. (torch.export (2.13) specialises a dynamic length at a 1-D
+pool, so no pool keeps one.)
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def _pool_args(target, given: list) -> tuple:
 
 def pools_2d(gm: torch.fx.GraphModule) -> int:
     """Rewrite every 1-D max and average pool of ``gm`` (an ATen graph: ``ep.module()``)
-    whose input is (B, C, T) of static sizes as its 2-D twin, and every mean over T as the
+    whose input is (B, C, T) as its 2-D twin, and every mean over T as the
     4-D mean XNNPACK takes; returns how many. The caller exports again."""
     done = 0
     for node in list(gm.graph.nodes):
@@ -82,22 +84,31 @@ def pools_2d(gm: torch.fx.GraphModule) -> int:
     return done
 
 
+def _static_or_inferred(shape) -> list[int] | None:
+    """``shape`` with its one dynamic size as -1 (inferred: a view XNNPACK takes; a symbolic
+    size it does not), or None where two are dynamic."""
+    sizes = [d if isinstance(d, int) else -1 for d in shape]
+    return sizes if sizes.count(-1) <= 1 else None
+
+
 def _on_view(gm: torch.fx.GraphModule, node: torch.fx.Node, target, args: tuple) -> int:
-    """Replace ``node``, whose first argument x is (B, C, T) of static sizes, with
-    ``view(target(view(x, (B, C, T, 1)), *args), out)``. Returns 1, or 0 (leaving it) where x
-    is not 3-D or a size is dynamic."""
+    """Replace ``node``, whose first argument x is (B, C, T) with at most one dynamic size,
+    with ``view(target(view(x, (B, C, T, 1)), *args), out)``, the dynamic size inferred (-1).
+    Returns 1, or 0 (leaving it) where x is not 3-D or two sizes are dynamic."""
     x = node.args[0]
     val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
     out = node.meta.get("val")
-    if not (isinstance(val, torch.Tensor) and isinstance(out, torch.Tensor)):
+    if not (isinstance(val, torch.Tensor) and isinstance(out, torch.Tensor)) or val.dim() != 3:
         return 0
-    if val.dim() != 3 or not all(isinstance(d, int) for d in (*val.shape, *out.shape)):
+    lifted_shape = _static_or_inferred([*val.shape, 1])
+    out_shape = _static_or_inferred(out.shape)
+    if lifted_shape is None or out_shape is None:
         return 0
     graph = gm.graph
     with graph.inserting_before(node):
-        lifted = graph.call_function(aten.view.default, (x, [*val.shape, 1]))
+        lifted = graph.call_function(aten.view.default, (x, lifted_shape))
         result = graph.call_function(target, (lifted, *args))
-        flat = graph.call_function(aten.view.default, (result, list(out.shape)))
+        flat = graph.call_function(aten.view.default, (result, out_shape))
     flat.meta.update(node.meta)
     node.replace_all_uses_with(flat)
     graph.erase_node(node)

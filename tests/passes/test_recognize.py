@@ -307,10 +307,14 @@ class Computed(nn.Module):
         self.b = nn.Parameter(torch.randn(4, 2, 3))
         self.register_buffer("sign", torch.randn(4, 2, 3).sign())
         self.register_buffer("perm", torch.randperm(24))
+        self.c = nn.Parameter(torch.randn(4, 1, 3))
+        self.d = nn.Parameter(torch.randn(1, 2, 1))
 
     def forward(self, x):
         if self.how == "product":
             w = self.a * self.b
+        elif self.how == "outer":  # 14 values for the weight's 24
+            w = self.c * self.d
         elif self.how == "after-sampling":
             w = self.a.repeat(1, 1, 1) * self.sign
         elif self.how == "shuffled":
@@ -323,22 +327,38 @@ class Computed(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "how, status, reason",
+    "how, status, reason, stored",
     [
-        ("product", "not recognised", "aten.mul across parameters"),
-        ("after-sampling", "not recognised", "sign per entry; as tied weights it would store"),
-        ("shuffled", "not recognised", "shares no entries"),
-        ("dilated", "not recognised", "dilation 2"),
-        ("dense", "dense", None),
+        ("product", "not recognised", "aten.mul across parameters", 192),
+        ("outer", "not recognised", "aten.mul across parameters", None),
+        ("after-sampling", "not recognised", "sign per entry; as tied weights it would store", 192),
+        ("shuffled", "not recognised", "shares no entries", 288),
+        ("dilated", "not recognised", "dilation 2", 96),
+        ("dense", "dense", None, None),
     ],
 )
-def test_other_weights_are_left_as_written_and_say_why(how, status, reason):
+def test_other_weights_say_why_and_are_stored_dense_where_that_is_smaller(
+    how, status, reason, stored
+):
+    """A computed weight that is no WSNet or tied layer says why; where the tensors it is
+    computed from (an int64 index table included) hold at least its bytes, the program
+    stores the weight itself instead (computing the same: ``_recognise`` checks), else the
+    computation as written."""
     new, (rec,) = _recognise(Computed(how), (1, 2, 12))
     assert rec.status == status
+    assert not _wsnet_nodes(new)
     if reason:
         assert reason in rec.reason, rec.reason
         assert "not recognised" in rec.line()
-    assert not _wsnet_nodes(new)
+    if stored is None:
+        assert "stored" not in rec.detail and "stored as" not in rec.line()
+        return
+    assert rec.detail == {"stored": "dense", "stored_bytes": 96, "computed_from_bytes": stored}
+    assert "stored as its dense weight" in rec.line()
+    # the program holds the (4, 2, 3) weight and nothing it was computed from
+    tensors = [*new.state_dict.values(), *new.constants.values()]
+    assert [tuple(t.shape) for t in tensors if t.numel() > 2] == [(4, 2, 3)]
+    assert all(t.dtype != torch.int64 for t in tensors)
 
 
 def test_weights_computed_from_inputs_are_not_layers():

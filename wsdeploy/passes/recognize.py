@@ -146,7 +146,13 @@ def describe(d: dict[str, Any]) -> str:
         )
     if d["status"] == "dense":
         return f"{d['node']}: dense {d['layer']} (weight {d.get('param', '?')!r})"
-    return f"{d['node']}: not recognised: {d['reason']}"
+    stored = (
+        f"; stored as its dense weight, computed once at export: {d['stored_bytes']:,} "
+        f"bytes instead of the {d['computed_from_bytes']:,} it was computed from at every run"
+        if d.get("stored") == "dense"
+        else ""
+    )
+    return f"{d['node']}: not recognised: {d['reason']}{stored}"
 
 
 def _reorder_note(d: dict[str, Any]) -> str:
@@ -199,7 +205,9 @@ def recognize(
         try:
             found = _recognise(gm, node, layer, weight, slice_nodes, leaves)
         except NotRecognised as e:
-            records.append(Record(_where(node), layer, "not recognised", reason=str(e)))
+            detail = _materialise(gm, node, layer, weight, slice_nodes, leaves)
+            records.append(Record(_where(node), layer, "not recognised", detail, reason=str(e)))
+            changed += bool(detail)
             continue
         records.append(found)
         changed += 1
@@ -220,6 +228,31 @@ def recognize(
                 r.status, r.reason = "not recognised", f"re-tracing failed: {e}"
         return ep, records
     return new, records
+
+
+def _materialise(gm, node, layer, weight, slice_nodes, leaves) -> dict[str, Any]:
+    """A weight computed from the model's tensors that is no WSNet or tied layer: where
+    those tensors (a user's phi and its int64 index table, say) hold at least as many bytes
+    as the weight they compute, the weight itself, computed once here, replaces them (a
+    dense layer: never a larger file than the dense model's, nor a weight rebuilt on every
+    run). Returns the record's detail ({} where the computation is the smaller: left as
+    written)."""
+    tensors = {leaf: _attr(gm, leaf.target) for leaf in leaves}
+    read = sum(t.numel() * t.element_size() for t in tensors.values())
+    env: dict = dict(tensors)
+    with torch.no_grad():
+        _evaluate(slice_nodes, env)
+    value = env[weight].detach().contiguous()
+    dense = value.numel() * value.element_size()
+    if read < dense or not value.is_floating_point():
+        return {}
+    name = f"_wsdeploy_dense_{node.name}"
+    gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    with gm.graph.inserting_before(node):
+        stored = gm.graph.get_attr(name)
+    stored.meta["val"] = weight.meta.get("val")
+    node.replace_input_with(weight, stored)
+    return {"stored": "dense", "stored_bytes": dense, "computed_from_bytes": read}
 
 
 def _delete_unused_attributes(gm: torch.fx.GraphModule, among: set[str] | None = None) -> None:
@@ -531,6 +564,10 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
     ndim = CONVS[layer]
     args = list(node.args) + [None] * (7 - len(node.args))
     x, _, bias, stride, padding, dilation, groups = args[:7]
+    n, c = index.shape[:2]
+    k = index.shape[2]
+    if ndim == 2 and index.shape[3] != k:  # first: a square kernel's padding may differ too
+        raise NotRecognised(f"kernel {tuple(index.shape[2:])} is not square")
     kw = node.kwargs
     stride = _const_int(kw.get("stride", 1 if stride is None else stride), ndim, "stride")
     padding = kw.get("padding", 0 if padding is None else padding)
@@ -543,10 +580,6 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
         raise NotRecognised(f"dilation {dilation} (wsnet layers have none)")
     if groups != 1:
         raise NotRecognised(f"groups={groups} (wsnet layers are not grouped)")
-    n, c = index.shape[:2]
-    k = index.shape[2]
-    if ndim == 2 and index.shape[3] != k:
-        raise NotRecognised(f"kernel {index.shape[2:]} is not square")
     repeat, base, channels = _channel_repeat(index, c)
     order = None
     if ndim == 1:

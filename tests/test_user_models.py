@@ -507,6 +507,23 @@ def test_save_turns_a_trusted_pickle_into_a_program_that_needs_no_trust(two_file
     assert not (tmp_path / "two.onnx").exists()
 
 
+def test_verify_with_another_program_names_the_model_not_its_shapes(
+    user_files, two_files, tmp_path
+):
+    """``verify`` with another .pt2 than the build's: the build's shapes would contradict
+    that program's; what the user needs to hear is that it is another model (its digest is
+    checked first)."""
+    user_root, _ = user_files
+    two_root, _ = two_files
+    out = tmp_path / "o"
+    result = _run(["export", str(user_root / "user.pt2"), "--target", "onnx", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    result = _run(["verify", str(out), "--model", str(two_root / "two.pt2")])
+    assert result.exit_code == 1, result.output
+    assert "two.pt2 is not the model" in result.output and "was built from" in result.output
+    assert "contradicts" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
 def test_save_keeps_an_axis_of_a_pickle_dynamic_and_onnx_keeps_it(two_files, tmp_path):
     """A pickled module has no dynamic axis of its own: ``save --dynamic-axis`` gives its
     program one, which an onnx build keeps (verified at several lengths)."""

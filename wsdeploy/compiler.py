@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from wsdeploy import __version__, numerics, quantize, trace
+from wsdeploy import __version__, modelfile, numerics, quantize, trace
 from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
 from wsdeploy.modelfile import LoadedModel, Shapes, default_mode, load_model, signals_deferred
 from wsdeploy.passes import CALIB_METHODS, INT8_LAYOUTS, PRECISIONS
@@ -1556,13 +1556,15 @@ def verify(
         # the shapes the build was made at: a dynamic .pt2 or a pickle needs them
         shapes = [tuple(spec["shape"]) for spec in manifest["inputs"]]
         input_shape = shapes[0] if len(shapes) == 1 else shapes
-    loaded = load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
-    if loaded.sha256 != manifest["source"]["sha256"]:
+    # the file's digest first: another model's shapes would contradict the build's before
+    # its digest could say it is another model
+    digest = modelfile.sha256_file(modelfile.resolve(model))
+    if digest != manifest["source"]["sha256"]:
         raise WsdeployError(
-            f"{loaded.source} is not the model {outdir} was built from "
-            f"(sha256 {loaded.sha256[:12]} vs "
-            f"{manifest['source']['sha256'][:12]})"
+            f"{model} is not the model {outdir} was built from "
+            f"(sha256 {digest[:12]} vs {manifest['source']['sha256'][:12]})"
         )
+    loaded = load_model(model, trust_pickle=trust_pickle, input_shape=input_shape)
     target = get_target(manifest["target"])
     preflight(target, rpc, None)
     inputs = numerics.model_inputs(

@@ -74,6 +74,36 @@ def test_the_config_guard_is_what_stops_the_allocation():
         TINY.build({**TINY.config(), "num_classes": 10**11})
 
 
+def test_a_pickle_whose_class_cannot_be_imported_says_how_to_fix_it(tmp_path, monkeypatch):
+    """A user's pickled module whose defining file is not on the path (the console script
+    does not put the working directory there): the error names the fix."""
+    import importlib
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "my_layers.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.conv = torch.nn.Conv1d(1, 2, 3)\n"
+        "    def forward(self, x):\n        return self.conv(x)\n"
+    )
+    monkeypatch.syspath_prepend(str(source))
+    net = importlib.import_module("my_layers").Net()
+    torch.save(net, tmp_path / "net.pt")
+    monkeypatch.delitem(sys.modules, "my_layers")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(source)])
+    args = ["inspect", str(tmp_path / "net.pt"), "--trust-pickle", "--input-shape", "1,1,8"]
+    result = CliRunner().invoke(main, args)
+    _one_line_error(result, "No module named 'my_layers'", "PYTHONPATH", "save the model as a .pt2")
+
+
+def test_a_bare_state_dict_says_how_to_save_the_model(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(torch.nn.Conv1d(1, 2, 3).state_dict(), path)
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    _one_line_error(result, "bare state dict", "torch.export.save", "--trust-pickle")
+
+
 @pytest.fixture(scope="module")
 def pickled(tmp_path_factory):
     path = tmp_path_factory.mktemp("pickle") / "conv.pt"

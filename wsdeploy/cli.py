@@ -414,7 +414,8 @@ def zoo_train(
 def inspect(model: str, as_json: bool, trust_pickle: bool, input_shape: tuple[str, ...]) -> None:
     """Per-layer parameters and multiply-adds of MODEL, dense vs weight-sampled.
 
-    MODEL is a checkpoint, a .pt2 export, or a bundled zoo name.
+    MODEL is a wsdeploy checkpoint, a .pt2 export, a bundled zoo name, or a pickled module
+    (torch.save(model); with --trust-pickle and --input-shape).
     """
     from wsdeploy.inspect import inspect_model
     from wsdeploy.modelfile import load_model
@@ -715,7 +716,8 @@ def export(
 ) -> None:
     """Trace MODEL, run the WSNet passes, build TARGET and verify it against PyTorch.
 
-    MODEL is a checkpoint, a .pt2 export, or a bundled zoo name. Nothing is written to the
+    MODEL is a wsdeploy checkpoint, a .pt2 export, a bundled zoo name, or a pickled module
+    (torch.save(model); with --trust-pickle and --input-shape). Nothing is written to the
     output directory unless the build matches the eager PyTorch model.
     """
     from wsdeploy.compiler import ExportOptions

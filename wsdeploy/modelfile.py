@@ -439,7 +439,9 @@ def _from_checkpoint(payload: Any, path: Path, digest: str) -> LoadedModel:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(
             f"{path}: not a wsdeploy checkpoint (a bare state dict carries no "
-            "architecture; save with wsdeploy.modelfile.save_checkpoint)"
+            "architecture): save the model itself, as torch.export.save(torch.export.export("
+            "model, example_inputs), 'model.pt2') (preferred: no code runs when it loads) or "
+            "torch.save(model, 'model.pt') (then --trust-pickle)"
         )
     if payload.get("version") != VERSION:
         raise ModelFileError(
@@ -776,7 +778,14 @@ def _load_pickle(path: Path, digest: str, input_shape: Shapes | None) -> LoadedM
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ModelFileError(f"{path}: cannot unpickle model ({_first_line(e)})") from e
+        hint = ""
+        if isinstance(e, ModuleNotFoundError | AttributeError):  # the model's class
+            hint = (
+                ": a pickled module needs the module defining its class importable by the "
+                "same name (PYTHONPATH=its directory; a class defined in a script run as "
+                "__main__ cannot be found), or save the model as a .pt2"
+            )
+        raise ModelFileError(f"{path}: cannot unpickle model ({_first_line(e)}){hint}") from e
     if not isinstance(obj, nn.Module):
         raise ModelFileError(f"{path}: pickle holds a {type(obj).__name__}, not an nn.Module")
     names = _forward_names(obj)

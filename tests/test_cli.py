@@ -290,3 +290,19 @@ def test_plot_labels_of_nearby_builds_do_not_overlap(tmp_path):
     assert abs(offsets["tiny auto"] - offsets["tiny auto int8"]) >= LABEL_STEP_PT
     assert offsets["far"] == 4.0  # nothing near it: not moved
     plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    "ratio, said",
+    [
+        (248_520 / 242_304, "3% smaller"),
+        (4.0, "4.0x smaller"),
+        (1.1, "1.1x smaller"),
+        (0.97, "3% larger"),
+        (0.5, "2.00x larger"),
+    ],
+)
+def test_file_sizes_near_the_baseline_are_said_in_percent(ratio, said):
+    from wsdeploy.cli import _relative_size
+
+    assert _relative_size(ratio) == said

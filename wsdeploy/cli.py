@@ -790,7 +790,7 @@ def _print_build(m: dict, outdir: Path) -> None:
     if size["artifact_bytes"] == size["dense_baseline_bytes"]:
         relation = "the same size"
     else:
-        relation = f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+        relation = _relative_size(ratio)
     click.echo(
         f"  size      {size['artifact_bytes']:,} bytes vs dense fp32 baseline "
         f"{size['dense_baseline_bytes']:,} bytes ({relation})"
@@ -806,6 +806,15 @@ _VERIFIED_ON = {
     "emulated-arm64": " on the emulated arm64 device",
     "host-twin": " on a host twin",
 }
+
+
+def _relative_size(ratio: float) -> str:
+    """A file's size against the dense baseline's (``ratio`` = baseline / file): "4.0x
+    smaller", or in percent within 10% ("3% smaller", not "1.0x smaller")."""
+    if 1 / 1.1 < ratio < 1.1:
+        change = abs(1 - 1 / ratio)
+        return f"{change:.0%} {'smaller' if ratio > 1 else 'larger'}"
+    return f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
 def _print_recognition(records: list[dict]) -> None:

@@ -766,7 +766,7 @@ def _print_build(m: dict, outdir: Path) -> None:
     lowerings = {layer["strategy"] for layer in m["layers"]}
     if any(r.get("lowering") == "at load" for r in m.get("recognition", [])):
         lowerings.add("tied")
-    strategies = ", ".join(sorted(lowerings)) or "-"
+    strategies = ", ".join(sorted(lowerings)) or "no WSNet layer"
     precision = m.get("precision", "fp32")
     cpu = f", cpu {m['built_for_cpu']}" if m.get("built_for_cpu") else ""
     click.echo(f"built {outdir}/{m['artifact']} for {m['target']} ({strategies}, {precision}{cpu})")

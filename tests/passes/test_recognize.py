@@ -361,6 +361,23 @@ def test_other_weights_say_why_and_are_stored_dense_where_that_is_smaller(
     assert all(t.dtype != torch.int64 for t in tensors)
 
 
+def test_a_computed_weight_two_layers_share_is_stored_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(2, 2, 3))
+            self.register_buffer("perm", torch.randperm(12))
+
+        def forward(self, x):
+            w = self.a.reshape(-1)[self.perm].reshape(2, 2, 3)
+            return F.conv1d(F.conv1d(x, w, padding=1), w, padding=1)
+
+    new, records = _recognise(Twice(), (1, 2, 12))
+    assert [r.detail.get("stored") for r in records] == ["dense", "dense"]
+    tensors = [*new.state_dict.values(), *new.constants.values()]
+    assert [tuple(t.shape) for t in tensors] == [(2, 2, 3)]
+
+
 def test_weights_computed_from_inputs_are_not_layers():
     class Dynamic(nn.Module):
         def forward(self, x):

@@ -182,6 +182,7 @@ def recognize(
     gm = ep.module(check_guards=False)
     records: list[Record] = []
     parameters = {name for name, _ in gm.named_parameters()}
+    materialised: dict[torch.fx.Node, dict[str, Any]] = {}  # by weight: one copy if shared
     changed = 0
     for node in list(gm.graph.nodes):
         layer = _layer_kind(node)
@@ -205,7 +206,7 @@ def recognize(
         try:
             found = _recognise(gm, node, layer, weight, slice_nodes, leaves)
         except NotRecognised as e:
-            detail = _materialise(gm, node, layer, weight, slice_nodes, leaves)
+            detail = _materialise(gm, node, weight, slice_nodes, leaves, materialised)
             records.append(Record(_where(node), layer, "not recognised", detail, reason=str(e)))
             changed += bool(detail)
             continue
@@ -230,13 +231,17 @@ def recognize(
     return new, records
 
 
-def _materialise(gm, node, layer, weight, slice_nodes, leaves) -> dict[str, Any]:
+def _materialise(gm, node, weight, slice_nodes, leaves, done: dict) -> dict[str, Any]:
     """A weight computed from the model's tensors that is no WSNet or tied layer: where
     those tensors (a user's phi and its int64 index table, say) hold at least as many bytes
     as the weight they compute, the weight itself, computed once here, replaces them (a
     dense layer: never a larger file than the dense model's, nor a weight rebuilt on every
     run). Returns the record's detail ({} where the computation is the smaller: left as
-    written)."""
+    written). ``done``: the weights stored so far (a weight two layers share is stored once)."""
+    if weight in done:
+        stored, detail = done[weight]
+        node.replace_input_with(weight, stored)
+        return detail
     tensors = {leaf: _attr(gm, leaf.target) for leaf in leaves}
     read = sum(t.numel() * t.element_size() for t in tensors.values())
     env: dict = dict(tensors)
@@ -252,7 +257,8 @@ def _materialise(gm, node, layer, weight, slice_nodes, leaves) -> dict[str, Any]
         stored = gm.graph.get_attr(name)
     stored.meta["val"] = weight.meta.get("val")
     node.replace_input_with(weight, stored)
-    return {"stored": "dense", "stored_bytes": dense, "computed_from_bytes": read}
+    done[weight] = stored, {"stored": "dense", "stored_bytes": dense, "computed_from_bytes": read}
+    return done[weight][1]
 
 
 def _delete_unused_attributes(gm: torch.fx.GraphModule, among: set[str] | None = None) -> None:

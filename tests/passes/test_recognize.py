@@ -378,6 +378,36 @@ def test_a_computed_weight_two_layers_share_is_stored_once():
     assert [tuple(t.shape) for t in tensors] == [(2, 2, 3)]
 
 
+def test_a_tied_line_says_which_conv_argument_keeps_a_sampling_from_the_op():
+    """A WSNet sampling under a dilated conv is tied, and its line names the dilation; a
+    k-means map (no sampling at all) is tied without such a note."""
+
+    class Dilated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.phi = nn.Parameter(torch.randn(8, 40))
+
+        def forward(self, x):
+            w = self.phi.unfold(1, 5, 2).permute(1, 0, 2)[:16]
+            return F.conv1d(x, w, dilation=2)
+
+    class KMeans(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Parameter(torch.randn(16))
+            self.register_buffer("idx", torch.randint(0, 16, (64, 3, 3, 3)))
+
+        def forward(self, x):
+            return F.conv2d(x, self.c[self.idx])
+
+    _, (rec,) = _recognise(Dilated(), (1, 8, 30))
+    assert rec.status == "tied" and rec.detail["conv_arguments"], rec.line()
+    assert "; not the wsnet op: dilation 2" in rec.line()
+    _, (rec,) = _recognise(KMeans(), (1, 3, 8, 8))
+    assert rec.status == "tied" and "conv_arguments" not in rec.detail, rec.line()
+    assert "not the wsnet op" not in rec.line()
+
+
 def test_weights_computed_from_inputs_are_not_layers():
     class Dynamic(nn.Module):
         def forward(self, x):

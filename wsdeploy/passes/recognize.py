@@ -140,6 +140,7 @@ def describe(d: dict[str, Any]) -> str:
             f"{d['node']}: recognised: tied {d['layer']} weight {tuple(d['weight_shape'])} = "
             f"{d['values']:,} values by a {d['index_bits']}-bit index{sign}, "
             f"{d['stored_bytes']:,} bytes vs {d['dense_bytes']:,} dense{how}"
+            + (f"; not the wsnet op: {d['not_wsnet']}" if d.get("conv_arguments") else "")
             + {"at load": "; materialised at load", "dense": "; stored dense here"}.get(
                 d.get("lowering"), ""
             )
@@ -166,6 +167,12 @@ def _reorder_note(d: dict[str, Any]) -> str:
 
 class NotRecognised(Exception):
     """Why a computed weight is not a WSNet sampling (the record's reason)."""
+
+
+class ConvArguments(NotRecognised):
+    """A conv whose arguments the wsnet op does not take (dilation, groups, a rectangular
+    kernel, padding or stride differing between dimensions), whatever its weight: a tied
+    layer's line says so (why the sampling is not the op)."""
 
 
 def recognize(
@@ -471,7 +478,7 @@ def _recognise(gm, node, layer, weight, slice_nodes, leaves) -> Record:
                 return _linear(gm, node, flat, phi_flat, ops, param)
             return _conv(gm, node, layer, flat, phi_flat, ops, param)
         except NotRecognised as e:
-            not_wsnet = str(e)
+            not_wsnet = e
     return _tied(gm, node, layer, weight, flat, phi_flat, sign, ops, param, not_wsnet)
 
 
@@ -547,7 +554,8 @@ def _tied(gm, node, layer, weight, flat, phi_flat, sign, ops, param, not_wsnet) 
             "dense_bytes": dense,
             "ops": ops,
             "param": param,
-            "not_wsnet": not_wsnet,
+            "not_wsnet": str(not_wsnet),
+            **({"conv_arguments": True} if isinstance(not_wsnet, ConvArguments) else {}),
             **_dense_counts(node, layer, w),
         },
     )
@@ -562,7 +570,7 @@ def _gather(phi_flat: torch.Tensor, canon: np.ndarray) -> torch.Tensor:
 def _const_int(value: Any, ndim: int, what: str) -> int:
     vals = list(value) if isinstance(value, list | tuple) else [value] * ndim
     if len(set(vals)) != 1 or not isinstance(vals[0], int):
-        raise NotRecognised(f"{what} {value} differs between dimensions")
+        raise ConvArguments(f"{what} {value} differs between dimensions")
     return vals[0]
 
 
@@ -573,19 +581,19 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
     n, c = index.shape[:2]
     k = index.shape[2]
     if ndim == 2 and index.shape[3] != k:  # first: a square kernel's padding may differ too
-        raise NotRecognised(f"kernel {tuple(index.shape[2:])} is not square")
+        raise ConvArguments(f"kernel {tuple(index.shape[2:])} is not square")
     kw = node.kwargs
     stride = _const_int(kw.get("stride", 1 if stride is None else stride), ndim, "stride")
     padding = kw.get("padding", 0 if padding is None else padding)
     if isinstance(padding, str):
-        raise NotRecognised(f"padding={padding!r} (wsnet layers take explicit padding)")
+        raise ConvArguments(f"padding={padding!r} (wsnet layers take explicit padding)")
     padding = _const_int(padding, ndim, "padding")
     dilation = _const_int(kw.get("dilation", 1 if dilation is None else dilation), ndim, "dilation")
     groups = kw.get("groups", 1 if groups is None else groups)
     if dilation != 1:
-        raise NotRecognised(f"dilation {dilation} (wsnet layers have none)")
+        raise ConvArguments(f"dilation {dilation} (wsnet layers have none)")
     if groups != 1:
-        raise NotRecognised(f"groups={groups} (wsnet layers are not grouped)")
+        raise ConvArguments(f"groups={groups} (wsnet layers are not grouped)")
     repeat, base, channels = _channel_repeat(index, c)
     order = None
     if ndim == 1:

@@ -251,18 +251,19 @@ def _materialise(gm, node, weight, slice_nodes, leaves, done: dict) -> dict[str,
         return detail
     tensors = {leaf: _attr(gm, leaf.target) for leaf in leaves}
     read = sum(t.numel() * t.element_size() for t in tensors.values())
+    traced = weight.meta["val"]  # its size decides before anything is computed
+    dense = traced.numel() * traced.element_size()
+    if read < dense or not traced.is_floating_point():
+        return {}
     env: dict = dict(tensors)
     with torch.no_grad():
         _evaluate(slice_nodes, env)
     value = env[weight].detach().contiguous()
-    dense = value.numel() * value.element_size()
-    if read < dense or not value.is_floating_point():
-        return {}
     name = f"_wsdeploy_dense_{node.name}"
     gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     with gm.graph.inserting_before(node):
         stored = gm.graph.get_attr(name)
-    stored.meta["val"] = weight.meta.get("val")
+    stored.meta["val"] = traced
     node.replace_input_with(weight, stored)
     done[weight] = stored, {"stored": "dense", "stored_bytes": dense, "computed_from_bytes": read}
     return done[weight][1]

@@ -97,16 +97,18 @@ def register_schemas() -> None:
                 tied.OP_TYPE,
                 DOMAIN,
                 VERSION,
-                doc="A weight tied to few values by constant index bit planes; see "
-                "wsdeploy.ops.tied. Expanded into standard ops before a file is written.",
+                doc="A weight tied to few values by a constant index (bit planes, or with "
+                "bits 0 one int32 vector per axis, summed); see wsdeploy.ops.tied. Expanded "
+                "into standard ops before a file is written.",
                 inputs=[
                     param("phi", "T"),
-                    param("index", "U"),
+                    param("index", "I"),
                     param("sign", "U", param_option=option),
                 ],
                 outputs=[param("W", "T")],
                 type_constraints=[
                     ("T", ["tensor(float)"], "the tied values"),
+                    ("I", ["tensor(uint8)", "tensor(int32)"], "bit planes or separable"),
                     ("U", ["tensor(uint8)"], "bit planes"),
                 ],
                 attributes=[

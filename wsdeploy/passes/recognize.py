@@ -125,6 +125,13 @@ class Record:
         }
 
 
+def _index_words(d: dict[str, Any]) -> str:
+    """How a tied record's index is stored (``ops.tied``)."""
+    if d["index_bits"]:
+        return f"a {d['index_bits']}-bit index"
+    return f"an index summed from {sum(d['weight_shape']):,} per-axis integers"
+
+
 def describe(d: dict[str, Any]) -> str:
     """One line for a record (``Record.to_dict``, as a manifest stores it)."""
     how = f" (from {d['ops']} on {d['param']!r})" if d.get("ops") else ""
@@ -138,7 +145,7 @@ def describe(d: dict[str, Any]) -> str:
         sign = " and signs" if d["signed"] else ""
         return (
             f"{d['node']}: recognised: tied {d['layer']} weight {tuple(d['weight_shape'])} = "
-            f"{d['values']:,} values by a {d['index_bits']}-bit index{sign}, "
+            f"{d['values']:,} values by {_index_words(d)}{sign}, "
             f"{d['stored_bytes']:,} bytes vs {d['dense_bytes']:,} dense{how}"
             + (f"; not the wsnet op: {d['not_wsnet']}" if d.get("conv_arguments") else "")
             + {"at load": "; materialised at load", "dense": "; stored dense here"}.get(

@@ -332,6 +332,95 @@ def test_tied_layers_are_stored_dense_where_the_runtime_cannot_unpack(
         assert not any("pool" in op for op in runtime["portable"]), runtime
 
 
+class DilatedWSConv1d(nn.Module):
+    """A WSNet conv1d the wsnet op cannot take: filters are windows of phi (unfold), the
+    conv dilated."""
+
+    def __init__(self, cin, n, k, s, dilation):
+        super().__init__()
+        self.k, self.s, self.dilation = k, s, dilation
+        self.phi = nn.Parameter(torch.randn(cin, k + (n - 1) * s) * 0.2)
+
+    def forward(self, x):
+        w = self.phi.unfold(1, self.k, self.s).permute(1, 0, 2)
+        return F.conv1d(x, w, padding=self.dilation * (self.k // 2), dilation=self.dilation)
+
+
+class GroupedWSConv1d(nn.Module):
+    """A grouped WSNet conv1d by ``as_strided`` over a flat bank: every group's filters
+    are windows of the same (C/groups, L*) phi."""
+
+    def __init__(self, cin, n, k, s, groups):
+        super().__init__()
+        self.shape = (n, cin // groups, k)
+        self.length = k + (n - 1) * s
+        self.s, self.groups = s, groups
+        self.phi = nn.Parameter(torch.randn(cin // groups * self.length) * 0.2)
+
+    def forward(self, x):
+        w = torch.as_strided(self.phi, self.shape, (self.s, self.length, 1))
+        return F.conv1d(x, w, padding=self.shape[2] // 2, groups=self.groups)
+
+
+class SampledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(1, 32, 9, stride=4, padding=4)
+        self.dilated = DilatedWSConv1d(32, 64, 5, 2, 2)
+        self.dw = nn.Conv1d(64, 64, 3, padding=1, groups=64)
+        self.grouped = GroupedWSConv1d(64, 128, 7, 2, 4)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        y = F.max_pool1d(F.relu(self.dilated(y)), 2)
+        y = F.relu(self.grouped(F.relu(self.dw(y))))
+        return self.head(y.mean(-1))
+
+
+def test_dilated_and_grouped_wsnet_layers_store_phi_and_int8_quantizes_them(tmp_path):
+    """WSNet layers the op cannot take (a dilated conv, a grouped one) store phi and N + C +
+    k integers of index on ONNX, not an index of bits per weight entry; int8 quantizes them
+    and the depthwise conv: every conv weight in the int8 file is int8."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = SampledNet().eval()
+    with torch.no_grad():  # decisive logits
+        model.head.weight.mul_(30)
+    torch.export.save(torch.export.export(model, (torch.randn(1, 1, LENGTH),)), tmp_path / "m.pt2")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 1, LENGTH), np.float32))
+    np.savez(tmp_path / "gate.npz", x=rng.standard_normal((100, 1, LENGTH), np.float32))
+    out = tmp_path / "fp32"
+    result = _run(["export", str(tmp_path / "m.pt2"), "--target", "onnx", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("per-axis integers") == 2, result.output
+    assert "dilation 2" in result.output and "groups=4" in result.output
+    m = json.loads((out / "manifest.json").read_text())
+    phi = model.dilated.phi.numel() + model.grouped.phi.numel()
+    plain = 4 * sum(p.numel() for n, p in model.named_parameters() if "phi" not in n)
+    index = 4 * (64 + 32 + 5 + 128 + 16 + 7)
+    assert m["size"]["artifact_bytes"] <= 4 * phi + plain + index + STRUCTURE_BYTES
+    out = tmp_path / "int8"
+    args = ["export", str(tmp_path / "m.pt2"), "--target", "onnx", "-o", str(out)]
+    args += ["--quantize", "int8", "--calib", str(tmp_path / "calib.npz")]
+    args += ["--gate-data", str(tmp_path / "gate.npz"), "--min-agreement", "0.9"]
+    result = _run(args)
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(out / "model.onnx").graph
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    weights = [n.input[1] for n in graph.node if n.op_type == "Conv"]
+    producers = {o: n for n in graph.node for o in n.output}
+    for w in weights:  # each conv's weight is DequantizeLinear of an int8 initializer
+        dq = producers[w]
+        assert dq.op_type == "DequantizeLinear", w
+        assert stored[dq.input[0]].dtype == np.int8, w
+    assert len(weights) == 4
+    assert not [a for a in stored.values() if a.dtype == np.float32 and a.size > 128]
+
+
 class TwoInputs(nn.Module):
     """Audio plus a side feature vector, two outputs (logits and the fused embedding): a
     hand-written WSNet conv on the audio branch."""

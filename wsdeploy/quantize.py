@@ -217,12 +217,14 @@ class QuantConv(_Quantized):
     ``quantize_model``."""
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, act: tuple[float, bool]) -> None:
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise WsdeployError(f"int8: unsupported conv {conv} (groups, padding mode)")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise WsdeployError(f"int8: unsupported conv {conv} (padding mode)")
         q, scale = quantize_per_channel(conv.weight.detach().numpy(), 0, WEIGHT_QMAX)
         super().__init__(act, q, scale, conv.bias)
         self.fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
-        self.kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        self.kw = dict(
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(self.quant_input(x), self.weight(), self.bias, **self.kw)

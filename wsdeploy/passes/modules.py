@@ -5,13 +5,14 @@ but a ``torch.export`` program, or a user's module that calls ``F.conv1d`` on a 
 weight, has none: its layers are calls in a graph. After ``RecognizePass`` has turned the
 hand-written WSNet layers into wsnet ops, this pass gives every such call a module::
 
-    aten.conv1d(x, W, b; stride, padding)      -> nn.Conv1d(...)(x)     W, b stored
+    aten.conv1d(x, W, b; stride, padding, dilation, groups) -> nn.Conv1d(...)(x)  W, b stored
     aten.linear(x, W, b)                       -> nn.Linear(...)(x)
     wsnet.conv1d(x, phi; N, k, s, p, S, r)     -> WSConv1d(..., bias=False)(x)
 
 so that a ``.pt2`` and a pickle take the same int8 path as a zoo checkpoint. The module
-computes exactly what the call did. Grouped or dilated convs, and layers whose weight is
-still computed, stay calls (and so stay fp32).
+computes exactly what the call did. Layers whose weight is still computed stay calls (and
+so stay fp32). Grouped and dilated convs (depthwise ones, a dilated WSNet layer tied by
+recognition) are modules like any other: left as calls, an int8 build would keep them fp32.
 """
 
 from __future__ import annotations
@@ -66,16 +67,18 @@ def _conv_module(gm, node, ndim: int) -> nn.Module | None:
     padding = _ints(node.kwargs.get("padding", padding if padding is not None else 0), ndim)
     dilation = _ints(node.kwargs.get("dilation", dilation if dilation is not None else 1), ndim)
     groups = node.kwargs.get("groups", groups if groups is not None else 1)
-    if None in (stride, padding, dilation) or groups != 1 or set(dilation) != {1}:
+    if None in (stride, padding, dilation) or not isinstance(groups, int):
         return None
     weight, bias = _attr(gm, w), _attr(gm, b)
     cls = nn.Conv1d if ndim == 1 else nn.Conv2d
     conv = cls(
-        weight.shape[1],
+        weight.shape[1] * groups,
         weight.shape[0],
         tuple(weight.shape[2:]),
         stride=stride,
         padding=padding,
+        dilation=dilation,
+        groups=groups,
         bias=bias is not None,
     )
     with torch.no_grad():

@@ -127,7 +127,9 @@ def test_the_clip_calibration_gives_minmax_its_own_ranges(target):
     """``auto`` calibrates once with the clip search's observers and converts a copy with
     their running min and max: the same quantization parameters, and the same outputs, as a
     calibration with min-max observers of its own; the clip search's own ranges are
-    ``quantize.clip_threshold``'s of the values it kept, within the observed ones."""
+    ``quantize.clip_threshold``'s of the values it kept, within the observed ones. The
+    calibration's run records the fp32 outputs and patch means the bias correction and the
+    choice between them use, as a plain fp32 run does."""
     from wsdeploy.targets import executorch, litert, pt2e
 
     quantizer = {"executorch": executorch._xnnpack_quantizer, "litert": litert._litert_quantizer}
@@ -139,9 +141,15 @@ def test_the_clip_calibration_gives_minmax_its_own_ranges(target):
     # batches of growing range: the running min/max move
     batches = [(rng.standard_normal((1, 2, 64)) * (1 + i)).astype(np.float32) for i in range(6)]
     last = pt2e._output_layers(module)
-    own = pt2e._calibrated(module, batches, "minmax", quantizer, last)
+    own, fp32, means = pt2e._calibrated(module, batches, "minmax", quantizer, last)
+    # the calibration's run is the fp32 run: the same outputs and patch means, exactly
+    expected, expected_means = pt2e._fp32_pass(module, batches)
+    pairs = [(a, b) for o, e in zip(fp32, expected, strict=True) for a, b in zip(o, e, strict=True)]
+    assert len(pairs) == len(batches) and all(torch.equal(a, b) for a, b in pairs)
+    assert means.keys() == expected_means.keys() and len(means) >= 3
+    assert all(torch.equal(means[k], expected_means[k]) for k in means)
     own = pt2e._converted(own, last, True)
-    clipped = pt2e._calibrated(module, batches, "mse", quantizer, last)
+    clipped, *_ = pt2e._calibrated(module, batches, "mse", quantizer, last)
     observers = [m for m in clipped.modules() if isinstance(m, pt2e._clip_observer())]
     assert len(observers) >= 3 and all(m.clipped is not None and not m.kept for m in observers)
     for m in observers:

@@ -104,6 +104,36 @@ def test_a_bare_state_dict_says_how_to_save_the_model(tmp_path):
     _one_line_error(result, "bare state dict", "torch.export.save", "--trust-pickle")
 
 
+def test_an_onnx_file_given_as_the_model_says_what_wsdeploy_takes(tmp_path):
+    import onnx
+    from onnx import helper
+
+    io = [helper.make_tensor_value_info(v, 1, [1, 4]) for v in "xy"]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", io[:1], io[1:])
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "model.onnx"), "-o", "o"])
+    _one_line_error(result, "an ONNX file", "torch.export.save")
+
+
+def test_an_input_named_like_a_submodule_says_to_rename_it(tmp_path):
+    """torch.export saves a program whose input shares a submodule's name, but cannot make
+    it a module again: one line naming the input, not torch's traceback."""
+
+    class Clash(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.meta = torch.nn.Linear(4, 2)
+
+        def forward(self, x, meta):
+            return x.mean(-1) + self.meta(meta)
+
+    path = tmp_path / "clash.pt2"
+    example = (torch.randn(1, 2, 8), torch.randn(1, 4))
+    torch.export.save(torch.export.export(Clash().eval(), example), path)
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    _one_line_error(result, "input 'meta' has the name of", "rename")
+
+
 @pytest.fixture(scope="module")
 def pickled(tmp_path_factory):
     path = tmp_path_factory.mktemp("pickle") / "conv.pt"

@@ -363,6 +363,11 @@ def load_model(
     path = resolve(model)
     digest = sha256_file(path)
     if not zipfile.is_zipfile(path):
+        if _is_onnx(path):
+            raise ModelFileError(
+                f"{path}: an ONNX file; wsdeploy takes the PyTorch model (a .pt2 from "
+                "torch.export.save, or a pickled module with --trust-pickle) and writes ONNX"
+            )
         raise ModelFileError(f"{path}: not a PyTorch model file (truncated or corrupt?)")
     names = check_archive(path)
     if any(n.split("/", 1)[-1] == "archive_format" for n in names):  # a .pt2 archive
@@ -427,6 +432,19 @@ def check_archive(path: Path) -> list[str]:
             f"{MAX_ARCHIVE_BYTES:,}"
         )
     return [info.filename for info in infos]
+
+
+def _is_onnx(path: Path) -> bool:
+    """Whether ``path`` parses as an ONNX model (protobuf; read, never executed)."""
+    if path.suffix.lower() != ".onnx":
+        return False
+    try:
+        import onnx
+
+        onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return True
 
 
 def _first_line(e: BaseException) -> str:
@@ -704,8 +722,20 @@ def _load_pt2(
         axes = _check_ranges(path, ep, shape, want)
         fixed.append(f"{name}: {', '.join(axes)}")
         shapes.append(want)
-    with torch.no_grad():
-        module = ep.module()
+    try:
+        with torch.no_grad():
+            module = ep.module()
+    except Exception as e:  # torch cannot rebuild a module from the program
+        clash = [n for n in names if any(k.split(".")[0] == n for k in ep.state_dict)]
+        hint = (
+            f": input {clash[0]!r} has the name of one of the model's submodules; rename "
+            "that forward() argument and export again"
+            if clash
+            else ""
+        )
+        raise ModelFileError(
+            f"{path}: torch cannot rebuild a module from this program ({_first_line(e)}){hint}"
+        ) from None
     return LoadedModel(
         module,
         shapes[0],

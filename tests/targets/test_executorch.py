@@ -358,3 +358,21 @@ def test_patch_means_are_the_conv_patches_means(
     want = patches.transpose(0, 1).reshape(eye.shape[0], -1).mean(1).reshape(cin, *kernel)
     assert_close(got.numpy(), want.numpy(), stage="rewrite")
     assert _patch_means(x, kernel, ()).shape == (cin, *kernel)  # defaults: stride 1, no padding
+
+
+def test_a_lowering_error_names_what_its_first_line_announces():
+    """ExecuTorch's verifier announces a list with a colon and gives one operator a line:
+    the one-line error keeps the operators, not just the announcement."""
+    from wsdeploy.targets.executorch import _reason
+
+    e = RuntimeError(
+        "These operators are taking Tensor inputs with mismatched dtypes:\n\n"
+        "Operator: aten.abs.default with args complex64\nstack trace: model.py, line 3\n"
+    )
+    assert _reason(e) == (
+        "These operators are taking Tensor inputs with mismatched dtypes: "
+        "Operator: aten.abs.default with args complex64; stack trace: model.py, line 3"
+    )
+    assert _reason(RuntimeError("one line")) == "one line"
+    assert _reason(ValueError("")) == "ValueError"
+    assert len(_reason(RuntimeError("x:\n" + "y" * 500))) == 300

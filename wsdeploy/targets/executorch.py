@@ -113,6 +113,19 @@ def _without_compiler():
             del executorch.exir
 
 
+def _reason(e: BaseException) -> str:
+    """An exception's message on one line: its first line, and the lines it announces with
+    a colon (ExecuTorch's verifier: "These operators are taking Tensor inputs with mismatched
+    dtypes:" then one operator a line), at most 300 characters."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text += " " + "; ".join(lines[1:4])
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def delegation(edge_program) -> dict[str, Any]:
     """What XNNPACK took: operator counts inside the delegated subgraphs and outside them
     (those run on ExecuTorch's portable kernels)."""
@@ -155,8 +168,7 @@ def build(
             report = delegation(edge.exported_program())
             et = edge.to_executorch()
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CompileError(f"ExecuTorch could not lower the program: {first}") from e
+        raise CompileError(f"ExecuTorch could not lower the program: {_reason(e)}") from e
     plan = et.executorch_program.execution_plan[0]
     report["operators"] = sorted(
         f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators

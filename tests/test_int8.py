@@ -134,9 +134,14 @@ def test_cli_int8_export_and_one_line_errors(tmp_path):
     assert "int8" in result.output and "int8 gate" in result.output and "PASS" in result.output
     assert "vs fake-quantized PyTorch" in result.output
     np.save(tmp_path / "bad.npy", np.zeros((3, 7), np.float32))
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    x = data.make_dataset("audio", "test", 64, seed=9, length=4096).x
+    np.savez(tmp_path / "gate.npz", x=x, labels=np.full(64, 57))  # tiny has 10 classes
     for args, message in [
         (["--calib", str(tmp_path / "bad.npy")], "expected (n, 1, 4096)"),
         (["--calib", str(tmp_path / "none.npy")], "does not exist"),
+        (["--calib", str(tmp_path / "text.npz")], "is not an .npy or .npz file"),
+        (["--gate-data", str(tmp_path / "gate.npz")], "run from 57 to 57, but the model gives"),
     ]:
         result = runner.invoke(
             main, ["export", "wsnet1d-tiny", "--quantize", "int8", "-o", str(tmp_path / "z"), *args]

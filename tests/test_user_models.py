@@ -381,7 +381,8 @@ class SampledNet(nn.Module):
 def test_dilated_and_grouped_wsnet_layers_store_phi_and_int8_quantizes_them(tmp_path):
     """WSNet layers the op cannot take (a dilated conv, a grouped one) store phi and N + C +
     k integers of index on ONNX, not an index of bits per weight entry; int8 quantizes them
-    and the depthwise conv: every conv weight in the int8 file is int8."""
+    and the depthwise conv: every conv weight in the int8 file is int8. On TVM, what runs in
+    float on int8 weights is named."""
     import onnx
     from onnx import numpy_helper
 
@@ -419,6 +420,16 @@ def test_dilated_and_grouped_wsnet_layers_store_phi_and_int8_quantizes_them(tmp_
         assert stored[dq.input[0]].dtype == np.int8, w
     assert len(weights) == 4
     assert not [a for a in stored.values() if a.dtype == np.float32 and a.size > 128]
+    # TVM: the dilated layer runs an integer kernel; the grouped ones and the head (no
+    # integer kernel takes them) run float on their int8 weights, and the export says so
+    args[args.index("onnx")] = "x86_64"
+    args[args.index(str(out))] = str(tmp_path / "tvm")
+    result = _run(args)
+    assert result.exit_code == 0, result.output
+    (warning,) = json.loads((tmp_path / "tvm" / "manifest.json").read_text())["warnings"]
+    assert warning.startswith("int8: 3 quantized layer(s) run as float kernels"), warning
+    assert "(grouped conv, linear: no integer kernel here)" in warning
+    assert "warning   int8: 3 quantized layer(s)" in result.output
 
 
 class TwoInputs(nn.Module):

@@ -283,7 +283,8 @@ class Calibration:
     layout: str = "phi"
     """Which layers it calibrated: "phi" (every WSNet layer as such, int8 phi; a layer
     folded later inherits phi's scales) or "dense" (the layers its strategy folds as dense
-    convs, per output channel: ``compiler.layered``'s ``fold``)."""
+    convs, per output channel: ``compiler.layered``'s ``fold``; every layer, under a
+    target's own quantizer: ``compiler.target_int8_reference``)."""
     conv_outputs: dict[str, tuple[float, float]] = field(default_factory=dict)
     """(min, max) of every dense conv's output (by module name): where no quantized layer
     follows a conv, the dense layout requantizes its output at this range
@@ -544,6 +545,13 @@ def _reading(path: Path):
         raise
     except FileNotFoundError:
         raise WsdeployError(f"calibration file {path} does not exist") from None
+    except ValueError as e:
+        if "pickle" in str(e):  # numpy's reading of a file that is no .npy/.npz
+            raise WsdeployError(
+                f"calibration file {path} is not an .npy or .npz file (numpy would read it "
+                "as pickled data, which wsdeploy never loads)"
+            ) from None
+        raise WsdeployError(f"cannot read calibration file {path}: {str(e)[:200]}") from e
     except Exception as e:
         raise WsdeployError(f"cannot read calibration file {path}: {str(e)[:200]}") from e
 

@@ -133,7 +133,7 @@ def test_int8_is_litert_integer_kernels_through_both_gates(tmp_path):
     assert result.exit_code == 0, result.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["precision"] == "int8" and m["verification"]["passed"]
-    assert m["verification"]["stage"] == "quantized"
+    assert m["verification"]["stage"] == "requantized"
     gate = m["verification"]["accuracy_gate"]
     assert gate["passed"] and gate["n"] >= 1000 and gate["accuracy_drop"] is not None
     assert "litert: PT2E" in m["quantization"]["method"]

@@ -103,6 +103,28 @@ def _replace(
     return new
 
 
+_FLOAT_KINDS = {"Conv": "grouped conv", "Gemm": "linear", "MatMul": "linear"}
+
+
+def float_layers(graph: ir.Graph) -> list[tuple[str, str]]:
+    """The int8 layers this pass left to run in float on their dequantized int8 weights,
+    as (node name, kind): grouped convs and linear layers (no integer kernel takes them),
+    and any other it could not make integer."""
+    left = []
+    for node in graph:
+        if node.domain != "" or node.op_type not in _FLOAT_KINDS or len(node.inputs) < 2:
+            continue
+        if dequantized(node.inputs[1]) is None:
+            continue
+        kind = _FLOAT_KINDS[node.op_type]
+        if node.op_type == "Conv" and (
+            "group" not in node.attributes or node.attributes["group"].as_int() == 1
+        ):
+            kind = "conv"
+        left.append((node.name or node.outputs[0].name or node.op_type, kind))
+    return left
+
+
 class IntegerPass(Pass):
     """Replace every layer between int8 quantize/dequantize by an integer op."""
 

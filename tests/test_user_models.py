@@ -119,6 +119,9 @@ def test_inspect_reports_every_layer(user_files, kind):
     assert status["stem"] == status["dw"] == status["head"] == "dense"
     kinds = [r["kind"] for r in report["layers"]]
     assert kinds.count("WSConv1d") == 2 and kinds.count("WSLinear") == 1
+    # WSNet rows are named as the recognition lines name them (the user's module)
+    names = sorted(r["name"].split(" ")[0] for r in report["layers"] if r["kind"] == "WSConv1d")
+    assert names == ["ws1", "ws2"], report["layers"]
     assert report["totals"]["params"] < report["totals"]["dense_params"]
 
 
@@ -302,6 +305,17 @@ def test_tied_layers_ship_as_values_and_index_planes(tied_files, tmp_path, kind,
     # what is stored, within 10%, plus the graph's own structure (the unpacking ops)
     assert size <= 1.1 * stored + structure, (size, stored)
     assert size < m["size"]["dense_baseline_bytes"] / 2.4  # 12 bits an entry, not 32
+
+
+def test_inspect_gives_tied_layers_their_shapes(tied_files):
+    root, _ = tied_files
+    result = _run(["inspect", str(root / "tied.pt2"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads(result.output)["layers"] if r["kind"].startswith("tied")]
+    assert [(r["in_shape"], r["out_shape"]) for r in rows] == [
+        ([1, 32, 64], [1, 64, 64]),
+        ([1, 1024], [1, 256]),
+    ], rows
 
 
 @pytest.mark.parametrize(

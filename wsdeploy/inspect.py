@@ -64,11 +64,14 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
     torch stage found dense (a layer whose weight is computed some other way has no row:
     its record in ``recognition`` says why)."""
     rows = []
+    # a WSNet layer's row by its recognition line's name ("ws1 (conv2d_1)"), not the ONNX
+    # node's ("node_conv2d_1")
+    named = {rec.node.rsplit(" (", 1)[-1].rstrip(")"): rec.node for rec in recognition}
     for r in ws_layers:
         params = int(math.prod(r["phi_shape"]))
         rows.append(
             {
-                "name": r["node"],
+                "name": named.get(r["node"].removeprefix("node_"), r["node"]),
                 "kind": r["op"],
                 "in_shape": r["input_shape"],
                 "out_shape": r["output_shape"],
@@ -90,8 +93,8 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
                 {
                     "name": rec.node,
                     "kind": f"tied {rec.layer}",
-                    "in_shape": [],
-                    "out_shape": [],
+                    "in_shape": d.get("input_shape", []),
+                    "out_shape": d.get("output_shape", []),
                     "phi_shape": [d["values"]],
                     "params": -(-d["stored_bytes"] // 4),
                     "dense_params": d["params"],

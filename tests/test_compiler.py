@@ -60,11 +60,12 @@ def test_soundnet8_exports_match_pytorch(strategy, target, tmp_path):
     assert m["verification"]["outputs"][0]["top1_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("strategy", ["shared", "custom"])
+@pytest.mark.parametrize("strategy", ["shared", "custom", "auto"])
 @pytest.mark.parametrize("model", [*FAST_MODELS, "wsnet1d-soundnet8"])
 def test_onnx_file_holds_no_hidden_dense_copy(model, strategy, tmp_path):
     """The weights in the fp32 file are phi (plus per-channel scale and shift) and nothing
-    else; the whole file is within 5% of 4 bytes x the parameters stored where weights
+    else, ``auto``'s folded layers included (folded at load: phi and an index of N + C + k
+    integers); the whole file is within 5% of 4 bytes x the parameters stored where weights
     dominate (SoundNet-8's standard-op file). The small models' graphs, and the custom
     files' function definitions, cost a few KB of structure whatever they store, which
     the per-node assertion bounds."""
@@ -160,16 +161,18 @@ def test_pt2_export_end_to_end(tmp_path):
     assert verify(tmp_path / "o", path)["passed"]
 
 
+@pytest.mark.parametrize("strategy", ["shared", "auto"])
 @pytest.mark.parametrize("model", ["wsnet1d-tiny", "wsnet2d-cifar"])
-def test_ort_file_stores_the_onnx_files_weights_and_no_folded_windows(model, tmp_path):
+def test_ort_file_stores_the_onnx_files_weights_and_no_folded_windows(model, strategy, tmp_path):
     """The .ort file's initializers are the ONNX file's, byte for byte in total: ONNX
-    Runtime's converter would fold the shared graph's phi windows into it."""
+    Runtime's converter would fold the shared graph's phi windows into it, and the dense
+    weights ``auto`` folds at load."""
     import onnx
 
     from wsdeploy.targets import ort as ort_target
 
-    export(model, tmp_path / "onnx", ExportOptions(target="onnx", strategy="shared"))
-    export(model, tmp_path / "ort", ExportOptions(target="ort", strategy="shared"))
+    export(model, tmp_path / "onnx", ExportOptions(target="onnx", strategy=strategy))
+    export(model, tmp_path / "ort", ExportOptions(target="ort", strategy=strategy))
     proto = onnx.load(tmp_path / "onnx" / "model.onnx")
     onnx_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     assert ort_target.weight_bytes(tmp_path / "ort" / "model.ort") == onnx_bytes

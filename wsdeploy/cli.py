@@ -763,7 +763,10 @@ def export(
 def _print_build(m: dict, outdir: Path) -> None:
     size = m["size"]
     v = m["verification"]
-    lowerings = {layer["strategy"] for layer in m["layers"]}
+    lowerings = {
+        "fold at load" if layer.get("stored") == "phi, dense at load" else layer["strategy"]
+        for layer in m["layers"]
+    }
     if any(r.get("lowering") == "at load" for r in m.get("recognition", [])):
         lowerings.add("tied")
     strategies = ", ".join(sorted(lowerings)) or "no WSNet layer"

@@ -126,14 +126,15 @@ def pipeline(
     native target, which ``auto`` decides by (``passes.strategy.choose``)."""
     target = get_target(target) if isinstance(target, str) else target
     _check_precision(target, precision)
+    at_load = tied_at_load(strategy, target)
     onnx = [
-        TiedPass(tied_at_load(strategy, target)),
+        TiedPass(at_load),
         AffinePass(),
         StrategyPass(strategy, target.native_wsnet, goal, measured),
     ]
     if records is not None:
-        onnx.append(RecordPass(records, target.native_wsnet, goal, measured))
-    onnx += [FoldPass(), SharedPass(), CustomPass()]
+        onnx.append(RecordPass(records, target.native_wsnet, goal, measured, at_load))
+    onnx += [FoldPass(at_load), SharedPass(), CustomPass()]
     return Pipeline(
         {
             "onnx": onnx,
@@ -144,7 +145,8 @@ def pipeline(
 
 
 def tied_at_load(strategy: str, target: Target) -> bool:
-    """Whether a build keeps tied weights as phi and index planes for the runtime to
+    """Whether a build keeps tied weights, and the phi of the layers it folds, as phi and an
+    index for the runtime to
     materialise at load (``TiedPass``); else it stores them dense: the ``fold`` baseline, or
     a target that cannot (``Target.tied_at_load``)."""
     return strategy != "fold" and target.tied_at_load

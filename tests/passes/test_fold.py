@@ -86,3 +86,47 @@ def test_channel_and_filter_gathers_fold_into_the_dense_weight(tmp_path_factory,
         gathers = op_types(model).count("Gather")  # shared: the outputs' at least
         assert gathers == 0 if strategy == "fold" else gathers >= 1
         assert_close(run_ir(model, x, tmp), eager(module, x), stage="rewrite")
+
+
+def _fold_at_load(module, shape, tmp_path):
+    """Every WSNet layer folded at load: the file holds phi and a separable index, the
+    runtime (ONNX Runtime, constant folding at session start) computes the dense weight."""
+    from tests.conftest import eager, randomize_bn, run_ir, to_ir
+    from wsdeploy.numerics import assert_close
+    from wsdeploy.passes.affine import AffinePass
+    from wsdeploy.passes.cleanup import CleanupPass
+    from wsdeploy.passes.fold import FoldPass
+    from wsdeploy.passes.strategy import StrategyPass
+
+    randomize_bn(module)
+    model = to_ir(module, shape)
+    phi = sum(
+        v.const_value.numpy().size for v in model.graph.initializers.values() if "phi" in v.name
+    )
+    for p in (AffinePass(), StrategyPass("fold", False, "balanced"), FoldPass(True), CleanupPass()):
+        p(model)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    assert_close(run_ir(model, x, tmp_path), eager(module, x), stage="rewrite")
+    stored = [v.const_value.numpy() for v in model.graph.initializers.values()]
+    ops = op_types(model)
+    assert "Gather" in ops and not any(o.startswith("wsnet.") for o in ops)
+    (conv,) = [n for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert conv.inputs[1].const_value is None  # computed from phi, not stored
+    (gather,) = [n for n in model.graph if n.op_type == "Gather"]
+    shape = gather.inputs[1].producer().inputs[1].const_value.numpy()  # the weight's
+    dense = int(np.prod(shape))
+    floats = sorted(a.size for a in stored if a.dtype == np.float32)
+    # phi, and per output channel at most a bias and the epilogue's scale: no dense weight
+    assert sum(floats) <= phi + 2 * int(shape.max()) and floats[-1] < max(dense, phi + 1)
+    (index,) = [a for a in stored if a.dtype == np.int32]
+    assert index.size == shape.sum()  # N + C + k ...: not one entry per weight entry
+    return model
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["conv1d", "conv2d", "linear"]), st.data())
+def test_folding_at_load_stores_phi_and_computes_the_dense_layer(tmp_path_factory, kind, data):
+    cfg = data.draw({"conv1d": conv1d_cfg, "conv2d": conv2d_cfg, "linear": linear_cfg}[kind])
+    make = {"conv1d": conv1d_model, "conv2d": conv2d_model, "linear": linear_model}[kind]
+    module, shape = make(cfg)
+    _fold_at_load(module, shape, tmp_path_factory.mktemp("fl"))

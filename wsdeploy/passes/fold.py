@@ -13,6 +13,15 @@ permutation of the dense weight's columns, or rows (and bias), and the copy is g
     Gather(Conv(Gather(x, p_in, axis=1), W, B), p_out, axis=1)
         -> Conv(x, W[p_out][:, argsort(p_in)], B[p_out])
 
+At load (``load_time``: ONNX and ``.ort`` files of a build whose strategy is not ``fold``,
+the same rule as tied weights, ``compiler.tied_at_load``), a folded layer stores phi, not
+the dense weight: the weight is a Gather of phi by its index, which is a sum of one vector
+per weight axis (``ops.tied``'s separable form: N + C + k integers), marked for the runtime
+to fold when it loads the model (ONNX Runtime's constant folding at session start). The
+file keeps phi's size and the layer runs the dense conv::
+
+    WSConv2d(x; phi, scale, bias) -> Conv(x, Gather(Reshape(phi, [-1]), I) * scale, bias)
+
 int8 phi (``DequantizeLinear(phi_q, s)``, per condensed channel c*) folds without touching
 the quantized values: the dense weight is int8 too, each input channel c carries the scale
 of its condensed channel c mod C* (DequantizeLinear along axis 1), and the epilogue stays
@@ -28,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from wsdeploy import ops
+from wsdeploy.ops import tied
 from wsdeploy.ops.builder import Builder
 
 from ._graph import (
@@ -58,10 +68,28 @@ def dense_weight(node: ir.Node, phi: np.ndarray | None = None) -> np.ndarray:
     return ops.spec(node).materialize(phi, ws_attrs(node))
 
 
+def folds_at_load(node: ir.Node, load_time: bool) -> bool:
+    """Whether ``FoldPass(load_time)`` stores this layer's phi for the runtime to fold at
+    load (module doc): an fp32 phi, whose index (always, for WSNet sampling) is separable."""
+    if not load_time or dequantized(phi_of(node)) is not None or const(phi_of(node)) is None:
+        return False
+    return tied.separable(_index(node)) is not None
+
+
+def _index(node: ir.Node) -> np.ndarray:
+    """The dense weight's entries as flat indices into phi (materialising an index phi)."""
+    phi = const(phi_of(node))
+    return dense_weight(node, np.arange(phi.size, dtype=np.int64).reshape(phi.shape))
+
+
 class FoldPass(Pass):
-    """Replace wsnet nodes marked ``fold`` by Conv/Gemm with dense weights."""
+    """Replace wsnet nodes marked ``fold`` by Conv/Gemm with dense weights (with
+    ``load_time``: weights the runtime computes from phi when it loads the model)."""
 
     name = "fold"
+
+    def __init__(self, load_time: bool = False) -> None:
+        self.load_time = load_time
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -74,10 +102,12 @@ class FoldPass(Pass):
                 modified = True
                 continue
             spec = ops.spec(node)
-            w = dense_weight(node)
+            at_load = folds_at_load(node, self.load_time)
+            # at load: the same steps on the weight's indices into phi (module doc)
+            w = _index(node) if at_load else dense_weight(node)
             scale_v, bias_v = epilogue(node)
             scale, bias = const(scale_v), const(bias_v)
-            if scale is not None:
+            if scale is not None and not at_load:
                 w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
             base = phi_of(node).name or "w"
             x = x_of(node)
@@ -91,14 +121,18 @@ class FoldPass(Pass):
             if after is not None:  # the outputs permuted: the weight's rows and the bias
                 w = w[after[1]]
                 bias = None if bias is None else bias[after[1]]
-            stored = spec.dense_layout(w, rank).astype(np.float32)
-            weight = add_initializer(graph, f"{base}.dense", stored)
+                scale = None if scale is None else scale[after[1]]
+            builder = Builder()
+            if at_load:
+                weight = _at_load(graph, builder, node, spec.dense_layout(w, rank), scale, rank)
+            else:
+                stored = spec.dense_layout(w, rank).astype(np.float32)
+                weight = add_initializer(graph, f"{base}.dense", stored)
             b = (
                 None
                 if bias is None
                 else add_initializer(graph, f"{base}.dense_bias", bias.astype(np.float32))
             )
-            builder = Builder()
             y = spec.dense(builder, x, weight, b, ws_attrs(node), rank)
             replace_node(graph, node, builder.nodes, y)
             if after is not None:
@@ -110,6 +144,25 @@ class FoldPass(Pass):
         if modified:
             prune_initializers(graph)
         return PassResult(model, modified)
+
+
+def _at_load(graph, b: Builder, node, index: np.ndarray, scale, rank: int) -> ir.Value:
+    """The dense weight as ops on phi for the runtime to fold at load: Gather of phi by
+    ``index`` (stored separable), times the epilogue's scale along the output channels."""
+    phi = phi_of(node)
+    base = phi.name or "w"
+    vectors = add_initializer(graph, f"{base}.index", tied.separable(index))
+    flat = b.reshape(phi, [int(np.prod(static_shape(phi)))])
+    w = tied.emit(b, flat, vectors, None, 0, tuple(int(d) for d in index.shape))
+    if scale is not None:  # output channels: axis 0, or the last of a transposed weight
+        spec = ops.spec(node)
+        out_axis = 0 if spec.dense_layout(np.zeros((2, 1)), rank).shape[0] == 2 else 1
+        shape = [1] * index.ndim
+        shape[out_axis] = -1
+        s = add_initializer(graph, f"{base}.dense_scale", scale.reshape(shape).astype(np.float32))
+        w = b.op("Mul", [w, s])
+    b.not_folded([n.outputs[0] for n in b.nodes if n.op_type != "Constant"])
+    return w
 
 
 def _input_gather(x: ir.Value, axis: int, rank: int, n: int):

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from ._graph import STRATEGY_KEY, ws_nodes
 from .base import Pass, PassResult
+from .fold import folds_at_load
 from .strategy import (
     NOTE_KEY,
     Layer,
@@ -82,16 +83,20 @@ class RecordPass(Pass):
         native: bool,
         goal: str,
         measured: Measured | None = None,
+        load_time: bool = False,
     ) -> None:
         self.records = records
         self.native = native
         self.goal = goal
         self.measured = measured
+        self.load_time = load_time  # ``FoldPass``'s: folded layers keep phi, dense at load
 
     def call(self, model: ir.Model) -> PassResult:
         for node in ws_nodes(model.graph):
             strategy = node.meta[STRATEGY_KEY]
             found = record(node.name, node, strategy, self.native, self.goal, self.measured)
+            if strategy == "fold" and folds_at_load(node, self.load_time):
+                found["stored"] = "phi, dense at load"
             if NOTE_KEY in node.meta:
                 found["note"] = node.meta[NOTE_KEY]
             self.records.append(found)

@@ -256,7 +256,7 @@ def test_calibration_files(tmp_path):
         ("obj.npy", "cannot read"),  # object arrays need pickle: never loaded
         ("bad.npy", r"expected \(n, 2, 5\)"),
         ("nan.npy", "NaN"),
-        ("junk.npz", "cannot read"),
+        ("junk.npz", "is not an .npy or .npz file"),
         ("missing.npy", "does not exist"),
     ]:
         with pytest.raises(WsdeployError, match=message):

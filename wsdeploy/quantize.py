@@ -546,7 +546,7 @@ def _reading(path: Path):
     except FileNotFoundError:
         raise WsdeployError(f"calibration file {path} does not exist") from None
     except ValueError as e:
-        if "pickle" in str(e):  # numpy's reading of a file that is no .npy/.npz
+        if "contains pickled" in str(e):  # numpy's reading of a file that is no .npy/.npz
             raise WsdeployError(
                 f"calibration file {path} is not an .npy or .npz file (numpy would read it "
                 "as pickled data, which wsdeploy never loads)"

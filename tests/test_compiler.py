@@ -161,21 +161,32 @@ def test_pt2_export_end_to_end(tmp_path):
     assert verify(tmp_path / "o", path)["passed"]
 
 
-@pytest.mark.parametrize("strategy", ["shared", "auto"])
 @pytest.mark.parametrize("model", ["wsnet1d-tiny", "wsnet2d-cifar"])
-def test_ort_file_stores_the_onnx_files_weights_and_no_folded_windows(model, strategy, tmp_path):
+def test_ort_file_stores_the_onnx_files_weights_and_no_folded_windows(model, tmp_path):
     """The .ort file's initializers are the ONNX file's, byte for byte in total: ONNX
-    Runtime's converter would fold the shared graph's phi windows into it, and the dense
-    weights ``auto`` folds at load."""
+    Runtime's converter would fold the shared graph's phi windows into it."""
     import onnx
 
     from wsdeploy.targets import ort as ort_target
 
-    export(model, tmp_path / "onnx", ExportOptions(target="onnx", strategy=strategy))
-    export(model, tmp_path / "ort", ExportOptions(target="ort", strategy=strategy))
+    export(model, tmp_path / "onnx", ExportOptions(target="onnx", strategy="shared"))
+    export(model, tmp_path / "ort", ExportOptions(target="ort", strategy="shared"))
     proto = onnx.load(tmp_path / "onnx" / "model.onnx")
     onnx_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     assert ort_target.weight_bytes(tmp_path / "ort" / "model.ort") == onnx_bytes
+
+
+def test_an_ort_file_computes_no_weight_at_run_time(tmp_path):
+    """ONNX Runtime folds an ONNX file's constants when it loads it, not an .ort file's: an
+    .ort ``auto`` build stores its folded layers dense (no Gather of phi to run each
+    inference), where the ONNX build folds them at load."""
+    export("wsnet2d-cifar", tmp_path / "onnx", ExportOptions(target="onnx"))
+    m = export("wsnet2d-cifar", tmp_path / "ort", ExportOptions(target="ort")).manifest
+    ops = (tmp_path / "ort" / "required_operators.config").read_text()
+    assert "Gather" not in ops and any(layer["strategy"] == "fold" for layer in m["layers"])
+    assert not any(layer.get("stored") for layer in m["layers"])
+    onnx_layers = json.loads((tmp_path / "onnx" / "manifest.json").read_text())["layers"]
+    assert any(layer.get("stored") == "phi, dense at load" for layer in onnx_layers)
 
 
 def test_memo_tells_models_apart_by_weight_shapes_and_input_shapes():

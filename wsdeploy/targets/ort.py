@@ -202,7 +202,10 @@ ORT = Target(
     build,
     load,
     STANDARD_OP_PASSES,
-    tied_at_load=True,
+    # ONNX Runtime folds constants when it loads an ONNX file, not an .ort file: there the
+    # unpacking of tied weights and of folded layers' phi ran in every inference (profiled:
+    # wsnet2d-cifar's four Gathers each run), so .ort files store those weights dense
+    tied_at_load=False,
     dynamic=True,
     integer_convs=True,
 )

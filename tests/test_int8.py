@@ -50,7 +50,9 @@ def test_int8_build_passes_the_gate(model, target, tmp_path):
     # weights are stored as int8 (a few float scales and biases beside them)
     assert size["param_bytes"] < 1.6 * size["stored_params"]
     if TARGETS[target].artifact.endswith((".onnx", ".ort")):  # the file is its weights
-        assert size["artifact_bytes"] < size["wsnet_fp32_bytes"]
+        # int8 weights, a quarter of fp32's (the fp32 WSNet file may be smaller still: it
+        # keeps phi for the layers it folds at load, where int8 stores them dense)
+        assert size["artifact_bytes"] < size["dense_baseline_bytes"] / 2
     # (a TVM library of a model this small is mostly code: 127 KB int8 vs 122 KB fp32 for
     # wsnet1d-tiny on x86_64, whose weights take 16.7 KB in fp32 and 5.0 KB in int8)
     assert json.loads((out / "manifest.json").read_text()) == m

@@ -596,7 +596,7 @@ def test_several_inputs_in_int8_with_data_keyed_by_input_name(two_files, tmp_pat
     assert gate["passed"] and gate["n"] == 128
     assert (gate["accuracy_drop"] is None) == pt2e
     if target == "onnx":  # (a TVM library's size is mostly code)
-        assert m["size"]["artifact_bytes"] < m["size"]["wsnet_fp32_bytes"]
+        assert m["size"]["artifact_bytes"] < m["size"]["dense_baseline_bytes"]
     result = _run([*args, "--gate-data", str(root / "audio_only.npz")])
     assert result.exit_code == 1 and "no array for input(s) side" in result.output
 

@@ -31,7 +31,7 @@ from benchmarks.layers import (
     peak_gmacs,
     time_rounds,
 )
-from wsdeploy.compiler import ExportOptions, export, gate_failure
+from wsdeploy.compiler import ExportOptions, export, gate_failure, lower
 from wsdeploy.errors import AccuracyGateFailed
 from wsdeploy.modelfile import load_model
 from wsdeploy.models import count_model, dense_baseline, zoo
@@ -301,7 +301,7 @@ def _export_build(
             label = f"{label}, phi scales (gate refused dense weights)"
     fields["export_seconds"] = round(time.perf_counter() - clock, 1)
     if target == "onnx":
-        fields["ort_bytes"] = _ort_bytes(out / m["artifact"])
+        fields["ort_bytes"] = _ort_bytes(out / m["artifact"], m, loaded, options)
     builds.append(
         (
             label,
@@ -315,15 +315,25 @@ def _export_build(
     )
 
 
-def _ort_bytes(onnx_path: Path) -> int:
+def _ort_bytes(onnx_path: Path, manifest: dict, loaded, options: ExportOptions) -> int:
     """Size of the same build in ONNX Runtime's mobile format, as the ``ort`` target writes it
-    (the ONNX file is what ONNX Runtime runs here; a phone app ships the .ort file)."""
+    (the ONNX file is what ONNX Runtime runs here; a phone app ships the .ort file). An ONNX
+    build that leaves dense weights for ONNX Runtime to compute at load (``auto``'s folded
+    layers, tied weights) is lowered again for ``ort``, which stores them dense: ONNX
+    Runtime does not fold an .ort file's constants at load."""
     import onnx_ir as ir
 
     from wsdeploy.targets import ort as ort_target
 
+    at_load = any("at load" in str(layer.get("stored", "")) for layer in manifest["layers"]) or any(
+        r.get("lowering") == "at load" for r in manifest["recognition"]
+    )
+    if at_load:
+        model, _ = lower(loaded, options.strategy, "ort", goal=options.goal)
+    else:
+        model = ir.load(onnx_path)
     with tempfile.TemporaryDirectory(prefix="wsdeploy-bench-ort-") as tmp:
-        ort_target.build(ir.load(onnx_path), Path(tmp))
+        ort_target.build(model, Path(tmp))
         return (Path(tmp) / ort_target.FILENAME).stat().st_size
 
 

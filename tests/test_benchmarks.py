@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -296,7 +297,7 @@ def test_a_build_failing_its_gate_is_listed_and_built_at_the_relaxed_bar(
         return type("Result", (), {"manifest": manifest})()
 
     monkeypatch.setattr(run, "export", fake_export)
-    monkeypatch.setattr(run, "_ort_bytes", lambda path: 5)
+    monkeypatch.setattr(run, "_ort_bytes", lambda *args: 5)
     builds, rows = [], []
     counts = type("Counts", (), {"dense_macs": 100})()
     spec = (target, "fold", "int8", "int8 build")
@@ -317,3 +318,20 @@ def test_a_build_failing_its_gate_is_listed_and_built_at_the_relaxed_bar(
     else:
         assert failed == ["int8 build", relaxed] and not builds
         assert "need >= 98.0%" in rows[1]["failed"]
+
+
+def test_the_ort_column_is_the_size_of_what_the_ort_target_writes(tmp_path):
+    """An ONNX `auto` build leaves its folded layers' dense weights to ONNX Runtime's
+    constant folding at load, which an .ort file does not get: the *.ort KB* column must be
+    the ``ort`` target's file (dense), not the ONNX build converted."""
+    from benchmarks import run
+    from wsdeploy.compiler import ExportOptions, export
+    from wsdeploy.modelfile import load_model
+
+    loaded = load_model("wsnet1d-tiny")
+    options = ExportOptions(target="onnx", strategy="auto")
+    m = export(loaded, tmp_path / "onnx", options).manifest
+    assert any("at load" in layer.get("stored", "") for layer in m["layers"])
+    ort = export(loaded, tmp_path / "ort", dataclasses.replace(options, target="ort")).manifest
+    column = run._ort_bytes(tmp_path / "onnx" / m["artifact"], m, loaded, options)
+    assert column == ort["size"]["artifact_bytes"]

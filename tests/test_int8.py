@@ -350,3 +350,31 @@ def test_int8_falls_back_to_phi_scales_when_the_gate_refuses_dense_weights(tmp_p
     assert not (tmp_path / "dense").exists()
     with pytest.raises(WsdeployError, match="unknown int8 layout"):
         export("wsnet1d-tiny", tmp_path / "x", ExportOptions(precision="int8", int8_layout="x"))
+
+
+def test_integer_sample_files_are_named_as_given_as_they_are(tmp_path):
+    """A calibration or gate file of integers (16-bit PCM, uint8 images) reaches the model as
+    floats on that scale: the export says so, and a gate failure says it too."""
+    loaded = load_model("wsnet1d-tiny")
+    x = data.make_dataset("audio", "calib", 32, seed=5, length=4096).x
+    np.savez(tmp_path / "float.npz", x=x)
+    np.savez(tmp_path / "pcm.npz", x=np.round(x * 1000).astype(np.int16))
+    np.savez(tmp_path / "mask.npz", x=(x > 0).astype(np.uint8))
+    assert quantize.integer_note(tmp_path / "float.npz", "--calib") is None
+    assert quantize.integer_note(tmp_path / "mask.npz", "--calib") is None  # 0/1: no scale
+    note = quantize.integer_note(tmp_path / "pcm.npz", "--calib")
+    assert note.startswith("int8: --calib pcm.npz holds int16 values (")
+    opts = ExportOptions(precision="int8", calib=str(tmp_path / "float.npz"))
+    warned = export(loaded, tmp_path / "f", opts).manifest["warnings"]
+    assert not [w for w in warned if "holds" in w]
+    # 16-bit PCM calibrated as it is: 10% agreement, and the error says why
+    opts = ExportOptions(precision="int8", calib=str(tmp_path / "pcm.npz"))
+    with pytest.raises(AccuracyGateFailed, match=r"; --calib pcm.npz holds int16 values \("):
+        export(loaded, tmp_path / "p", opts)
+    test = data.make_dataset("audio", "test", 64, seed=9, length=4096).x
+    np.savez(tmp_path / "gate.npz", x=np.round(test * 1000).astype(np.int16))
+    opts = ExportOptions(
+        precision="int8", calib=str(tmp_path / "float.npz"), gate_data=str(tmp_path / "gate.npz")
+    )
+    with pytest.raises(AccuracyGateFailed, match=r"agreement.*; --gate-data gate.npz holds int16"):
+        export(loaded, tmp_path / "g", opts)

@@ -1242,9 +1242,10 @@ def export(
             dense = dataclasses.replace(options, int8_layout="dense")
             return export(loaded, outdir, dense, progress=progress)
         except AccuracyGateFailed as e:
+            why = str(e).split(": ", 1)[-1].split("; ")[0]  # without a note on the files
             fallback = (
                 f"int8: integer kernels (dense weights per output channel) refused by the "
-                f"gate ({str(e).split(': ', 1)[-1]}); built with phi's scales instead, whose "
+                f"gate ({why}); built with phi's scales instead, whose "
                 "layers the runtime computes in float"
             )
             say(fallback)
@@ -1285,6 +1286,15 @@ def export(
     at_load = not int8 and tied_at_load(options.strategy, target)
     tied_lowering = "at load" if at_load else "dense"
     warnings = [] if fallback is None else [fallback]
+    scale_notes = []  # sample files of integers given to the model as they are
+    if int8:
+        names = loaded.input_names if loaded.more_inputs else ()
+        for flag, path in (("--calib", options.calib), ("--gate-data", options.gate_data)):
+            note = None if path is None else quantize.integer_note(path, flag, names)
+            if note is not None:
+                say(note)
+                scale_notes.append(note)
+    warnings += scale_notes
     kept_tied = at_load and any(r.status == "tied" for r in recognition)
     if int8 and "integer" in target.passes["int8"]:  # the TVM targets' integer kernels
         left = float_layers(lowered.graph)
@@ -1333,15 +1343,21 @@ def export(
                         reference, where.runner, options.n_verify, options.seed, stage, step
                     )
                 verification["reference"] = "fake-quantized PyTorch model"
-                verification["accuracy_gate"] = accuracy_gate(
-                    loaded,
-                    where.gate_runner,
-                    options.gate_samples,
-                    loaded.input_shape[0],
-                    options.min_agreement,
-                    progress=say,
-                    data=held_out,
-                )
+                try:
+                    verification["accuracy_gate"] = accuracy_gate(
+                        loaded,
+                        where.gate_runner,
+                        options.gate_samples,
+                        loaded.input_shape[0],
+                        options.min_agreement,
+                        progress=say,
+                        data=held_out,
+                    )
+                except AccuracyGateFailed as e:
+                    if not scale_notes:
+                        raise
+                    note = scale_notes[0].removeprefix("int8: ")
+                    raise AccuracyGateFailed(f"{e}; {note}", e.result) from None
                 verification["accuracy_gate"]["ran_on"] = where.gate_on
         # the device's address, or where it ran without one (an emulated device started
         # for the check has no address worth keeping)

@@ -536,6 +536,37 @@ def load_samples(
     return _checked(path, arr, input_shape)
 
 
+def integer_note(path: str | Path, flag: str, names: tuple[str, ...] = ()) -> str | None:
+    """A line for a sample file whose inputs are stored as integers beyond 0 and 1 (an image
+    set's uint8 0..255, 16-bit PCM): they reach the model as floats as they are, which is
+    right only if the model was trained on that scale, and wrong, without an error, for one
+    trained on scaled inputs. None for a float file."""
+    path = Path(path)
+    with _reading(path):
+        z = np.load(path, allow_pickle=False)
+        if isinstance(z, np.lib.npyio.NpzFile):
+            with z:
+                files = z.files
+                keys = [n for n in names if n in files] or [
+                    next((k for k in ("x", "input", "inputs") if k in files), files[0])
+                ]
+                arrays = [z[k] for k in keys if k in files]
+        else:
+            arrays = [z]
+    ints = [a for a in arrays if a.dtype.kind in "iu" and a.size]
+    if not ints:
+        return None
+    lo, hi = min(int(a.min()) for a in ints), max(int(a.max()) for a in ints)
+    if lo >= -1 and hi <= 1:
+        return None
+    return (
+        f"int8: {flag} {path.name} holds {ints[0].dtype} values ({lo}..{hi}), given to the "
+        "model as floats as they are: if it was trained on scaled inputs (images in 0..1, "
+        "normalised audio), scale the file the same way, or the ranges are calibrated for "
+        "inputs it never sees"
+    )
+
+
 @contextlib.contextmanager
 def _reading(path: Path):
     """Errors reading a calibration or gate file, as one line naming it."""

@@ -130,7 +130,7 @@ def pipeline(
     onnx = [
         TiedPass(at_load),
         AffinePass(),
-        StrategyPass(strategy, target.native_wsnet, goal, measured),
+        StrategyPass(strategy, target.native_wsnet, goal, measured, at_load),
     ]
     if records is not None:
         onnx.append(RecordPass(records, target.native_wsnet, goal, measured, at_load))

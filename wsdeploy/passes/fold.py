@@ -154,12 +154,9 @@ def _at_load(graph, b: Builder, node, index: np.ndarray, scale, rank: int) -> ir
     vectors = add_initializer(graph, f"{base}.index", tied.separable(index))
     flat = b.reshape(phi, [int(np.prod(static_shape(phi)))])
     w = tied.emit(b, flat, vectors, None, 0, tuple(int(d) for d in index.shape))
-    if scale is not None:  # output channels: axis 0, or the last of a transposed weight
-        spec = ops.spec(node)
-        out_axis = 0 if spec.dense_layout(np.zeros((2, 1)), rank).shape[0] == 2 else 1
-        shape = [1] * index.ndim
-        shape[out_axis] = -1
-        s = add_initializer(graph, f"{base}.dense_scale", scale.reshape(shape).astype(np.float32))
+    if scale is not None:  # along the output channels, laid out as the weight is
+        column = scale.reshape((-1,) + (1,) * (index.ndim - 1)).astype(np.float32)
+        s = add_initializer(graph, f"{base}.dense_scale", ops.spec(node).dense_layout(column, rank))
         w = b.op("Mul", [w, s])
     b.not_folded([n.outputs[0] for n in b.nodes if n.op_type != "Constant"])
     return w

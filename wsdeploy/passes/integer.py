@@ -103,6 +103,10 @@ def _replace(
     return new
 
 
+def _group(conv: ir.Node) -> int:
+    return conv.attributes["group"].as_int() if "group" in conv.attributes else 1
+
+
 _FLOAT_KINDS = {"Conv": "grouped conv", "Gemm": "linear", "MatMul": "linear"}
 
 
@@ -117,9 +121,7 @@ def float_layers(graph: ir.Graph) -> list[tuple[str, str]]:
         if dequantized(node.inputs[1]) is None:
             continue
         kind = _FLOAT_KINDS[node.op_type]
-        if node.op_type == "Conv" and (
-            "group" not in node.attributes or node.attributes["group"].as_int() == 1
-        ):
+        if node.op_type == "Conv" and _group(node) == 1:
             kind = "conv"
         left.append((node.name or node.outputs[0].name or node.op_type, kind))
     return left
@@ -193,7 +195,7 @@ class IntegerPass(Pass):
         w = dequantized(node.inputs[1]) if len(node.inputs) > 1 else None
         if x is None or w is None:
             return False
-        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        group = _group(node)
         auto_pad = node.attributes.get("auto_pad")
         if group != 1 or (auto_pad is not None and auto_pad.as_string() not in ("NOTSET", "")):
             return False

@@ -23,6 +23,7 @@ from .strategy import (
     Layer,
     Measured,
     choose,
+    goal_at_load,
     layer,
     lowered_macs,
     macs,
@@ -37,10 +38,13 @@ def record(
     native: bool,
     goal: str,
     measured: Measured | None = None,
+    load_time: bool = False,
 ) -> dict[str, Any]:
     """The record of one WSNet layer lowered by ``strategy`` (an ONNX node or a torch
     program's op, ``strategy.Layer``); a layer ``measured`` on the native target says so
-    (``measured_us``: its dense conv and WSNet kernel as timed by ``wsdeploy tune``)."""
+    (``measured_us``: its dense conv and WSNet kernel as timed by ``wsdeploy tune``);
+    ``load_time``: the build folds layers at load, which ``auto`` on ONNX Runtime weighs
+    (``strategy.goal_at_load``)."""
     lay = layer(node)
     dense, shared = macs(lay)
     found = {
@@ -58,7 +62,7 @@ def record(
         # what auto picks on the standard-op runtimes (ONNX Runtime fp32 and its int8
         # integer kernels, ExecuTorch's XNNPACK, LiteRT's) and on TVM's native kernels
         "auto": {
-            "ort": choose(lay, "auto", goal=goal),
+            "ort": choose(lay, "auto", goal=goal_at_load(node, goal, load_time)),
             "ort-int8": choose(lay, "auto", goal=goal, runtime="ort-int8"),
             "tvm": choose(lay, "auto", native=True, goal=goal, measured=measured),
             "xnnpack": choose(lay, "auto", goal=goal, runtime="xnnpack"),
@@ -94,7 +98,9 @@ class RecordPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         for node in ws_nodes(model.graph):
             strategy = node.meta[STRATEGY_KEY]
-            found = record(node.name, node, strategy, self.native, self.goal, self.measured)
+            found = record(
+                node.name, node, strategy, self.native, self.goal, self.measured, self.load_time
+            )
             if strategy == "fold" and folds_at_load(node, self.load_time):
                 found["stored"] = "phi, dense at load"
             if NOTE_KEY in node.meta:

@@ -408,6 +408,41 @@ def test_a_tied_line_says_which_conv_argument_keeps_a_sampling_from_the_op():
     assert "not the wsnet op" not in rec.line()
 
 
+@given(
+    k=st.integers(2, 6),
+    padding=st.sampled_from(["same", "valid"]),
+    dims=st.sampled_from([1, 2]),
+    length=st.integers(7, 12),
+)
+def test_named_padding_is_the_ops_padding_where_both_sides_alike(k, padding, dims, length):
+    """``padding="same"`` pads (k - 1) / 2 on both sides for an odd kernel: the op's own
+    padding, so the layer is the wsnet op; for an even one torch pads one more after, which
+    the op cannot, and the layer is tied with that reason. ``"valid"`` is padding 0."""
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.phi = nn.Parameter(torch.randn(3, sampling.condensed_length(6, k, 1)))
+
+        def forward(self, x):
+            w = self.phi.unfold(1, k, 1).permute(1, 0, 2)  # (6, 3, k): windows overlap
+            if dims == 1:
+                return F.conv1d(x, w, padding=padding)
+            w2 = w[..., None] * w[..., None, :]  # not WSNet sampling in 2-D: any weight
+            return F.conv2d(x, w2, padding=padding)
+
+    if dims == 2:  # the 1-D sampling is the point; 2-D checks only that nothing breaks
+        _recognise(Named(), (2, 3, length, length))
+        return
+    new, (rec,) = _recognise(Named(), (2, 3, length))
+    if padding == "valid" or k % 2 == 1:
+        assert rec.status == "recognised", rec.line()
+        (node,) = _wsnet_nodes(new)
+        assert node.args[5] == (0 if padding == "valid" else (k - 1) // 2)
+    else:
+        assert rec.status == "tied" and "even kernel" in rec.line(), rec.line()
+
+
 def test_weights_computed_from_inputs_are_not_layers():
     class Dynamic(nn.Module):
         def forward(self, x):

@@ -332,7 +332,7 @@ def test_zoo_builds_run_on_the_emulated_arm64_device(tmp_path, one_device_user):
     cin=st.integers(1, 4),
     k=st.integers(1, 5),
     stride=st.integers(1, 3),
-    padding=st.integers(0, 3),
+    padding=st.one_of(st.integers(0, 3), st.sampled_from(["same", "valid"])),
     dilation=st.integers(1, 2),
     size=st.integers(8, 20),
     batch=st.integers(1, 3),
@@ -341,16 +341,21 @@ def test_patch_means_are_the_conv_patches_means(
     dims, cin, k, stride, padding, dilation, size, batch
 ):
     """Bias correction's E[patch] (strided slices of the padded input) equals the mean of the
-    patches a conv reads, taken by a conv with one-hot kernels, over random shapes."""
+    patches a conv reads, taken by a conv with one-hot kernels, over random shapes; padding
+    given as a number or by name (``padding="same"``: a user's conv, odd total padding
+    after)."""
     import torch
     import torch.nn.functional as F
 
     from wsdeploy.targets.pt2e import _patch_means
 
-    assume(size + 2 * padding >= dilation * (k - 1) + 1)  # at least one output position
+    if isinstance(padding, str):
+        stride = 1  # torch takes padding="same" at stride 1 only
+    pad = 0 if padding == "valid" else padding
+    assume(pad == "same" or size + 2 * pad >= dilation * (k - 1) + 1)  # an output position
     kernel = (k,) * dims
     x = torch.randn(batch, cin, *(size,) * dims)
-    args = ([stride], [padding], [dilation])
+    args = ([stride], padding if isinstance(padding, str) else [padding], [dilation])
     got = _patch_means(x, kernel, args)
     eye = torch.eye(cin * k**dims).reshape(-1, cin, *kernel)
     conv = F.conv1d if dims == 1 else F.conv2d

@@ -593,10 +593,17 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
     kw = node.kwargs
     stride = _const_int(kw.get("stride", 1 if stride is None else stride), ndim, "stride")
     padding = kw.get("padding", 0 if padding is None else padding)
-    if isinstance(padding, str):
-        raise ConvArguments(f"padding={padding!r} (wsnet layers take explicit padding)")
-    padding = _const_int(padding, ndim, "padding")
     dilation = _const_int(kw.get("dilation", 1 if dilation is None else dilation), ndim, "dilation")
+    if padding == "valid":
+        padding = 0
+    elif padding == "same" and stride == 1 and dilation * (k - 1) % 2 == 0:
+        padding = dilation * (k - 1) // 2  # the same both sides: the op's explicit padding
+    if isinstance(padding, str):
+        raise ConvArguments(
+            f"padding={padding!r} with an even kernel (more padding after than before; "
+            "wsnet layers pad both sides alike)"
+        )
+    padding = _const_int(padding, ndim, "padding")
     groups = kw.get("groups", 1 if groups is None else groups)
     if dilation != 1:
         raise ConvArguments(f"dilation {dilation} (wsnet layers have none)")

@@ -267,18 +267,24 @@ def _patch_means(x, kernel, given) -> Any:
     import torch.nn.functional as F
 
     dims = len(kernel)
+    given = list(given)
+    named = given[1] if len(given) > 1 and isinstance(given[1], str) else None
+    if named is not None:
+        given[1] = [0]
     stride, padding, dilation = (
         [int(e) for e in (v * dims if len(v) == 1 else v)]
         for v in (
             list(given[i]) if i < len(given) else [default] for i, default in enumerate((1, 0, 1))
         )
     )
-    padded = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
-    spatial = x.shape[2:]
-    out = [
-        (spatial[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
-        for d in range(dims)
-    ]
+    # (before, after) each spatial dim: ``padding="same"`` (torch's conv.padding overload)
+    # pads dilation * (k - 1) in all, the odd one after; "valid" none
+    pads = [(p, p) for p in padding]
+    if named == "same":
+        pads = [(t // 2, t - t // 2) for t in (dilation[d] * (kernel[d] - 1) for d in range(dims))]
+    padded = F.pad(x, [p for pair in reversed(pads) for p in pair])
+    spatial = padded.shape[2:]
+    out = [(spatial[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(dims)]
     means = x.new_zeros((x.shape[1], *kernel))
     for tap in itertools.product(*(range(k) for k in kernel)):
         index = tuple(

@@ -803,3 +803,45 @@ def test_executorch_int8_of_recognised_layers_holds_their_int8_weights_only(tmp_
     assert runtime["portable"].get("avg_pool2d") == 1, runtime
     # the global mean over the length: XNNPACK's 4-D form (``passes.pools_2d``)
     assert runtime["delegated"].get("mean") == 1 and "mean" not in runtime["portable"], runtime
+
+
+class NamesCollide(nn.Module):
+    """A tied (dilated) conv before a WSNet conv, and a WSNet linear layer written as a
+    matmul before a plain linear head: traced again after recognition, the WSNet conv and
+    linear take the names "conv1d" and "linear", which the tied conv and the head had."""
+
+    def __init__(self):
+        super().__init__()
+        self.tied = nn.Parameter(torch.randn(8, 5 + 15) * 0.2)
+        self.ws = nn.Parameter(torch.randn(16, 3 + 15) * 0.2)
+        self.fc = nn.Parameter(torch.randn(16 + 23) * 0.2)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        x = F.relu(F.conv1d(x, self.tied.unfold(1, 5, 1).permute(1, 0, 2), dilation=2))
+        x = F.relu(F.conv1d(x, self.ws.unfold(1, 3, 1).permute(1, 0, 2), padding=1))
+        t = x.mean(-1) @ self.fc.as_strided((24, 16), (1, 1)).t()
+        return self.head(t)
+
+
+def test_layers_are_named_as_their_recognition_lines_whatever_the_trace_renamed(tmp_path):
+    """inspect's rows and the manifest's layers name each recognised WSNet layer as its
+    recognition line does ("fc_mm (matmul)" was shown as the head's "head (linear)")."""
+    from wsdeploy.compiler import ExportOptions, export
+    from wsdeploy.inspect import inspect_model
+    from wsdeploy.modelfile import load_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(NamesCollide().eval(), (torch.randn(1, 8, 64),)), path)
+    loaded = load_model(path)
+    report = inspect_model(loaded)
+    recognised = {r["node"] for r in report["recognition"] if r["status"] == "recognised"}
+    assert len(recognised) == 2, report["recognition"]
+    ws_rows = {r["name"] for r in report["layers"] if r["kind"].startswith("WS")}
+    assert ws_rows == recognised
+    names = [r["name"] for r in report["layers"]]
+    assert len(names) == len(set(names)), names  # no layer twice under one name
+    for target in ("onnx", "executorch"):
+        m = export(loaded, tmp_path / target, ExportOptions(target=target)).manifest
+        assert {layer["name"] for layer in m["layers"]} == recognised, m["layers"]

@@ -41,7 +41,7 @@ from wsdeploy.passes.fold import FoldPass
 from wsdeploy.passes.int_output import IntOutputPass
 from wsdeploy.passes.integer import IntegerPass, float_layers
 from wsdeploy.passes.pool_order import PoolOrderPass
-from wsdeploy.passes.recognize import recognize
+from wsdeploy.passes.recognize import layer_names, recognize
 from wsdeploy.passes.record import RecordPass
 from wsdeploy.passes.shared import SharedPass
 from wsdeploy.passes.strategy import STRATEGIES, Measured, StrategyPass
@@ -1282,6 +1282,7 @@ def export(
         layers = own_int8
     if int8:  # the reference is built of layer modules: report the user's model itself
         recognition = _memo(loaded, ("torch stage", False), lambda: torch_stage(loaded))[1]
+    layer_names(layers, recognition)
     # int8 quantizes tied weights as dense int8 layers (``layered``)
     at_load = not int8 and tied_at_load(options.strategy, target)
     tied_lowering = "at load" if at_load else "dense"

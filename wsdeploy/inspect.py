@@ -10,6 +10,7 @@ import torch
 
 from wsdeploy.modelfile import LoadedModel
 from wsdeploy.models import count_model
+from wsdeploy.passes.recognize import layer_names
 
 
 def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
@@ -64,14 +65,14 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
     torch stage found dense (a layer whose weight is computed some other way has no row:
     its record in ``recognition`` says why)."""
     rows = []
-    # a WSNet layer's row by its recognition line's name ("ws1 (conv2d_1)"), not the ONNX
-    # node's ("node_conv2d_1")
-    named = {rec.node.rsplit(" (", 1)[-1].rstrip(")"): rec.node for rec in recognition}
+    # a recognised layer's row by its recognition line's name ("ws1 (conv2d_1)"), not the
+    # ONNX node's ("node_conv2d_1", from a later trace: maybe another layer's name)
+    layer_names(ws_layers, recognition)
     for r in ws_layers:
         params = int(math.prod(r["phi_shape"]))
         rows.append(
             {
-                "name": named.get(r["node"].removeprefix("node_"), r["node"]),
+                "name": r.get("name", r["node"]),
                 "kind": r["op"],
                 "in_shape": r["input_shape"],
                 "out_shape": r["output_shape"],

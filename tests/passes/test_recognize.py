@@ -416,8 +416,8 @@ def test_a_tied_line_says_which_conv_argument_keeps_a_sampling_from_the_op():
 )
 def test_named_padding_is_the_ops_padding_where_both_sides_alike(k, padding, dims, length):
     """``padding="same"`` pads (k - 1) / 2 on both sides for an odd kernel: the op's own
-    padding, so the layer is the wsnet op; for an even one torch pads one more after, which
-    the op cannot, and the layer is tied with that reason. ``"valid"`` is padding 0."""
+    padding; for an even one torch pads one more after, which the op cannot: a pad op
+    before it. ``"valid"`` is padding 0. The layer is the wsnet op every way."""
 
     class Named(nn.Module):
         def __init__(self):
@@ -435,12 +435,13 @@ def test_named_padding_is_the_ops_padding_where_both_sides_alike(k, padding, dim
         _recognise(Named(), (2, 3, length, length))
         return
     new, (rec,) = _recognise(Named(), (2, 3, length))
+    assert rec.status == "recognised", rec.line()
+    (node,) = _wsnet_nodes(new)
+    pads = [n for n in new.graph.nodes if n.target == torch.ops.aten.constant_pad_nd.default]
     if padding == "valid" or k % 2 == 1:
-        assert rec.status == "recognised", rec.line()
-        (node,) = _wsnet_nodes(new)
-        assert node.args[5] == (0 if padding == "valid" else (k - 1) // 2)
+        assert node.args[5] == (0 if padding == "valid" else (k - 1) // 2) and not pads
     else:
-        assert rec.status == "tied" and "even kernel" in rec.line(), rec.line()
+        assert node.args[5] == 0 and pads[0].args[1] == [(k - 1) // 2, k // 2]
 
 
 def test_weights_computed_from_inputs_are_not_layers():

@@ -29,6 +29,7 @@ from wsdeploy.ops.builder import TorchBuilder
 
 from .modules import _attr, _tied_op
 from .pools_2d import pools_2d
+from .recognize import program_node
 from .record import record
 from .strategy import Layer, choose, fold_if_static_only
 
@@ -152,7 +153,8 @@ def _lower(
         chosen = choose(lay, strategy, native=False, goal=goal, runtime=folds_only or runtime)
         sizes = _run_time_sizes(x)
         chosen, note = fold_if_static_only(spec, sizes, chosen)
-        records.append(record(node.name, lay, chosen, False, goal))
+        source = program_node(phi_node.target if phi_node.op == "get_attr" else None)
+        records.append(record(node.name, lay, chosen, False, goal, source=source))
         if note:
             records[-1]["note"] = note
         if folds_only is not None and chosen != "fold":

@@ -594,15 +594,16 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
     stride = _const_int(kw.get("stride", 1 if stride is None else stride), ndim, "stride")
     padding = kw.get("padding", 0 if padding is None else padding)
     dilation = _const_int(kw.get("dilation", 1 if dilation is None else dilation), ndim, "dilation")
+    pad = None  # (before, after) per spatial dim, last first: a pad op before the layer
     if padding == "valid":
         padding = 0
-    elif padding == "same" and stride == 1 and dilation * (k - 1) % 2 == 0:
-        padding = dilation * (k - 1) // 2  # the same both sides: the op's explicit padding
+    elif padding == "same" and stride == 1:
+        total = dilation * (k - 1)
+        padding = total // 2  # the same both sides: the op's explicit padding
+        if total % 2:  # an even kernel: torch pads one more after, which the op cannot
+            pad, padding = [total // 2, total - total // 2] * ndim, 0
     if isinstance(padding, str):
-        raise ConvArguments(
-            f"padding={padding!r} with an even kernel (more padding after than before; "
-            "wsnet layers pad both sides alike)"
-        )
+        raise ConvArguments(f"padding={padding!r} at stride {stride}")
     padding = _const_int(padding, ndim, "padding")
     groups = kw.get("groups", 1 if groups is None else groups)
     if dilation != 1:
@@ -621,7 +622,7 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
     _check_shared(node, phi, index.shape)
     filters = None if order is None else np.argsort(order)
     attrs = [n, k, stride, padding, s, repeat]
-    _replace(gm, node, target, x, phi, attrs, bias, ndim, channels, filters)
+    _replace(gm, node, target, x, phi, attrs, bias, ndim, channels, filters, pad)
     return Record(
         _where(node),
         layer,
@@ -896,11 +897,13 @@ def _check_shared(node, phi: torch.Tensor, weight_shape) -> None:
         )
 
 
-def _replace(gm, node, target, x, phi, attrs, bias, ndim: int, inputs=None, outputs=None):
+def _replace(gm, node, target, x, phi, attrs, bias, ndim: int, inputs=None, outputs=None, pad=None):
     """``node`` becomes the wsnet op ``target`` on phi (then the bias). ``inputs``: the order
     of the input's channels (features) the op reads, ``outputs``: the op's output channels
-    in the layer's order; each a gather along that axis (None: as they are)."""
-    name = f"_wsdeploy_phi_{node.name}"
+    in the layer's order; each a gather along that axis (None: as they are). ``pad``: zero
+    padding of the input first (``constant_pad_nd``'s (before, after) pairs, last dim
+    first), where the layer pads more on one side than the op does."""
+    name = f"{PHI_PREFIX}{node.name}"
     gm.register_parameter(name, torch.nn.Parameter(phi.contiguous(), requires_grad=False))
     graph = gm.graph
     axis = 1 if ndim else -1
@@ -908,6 +911,8 @@ def _replace(gm, node, target, x, phi, attrs, bias, ndim: int, inputs=None, outp
         phi_node = graph.get_attr(name)
         if inputs is not None:
             x = _gather_axis(gm, x, axis, inputs, f"{name}_inputs")
+        if pad is not None:
+            x = graph.call_function(aten.constant_pad_nd.default, (x, pad, 0.0))
         y = graph.call_function(target, (x, phi_node, *attrs))
         if outputs is not None:
             y = _gather_axis(gm, y, axis, outputs, f"{name}_outputs")
@@ -919,10 +924,41 @@ def _replace(gm, node, target, x, phi, attrs, bias, ndim: int, inputs=None, outp
     graph.erase_node(node)
 
 
+PHI_PREFIX = "_wsdeploy_phi_"
+"""The name of a recognised layer's phi: this prefix and the program node the layer was
+(``_replace``), which names the layer after every later trace renamed its nodes."""
+
+
+def program_node(phi_name: str | None) -> str | None:
+    """The program node a recognised layer was, from its phi's name (None: not one)."""
+    if phi_name is None or not phi_name.startswith(PHI_PREFIX):
+        return None
+    return phi_name.removeprefix(PHI_PREFIX)
+
+
+def layer_names(layers: list[dict[str, Any]], recognition: list[Record]) -> None:
+    """Give each WSNet layer record (``passes.record``) of a recognised layer the name its
+    recognition line has (``name``: "ws2 (conv2d_2)"): the lowered model's node names come
+    from later traces, where "conv2d_1" may be another layer."""
+    by_node = {rec.node.rsplit(" (", 1)[-1].rstrip(")"): rec.node for rec in recognition}
+    for layer in layers:
+        source = layer.get("source_node")
+        if source in by_node:
+            layer["name"] = by_node[source]
+
+
 def _gather_axis(gm, x, axis: int, order: np.ndarray, name: str):
     """``index_select(x, axis, order)`` with ``order`` a constant buffer of the program."""
     gm.register_buffer(name, torch.from_numpy(np.asarray(order, dtype=np.int64)))
     return gm.graph.call_function(aten.index_select.default, (x, axis, gm.graph.get_attr(name)))
 
 
-__all__ = ["MOVEMENT", "Record", "describe", "recognize"]
+__all__ = [
+    "MOVEMENT",
+    "PHI_PREFIX",
+    "Record",
+    "describe",
+    "layer_names",
+    "program_node",
+    "recognize",
+]

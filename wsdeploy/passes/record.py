@@ -15,9 +15,10 @@ from typing import Any
 
 import onnx_ir as ir
 
-from ._graph import STRATEGY_KEY, ws_nodes
+from ._graph import STRATEGY_KEY, phi_of, ws_nodes
 from .base import Pass, PassResult
 from .fold import folds_at_load
+from .recognize import program_node
 from .strategy import (
     NOTE_KEY,
     Layer,
@@ -39,12 +40,14 @@ def record(
     goal: str,
     measured: Measured | None = None,
     load_time: bool = False,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """The record of one WSNet layer lowered by ``strategy`` (an ONNX node or a torch
     program's op, ``strategy.Layer``); a layer ``measured`` on the native target says so
     (``measured_us``: its dense conv and WSNet kernel as timed by ``wsdeploy tune``);
     ``load_time``: the build folds layers at load, which ``auto`` on ONNX Runtime weighs
-    (``strategy.goal_at_load``)."""
+    (``strategy.goal_at_load``); ``source``: the program node a recognised layer was
+    (``recognize.program_node``)."""
     lay = layer(node)
     dense, shared = macs(lay)
     found = {
@@ -69,6 +72,8 @@ def record(
             "litert": choose(lay, "auto", goal=goal, runtime="litert"),
         },
     }
+    if source is not None:
+        found["source_node"] = source
     key = measured_key(lay)
     if measured and key in measured:
         dense_s, wsnet_s = measured[key]
@@ -99,7 +104,14 @@ class RecordPass(Pass):
         for node in ws_nodes(model.graph):
             strategy = node.meta[STRATEGY_KEY]
             found = record(
-                node.name, node, strategy, self.native, self.goal, self.measured, self.load_time
+                node.name,
+                node,
+                strategy,
+                self.native,
+                self.goal,
+                self.measured,
+                self.load_time,
+                program_node(phi_of(node).name),
             )
             if strategy == "fold" and folds_at_load(node, self.load_time):
                 found["stored"] = "phi, dense at load"

@@ -845,3 +845,39 @@ def test_layers_are_named_as_their_recognition_lines_whatever_the_trace_renamed(
     for target in ("onnx", "executorch"):
         m = export(loaded, tmp_path / target, ExportOptions(target=target)).manifest
         assert {layer["name"] for layer in m["layers"]} == recognised, m["layers"]
+
+
+class DictOut(nn.Module):
+    """A WSNet conv returning a dict (logits and features), as detection and embedding
+    models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.phi = nn.Parameter(torch.randn(4, 3 + 15) * 0.3)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        feat = F.relu(F.conv1d(x, self.phi.unfold(1, 3, 1).permute(1, 0, 2))).mean(-1)
+        return {"logits": self.head(feat), "feat": feat}
+
+
+@pytest.mark.parametrize("saved", ["pt2", "pickle"])
+def test_a_model_returning_a_dict_is_built_and_checked_output_by_output(tmp_path, saved):
+    """Outputs in a dict are checked in the order torch.export flattens them (a traceback
+    before: the eager outputs were taken for a tuple)."""
+    from wsdeploy.compiler import ExportOptions, export
+    from wsdeploy.modelfile import load_model
+
+    torch.manual_seed(0)
+    module = DictOut().eval()
+    if saved == "pt2":
+        path = tmp_path / "net.pt2"
+        torch.export.save(torch.export.export(module, (torch.randn(1, 4, 32),)), path)
+        loaded = load_model(path)
+    else:
+        path = tmp_path / "net.pt"
+        torch.save(module, path)
+        loaded = load_model(path, trust_pickle=True, input_shape=(1, 4, 32))
+    m = export(loaded, tmp_path / "o", ExportOptions(target="onnx")).manifest
+    assert m["verification"]["passed"] and len(m["verification"]["outputs"]) == 2
+    assert [o["shape"] for o in m["outputs"]] == [[1, 3], [1, 16]]  # logits first, as written

@@ -241,8 +241,7 @@ def measured_layers(target: Target, options: ExportOptions) -> Measured | None:
 def _eager(loaded: LoadedModel, x: numerics.Inputs) -> list[np.ndarray]:
     with torch.no_grad():
         out = loaded.module(*(torch.from_numpy(a) for a in numerics.as_inputs(x)))
-    outs = out if isinstance(out, tuple | list) else (out,)
-    return [o.detach().numpy() for o in outs]
+    return [o.detach().numpy() for o in numerics.outputs(out)]
 
 
 def check(

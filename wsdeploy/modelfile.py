@@ -282,8 +282,7 @@ def save_program(loaded: LoadedModel, path: Path, dynamic: Sequence[DynamicAxis]
             xs = [torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in shapes]
             with torch.no_grad():
                 want, got = loaded.module(*xs), again.module(*xs)
-            want = want if isinstance(want, tuple | list) else (want,)
-            got = got if isinstance(got, tuple | list) else (got,)
+            want, got = numerics.outputs(want), numerics.outputs(got)
             for w, g in zip(want, got, strict=True):
                 numerics.assert_close(g.numpy(), w.numpy(), stage="rewrite")
     except Exception as e:

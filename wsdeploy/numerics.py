@@ -178,6 +178,15 @@ Inputs = np.ndarray | tuple[np.ndarray, ...]
 """One call's inputs: an array for a one-input model, a tuple of arrays for several."""
 
 
+def outputs(out) -> list:
+    """A model call's outputs as a flat list, in the order ``torch.export`` flattens them
+    (a tensor, a tuple or list, a dict of them: a model returning ``{"logits": ...,
+    "feat": ...}``), the order of the build's outputs."""
+    from torch.utils._pytree import tree_leaves
+
+    return list(tree_leaves(out))
+
+
 def as_inputs(x: Inputs) -> tuple[np.ndarray, ...]:
     """The arrays of one call, in the model's input order (what every runner takes)."""
     return tuple(x) if isinstance(x, tuple | list) else (x,)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsdeploy import numerics
 from wsdeploy.errors import WsdeployError
 from wsdeploy.models import layers
 from wsdeploy.passes import CALIB_METHODS  # the one table (free of torch, for the CLI)
@@ -429,8 +430,7 @@ def calibrate(
     reference = []
     try:
         for x in batches:
-            out = module(*_tensors(x))
-            outs = out if isinstance(out, tuple | list) else (out,)
+            outs = numerics.outputs(module(*_tensors(x)))
             out_max = max(out_max, *(float(o.abs().max()) for o in outs))
             if method == "auto":
                 reference.append([o.detach().clone() for o in outs])
@@ -468,8 +468,7 @@ def output_error(qmodel, batches, reference) -> float:
     err = ref = 0.0
     with torch.no_grad():
         for x, expected in zip(batches, reference, strict=True):
-            out = qmodel(*_tensors(x))
-            outs = out if isinstance(out, tuple | list) else (out,)
+            outs = numerics.outputs(qmodel(*_tensors(x)))
             for o, e in zip(outs, expected, strict=True):
                 err += float(((o - e) ** 2).sum())
                 ref += float((e**2).sum())

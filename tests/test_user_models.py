@@ -881,3 +881,32 @@ def test_a_model_returning_a_dict_is_built_and_checked_output_by_output(tmp_path
     m = export(loaded, tmp_path / "o", ExportOptions(target="onnx")).manifest
     assert m["verification"]["passed"] and len(m["verification"]["outputs"]) == 2
     assert [o["shape"] for o in m["outputs"]] == [[1, 3], [1, 16]]  # logits first, as written
+
+
+class ComputedWeight(nn.Module):
+    """A layer whose weight no rule recognises (``torch.where`` of two parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(8, 4, 3))
+        self.b = nn.Parameter(torch.randn(8, 4, 3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        w = torch.where(self.a > 0, self.a, self.b)
+        return self.head(F.conv1d(x, w).mean(-1))
+
+
+def test_inspect_counts_a_layer_it_did_not_recognise(tmp_path):
+    """Its row is in the table (here its weight, which the build stores: the two tensors it
+    is computed from hold more), so the totals count it; before, its line said why and the
+    table left it out."""
+    from wsdeploy.inspect import inspect_model
+    from wsdeploy.modelfile import load_model
+
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(ComputedWeight().eval(), (torch.randn(1, 4, 16),)), path)
+    report = inspect_model(load_model(path))
+    (row,) = [r for r in report["layers"] if r["kind"].startswith("conv1d")]
+    assert row["kind"] == "conv1d (computed)" and row["params"] == 8 * 4 * 3
+    assert report["totals"]["params"] == 96 + 8 * 2  # weights (biases are not counted)

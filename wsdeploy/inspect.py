@@ -106,20 +106,24 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
                 }
             )
             continue
-        if rec.status != "dense" or "params" not in d:
+        if rec.status not in ("dense", "not recognised") or "params" not in d:
             continue
+        # a weight computed at every run from what the file stores: those values count
+        stored = d["params"]
+        if d.get("stored") == "computed":
+            stored = -(-d["computed_from_bytes"] // 4)
         rows.append(
             {
                 "name": rec.node,
-                "kind": rec.layer,
+                "kind": rec.layer if rec.status == "dense" else f"{rec.layer} (computed)",
                 "in_shape": d.get("input_shape", []),
                 "out_shape": d.get("output_shape", []),
                 "phi_shape": [],
-                "params": d["params"],
+                "params": stored,
                 "dense_params": d["params"],
                 "dense_macs": d["dense_macs"],
                 "shared_macs": d["dense_macs"],
-                "compression": 1.0,
+                "compression": d["params"] / stored,
                 "speedup": 1.0,
             }
         )

@@ -100,6 +100,10 @@ CONVS = {
     "conv2d": 2,
 }
 
+OTHER_LAYERS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "conv3d", "einsum")
+"""Layers no wsnet op takes: their weights, if computed from parameters, are tied (the
+values read and an index) or stored dense, and their records say which."""
+
 
 @dataclass
 class Record:
@@ -202,7 +206,7 @@ def recognize(
         layer = _layer_kind(node)
         if layer is None:
             continue
-        weight = node.args[1]
+        weight = _einsum_weight(node) if layer == "einsum" else node.args[1]
         if not isinstance(weight, torch.fx.Node):
             continue
         if weight.op == "get_attr":
@@ -221,8 +225,9 @@ def recognize(
             found = _recognise(gm, node, layer, weight, slice_nodes, leaves)
         except NotRecognised as e:
             detail = _materialise(gm, node, weight, slice_nodes, leaves, materialised)
+            changed += detail["stored"] == "dense"
+            detail = {**_dense_counts(node, layer, weight), **detail}
             records.append(Record(_where(node), layer, "not recognised", detail, reason=str(e)))
-            changed += bool(detail)
             continue
         records.append(found)
         changed += 1
@@ -250,8 +255,9 @@ def _materialise(gm, node, weight, slice_nodes, leaves, done: dict) -> dict[str,
     those tensors (a user's phi and its int64 index table, say) hold at least as many bytes
     as the weight they compute, the weight itself, computed once here, replaces them (a
     dense layer: never a larger file than the dense model's, nor a weight rebuilt on every
-    run). Returns the record's detail ({} where the computation is the smaller: left as
-    written). ``done``: the weights stored so far (a weight two layers share is stored once)."""
+    run). Returns the record's detail (``stored``: "dense", or "computed" where the
+    computation is the smaller: left as written). ``done``: the weights stored so far (a
+    weight two layers share is stored once)."""
     if weight in done:
         stored, detail = done[weight]
         node.replace_input_with(weight, stored)
@@ -261,7 +267,7 @@ def _materialise(gm, node, weight, slice_nodes, leaves, done: dict) -> dict[str,
     traced = weight.meta["val"]  # its size decides before anything is computed
     dense = traced.numel() * traced.element_size()
     if read < dense or not traced.is_floating_point():
-        return {}
+        return {"stored": "computed", "computed_from_bytes": read}
     env: dict = dict(tensors)
     with torch.no_grad():
         _evaluate(slice_nodes, env)
@@ -301,10 +307,22 @@ def _dense_counts(node: torch.fx.Node, layer: str, weight: torch.fx.Node) -> dic
     if _op_name(node) in ("matmul", "mm"):
         per_output = shape[0]
     x = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    macs = example_size(out.numel()) * per_output
+    if layer.startswith("conv_transpose") and isinstance(x, torch.Tensor):
+        # each input entry adds into (C_out / groups) x kernel outputs
+        macs = example_size(x.numel()) * int(np.prod(shape[1:]))
+    if layer == "einsum":  # the output times the weight's axes it sums over
+        x = None
+        subscripts = str(node.args[0]).replace(" ", "")
+        ins, _, result = subscripts.partition("->")
+        mine = ins.split(",")[[a for a in node.args[1]].index(weight)]
+        macs = example_size(out.numel()) * int(
+            np.prod([d for c, d in zip(mine, shape, strict=False) if c not in result])
+        )
     return {
         "weight_shape": shape,
         "params": int(np.prod(shape)),
-        "dense_macs": example_size(out.numel()) * per_output,
+        "dense_macs": macs,
         "input_shape": [example_size(d) for d in x.shape] if isinstance(x, torch.Tensor) else [],
         "output_shape": [example_size(d) for d in out.shape],
     }
@@ -331,11 +349,24 @@ def _op_name(node: torch.fx.Node) -> str | None:
 
 def _layer_kind(node: torch.fx.Node) -> str | None:
     name = _op_name(node)
-    if name in CONVS:
+    if name in CONVS or name in OTHER_LAYERS:
         return name
     if name in ("linear", "matmul", "mm"):
         return "linear"
     return None
+
+
+def _einsum_weight(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The one operand of an einsum that no graph input feeds (its weight), if any."""
+    operands = [a for a in node.args[1] if isinstance(a, torch.fx.Node)]
+    weights = []
+    for a in operands:
+        try:
+            _weight_slice(a)
+        except NotRecognised:
+            continue
+        weights.append(a)
+    return weights[0] if len(weights) == 1 and len(operands) > 1 else None
 
 
 def _weight_slice(weight: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
@@ -480,7 +511,9 @@ def _recognise(gm, node, layer, weight, slice_nodes, leaves) -> Record:
         ops = f"{applied} and {ops}" if ops else applied
     param = str(source.target)
     not_wsnet = f"weight of {_where(node)!r} carries a sign per entry"
-    if sign is None:
+    if layer in OTHER_LAYERS:
+        not_wsnet = ConvArguments(f"{layer} (the wsnet ops are conv1d, conv2d and linear layers)")
+    elif sign is None:
         try:
             if layer == "linear":
                 return _linear(gm, node, flat, phi_flat, ops, param)
@@ -619,7 +652,7 @@ def _conv(gm, node, layer, index, phi_flat, ops, param) -> Record:
         s, canon, order = _fit_2d_any_order(base, n, k)
         target = torch.ops.wsnet.conv2d.default
     phi = _gather(phi_flat, canon)
-    _check_shared(node, phi, index.shape)
+    _check_shared(node, phi, index.shape, phi_flat, index)
     filters = None if order is None else np.argsort(order)
     attrs = [n, k, stride, padding, s, repeat]
     _replace(gm, node, target, x, phi, attrs, bias, ndim, channels, filters, pad)
@@ -867,7 +900,7 @@ def _linear(gm, node, index, phi_flat, ops, param) -> Record:
     s, canon, order = _fit_1d_any_order(base[:, None, :])
     canon = canon[0]
     phi = _gather(phi_flat, canon)
-    _check_shared(node, phi, rows.shape)
+    _check_shared(node, phi, rows.shape, phi_flat, index)
     outputs = None if order is None else np.argsort(order)
     attrs = [out_f, in_f, s, repeat]
     _replace(gm, node, torch.ops.wsnet.linear.default, x, phi, attrs, bias, 0, features, outputs)
@@ -887,13 +920,24 @@ def _linear(gm, node, index, phi_flat, ops, param) -> Record:
     )
 
 
-def _check_shared(node, phi: torch.Tensor, weight_shape) -> None:
+def _check_shared(node, phi: torch.Tensor, weight_shape, phi_flat, flat) -> None:
     """A re-laid dense weight is not weight sampling: every filter entry its own phi entry
-    (non-overlapping windows, no channel repeat) saves nothing, so it stays as written."""
+    (non-overlapping windows, no channel repeat) saves nothing, so it stays as written. And
+    a sampling whose phi holds more than the tied form of the same weight (``ops.tied``: the
+    values it reads and an index) is kept tied: a circulant weight of 32 values (each row
+    the last one rolled) is WSNet sampling at S = in - 1, whose phi holds 1,489."""
+    from wsdeploy.ops import tied
+
     if phi.numel() >= int(np.prod(weight_shape)):
         raise NotRecognised(
             f"weight of {_where(node)!r} is a re-arranged parameter that shares no entries "
             f"({phi.numel()} values for a {tuple(weight_shape)} weight): a dense layer"
+        )
+    stored = tied.encode(phi_flat.numpy(), flat, None).nbytes
+    if stored < 4 * phi.numel():
+        raise NotRecognised(
+            f"as WSNet sampling its phi holds {phi.numel():,} values, more than the "
+            f"{stored:,} bytes of its {np.unique(flat).size:,} distinct values and an index"
         )
 
 

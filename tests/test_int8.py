@@ -378,3 +378,22 @@ def test_integer_sample_files_are_named_as_given_as_they_are(tmp_path):
     )
     with pytest.raises(AccuracyGateFailed, match=r"agreement.*; --gate-data gate.npz holds int16"):
         export(loaded, tmp_path / "g", opts)
+
+
+def test_sample_files_name_their_inputs_and_hold_enough_for_the_gate(tmp_path):
+    """An .npz of several arrays none of which is named as the input is refused (one was
+    taken silently: a user's 'noise' array, 50x the scale, calibrated the build), and a gate
+    file of fewer than MIN_GATE_INPUTS inputs too (one input passed a 99% gate)."""
+    loaded = load_model("wsnet1d-tiny")
+    x = data.make_dataset("audio", "calib", 64, seed=5, length=4096).x
+    np.savez(tmp_path / "two.npz", clean=x, noise=50 * x)
+    np.savez(tmp_path / "one.npz", clips=x)  # one array: it is the input, whatever its name
+    np.savez(tmp_path / "few.npz", x=x[:3])
+    assert quantize.load_samples(tmp_path / "one.npz", loaded.input_shape).shape == x.shape
+    with pytest.raises(WsdeployError, match="holds arrays clean, noise: name the inputs' array"):
+        quantize.load_samples(tmp_path / "two.npz", loaded.input_shape)
+    opts = ExportOptions(precision="int8", calib=str(tmp_path / "one.npz"))
+    with pytest.raises(WsdeployError, match=r"holds 3 input\(s\); the accuracy gate needs at"):
+        export(
+            loaded, tmp_path / "o", dataclasses.replace(opts, gate_data=str(tmp_path / "few.npz"))
+        )

@@ -92,6 +92,25 @@ def test_pt2_export_loads(tmp_path):
     torch.testing.assert_close(loaded.module(x), module(x))
 
 
+@pytest.mark.parametrize(
+    "layer, said",
+    [
+        (torch.nn.BatchNorm1d(4), "batch norm uses each batch's own statistics"),
+        (torch.nn.Dropout(0.5), "dropout is active"),
+    ],
+)
+def test_a_program_exported_in_training_mode_is_refused_saying_so(tmp_path, layer, said):
+    """Batch norm on each batch's statistics or active dropout fails every numerics check,
+    as if the build were wrong: refused at load with the fix (model.eval())."""
+    module = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), layer).train()
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(module, (torch.randn(2, 2, 10),)), path)
+    with pytest.raises(ModelFileError, match=f"exported in training mode .*{said}.*model.eval"):
+        load_model(path)
+    torch.export.save(torch.export.export(module.eval(), (torch.randn(2, 2, 10),)), path)
+    assert load_model(path).kind == "pt2"
+
+
 def test_truncated_file(tiny_ckpt, tmp_path):
     path, _ = tiny_ckpt
     bad = tmp_path / "trunc.pt"

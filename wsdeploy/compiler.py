@@ -433,6 +433,11 @@ def gate_data(loaded: LoadedModel, options: ExportOptions) -> GateData | None:
             )
         x = _samples(loaded, options.gate_data)
         n = quantize.count(x)
+        if n < MIN_GATE_INPUTS:  # one input in a 99% gate: one flip is 100 points
+            raise WsdeployError(
+                f"--gate-data {options.gate_data} holds {n} input(s); the accuracy gate needs "
+                f"at least {MIN_GATE_INPUTS} (1000 make one input 0.1 points of agreement)"
+            )
         labels = quantize.load_labels(options.gate_data, n)
         name = Path(options.gate_data).name
         return GateData(
@@ -473,7 +478,7 @@ def _samples(loaded: LoadedModel, path: str) -> quantize.Samples:
     keyed by input name when it takes several)."""
     if loaded.more_inputs:
         return quantize.load_samples(path, loaded.input_shapes, loaded.input_names)
-    return quantize.load_samples(path, loaded.input_shape)
+    return quantize.load_samples(path, loaded.input_shape, loaded.input_names)
 
 
 def calibration_samples(

@@ -646,6 +646,43 @@ def _pt2_loader(path: Path, trust_pickle: bool) -> Iterator[None]:
             raise UnsafeModelError(refused[0]) from None
 
 
+TRAINING_OPS = {
+    "batch_norm": 5,
+    "native_batch_norm": 5,
+    "_native_batch_norm_legit": 5,
+    "_native_batch_norm_legit_functional": 5,
+    "dropout": 2,
+    "native_dropout": 2,
+    "feature_dropout": 2,
+    "alpha_dropout": 2,
+    "feature_alpha_dropout": 2,
+}
+"""aten ops whose ``training``/``train`` argument (at this position) says a program was
+exported from a model in training mode: batch norm normalising by each batch's statistics,
+dropout zeroing at random. Every check against it would fail, as if the build were wrong."""
+
+
+def _check_eval_mode(path: Path, ep) -> None:
+    """Refuse a program exported in training mode (``TRAINING_OPS``), saying how to fix it."""
+    found = set()
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or not hasattr(node.target, "_schema"):
+            continue
+        name = node.target._schema.name.split("::")[-1]
+        at = TRAINING_OPS.get(name)
+        if at is not None and len(node.args) > at and node.args[at] is True:
+            found.add(
+                "its dropout is active"
+                if "dropout" in name
+                else "its batch norm uses each batch's own statistics"
+            )
+    if found:
+        raise ModelFileError(
+            f"{path}: the program was exported in training mode ({'; '.join(sorted(found))}): "
+            "call model.eval() before torch.export.export, then save it again"
+        )
+
+
 def _load_pt2(
     path: Path,
     digest: str,
@@ -675,6 +712,7 @@ def _load_pt2(
     if ep._guards_code:
         log.info("%s: dropped %d guard(s) stored as code", path, len(ep._guards_code))
         ep._guards_code = []
+    _check_eval_mode(path, ep)
     user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     if not user_inputs:
         raise ModelFileError(f"{path}: exported program takes no tensor input")

@@ -516,8 +516,10 @@ def load_samples(
     """Calibration samples from a .npy or .npz file (never a pickle), as (n, *shape[1:]).
 
     One input (``input_shape`` a shape): an .npz contributes its array named ``x`` (or
-    ``input``/``inputs``, else its first). Several (``input_shape`` one shape per input,
-    ``names`` theirs): an .npz with one array per input name, of equal n."""
+    ``input``/``inputs`` or the input's name in ``names``, else its one array besides
+    ``labels``/``y``; several others are refused, not guessed). Several (``input_shape``
+    one shape per input, ``names`` theirs): an .npz with one array per input name, of
+    equal n."""
     if input_shape and not isinstance(input_shape[0], int):
         return _load_named(Path(path), tuple(input_shape), names)
     path = Path(path)
@@ -527,9 +529,15 @@ def load_samples(
             with loaded:
                 keys = list(loaded.keys())
                 if not keys:
-                    raise WsdeployError(f"calibration file {path} holds no arrays")
-                key = next((k for k in ("x", "input", "inputs") if k in keys), keys[0])
-                arr = loaded[key]
+                    raise WsdeployError(f"{path} holds no arrays")
+                named = [k for k in ("x", "input", "inputs", *names) if k in keys]
+                inputs = [k for k in keys if k not in ("labels", "y")]
+                if not named and len(inputs) > 1:  # which one: never a guess
+                    raise WsdeployError(
+                        f"{path} holds arrays {', '.join(keys)}: name the inputs' array 'x' "
+                        "(labels 'labels')"
+                    )
+                arr = loaded[named[0] if named else (inputs or keys)[0]]
         else:
             arr = loaded
     return _checked(path, arr, input_shape)
@@ -574,16 +582,16 @@ def _reading(path: Path):
     except WsdeployError:
         raise
     except FileNotFoundError:
-        raise WsdeployError(f"calibration file {path} does not exist") from None
+        raise WsdeployError(f"{path} does not exist") from None
     except ValueError as e:
         if "contains pickled" in str(e):  # numpy's reading of a file that is no .npy/.npz
             raise WsdeployError(
-                f"calibration file {path} is not an .npy or .npz file (numpy would read it "
+                f"{path} is not an .npy or .npz file (numpy would read it "
                 "as pickled data, which wsdeploy never loads)"
             ) from None
-        raise WsdeployError(f"cannot read calibration file {path}: {str(e)[:200]}") from e
+        raise WsdeployError(f"cannot read {path}: {str(e)[:200]}") from e
     except Exception as e:
-        raise WsdeployError(f"cannot read calibration file {path}: {str(e)[:200]}") from e
+        raise WsdeployError(f"cannot read {path}: {str(e)[:200]}") from e
 
 
 def _load_named(path: Path, shapes: tuple[tuple[int, ...], ...], names: tuple[str, ...]):
@@ -617,15 +625,15 @@ def _checked(path: Path, arr: np.ndarray, input_shape: tuple[int, ...]) -> np.nd
     if tuple(arr.shape[1:]) != sample:
         if tuple(arr.shape) != sample:
             raise WsdeployError(
-                f"calibration samples in {path} have shape {tuple(arr.shape)}; "
+                f"the inputs in {path} have shape {tuple(arr.shape)}; "
                 f"expected (n, {', '.join(map(str, sample))})"
             )
         arr = arr[None]
     if arr.dtype.kind not in "fiu" or arr.shape[0] == 0:
-        raise WsdeployError(f"calibration samples in {path} must be a non-empty numeric array")
+        raise WsdeployError(f"the inputs in {path} must be a non-empty numeric array")
     arr = arr.astype(np.float32)
     if not np.all(np.isfinite(arr)):
-        raise WsdeployError(f"calibration samples in {path} contain NaN or infinity")
+        raise WsdeployError(f"the inputs in {path} contain NaN or infinity")
     return arr
 
 

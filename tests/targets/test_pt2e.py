@@ -52,7 +52,8 @@ def _int8_export(module, shape, target: str, root: Path) -> dict:
     out = Path(tempfile.mkdtemp(dir=root))  # one per hypothesis example
     calib, gate = out / "calib.npz", out / "gate.npz"
     np.savez(calib, x=rng.standard_normal((16 * shape[0], *shape[1:])).astype(np.float32))
-    np.savez(gate, x=rng.standard_normal((8 * shape[0], *shape[1:])).astype(np.float32))
+    n_gate = -(-32 // shape[0]) * shape[0]  # the gate takes at least 32 inputs
+    np.savez(gate, x=rng.standard_normal((n_gate, *shape[1:])).astype(np.float32))
     options = ExportOptions(
         target=target,
         precision="int8",

@@ -249,11 +249,12 @@ def check(
     runner,
     inputs: list[numerics.Inputs],
     stage: str = "runtime",
-    step: float = 1.0,
+    step: float | list[float] = 1.0,
     where: str = "",
 ) -> dict[str, Any]:
     """Run ``runner`` and the eager model on ``inputs``; summarise, raise on mismatch
-    (``step``: see ``numerics.compare``; ``where``: said after each output's name)."""
+    (``step``: see ``numerics.compare``, or one per output; ``where``: said after each
+    output's name)."""
     actual: list[list[np.ndarray]] = []
     expected: list[list[np.ndarray]] = []
     for x in inputs:
@@ -264,7 +265,8 @@ def check(
         a = np.concatenate([o[i] for o in actual])
         e = np.concatenate([o[i] for o in expected])
         name = f"output_{i}{where}"
-        results.append(numerics.compare(a, e, stage=stage, name=name, step=step))
+        at = step[min(i, len(step) - 1)] if isinstance(step, list) else step
+        results.append(numerics.compare(a, e, stage=stage, name=name, step=at))
     summary = {
         "passed": all(r.ok for r in results),
         "n_inputs": len(inputs),
@@ -305,7 +307,12 @@ MAX_DYNAMIC_SIZE = 1 << 16
 
 
 def check_dynamic(
-    loaded: LoadedModel, runner, n: int, seed: int, stage: str = "runtime", step: float = 1.0
+    loaded: LoadedModel,
+    runner,
+    n: int,
+    seed: int,
+    stage: str = "runtime",
+    step: float | list[float] = 1.0,
 ) -> list[dict[str, Any]]:
     """Check a build keeping dynamic axes at the other sizes of ``verification_sizes``
     against ``loaded`` (an int8 build: its fake-quantized reference, ``stage``/``step`` as
@@ -677,6 +684,7 @@ def target_int8_reference(
     from wsdeploy.passes.aten import lower_program
     from wsdeploy.passes.conv_affine import fold_affine
     from wsdeploy.passes.recognize import _delete_unused_attributes
+    from wsdeploy.targets.pt2e import output_scales
 
     program, _ = _memo(loaded, ("torch stage", False), lambda: torch_stage(loaded))
     lowered, layers = lower_program(program, "fold", options.goal, rewrites=target.passes["int8"])
@@ -693,7 +701,14 @@ def target_int8_reference(
     seed = options.seed if options.calib is None else None  # the dataset's split: replayable
     # every layer folded and dense, requantized by the runtime's integer kernels (XNNPACK)
     calibration = quantize.Calibration(
-        {}, out_max, quantize.count(samples), source, method=method, seed=seed, layout="dense"
+        {},
+        out_max,
+        quantize.count(samples),
+        source,
+        method=method,
+        seed=seed,
+        layout="dense",
+        output_scales=output_scales(qmodule),
     )
     reference = dataclasses.replace(loaded, module=qmodule, exported=None, dynamic_axes=())
     return reference, calibration, layers
@@ -810,6 +825,8 @@ def gate_failure(result: dict[str, Any], min_agreement: float = AGREEMENT_MIN) -
     what = f"top-1 agreement with fp32 {agreement:.1%} (need >= {min_agreement:.1%})"
     if drop is not None:
         what += f", accuracy {result['accuracy_int8']:.1%} vs fp32 {result['accuracy_fp32']:.1%}"
+        if drop > ACCURACY_DROP_MAX + 1e-12:
+            what += f" (a drop of {100 * drop:.1f} points; need <= {100 * ACCURACY_DROP_MAX:.1f})"
     return f"int8 accuracy gate failed on {result['n']} held-out inputs: {what}"
 
 
@@ -1339,7 +1356,7 @@ def export(
                         loaded, where.runner, options.n_verify, options.seed
                     )
             else:
-                step = calibration.output_step
+                step = calibration.output_steps()
                 stage = _quantized_stage(calibration)
                 verification = check(reference, where.runner, inputs, stage=stage, step=step)
                 if dynamic:
@@ -1654,7 +1671,7 @@ def verify(
             if kept and loaded.dynamic_axes:
                 result["dynamic"] = check_dynamic(loaded, where.runner, n_verify, seed)
         else:
-            step = calibration.output_step
+            step = calibration.output_steps()
             stage = _quantized_stage(calibration)
             result = check(reference, where.runner, inputs, stage=stage, step=step)
             if reference.dynamic_axes:

@@ -290,6 +290,9 @@ class Calibration:
     """(min, max) of every dense conv's output (by module name): where no quantized layer
     follows a conv, the dense layout requantizes its output at this range
     (``passes.requantize``)."""
+    output_scales: tuple[float | None, ...] = ()
+    """The quantization step of each model output the reference quantizes (None: fp32),
+    under a target's own quantizer (``pt2e.output_scales``); () where not recorded."""
 
     def activation(self, name: str) -> tuple[float, bool]:
         """(scale, unsigned) of the input of layer ``name``."""
@@ -312,6 +315,7 @@ class Calibration:
             },
             "output_absmax": self.output,
             "output_step": self.output_step,
+            **({"output_scales": list(self.output_scales)} if self.output_scales else {}),
             "layout": self.layout,
             **({} if self.seed is None else {"seed": self.seed}),
             **(
@@ -334,12 +338,19 @@ class Calibration:
             raise ValueError(f"layout {layout!r} is none of {LAYOUTS}")
         out = float(d["output_absmax"])
         convs = {k: (float(v[0]), float(v[1])) for k, v in d.get("conv_output_ranges", {}).items()}
-        return cls(ranges, out, n, source, clip, method, errors, seed, layout, convs)
+        scales = tuple(None if v is None else float(v) for v in d.get("output_scales", ()))
+        return cls(ranges, out, n, source, clip, method, errors, seed, layout, convs, scales)
 
     @property
     def output_step(self) -> float:
         """One quantization step of the model output at its calibrated range."""
         return activation_scale(self.output)
+
+    def output_steps(self) -> list[float]:
+        """The step each output is checked in (``compiler.check``): ``output_step``, or an
+        output's own quantization step where the reference rounds it coarser (an output
+        quantized at the scale of the wider tensor it is the mean of)."""
+        return [max(self.output_step, s or 0.0) for s in self.output_scales] or [self.output_step]
 
 
 def _quantizable(module: nn.Module) -> list[tuple[str, nn.Module]]:

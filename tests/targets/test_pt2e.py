@@ -186,3 +186,49 @@ def test_the_clip_search_observer_clips_where_the_own_int8_would():
     assert clip < 0.9 * float(np.max(draws))
     scale, zero = observer.calculate_qparams()
     assert float(scale) == pytest.approx(clip / 255, rel=1e-6) and int(zero) == -128
+
+
+class _TwoOutputs(torch.nn.Module):
+    """Logits and the pooled features they are computed from, after a residual add: the
+    features leave the program quantized, at the scale of the wider sum they are the mean
+    of (a user's transformer block: XNNPACK's rounding there was 3 of the logits' steps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv1d(4, 16, 3, padding=1)
+        self.b = torch.nn.Conv1d(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = y + 4.0 * torch.relu(self.b(y))
+        pooled = y.mean(-1)
+        return self.head(pooled), pooled
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_output_is_checked_at_its_own_quantization_step(tmp_path, target):
+    """An output the reference quantizes is checked in units of its own step where that is
+    coarser than the logits' (``Calibration.output_steps``), recorded in the manifest.
+    (XNNPACK's quantizer quantizes the mean; LiteRT's leaves the features fp32.)"""
+    torch.manual_seed(0)
+    shape = (1, 4, 64)
+    rng = np.random.default_rng(0)
+    calib, gate = tmp_path / "calib.npz", tmp_path / "gate.npz"
+    np.savez(calib, x=rng.standard_normal((64, *shape[1:])).astype(np.float32))
+    np.savez(gate, x=rng.standard_normal((32, *shape[1:])).astype(np.float32))
+    options = ExportOptions(
+        target=target,
+        precision="int8",
+        strategy="fold",
+        calib=str(calib),
+        gate_data=str(gate),
+        min_agreement=0.0,
+    )
+    m = export(LoadedModel.from_module(_TwoOutputs().eval(), shape), tmp_path / "o", options)
+    q = m.manifest["quantization"]
+    logits, pooled = q["output_scales"]
+    assert logits is None  # the fp32 classifier's
+    if target == "executorch":
+        assert pooled > q["output_step"]
+    assert m.manifest["verification"]["passed"]

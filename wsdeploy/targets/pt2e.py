@@ -414,6 +414,29 @@ def _fp32_inputs(module, names: set[str]) -> None:
     module.recompile()
 
 
+def output_scales(module) -> tuple[float | None, ...]:
+    """The quantization step of each output of a converted module (``quantize``) that
+    leaves it through a dequantize (a quantized tensor: the pooled features beside the
+    logits, which XNNPACK rounds at that step, at the scale of the mean's input), None for
+    an fp32 output (the classifier's)."""
+    import torch
+
+    output = next(n for n in module.graph.nodes if n.op == "output")
+    flat = list(output.args[0]) if isinstance(output.args[0], tuple | list) else [output.args[0]]
+    scales: list[float | None] = []
+    for node in flat:
+        scale = None
+        if (
+            isinstance(node, torch.fx.Node)
+            and node.op == "call_function"
+            and _op_name(node) == "dequantize_per_tensor"
+        ):
+            value = _value(module, node.args[1])
+            scale = float(value.reshape(()) if isinstance(value, torch.Tensor) else value)
+        scales.append(scale)
+    return tuple(scales)
+
+
 def _output_layers(module) -> set[str]:
     """The names of the conv/linear nodes whose outputs reach the model's first output (the
     logits the accuracy gate reads) without passing another layer (the classifier): kept

@@ -201,7 +201,7 @@ class _TwoOutputs(torch.nn.Module):
 
     def forward(self, x):
         y = torch.relu(self.a(x))
-        y = y + 4.0 * torch.relu(self.b(y))
+        y = y + 4 * torch.relu(self.b(y))  # an int scalar: LiteRT's PT2E failed on it
         pooled = y.mean(-1)
         return self.head(pooled), pooled
 

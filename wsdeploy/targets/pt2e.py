@@ -125,12 +125,35 @@ def _calibrated(module, batches, method: str, quantizer: Quantizer, last: set[st
 
     observer = {"minmax": MinMaxObserver, "mse": _clip_observer()}[method].with_args(eps=2**-12)
     with quiet(), torch.no_grad():
-        prepared = prepare_pt2e(copy.deepcopy(module), quantizer(observer, last))
+        prepared = prepare_pt2e(_float_scalars(copy.deepcopy(module)), quantizer(observer, last))
         fp32, means = _fp32_pass(prepared, batches)
     for m in prepared.modules():
         if isinstance(m, _clip_observer()):
             m.settle()
     return prepared, fp32, means
+
+
+_ARITHMETIC = {"add", "sub", "mul", "div", "rsub"}
+
+
+def _float_scalars(module):
+    """Integer scalars of arithmetic on float tensors as floats (``4 * x`` is ``4.0 * x``):
+    PT2E makes a scalar a tensor constant of its own dtype, and LiteRT's quantizer then
+    quantizes an int64 tensor ("Expecting input to have dtype torch.float32"). The same
+    values; returns ``module``."""
+    import torch
+
+    for node in module.graph.nodes:
+        if node.op != "call_function" or _op_name(node) not in _ARITHMETIC:
+            continue
+        val = node.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+            continue
+        node.args = tuple(
+            float(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in node.args
+        )
+    module.recompile()
+    return module
 
 
 def _converted(prepared, last: set[str], fold_quantize: bool):

@@ -43,25 +43,32 @@ class _Head(torch.nn.Module):
         return self.fc(y.mean(dim=tuple(range(2, y.dim()))) if y.dim() > 2 else y)
 
 
-def _int8_export(module, shape, target: str, root: Path) -> dict:
-    randomize_bn(module)
-    with torch.no_grad():
-        features = module.eval()(torch.zeros(shape)).shape[1]
-    model = _Head(module, features)
+def _int8_options(out: Path, shape, target: str) -> ExportOptions:
+    """fold int8 for ``target``, calibrated and gated on random inputs written to ``out``
+    (16 batches; at least 32 gate inputs), at no agreement bar: an untrained model, whose
+    numerics are what is checked."""
     rng = np.random.default_rng(0)
-    out = Path(tempfile.mkdtemp(dir=root))  # one per hypothesis example
     calib, gate = out / "calib.npz", out / "gate.npz"
     np.savez(calib, x=rng.standard_normal((16 * shape[0], *shape[1:])).astype(np.float32))
-    n_gate = -(-32 // shape[0]) * shape[0]  # the gate takes at least 32 inputs
+    n_gate = -(-32 // shape[0]) * shape[0]
     np.savez(gate, x=rng.standard_normal((n_gate, *shape[1:])).astype(np.float32))
-    options = ExportOptions(
+    return ExportOptions(
         target=target,
         precision="int8",
         strategy="fold",
         calib=str(calib),
         gate_data=str(gate),
-        min_agreement=0.0,  # an untrained model: the numerics are what is checked here
+        min_agreement=0.0,
     )
+
+
+def _int8_export(module, shape, target: str, root: Path) -> dict:
+    randomize_bn(module)
+    with torch.no_grad():
+        features = module.eval()(torch.zeros(shape)).shape[1]
+    model = _Head(module, features)
+    out = Path(tempfile.mkdtemp(dir=root))  # one per hypothesis example
+    options = _int8_options(out, shape, target)
     m = export(LoadedModel.from_module(model, shape), out / "o", options).manifest
     v = m["verification"]
     assert v["passed"] and v["stage"] == "requantized", v
@@ -213,18 +220,7 @@ def test_each_output_is_checked_at_its_own_quantization_step(tmp_path, target):
     (XNNPACK's quantizer quantizes the mean; LiteRT's leaves the features fp32.)"""
     torch.manual_seed(0)
     shape = (1, 4, 64)
-    rng = np.random.default_rng(0)
-    calib, gate = tmp_path / "calib.npz", tmp_path / "gate.npz"
-    np.savez(calib, x=rng.standard_normal((64, *shape[1:])).astype(np.float32))
-    np.savez(gate, x=rng.standard_normal((32, *shape[1:])).astype(np.float32))
-    options = ExportOptions(
-        target=target,
-        precision="int8",
-        strategy="fold",
-        calib=str(calib),
-        gate_data=str(gate),
-        min_agreement=0.0,
-    )
+    options = _int8_options(tmp_path, shape, target)
     m = export(LoadedModel.from_module(_TwoOutputs().eval(), shape), tmp_path / "o", options)
     q = m.manifest["quantization"]
     logits, pooled = q["output_scales"]

@@ -933,11 +933,14 @@ def _check_shared(node, phi: torch.Tensor, weight_shape, phi_flat, flat) -> None
             f"weight of {_where(node)!r} is a re-arranged parameter that shares no entries "
             f"({phi.numel()} values for a {tuple(weight_shape)} weight): a dense layer"
         )
+    distinct = np.unique(flat).size
+    if distinct >= phi.numel():  # the tied form stores at least these: never smaller
+        return
     stored = tied.encode(phi_flat.numpy(), flat, None).nbytes
     if stored < 4 * phi.numel():
         raise NotRecognised(
             f"as WSNet sampling its phi holds {phi.numel():,} values, more than the "
-            f"{stored:,} bytes of its {np.unique(flat).size:,} distinct values and an index"
+            f"{stored:,} bytes of its {distinct:,} distinct values and an index"
         )
 
 

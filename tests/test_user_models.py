@@ -674,6 +674,79 @@ def test_save_keeps_an_axis_of_a_pickle_dynamic_and_onnx_keeps_it(two_files, tmp
         assert not (tmp_path / "bad.pt2").exists()
 
 
+class Batched(nn.Module):
+    """A WSNet conv net a user deploys at a batch of one, its batch kept dynamic from 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(1, 4, 3, padding=1)
+        self.ws = HandWSConv1d(4, 16, 5, 2, 2, 2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.ws(F.relu(self.stem(x)))).mean(-1))
+
+
+class Pooled(nn.Module):
+    """A conv, the mean over time, a linear layer: kept dynamic in [1, 16], ExecuTorch 1.5.1's
+    XNNPACK runs it only at 16, the batch its memory was planned for (measured: not so for
+    upper bounds 8, 9, 12, 15 or 32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 3)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(-1))
+
+
+def _save_batched(module: nn.Module, root, name: str, axis: str = "0:1:8") -> tuple:
+    """``module`` pickled at a batch of one, then ``save``d with its batch dynamic."""
+    torch.manual_seed(0)
+    torch.save(module.eval(), root / f"{name}.pt")
+    args = ["save", str(root / f"{name}.pt"), "--trust-pickle", "--input-shape", "1,1,64"]
+    return _run([*args, "--dynamic-axis", axis, "-o", str(root / f"{name}.pt2")]), args
+
+
+def test_a_batch_kept_dynamic_from_one(tmp_path):
+    """``save --dynamic-axis 0:1:8`` of a module saved at a batch of one (torch.export fixes
+    an axis traced at 1, so it is traced at 2): ONNX and ExecuTorch keep the batch, verified
+    at 1, 2 and 8, and the manifest gives the shapes at --input-shape, not the traced ones."""
+    result, args = _save_batched(Batched(), tmp_path, "b")
+    assert result.exit_code == 0 and "axis 0 dynamic in [1, 8]" in result.output, result.output
+    for spec in ("0:0:8", "0:1:1"):
+        bad = _run([*args, "--dynamic-axis", spec, "-o", str(tmp_path / "bad.pt2")])
+        assert bad.exit_code == 1 and "MIN must be at least 1 and MAX at least 2" in bad.output
+        assert not (tmp_path / "bad.pt2").exists()
+    for target in ("onnx", "executorch"):
+        out = tmp_path / target
+        args = ["export", str(tmp_path / "b.pt2"), "--target", target]
+        result = _run([*args, "--input-shape", "1,1,64", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "x: axis 0 any size in [1, 8] (verified at 1, 2, 8)" in result.output
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["inputs"][0]["shape"] == [1, 1, 64]
+        assert manifest["outputs"][0]["shape"] == [1, 3]
+
+
+def test_a_dynamic_program_the_runtime_refuses_is_built_for_its_shape(tmp_path):
+    """ExecuTorch's runtime refuses the dynamic .pte of ``Pooled`` at a batch but the planned
+    one: the build is made again for --input-shape, and says why (XNNPACK's words,
+    caught from the runtime's log) and that it takes that shape only."""
+    result, _ = _save_batched(Pooled(), tmp_path, "p", "0:1:16")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "o"
+    args = ["export", str(tmp_path / "p.pt2"), "--target", "executorch"]
+    result = _run([*args, "--input-shape", "1,1,64", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "the program with its dynamic dimensions did not run" in result.output
+    assert "at input 1x1x64: Internal Error: Propagating input shapes failed" in result.output
+    assert "axis 0 = 1 of [1, 16] (a dynamic program, built for this shape only)" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dynamic_dimensions"] == [] and manifest["fixed_dimensions"]
+
+
 @pytest.mark.parametrize("target", ["onnx", "ort", "x86_64", "executorch", "litert"])
 def test_int8_of_a_dynamic_length_program(two_files, tmp_path, target):
     """int8 keeps the dynamic axis where fp32 does (onnx, ort), calibrated and gated at

@@ -29,7 +29,7 @@ import onnx_ir as ir
 import torch
 
 from wsdeploy import __version__, modelfile, numerics, quantize, trace
-from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, WsdeployError
+from wsdeploy.errors import AccuracyGateFailed, NumericsMismatch, RuntimeRefused, WsdeployError
 from wsdeploy.modelfile import LoadedModel, Shapes, default_mode, load_model, signals_deferred
 from wsdeploy.passes import CALIB_METHODS, INT8_LAYOUTS, PRECISIONS
 from wsdeploy.passes._graph import shape_hints, static_shape
@@ -1271,6 +1271,35 @@ def export(
             )
             say(fallback)
             options = dataclasses.replace(options, int8_layout="phi")
+    notes = [] if fallback is None else [fallback]
+    if not keeps_dynamic(loaded, target, options.precision):
+        return _export_loaded(loaded, outdir, options, target, say, notes)
+    try:
+        return _export_loaded(loaded, outdir, options, target, say, notes)
+    except RuntimeRefused as e:
+        # the runtime refused a size of the program's dynamic dimensions (ExecuTorch's
+        # XNNPACK runs a conv only at the batch it was planned for): build the given shape
+        static = dataclasses.replace(loaded, dynamic_axes=(), exported=None)
+        note = (
+            f"the program with its dynamic dimensions did not run ({e}); built for --input-shape "
+            f"{' '.join(','.join(map(str, s)) for s in loaded.input_shapes)} only, without "
+            "the program's dynamic dimensions"
+        )
+        say(note)
+        return _export_loaded(static, outdir, options, target, say, [*notes, note])
+
+
+def _export_loaded(
+    loaded: LoadedModel,
+    outdir: Path,
+    options: ExportOptions,
+    target: Target,
+    say,
+    notes: list[str],
+) -> ExportResult:
+    """``export`` of a loaded model whose options were checked: build, verify, write;
+    ``notes``: warnings for the manifest so far."""
+    int8 = options.precision == "int8"
     t0 = time.perf_counter()
     dynamic = keeps_dynamic(loaded, target, options.precision)
     reference, calibration, held_out = loaded, None, None
@@ -1307,7 +1336,7 @@ def export(
     # int8 quantizes tied weights as dense int8 layers (``layered``)
     at_load = not int8 and tied_at_load(options.strategy, target)
     tied_lowering = "at load" if at_load else "dense"
-    warnings = [] if fallback is None else [fallback]
+    warnings = list(notes)
     scale_notes = []  # sample files of integers given to the model as they are
     if int8:
         names = loaded.input_names if loaded.more_inputs else ()
@@ -1501,10 +1530,11 @@ def _io(
         output = next(n for n in lowered.graph.nodes if n.op == "output")
         vals = [a.meta["val"] for a in output.args[0]][: len(signature.user_outputs)]
     stem = "input" if which == "inputs" else "output"
+    given = _given_sizes(lowered, loaded) if dynamic and loaded else {}
     found = [
         {
             "name": stem if len(vals) == 1 else f"{stem}_{i}",
-            "shape": [trace.example_size(d) for d in v.shape],
+            "shape": [_size_at(d, given) for d in v.shape],
             "dtype": str(v.dtype).removeprefix("torch."),
         }
         for i, v in enumerate(vals)
@@ -1521,6 +1551,25 @@ def _io(
         if sizes:
             spec["dynamic"] = sizes
     return found
+
+
+def _given_sizes(program: torch.export.ExportedProgram, loaded: LoadedModel) -> dict:
+    """Each symbol of the program's dynamic input sizes -> its size at ``--input-shape``
+    (the program may have been traced at another: ``trace.traceable``)."""
+    given = {}
+    for v, shape in zip(trace.user_inputs(program), loaded.input_shapes, strict=False):
+        for d, n in zip(v.shape, shape, strict=True):
+            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+                given[d.node.expr] = n
+    return given
+
+
+def _size_at(d: int | torch.SymInt, given: dict) -> int:
+    """A size of the program at ``--input-shape`` (``_given_sizes``); its example size where
+    a symbol is not an input's size."""
+    if isinstance(d, torch.SymInt) and d.node.expr.free_symbols <= given.keys():
+        return int(d.node.expr.xreplace(given))
+    return trace.example_size(d)
 
 
 def _stored_params(lowered: ir.Model | torch.export.ExportedProgram, nbytes: bool = False) -> int:

@@ -27,6 +27,11 @@ class CompileError(WsdeployError):
     """A target could not build the artifact."""
 
 
+class RuntimeRefused(CompileError):
+    """A runtime loaded a built artifact and refused to run it on an input (ExecuTorch's
+    XNNPACK at a batch size other than the one planned)."""
+
+
 class UnknownTargetError(WsdeployError):
     """A target name that is not in the TARGETS dict."""
 

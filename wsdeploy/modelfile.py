@@ -196,7 +196,8 @@ class DynamicAxis(NamedTuple):
 
 def _dynamic_spec(loaded: LoadedModel, axes: Sequence[DynamicAxis]) -> tuple | None:
     """torch.export's ``dynamic_shapes`` for ``axes``, checked against the model's inputs
-    (each axis exists, its range holds the size the model is saved at)."""
+    (each axis exists, its range holds the size the model is saved at). A range may start at
+    1 (a batch of one; `trace.traceable`)."""
     if not axes:
         return None
     names = list(loaded.input_names or [f"input_{i}" for i in range(len(loaded.input_shapes))])
@@ -218,10 +219,10 @@ def _dynamic_spec(loaded: LoadedModel, axes: Sequence[DynamicAxis]) -> tuple | N
             raise ModelFileError(
                 f"--dynamic-axis {a.axis}: input {names[i]!r} has {len(shape)} axes"
             )
-        if a.min < 2:
+        if a.min < 1 or a.max < 2:
             raise ModelFileError(
-                f"--dynamic-axis {a.axis}:{a.min}:{a.max}: MIN must be at least 2 (torch.export "
-                "fixes a size that may be 0 or 1)"
+                f"--dynamic-axis {a.axis}:{a.min}:{a.max}: MIN must be at least 1 and MAX at "
+                "least 2"
             )
         if not a.min <= shape[a.axis] <= a.max:
             raise ModelFileError(
@@ -251,7 +252,7 @@ def save_program(loaded: LoadedModel, path: Path, dynamic: Sequence[DynamicAxis]
     if spec is None:
         program = trace.trace(loaded)
     else:
-        example = tuple(torch.zeros(s) for s in loaded.input_shapes)
+        example = tuple(torch.zeros(s) for s in trace.traceable(loaded.input_shapes, spec))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

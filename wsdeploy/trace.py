@@ -63,13 +63,29 @@ def trace(loaded: LoadedModel, dynamic: bool = False) -> torch.export.ExportedPr
     spec = dims_spec(loaded.dynamic_axes) if dynamic and loaded.dynamic_axes else None
     if loaded.exported is not None and spec is None:
         return loaded.exported
-    example = tuple(torch.zeros(shape) for shape in loaded.input_shapes)
+    example = tuple(torch.zeros(shape) for shape in traceable(loaded.input_shapes, spec))
     try:
         return torch.export.export(loaded.module, example, dynamic_shapes=spec)
     except Exception as e:
         raise UnsupportedLayerError(
             f"torch.export could not trace {loaded.source}: {str(e).strip().splitlines()[0][:300]}"
         ) from e
+
+
+def traceable(shapes: Sequence[Sequence[int]], spec: Sequence[dict | None] | None) -> list:
+    """The sizes to trace at with ``dynamic_shapes`` ``spec``: ``shapes``, except that a
+    dynamic axis at 0 or 1 (a batch of one) is traced at 2 where its range allows:
+    torch.export fixes an axis whose example size is 0 or 1, whatever its range, and refuses
+    the ``Dim``. Builds are still made and checked at ``shapes``."""
+    if spec is None:
+        return [tuple(s) for s in shapes]
+    return [
+        tuple(
+            min(max(d, 2), dims[axis].max) if dims and axis in dims and d < 2 else d
+            for axis, d in enumerate(shape)
+        )
+        for shape, dims in zip(shapes, spec, strict=True)
+    ]
 
 
 def to_onnx(ep: torch.export.ExportedProgram, names: Sequence[str] = ()) -> ir.Model:

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
+import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsdeploy.errors import CompileError, WsdeployError
+from wsdeploy.errors import CompileError, RuntimeRefused, WsdeployError
 
 from . import pt2e
 from .base import DELEGATION, Runner, Target, delegation_report
@@ -53,12 +56,42 @@ def _quiet(native: bool = False):
         if saved is not None:
             with open(os.devnull, "wb") as null:
                 os.dup2(null.fileno(), 2)
-        with pt2e.quiet():
+        python = io.StringIO() if native else None  # its bindings' std::cerr goes there
+        with pt2e.quiet(), contextlib.redirect_stderr(python or sys.stderr):
             yield
     finally:
         if saved is not None:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+@contextlib.contextmanager
+def _stderr_into(log):
+    """Standard error into the open file ``log`` (emptied first) for the block: what
+    ExecuTorch's runtime says of a failure, kept for its error instead of the user's
+    terminal. Both ways it writes: to fd 2, and through Python's ``sys.stderr`` (its
+    bindings redirect C++'s ``std::cerr`` there)."""
+    log.seek(0)
+    log.truncate()
+    saved = os.dup(2)
+    os.dup2(log.fileno(), 2)
+    python = io.TextIOWrapper(log, write_through=True, errors="replace")
+    try:
+        with contextlib.redirect_stderr(python):
+            yield
+    finally:
+        python.detach()  # leaves ``log`` open
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _logged(log) -> str:
+    """The first line ExecuTorch's runtime logged as an error into ``log``, without its
+    source location ("[XNNExecutor.cpp:169] Internal Error: ..."), or ''."""
+    log.seek(0)
+    lines = [ln.strip() for ln in log.read().decode(errors="replace").splitlines()]
+    errors = [ln.split("] ", 1)[-1] for ln in lines if "Error" in ln or "failed" in ln]
+    return errors[0] if errors else ""
 
 
 def _require(compiler: bool = True) -> None:
@@ -86,7 +119,6 @@ def _without_compiler():
     later ``import executorch.exir`` runs the real package. Any surprise (another ExecuTorch
     layout) leaves the plain import, always right, only slower."""
     import importlib.util
-    import sys
     import types
 
     name = "executorch.exir"
@@ -270,14 +302,20 @@ def load(outdir: Path, device: str | None = None) -> Runner:
     def run(x) -> list[np.ndarray]:
         run.last = x
         try:
-            outputs = method.execute(
-                [torch.from_numpy(np.ascontiguousarray(a)) for a in as_inputs(x)]
-            )
-        except RuntimeError as e:  # its log says more (ExecuTorch prints to stderr)
-            raise CompileError(f"ExecuTorch's runtime failed to run {FILENAME}: {e}") from None
+            with _stderr_into(run.log):
+                outputs = method.execute(
+                    [torch.from_numpy(np.ascontiguousarray(a)) for a in as_inputs(x)]
+                )
+        except RuntimeError as e:  # its log says why (ExecuTorch prints to stderr)
+            why = _logged(run.log) or str(e)
+            shapes = " x ".join("x".join(map(str, a.shape)) for a in as_inputs(x))
+            raise RuntimeRefused(
+                f"ExecuTorch's runtime failed to run {FILENAME} at input {shapes}: {why}"
+            ) from None
         return [o.detach().numpy().copy() for o in outputs]
 
     run.program = program  # keep the program alive as long as its method
+    run.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the runner)
     run.time = lambda repeat: native.time_here(runner(), pte, run.last, repeat)
     return run
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from wsdeploy.device import locked
-from wsdeploy.errors import CompileError, WsdeployError
+from wsdeploy.errors import CompileError, RuntimeRefused, WsdeployError
 
 GLIBC = "2.28"
 DTYPES = {
@@ -306,7 +306,7 @@ def run(
                 if line.startswith(f"{runtime.program}:") or " E " in line[:20]
             ]
             why = said[-1] if said else f"exit status {res.returncode}"
-            raise CompileError(f"{runtime.name}'s runtime failed to run {model.name}: {why}")
+            raise RuntimeRefused(f"{runtime.name}'s runtime failed to run {model.name}: {why}")
         result = json.loads(res.stdout.decode().strip().splitlines()[-1])
         outputs = []
         for i, spec in enumerate(result["outputs"]):

@@ -449,6 +449,8 @@ def test_dilated_and_grouped_wsnet_layers_store_phi_and_int8_quantizes_them(tmp_
     (warning,) = json.loads((tmp_path / "tvm" / "manifest.json").read_text())["warnings"]
     assert warning.startswith("int8: 3 quantized layer(s) run as float kernels"), warning
     assert "(grouped conv, linear: no integer kernel here)" in warning
+    # named as the layer lines name them: the user's modules, not the program's node names
+    assert warning.endswith(": dw (conv1d_2), grouped (conv1d_3), head (linear)"), warning
     assert "warning   int8: 3 quantized layer(s)" in result.output
 
 

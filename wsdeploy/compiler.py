@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -41,7 +42,7 @@ from wsdeploy.passes.fold import FoldPass
 from wsdeploy.passes.int_output import IntOutputPass
 from wsdeploy.passes.integer import IntegerPass, float_layers
 from wsdeploy.passes.pool_order import PoolOrderPass
-from wsdeploy.passes.recognize import layer_names, recognize
+from wsdeploy.passes.recognize import layer_names, names_by_node, recognize
 from wsdeploy.passes.record import RecordPass
 from wsdeploy.passes.shared import SharedPass
 from wsdeploy.passes.strategy import STRATEGIES, Measured, StrategyPass
@@ -1351,10 +1352,11 @@ def _export_loaded(
         left = float_layers(lowered.graph)
         if left:
             kinds = ", ".join(sorted({kind for _, kind in left}))
+            shown = names_by_node(recognition)  # as the layer lines name them
             warnings.append(
                 f"int8: {len(left)} quantized layer(s) run as float kernels on their dequantized "
                 f"int8 weights ({kinds}: no integer kernel here): "
-                + ", ".join(name for name, _ in left)
+                + ", ".join(shown.get(re.sub(r"^layer\d+_", "", n), n) for n, _ in left)
             )
     if options.strategy in ("shared", "custom") and not layers and not kept_tied:
         convs = sum(r.status != "recognised" for r in recognition)

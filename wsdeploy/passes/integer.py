@@ -123,8 +123,19 @@ def float_layers(graph: ir.Graph) -> list[tuple[str, str]]:
         kind = _FLOAT_KINDS[node.op_type]
         if node.op_type == "Conv" and _group(node) == 1:
             kind = "conv"
-        left.append((node.name or node.outputs[0].name or node.op_type, kind))
+        left.append((_layer_name(node), kind))
     return left
+
+
+def _layer_name(node: ir.Node) -> str:
+    """A layer by the module its int8 weight came from (``layer4_head`` for
+    ``layer4_head.weight_q``: ``passes.modules`` names them after the user's module), else
+    by the node's name."""
+    weight = node.inputs[1].producer().inputs[0].name or ""
+    for suffix in (".weight_q", "_q"):
+        if weight.endswith(suffix) and len(weight) > len(suffix):
+            return weight.removesuffix(suffix)
+    return node.name or node.outputs[0].name or node.op_type
 
 
 class IntegerPass(Pass):

@@ -17,6 +17,8 @@ recognition) are modules like any other: left as calls, an int8 build would keep
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -114,6 +116,16 @@ def _wsnet_module(gm, node, spec: ops.OpSpec) -> nn.Module:
     return layer
 
 
+def _source(node: torch.fx.Node) -> str:
+    """What a layer call is named after: the module its weight belongs to in the user's
+    model (``head`` for ``head.weight``, ``blocks_0_conv`` for ``blocks.0.conv.phi``), or
+    the node's name where the weight is not a stored tensor of a module."""
+    weight = node.args[1] if len(node.args) > 1 else None
+    target = weight.target if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else ""
+    owner = target.rpartition(".")[0]
+    return re.sub(r"\W", "_", owner) if owner else node.name
+
+
 def modularize(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """The program as a GraphModule whose layers are modules (see the module docstring)."""
     from wsdeploy.models import layers  # registers the wsnet custom ops
@@ -143,7 +155,7 @@ def modularize(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
             continue
         if module is None:
             continue
-        name = f"layer{count}_{node.name}"
+        name = f"layer{count}_{_source(node)}"
         count += 1
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):

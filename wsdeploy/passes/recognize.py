@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -987,11 +988,23 @@ def layer_names(layers: list[dict[str, Any]], recognition: list[Record]) -> None
     """Give each WSNet layer record (``passes.record``) of a recognised layer the name its
     recognition line has (``name``: "ws2 (conv2d_2)"): the lowered model's node names come
     from later traces, where "conv2d_1" may be another layer."""
-    by_node = {rec.node.rsplit(" (", 1)[-1].rstrip(")"): rec.node for rec in recognition}
+    by_node = names_by_node(recognition)
     for layer in layers:
         source = layer.get("source_node")
         if source in by_node:
             layer["name"] = by_node[source]
+
+
+def names_by_node(recognition: list[Record]) -> dict[str, str]:
+    """Each layer's program node and its module (dots as underscores, as
+    ``passes.modules`` names its layers) -> the name its line has: "conv2d_2" and "ws2"
+    -> "ws2 (conv2d_2)". A module read by two layers names neither."""
+    found = {rec.node.rsplit(" (", 1)[-1].rstrip(")"): rec.node for rec in recognition}
+    modules: dict[str, list[str]] = {}
+    for rec in recognition:
+        if " (" in rec.node:
+            modules.setdefault(re.sub(r"\W", "_", rec.node.split(" (")[0]), []).append(rec.node)
+    return {**{m: names[0] for m, names in modules.items() if len(names) == 1}, **found}
 
 
 def _gather_axis(gm, x, axis: int, order: np.ndarray, name: str):
@@ -1006,6 +1019,7 @@ __all__ = [
     "Record",
     "describe",
     "layer_names",
+    "names_by_node",
     "program_node",
     "recognize",
 ]

@@ -231,3 +231,15 @@ def test_the_memo_forgets_the_least_recently_used(monkeypatch):
     assert [value(k) for k in "acd"] == ["A", "C", "D"] and computed == list("abcd")
     value("b")
     assert computed == list("abcdb") and len(compiler._MEMO) == 3
+
+
+def test_an_int8_file_not_smaller_than_fp32_says_what_the_rest_is():
+    """int8 shrinks weights; a small model's file is mostly quantization nodes (ONNX) or
+    code (TVM): where the int8 file is not smaller than the fp32 build's, the export says
+    so, naming the weights' share; where it is smaller, nothing."""
+    size = {"artifact_bytes": 10_964, "wsnet_fp32_bytes": 10_128, "param_bytes": 1_800}
+    onnx_note = compiler._not_smaller(size, TARGETS["onnx"])
+    assert onnx_note.startswith("int8: the file is not smaller than the fp32 build's (10,964")
+    assert "1,800 bytes of it are weights" in onnx_note and "dequantize nodes" in onnx_note
+    assert "library's code" in compiler._not_smaller(size, TARGETS["x86_64"])
+    assert compiler._not_smaller({**size, "artifact_bytes": 10_127}, TARGETS["onnx"]) is None

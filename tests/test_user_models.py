@@ -446,8 +446,13 @@ def test_dilated_and_grouped_wsnet_layers_store_phi_and_int8_quantizes_them(tmp_
     args[args.index(str(out))] = str(tmp_path / "tvm")
     result = _run(args)
     assert result.exit_code == 0, result.output
-    (warning,) = json.loads((tmp_path / "tvm" / "manifest.json").read_text())["warnings"]
+    m = json.loads((tmp_path / "tvm" / "manifest.json").read_text())
+    warning = m["warnings"][0]
     assert warning.startswith("int8: 3 quantized layer(s) run as float kernels"), warning
+    # a library mostly of code: said where int8 did not make it smaller than fp32
+    larger = m["size"]["artifact_bytes"] >= m["size"]["wsnet_fp32_bytes"]
+    assert len(m["warnings"]) == 1 + larger
+    assert larger == ("the library's code (integer kernels next to float ones)" in result.output)
     assert "(grouped conv, linear: no integer kernel here)" in warning
     # named as the layer lines name them: the user's modules, not the program's node names
     assert warning.endswith(": dw (conv1d_2), grouped (conv1d_3), head (linear)"), warning

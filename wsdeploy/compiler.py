@@ -1478,9 +1478,29 @@ def _export_loaded(
         if int8:
             say("fp32 WSNet size")
             manifest["size"]["wsnet_fp32_bytes"] = _artifact_size(loaded, options, options.strategy)
+            larger = _not_smaller(manifest["size"], target)
+            if larger:
+                manifest["warnings"].append(larger)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(staging, outdir)
     return ExportResult(outdir, manifest)
+
+
+def _not_smaller(size: dict[str, Any], target: Target) -> str | None:
+    """An int8 build's warning where its file is not smaller than the fp32 build's: what
+    int8 saves is a model's weights, and a small model's file is mostly something else."""
+    q, f = size["artifact_bytes"], size["wsnet_fp32_bytes"]
+    if q < f:
+        return None
+    rest = (
+        "the library's code (integer kernels next to float ones)"
+        if target.tvm_target is not None
+        else "quantize and dequantize nodes, scales and the graph"
+    )
+    return (
+        f"int8: the file is not smaller than the fp32 build's ({q:,} against {f:,} bytes): "
+        f"{size['param_bytes']:,} bytes of it are weights, the rest {rest}"
+    )
 
 
 def _source_name(loaded: LoadedModel) -> str:

@@ -243,3 +243,38 @@ def test_an_int8_file_not_smaller_than_fp32_says_what_the_rest_is():
     assert "1,800 bytes of it are weights" in onnx_note and "dequantize nodes" in onnx_note
     assert "library's code" in compiler._not_smaller(size, TARGETS["x86_64"])
     assert compiler._not_smaller({**size, "artifact_bytes": 10_127}, TARGETS["onnx"]) is None
+
+
+@pytest.mark.parametrize("noise, passes", [(0.01, True), (0.3, False)])
+def test_the_gate_of_a_model_that_is_not_a_classifier_is_its_sqnr(noise, passes):
+    """An output that is not (batch, classes) logits (an image here) has no meaningful top-1:
+    the gate judges the int8 output by its SQNR against fp32 (``MIN_SQNR_DB``), says so,
+    and takes no labels into it."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from wsdeploy.errors import AccuracyGateFailed
+    from wsdeploy.modelfile import LoadedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 3, padding=1).eval()
+    loaded = LoadedModel.from_module(model, (1, 3, 8, 8))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3, 8, 8)).astype(np.float32)
+
+    def runner(batch):  # fp32 plus noise of a known share of the output's RMS
+        with torch.no_grad():
+            y = model(torch.from_numpy(batch)).numpy()
+        return [y + noise * np.sqrt(np.mean(y**2)) * rng.standard_normal(y.shape)]
+
+    data = compiler.GateData(x, np.zeros(40, np.int64), "images.npz")
+    if passes:
+        result = compiler.accuracy_gate(loaded, runner, None, 1, data=data)
+        assert result["top1_agreement"] is None and result["accuracy_drop"] is None
+        assert result["sqnr_db"] == pytest.approx(-20 * math.log10(noise), abs=1.0)
+        assert result["output"] == "3x8x8" and result["passed"]
+    else:
+        with pytest.raises(AccuracyGateFailed, match=r"\(3x8x8 per input, not a classifier's"):
+            compiler.accuracy_gate(loaded, runner, None, 1, data=data)

@@ -296,7 +296,10 @@ def test_onnx_runtime_int8_auto_decides_with_integer_kernel_costs(tmp_path):
     ]
     out = tmp_path / "q"
     m = export(model, out, ExportOptions(precision="int8")).manifest
-    assert m["quantization"]["layout"] == "dense" and not m["warnings"]
+    assert m["quantization"]["layout"] == "dense"
+    # the one warning: dense int8 weights are larger than fp32's phi folded at load
+    (warning,) = m["warnings"]
+    assert warning.startswith("int8: the file is not smaller than the fp32 build's")
     for r in m["layers"]:
         assert r["strategy"] == r["auto"]["ort-int8"]
     assert {r["strategy"] for r in m["layers"] if r["op"] == "WSConv1d"} == {"fold"}

@@ -133,10 +133,30 @@ def test_corrupt_member(tiny_ckpt, tmp_path):
 
 
 def test_not_a_model_file(tmp_path):
-    bad = tmp_path / "notes.txt"
-    bad.write_text("hello")
+    bad = tmp_path / "notes.bin"
+    bad.write_bytes(b"\x00\x01hello")
     with pytest.raises(ModelFileError, match="not a PyTorch model file"):
         load_model(bad)
+
+
+def test_files_users_mistake_for_models_are_named(tmp_path):
+    """Python source, a NumPy archive (a calibration file), a TorchScript archive: each is
+    said for what it is, in one line; TorchScript is refused without loading it (its code
+    would run), and torch's own warning about it does not reach the user."""
+    import numpy as np
+
+    source = tmp_path / "net.py"
+    source.write_text("import torch\n\nclass Net(torch.nn.Module):\n    pass\n")
+    with pytest.raises(ModelFileError, match=r"a text file \(Python source\?\)"):
+        load_model(source)
+    np.savez(tmp_path / "calib.npz", x=np.zeros((2, 3), np.float32))
+    with pytest.raises(ModelFileError, match="a NumPy archive, not a model"):
+        load_model(tmp_path / "calib.npz")
+    torch.jit.script(torch.nn.Linear(3, 2)).save(str(tmp_path / "scripted.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ModelFileError, match=r"a TorchScript archive .* its code would run"):
+            load_model(tmp_path / "scripted.pt", trust_pickle=True)
 
 
 def test_missing_file():

@@ -716,6 +716,141 @@ def _save_batched(module: nn.Module, root, name: str, axis: str = "0:1:8") -> tu
     return _run([*args, "--dynamic-axis", axis, "-o", str(root / f"{name}.pt2")]), args
 
 
+class PairNet(nn.Module):
+    """A forward taking a pair of tensors and a keyword float: how users write two views of
+    one input, and a gain fixed at export."""
+
+    def __init__(self):
+        super().__init__()
+        self.ws = HandWSConv1d(1, 8, 5, 2, 1, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, pair, *, gain: float = 1.0):
+        a, b = pair
+        return self.head(F.relu(self.ws(a) + self.ws(b)).mean(-1)) * gain
+
+
+@pytest.mark.parametrize("target", ["onnx", "executorch"])
+def test_a_program_taking_a_tuple_and_a_keyword_constant(tmp_path, target):
+    """A .pt2 whose forward takes a tuple of tensors and a float keyword: built from its
+    tensors one by one (named as the program names them), the float fixed at its exported
+    value, the WSNet layer recognised under its own name, verified against the program."""
+    torch.manual_seed(0)
+    model = PairNet().eval()
+    x = torch.randn(1, 1, 256)
+    program = torch.export.export(model, ((x, x * 0.5),), {"gain": 2.0})
+    torch.export.save(program, tmp_path / "pair.pt2")
+    out = tmp_path / "o"
+    result = _run(["export", str(tmp_path / "pair.pt2"), "--target", target, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "layer     ws (conv1d" in result.output and "recognised: WSNet conv1d" in result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert [i["shape"] for i in m["inputs"]] == [[1, 1, 256], [1, 1, 256]]
+    from wsdeploy.modelfile import load_model
+
+    loaded = load_model(tmp_path / "pair.pt2")
+    assert loaded.input_names == ("pair_0", "pair_1")
+    y = torch.randn(1, 1, 256)
+    with torch.no_grad():  # the gain is the exported 2.0, not forward's default
+        torch.testing.assert_close(loaded.module(x, y), model((x, y), gain=2.0))
+
+
+class ConvGRU(nn.Module):
+    """A WSNet conv front end into a GRU over its frames, the last state classified."""
+
+    def __init__(self):
+        super().__init__()
+        self.ws = HandWSConv1d(1, 8, 8, 2, 1, 0)
+        self.gru = nn.GRU(8, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        frames = F.relu(F.conv1d(x, self.ws.phi.unfold(1, 8, 2).permute(1, 0, 2), stride=8))
+        _, h = self.gru(frames.permute(2, 0, 1))
+        return self.head(h[-1])
+
+
+def test_a_recurrent_layer_is_said_where_it_is_unrolled_or_kept_fp32(tmp_path):
+    """A GRU is unrolled by ExecuTorch's flow (no recurrent kernel): said before the build,
+    with its steps; an int8 ONNX build keeps its weights fp32 (int8 quantizes conv, linear
+    and WSNet layers): said, naming it; inspect counts its parameters among the others."""
+    torch.manual_seed(0)
+    model = ConvGRU().eval()
+    with torch.no_grad():  # decisive logits
+        model.head.weight.mul_(30)
+    x = torch.randn(1, 1, 96)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "g.pt2")
+    out = tmp_path / "et"
+    result = _run(["export", str(tmp_path / "g.pt2"), "--target", "executorch", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "executorch: the GRU gru is unrolled over its 12 time steps" in result.output
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 1, 96), np.float32))
+    np.savez(tmp_path / "gate.npz", x=rng.standard_normal((40, 1, 96), np.float32))
+    args = ["export", str(tmp_path / "g.pt2"), "--target", "onnx", "-o", str(tmp_path / "q")]
+    args += ["--quantize", "int8", "--calib", str(tmp_path / "calib.npz")]
+    args += ["--gate-data", str(tmp_path / "gate.npz"), "--min-agreement", "0.5"]
+    result = _run(args)
+    assert result.exit_code == 0, result.output
+    gru = sum(p.numel() for n, p in model.gru.named_parameters() if "weight" in n)
+    assert f"int8: {gru:,} weight values stay fp32" in result.output, result.output
+    assert "(it quantizes conv, linear and WSNet layers): gru (GRU)" in result.output
+    result = _run(["inspect", str(tmp_path / "g.pt2"), "--json"])
+    report = json.loads(result.output)
+    assert report["layers"][-1]["name"] == "other parameters"
+    stored = sum(p.numel() for p in model.parameters())
+    assert report["totals"]["params"] == stored
+
+
+class CrossLayer(nn.Module):
+    """Two convs sampling their filters from one parameter at different offsets."""
+
+    def __init__(self):
+        super().__init__()
+        self.phi = nn.Parameter(torch.randn(4, 60) * 0.2)
+
+    def forward(self, x):
+        w1 = self.phi[:, 0:19].unfold(1, 5, 2).permute(1, 0, 2)  # 8 filters, S=2
+        w2 = self.phi[:, 10:31].unfold(1, 7, 2).permute(1, 0, 2).repeat(1, 2, 1)  # r=2
+        return F.conv1d(F.relu(F.conv1d(x, w1, padding=2)), w2, padding=3)
+
+
+def test_layers_sampling_one_parameter_are_said_to_share_it():
+    """Cross-layer sharing: each sampling is recognised as a layer with its own phi, and
+    its line says which other layers sample the same parameter (the file stores what they
+    share once per layer)."""
+    from wsdeploy import compiler
+    from wsdeploy.modelfile import LoadedModel
+    from wsdeploy.passes.recognize import describe
+
+    loaded = LoadedModel.from_module(CrossLayer().eval(), (1, 4, 64))
+    _, records = compiler.torch_stage(loaded)
+    lines = [describe(r.to_dict()) for r in records if r.status == "recognised"]
+    assert len(lines) == 2, lines
+    assert all("'phi' is sampled by" in line and "stored once per layer" in line for line in lines)
+
+
+def test_a_dim_auto_program_whose_recorded_range_does_not_trace(tmp_path):
+    """``Dim.AUTO`` records [2, inf) for a length a stride-4 stem cannot take below 5 (its
+    guards, code wsdeploy never runs, said so): the build is made for --input-shape, and
+    says torch's reason, instead of failing with "Constraints violated"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 4, 9, stride=4, padding=4), nn.ReLU(), nn.Conv1d(4, 4, 3))
+    program = torch.export.export(
+        model.eval(), (torch.randn(1, 1, 800),), dynamic_shapes=({2: torch.export.Dim.AUTO},)
+    )
+    torch.export.save(program, tmp_path / "auto.pt2")
+    out = tmp_path / "o"
+    args = ["export", str(tmp_path / "auto.pt2"), "--input-shape", "1,1,800", "-o", str(out)]
+    result = _run(args)
+    assert result.exit_code == 0, result.output
+    assert "could not keep the program's dynamic dimensions (torch.export cannot keep" in (
+        result.output
+    )
+    assert "built for --input-shape 1,1,800 only" in result.output
+    assert json.loads((out / "manifest.json").read_text())["dynamic_dimensions"] == []
+
+
 def test_a_batch_kept_dynamic_from_one(tmp_path):
     """``save --dynamic-axis 0:1:8`` of a module saved at a batch of one (torch.export fixes
     an axis traced at 1, so it is traced at 2): ONNX and ExecuTorch keep the batch, verified
@@ -747,7 +882,7 @@ def test_a_dynamic_program_the_runtime_refuses_is_built_for_its_shape(tmp_path):
     args = ["export", str(tmp_path / "p.pt2"), "--target", "executorch"]
     result = _run([*args, "--input-shape", "1,1,64", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "the program with its dynamic dimensions did not run" in result.output
+    assert "the build could not keep the program's dynamic dimensions" in result.output
     assert "at input 1x1x64: Internal Error: Propagating input shapes failed" in result.output
     assert "axis 0 = 1 of [1, 16] (a dynamic program, built for this shape only)" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -989,4 +1124,8 @@ def test_inspect_counts_a_layer_it_did_not_recognise(tmp_path):
     report = inspect_model(load_model(path))
     (row,) = [r for r in report["layers"] if r["kind"].startswith("conv1d")]
     assert row["kind"] == "conv1d (computed)" and row["params"] == 8 * 4 * 3
-    assert report["totals"]["params"] == 96 + 8 * 2  # weights (biases are not counted)
+    # its weight, the head's, and the head's bias among the other parameters (the two
+    # tensors the weight is computed from are that row's, not other parameters)
+    assert report["layers"][-1] == {**report["layers"][-1], "name": "other parameters"}
+    assert report["layers"][-1]["params"] == 2
+    assert report["totals"]["params"] == 96 + 8 * 2 + 2

@@ -869,9 +869,16 @@ def _print_verification(v: dict) -> None:
         from wsdeploy.compiler import AGREEMENT_MIN
 
         bar = gate.get("min_agreement", AGREEMENT_MIN)
+        if gate["top1_agreement"] is None:  # not a classifier: its output's SQNR
+            what = (
+                f"SQNR of the output ({gate['output']} per input) against fp32 "
+                f"{gate['sqnr_db']:.1f} dB (bar {gate['min_sqnr_db']:.0f} dB)"
+            )
+            acc = f"; data: {gate['data']}" if gate.get("data") else ""
+        else:
+            what = f"top-1 agreement with fp32 {gate['top1_agreement']:.1%} (bar {bar:.1%})"
         click.echo(
-            f"  int8 gate top-1 agreement with fp32 {gate['top1_agreement']:.1%} (bar "
-            f"{bar:.1%}) on {gate['n']} held-out inputs"
+            f"  int8 gate {what} on {gate['n']} held-out inputs"
             f"{_VERIFIED_ON.get(gate.get('ran_on') or 'local', '')}{acc}: "
             f"{'PASS' if gate['passed'] else 'FAIL'}"
         )

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -81,6 +82,10 @@ class ExportOptions:
 DEFAULT_CALIB_SAMPLES = 256  # SoundNet-8: 64 clips under-estimated the test ranges
 AGREEMENT_MIN = 0.99  # int8 top-1 agreement with the fp32 model (MLPerf's 99% rule)
 ACCURACY_DROP_MAX = 0.01  # int8 accuracy at most one point below fp32
+MIN_SQNR_DB = 20.0
+"""The gate of a model whose output is not a classifier's (an image, a sequence, a
+regression): its int8 output at least this far above its error against fp32 (signal to
+quantization noise, over the gate's inputs; 20 dB: an error 10% of the output's RMS)."""
 EAGER_BATCH = 16  # inputs per eager forward when the gate computes the fp32 predictions
 GATE_SAMPLES = 1000
 """Held-out inputs the int8 gate draws at least (more if the model was tested on more): at a
@@ -774,12 +779,23 @@ def accuracy_gate(
         )
         fp32 = _fp32_top1(loaded, xs, batch)
     agree = correct_q = correct_f = 0
+    signal = noise = 0.0
+    classifier = True
     every = max(batch, (n // 20) // batch * batch)
     for i in range(0, n, batch):
         if i % every == 0:
             say(f"int8 accuracy gate: {i}/{n} inputs")
         x = quantize.take(xs, slice(i, i + batch))
-        out = runner(x)[0].reshape(batch, -1)
+        first = runner(x)[0]
+        if i == 0:  # (batch, classes): a classifier's logits; else judged by its SQNR
+            classifier = first.ndim == 2 and first.shape[1] >= 2
+            shown = "x".join(map(str, first.shape[1:])) or "a scalar"
+        if not classifier:
+            want = _eager(loaded, x)[0].astype(np.float64)
+            signal += float(np.square(want).sum())
+            noise += float(np.square(first.astype(np.float64) - want).sum())
+            continue
+        out = first.reshape(batch, -1)
         if i == 0 and ys is not None:
             _check_labels(ys, out.shape[1], data.source if data is not None else "the test split")
         pq = out.argmax(-1)
@@ -792,13 +808,18 @@ def accuracy_gate(
         "n": n,
         "held_out": True,
         "data": data.source if data is not None else f"{loaded.dataset} test split",
-        "top1_agreement": agree / n,
-        "accuracy_fp32": correct_f / n if ys is not None else None,
-        "accuracy_int8": correct_q / n if ys is not None else None,
+        "top1_agreement": agree / n if classifier else None,
+        "accuracy_fp32": correct_f / n if ys is not None and classifier else None,
+        "accuracy_int8": correct_q / n if ys is not None and classifier else None,
     }
-    result["accuracy_drop"] = None if ys is None else (correct_f - correct_q) / n
+    labelled = ys is not None and classifier
+    result["accuracy_drop"] = (correct_f - correct_q) / n if labelled else None
     bar = AGREEMENT_MIN if min_agreement is None else min_agreement
     result["min_agreement"] = bar
+    if not classifier:
+        result["output"] = shown
+        result["sqnr_db"] = 10 * math.log10(signal / noise) if noise > 0 else math.inf
+        result["min_sqnr_db"] = MIN_SQNR_DB
     failure = gate_failure(result, bar)
     result["passed"] = failure is None
     if failure is not None:
@@ -821,6 +842,16 @@ def gate_failure(result: dict[str, Any], min_agreement: float = AGREEMENT_MIN) -
     """Why an accuracy gate's ``result`` fails at ``min_agreement`` top-1 agreement (and
     ``ACCURACY_DROP_MAX``), or None if it passes."""
     agreement, drop = result["top1_agreement"], result["accuracy_drop"]
+    if agreement is None:  # not a classifier: its output's SQNR
+        sqnr, bar = result["sqnr_db"], result.get("min_sqnr_db", MIN_SQNR_DB)
+        if sqnr >= bar:
+            return None
+        return (
+            f"int8 accuracy gate failed on {result['n']} held-out inputs: the output "
+            f"({result['output']} per input, not a classifier's: judged by its error, not by "
+            f"top-1) is {sqnr:.1f} dB above its int8 error against fp32 (SQNR; need >= "
+            f"{bar:.0f} dB)"
+        )
     if agreement >= min_agreement - 1e-12 and (drop is None or drop <= ACCURACY_DROP_MAX + 1e-12):
         return None
     what = f"top-1 agreement with fp32 {agreement:.1%} (need >= {min_agreement:.1%})"
@@ -1277,14 +1308,14 @@ def export(
         return _export_loaded(loaded, outdir, options, target, say, notes)
     try:
         return _export_loaded(loaded, outdir, options, target, say, notes)
-    except RuntimeRefused as e:
+    except (RuntimeRefused, trace.DynamicRangeRefused) as e:
         # the runtime refused a size of the program's dynamic dimensions (ExecuTorch's
-        # XNNPACK runs a conv only at the batch it was planned for): build the given shape
+        # XNNPACK runs a conv only at the batch it was planned for), or the program does not
+        # trace at the ranges it recorded (Dim.AUTO's [2, inf)): build the given shape
         static = dataclasses.replace(loaded, dynamic_axes=(), exported=None)
         note = (
-            f"the program with its dynamic dimensions did not run ({e}); built for --input-shape "
-            f"{' '.join(','.join(map(str, s)) for s in loaded.input_shapes)} only, without "
-            "the program's dynamic dimensions"
+            f"the build could not keep the program's dynamic dimensions ({e}); built for "
+            f"--input-shape {' '.join(','.join(map(str, s)) for s in loaded.input_shapes)} only"
         )
         say(note)
         return _export_loaded(static, outdir, options, target, say, [*notes, note])
@@ -1347,6 +1378,22 @@ def _export_loaded(
                 say(note)
                 scale_notes.append(note)
     warnings += scale_notes
+    if target.consumes == "torch":
+        for note in unrolled(lowered, target):
+            say(note)
+            warnings.append(note)
+    elif int8:
+        kept = float_weights(lowered)
+        if kept:
+            program = _memo(loaded, ("torch stage", False), lambda: torch_stage(loaded))[0]
+            named = [f"{path} ({kind})" for path, kind in recurrent_layers(program)]
+            named = named or list(kept)
+            warnings.append(
+                f"int8: {sum(kept.values()):,} weight values stay fp32, in layers int8 does not "
+                f"quantize (it quantizes conv, linear and WSNet layers): "
+                + ", ".join(named[:4])
+                + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+            )
     kept_tied = at_load and any(r.status == "tied" for r in recognition)
     if int8 and "integer" in target.passes["int8"]:  # the TVM targets' integer kernels
         left = float_layers(lowered.graph)
@@ -1501,6 +1548,55 @@ def _not_smaller(size: dict[str, Any], target: Target) -> str | None:
         f"int8: the file is not smaller than the fp32 build's ({q:,} against {f:,} bytes): "
         f"{size['param_bytes']:,} bytes of it are weights, the rest {rest}"
     )
+
+
+RECURRENT = {"gru": "GRU", "lstm": "LSTM", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
+"""aten's recurrent ops (``aten.gru.input``, ...), by the layer a user wrote."""
+
+
+def unrolled(program: torch.export.ExportedProgram, target: Target) -> list[str]:
+    """What a target consuming the torch program says of its recurrent layers: ExecuTorch
+    and LiteRT have no recurrent kernel, so their flows unroll one over its time steps (a
+    WSNet front end into a GRU over 251 steps: a 1 MB .pte against a 57 KB ONNX file, built
+    in 12 minutes), said before the build starts."""
+    notes = []
+    for node, path, kind in _recurrent(program):
+        x = node.args[0].meta.get("val")
+        batch_first = node.args[-1] is True
+        steps = trace.example_size(x.shape[1 if batch_first else 0]) if x is not None else "its"
+        notes.append(
+            f"{target.name}: the {kind} {path} is unrolled over its {steps} time steps, each "
+            "step's ops once per step (no recurrent kernel on this runtime): a far larger "
+            "file than ONNX's, and a long build"
+        )
+    return notes
+
+
+def recurrent_layers(program: torch.export.ExportedProgram) -> list[tuple[str, str]]:
+    """The program's recurrent layers: (the user's module path, "GRU"/"LSTM"/"RNN")."""
+    return [(path, kind) for _, path, kind in _recurrent(program)]
+
+
+def _recurrent(program) -> list[tuple[Any, str, str]]:
+    found = []
+    for node in program.graph.nodes:
+        name = getattr(getattr(node.target, "_schema", None), "name", "").split("::")[-1]
+        if node.op != "call_function" or name not in RECURRENT:
+            continue
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        found.append((node, stack[-1][0] if stack else node.name, RECURRENT[name]))
+    return found
+
+
+def float_weights(model: ir.Model, least: int = 256) -> dict[str, int]:
+    """An int8 build's float weights of at least ``least`` values, by name: the layers int8
+    does not quantize (recurrent layers, embeddings, attention's matmuls of constants)."""
+    found = {}
+    for name, v in model.graph.initializers.items():
+        t = v.const_value
+        if t is not None and t.dtype == ir.DataType.FLOAT and math.prod(t.shape) >= least:
+            found[name] = int(math.prod(t.shape))
+    return found
 
 
 def _source_name(loaded: LoadedModel) -> str:

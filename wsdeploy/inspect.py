@@ -28,6 +28,23 @@ def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
     _, ws_layers = compiler.lower(loaded, "auto", recognition=recognition)
     if loaded.kind != "checkpoint":
         layers = _program_rows(ws_layers, recognition)
+        other = _stored_values(loaded.module) - sum(r.pop("reads") for r in layers)
+        if other > 0:  # norms, recurrent layers, embeddings, the WSNet layers' biases
+            layers.append(
+                {
+                    "name": "other parameters",
+                    "kind": "-",
+                    "in_shape": [],
+                    "out_shape": [],
+                    "phi_shape": [],
+                    "params": other,
+                    "dense_params": other,
+                    "dense_macs": 0,
+                    "shared_macs": 0,
+                    "compression": 1.0,
+                    "speedup": None,
+                }
+            )
     else:
         counts = count_model(loaded.module, torch.zeros(loaded.input_shape))
         layers = []
@@ -83,6 +100,7 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
                 "shared_macs": r["shared_macs"],
                 "compression": r["dense_params"] / params,
                 "speedup": r["dense_macs"] / r["shared_macs"] if r["shared_macs"] else None,
+                "reads": params,  # of the model's stored values (``_stored_values``)
             }
         )
     for rec in recognition:
@@ -103,6 +121,7 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
                     "shared_macs": d["dense_macs"],
                     "compression": d["dense_bytes"] / d["stored_bytes"],
                     "speedup": 1.0,
+                    "reads": d["values"],
                 }
             )
             continue
@@ -125,6 +144,15 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
                 "shared_macs": d["dense_macs"],
                 "compression": d["params"] / stored,
                 "speedup": 1.0,
+                # the stored tensors it is computed from, whatever the build keeps
+                "reads": -(-d.get("computed_from_bytes", 4 * stored) // 4),
             }
         )
     return rows
+
+
+def _stored_values(module: torch.nn.Module) -> int:
+    """The model's stored float values: parameters and float buffers (batch norm's running
+    statistics are in the file too)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() for t in tensors if t.is_floating_point())

@@ -294,6 +294,17 @@ def save_program(loaded: LoadedModel, path: Path, dynamic: Sequence[DynamicAxis]
     return path
 
 
+def _is_text(path: Path) -> bool:
+    """Whether a file's first 4 KB are UTF-8 text without NUL bytes (source, not a model)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return bool(head) and b"\0" not in head
+
+
 def resolve(model: str | Path) -> Path:
     """A path to an existing file, or a bundled zoo name mapped to its checkpoint."""
     p = Path(model)
@@ -368,10 +379,25 @@ def load_model(
                 f"{path}: an ONNX file; wsdeploy takes the PyTorch model (a .pt2 from "
                 "torch.export.save, or a pickled module with --trust-pickle) and writes ONNX"
             )
+        if _is_text(path):
+            raise ModelFileError(
+                f"{path}: a text file (Python source?), not a model file: save the model, e.g. "
+                "torch.export.save(torch.export.export(model.eval(), (example,)), 'model.pt2')"
+            )
         raise ModelFileError(f"{path}: not a PyTorch model file (truncated or corrupt?)")
     names = check_archive(path)
     if any(n.split("/", 1)[-1] == "archive_format" for n in names):  # a .pt2 archive
         return _load_pt2(path, digest, trust_pickle, input_shape)
+    if names and all(n.endswith(".npy") for n in names):
+        raise ModelFileError(
+            f"{path}: a NumPy archive, not a model (it is what --calib and --gate-data take)"
+        )
+    if any(n.split("/", 2)[1:2] == ["code"] for n in names):
+        raise ModelFileError(
+            f"{path}: a TorchScript archive (torch.jit.save), which wsdeploy does not load: "
+            "its code would run. Save the Python model instead: "
+            "torch.export.save(torch.export.export(model.eval(), (example,)), 'model.pt2')"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -714,10 +740,15 @@ def _load_pt2(
         log.info("%s: dropped %d guard(s) stored as code", path, len(ep._guards_code))
         ep._guards_code = []
     _check_eval_mode(path, ep)
-    user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    leaves = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    constants = {
+        i: s.arg.value for i, s in enumerate(leaves) if type(s.arg).__name__ == "ConstantArgument"
+    }
+    user_inputs = [s for i, s in enumerate(leaves) if i not in constants]
     if not user_inputs:
         raise ModelFileError(f"{path}: exported program takes no tensor input")
     names = [spec.arg.name for spec in user_inputs]
+    flat = not constants and _flat_inputs(ep.call_spec.in_spec, len(leaves))
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     given = match_shapes(path, names, input_shape)
     shapes: list[Shape] = []
@@ -774,19 +805,66 @@ def _load_pt2(
         raise ModelFileError(
             f"{path}: torch cannot rebuild a module from this program ({_first_line(e)}){hint}"
         ) from None
+    if not flat:  # a tuple, list or dict of tensors, or a constant given at export
+        _take_flat_inputs(module, constants)
+        if constants:
+            log.info(
+                "%s: %s fixed at the value the program was exported with",
+                path,
+                ", ".join(f"{leaves[i].arg.name}={v!r}" for i, v in constants.items()),
+            )
     return LoadedModel(
         module,
         shapes[0],
         str(path),
         digest,
         "pt2",
-        # a dynamic program is re-traced at the concrete shapes by wsdeploy.trace
-        exported=None if dynamic else ep,
+        # a dynamic program, or one taking nested inputs, is traced again at the concrete
+        # shapes by wsdeploy.trace (from a module taking its tensors one by one)
+        exported=None if dynamic or not flat else ep,
         dynamic_axes=_dynamic_axes(ep) if dynamic else (),
         more_inputs=tuple(shapes[1:]),
         input_names=tuple(names),
         fixed=tuple(fixed),
     )
+
+
+def _flat_inputs(spec, n: int) -> bool:
+    """Whether a program's input tree (``call_spec.in_spec``: args and kwargs) is ``n``
+    positional tensors, as wsdeploy passes them."""
+    from torch.utils import _pytree
+
+    args = _pytree.tree_unflatten(list(range(n)), spec)
+    return args == (tuple(range(n)), {})
+
+
+def _take_flat_inputs(module: torch.fx.GraphModule, constants: dict) -> None:
+    """Make a program's module take its tensor inputs one by one, as its graph's
+    placeholders (the program's flattened inputs) are: a model whose ``forward`` takes a
+    tuple, a list or a dict of tensors, or keyword arguments. A non-tensor input (a float
+    given at export) is fixed at its exported value (``constants``, by placeholder
+    position). The module stays the same, so its layers keep their names."""
+    from torch.utils import _pytree
+
+    graph = module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for i, value in constants.items():
+        node = placeholders[i]
+        for user in list(node.users):
+            user.args = torch.fx.node.map_arg(
+                user.args, lambda a, n=node, v=value: v if a is n else a
+            )
+            user.kwargs = torch.fx.node.map_arg(
+                user.kwargs, lambda a, n=node, v=value: v if a is n else a
+            )
+        graph.erase_node(node)
+    kept = [n.name for i, n in enumerate(placeholders) if i not in constants]
+    spec = _pytree.tree_structure((tuple(range(len(kept))), {}))
+    codegen = graph._codegen
+    codegen.pytree_info = codegen.pytree_info._replace(orig_args=kept, in_spec=spec)
+    module._in_spec = spec
+    module._forward_pre_hooks.clear()  # the program's input checks, of the nested inputs
+    module.recompile()
 
 
 def _dynamic_axes(ep) -> tuple[dict[int, Any], ...]:

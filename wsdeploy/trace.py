@@ -67,9 +67,21 @@ def trace(loaded: LoadedModel, dynamic: bool = False) -> torch.export.ExportedPr
     try:
         return torch.export.export(loaded.module, example, dynamic_shapes=spec)
     except Exception as e:
+        lines = [line.strip(" -") for line in str(e).strip().splitlines() if line.strip()]
+        if spec is not None and lines and lines[0].startswith("Constraints violated"):
+            # the range the program recorded is wider than the model runs on (Dim.AUTO
+            # records [2, inf); its guards, code wsdeploy never runs, said more)
+            why = lines[1][:300] if len(lines) > 1 else lines[0][:300]
+            raise DynamicRangeRefused(
+                f"torch.export cannot keep the recorded range of the dynamic dimensions: {why}"
+            ) from e
         raise UnsupportedLayerError(
-            f"torch.export could not trace {loaded.source}: {str(e).strip().splitlines()[0][:300]}"
+            f"torch.export could not trace {loaded.source}: {lines[0][:300] if lines else e}"
         ) from e
+
+
+class DynamicRangeRefused(UnsupportedLayerError):
+    """A program's dynamic dimensions do not trace at the ranges it recorded."""
 
 
 def traceable(shapes: Sequence[Sequence[int]], spec: Sequence[dict | None] | None) -> list:
@@ -131,10 +143,12 @@ def to_onnx(ep: torch.export.ExportedProgram, names: Sequence[str] = ()) -> ir.M
 
 
 def user_inputs(ep: torch.export.ExportedProgram) -> list[torch.Tensor]:
-    """The fake tensors of the program's user inputs, in order."""
+    """The fake tensors of the program's user inputs, in order (a constant given at export,
+    a float, is not one: ``modelfile`` fixes it)."""
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    return [nodes[n].meta["val"] for n in names]
+    vals = [nodes[n].meta["val"] for n in names]
+    return [v for v in vals if isinstance(v, torch.Tensor)]
 
 
 def example_size(d: int | torch.SymInt) -> int:

@@ -144,7 +144,7 @@ def describe(d: dict[str, Any]) -> str:
         return (
             f"{d['node']}: recognised: WSNet {d['layer']} S={d['sample_stride']} "
             f"r={d['channel_repeat']}, phi {tuple(d['phi_shape'])} for weight "
-            f"{tuple(d['weight_shape'])}{how}" + _reorder_note(d)
+            f"{tuple(d['weight_shape'])}{how}" + _reorder_note(d) + _shared_note(d)
         )
     if d["status"] == "tied":
         sign = " and signs" if d["signed"] else ""
@@ -166,6 +166,16 @@ def describe(d: dict[str, Any]) -> str:
         else ""
     )
     return f"{d['node']}: not recognised: {d['reason']}{stored}"
+
+
+def _shared_note(d: dict[str, Any]) -> str:
+    others = d.get("shared_with")
+    if not others:
+        return ""
+    return (
+        f"; {d['param']!r} is sampled by {', '.join(others)} too: each layer stores its own "
+        "phi, so what they share is stored once per layer"
+    )
 
 
 def _reorder_note(d: dict[str, Any]) -> str:
@@ -232,6 +242,7 @@ def recognize(
             continue
         records.append(found)
         changed += 1
+    _note_shared_params(records)
     if not changed:
         return ep, records
     gm.graph.eliminate_dead_code()
@@ -249,6 +260,20 @@ def recognize(
                 r.status, r.reason = "not recognised", f"re-tracing failed: {e}"
         return ep, records
     return new, records
+
+
+def _note_shared_params(records: list[Record]) -> None:
+    """Layers sampling one parameter (cross-layer sharing: several layers' filters windows of
+    one phi): each becomes a layer of its own with its own phi, so the file holds what they
+    share once per layer; each record names the others (``shared_with``)."""
+    by_param: dict[str, list[Record]] = {}
+    for r in records:
+        if r.status in ("recognised", "tied") and r.detail.get("param"):
+            by_param.setdefault(r.detail["param"], []).append(r)
+    for group in by_param.values():
+        if len(group) > 1:
+            for r in group:
+                r.detail["shared_with"] = [o.node for o in group if o is not r]
 
 
 def _materialise(gm, node, weight, slice_nodes, leaves, done: dict) -> dict[str, Any]:

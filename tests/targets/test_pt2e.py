@@ -228,3 +228,30 @@ def test_each_output_is_checked_at_its_own_quantization_step(tmp_path, target):
     if target == "executorch":
         assert pooled > q["output_step"]
     assert m.manifest["verification"]["passed"]
+
+
+class _CatNet(torch.nn.Module):
+    """A ReLU's output and a signed conv's concatenated before the last conv (kept fp32):
+    a U-Net's skip connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.out = torch.nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(torch.cat([torch.relu(self.a(x)), self.b(x)], 1))
+
+
+@pytest.mark.parametrize("target", ["executorch", "litert"])
+def test_a_concatenation_before_the_fp32_layer_shares_one_scale(tmp_path, target):
+    """LiteRT's converter made the float cat of two dequantized tensors one int8
+    CONCATENATION at the ReLU's scale, clipping the signed input (0.66 off the reference):
+    the cat's inputs and output now share one quantization, observed over both, on every
+    PT2E target, and the build matches its reference."""
+    torch.manual_seed(0)
+    shape = (1, 3, 16, 16)
+    options = _int8_options(tmp_path, shape, target)
+    m = export(LoadedModel.from_module(_CatNet().eval(), shape), tmp_path / "o", options).manifest
+    assert m["verification"]["passed"], m["verification"]

@@ -110,6 +110,7 @@ def annotate_more(model, skip: set[str]) -> None:
     """What every runtime's quantizer gets after its own annotation: 1-D max pools share
     their input's quantization, and what feeds the layers kept fp32 (``skip``) stays fp32."""
     _share_through_1d_pools(model)
+    _quantized_cats(model)
     _fp32_into(model, skip)
 
 
@@ -391,11 +392,45 @@ def _share_through_1d_pools(model) -> None:
         )
 
 
+def _quantized_cats(model) -> None:
+    """A concatenation of quantized tensors that the runtime's quantizer left float (LiteRT's
+    before a layer kept fp32) gets its inputs and output at one shared scale, observed over
+    all of them: LiteRT's converter makes a float cat of two dequantized tensors one int8
+    CONCATENATION at its first input's scale (a ReLU's, [0, a]: the second input's negative
+    values clipped, 0.66 off the reference; a user's U-Net 0.18)."""
+    import torch
+    from torchao.quantization.pt2e.quantizer import (
+        QuantizationAnnotation,
+        QuantizationSpec,
+        SharedQuantizationSpec,
+    )
+
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+            continue
+        if _ANNOTATION in node.meta or not node.args[0]:
+            continue
+        inputs = list(node.args[0])
+        specs = [
+            getattr(getattr(i, "meta", {}).get(_ANNOTATION), "output_qspec", None) for i in inputs
+        ]
+        own = next((q for q in specs if isinstance(q, QuantizationSpec)), None)
+        if own is None or any(q is None for q in specs):
+            continue  # an input the quantizer left float: the cat stays float
+        shared = SharedQuantizationSpec((inputs[0], node))
+        node.meta[_ANNOTATION] = QuantizationAnnotation(
+            input_qspec_map={i: (own if k == 0 else shared) for k, i in enumerate(inputs)},
+            output_qspec=shared,
+            _annotated=True,
+        )
+
+
 def _fp32_into(model, names: set[str]) -> None:
     """The ops between the last quantized layer and a layer kept fp32 (``names``: the
     classifier) keep fp32 outputs: XNNPACK's quantizer quantizes a mean or flatten there at
     its input's scale, which rounds the pooled features the classifier reads (a mean of
-    8-bit values is finer than 8 bits)."""
+    8-bit values is finer than 8 bits). A concatenation stays quantized (``_quantized_cats``)."""
+    import torch
     from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
 
     for node in model.graph.nodes:
@@ -404,6 +439,7 @@ def _fp32_into(model, names: set[str]) -> None:
         source = node.args[0]
         while (
             getattr(source, "op", None) == "call_function"
+            and source.target is not torch.ops.aten.cat.default
             and len(source.users) == 1
             and isinstance(
                 getattr(source.meta.get(_ANNOTATION), "output_qspec", None),

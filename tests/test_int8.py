@@ -331,6 +331,19 @@ def test_onnx_runtime_int8_runs_integer_kernels(model, integer, tmp_path):
     assert "QLinearConv" not in _optimized_ops(tmp_path / "phi" / "model.onnx", tmp_path)
 
 
+def test_int8_says_both_layouts_when_the_gate_refuses_both(tmp_path):
+    """The dense layout refused, then phi's too: the error says both, not only the last
+    (a user saw 94.7% and could not tell two layouts had been tried)."""
+    options = ExportOptions(strategy="fold", precision="int8", min_agreement=1.0)
+    with pytest.raises(AccuracyGateFailed) as failed:
+        export("wsnet1d-tiny", tmp_path / "q", options)
+    said = str(failed.value)
+    assert said.startswith("int8 accuracy gate failed"), said
+    assert "(with phi's scales; the integer kernels' dense weights were refused first: " in said
+    assert said.count("top-1 agreement with fp32") == 2
+    assert not (tmp_path / "q").exists()
+
+
 def test_int8_falls_back_to_phi_scales_when_the_gate_refuses_dense_weights(tmp_path, monkeypatch):
     """wsnet1d-soundnet8's case, made on a small model: dense weights of 2 bits lose the
     gate; the build is then phi's layout, which passes, and says why."""

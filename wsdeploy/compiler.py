@@ -1303,7 +1303,27 @@ def export(
             )
             say(fallback)
             options = dataclasses.replace(options, int8_layout="phi")
-    notes = [] if fallback is None else [fallback]
+            try:
+                return _export_kept_dynamic(loaded, outdir, options, target, say, [fallback])
+            except AccuracyGateFailed as phi:  # both layouts refused: say both
+                raise AccuracyGateFailed(
+                    f"{phi} (with phi's scales; the integer kernels' dense weights were "
+                    f"refused first: {why})",
+                    phi.result,
+                ) from None
+    return _export_kept_dynamic(loaded, outdir, options, target, say, [])
+
+
+def _export_kept_dynamic(
+    loaded: LoadedModel,
+    outdir: Path,
+    options: ExportOptions,
+    target: Target,
+    say,
+    notes: list[str],
+) -> ExportResult:
+    """``_export_loaded``, keeping the program's dynamic dimensions where the target does;
+    where the runtime or torch.export refuses them, built for ``--input-shape``, said."""
     if not keeps_dynamic(loaded, target, options.precision):
         return _export_loaded(loaded, outdir, options, target, say, notes)
     try:

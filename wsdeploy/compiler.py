@@ -777,7 +777,7 @@ def accuracy_gate(
             quantize.take(data.x, slice(0, n)),
             None if data.labels is None else data.labels[:n],
         )
-        fp32 = _fp32_top1(loaded, xs, batch)
+        fp32 = None  # the fp32 model's top-1, once the output is known to be a classifier's
     agree = correct_q = correct_f = 0
     signal = noise = 0.0
     classifier = True
@@ -790,6 +790,8 @@ def accuracy_gate(
         if i == 0:  # (batch, classes): a classifier's logits; else judged by its SQNR
             classifier = first.ndim == 2 and first.shape[1] >= 2
             shown = "x".join(map(str, first.shape[1:])) or "a scalar"
+            if classifier and fp32 is None:
+                fp32 = _fp32_top1(loaded, xs, batch)
         if not classifier:
             want = _eager(loaded, x)[0].astype(np.float64)
             signal += float(np.square(want).sum())

@@ -268,8 +268,13 @@ def _export_build(
     # A build that fails its gate is listed as failed, then built at a lower, labelled bar
     # so that its size and latency are still measured. Where the bar does not change what
     # is built, one export at the lower bar, judged at both, does it: the gate runs once
-    # (ONNX Runtime's int8 builds another layout when the gate refuses the first one).
-    once = precision == "int8" and not TARGETS[target].integer_convs
+    # (ONNX Runtime's int8 builds another layout when the gate refuses the first one, and a
+    # target's own quantizer keeps its costliest layers fp32: the bar changes what is built).
+    once = (
+        precision == "int8"
+        and not TARGETS[target].integer_convs
+        and TARGETS[target].quantize is None
+    )
     relaxed = dataclasses.replace(options, min_agreement=RELAXED_AGREEMENT)
     m = failed = None
     try:
@@ -294,6 +299,10 @@ def _export_build(
             return
     runtime = RUNTIME[target]
     fields = {"target": target, "strategy": strategy, "tuned": bool(extra), **(extra or {})}
+    kept = (m.get("quantization") or {}).get("fp32_layers")
+    if kept:  # the gate refused every layer in int8 (``compiler.FP32_FALLBACK``)
+        fields["fp32_layers"] = kept
+        label = f"{label}, {len(kept)} layer{'s' if len(kept) > 1 else ''} fp32 (gate)"
     layout = (m.get("quantization") or {}).get("layout")
     if TARGETS[target].integer_convs and layout is not None:
         fields["int8_layout"] = layout

@@ -293,6 +293,9 @@ class Calibration:
     output_scales: tuple[float | None, ...] = ()
     """The quantization step of each model output the reference quantizes (None: fp32),
     under a target's own quantizer (``pt2e.output_scales``); () where not recorded."""
+    fp32_layers: tuple[str, ...] = ()
+    """Under a target's own quantizer, the layers (program node names) kept fp32 besides the
+    classifier: the accuracy gate's fallback (``compiler.FP32_FALLBACK``)."""
 
     def activation(self, name: str) -> tuple[float, bool]:
         """(scale, unsigned) of the input of layer ``name``."""
@@ -316,6 +319,7 @@ class Calibration:
             "output_absmax": self.output,
             "output_step": self.output_step,
             **({"output_scales": list(self.output_scales)} if self.output_scales else {}),
+            **({"fp32_layers": list(self.fp32_layers)} if self.fp32_layers else {}),
             "layout": self.layout,
             **({} if self.seed is None else {"seed": self.seed}),
             **(
@@ -339,7 +343,8 @@ class Calibration:
         out = float(d["output_absmax"])
         convs = {k: (float(v[0]), float(v[1])) for k, v in d.get("conv_output_ranges", {}).items()}
         scales = tuple(None if v is None else float(v) for v in d.get("output_scales", ()))
-        return cls(ranges, out, n, source, clip, method, errors, seed, layout, convs, scales)
+        kept = tuple(str(v) for v in d.get("fp32_layers", ()))
+        return cls(ranges, out, n, source, clip, method, errors, seed, layout, convs, scales, kept)
 
     @property
     def output_step(self) -> float:

@@ -255,3 +255,145 @@ def test_a_concatenation_before_the_fp32_layer_shares_one_scale(tmp_path, target
     options = _int8_options(tmp_path, shape, target)
     m = export(LoadedModel.from_module(_CatNet().eval(), shape), tmp_path / "o", options).manifest
     assert m["verification"]["passed"], m["verification"]
+
+
+_QUANTIZERS = {
+    "executorch": ("executorch", "_xnnpack_quantizer"),
+    "litert": ("litert", "_litert_quantizer"),
+}
+
+
+def _quantizer(target: str):
+    import importlib
+
+    module, name = _QUANTIZERS[target]
+    return getattr(importlib.import_module(f"wsdeploy.targets.{module}"), name)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("method", ["minmax", "mse", "auto"])
+def test_a_layer_kept_fp32_takes_the_calibrations_ranges(target, method):
+    """``convert`` keeps any layers fp32 without calibrating again: its observers take the
+    calibration's (an observer of the same tensor on the same grid; one the skip made new,
+    after the kept first conv's ReLU, is calibrated on the batches): the same quantization
+    parameters and outputs as a calibration of its own with those layers left out, and the
+    kept layer's weight is fp32."""
+    from wsdeploy.targets import pt2e
+
+    quantizer = _quantizer(target)
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 64)
+    module = torch.export.export(_Net().eval(), (x,)).module()
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((1, 2, 64)) * (1 + i)).astype(np.float32) for i in range(6)]
+    calibrated = pt2e.calibrate(module, batches, method, quantizer, target == "executorch")
+    assert calibrated.layers() == ["conv1d", "conv1d_1"]
+    assert calibrated.method in pt2e.OBSERVERS
+    for kept in ("conv1d", "conv1d_1"):
+        converted = pt2e.convert(calibrated, (kept,))
+        skip = calibrated.last | {kept}
+        own, *_ = pt2e._calibrated(module, batches, calibrated.observed_by, quantizer, skip)
+        if calibrated.method != calibrated.observed_by:
+            pt2e._as_minmax(own)
+        own = pt2e._converted(own, skip, target == "executorch")
+        pt2e._correct_biases(own, module, calibrated.means)
+        assert _qparams(converted) == _qparams(own) and len(_qparams(own)) >= 2
+        with torch.no_grad():
+            assert torch.equal(converted(x), own(x))
+        layer = next(n for n in converted.graph.nodes if n.name == kept)
+        assert layer.args[1].op == "get_attr", layer.args[1]  # no dequantize: fp32
+    every = pt2e.convert(calibrated)
+    assert len(_qparams(every)) > len(_qparams(pt2e.convert(calibrated, ("conv1d",))))
+    with pytest.raises(Exception, match="no quantized layer named fc"):
+        pt2e.convert(calibrated, ("fc",))
+
+
+class _Spiky(torch.nn.Module):
+    """Two convs and a classifier; its inputs' second channel spikes (``_spiky``) and is
+    ignored, so a per-tensor int8 grid over the first conv's input rounds away the channel
+    every output depends on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv1d(2, 8, 5), torch.nn.Conv1d(8, 8, 3)
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.a.weight[:, 1] = 0.0
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean(-1))
+
+
+def _spiky(rng, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, 2, 64)).astype(np.float32)
+    x[:, 1] = 0.0
+    x[:, 1, 7] = 400.0 * rng.random(n)  # one spike a clip
+    return x
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sensitivity_ranks_first_the_layer_whose_int8_costs_most(target):
+    """The first conv's int8 input rounds its unspiked channel to nothing: kept fp32, the
+    output error falls to a fraction of the every-layer-int8 one; the second conv kept fp32 does not
+    help (its input is still quantized at the first's output). The ranking is by those
+    errors, one per layer."""
+    from wsdeploy.quantize import output_error
+    from wsdeploy.targets import pt2e
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    module = torch.export.export(_Spiky().eval(), (torch.randn(1, 2, 64),)).module()
+    batches = [_spiky(rng, 1) for _ in range(16)]
+    calibrated = pt2e.calibrate(module, batches, "minmax", _quantizer(target))
+    ranked = pt2e.sensitivity(calibrated)
+    assert ranked == ["conv1d", "conv1d_1"]
+    every = output_error(pt2e.convert(calibrated), batches, calibrated.fp32)
+    assert calibrated.errors["conv1d"] < every / 3 and calibrated.errors["conv1d_1"] > every / 2
+
+
+def _spiky_options(tmp_path: Path, target: str, bar: float) -> ExportOptions:
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=_spiky(rng, 32))
+    np.savez(tmp_path / "gate.npz", x=_spiky(rng, 200))
+    return ExportOptions(
+        target=target,
+        precision="int8",
+        strategy="fold",
+        calib=str(tmp_path / "calib.npz"),
+        calib_method="minmax",
+        gate_data=str(tmp_path / "gate.npz"),
+        min_agreement=bar,
+    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_refused_int8_build_keeps_its_costliest_layer_fp32(tmp_path, target):
+    """The gate refuses every layer in int8 (the spiky input's first conv); the build is made
+    again with that conv fp32, passes, and says so: a warning naming the layer and the
+    manifest's ``fp32_layers``."""
+    torch.manual_seed(0)
+    model = _Spiky().eval()
+    shape = (1, 2, 64)
+    out = tmp_path / "o"
+    loaded = LoadedModel.from_module(model, shape)
+    m = export(loaded, out, _spiky_options(tmp_path, target, 0.98)).manifest
+    assert m["quantization"]["fp32_layers"] == ["conv1d"]
+    assert m["verification"]["passed"] and m["verification"]["accuracy_gate"]["passed"]
+    warning = next(w for w in m["warnings"] if "accuracy gate refused" in w)
+    assert "kept 1 of the 2 quantized layers fp32" in warning and "(a (conv1d))" in warning
+    assert "refused every layer int8: top-1 agreement" in warning
+
+
+@pytest.mark.parametrize("target", ["executorch"])
+def test_the_fallback_refused_too_says_both_and_writes_nothing(tmp_path, target):
+    """Every build the fallback makes refused as well (an impossible bar: 100% agreement
+    on clips whose int8 flips some): one error naming how many layers were kept fp32 and the
+    every-layer-int8 result, and no output directory."""
+    from wsdeploy.errors import AccuracyGateFailed
+
+    torch.manual_seed(0)
+    loaded = LoadedModel.from_module(_Spiky().eval(), (1, 2, 64))
+    refused = r"with 1 of 2 quantized layers kept fp32.*every layer int8: top-1"
+    with pytest.raises(AccuracyGateFailed, match=refused):
+        export(loaded, tmp_path / "o", _spiky_options(tmp_path, target, 1.0))
+    assert not (tmp_path / "o").exists()

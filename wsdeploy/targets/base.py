@@ -109,10 +109,10 @@ class Target:
         requires: ``requires()`` raises ``WsdeployError`` naming what the target needs and
             this machine lacks (an optional extra), before any work; None: nothing.
         quantize: for a target consuming the torch program, its own int8:
-            ``quantize(module, batches, method)`` -> (the quantized module, the absmax of
-            its outputs, the ``--calib-method`` it used: "auto" picks one), run on the
-            lowered program with its WSNet layers folded
-            (``compiler.calibrated_reference``); None: wsdeploy's int8 (``quantize``).
+            ``quantize(module, batches, method)`` -> the module calibrated by its PT2E
+            quantizer (``pt2e.Calibrated``: ``pt2e.convert`` makes it int8, any layers kept
+            fp32), run on the lowered program with its WSNet layers folded
+            (``compiler.target_int8_reference``); None: wsdeploy's int8 (``quantize``).
         devices: ``devices(address)`` raises ``WsdeployError`` if the target's builds cannot
             run on the device at ``address`` (None: any TVM RPC server runs them).
         ready: ``ready(address, say)`` readies what runs the target's builds on the device
@@ -154,7 +154,7 @@ class Target:
     consumes: str = "onnx"
     report: Callable[[Path], dict[str, Any]] | None = None
     requires: Callable[[], None] | None = None
-    quantize: Callable[..., tuple[Any, float]] | None = None
+    quantize: Callable[..., Any] | None = None
     devices: Callable[[str], None] | None = None
     ready: Callable[[str, Callable[[str], None]], None] | None = None
     portable: bool = False

@@ -387,12 +387,12 @@ def _timer(run, repeat: int):
     return run.time(repeat)
 
 
-def quantize(module, batches, method: str = "auto") -> tuple[Any, float, str]:
-    """int8 the way XNNPACK runs it in integers: the PT2E flow (``pt2e.quantize``) with
+def quantize(module, batches, method: str = "auto") -> pt2e.Calibrated:
+    """int8 the way XNNPACK runs it in integers: the PT2E flow (``pt2e.calibrate``) with
     XNNPACK's quantizer (symmetric, per-output-channel int8 weights, static int8
     activations), the int8 weights stored as constants."""
     _require()
-    return pt2e.quantize(module, batches, method, _xnnpack_quantizer)
+    return pt2e.calibrate(module, batches, method, _xnnpack_quantizer)
 
 
 def _xnnpack_quantizer(observer, skip: set[str]):

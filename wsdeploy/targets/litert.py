@@ -19,7 +19,7 @@ With ``--rpc`` of the emulated arm64 device the same file runs there through Lit
 and its aarch64 library (``runner``). Built at the concrete ``--input-shape`` (the
 converter's shapes are static).
 
-int8 is LiteRT's own PT2E flow (``pt2e.quantize`` with ``litert_torch``'s ``PT2EQuantizer``:
+int8 is LiteRT's own PT2E flow (``pt2e.calibrate`` with ``litert_torch``'s ``PT2EQuantizer``:
 per-channel int8 weights, static int8 activations), every WSNet layer folded first, and the
 converter in its static QDQ mode: XNNPACK runs the convs and max pools on int8 (the mean and
 the classifier after the last conv stay float, as the recipe keeps them).
@@ -193,12 +193,12 @@ def _strict_qdq():
         api.ConvertToTFLConfig = make
 
 
-def quantize(module, batches, method: str = "auto") -> tuple[Any, float, str]:
-    """int8 as LiteRT runs it: the PT2E flow (``pt2e.quantize``) with LiteRT's own quantizer
+def quantize(module, batches, method: str = "auto") -> pt2e.Calibrated:
+    """int8 as LiteRT runs it: the PT2E flow (``pt2e.calibrate``) with LiteRT's own quantizer
     (symmetric per-output-channel int8 weights, static int8 activations); the weights stay
     fp32 behind their quantize ops, which the converter folds into int8 constants."""
     _require()
-    return pt2e.quantize(module, batches, method, _litert_quantizer, fold_quantize=False)
+    return pt2e.calibrate(module, batches, method, _litert_quantizer, fold_quantize=False)
 
 
 def _litert_quantizer(observer, skip: set[str]):

@@ -63,21 +63,50 @@ def quiet():
             log.setLevel(level)
 
 
-def quantize(
+@dataclasses.dataclass
+class Calibrated:
+    """A module calibrated for a runtime's PT2E quantizer (``calibrate``): what converts it to
+    int8 with any set of layers kept fp32 (``convert``) without calibrating again, and ranks
+    its layers by what their int8 costs (``sensitivity``)."""
+
+    module: Any  # the fp32 module (WSNet layers folded)
+    batches: list
+    quantizer: Quantizer
+    fold_quantize: bool
+    prepared: Any  # calibrated, the classifier left fp32, observers quantizing by ``method``
+    observed_by: str  # the observers ``prepared`` was built with (``OBSERVERS``)
+    method: str  # the ``--calib-method`` used (``auto`` resolved)
+    fp32: list  # the fp32 outputs of each batch
+    means: dict[str, Any]  # each layer's patch means (``_fp32_pass``)
+    last: set[str]  # the classifier's layers, always fp32 (``_output_layers``)
+    out_max: float  # the absmax of the fp32 outputs
+    errors: dict[str, float] = dataclasses.field(default_factory=dict)
+    """layer kept fp32 -> the output error (``quantize.output_error``) with every other layer
+    int8: ``sensitivity``'s, once computed."""
+
+    def layers(self) -> list[str]:
+        """The quantized conv/linear layers (node names), in graph order."""
+        return [
+            n.name
+            for n in self.module.graph.nodes
+            if n.op == "call_function" and _op_name(n) in _LAYERS and n.name not in self.last
+        ]
+
+
+def calibrate(
     module, batches, method: str, quantizer: Quantizer, fold_quantize: bool = True
-) -> tuple[Any, float, str]:
-    """``module`` (the lowered program's module, WSNet layers folded) in int8 by ``quantizer``
-    (``Quantizer``), calibrated on ``batches`` (``quantize.Samples`` of the model's batch
-    size), activation ranges by ``method`` (``OBSERVERS``), then every layer's bias
-    corrected. ``fold_quantize``: the int8 weights stored as constants (ExecuTorch), or left
-    as quantize ops on the fp32 weights (LiteRT's converter quantizes them itself). Returns
-    the converted module, the absmax of its fp32 outputs on the batches and the method
-    used.
+) -> Calibrated:
+    """``module`` (the lowered program's module, WSNet layers folded) calibrated for int8 by
+    ``quantizer`` (``Quantizer``) on ``batches`` (``quantize.Samples`` of the model's batch
+    size), activation ranges by ``method`` (``OBSERVERS``). ``fold_quantize``: the int8
+    weights stored as constants (ExecuTorch), or left as quantize ops on the fp32 weights
+    (LiteRT's converter quantizes them itself).
 
     ``auto`` calibrates once, with the clip search's observers: they keep the running min
     and max a min-max observer keeps, so the ``minmax`` candidate is the same calibration
     converted with those (``_as_minmax``), the same ranges as a calibration of its own
-    (a test checks), for one pass over the batches instead of two."""
+    (a test checks), for one pass over the batches instead of two; it keeps the one whose
+    outputs are closer to fp32."""
     from wsdeploy.quantize import output_error
 
     batches = list(batches)
@@ -85,18 +114,118 @@ def quantize(
     observed_by = "mse" if method == "auto" else method
     prepared, fp32, means = _calibrated(module, batches, observed_by, quantizer, last)
     out_max = max(float(o.abs().max()) for outs in fp32 for o in outs)
+    found = Calibrated(
+        module,
+        batches,
+        quantizer,
+        fold_quantize,
+        prepared,
+        observed_by,
+        observed_by,
+        fp32,
+        means,
+        last,
+        out_max,
+    )
+    if method != "auto":
+        return found
     candidates = {}
-    for name in OBSERVERS if method == "auto" else (method,):
-        calibrated = prepared
+    for name in OBSERVERS:
+        calibrated = copy.deepcopy(prepared)
         if name != observed_by:  # auto's minmax: a copy of the clip search's calibration
-            calibrated = copy.deepcopy(prepared)
             _as_minmax(calibrated)
         converted = _converted(calibrated, last, fold_quantize)
         _correct_biases(converted, module, means)
         with quiet():
-            candidates[name] = (output_error(converted, batches, fp32), converted)
+            candidates[name] = (output_error(converted, batches, fp32), calibrated)
     best = min(candidates, key=lambda k: (candidates[k][0], k != "minmax"))
-    return candidates[best][1], out_max, best
+    found.method = best
+    if best != observed_by:
+        found.prepared = copy.deepcopy(prepared)
+        _as_minmax(found.prepared)
+    return found
+
+
+def convert(calibrated: Calibrated, fp32_layers=()) -> Any:
+    """The calibrated module in int8 (quantize/dequantize ops around its layers, every
+    layer's bias corrected), the layers named in ``fp32_layers`` kept fp32 besides the
+    classifier; a new module each call."""
+    skip = set(calibrated.last) | set(fp32_layers)
+    unknown = set(fp32_layers) - set(calibrated.layers())
+    if unknown:
+        raise CompileError(f"no quantized layer named {', '.join(sorted(unknown))}")
+    prepared = _reprepared(calibrated, skip) if fp32_layers else copy.deepcopy(calibrated.prepared)
+    converted = _converted(prepared, skip, calibrated.fold_quantize)
+    _correct_biases(converted, calibrated.module, calibrated.means)
+    return converted
+
+
+def sensitivity(calibrated: Calibrated) -> list[str]:
+    """The quantized layers (node names), the one whose int8 costs the outputs most first:
+    each kept fp32 alone (every other layer int8, on the same ranges), the output error on
+    the calibration batches; the fallback of an int8 build the accuracy gate refuses keeps
+    the first few fp32 (``compiler.export``). On wsnet1d-soundnet8 under XNNPACK's
+    quantizer: the 64-channel second conv, then the one-channel first (1.77% relative RMS
+    error with every conv int8; 1.47% with those two fp32)."""
+    from wsdeploy.quantize import output_error
+
+    for name in calibrated.layers():
+        if name not in calibrated.errors:
+            with quiet():
+                calibrated.errors[name] = output_error(
+                    convert(calibrated, (name,)), calibrated.batches, calibrated.fp32
+                )
+    return sorted(calibrated.layers(), key=lambda name: calibrated.errors[name])
+
+
+def _observers(prepared) -> dict[str, list[str]]:
+    """Each observed node's name -> the observer modules reading it."""
+    from torchao.quantization.pt2e import ObserverBase
+
+    found: dict[str, list[str]] = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and isinstance(getattr(prepared, node.target), ObserverBase):
+            found.setdefault(node.args[0].name, []).append(node.target)
+    return found
+
+
+def _same_grid(a, b) -> bool:
+    keys = ("dtype", "qscheme", "quant_min", "quant_max", "ch_axis")
+    return type(a) is type(b) and all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
+
+
+def _reprepared(calibrated: Calibrated, skip: set[str]):
+    """The module prepared again with the layers in ``skip`` unannotated, its observers
+    taking the calibration's: the prepared module computes the fp32 values whatever it
+    observes, so an observer of the same tensor on the same grid saw the same values. An
+    observer with no such twin (an annotation the skip changed) is calibrated on the
+    batches."""
+    import torch
+
+    from wsdeploy.numerics import as_inputs
+
+    prepared = _prepared(calibrated.module, calibrated.observed_by, calibrated.quantizer, skip)
+    calibrated_by = calibrated.prepared
+    source = _observers(calibrated_by)
+    missing = False
+    for key, names in _observers(prepared).items():
+        twins = [getattr(calibrated_by, t) for t in source.get(key, [])]
+        for name in names:
+            twin = next((t for t in twins if _same_grid(t, getattr(prepared, name))), None)
+            if twin is None:
+                missing = True
+                continue
+            setattr(prepared, name, copy.deepcopy(twin))
+    if missing:  # calibrate what has no twin (the twins see the same values again)
+        with quiet(), torch.no_grad():
+            for batch in calibrated.batches:
+                prepared(*(torch.from_numpy(a) for a in as_inputs(batch)))
+    for m in prepared.modules():
+        if isinstance(m, _clip_observer()):
+            m.settle()
+    if calibrated.method != calibrated.observed_by:  # auto's minmax
+        _as_minmax(prepared)
+    return prepared
 
 
 def observed(config, observer):
@@ -121,12 +250,9 @@ def _calibrated(module, batches, method: str, quantizer: Quantizer, last: set[st
     input, so the prepared module computes the fp32 module's values (a test checks), and
     one pass over the batches does both (a separate fp32 pass took 7 s of SoundNet-8's)."""
     import torch
-    from torchao.quantization.pt2e import MinMaxObserver
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    observer = {"minmax": MinMaxObserver, "mse": _clip_observer()}[method].with_args(eps=2**-12)
+    prepared = _prepared(module, method, quantizer, last)
     with quiet(), torch.no_grad():
-        prepared = prepare_pt2e(_float_scalars(copy.deepcopy(module)), quantizer(observer, last))
         fp32, means = _fp32_pass(prepared, batches)
     for m in prepared.modules():
         if isinstance(m, _clip_observer()):
@@ -135,6 +261,17 @@ def _calibrated(module, batches, method: str, quantizer: Quantizer, last: set[st
 
 
 _ARITHMETIC = {"add", "sub", "mul", "div", "rsub"}
+
+
+def _prepared(module, method: str, quantizer: Quantizer, skip: set[str]):
+    """A copy of ``module`` prepared by ``quantizer``, activations observed by ``method``'s
+    observer, the layers in ``skip`` left fp32; not calibrated."""
+    from torchao.quantization.pt2e import MinMaxObserver
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    observer = {"minmax": MinMaxObserver, "mse": _clip_observer()}[method].with_args(eps=2**-12)
+    with quiet():
+        return prepare_pt2e(_float_scalars(copy.deepcopy(module)), quantizer(observer, skip))
 
 
 def _float_scalars(module):
@@ -165,6 +302,7 @@ def _converted(prepared, last: set[str], fold_quantize: bool):
     with quiet():
         converted = convert_pt2e(prepared, fold_quantize=fold_quantize)
     _fp32_inputs(converted, last)
+    _fp32_outputs(converted, last)
     return converted
 
 
@@ -466,6 +604,36 @@ def _fp32_inputs(module, names: set[str]) -> None:
         if not (isinstance(source, torch.fx.Node) and source.op == "call_function"):
             continue
         if _op_name(source) not in dequantize:
+            continue
+        with module.graph.inserting_before(node):
+            fp32 = module.graph.call_function(torch.ops.aten.mul.Tensor, (source, 1.0))
+        node.replace_input_with(source, fp32)
+    module.recompile()
+
+
+_ACTIVATIONS = {"relu", "relu_", "hardtanh", "hardtanh_", "clamp", "relu6"}
+
+
+def _fp32_outputs(module, names: set[str]) -> None:
+    """A layer kept fp32 (``names``) whose output, after its activation, is quantized for
+    the next layer gets a multiplication by one before that quantize: XNNPACK otherwise
+    fused the float conv, its ReLU and the quantize into one conv with an int8 output and
+    refused it at load ("Failed to create convolution node": xnn_status_invalid_parameter,
+    a first conv kept fp32 by the accuracy gate's fallback). The product is exact."""
+    import torch
+
+    for node in list(module.graph.nodes):
+        if node.op != "call_function" or _op_name(node) != "quantize_per_tensor":
+            continue
+        source = chain = node.args[0]
+        while (
+            isinstance(chain, torch.fx.Node)
+            and chain.op == "call_function"
+            and chain.name not in names
+            and _op_name(chain) in _ACTIVATIONS
+        ):
+            chain = chain.args[0]
+        if not (isinstance(chain, torch.fx.Node) and chain.name in names):
             continue
         with module.graph.inserting_before(node):
             fp32 = module.graph.call_function(torch.ops.aten.mul.Tensor, (source, 1.0))

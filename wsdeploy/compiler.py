@@ -1813,9 +1813,25 @@ def _stored_params(lowered: ir.Model | torch.export.ExportedProgram, nbytes: boo
     if isinstance(lowered, ir.Model):
         tensors = [v.const_value for v in lowered.graph.initializers.values()]
         return int(sum(t.nbytes if nbytes else t.size for t in tensors if t is not None))
-    tensors = [*lowered.state_dict.values(), *lowered.constants.values()]
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    return int(sum(t.numel() * (t.element_size() if nbytes else 1) for t in tensors))
+    stored = {**lowered.state_dict, **lowered.constants}
+    sizes = {k: t.element_size() for k, t in stored.items() if isinstance(t, torch.Tensor)}
+    # the fp32 weight of a layer whose input is quantized: LiteRT's converter stores it int8
+    # (the program holds its fake-quantized values, folded at recognition)
+    signature = lowered.graph_signature
+    keys = {**signature.inputs_to_parameters, **signature.inputs_to_lifted_tensor_constants}
+    layers = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default}
+    layers |= {torch.ops.aten.linear.default, torch.ops.aten.convolution.default}
+    for node in lowered.graph.nodes:
+        if node.op != "call_function" or node.target not in layers or len(node.args) < 2:
+            continue
+        x, w = node.args[:2]
+        quantized_input = str(getattr(x, "target", "")).startswith(
+            "quantized_decomposed.dequantize_per_tensor"
+        )
+        key = keys.get(getattr(w, "name", None))
+        if quantized_input and key in sizes and len(w.users) == 1:
+            sizes[key] = 1
+    return int(sum(stored[k].numel() * (sizes[k] if nbytes else 1) for k in sizes))
 
 
 def read_manifest(outdir: Path) -> dict[str, Any]:

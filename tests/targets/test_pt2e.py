@@ -244,6 +244,30 @@ class _CatNet(torch.nn.Module):
         return self.out(torch.cat([torch.relu(self.a(x)), self.b(x)], 1))
 
 
+class _SelfCat(torch.nn.Module):
+    """A tensor concatenated with itself before the last conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.out = torch.nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.out(torch.cat([y, y], 1))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_tensor_concatenated_with_itself_quantizes(tmp_path, target):
+    """The cat's one input edge shared with itself made PT2E's prepare recurse without end
+    (a RecursionError traceback from a user's U-Net variant); it now builds and verifies."""
+    torch.manual_seed(0)
+    shape = (1, 3, 16, 16)
+    options = _int8_options(tmp_path, shape, target)
+    m = export(LoadedModel.from_module(_SelfCat().eval(), shape), tmp_path / "o", options)
+    assert m.manifest["verification"]["passed"]
+
+
 @pytest.mark.parametrize("target", ["executorch", "litert"])
 def test_a_concatenation_before_the_fp32_layer_shares_one_scale(tmp_path, target):
     """LiteRT's converter made the float cat of two dequantized tensors one int8

@@ -556,8 +556,10 @@ def _quantized_cats(model) -> None:
         if own is None or any(q is None for q in specs):
             continue  # an input the quantizer left float: the cat stays float
         shared = SharedQuantizationSpec((inputs[0], node))
+        # one entry per input node (a tensor concatenated with itself is one edge: made
+        # shared with itself, PT2E's prepare recursed without end)
         node.meta[_ANNOTATION] = QuantizationAnnotation(
-            input_qspec_map={i: (own if k == 0 else shared) for k, i in enumerate(inputs)},
+            input_qspec_map={i: (own if i is inputs[0] else shared) for i in dict.fromkeys(inputs)},
             output_qspec=shared,
             _annotated=True,
         )

@@ -268,16 +268,31 @@ def test_a_tensor_concatenated_with_itself_quantizes(tmp_path, target):
     assert m.manifest["verification"]["passed"]
 
 
+class _ResidualCat(_CatNet):
+    """A residual add's output (which LiteRT's quantizer leaves float) concatenated with a
+    ReLU's before the last conv: a U-Net's skip connection from a MobileNet block."""
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.out(torch.cat([y + self.b2(y), y], 1))
+
+    def __init__(self):
+        super().__init__()
+        self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+
 @pytest.mark.parametrize("target", ["executorch", "litert"])
-def test_a_concatenation_before_the_fp32_layer_shares_one_scale(tmp_path, target):
+@pytest.mark.parametrize("net", [_CatNet, _ResidualCat])
+def test_a_concatenation_before_the_fp32_layer_shares_one_scale(tmp_path, target, net):
     """LiteRT's converter made the float cat of two dequantized tensors one int8
     CONCATENATION at the ReLU's scale, clipping the signed input (0.66 off the reference):
     the cat's inputs and output now share one quantization, observed over both, on every
-    PT2E target, and the build matches its reference."""
+    PT2E target, an input the quantizer left float (a residual add's, 0.18 off on a user's
+    U-Net) quantized there too, and the build matches its reference."""
     torch.manual_seed(0)
     shape = (1, 3, 16, 16)
     options = _int8_options(tmp_path, shape, target)
-    m = export(LoadedModel.from_module(_CatNet().eval(), shape), tmp_path / "o", options).manifest
+    m = export(LoadedModel.from_module(net().eval(), shape), tmp_path / "o", options).manifest
     assert m["verification"]["passed"], m["verification"]
 
 

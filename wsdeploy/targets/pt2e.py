@@ -531,11 +531,13 @@ def _share_through_1d_pools(model) -> None:
 
 
 def _quantized_cats(model) -> None:
-    """A concatenation of quantized tensors that the runtime's quantizer left float (LiteRT's
-    before a layer kept fp32) gets its inputs and output at one shared scale, observed over
-    all of them: LiteRT's converter makes a float cat of two dequantized tensors one int8
-    CONCATENATION at its first input's scale (a ReLU's, [0, a]: the second input's negative
-    values clipped, 0.66 off the reference; a user's U-Net 0.18)."""
+    """A concatenation that the runtime's quantizer left float (LiteRT's before a layer kept
+    fp32) with a quantized input gets its inputs and output at one shared scale, observed
+    over all of them, an input left float (LiteRT's residual add) quantized there too:
+    LiteRT's converter makes a float cat with a dequantized input one int8 CONCATENATION at
+    that input's scale (a ReLU's, [0, a]: the other inputs' negative values clipped, 0.66
+    off the reference on two convs' outputs; a user's U-Net, a residual add's output beside
+    a ReLU's, 0.18)."""
     import torch
     from torchao.quantization.pt2e.quantizer import (
         QuantizationAnnotation,
@@ -553,8 +555,8 @@ def _quantized_cats(model) -> None:
             getattr(getattr(i, "meta", {}).get(_ANNOTATION), "output_qspec", None) for i in inputs
         ]
         own = next((q for q in specs if isinstance(q, QuantizationSpec)), None)
-        if own is None or any(q is None for q in specs):
-            continue  # an input the quantizer left float: the cat stays float
+        if own is None:
+            continue  # no input quantized: the cat stays float
         shared = SharedQuantizationSpec((inputs[0], node))
         # one entry per input node (a tensor concatenated with itself is one edge: made
         # shared with itself, PT2E's prepare recursed without end)

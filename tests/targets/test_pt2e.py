@@ -453,3 +453,22 @@ def test_the_weights_int8_stores_are_counted_at_one_byte(tmp_path, target):
     # the classifier's 32 and the biases fp32: 1,260 bytes in fp32
     fp32 = f.manifest["size"]["param_bytes"]
     assert q["param_bytes"] < 0.6 * fp32 and q["param_bytes"] < q["artifact_bytes"]
+
+
+def test_verify_replays_the_layers_the_fallback_kept_fp32():
+    """The manifest records the layers the gate's fallback kept fp32 and ``verify``'s replay
+    of the calibration keeps them (its reference is the export's)."""
+    from wsdeploy import compiler, quantize
+    from wsdeploy.targets import get_target
+
+    calibration = quantize.Calibration(
+        {}, 1.0, 256, "audio calib split", method="mse (executorch: PT2E, XNNPACK)", seed=0,
+        layout="dense", fp32_layers=("conv1d_1", "conv1d"),
+    )  # fmt: skip
+    manifest = {"quantization": calibration.to_dict(), "strategy": "fold"}
+    assert manifest["quantization"]["fp32_layers"] == ["conv1d_1", "conv1d"]
+    loaded = compiler.load_model("wsnet1d-tiny")
+    options = compiler._replayed_options(manifest, loaded, get_target("executorch"))
+    assert options.fp32_layers == ("conv1d_1", "conv1d") and options.calib_method == "mse"
+    del manifest["quantization"]["fp32_layers"]  # a build with every layer int8
+    assert compiler._replayed_options(manifest, loaded, get_target("executorch")).fp32_layers == ()

@@ -6,6 +6,7 @@ within the tolerance table's ``quantized`` stage (one output step)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -472,3 +473,21 @@ def test_verify_replays_the_layers_the_fallback_kept_fp32():
     assert options.fp32_layers == ("conv1d_1", "conv1d") and options.calib_method == "mse"
     del manifest["quantization"]["fp32_layers"]  # a build with every layer int8
     assert compiler._replayed_options(manifest, loaded, get_target("executorch")).fp32_layers == ()
+
+
+def test_a_pte_the_runtime_refuses_says_xnnpacks_reason(tmp_path, monkeypatch):
+    """Without ``_fp32_outputs``, a first conv kept fp32 makes a ``.pte`` whose XNNPACK
+    subgraph fails to build at load: the error quotes XNNPACK's own line (it said only
+    "Failed to load method forward, error: 0x:1"), and nothing is written."""
+    from wsdeploy.errors import CompileError
+    from wsdeploy.targets import pt2e
+
+    monkeypatch.setattr(pt2e, "_fp32_outputs", lambda module, names: None)
+    torch.manual_seed(0)
+    loaded = LoadedModel.from_module(_Spiky().eval(), (1, 2, 64))
+    options = dataclasses.replace(
+        _spiky_options(tmp_path, "executorch", 0.0), fp32_layers=("conv1d",)
+    )
+    with pytest.raises(CompileError, match=r"0x:1 \(Failed to create convolution node .*xnn_stat"):
+        export(loaded, tmp_path / "o", options)
+    assert not (tmp_path / "o").exists()

@@ -87,11 +87,14 @@ def _stderr_into(log):
 
 def _logged(log) -> str:
     """The first line ExecuTorch's runtime logged as an error into ``log``, without its
-    source location ("[XNNExecutor.cpp:169] Internal Error: ..."), or ''."""
+    source location ("[XNNExecutor.cpp:169] Internal Error: ..."), XNNPACK's own status
+    line first ("Failed to create convolution node 2 with code:
+    xnn_status_invalid_parameter"), or ''."""
     log.seek(0)
     lines = [ln.strip() for ln in log.read().decode(errors="replace").splitlines()]
-    errors = [ln.split("] ", 1)[-1] for ln in lines if "Error" in ln or "failed" in ln]
-    return errors[0] if errors else ""
+    xnnpack = [ln for ln in lines if "xnn_status_" in ln]
+    errors = xnnpack or [ln for ln in lines if "Error" in ln or "failed" in ln]
+    return errors[0].split("] ", 1)[-1] if errors else ""
 
 
 def _require(compiler: bool = True) -> None:
@@ -288,16 +291,20 @@ def load(outdir: Path, device: str | None = None) -> Runner:
     import torch
     from executorch.runtime import Runtime
 
-    try:
-        with _quiet(native=True):
-            program = Runtime.get().load_program(pte)
-            method = program.load_method("forward")
-    except RuntimeError as e:  # its log (stderr, silenced) says more; the build is refused
-        raise CompileError(f"ExecuTorch's runtime cannot load {FILENAME}: {e}") from None
-    except MemoryError:
-        raise CompileError(
-            f"ExecuTorch's runtime cannot load {FILENAME}: its planned memory does not fit"
-        ) from None
+    with tempfile.TemporaryFile() as log:
+        try:
+            with _quiet(native=True), _stderr_into(log):
+                program = Runtime.get().load_program(pte)
+                method = program.load_method("forward")
+        except RuntimeError as e:  # its log says why (XNNPACK's own line); the build is refused
+            why = _logged(log)
+            raise CompileError(
+                f"ExecuTorch's runtime cannot load {FILENAME}: {e}" + (f" ({why})" if why else "")
+            ) from None
+        except MemoryError:
+            raise CompileError(
+                f"ExecuTorch's runtime cannot load {FILENAME}: its planned memory does not fit"
+            ) from None
 
     def run(x) -> list[np.ndarray]:
         run.last = x

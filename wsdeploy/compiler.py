@@ -92,7 +92,8 @@ quantization noise, over the gate's inputs; 20 dB: an error 10% of the output's 
 FP32_FALLBACK = 0.5
 """int8 by a target's own quantizer that the accuracy gate refuses is built again with its
 quantized layers kept fp32 one more at a time, the one whose int8 costs the outputs most
-first (``pt2e.sensitivity``), up to this share of them (OpenVINO's accuracy-aware
+first (``pt2e.sensitivity``), up to this share of them, at least one and never all (a model
+with one quantized layer gets no fallback) (OpenVINO's accuracy-aware
 quantization does the same): wsnet1d-soundnet8 under XNNPACK's quantizer agreed with fp32 on
 98.9% of the gate's clips, and on 99.x% with its first two convs fp32."""
 EAGER_BATCH = 16  # inputs per eager forward when the gate computes the fp32 predictions
@@ -1385,11 +1386,15 @@ def _export_fp32_fallback(
 
     refusals = [f"every layer int8: {result(refused)}"]
     calibrated = _target_calibrated(loaded, options, target)[0]
+    count = len(calibrated.layers())
+    # at least one layer, and never every layer: an "int8" build with none in int8
+    most = min(max(1, int(count * FP32_FALLBACK)), count - 1)
+    if most < 1:
+        raise refused
     say("int8: the accuracy gate refused it; rank the layers by what their int8 costs")
     ranked = pt2e.sensitivity(calibrated)
     program = _memo(loaded, ("torch stage", False), lambda: torch_stage(loaded))
     shown = names_by_node(program[1])
-    most = min(max(1, int(len(ranked) * FP32_FALLBACK)), len(ranked))
     for n in range(1, most + 1):
         kept = tuple(ranked[:n])
         note = (

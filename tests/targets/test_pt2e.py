@@ -491,3 +491,29 @@ def test_a_pte_the_runtime_refuses_says_xnnpacks_reason(tmp_path, monkeypatch):
     with pytest.raises(CompileError, match=r"0x:1 \(Failed to create convolution node .*xnn_stat"):
         export(loaded, tmp_path / "o", options)
     assert not (tmp_path / "o").exists()
+
+
+class _OneConv(torch.nn.Module):
+    """``_Spiky`` with one conv before the classifier: nothing to keep fp32 but all of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc = torch.nn.Conv1d(2, 8, 5), torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.a.weight[:, 1] = 0.0
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.a(x))[:, :, 10])
+
+
+def test_a_model_with_one_quantized_layer_gets_no_fallback(tmp_path):
+    """Keeping its only quantized layer fp32 would make an "int8" build with no int8 in it:
+    the gate's refusal stands, as it was."""
+    from wsdeploy.errors import AccuracyGateFailed
+
+    torch.manual_seed(0)
+    loaded = LoadedModel.from_module(_OneConv().eval(), (1, 2, 64))
+    with pytest.raises(AccuracyGateFailed) as refused:
+        export(loaded, tmp_path / "o", _spiky_options(tmp_path, "executorch", 0.999))
+    assert "need >= 99.9%" in str(refused.value) and "kept" not in str(refused.value)
+    assert not (tmp_path / "o").exists()

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from wsdeploy import numerics
 from wsdeploy.errors import WsdeployError
 from wsdeploy.numerics import MIN_VERIFY
 from wsdeploy.passes import CALIB_METHODS as _CALIB_METHODS
@@ -842,11 +843,12 @@ def _print_verification(v: dict) -> None:
         )
         quantized = v.get("stage") in ("quantized", "requantized")
         against = "fake-quantized PyTorch" if quantized else "PyTorch"
+        outliers = numerics.Comparison(**o).outliers() if o.get("beyond") else ""
         click.echo(
             f"  verified  {o['name']} vs {against}{where} on {v['n_inputs']} inputs: max abs err "
             f"{o['max_abs']:.2g}, max rel err {o['max_rel']:.2g}, cosine "
-            f"{o['cosine']:.6f}{top1} (atol {o['atol']:g}, rtol {o['rtol']:g}): "
-            f"{'PASS' if o['ok'] else 'FAIL'}"
+            f"{o['cosine']:.6f}{top1} (atol {o['atol']:g}, rtol {o['rtol']:g}"
+            f"{'; ' + outliers if outliers else ''}): {'PASS' if o['ok'] else 'FAIL'}"
         )
     for d in v.get("dynamic", []):  # a build keeping dynamic axes, at its other sizes
         worst = max(o["max_abs"] for o in d["outputs"])
@@ -876,7 +878,13 @@ def _print_verification(v: dict) -> None:
             )
             acc = f"; data: {gate['data']}" if gate.get("data") else ""
         else:
-            what = f"top-1 agreement with fp32 {gate['top1_agreement']:.1%} (bar {bar:.1%})"
+            # labels per output position (a segmentation's): top-1 of every position
+            per = (
+                f" per output position ({gate['positions']} an input)"
+                if "positions" in gate
+                else ""
+            )
+            what = f"top-1 agreement with fp32{per} {gate['top1_agreement']:.1%} (bar {bar:.1%})"
         click.echo(
             f"  int8 gate {what} on {gate['n']} held-out inputs"
             f"{_VERIFIED_ON.get(gate.get('ran_on') or 'local', '')}{acc}: "

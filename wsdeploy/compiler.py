@@ -291,7 +291,9 @@ def check(
     }
     for r in results:
         if not r.ok:
-            raise NumericsMismatch(r.name, r.max_abs, r.max_rel, r.atol, r.rtol, stage)
+            raise NumericsMismatch(
+                r.name, r.max_abs, r.max_rel, r.atol, r.rtol, stage, r.outliers()
+            )
     return summary
 
 
@@ -801,7 +803,10 @@ def accuracy_gate(
     """int8 against fp32 on held-out data: top-1 agreement and accuracy drop, on ``n``
     inputs (default: ``GATE_SAMPLES``, or the model's own test-set size if larger) of the
     model's bundled test split, or on ``data`` (``gate_data``: the user's, all of it unless
-    ``n`` is smaller).
+    ``n`` is smaller). A first output of ``(batch, classes)`` is a classifier's; with labels
+    of one per output position (``(n, H, W)`` for a first output ``(batch, classes, H,
+    W)``: a segmentation's), agreement and accuracy are per position; any other output is
+    judged by its SQNR (``MIN_SQNR_DB``).
 
     Raises ``AccuracyGateFailed`` below ``min_agreement`` (default ``AGREEMENT_MIN``) top-1
     agreement or above ``ACCURACY_DROP_MAX`` drop (the drop needs labels).
@@ -824,6 +829,8 @@ def accuracy_gate(
             None if data.labels is None else data.labels[:n],
         )
         fp32 = None  # the fp32 model's top-1, once the output is known to be a classifier's
+    source = data.source if data is not None else "the test split"
+    positions = () if ys is None else tuple(ys.shape[1:])  # labels per output position
     agree = correct_q = correct_f = 0
     signal = noise = 0.0
     classifier = True
@@ -834,34 +841,39 @@ def accuracy_gate(
         x = quantize.take(xs, slice(i, i + batch))
         first = runner(x)[0]
         if i == 0:  # (batch, classes): a classifier's logits; else judged by its SQNR
-            classifier = first.ndim == 2 and first.shape[1] >= 2
+            if positions:
+                _check_positions(ys, first.shape, source)
+            classifier = first.ndim == 2 + len(positions) and first.shape[1] >= 2
             shown = "x".join(map(str, first.shape[1:])) or "a scalar"
             if classifier and fp32 is None:
-                fp32 = _fp32_top1(loaded, xs, batch)
+                fp32 = _fp32_top1(loaded, xs, batch, per_position=bool(positions))
         if not classifier:
             want = _eager(loaded, x)[0].astype(np.float64)
             signal += float(np.square(want).sum())
             noise += float(np.square(first.astype(np.float64) - want).sum())
             continue
-        out = first.reshape(batch, -1)
+        out = first if positions else first.reshape(batch, -1)
         if i == 0 and ys is not None:
-            _check_labels(ys, out.shape[1], data.source if data is not None else "the test split")
-        pq = out.argmax(-1)
+            _check_labels(ys, out.shape[1], source)
+        pq = out.argmax(1)
         pf = fp32[i : i + batch]
         agree += int((pq == pf).sum())
         if ys is not None:
             correct_q += int((pq == ys[i : i + batch]).sum())
             correct_f += int((pf == ys[i : i + batch]).sum())
+    units = n * math.prod(positions)  # what top-1 is counted over: inputs or positions
     result: dict[str, Any] = {
         "n": n,
         "held_out": True,
         "data": data.source if data is not None else f"{loaded.dataset} test split",
-        "top1_agreement": agree / n if classifier else None,
-        "accuracy_fp32": correct_f / n if ys is not None and classifier else None,
-        "accuracy_int8": correct_q / n if ys is not None and classifier else None,
+        "top1_agreement": agree / units if classifier else None,
+        "accuracy_fp32": correct_f / units if ys is not None and classifier else None,
+        "accuracy_int8": correct_q / units if ys is not None and classifier else None,
     }
+    if positions:
+        result["positions"] = "x".join(map(str, positions))
     labelled = ys is not None and classifier
-    result["accuracy_drop"] = (correct_f - correct_q) / n if labelled else None
+    result["accuracy_drop"] = (correct_f - correct_q) / units if labelled else None
     bar = AGREEMENT_MIN if min_agreement is None else min_agreement
     result["min_agreement"] = bar
     if not classifier:
@@ -886,6 +898,17 @@ def _check_labels(labels: np.ndarray, classes: int, source: str) -> None:
         )
 
 
+def _check_positions(labels: np.ndarray, output: tuple[int, ...], source: str) -> None:
+    """Labels per output position must have the shape of the first output without its class
+    axis (axis 1)."""
+    if tuple(output[2:]) != tuple(labels.shape[1:]):
+        raise WsdeployError(
+            f"labels in {source} are {'x'.join(map(str, labels.shape[1:]))} per input, but the "
+            f"model's first output is {'x'.join(map(str, output[1:]))} per input: labels must be "
+            "one per input, or one per output position (its shape without the class axis, 1)"
+        )
+
+
 def gate_failure(result: dict[str, Any], min_agreement: float = AGREEMENT_MIN) -> str | None:
     """Why an accuracy gate's ``result`` fails at ``min_agreement`` top-1 agreement (and
     ``ACCURACY_DROP_MAX``), or None if it passes."""
@@ -907,7 +930,8 @@ def gate_failure(result: dict[str, Any], min_agreement: float = AGREEMENT_MIN) -
         what += f", accuracy {result['accuracy_int8']:.1%} vs fp32 {result['accuracy_fp32']:.1%}"
         if drop > ACCURACY_DROP_MAX + 1e-12:
             what += f" (a drop of {100 * drop:.1f} points; need <= {100 * ACCURACY_DROP_MAX:.1f})"
-    return f"int8 accuracy gate failed on {result['n']} held-out inputs: {what}"
+    per = f" ({result['positions']} positions each)" if result.get("positions") else ""
+    return f"int8 accuracy gate failed on {result['n']} held-out inputs{per}: {what}"
 
 
 def _gate_inputs(loaded: LoadedModel, shape: tuple[int, ...], n: int, batch: int):
@@ -919,7 +943,11 @@ def _gate_inputs(loaded: LoadedModel, shape: tuple[int, ...], n: int, batch: int
     return ds.x, ds.y, _fp32_top1(loaded, ds.x, batch)
 
 
-def _fp32_top1(loaded: LoadedModel, xs: quantize.Samples, batch: int) -> np.ndarray:
+def _fp32_top1(
+    loaded: LoadedModel, xs: quantize.Samples, batch: int, per_position: bool = False
+) -> np.ndarray:
+    """The fp32 model's top-1 class of each input (``per_position``: of each position of
+    its first output, the classes on axis 1)."""
     # an eager module takes any batch; a .pt2's program (even one with a dynamic length)
     # takes the batch it was exported at
     chunk = batch * max(1, EAGER_BATCH // batch) if loaded.kind != "pt2" else batch
@@ -927,7 +955,8 @@ def _fp32_top1(loaded: LoadedModel, xs: quantize.Samples, batch: int) -> np.ndar
     top1 = []
     for i in range(0, n, chunk):
         x = quantize.take(xs, slice(i, i + chunk))
-        top1.append(_eager(loaded, x)[0].reshape(quantize.count(x), -1).argmax(-1))
+        out = _eager(loaded, x)[0]
+        top1.append(out.argmax(1) if per_position else out.reshape(len(out), -1).argmax(-1))
     return np.concatenate(top1)
 
 

@@ -40,7 +40,14 @@ class NumericsMismatch(WsdeployError):
     """A build's outputs differ from the eager PyTorch model beyond the tolerance table."""
 
     def __init__(
-        self, output: str, max_abs: float, max_rel: float, atol: float, rtol: float, stage: str
+        self,
+        output: str,
+        max_abs: float,
+        max_rel: float,
+        atol: float,
+        rtol: float,
+        stage: str,
+        outliers: str = "",
     ) -> None:
         self.output = output
         self.max_abs = max_abs
@@ -51,7 +58,7 @@ class NumericsMismatch(WsdeployError):
         super().__init__(
             f"output {output!r} does not match PyTorch at stage {stage!r}: "
             f"max abs err {max_abs:.3g}, max rel err {max_rel:.3g} "
-            f"(tolerance atol={atol:g}, rtol={rtol:g})"
+            f"(tolerance atol={atol:g}, rtol={rtol:g}" + (f"; {outliers})" if outliers else ")")
         )
 
 

@@ -4,9 +4,11 @@ Stages: ``rewrite`` (a graph pass against eager PyTorch: reordered fp32 sums onl
 ``runtime`` (a compiled artifact on a runtime against eager PyTorch), ``quantized`` (an int8
 build against its fake-quantized PyTorch reference: within one quantization step of the
 output, so ``atol`` is in units of that step; ``requantized``: two steps, for runtimes that
-requantize hidden layers with their own rounding) and ``int8`` (integer kernels against an
+requantize hidden layers with their own rounding, with one value in 10,000 allowed up to
+four) and ``int8`` (integer kernels against an
 integer reference: exact). Elementwise test as in ``torch.testing``:
-``|actual - expected| <= atol * step + rtol * |expected|``.
+``|actual - expected| <= atol * step + rtol * |expected|``, for every value or, at a stage in
+``OUTLIERS``, for all but a small share of them, which stay within a wider bound.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "int8": (0.0, 0.0),  # integers compare exactly
 }
 
+OUTLIERS: dict[str, tuple[float, float]] = {
+    # stage: (the share of an output's values allowed beyond its tolerance, the multiple of
+    # the tolerance they stay within). A runtime requantizing with its own arithmetic (LiteRT's
+    # fixed-point multipliers round twice) differs from the reference by a step here and there
+    # at every hidden layer, and the differences add up through the layers after it: the
+    # deviation is a distribution whose far tail a larger sample only reaches further into.
+    # Seen: a user's int8 U-Net on LiteRT, 64 inputs, 262,144 values: 0.55% beyond one output
+    # step, 2 values beyond two (2.1 and 2.7 steps), RMS 0.32 steps; on ExecuTorch at most
+    # 1.5 steps. A wrong build is off in many values and by more: a cat requantized at the
+    # wrong scale was 9 and 27 steps off.
+    "requantized": (1e-4, 2.0),
+}
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -44,9 +59,22 @@ class Comparison:
     atol: float
     rtol: float
     ok: bool
+    beyond: int = 0  # values beyond atol + rtol * |expected|
+    values: int = 0
+    allowed: int = 0  # how many of them may be (``OUTLIERS``), each within ``wider``x
+    wider: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def outliers(self) -> str:
+        """What the comparison says of the values beyond the tolerance, if it allows any."""
+        if not self.allowed and self.wider == 1.0:
+            return ""
+        return (
+            f"{self.beyond:,} of {self.values:,} values beyond it, at most {self.allowed:,} "
+            f"allowed, each within {self.wider:g}x it"
+        )
 
 
 def compare(
@@ -95,8 +123,26 @@ def compare(
     top1 = None
     if a.ndim == 2 and a.shape[1] > 1:
         top1 = float(np.mean(a.argmax(1) == e.argmax(1)))
-    ok = bool(np.all(diff <= atol + rtol * np.abs(e)))
-    return Comparison(name, stage, max_abs, max_rel, cosine, top1, atol, rtol, ok)
+    bound = atol + rtol * np.abs(e)
+    beyond = int(np.count_nonzero(diff > bound))
+    share, wider = OUTLIERS.get(stage, (0.0, 1.0))
+    allowed = int(share * diff.size)
+    ok = beyond <= allowed and bool(np.all(diff <= wider * bound))
+    return Comparison(
+        name,
+        stage,
+        max_abs,
+        max_rel,
+        cosine,
+        top1,
+        atol,
+        rtol,
+        ok,
+        beyond,
+        diff.size,
+        allowed,
+        wider,
+    )
 
 
 def assert_close(
@@ -114,7 +160,7 @@ def assert_close(
                 c.rtol,
                 stage,
             )
-        raise NumericsMismatch(name, c.max_abs, c.max_rel, c.atol, c.rtol, stage)
+        raise NumericsMismatch(name, c.max_abs, c.max_rel, c.atol, c.rtol, stage, c.outliers())
     return c
 
 

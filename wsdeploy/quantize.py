@@ -654,7 +654,9 @@ def _checked(path: Path, arr: np.ndarray, input_shape: tuple[int, ...]) -> np.nd
 
 
 def load_labels(path: str | Path, n: int) -> np.ndarray | None:
-    """The integer class labels (``labels`` or ``y``) of an .npz of ``n`` inputs, if any."""
+    """The integer class labels (``labels`` or ``y``) of an .npz of ``n`` inputs, if any: one
+    per input ``(n,)``, or one per output position ``(n, ...)`` (a segmentation's per pixel:
+    the model's first output is then ``(n, classes, ...)``, checked by the gate)."""
     path = Path(path)
     if path.suffix != ".npz":
         return None
@@ -666,10 +668,10 @@ def load_labels(path: str | Path, n: int) -> np.ndarray | None:
             labels = z[key]
     except Exception as e:
         raise WsdeployError(f"cannot read labels of {path}: {str(e)[:200]}") from e
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+    if labels.ndim == 0 or labels.shape[0] != n or not np.issubdtype(labels.dtype, np.integer):
         raise WsdeployError(
-            f"labels in {path} must be {n} integers (one per input), not {labels.dtype} "
-            f"{tuple(labels.shape)}"
+            f"labels in {path} must be integers, {n} of them (one per input) or ({n}, ...) "
+            f"(one per output position), not {labels.dtype} {tuple(labels.shape)}"
         )
     return labels.astype(np.int64)
 

@@ -391,6 +391,33 @@ def test_sensitivity_ranks_first_the_layer_whose_int8_costs_most(target):
     assert calibrated.errors["conv1d"] < every / 3 and calibrated.errors["conv1d_1"] > every / 2
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_errors_that_rank_and_choose_dequantize_the_weights_once(target):
+    """``_output_error`` folds the weights' quantize/dequantize ops into constants first: no
+    such op is left on a weight, the activations' stay, and every output is the same."""
+    from wsdeploy.targets import pt2e
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    module = torch.export.export(_Spiky().eval(), (torch.randn(1, 2, 64),)).module()
+    batches = [_spiky(rng, 1) for _ in range(4)]
+    calibrated = pt2e.calibrate(module, batches, "mse", _quantizer(target), target == "executorch")
+    converted = pt2e.convert(calibrated)
+    folded = pt2e.convert(calibrated)
+    pt2e._constants_folded(folded)
+
+    def ops(m, prefix):
+        return [n for n in m.graph.nodes if n.op == "call_function" and prefix in str(n.target)]
+
+    assert ops(converted, "_per_channel") and not ops(folded, "_per_channel")
+    assert len(ops(folded, "quantize_per_tensor")) == len(ops(converted, "quantize_per_tensor"))
+    assert len(ops(folded, "quantize_per_tensor")) >= 2  # the activations' grids
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.from_numpy(batch)
+            assert torch.equal(converted(x), folded(x))
+
+
 def _spiky_options(tmp_path: Path, target: str, bar: float) -> ExportOptions:
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "calib.npz", x=_spiky(rng, 32))

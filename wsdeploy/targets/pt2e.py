@@ -257,9 +257,7 @@ def _reprepared(calibrated: Calibrated, skip: set[str]):
         with quiet(), torch.no_grad():
             for batch in calibrated.batches:
                 prepared(*(torch.from_numpy(a) for a in as_inputs(batch)))
-    for m in prepared.modules():
-        if isinstance(m, _clip_observer()):
-            m.settle()
+    _settle(prepared)
     if calibrated.method != calibrated.observed_by:  # auto's minmax
         _as_minmax(prepared)
     return prepared
@@ -291,10 +289,16 @@ def _calibrated(module, batches, method: str, quantizer: Quantizer, last: set[st
     prepared = _prepared(module, method, quantizer, last)
     with quiet(), torch.no_grad():
         fp32, means = _fp32_pass(prepared, batches)
+    _settle(prepared)
+    return prepared, fp32, means
+
+
+def _settle(prepared) -> None:
+    """Each clip search observer of a calibrated module picks its threshold from the values
+    it kept."""
     for m in prepared.modules():
         if isinstance(m, _clip_observer()):
             m.settle()
-    return prepared, fp32, means
 
 
 _ARITHMETIC = {"add", "sub", "mul", "div", "rsub"}

@@ -921,11 +921,12 @@ def test_int8_of_a_dynamic_length_program(two_files, tmp_path, target):
 
 @pytest.mark.slow
 def test_user_programs_on_executorch_run_on_the_emulated_arm64_device(
-    user_files, two_files, tmp_path, one_device_user
+    user_files, two_files, unet_files, tmp_path, one_device_user
 ):
-    """A user's .pt2 (hand-written WSNet layers recognised, three of them shared) and a
-    program of two inputs and two outputs: their .pte files run on the emulated arm64
-    device through ExecuTorch's aarch64 libraries and match PyTorch there."""
+    """A user's .pt2 (hand-written WSNet layers recognised, three of them shared), a
+    program of two inputs and two outputs, and the U-Net in int8: their .pte files run on
+    the emulated arm64 device through ExecuTorch's aarch64 libraries (XNNPACK's arm64 int8
+    kernels) and match PyTorch, or its fake-quantized reference, there."""
     from wsdeploy import device
 
     user_root, _ = user_files
@@ -954,6 +955,16 @@ def test_user_programs_on_executorch_run_on_the_emulated_arm64_device(
         outputs = m["verification"]["outputs"]
         assert [o["name"] for o in outputs] == ["output_0", "output_1"]
         assert all(o["ok"] for o in outputs)
+        out = tmp_path / "unet"
+        args = ["export", str(unet_files / "unet.pt2"), "--target", "executorch", "-o", str(out)]
+        args += ["--quantize", "int8", "--calib", str(unet_files / "calib.npz")]
+        args += ["--gate-data", str(unet_files / "gate.npz"), "--rpc", info.address]
+        result = _run(args)
+        assert result.exit_code == 0, result.output
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["verification"]["verified_on"] == "emulated-arm64"
+        assert m["verification"]["stage"] == "requantized" and m["verification"]["passed"]
+        assert m["verification"]["accuracy_gate"]["positions"] == "32x32"
 
 
 class StridedWSConv1d(nn.Module):

@@ -1109,6 +1109,33 @@ def test_a_model_returning_a_dict_is_built_and_checked_output_by_output(tmp_path
     assert [o["shape"] for o in m["outputs"]] == [[1, 3], [1, 16]]  # logits first, as written
 
 
+@pytest.mark.parametrize(
+    "target, precision", [("litert", "fp32"), ("executorch", "int8"), ("litert", "int8")]
+)
+def test_a_dict_on_the_runtimes_that_name_outputs_and_quantize_themselves(
+    tmp_path, target, precision
+):
+    """LiteRT names a dict's outputs by its keys and lists them in an order of its own
+    ("feat" before "logits"): they are read in the program's; the targets' own int8
+    calibrates on the dict's outputs (both tracebacks before)."""
+    torch.manual_seed(0)
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(DictOut().eval(), (torch.randn(1, 4, 32),)), path)
+    out = tmp_path / "o"
+    args = ["export", str(path), "--target", target, "-o", str(out)]
+    if precision == "int8":
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 4, 32)).astype(np.float32))
+        np.savez(tmp_path / "gate.npz", x=rng.standard_normal((100, 4, 32)).astype(np.float32))
+        args += ["--quantize", "int8", "--calib", str(tmp_path / "calib.npz")]
+        args += ["--gate-data", str(tmp_path / "gate.npz"), "--min-agreement", "0.9"]
+    result = _run(args)
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verification"]["passed"] and len(m["verification"]["outputs"]) == 2
+    assert [o["shape"] for o in m["outputs"]] == [[1, 3], [1, 16]]
+
+
 class ComputedWeight(nn.Module):
     """A layer whose weight no rule recognises (``torch.where`` of two parameters)."""
 

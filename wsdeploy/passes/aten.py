@@ -28,6 +28,7 @@ from wsdeploy.ops import _conv
 from wsdeploy.ops.builder import TorchBuilder
 
 from .modules import _attr, _tied_op
+from .own_weights import own_weights
 from .pools_2d import pools_2d
 from .recognize import program_node
 from .record import record
@@ -35,7 +36,7 @@ from .strategy import Layer, choose, fold_if_static_only
 
 STRATEGIES = ("auto", "fold", "shared")
 
-TORCH_PASSES = {"pools_2d": pools_2d}
+TORCH_PASSES = {"pools_2d": pools_2d, "own_weights": own_weights}
 """The torch-stage passes a target consuming the torch program names in its ``Target.passes``
 (by precision): ``rewrite(gm) -> changes`` on the program's module once its WSNet layers
 are lowered (``lower_program``)."""

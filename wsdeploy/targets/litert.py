@@ -145,8 +145,22 @@ def build(
         ) from e
     (outdir / FILENAME).write_bytes(content)
     interpreter = _interpreter(outdir / FILENAME, threads=1)
-    (outdir / DELEGATION).write_text(json.dumps(delegation(interpreter), indent=2) + "\n")
+    record = {**delegation(interpreter), "outputs": _output_names(program)}
+    (outdir / DELEGATION).write_text(json.dumps(record, indent=2) + "\n")
     return [FILENAME, DELEGATION]
+
+
+def _output_names(program: torch.export.ExportedProgram) -> list[str] | None:
+    """The names the converter gives the program's outputs, in the program's order, where
+    they are not ``output_<i>``: a model returning a dict has its outputs named by its keys
+    (the converter's own ``_get_output_names``), and the interpreter's signature lists them
+    in an order of its own."""
+    from litert_torch.backend import export_utils
+
+    spec = program.call_spec.out_spec
+    if not spec or not spec.context:
+        return None
+    return export_utils.flat_dict_names(export_utils.get_children(spec), spec.context)
 
 
 def _holds_qdq(program: torch.export.ExportedProgram) -> bool:
@@ -287,7 +301,9 @@ def load(outdir: Path, device: str | None = None) -> Runner:
     from wsdeploy.threads import cpu_threads
 
     interpreter = _interpreter(model, threads=cpu_threads())
-    ins, outs = _signature(interpreter)
+    recorded = Path(outdir) / DELEGATION
+    names = json.loads(recorded.read_text()).get("outputs") if recorded.is_file() else None
+    ins, outs = _signature(interpreter, names)
 
     def set_inputs(x) -> None:
         arrays = as_inputs(x)
@@ -330,20 +346,25 @@ def _timer(run, repeat: int) -> list[float]:
     return run.time(repeat)
 
 
-def _signature(interpreter) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _signature(
+    interpreter, outputs: list[str] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The model's inputs and outputs, each in the program's order: the converter names them
-    ``args_<i>`` and ``output_<i>`` in its one signature, and the tensor indices need not
+    ``args_<i>`` and ``output_<i>`` in its one signature, or the outputs as ``outputs`` (a
+    dict's keys, in the program's order: ``_output_names``), and the tensor indices need not
     follow that order."""
     (signature,) = interpreter._get_full_signature_list().values()
     details = {
         d["index"]: d for d in (*interpreter.get_input_details(), *interpreter.get_output_details())
     }
 
-    def ordered(names: dict[str, int]) -> list[dict[str, Any]]:
+    def ordered(names: dict[str, int], order: list[str] | None = None) -> list[dict[str, Any]]:
+        if order is not None and sorted(order) == sorted(names):
+            return [details[names[name]] for name in order]
         by_position = sorted(names.items(), key=lambda kv: int(kv[0].rsplit("_", 1)[-1]))
         return [details[index] for _, index in by_position]
 
-    return ordered(signature["inputs"]), ordered(signature["outputs"])
+    return ordered(signature["inputs"]), ordered(signature["outputs"], outputs)
 
 
 def threads() -> int:

@@ -415,6 +415,7 @@ def _fp32_pass(module, batches) -> tuple[list[list], dict[str, Any]]:
     feature): what the bias correction weighs the weights' rounding error by."""
     import torch
 
+    from wsdeploy import numerics
     from wsdeploy.numerics import as_inputs
 
     sums: dict[str, Any] = {}
@@ -437,7 +438,7 @@ def _fp32_pass(module, batches) -> tuple[list[list], dict[str, Any]]:
     outputs = []
     for batch in batches:
         out = Recorder(module).run(*(torch.from_numpy(a) for a in as_inputs(batch)))
-        outputs.append(list(out) if isinstance(out, tuple | list) else [out])
+        outputs.append(numerics.outputs(out))
     return outputs, {name: total / counts[name] for name, total in sums.items()}
 
 

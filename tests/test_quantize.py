@@ -145,6 +145,41 @@ def test_calibration_records_each_dense_convs_output_range():
     assert qmodel[0].out_range == cal.conv_outputs["0"]
 
 
+class _TwoOutputs(torch.nn.Module):
+    """Logits of tens and a confidence in 0..1: outputs of very different ranges."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv1d(2, 4, 3), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        feat = torch.relu(self.conv(x)).mean(-1)
+        return 30 * self.fc(feat), torch.sigmoid(feat.sum(-1))
+
+
+@pytest.mark.parametrize("method", ["minmax", "auto"])
+def test_each_output_is_checked_in_a_step_of_its_own_range(method):
+    """A sigmoid's 0..1 beside logits of tens is checked in its own step (1/127), not the
+    logits' (the largest output's, as before: a tolerance 40x too loose on it); a
+    calibration recorded without them (an earlier build's) checks every output in the
+    largest's."""
+    model = _TwoOutputs().eval()
+    x = np.random.default_rng(0).standard_normal((8, 2, 16)).astype(np.float32)
+    cal = quantize.calibrate(model, [x[:4], x[4:]], "unit", method=method)
+    with torch.no_grad():
+        logits, conf = model(torch.from_numpy(x))
+    assert cal.outputs == (float(logits.abs().max()), float(conf.abs().max()))
+    assert cal.output == max(cal.outputs)
+    steps = cal.output_steps()
+    assert steps == [quantize.activation_scale(a) for a in cal.outputs]
+    assert steps[1] < steps[0] / 10
+    again = quantize.Calibration.from_dict(cal.to_dict())
+    assert again.output_steps() == steps
+    earlier = cal.to_dict()
+    del earlier["output_absmaxes"]
+    assert quantize.Calibration.from_dict(earlier).output_steps() == [cal.output_step]
+
+
 def test_auto_calibration_keeps_the_candidate_closer_to_fp32():
     """auto measures both candidates' output error on the calibration batches and keeps the
     smaller: checked against a direct measurement of each."""

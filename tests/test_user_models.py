@@ -830,6 +830,42 @@ def test_layers_sampling_one_parameter_are_said_to_share_it():
     assert all("'phi' is sampled by" in line and "stored once per layer" in line for line in lines)
 
 
+class CalledTwice(nn.Module):
+    """One WSNet conv and one batch norm applied to two inputs of different lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.ws = HandWSConv1d(4, 8, 3, 2, 2, 1)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, a, b):
+        return self.head(self.bn(self.ws(a)).mean(-1) + self.bn(self.ws(b)).mean(-1))
+
+
+def test_inspect_counts_a_layer_called_twice_once(tmp_path):
+    """Both calls are named as their recognition lines (the second was named after the
+    first), and the layer's phi and dense weight count once: the totals are what the model
+    stores (the second call's phi twice and no row of other parameters, before)."""
+    torch.manual_seed(0)
+    model = CalledTwice().eval()
+    args = (torch.randn(1, 4, 40), torch.randn(1, 4, 24))
+    torch.export.save(torch.export.export(model, args), tmp_path / "twice.pt2")
+    result = _run(["inspect", str(tmp_path / "twice.pt2"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    rows = {r["name"]: r for r in report["layers"]}
+    first, second = (r for r in report["layers"] if r["kind"] == "WSConv1d")
+    assert (first["name"], second["name"]) == ("ws (conv1d)", "ws (conv1d_1)"), rows
+    assert first["params"] == model.ws.phi.numel() and second["params"] == 0
+    assert second["dense_params"] == 0 and second["dense_macs"] > 0
+    stored = sum(
+        t.numel() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()
+    )
+    assert report["totals"]["params"] == stored
+    assert rows["other parameters"]["params"] == 4 * 8 + 3  # the norm (affine, stats), a bias
+
+
 def test_a_dim_auto_program_whose_recorded_range_does_not_trace(tmp_path):
     """``Dim.AUTO`` records [2, inf) for a length a stride-4 stem cannot take below 5 (its
     guards, code wsdeploy never runs, said so): the build is made for --input-shape, and

@@ -721,6 +721,7 @@ def target_int8_reference(
         layout="dense",
         output_scales=pt2e.output_scales(qmodule),
         fp32_layers=tuple(options.fp32_layers),
+        outputs=calibrated.out_maxes,
     )
     reference = dataclasses.replace(loaded, module=qmodule, exported=None, dynamic_axes=())
     return reference, calibration, layers

@@ -85,24 +85,15 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
     # a recognised layer's row by its recognition line's name ("ws1 (conv2d_1)"), not the
     # ONNX node's ("node_conv2d_1", from a later trace: maybe another layer's name)
     layer_names(ws_layers, recognition)
+    counted: set[str] = set()  # the program nodes whose phi is counted: one phi, one count
     for r in ws_layers:
         params = int(math.prod(r["phi_shape"]))
-        rows.append(
-            {
-                "name": r.get("name", r["node"]),
-                "kind": r["op"],
-                "in_shape": r["input_shape"],
-                "out_shape": r["output_shape"],
-                "phi_shape": r["phi_shape"],
-                "params": params,
-                "dense_params": r["dense_params"],
-                "dense_macs": r["dense_macs"],
-                "shared_macs": r["shared_macs"],
-                "compression": r["dense_params"] / params,
-                "speedup": r["dense_macs"] / r["shared_macs"] if r["shared_macs"] else None,
-                "reads": params,  # of the model's stored values (``_stored_values``)
-            }
-        )
+        source = r.get("source_node", r["node"])
+        if source in counted:  # the layer again (its phi, and its dense twin's weight, once)
+            rows.append({**_row(r, 0), "dense_params": 0, "reads": 0})
+            continue
+        counted.add(source)
+        rows.append({**_row(r, params), "reads": params})  # of ``_stored_values``
     for rec in recognition:
         d = rec.detail
         if rec.status == "tied" and "dense_macs" in d:
@@ -149,6 +140,23 @@ def _program_rows(ws_layers: list[dict], recognition: list) -> list[dict[str, An
             }
         )
     return rows
+
+
+def _row(r: dict[str, Any], params: int) -> dict[str, Any]:
+    """A WSNet layer's row (``passes.record``'s record ``r``), storing ``params`` values."""
+    return {
+        "name": r.get("name", r["node"]),
+        "kind": r["op"],
+        "in_shape": r["input_shape"],
+        "out_shape": r["output_shape"],
+        "phi_shape": r["phi_shape"],
+        "params": params,
+        "dense_params": r["dense_params"],
+        "dense_macs": r["dense_macs"],
+        "shared_macs": r["shared_macs"],
+        "compression": r["dense_params"] / params if params else None,
+        "speedup": r["dense_macs"] / r["shared_macs"] if r["shared_macs"] else None,
+    }
 
 
 def _stored_values(module: torch.nn.Module) -> int:

@@ -296,6 +296,9 @@ class Calibration:
     fp32_layers: tuple[str, ...] = ()
     """Under a target's own quantizer, the layers (program node names) kept fp32 besides the
     classifier: the accuracy gate's fallback (``compiler.FP32_FALLBACK``)."""
+    outputs: tuple[float, ...] = ()
+    """The absmax of each model output on the calibration samples (``output`` is the largest);
+    () where not recorded (a build of an earlier version: every output then at ``output``)."""
 
     def activation(self, name: str) -> tuple[float, bool]:
         """(scale, unsigned) of the input of layer ``name``."""
@@ -318,6 +321,7 @@ class Calibration:
             },
             "output_absmax": self.output,
             "output_step": self.output_step,
+            **({"output_absmaxes": list(self.outputs)} if len(self.outputs) > 1 else {}),
             **({"output_scales": list(self.output_scales)} if self.output_scales else {}),
             **({"fp32_layers": list(self.fp32_layers)} if self.fp32_layers else {}),
             "layout": self.layout,
@@ -344,7 +348,10 @@ class Calibration:
         convs = {k: (float(v[0]), float(v[1])) for k, v in d.get("conv_output_ranges", {}).items()}
         scales = tuple(None if v is None else float(v) for v in d.get("output_scales", ()))
         kept = tuple(str(v) for v in d.get("fp32_layers", ()))
-        return cls(ranges, out, n, source, clip, method, errors, seed, layout, convs, scales, kept)
+        outs = tuple(float(v) for v in d.get("output_absmaxes", ()))
+        return cls(
+            ranges, out, n, source, clip, method, errors, seed, layout, convs, scales, kept, outs
+        )
 
     @property
     def output_step(self) -> float:
@@ -352,10 +359,17 @@ class Calibration:
         return activation_scale(self.output)
 
     def output_steps(self) -> list[float]:
-        """The step each output is checked in (``compiler.check``): ``output_step``, or an
-        output's own quantization step where the reference rounds it coarser (an output
-        quantized at the scale of the wider tensor it is the mean of)."""
-        return [max(self.output_step, s or 0.0) for s in self.output_scales] or [self.output_step]
+        """The step each output is checked in (``compiler.check``): one quantization step at
+        its own calibrated range (a sigmoid's 0..1 beside logits of tens: its own, not the
+        logits'), or its own quantization step where the reference rounds it coarser (an
+        output quantized at the scale of the wider tensor it is the mean of)."""
+        n = max(len(self.outputs), len(self.output_scales), 1)
+        steps = []
+        for i in range(n):
+            own = activation_scale(self.outputs[i]) if i < len(self.outputs) else self.output_step
+            rounded = self.output_scales[i] if i < len(self.output_scales) else None
+            steps.append(max(own, rounded or 0.0))
+        return steps
 
 
 def _quantizable(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -441,6 +455,7 @@ def calibrate(
 
             hooks.append(m.register_forward_hook(out_hook))
     out_max, n = 0.0, 0
+    absmax: list[float] = []  # each output's
     module.eval()
     batches = list(batches)
     reference = []
@@ -448,6 +463,8 @@ def calibrate(
         for x in batches:
             outs = numerics.outputs(module(*_tensors(x)))
             out_max = max(out_max, *(float(o.abs().max()) for o in outs))
+            found = [float(o.abs().max()) for o in outs]
+            absmax = [max(a, b) for a, b in zip(absmax, found, strict=True)] if absmax else found
             if method == "auto":
                 reference.append([o.detach().clone() for o in outs])
             n += count(x)
@@ -456,15 +473,20 @@ def calibrate(
             h.remove()
     if n == 0:
         raise WsdeployError("int8: no calibration samples")
+    outputs = tuple(absmax)
     clip = {}
     if method != "minmax":
         for name, (lo, hi) in ranges.items():
             clip[name] = clip_threshold(np.concatenate(kept[name]), max(-lo, hi), lo >= 0)
     if method != "auto":
-        return Calibration(ranges, out_max, n, source, clip, method, conv_outputs=conv_outputs)
+        return Calibration(
+            ranges, out_max, n, source, clip, method, conv_outputs=conv_outputs, outputs=outputs
+        )
     candidates = {
-        "minmax": Calibration(ranges, out_max, n, source, {}, "minmax", conv_outputs=conv_outputs),
-        "mse": Calibration(ranges, out_max, n, source, clip, "mse", conv_outputs=conv_outputs),
+        name: Calibration(
+            ranges, out_max, n, source, given, name, conv_outputs=conv_outputs, outputs=outputs
+        )
+        for name, given in (("minmax", {}), ("mse", clip))
     }
     errors = {k: _output_error(module, c, batches, reference) for k, c in candidates.items()}
     best = min(candidates, key=lambda k: (errors[k], k != "minmax"))

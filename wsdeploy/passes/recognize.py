@@ -1012,12 +1012,22 @@ def program_node(phi_name: str | None) -> str | None:
 def layer_names(layers: list[dict[str, Any]], recognition: list[Record]) -> None:
     """Give each WSNet layer record (``passes.record``) of a recognised layer the name its
     recognition line has (``name``: "ws2 (conv2d_2)"): the lowered model's node names come
-    from later traces, where "conv2d_1" may be another layer."""
+    from later traces, where "conv2d_1" may be another layer). Layers sharing one phi all
+    come from the first's node (phi is named after it): they take the names of the layers
+    sharing it, in graph order, as their recognition lines do."""
     by_node = names_by_node(recognition)
+    order = {rec.node: i for i, rec in enumerate(recognition)}
+    sharing = {
+        rec.node: sorted([rec.node, *rec.detail.get("shared_with", [])], key=order.get)
+        for rec in recognition
+    }
+    seen: dict[str, int] = {}
     for layer in layers:
         source = layer.get("source_node")
         if source in by_node:
-            layer["name"] = by_node[source]
+            readers = sharing.get(by_node[source], [by_node[source]])
+            k = seen[source] = seen.get(source, -1) + 1
+            layer["name"] = readers[k] if k < len(readers) else by_node[source]
 
 
 def names_by_node(recognition: list[Record]) -> dict[str, str]:

@@ -80,6 +80,7 @@ class Calibrated:
     means: dict[str, Any]  # each layer's patch means (``_fp32_pass``)
     last: set[str]  # the classifier's layers, always fp32 (``_output_layers``)
     out_max: float  # the absmax of the fp32 outputs
+    out_maxes: tuple[float, ...]  # each output's
     errors: dict[str, float] = dataclasses.field(default_factory=dict)
     """layer kept fp32 -> the output error (``quantize.output_error``) with every other layer
     int8: ``sensitivity``'s, once computed."""
@@ -111,7 +112,8 @@ def calibrate(
     last = _output_layers(module)
     observed_by = "mse" if method == "auto" else method
     prepared, fp32, means = _calibrated(module, batches, observed_by, quantizer, last)
-    out_max = max(float(o.abs().max()) for outs in fp32 for o in outs)
+    out_maxes = tuple(max(float(outs[i].abs().max()) for outs in fp32) for i in range(len(fp32[0])))
+    out_max = max(out_maxes)
     found = Calibrated(
         module,
         batches,
@@ -124,6 +126,7 @@ def calibrate(
         means,
         last,
         out_max,
+        out_maxes,
     )
     if method != "auto":
         return found

@@ -830,6 +830,36 @@ def test_layers_sampling_one_parameter_are_said_to_share_it():
     assert all("'phi' is sampled by" in line and "stored once per layer" in line for line in lines)
 
 
+class IndexedLinear(nn.Module):
+    """A WSNet linear by an index buffer (rows are windows of phi at stride 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.phi = nn.Parameter(torch.randn(32 + 7 * 4) * 0.2)
+        self.register_buffer("idx", torch.arange(8)[:, None] * 4 + torch.arange(32))
+
+    def forward(self, x):
+        return F.linear(x, self.phi[self.idx])
+
+
+def test_a_strategy_a_dynamic_batch_overrides_is_said(tmp_path):
+    """``--strategy shared`` on a layer whose shared graph needs its batch static, in a build
+    keeping the batch dynamic: folded, and the export says so under the layer's name (only
+    the manifest said it)."""
+    batch = torch.export.Dim("B", min=1, max=16)
+    program = torch.export.export(
+        IndexedLinear().eval(), (torch.randn(2, 32),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, tmp_path / "lin.pt2")
+    out = tmp_path / "o"
+    args = ["export", str(tmp_path / "lin.pt2"), "--strategy", "shared", "-o", str(out)]
+    result = _run([*args, "--input-shape", "2,32"])
+    assert result.exit_code == 0, result.output
+    assert ": folded: its shared lowering needs input axis 0 static" in result.output
+    (layer,) = json.loads((out / "manifest.json").read_text())["layers"]
+    assert layer["strategy"] == "fold" and "needs input axis 0 static" in layer["note"]
+
+
 class CalledTwice(nn.Module):
     """One WSNet conv and one batch norm applied to two inputs of different lengths."""
 

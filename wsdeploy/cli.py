@@ -784,6 +784,9 @@ def _print_build(m: dict, outdir: Path) -> None:
                 f"machine has {wider}: --cpu native builds faster code for CPUs like it"
             )
     _print_recognition(m.get("recognition", []))
+    for layer in m["layers"]:  # a lowering other than the strategy's, and why
+        if layer.get("note"):
+            click.echo(f"  layer     {layer.get('name', layer['node'])}: {layer['note']}")
     for fixed in m.get("fixed_dimensions", []):
         click.echo(f"  input     {fixed} (a dynamic program, built for this shape only)")
     for kept in m.get("dynamic_dimensions", []):

@@ -298,3 +298,29 @@ def test_calibration_files(tmp_path):
             quantize.load_samples(tmp_path / name, shape)
     with pytest.raises(WsdeployError, match="at least 4"):
         quantize.batches(x, 4)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (np.zeros(5, np.float32), "must be integer class indices, not float32 (5,)"),
+        (np.zeros(5, np.int64), "are (5,) for 4 inputs: give one per input (4,), or one per"),
+        (np.zeros((3, 2, 2), np.int64), "are (3, 2, 2) for 4 inputs"),
+    ],
+)
+def test_gate_labels_of_the_wrong_kind_or_count_say_which(tmp_path, labels, message):
+    np.savez(tmp_path / "gate.npz", x=np.zeros((4, 1, 8), np.float32), labels=labels)
+    with pytest.raises(WsdeployError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        quantize.load_labels(tmp_path / "gate.npz", 4)
+
+
+def test_gate_labels_per_input_or_per_position_load():
+    """(n,) and (n, H, W) both load; which one the model's output takes is the gate's check
+    (``compiler._check_positions``)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        for shape in [(4,), (4, 3, 3)]:
+            np.savez(Path(d) / "g.npz", x=np.zeros((4, 1, 8)), labels=np.ones(shape, np.int32))
+            assert quantize.load_labels(Path(d) / "g.npz", 4).shape == shape

@@ -690,10 +690,15 @@ def load_labels(path: str | Path, n: int) -> np.ndarray | None:
             labels = z[key]
     except Exception as e:
         raise WsdeployError(f"cannot read labels of {path}: {str(e)[:200]}") from e
-    if labels.ndim == 0 or labels.shape[0] != n or not np.issubdtype(labels.dtype, np.integer):
+    if not np.issubdtype(labels.dtype, np.integer):
         raise WsdeployError(
-            f"labels in {path} must be integers, {n} of them (one per input) or ({n}, ...) "
-            f"(one per output position), not {labels.dtype} {tuple(labels.shape)}"
+            f"labels in {path} must be integer class indices, not {labels.dtype} "
+            f"{tuple(labels.shape)}"
+        )
+    if labels.ndim == 0 or labels.shape[0] != n:
+        raise WsdeployError(
+            f"labels in {path} are {tuple(labels.shape)} for {n} inputs: give one per input "
+            f"({n},), or one per output position ({n}, ...)"
         )
     return labels.astype(np.int64)
 

@@ -12,6 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -197,6 +198,46 @@ def test_affine_folding_keeps_the_function():
         x = torch.randn(*loaded.input_shape)
         with torch.no_grad():
             assert_close(gm(x).numpy(), loaded.module(x).numpy(), stage="rewrite")
+
+
+class _BiasFromPhi(torch.nn.Module):
+    """A WSNet conv whose bias is sliced from its phi, then a batch norm, at two call sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.phi = torch.nn.Parameter(torch.randn(8, 3 + 15) * 0.2)
+        self.bn = torch.nn.BatchNorm1d(16)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+
+    def forward(self, a, b):
+        w = self.phi.unfold(1, 3, 1).permute(1, 0, 2)
+        bias = self.phi[0, :16] * 0.1
+        fa = self.bn(torch.nn.functional.conv1d(a, w, bias, stride=2, padding=1))
+        fb = self.bn(torch.nn.functional.conv1d(b, w, bias, stride=2, padding=1))
+        return fa.mean(-1) + fb.mean(-1)
+
+
+def test_a_bias_computed_from_phi_folds_with_the_batch_norm_after_it(tmp_path):
+    """``conv_affine`` folds a bias computed from stored tensors (it needed a stored one)
+    and the batch norm after it: ExecuTorch's int8 lowering failed ("Weight and Input
+    should both be quantized"); now the build passes both gates."""
+    torch.manual_seed(0)
+    x = (torch.randn(1, 8, 100), torch.randn(1, 8, 60))
+    torch.export.save(torch.export.export(_BiasFromPhi().eval(), x), tmp_path / "m.pt2")
+    rng = np.random.default_rng(0)
+    for name, n in (("calib", 64), ("gate", 100)):
+        a = rng.standard_normal((n, 8, 100)).astype(np.float32)
+        np.savez(
+            tmp_path / f"{name}.npz", a=a, b=rng.standard_normal((n, 8, 60)).astype(np.float32)
+        )
+    args = ["--quantize", "int8", "--calib", str(tmp_path / "calib.npz")]
+    args += ["--gate-data", str(tmp_path / "gate.npz"), "--min-agreement", "0.9"]
+    result = _export(tmp_path / "o", str(tmp_path / "m.pt2"), *args)
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["verification"]["passed"] and m["verification"]["accuracy_gate"]["passed"]
+    assert not any("batch_norm" in op for op in m["runtime"]["portable"])
 
 
 def test_native_runner_runs_the_pte_as_the_python_runtime_does(tmp_path):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .modules import _attr
+
 aten = torch.ops.aten
 
 LAYERS = {
@@ -34,11 +36,6 @@ NORMS = {
 too: XNNPACK fuses each into the layer before it."""
 
 
-def _tensor(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
-    module_path, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(module_path) if module_path else gm, name)
-
-
 def own_weights(gm: torch.fx.GraphModule) -> int:
     """Give every layer of ``gm`` (an ATen graph: ``ep.module()``) past the first that reads
     a weight or bias constant another layer reads (a batch norm: its statistics) its own copy
@@ -50,7 +47,7 @@ def own_weights(gm: torch.fx.GraphModule) -> int:
         readers = [u for u in node.users if u.op == "call_function" and u.target in LAYERS | NORMS]
         for layer in readers[1:]:
             name = f"_wsdeploy_own_{node.target.replace('.', '_')}_{done}"
-            gm.register_buffer(name, _tensor(gm, node.target).detach().clone())
+            gm.register_buffer(name, _attr(gm, node).clone())
             with gm.graph.inserting_before(layer):
                 copy = gm.graph.get_attr(name)
             copy.meta.update(node.meta)

@@ -79,11 +79,15 @@ class Calibrated:
     fp32: list  # the fp32 outputs of each batch
     means: dict[str, Any]  # each layer's patch means (``_fp32_pass``)
     last: set[str]  # the classifier's layers, always fp32 (``_output_layers``)
-    out_max: float  # the absmax of the fp32 outputs
-    out_maxes: tuple[float, ...]  # each output's
+    out_maxes: tuple[float, ...]  # the absmax of each fp32 output
     errors: dict[str, float] = dataclasses.field(default_factory=dict)
     """layer kept fp32 -> the output error (``quantize.output_error``) with every other layer
     int8: ``sensitivity``'s, once computed."""
+
+    @property
+    def out_max(self) -> float:
+        """The absmax of the fp32 outputs, the largest output's."""
+        return max(self.out_maxes)
 
     def layers(self) -> list[str]:
         """The quantized conv/linear layers (node names), in graph order."""
@@ -113,7 +117,6 @@ def calibrate(
     observed_by = "mse" if method == "auto" else method
     prepared, fp32, means = _calibrated(module, batches, observed_by, quantizer, last)
     out_maxes = tuple(max(float(outs[i].abs().max()) for outs in fp32) for i in range(len(fp32[0])))
-    out_max = max(out_maxes)
     found = Calibrated(
         module,
         batches,
@@ -125,7 +128,6 @@ def calibrate(
         fp32,
         means,
         last,
-        out_max,
         out_maxes,
     )
     if method != "auto":

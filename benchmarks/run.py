@@ -162,8 +162,8 @@ def bench_models(
         job = {"loaded": loaded, "name": name, "workdir": workdir, "counts": counts, "say": say}
         job["records"] = workdir / "no-records"
         clock = time.perf_counter()
-        steps = [f"{i}/{len(BUILDS)}" for i in range(1, len(BUILDS) + 1)]
-        _export_builds(builds, rows, list(zip(BUILDS, steps)), job)
+        specs = [(spec, f"{i}/{len(BUILDS)}") for i, spec in enumerate(BUILDS, 1)]
+        _export_builds(builds, rows, specs, job)
         _lap(phases, f"{name}: export", clock)
         tvm_builds = [
             spec for spec in BUILDS if RUNTIME[spec[0]] == "tvm" and spec[1] in TUNED_STRATEGIES

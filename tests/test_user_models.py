@@ -896,6 +896,27 @@ def test_inspect_counts_a_layer_called_twice_once(tmp_path):
     assert rows["other parameters"]["params"] == 4 * 8 + 3  # the norm (affine, stats), a bias
 
 
+def test_inspect_counts_a_dynamic_batch_at_the_input_shape_given(tmp_path):
+    """A program exported at batch 2 with its batch dynamic, inspected at --input-shape's
+    batch 5: every row, the dense head's too, is counted at batch 5 (session 37's trial
+    reported dense rows at the program's own example beside WSNet rows at --input-shape's;
+    not seen again, on this model or the trial's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(HandWSConv1d(4, 8, 3, 2, 2, 1), nn.Flatten(), nn.Linear(8 * 40, 3))
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(
+        model.eval(), (torch.randn(2, 4, 40),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, tmp_path / "dyn.pt2")
+    result = _run(["inspect", str(tmp_path / "dyn.pt2"), "--input-shape", "5,4,40", "--json"])
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.output)["layers"]
+    ws, head = (r for r in layers if r["kind"] in ("WSConv1d", "linear"))
+    assert ws["in_shape"] == [5, 4, 40] and ws["out_shape"] == [5, 8, 40], ws
+    assert head["in_shape"] == [5, 8 * 40] and head["out_shape"] == [5, 3], head
+    assert head["dense_macs"] == 5 * 3 * 8 * 40
+
+
 def test_a_dim_auto_program_whose_recorded_range_does_not_trace(tmp_path):
     """``Dim.AUTO`` records [2, inf) for a length a stride-4 stem cannot take below 5 (its
     guards, code wsdeploy never runs, said so): the build is made for --input-shape, and

@@ -774,7 +774,7 @@ def _load_pt2(
                 )
             shapes.append(shape)
             continue
-        dims = ", ".join(str(d) for d in shape)
+        dims = ", ".join(_dim_text(ep, d) for d in shape)
         if want is None:
             raise ModelFileError(
                 f"{path}: input {name!r} has dynamic dimensions ({dims}); pass --input-shape "
@@ -898,10 +898,25 @@ def _check_ranges(path: Path, ep, shape, input_shape) -> list[str]:
         if (lo is not None and n < lo) or (hi is not None and n > hi):
             raise ModelFileError(
                 f"{path}: --input-shape size {n} is outside the range {shown} the "
-                f"program was exported for ({expr})"
+                f"program was exported for (axis {axis} of {_fmt(input_shape)})"
             )
         fixed.append(f"axis {axis} = {n} of {shown}")
     return fixed
+
+
+def _dim_text(ep, d) -> str:
+    """A program's input size as users read it: the integer, or a dynamic size's range
+    (``1..32``; its symbol, ``s77``, is torch's name, not the user's ``Dim``, which a saved
+    program does not keep)."""
+    from wsdeploy import trace
+
+    if isinstance(d, int):
+        return str(d)
+    r = ep.range_constraints.get(d.node.expr)
+    if r is None:
+        return "dynamic"
+    lo, hi = trace.finite(r.lower), trace.finite(r.upper)
+    return f"{lo if lo is not None else ''}..{hi if hi is not None else ''}"
 
 
 def _forward_names(module: nn.Module) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -162,8 +161,8 @@ def bench_models(
         job = {"loaded": loaded, "name": name, "workdir": workdir, "counts": counts, "say": say}
         job["records"] = workdir / "no-records"
         clock = time.perf_counter()
-        specs = [(spec, f"{i}/{len(BUILDS)}") for i, spec in enumerate(BUILDS, 1)]
-        _export_builds(builds, rows, specs, job)
+        for i, spec in enumerate(BUILDS, 1):
+            _export_build(builds, rows, spec, **job, step=f"{i}/{len(BUILDS)}")
         _lap(phases, f"{name}: export", clock)
         tvm_builds = [
             spec for spec in BUILDS if RUNTIME[spec[0]] == "tvm" and spec[1] in TUNED_STRATEGIES
@@ -189,11 +188,10 @@ def bench_models(
                 "tuned_kernels": len(tuning.kernels),
                 "tuned_knobs": len(tuning.knobs),
             }
-            tuned = [
-                ((target, strategy, precision, label + TUNED), f"{i}/{len(tvm_builds)} tuned")
-                for i, (target, strategy, precision, label) in enumerate(tvm_builds, 1)
-            ]
-            _export_builds(builds, rows, tuned, {**job, "extra": extra})
+            for i, (target, strategy, precision, label) in enumerate(tvm_builds, 1):
+                spec = (target, strategy, precision, label + TUNED)
+                step = f"{i}/{len(tvm_builds)} tuned"
+                _export_build(builds, rows, spec, extra=extra, **job, step=step)
             _lap(phases, f"{name}: tune and export tuned", clock)
         ckpt = str(Path(loaded.source))
         for how, compiled in (("eager", False), ("compiled (inductor)", True)):
@@ -232,55 +230,6 @@ def bench_models(
                 }
             )
     return rows
-
-
-EXPORT_WORKERS = 2
-"""Exports run side by side in this many processes. They are not timed (only their
-seconds are recorded, two at a time); most of an export is single-threaded Python (tracing,
-calibration, the gate's reference), so two of them use both cores: in session 37's run the
-exports were 12.5 of its 35.2 minutes, one at a time."""
-
-
-def _export_builds(builds: list, rows: list, specs: list, job: dict) -> None:
-    """``_export_build`` of each (spec, step) in ``specs``, ``EXPORT_WORKERS`` at a time in
-    fresh processes (each loads the model by name); ``builds`` and ``rows`` get their
-    entries in ``specs``' order, whichever finished first. The int8 builds (the gated ones,
-    the longest) start first."""
-    import concurrent.futures
-    import multiprocessing
-
-    if len(specs) < 2 or EXPORT_WORKERS < 2:
-        for spec, step in specs:
-            _export_build(builds, rows, spec, **job, step=step)
-        return
-    args = {k: v for k, v in job.items() if k not in ("loaded", "say")}
-    order = sorted(range(len(specs)), key=lambda i: specs[i][0][2] != "int8")
-    context = multiprocessing.get_context("spawn")  # torch and TVM do not survive a fork
-    with concurrent.futures.ProcessPoolExecutor(EXPORT_WORKERS, mp_context=context) as pool:
-        futures = {
-            i: pool.submit(_export_job, spec=specs[i][0], step=specs[i][1], **args) for i in order
-        }
-        done = [futures[i].result() for i in range(len(specs))]
-    for b, r in done:
-        builds += b
-        rows += r
-
-
-def _export_job(name: str, spec: tuple, step: str, **job) -> tuple[list, list]:
-    """One ``_export_build`` in an export worker: (its builds, its rows)."""
-    builds: list = []
-    rows: list = []
-    _export_build(builds, rows, spec, loaded=_load(name), name=name, say=_say, **job, step=step)
-    return builds, rows
-
-
-@functools.cache
-def _load(name: str):
-    return load_model(name)
-
-
-def _say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def _lap(phases: dict | None, phase: str, since: float) -> None:

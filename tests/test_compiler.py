@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from wsdeploy import compiler
 from wsdeploy.compiler import ExportOptions, export, verify
 from wsdeploy.errors import NumericsMismatch, WsdeployError
+from wsdeploy.modelfile import load_model
 from wsdeploy.models import sampling
 from wsdeploy.targets import TARGETS
 
@@ -278,3 +280,38 @@ def test_the_gate_of_a_model_that_is_not_a_classifier_is_its_sqnr(noise, passes)
     else:
         with pytest.raises(AccuracyGateFailed, match=r"\(3x8x8 per input, not a classifier's"):
             compiler.accuracy_gate(loaded, runner, None, 1, data=data)
+
+
+def test_the_onnx_translation_builds_torchs_registry_once_and_translates_the_same():
+    """``trace.to_onnx`` takes torch.onnx's registry of ATen translations from the first
+    export in the process (``trace._torchlib_once``): the same ONNX model as torch's own
+    registry gives, every time, and torch's own ``from_torchlib`` back after each call."""
+    import contextlib
+
+    from torch.onnx._internal.exporter import _registration
+
+    from wsdeploy import trace
+
+    loaded = load_model("wsnet1d-tiny")
+    program, _ = compiler.torch_stage(loaded)
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+
+    def translated(once: bool) -> bytes:
+        saved = trace._torchlib_once
+        if not once:
+            trace._torchlib_once = contextlib.nullcontext
+        try:
+            model = trace.to_onnx(program)
+        finally:
+            trace._torchlib_once = saved
+        assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original
+        return ir.serde.serialize_model(model).SerializeToString(deterministic=True)
+
+    torchs = translated(once=False)
+    assert translated(once=True) == torchs
+    assert trace._TORCHLIB  # built, and used again
+    cached = next(iter(trace._TORCHLIB.values()))
+    sizes = {k: len(v) for k, v in cached.functions.items()}
+    assert translated(once=True) == torchs
+    # each call's own lists took wsdeploy's custom translations; the cached ones did not
+    assert {k: len(v) for k, v in cached.functions.items()} == sizes

@@ -8,6 +8,7 @@ stock ``torch.onnx`` dynamo exporter. Shapes are static: the model's example inp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
@@ -114,7 +115,7 @@ def to_onnx(ep: torch.export.ExportedProgram, names: Sequence[str] = ()) -> ir.M
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     example = example_inputs(ep)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _torchlib_once():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 ep,
@@ -140,6 +141,46 @@ def to_onnx(ep: torch.export.ExportedProgram, names: Sequence[str] = ()) -> ir.M
     for i, value in enumerate(model.graph.outputs):
         value.name = "output" if len(model.graph.outputs) == 1 else f"output_{i}"
     return model
+
+
+_TORCHLIB: dict[int, Any] = {}
+"""torch.onnx's registries of ATen translations, by opset (``_torchlib_once``)."""
+
+
+@contextlib.contextmanager
+def _torchlib_once():
+    """Within this block, torch.onnx's exporter takes its registry of ATen translations from
+    the one built at the first export in this process: it builds one per call, from the
+    torchlib functions' signatures (0.9 s of a 1.8 s export of wsnet1d-tiny; every build
+    translates twice, for itself and for its dense baseline's size). Each call gets its own
+    lists of translations, which wsdeploy's custom ones are added to; the entries are
+    shared and never changed. If torch's registry is not what this expects (a private API),
+    it builds its own as before."""
+    try:
+        from torch.onnx._internal.exporter import _registration as registration
+
+        cls = registration.ONNXRegistry
+        original = cls.__dict__["from_torchlib"]
+        default = registration._constants.TORCHLIB_OPSET
+        assert isinstance(original, classmethod) and hasattr(cls(), "functions")
+    except (ImportError, AttributeError, KeyError, AssertionError):
+        yield
+        return
+
+    def from_torchlib(klass, opset_version=default):
+        base = _TORCHLIB.get(opset_version)
+        if base is None:
+            base = _TORCHLIB[opset_version] = original.__func__(klass, opset_version)
+        registry = klass()
+        registry._opset_version = base._opset_version
+        registry.functions = {k: list(v) for k, v in base.functions.items()}
+        return registry
+
+    cls.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        cls.from_torchlib = original
 
 
 def user_inputs(ep: torch.export.ExportedProgram) -> list[torch.Tensor]:

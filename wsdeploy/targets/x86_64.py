@@ -10,6 +10,7 @@ its records.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,9 @@ def wider_vectors_here() -> str | None:
     return "AVX-512" if flags and "avx512f" in flags[0].split(":", 1)[1].split() else None
 
 
+@functools.cache
 def _host() -> str:
+    """This machine's CPU as LLVM names it (TVM asks LLVM: 0.4 s a call)."""
     import tvm
 
     host = tvm.target.Target.from_device(tvm.cpu())

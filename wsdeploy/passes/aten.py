@@ -32,11 +32,16 @@ from .own_weights import own_weights
 from .pools_2d import pools_2d
 from .recognize import program_node
 from .record import record
+from .scalar_operands import scalar_operands
 from .strategy import Layer, choose, fold_if_static_only
 
 STRATEGIES = ("auto", "fold", "shared")
 
-TORCH_PASSES = {"pools_2d": pools_2d, "own_weights": own_weights}
+TORCH_PASSES = {
+    "pools_2d": pools_2d,
+    "own_weights": own_weights,
+    "scalar_operands": scalar_operands,
+}
 """The torch-stage passes a target consuming the torch program names in its ``Target.passes``
 (by precision): ``rewrite(gm) -> changes`` on the program's module once its WSNet layers
 are lowered (``lower_program``)."""

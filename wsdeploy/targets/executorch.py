@@ -434,7 +434,10 @@ EXECUTORCH = Target(
     artifact=FILENAME,
     build=build,
     load=load,
-    passes={"fp32": ("pools_2d", "own_weights"), "int8": ("pools_2d", "own_weights")},
+    passes={
+        "fp32": ("pools_2d", "own_weights"),
+        "int8": ("pools_2d", "own_weights", "scalar_operands"),
+    },
     consumes="torch",
     quantize=quantize,
     report=delegation_report,

@@ -101,3 +101,16 @@ def eager(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 def op_types(model: ir.Model) -> list[str]:
     return [f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph]
+
+
+def int8_data_args(tmp_path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> list[str]:
+    """Export arguments for int8 with random calibration (64) and gate (100) samples of
+    inputs ``shapes`` (name -> one sample's shape), written to ``tmp_path``, at a 90% bar."""
+    rng = np.random.default_rng(seed)
+    for name, n in (("calib", 64), ("gate", 100)):
+        arrays = {k: rng.standard_normal((n, *s)).astype(np.float32) for k, s in shapes.items()}
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+    return [
+        *("--quantize", "int8", "--calib", str(tmp_path / "calib.npz")),
+        *("--gate-data", str(tmp_path / "gate.npz"), "--min-agreement", "0.9"),
+    ]

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import int8_data_args
 from wsdeploy.cli import main
 from wsdeploy.passes.own_weights import LAYERS, NORMS, own_weights
 
@@ -67,8 +68,6 @@ def test_every_call_site_reads_its_own_constants(ndim, bias, la, lb):
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_executorch_lowers_a_conv_and_batch_norm_called_twice(tmp_path, precision):
     """XNNPACK's lowering failed on it ("... 'Conv1dUnsqueezePass' pass"), WSNet or not."""
-    import numpy as np
-
     torch.manual_seed(0)
     x = _inputs(1, 100, 60)
     path = tmp_path / "twice.pt2"
@@ -76,18 +75,7 @@ def test_executorch_lowers_a_conv_and_batch_norm_called_twice(tmp_path, precisio
     out = tmp_path / "o"
     args = ["export", str(path), "--target", "executorch", "-o", str(out)]
     if precision == "int8":
-        rng = np.random.default_rng(0)
-
-        def data(n):
-            return {
-                "a": rng.standard_normal((n, 3, 100)).astype(np.float32),
-                "b": rng.standard_normal((n, 3, 60)).astype(np.float32),
-            }
-
-        np.savez(tmp_path / "calib.npz", **data(64))
-        np.savez(tmp_path / "gate.npz", **data(100))
-        args += ["--quantize", "int8", "--calib", str(tmp_path / "calib.npz")]
-        args += ["--gate-data", str(tmp_path / "gate.npz"), "--min-agreement", "0.9"]
+        args += int8_data_args(tmp_path, {"a": (3, 100), "b": (3, 60)})
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "manifest.json").read_text())["verification"]["passed"]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import int8_data_args
 from wsdeploy.cli import main
 from wsdeploy.passes.scalar_operands import ELEMENTWISE, scalar_operands
 
@@ -59,20 +59,9 @@ def test_executorch_int8_lowers_an_input_s_mean_added_to_features(tmp_path):
     x = torch.randn(1, 3, 100), torch.randn(1, 3, 60)
     path = tmp_path / "global.pt2"
     torch.export.save(torch.export.export(_Global(1).eval(), x), path)
-    rng = np.random.default_rng(0)
-
-    def data(n):
-        return {
-            "a": rng.standard_normal((n, 3, 100)).astype(np.float32),
-            "b": rng.standard_normal((n, 3, 60)).astype(np.float32),
-        }
-
-    np.savez(tmp_path / "calib.npz", **data(64))
-    np.savez(tmp_path / "gate.npz", **data(100))
     out = tmp_path / "o"
     args = ["export", str(path), "--target", "executorch", "-o", str(out)]
-    args += ["--quantize", "int8", "--calib", str(tmp_path / "calib.npz")]
-    args += ["--gate-data", str(tmp_path / "gate.npz"), "--min-agreement", "0.9"]
+    args += int8_data_args(tmp_path, {"a": (3, 100), "b": (3, 60)})
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "manifest.json").read_text())["verification"]["passed"]

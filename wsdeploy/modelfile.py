@@ -882,18 +882,15 @@ def _dynamic_axes(ep) -> tuple[dict[int, Any], ...]:
 
 def _check_ranges(path: Path, ep, shape, input_shape) -> list[str]:
     """Refuse sizes outside the program's ranges; say, per dynamic axis, what was fixed."""
-    from wsdeploy import trace
-
     fixed = []
     for axis, (d, n) in enumerate(zip(shape, input_shape, strict=True)):
         if isinstance(d, int):
             continue
-        expr = d.node.expr
-        r = ep.range_constraints.get(expr)
-        if r is None:
+        found = _range(ep, d)
+        if found is None:
             fixed.append(f"axis {axis} = {n}")
             continue
-        lo, hi = trace.finite(r.lower), trace.finite(r.upper)
+        lo, hi = found
         shown = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         if (lo is not None and n < lo) or (hi is not None and n > hi):
             raise ModelFileError(
@@ -904,18 +901,24 @@ def _check_ranges(path: Path, ep, shape, input_shape) -> list[str]:
     return fixed
 
 
+def _range(ep, d) -> tuple[int | None, int | None] | None:
+    """A dynamic size's range in the program (None for an unbounded end), or None."""
+    from wsdeploy import trace
+
+    r = ep.range_constraints.get(d.node.expr)
+    return None if r is None else (trace.finite(r.lower), trace.finite(r.upper))
+
+
 def _dim_text(ep, d) -> str:
     """A program's input size as users read it: the integer, or a dynamic size's range
     (``1..32``; its symbol, ``s77``, is torch's name, not the user's ``Dim``, which a saved
     program does not keep)."""
-    from wsdeploy import trace
-
     if isinstance(d, int):
         return str(d)
-    r = ep.range_constraints.get(d.node.expr)
-    if r is None:
+    found = _range(ep, d)
+    if found is None:
         return "dynamic"
-    lo, hi = trace.finite(r.lower), trace.finite(r.upper)
+    lo, hi = found
     return f"{lo if lo is not None else ''}..{hi if hi is not None else ''}"
 
 

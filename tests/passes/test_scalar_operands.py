@@ -18,7 +18,8 @@ from wsdeploy.passes.scalar_operands import ELEMENTWISE, scalar_operands
 
 class _Global(torch.nn.Module):
     """Features of ``a`` combined with whole-tensor statistics of ``b`` (0-dimensional), on
-    either side of each op, and one op of two 0-dimensional tensors (left as it is)."""
+    either side of each op, and ops of 0-dimensional tensors only (their results stay
+    0-dimensional)."""
 
     def __init__(self, ndim: int):
         super().__init__()

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import int8_data_args
 from wsdeploy.cli import main
 from wsdeploy.errors import CompileError
 from wsdeploy.numerics import assert_close
@@ -225,14 +226,7 @@ def test_a_bias_computed_from_phi_folds_with_the_batch_norm_after_it(tmp_path):
     torch.manual_seed(0)
     x = (torch.randn(1, 8, 100), torch.randn(1, 8, 60))
     torch.export.save(torch.export.export(_BiasFromPhi().eval(), x), tmp_path / "m.pt2")
-    rng = np.random.default_rng(0)
-    for name, n in (("calib", 64), ("gate", 100)):
-        a = rng.standard_normal((n, 8, 100)).astype(np.float32)
-        np.savez(
-            tmp_path / f"{name}.npz", a=a, b=rng.standard_normal((n, 8, 60)).astype(np.float32)
-        )
-    args = ["--quantize", "int8", "--calib", str(tmp_path / "calib.npz")]
-    args += ["--gate-data", str(tmp_path / "gate.npz"), "--min-agreement", "0.9"]
+    args = int8_data_args(tmp_path, {"a": (8, 100), "b": (8, 60)})
     result = _export(tmp_path / "o", str(tmp_path / "m.pt2"), *args)
     assert result.exit_code == 0, result.output
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())

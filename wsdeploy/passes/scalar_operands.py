@@ -43,7 +43,7 @@ def scalar_operands(gm: torch.fx.GraphModule) -> int:
         vals = [_val(a) for a in node.args[:2]]
         tensors = [(a, v) for a, v in zip(node.args[:2], vals, strict=True) if v is not None]
         dims = max((v.dim() for _, v in tensors), default=0)
-        if not tensors or not any(v.dim() == 0 for _, v in tensors):
+        if not any(v.dim() == 0 for _, v in tensors):
             continue
         for arg, val in tensors:
             if val.dim() != 0:

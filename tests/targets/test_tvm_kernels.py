@@ -354,7 +354,8 @@ def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd, odt
     expected = max_pool(np.maximum(expected, 0) if relu else expected, pool)
     got = _run(func, [xq, *weights, ones, zeros], expected.shape)
     np.testing.assert_array_equal(got, expected)
-    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    # either sign: a fused pool takes a window's min for a negative scale
+    scale = (rng.uniform(0.5, 2, n) * rng.choice([-1, 1], n)).astype(np.float32)
     shift = rng.standard_normal(n).astype(np.float32)
     expected = exact.astype(np.float32) * scale[:, None] + shift[:, None]
     expected = max_pool(np.maximum(expected, 0) if relu else expected, pool)

@@ -11,9 +11,11 @@ Per tile of TT output positions (T.parallel over batch x tiles), everything in c
   1. xs_t[c*, ph, w] = sum_r x[b, c*+r*C*, (t0+w)*s + ph - p]   phase-split: u = (t0+w)*s + ph
      (s == 2: unit-stride 32-lane loads + T.Shuffle de-interleave, no gathers)
   2. P_t[j, ph, w] = sum_{c*, m<G} phi[c*, jG+m] * xs_t[c*, ph+m (phase-split), w]
-     G-tap blocks (G = gcd(S, L)), register tile VB x (WB*16); only the phases blocks
-     start on (every gcd(G, s)-th)
+     G-tap blocks (G = gcd(S, L)), register tile VB x (WB*16) (the rows left over in one
+     more block); only the phases blocks start on (every gcd(G, s)-th)
   3. y[b, i, t0+j] = sum_{k<L/G} P_t[i*S/G+k, phase of kG, j + kG // s]   L/G vector loads
+     (with a fused max pool of P: the sums of P vectors merged to one vector of windows'
+     extrema first, then the epilogue once per window)
 The phase split makes all inner accesses unit-stride for any conv stride s. W (N,C,L) is
 never formed and P only exists as one (L*/G, phases, ~TT) tile (L2 resident).
 The last tile is clamped to t0 = T_out - TT (recomputes a few outputs, no predicates);
@@ -78,15 +80,37 @@ def stored(v, relu: bool, oq, dtype="float32"):
     return T.Cast(odt, T.max(T.min(r, T.Cast(dtype, hi)), T.Cast(dtype, lo)))
 
 
-def window_max(v, pool: int, lanes: int):
-    """A ``lanes``-vector expression whose lane l·pool is the max of v's lanes l·pool to
-    l·pool + pool - 1 (``pool`` a power of two): log2(pool) shuffles, lane l taking the
-    max with lane l + h for h = pool/2, ..., 1 (the other lanes hold partial maxima)."""
+def window_max(v, pool: int, lanes: int, op=T.max):
+    """A ``lanes``-vector expression whose lane l·pool is the max (``op``) of v's lanes
+    l·pool to l·pool + pool - 1 (``pool`` a power of two): log2(pool) shuffles, lane l
+    taking the max with lane l + h for h = pool/2, ..., 1 (the other lanes hold partial
+    maxima)."""
     h = pool // 2
     while h:
-        v = T.max(v, T.Shuffle([v], [(ln + h) % lanes for ln in range(lanes)]))
+        v = op(v, T.Shuffle([v], [(ln + h) % lanes for ln in range(lanes)]))
         h //= 2
     return v
+
+
+def merged_extrema(vs: list, pool: int, lanes: int, op):
+    """Vectors ``vs`` (a power of two of them, at most ``pool``) of consecutive outputs, each
+    holding ``lanes // pool`` windows of ``pool`` lanes, reduced by ``op`` (max or min) to
+    one vector holding windows of ``pool // len(vs)`` lanes in the outputs' order: each
+    level merges two vectors with windows of w lanes into one with windows of w/2, taking
+    op of their first and their second halves (two two-vector shuffles and one op per
+    merge: ``len(vs) - 1`` merges for what ``window_max`` does in log2(pool) steps per
+    vector, and the extrema land in whole vectors, ready to store)."""
+    w = pool
+    while len(vs) > 1:
+        per = lanes // w  # windows per vector
+        # lane q·w/2 + j of the merge: lane j of window q's first half (a's windows, then
+        # b's, whose lanes a two-vector shuffle numbers from ``lanes``)
+        lo = [(q % per) * w + j + q // per * lanes for q in range(2 * per) for j in range(w // 2)]
+        hi = [i + w // 2 for i in lo]
+        pairs = zip(vs[::2], vs[1::2], strict=True)
+        vs = [op(T.Shuffle([a, b], lo), T.Shuffle([a, b], hi)) for a, b in pairs]
+        w //= 2
+    return vs[0]
 
 
 def fused_pool(vl: int, t_out: int, pool: int) -> int:
@@ -135,9 +159,13 @@ def make_ws_conv1d(
     ``pool`` (a power of two): the max pool of ``pool`` outputs at stride ``pool`` (no
     padding, floor mode) that follows the layer, fused: y is (B, N, T_out // pool), each
     output the max of its window's epilogue values (then quantized, which commutes with
-    the max), reduced in registers by ``log2(pool)`` shuffles. The conv outputs are never
-    written: for SoundNet-8's first layer that is 7 MB per run, written and read again by
-    a separate pool. Only the T_out // pool · pool outputs the pool reads are computed.
+    the max). The epilogue is monotonic in the sum (increasing for a scale >= 0, else
+    decreasing), so the kernel reduces the sums first, in registers: ``pool`` vectors of
+    sums merged into one vector of their windows' maxima (minima for a negative scale,
+    ``merged_extrema``), then affine, ReLU and quantization once per window and a whole
+    vector stored. The conv outputs are never written: for SoundNet-8's first layer that
+    is 7 MB per run, written and read again by a separate pool. Only the
+    T_out // pool · pool outputs the pool reads are computed.
 
     ``pmadd`` (integer, AVX2/AVX-512): the product table as int16 pairwise multiply-adds
     (vpmaddwd/vpdpwssd) over pairs of block rows (c*, m): the pre-sums are interleaved by
@@ -194,7 +222,9 @@ def make_ws_conv1d(
     YT = oq[0] if oq else dtype  # y
     Tp = To // pool  # y's length
     PV = math.gcd(TT // pool, VL)  # lanes of the pooled outputs' stores
-    YP = (N, TT // pool) if pool > 1 else (1, 1)  # the tile's pooled outputs (none unpooled)
+    GP = math.gcd(TT // VL, pool)  # (pool) output vectors whose windows merge into one
+    W2 = pool // GP  # (pool) lanes of a window after the merge: 1 when GP == pool
+    YP = (N, TT // pool) if W2 > 1 else (1, 1)  # the tile's pooled outputs, if not stored whole
     Cs2 = (Cs * G + 1) // 2  # (pmadd) pairs of block rows (c*, m)
     IL = [i // 2 + (i % 2) * VL for i in range(2 * VL)]  # interleave two VL vectors
     XT = qdtype or dtype  # x
@@ -226,6 +256,87 @@ def make_ws_conv1d(
         q = T.min(q, Cs * G - 1)
         u = ph * D + q % G
         return T.Cast(f"int16x{VL}", xs_t[q // G, u % s, T.Ramp(wv * VL + u // s, 1, VL)])
+
+    @T.macro
+    def table_block(xs_t, xs16, phi, sh, P_t, v0, rows, ph, wo):
+        """P_t's rows v0... (``rows`` of them) at phase ph, vectors wo·WB...: ``rows`` x WB
+        vector accumulators over the channels and taps."""
+        acc = T.alloc_buffer((rows, WB * VL), AT, scope="local")
+        for vi in T.unroll(rows):
+            for wi in T.unroll(WB):
+                for ln in T.vectorized(VL):
+                    acc[vi, wi * VL + ln] = zero
+        if PM:
+            for c2 in range(Cs2):
+                for vi in T.unroll(rows):
+                    for wi in T.unroll(WB):
+                        acc[vi, T.Ramp(wi * VL, 1, VL)] = acc[
+                            vi, T.Ramp(wi * VL, 1, VL)
+                        ] + madd_pairs(
+                            xs16[c2, ph, T.Ramp(2 * (wo * WB * VL + wi * VL), 1, 2 * VL)],
+                            phi[c2, v0 + vi],
+                            VL,
+                        )
+        if not PM:
+            for c in range(Cs):
+                for m in T.unroll(G):
+                    for vi in T.unroll(rows):
+                        for wi in T.unroll(WB):
+                            for ln in T.vectorized(VL):
+                                acc[vi, wi * VL + ln] = (
+                                    acc[vi, wi * VL + ln]
+                                    + weight(phi, sh, c, (v0 + vi) * G + m)
+                                    * xs_t[
+                                        c,
+                                        (ph * D + m) % s,
+                                        wo * WB * VL + wi * VL + (ph * D + m) // s + ln,
+                                    ]
+                                )
+        for vi in T.unroll(rows):
+            for wi in T.unroll(WB):
+                for ln in T.vectorized(VL):
+                    P_t[v0 + vi, ph, wo * WB * VL + wi * VL + ln] = acc[vi, wi * VL + ln]
+
+    @T.macro
+    def diagonal(P_t, acc, g, i, tv):
+        """acc[g] = filter i's outputs tv·VL... of the tile: the sum of its L/G blocks."""
+        for ln in T.vectorized(VL):
+            acc[g, ln] = P_t[i * SG, 0, tv * VL + ln]
+        for k in T.unroll(1, KB):
+            for ln in T.vectorized(VL):
+                acc[g, ln] = (
+                    acc[g, ln] + P_t[i * SG + k, (k * G) % s // D, tv * VL + (k * G) // s + ln]
+                )
+
+    def extrema(accs, hi: bool):
+        """The GP vectors' windows merged (``merged_extrema``), then the windows of W2 lanes
+        left reduced in place (``window_max``): their max (``hi``) or min."""
+        op = T.max if hi else T.min
+        m = merged_extrema([accs[g, T.Ramp(0, 1, VL)] for g in range(GP)], pool, VL, op)
+        return window_max(m, W2, VL, op)
+
+    @T.macro
+    def pooled(accs, y, yp, scale, shift, b, t0, i, tg, hi):
+        """The epilogue of one group's window extrema: stored whole (a vector of VL windows)
+        when the group held ``pool`` vectors, else (W2 > 1) to yp for stage 3b."""
+        e = T.alloc_buffer((VL,), AT, scope="local")
+        e[T.Ramp(0, 1, VL)] = extrema(accs, hi)
+        if W2 == 1:
+            for ln in T.vectorized(VL):
+                if EPI:
+                    y[b, i, t0 // pool + tg * VL + ln] = stored(
+                        T.Cast(dtype, e[ln]) * scale[i] + shift[i], RELU, oq, dtype
+                    )
+                else:
+                    y[b, i, t0 // pool + tg * VL + ln] = e[ln]
+        else:
+            for ln in T.vectorized(VL // W2):
+                if EPI:
+                    yp[i, tg * (VL // W2) + ln] = stored(
+                        T.Cast(dtype, e[ln * W2]) * scale[i] + shift[i], RELU, None, dtype
+                    )
+                else:
+                    yp[i, tg * (VL // W2) + ln] = e[ln * W2]
 
     @T.macro
     def tile(x, phi, sh, y, scale, shift, bt):
@@ -281,94 +392,42 @@ def make_ws_conv1d(
                 xs16[c2, ph, T.Ramp(2 * wv * VL, 1, 2 * VL)] = T.Shuffle(
                     [block_row(xs_t, 2 * c2, ph, wv), block_row(xs_t, 2 * c2 + 1, ph, wv)], IL
                 )
-        # ---- 2. P tile = phi^T @ xs_t (G-tap blocks), register blocked VB x (WB*VL)
+        # ---- 2. P tile = phi^T @ xs_t (G-tap blocks), register blocked VB x (WB*VL); the
+        # rows left (L*/G % VB) in one more block of their own
         for vo, ph, wo in T.grid(nVB if PH2 else 0, NPH, nWB):
-            acc = T.alloc_buffer((VB, WB * VL), AT, scope="local")
-            for vi in T.unroll(VB):
-                for wi in T.unroll(WB):
-                    for ln in T.vectorized(VL):
-                        acc[vi, wi * VL + ln] = zero
-            if PM:
-                for c2 in range(Cs2):
-                    for vi in T.unroll(VB):
-                        for wi in T.unroll(WB):
-                            acc[vi, T.Ramp(wi * VL, 1, VL)] = acc[
-                                vi, T.Ramp(wi * VL, 1, VL)
-                            ] + madd_pairs(
-                                xs16[c2, ph, T.Ramp(2 * (wo * WB * VL + wi * VL), 1, 2 * VL)],
-                                phi[c2, vo * VB + vi],
-                                VL,
-                            )
-            if not PM:
-                for c in range(Cs):
-                    for m in T.unroll(G):
-                        for vi in T.unroll(VB):
-                            for wi in T.unroll(WB):
-                                for ln in T.vectorized(VL):
-                                    acc[vi, wi * VL + ln] = (
-                                        acc[vi, wi * VL + ln]
-                                        + weight(phi, sh, c, (vo * VB + vi) * G + m)
-                                        * xs_t[
-                                            c,
-                                            (ph * D + m) % s,
-                                            wo * WB * VL + wi * VL + (ph * D + m) // s + ln,
-                                        ]
-                                    )
-            for vi in T.unroll(VB):
-                for wi in T.unroll(WB):
-                    for ln in T.vectorized(VL):
-                        P_t[vo * VB + vi, ph, wo * WB * VL + wi * VL + ln] = acc[vi, wi * VL + ln]
-        for vr, ph, wv in T.grid(Lrem if PH2 else 0, NPH, nWV):  # leftover rows (L*/G % VB)
-            acc1 = T.alloc_buffer((VL,), AT, scope="local")
-            for ln in T.vectorized(VL):
-                acc1[ln] = zero
-            if PM:
-                for c2 in range(Cs2):
-                    acc1[T.Ramp(0, 1, VL)] = acc1[T.Ramp(0, 1, VL)] + madd_pairs(
-                        xs16[c2, ph, T.Ramp(2 * wv * VL, 1, 2 * VL)], phi[c2, nVB * VB + vr], VL
-                    )
-            if not PM:
-                for c, m in T.grid(Cs, G):
-                    for ln in T.vectorized(VL):
-                        acc1[ln] = (
-                            acc1[ln]
-                            + weight(phi, sh, c, (nVB * VB + vr) * G + m)
-                            * xs_t[c, (ph * D + m) % s, wv * VL + (ph * D + m) // s + ln]
-                        )
-            for ln in T.vectorized(VL):
-                P_t[nVB * VB + vr, ph, wv * VL + ln] = acc1[ln]
+            table_block(xs_t, xs16, phi, sh, P_t, vo * VB, VB, ph, wo)
+        if Lrem > 0:
+            for ph, wo in T.grid(NPH if PH2 else 0, nWB):
+                table_block(xs_t, xs16, phi, sh, P_t, nVB * VB, Lrem, ph, wo)
         # ---- 3. diagonal sums of L/G blocks for all N filters (+ fused affine + ReLU)
-        for i, tv in T.grid(N if PH3 else 0, TV):
-            acc2 = T.alloc_buffer((VL,), AT, scope="local")
+        for i, tv in T.grid(N if PH3 and pool == 1 else 0, TV):
+            acc2 = T.alloc_buffer((1, VL), AT, scope="local")
+            diagonal(P_t, acc2, 0, i, tv)
             for ln in T.vectorized(VL):
-                acc2[ln] = P_t[i * SG, 0, tv * VL + ln]
-            for k in T.unroll(1, KB):
-                for ln in T.vectorized(VL):
-                    acc2[ln] = (
-                        acc2[ln] + P_t[i * SG + k, (k * G) % s // D, tv * VL + (k * G) // s + ln]
+                if EPI:
+                    y[b, i, t0 + tv * VL + ln] = stored(
+                        T.Cast(dtype, acc2[0, ln]) * scale[i] + shift[i], RELU, oq, dtype
                     )
-            if pool == 1:
-                for ln in T.vectorized(VL):
-                    if EPI:
-                        y[b, i, t0 + tv * VL + ln] = stored(
-                            T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], RELU, oq, dtype
-                        )
+                else:
+                    y[b, i, t0 + tv * VL + ln] = acc2[0, ln]
+        # ---- 3. (pool) GP vectors' sums at a time, their windows' extrema merged, then
+        # the epilogue once per window: a·v + b is monotonic in v (a >= 0: the max of the
+        # window's values is the value of its max; a < 0: of its min), as are ReLU and the
+        # quantization
+        if pool > 1:
+            for i, tg in T.grid(N if PH3 else 0, TV // GP):
+                accs = T.alloc_buffer((GP, VL), AT, scope="local")
+                for g in T.unroll(GP):
+                    diagonal(P_t, accs, g, i, tg * GP + g)
+                if EPI:
+                    if scale[i] >= T.Cast(dtype, 0):
+                        pooled(accs, y, yp, scale, shift, b, t0, i, tg, True)
                     else:
-                        y[b, i, t0 + tv * VL + ln] = acc2[ln]
-            else:  # the epilogue per output, the max per window, then the quantization
-                e = T.alloc_buffer((VL,), dtype, scope="local")
-                for ln in T.vectorized(VL):
-                    if EPI:
-                        e[ln] = stored(
-                            T.Cast(dtype, acc2[ln]) * scale[i] + shift[i], RELU, None, dtype
-                        )
-                    else:
-                        e[ln] = acc2[ln]
-                e[T.Ramp(0, 1, VL)] = window_max(e[T.Ramp(0, 1, VL)], pool, VL)
-                for ln in T.vectorized(VL // pool):
-                    yp[i, tv * (VL // pool) + ln] = e[ln * pool]
+                        pooled(accs, y, yp, scale, shift, b, t0, i, tg, False)
+                else:
+                    pooled(accs, y, yp, scale, shift, b, t0, i, tg, True)
         # ---- 3b. (pool) the tile's pooled outputs, quantized, in whole vectors
-        for i, jv in T.grid(N if PH3 and pool > 1 else 0, TT // pool // PV):
+        for i, jv in T.grid(N if PH3 and W2 > 1 else 0, TT // pool // PV):
             for ln in T.vectorized(PV):
                 y[b, i, t0 // pool + jv * PV + ln] = stored(yp[i, jv * PV + ln], False, oq, dtype)
 

@@ -16,6 +16,8 @@ tvm = pytest.importorskip("tvm")
 from wsdeploy.targets import tvm as tvm_build  # noqa: E402
 from wsdeploy.targets.tvm.kernels import (  # noqa: E402
     PMADD,
+    TILE,
+    WIDE_TILE,
     make_dense_conv,
     make_int_conv1d_s2,
     make_ws_conv1d,
@@ -169,6 +171,39 @@ def test_fused_conv1d_kernel_matches_reference(cfg):
     expected = max_pool(expected, pool)
     got = _run(func, args, expected.shape)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(c * k))
+
+
+@pytest.mark.parametrize("t_out", [8 * WIDE_TILE - 7, 8 * WIDE_TILE + 5])
+def test_fused_conv1d_kernel_takes_wide_tiles_on_long_layers(t_out):
+    """Without a tile width, a layer of at least 8 wide tiles gets them (SoundNet-8's first
+    layer's shape, shorter: 64 taps, blocks of 8, stride 2, pool 8); fp32 and integer (its
+    batch norm's scales of either sign), both against the reference."""
+    rng = np.random.default_rng(2)
+    n, k, s, p, ss, pool = 16, 64, 2, 32, 8, 8
+    t_in = (t_out - 1) * s + k - 2 * p
+    ls = sampling.condensed_length(n, k, ss)
+    scale = (rng.uniform(0.5, 2, n) * rng.choice([-1, 1], n)).astype(np.float32)
+    shift = rng.standard_normal(n).astype(np.float32)
+    phi = rng.standard_normal((1, ls)).astype(np.float32)
+    x = rng.standard_normal((1, 1, t_in)).astype(np.float32)
+    func, info = make_ws_conv1d(1, 1, t_in, n, k, s, p, ss, 1, epilogue="affine_relu", pool=pool)
+    assert info["TT"] == (WIDE_TILE if t_out >= 8 * WIDE_TILE else TILE)
+    w = sampling.materialize_conv1d(phi, n, k, ss, 1)
+    expected = conv_ref(x, w, s, p) * scale[:, None] + shift[:, None]
+    expected = max_pool(np.maximum(expected, 0), pool)
+    got = _run(func, [x, phi, scale, shift], expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    q = rng.integers(-127, 128, (1, ls)).astype(np.int8)
+    shifts = np.zeros(1, np.int32)
+    xq = rng.integers(0, 256, (1, 1, t_in)).astype(np.uint8)
+    kw = {"epilogue": "affine_relu", "qdtype": "uint8", "pmadd": X86, "pool": pool}
+    func, info = make_ws_conv1d(1, 1, t_in, n, k, s, p, ss, 1, **kw)
+    exact = ws_conv1d_int_ref(xq, q, shifts.astype(np.int64), n, k, s, p, ss, 1)
+    expected = exact.astype(np.float32) * scale[:, None] + shift[:, None]
+    expected = max_pool(np.maximum(expected, 0), pool)
+    weights = [pack_phi(q, shifts, info["G"])] if info["pmadd"] else [q, shifts]
+    got = _run(func, [xq, *weights, scale, shift], expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 conv2d_cfg = st.fixed_dictionaries(

@@ -122,6 +122,23 @@ def fused_pool(vl: int, t_out: int, pool: int) -> int:
     return pool if pool <= vector_lanes(vl, t_out // pool * pool) else 1
 
 
+WIDE_TILE, TILE = 512, 128
+"""``make_ws_conv1d``'s tile widths without tuning records (``default_tile``)."""
+
+
+def default_tile(t_out: int) -> int:
+    """The fused WSConv1d kernel's tile width (outputs) where no tuning record gives one:
+    ``WIDE_TILE`` for a layer with at least 8 such tiles, else ``TILE``. A tile pays its
+    pre-sums and the table's halo columns once, so a long layer runs faster in wide tiles;
+    a short one needs narrow ones to give both cores several. Measured (both cores, Zen 4,
+    fp32, tile widths 16-1024): SoundNet-8's first layer (110,251 outputs) 0.49 ms at 512
+    against 0.62 at 128, its second (6,891) 0.214 against 0.220, the talk layer (8,192)
+    0.330 against 0.347; the layers under 4,096 outputs (SoundNet-8's and tiny's others) ran
+    within 10% of their best at 128 and up to 25% slower at 512 (tiny's first layer, 2,049
+    outputs: five tiles of 512, the last recomputing all but one of its outputs)."""
+    return WIDE_TILE if t_out >= 8 * WIDE_TILE else TILE
+
+
 def make_ws_conv1d(
     B,
     C,
@@ -133,7 +150,7 @@ def make_ws_conv1d(
     S,
     r,
     *,
-    TT=128,
+    TT=None,
     VB=None,
     WB=None,
     VL=16,
@@ -180,6 +197,9 @@ def make_ws_conv1d(
     sums L/G entries instead of L. Only the input phases the blocks start on are tabled
     (gcd(G, s) apart): a conv stride that divides G needs phase 0 alone.
 
+    ``TT``: outputs per tile, a whole number of vectors (default ``default_tile``: wide
+    tiles for long layers).
+
     ``plan_only``: (None, info), the knobs resolved without building the kernel."""
     Cs = C // r
     Ls = L + (N - 1) * S
@@ -196,6 +216,7 @@ def make_ws_conv1d(
         raise ValueError(f"G = {G}: a block of G taps must tile the filter and its stride")
     D = math.gcd(G, s)  # tabled input phases: 0, D, 2D, ...
     NPH, Lb, SG, KB = s // D, Ls // G, S // G, L // G
+    TT = TT or default_tile(To)
     if TT % VL or TT < VL:
         raise ValueError(f"TT = {TT} is not a whole number of {VL}-lane vectors")
     TT = min(TT, To - To % VL)

@@ -133,9 +133,10 @@ def default_tile(t_out: int) -> int:
     a short one needs narrow ones to give both cores several. Measured (both cores, Zen 4,
     fp32, tile widths 16-1024): SoundNet-8's first layer (110,251 outputs) 0.49 ms at 512
     against 0.62 at 128, its second (6,891) 0.214 against 0.220, the talk layer (8,192)
-    0.330 against 0.347; the layers under 4,096 outputs (SoundNet-8's and tiny's others) ran
-    within 10% of their best at 128 and up to 25% slower at 512 (tiny's first layer, 2,049
-    outputs: five tiles of 512, the last recomputing all but one of its outputs)."""
+    0.330 against 0.347. Shorter layers keep 128: their best tile varies (16-256 for
+    SoundNet-8's and tiny's others, which `wsdeploy tune` finds), and 512 was slower on each
+    one it fits (tiny's first layer, 2,049 outputs: 0.0109 ms against 0.0092 at 128, five
+    tiles of 512, the last recomputing all but one of its outputs)."""
     return WIDE_TILE if t_out >= 8 * WIDE_TILE else TILE
 
 

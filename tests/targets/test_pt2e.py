@@ -371,6 +371,52 @@ def _spiky(rng, n: int) -> np.ndarray:
     return x
 
 
+class _ConvBn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = torch.nn.Conv1d(2, 8, 5), torch.nn.BatchNorm1d(8)
+        self.b, self.fc = torch.nn.Conv1d(8, 8, 3), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.bn(self.a(x)))).mean(-1))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_xnnpacks_static_patterns_annotate_what_all_its_patterns_do(fold):
+    """wsdeploy's XNNPACK quantizer leaves out the QAT-only patterns (a conv and its
+    training batch norm, each built by torch.export at every annotation): on a program in
+    eval mode, with its batch norm folded as the int8 flow does (``fold_affine``) or not,
+    the calibration gives the same quantization parameters as XNNPACK's every pattern."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    from wsdeploy.passes.conv_affine import fold_affine
+    from wsdeploy.targets import executorch, pt2e
+
+    def every_pattern(observer, skip):
+        quantizer = executorch._xnnpack_quantizer(observer, skip)
+        quantizer.SUPPORTED_PATTERNS = XNNPACKQuantizer.SUPPORTED_PATTERNS
+        return quantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 64)
+    module = torch.export.export(randomize_bn(_ConvBn()).eval(), (x,)).module()
+    if fold:
+        fold_affine(module)
+        module = torch.export.export(module, (x,)).module()
+    assert any("batch_norm" in str(n.target) for n in module.graph.nodes) != fold
+    assert len(executorch._xnnpack_quantizer(None, set()).SUPPORTED_PATTERNS) < len(
+        XNNPACKQuantizer.SUPPORTED_PATTERNS
+    )
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((1, 2, 64)).astype(np.float32) for _ in range(4)]
+    last = pt2e._output_layers(module)
+    params = []
+    for quantizer in (executorch._xnnpack_quantizer, every_pattern):
+        prepared, *_ = pt2e._calibrated(module, batches, "minmax", quantizer, last)
+        params.append(_qparams(pt2e._converted(prepared, last, True)))
+    assert params[0] == params[1] and len(params[0]) >= 4
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_sensitivity_ranks_first_the_layer_whose_int8_costs_most(target):
     """The first conv's int8 input rounds its unspiked channel to nothing: kept fp32, the

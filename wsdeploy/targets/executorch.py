@@ -409,6 +409,13 @@ def _xnnpack_quantizer(observer, skip: set[str]):
     )
 
     class Quantizer(XNNPACKQuantizer):
+        # the static (PTQ) patterns: XNNPACK's quantizer also runs its QAT-only ones
+        # (conv + training batch norm) on every static config, which match no program here
+        # (lowered in eval mode) and build their pattern graphs by torch.export each time:
+        # 3.6 s per annotation, ten annotations in wsnet1d-soundnet8's int8 export with
+        # its fp32 fallback (LiteRT's quantizer runs them for QAT only)
+        SUPPORTED_PATTERNS = tuple(p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS if not p.is_qat)
+
         def annotate(self, model):
             model = super().annotate(model)
             pt2e.annotate_more(model, skip)

@@ -16,7 +16,6 @@ tvm = pytest.importorskip("tvm")
 from wsdeploy.targets import tvm as tvm_build  # noqa: E402
 from wsdeploy.targets.tvm.kernels import (  # noqa: E402
     PMADD,
-    TILE,
     WIDE_TILE,
     make_dense_conv,
     make_int_conv1d_s2,
@@ -173,11 +172,16 @@ def test_fused_conv1d_kernel_matches_reference(cfg):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(c * k))
 
 
-@pytest.mark.parametrize("t_out", [8 * WIDE_TILE - 7, 8 * WIDE_TILE + 5])
-def test_fused_conv1d_kernel_takes_wide_tiles_on_long_layers(t_out):
-    """Without a tile width, a layer of at least 8 wide tiles gets them (SoundNet-8's first
-    layer's shape, shorter: 64 taps, blocks of 8, stride 2, pool 8); fp32 and integer (its
-    batch norm's scales of either sign), both against the reference."""
+@pytest.mark.parametrize(
+    ("t_out", "tile"),
+    [(8 * WIDE_TILE + 5, WIDE_TILE), (8 * WIDE_TILE - 7, 256), (201, 64), (120, 112)],
+)
+def test_fused_conv1d_kernel_takes_its_tile_by_the_layers_length(t_out, tile):
+    """Without a tile width, a layer of at least 8 wide tiles gets them, a shorter one the
+    widest narrow tile that leaves it 4 (of the pooled outputs: 4,088 take 256, 200 take
+    64), a layer shorter still one tile narrowed to it (SoundNet-8's first layer's shape,
+    shorter: 64 taps, blocks of 8, stride 2, pool 8); fp32 and integer (its batch norm's
+    scales of either sign), both against the reference."""
     rng = np.random.default_rng(2)
     n, k, s, p, ss, pool = 16, 64, 2, 32, 8, 8
     t_in = (t_out - 1) * s + k - 2 * p
@@ -187,7 +191,7 @@ def test_fused_conv1d_kernel_takes_wide_tiles_on_long_layers(t_out):
     phi = rng.standard_normal((1, ls)).astype(np.float32)
     x = rng.standard_normal((1, 1, t_in)).astype(np.float32)
     func, info = make_ws_conv1d(1, 1, t_in, n, k, s, p, ss, 1, epilogue="affine_relu", pool=pool)
-    assert info["TT"] == (WIDE_TILE if t_out >= 8 * WIDE_TILE else TILE)
+    assert info["TT"] == tile
     w = sampling.materialize_conv1d(phi, n, k, ss, 1)
     expected = conv_ref(x, w, s, p) * scale[:, None] + shift[:, None]
     expected = max_pool(np.maximum(expected, 0), pool)

@@ -123,21 +123,35 @@ def fused_pool(vl: int, t_out: int, pool: int) -> int:
 
 
 WIDE_TILE, TILE = 512, 128
-"""``make_ws_conv1d``'s tile widths without tuning records (``default_tile``)."""
+"""``make_ws_conv1d``'s widest and default tile widths without tuning records
+(``default_tile``)."""
+
+NARROW_TILES = (256, 128, 64)
+"""The tile widths ``default_tile`` gives a layer too short for ``WIDE_TILE``, the widest
+that still leaves it 4 tiles."""
 
 
 def default_tile(t_out: int) -> int:
     """The fused WSConv1d kernel's tile width (outputs) where no tuning record gives one:
-    ``WIDE_TILE`` for a layer with at least 8 such tiles, else ``TILE``. A tile pays its
-    pre-sums and the table's halo columns once, so a long layer runs faster in wide tiles;
-    a short one needs narrow ones to give both cores several. Measured (both cores, Zen 4,
-    fp32, tile widths 16-1024): SoundNet-8's first layer (110,251 outputs) 0.49 ms at 512
-    against 0.62 at 128, its second (6,891) 0.214 against 0.220, the talk layer (8,192)
-    0.330 against 0.347. Shorter layers keep 128: their best tile varies (16-256 for
-    SoundNet-8's and tiny's others, which `wsdeploy tune` finds), and 512 was slower on each
-    one it fits (tiny's first layer, 2,049 outputs: 0.0109 ms against 0.0092 at 128, five
-    tiles of 512, the last recomputing all but one of its outputs)."""
-    return WIDE_TILE if t_out >= 8 * WIDE_TILE else TILE
+    ``WIDE_TILE`` for a layer with at least 8 such tiles; else the widest of
+    ``NARROW_TILES`` that leaves at least 4 (two per core here); else ``TILE`` (the kernel
+    narrows it to the layer). A tile pays its pre-sums and the table's halo columns once,
+    so a long layer runs faster in wide tiles; a short one needs narrow ones to give both
+    cores work. Measured (both cores, Zen 4, fp32, tile widths 16-1024, session 39 and 40):
+    SoundNet-8's first layer (110,251 outputs) 0.49 ms at 512 against 0.62 at 128, its
+    second (6,891) 0.214 against 0.220, the talk layer (8,192) 0.330 against 0.347; tiny's
+    first (2,049) 0.0092 at 256, 0.0107 at 128, 0.0111 at 512 (five tiles, the last
+    recomputing all but one output); tiny's second (257) 0.0129-0.0134 at 64 against
+    0.0185-0.0194 at 128 (three tiles), SoundNet-8's fourth (215) 0.0251 at 64 against
+    0.0322 at 128; its third (430) 0.0236 at both. Shorter layers keep ``TILE``: SoundNet-8's
+    fifth (109 outputs, two tiles of 96) ran 0.040 ms against 0.059 at 64 and 0.060 at 32
+    (`wsdeploy tune` measures the rest)."""
+    if t_out >= 8 * WIDE_TILE:
+        return WIDE_TILE
+    for tile in NARROW_TILES:
+        if t_out > 3 * tile:  # at least 4 tiles, the last perhaps clamped
+            return tile
+    return TILE
 
 
 def make_ws_conv1d(

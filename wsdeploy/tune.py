@@ -624,6 +624,8 @@ class _KernelBench:
         if q:
             self.x = rng.integers(0 if q == "uint8" else -8, 8, x_shape).astype(q)
             self.phi = rng.integers(-8, 8, phi_shape).astype("int8")
+            if spec.get("iq"):  # x float, quantized by the kernel: to these integers
+                self.x = (self.x * np.float32(spec["iq"][1])).astype("float32")
         else:
             self.x = rng.standard_normal(x_shape).astype("float32")
             self.phi = rng.standard_normal(phi_shape).astype("float32")

@@ -404,6 +404,19 @@ def test_integer_fused_conv1d_kernel_is_exact(cfg, qdtype, max_shift, pmadd, odt
         func, info = make_conv1d(cfg, c, t_in, **kw)
     got = _run(func, [xq, *weights, scale, shift], expected.shape, dtype=odt or "float32")
     assert_output(got, expected, oq)
+    # iq: x in float, quantized by the kernel as it loads it, as QuantizeLinear does (half to
+    # even, saturated: some values past either end)
+    xs = np.float32(0.37)
+    xf = (rng.uniform(lo - 4, hi + 3, xq.shape) * xs).astype(np.float32)
+    xf.flat[::7] = (np.rint(xf.flat[::7] / xs) + 0.5) * xs  # ties, where they survive float
+    xq = np.clip(np.rint(xf / xs), lo, hi - 1).astype(qdtype)
+    kw = {"epilogue": epilogue, "qdtype": qdtype, "pmadd": pmadd, "iq": (qdtype, float(xs))}
+    func, info = make_conv1d(cfg, c, t_in, **{**kw, "oq": oq})
+    exact = ws_conv1d_int_ref(xq, q, shifts.astype(np.int64), n, k, s, p, cfg["S"], cfg["r"])
+    expected = exact.astype(np.float32) * scale[:, None] + shift[:, None]
+    expected = max_pool(np.maximum(expected, 0) if relu else expected, pool)
+    got = _run(func, [xf, *weights, scale, shift], expected.shape, dtype=odt or "float32")
+    assert_output(got, expected, oq)
 
 
 @given(

@@ -279,3 +279,50 @@ def test_max_pools_after_1d_layers_fuse_into_their_kernels(tmp_path_factory, poo
     vl = json.loads((outdir / "tvm.json").read_text())["vector_lanes"]
     in_kernel = power_of_two and pool <= vector_lanes(vl, length // pool * pool)
     assert ("max_pool1d" in import_model(model, vl).script()) != in_kernel
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_first_integer_layer_quantizes_the_float_input_itself(tmp_path, stride):
+    """int8: the model's input, quantized for its first WSNet conv, is quantized by that
+    layer's kernel as it loads it (``frontend.in_quant``): the kernel takes the float input
+    and no quantize of its own is left, and the build matches the quantized reference (its
+    later layers read 8-bit inputs as before), on inputs past the calibrated range too."""
+    import numpy as np
+    import torch
+
+    from tests.conftest import eager, randomize_bn
+    from wsdeploy import compiler, numerics, quantize
+    from wsdeploy.modelfile import LoadedModel
+    from wsdeploy.models.layers import WSConv1d
+    from wsdeploy.targets.tvm.frontend import import_model
+    from wsdeploy.targets.x86_64 import X86_64, tvm_target
+
+    module = torch.nn.Sequential(
+        WSConv1d(2, 8, 5, stride=stride, padding=2, sample_stride=1),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        WSConv1d(8, 4, 3, padding=1, sample_stride=1),
+    )
+    module = randomize_bn(module).eval()
+    shape = (1, 2, 300)
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+    cal = quantize.calibrate(module, calib, "random")
+    reference = quantize.quantize_model(module, cal)
+    model, _ = compiler.lower(
+        LoadedModel.from_module(reference, shape), "custom", X86_64, precision="int8"
+    )
+    assert [n.op_type for n in model.graph].count("QuantizeLinear") == 1
+    script = import_model(model, tvm_build.vector_lanes(tvm_target())).script()
+    assert "R.quantize" not in script
+    assert "R.call_tir(cls.wsnet_conv1d_int, (input," in script
+    outdir = tmp_path
+    X86_64.build(model, outdir, None)
+    x = 3 * rng.standard_normal(shape).astype(np.float32)  # past the calibrated range too
+    c = numerics.compare(
+        X86_64.load(outdir, None)(x)[0],
+        eager(reference, x),
+        stage="quantized",
+        step=cal.output_step,
+    )
+    assert c.ok, c

@@ -176,6 +176,7 @@ def make_ws_conv1d(
     pmadd=False,
     G=None,
     oq=None,
+    iq=None,
     pool=1,
     name="ws_conv1d",
     plan_only=False,
@@ -186,7 +187,10 @@ def make_ws_conv1d(
     per condensed channel (an extra ``sh (C*,) int32`` argument after phi), the pre-sums, P
     and the diagonal sums are exact int32, and the epilogue (required) turns the sum into
     float: ``y = float(sum) * scale + shift``; with ``oq`` = (dtype, scale), y is that value
-    quantized (``stored``): the next layer's 8-bit input.
+    quantized (``stored``): the next layer's 8-bit input. With ``iq`` = (qdtype, scale), x is
+    float32 and quantized as the kernel loads it, as a QuantizeLinear of that scale with
+    zero point 0 would (``stored``): a model's input, not written again in 8 bits by a
+    quantize of its own for the first layer to read.
 
     ``pool`` (a power of two): the max pool of ``pool`` outputs at stride ``pool`` (no
     padding, floor mode) that follows the layer, fused: y is (B, N, T_out // pool), each
@@ -263,7 +267,9 @@ def make_ws_conv1d(
     YP = (N, TT // pool) if W2 > 1 else (1, 1)  # the tile's pooled outputs, if not stored whole
     Cs2 = (Cs * G + 1) // 2  # (pmadd) pairs of block rows (c*, m)
     IL = [i // 2 + (i % 2) * VL for i in range(2 * VL)]  # interleave two VL vectors
-    XT = qdtype or dtype  # x
+    if iq is not None and (not INT or iq[0] != qdtype):
+        raise ValueError(f"iq = {iq}: quantizes x to the integer kernel's {qdtype}")
+    XT = dtype if iq is not None else qdtype or dtype  # x
     WT_ = "int8" if INT else dtype  # phi
     AT = "int32" if INT else dtype  # pre-sums, P, accumulators
     info = dict(
@@ -276,6 +282,9 @@ def make_ws_conv1d(
     zero = T.Cast(AT, 0)
 
     def wide(v):
+        """x's value v as the pre-sums add it: (integer) widened, after ``iq``'s quantize."""
+        if iq is not None:
+            v = stored(v, False, iq, dtype)
         return T.Cast(AT, v) if INT else v
 
     def wide_vec(v, lanes):
@@ -396,11 +405,18 @@ def make_ws_conv1d(
                 for c, wv in T.grid(Cs, nXV):
                     a2 = T.alloc_buffer((2 * VL,), AT, scope="local")
                     u0 = (t0 + wv * VL) * 2 - p
-                    a2[T.Ramp(0, 1, 2 * VL)] = wide_vec(x[b, c, T.Ramp(u0, 1, 2 * VL)], 2 * VL)
-                    for rr in range(1, r):
-                        a2[T.Ramp(0, 1, 2 * VL)] = a2[T.Ramp(0, 1, 2 * VL)] + wide_vec(
-                            x[b, c + rr * Cs, T.Ramp(u0, 1, 2 * VL)], 2 * VL
-                        )
+                    if iq is None:
+                        a2[T.Ramp(0, 1, 2 * VL)] = wide_vec(x[b, c, T.Ramp(u0, 1, 2 * VL)], 2 * VL)
+                        for rr in range(1, r):
+                            a2[T.Ramp(0, 1, 2 * VL)] = a2[T.Ramp(0, 1, 2 * VL)] + wide_vec(
+                                x[b, c + rr * Cs, T.Ramp(u0, 1, 2 * VL)], 2 * VL
+                            )
+                    else:  # quantized lane by lane (vectorized), then as above
+                        for ln in T.vectorized(2 * VL):
+                            a2[ln] = wide(x[b, c, u0 + ln])
+                        for rr in range(1, r):
+                            for ln in T.vectorized(2 * VL):
+                                a2[ln] = a2[ln] + wide(x[b, c + rr * Cs, u0 + ln])
                     xs_t[c, 0, T.Ramp(wv * VL, 1, VL)] = T.Shuffle([a2[T.Ramp(0, 1, 2 * VL)]], EV)
                     xs_t[c, 1, T.Ramp(wv * VL, 1, VL)] = T.Shuffle([a2[T.Ramp(0, 1, 2 * VL)]], OD)
             else:  # generic stride: strided (gather) loads
@@ -758,6 +774,7 @@ def ws_conv1d_from_spec(spec, **knobs):
         qdtype=spec["qdtype"],
         pmadd=spec["pmadd"],
         oq=spec.get("oq"),
+        iq=spec.get("iq"),
         pool=spec.get("pool", 1),
         **knobs,
     )

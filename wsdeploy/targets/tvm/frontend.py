@@ -155,8 +155,9 @@ def _wsnet_converters(vl: int, knobs: KernelKnobs) -> dict[str, Any]:
         scale with zero point 0 (the model's input, quantized for its first integer layer),
         for the layer's kernel to quantize x as it loads it, in the same float operations
         (``kernels.stored``): SoundNet-8's input quantized on its own was 0.025-0.08 ms of
-        its int8 build here. Else (xq, None). A quantize that other nodes use still runs
-        for them; one no node uses any more is dropped (``fuse_conv_epilogues``)."""
+        its int8 build here. Else (xq, None). Other nodes that read the quantized input
+        still get their quantize; a model whose only reader is this layer has none left
+        (a test checks)."""
         value = bb.lookup_binding(xq) if isinstance(xq, relax.Var) else xq
         if not isinstance(value, relax.Call) or value.op != quantize_op:
             return xq, None

@@ -173,6 +173,33 @@ def test_fused_conv1d_kernel_matches_reference(cfg):
 
 
 @pytest.mark.parametrize(
+    ("s", "S", "n", "pool", "order"),
+    [(2, 1, 12, 1, 2), (2, 1, 12, 4, 2), (3, 1, 9, 2, 3), (4, 2, 8, 1, 2), (2, 1, 7, 1, 1)],
+)
+def test_fused_conv1d_kernel_computes_filters_that_share_table_phases_together(
+    s, S, n, pool, order
+):
+    """Where consecutive filters read other table phases (stride s not dividing the block, as
+    the talk layer at stride 2), stage 3 visits the filters FO apart in turn (``order``; 1
+    where FO does not divide N): every filter still lands in its own output row."""
+    rng = np.random.default_rng(0)
+    cfg = {"b": 2, "cs": 3, "r": 2, "n": n, "k": 5, "s": s, "S": S, "p": 1, "G": 1,
+           "tiles": 2, "VB": None, "WB": None, "pool": pool, "vl": 8}  # fmt: skip
+    c, t_in = 6, 40 * s + 3
+    phi = rng.standard_normal((3, sampling.condensed_length(n, 5, S))).astype(np.float32)
+    x = rng.standard_normal((2, c, t_in)).astype(np.float32)
+    scale = rng.standard_normal(n).astype(np.float32)  # negative scales: the pool's minima
+    shift = rng.standard_normal(n).astype(np.float32)
+    func, info = make_conv1d(cfg, c, t_in, epilogue="affine")
+    assert info["filter_order"] == order and info["pool"] == pool
+    w = sampling.materialize_conv1d(phi, n, 5, S, 2)
+    expected = conv_ref(x, w, s, 1) * scale[:, None] + shift[:, None]
+    expected = max_pool(expected, pool)
+    got = _run(func, [x, phi, scale, shift], expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(c * 5))
+
+
+@pytest.mark.parametrize(
     ("t_out", "tile"),
     [(8 * WIDE_TILE + 5, WIDE_TILE), (8 * WIDE_TILE - 7, 256), (201, 64), (120, 112)],
 )

@@ -235,6 +235,16 @@ def make_ws_conv1d(
         raise ValueError(f"G = {G}: a block of G taps must tile the filter and its stride")
     D = math.gcd(G, s)  # tabled input phases: 0, D, 2D, ...
     NPH, Lb, SG, KB = s // D, Ls // G, S // G, L // G
+    # stage 3's filter order: filter i's block k reads table row i·SG + k at phase k mod NPH,
+    # so filters FO apart read the same (row, phase) pairs and consecutive ones (FO > 1: the
+    # talk layer at stride 2) share none: stage 3 visits each residue class mod FO in turn
+    FO = NPH // math.gcd(SG, NPH)
+    FO = FO if N % FO == 0 else 1
+
+    def order(i):
+        """The filter stage 3 computes i-th."""
+        return i if FO == 1 else (i % (N // FO)) * FO + i // (N // FO)
+
     TT = TT or default_tile(To)
     if TT % VL or TT < VL:
         raise ValueError(f"TT = {TT} is not a whole number of {VL}-lane vectors")
@@ -275,6 +285,7 @@ def make_ws_conv1d(
     info = dict(
         TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM, G=G
     )
+    info["filter_order"] = FO
     info["out_shape"] = (B, N, Tp)
     info["pool"] = pool
     if plan_only:
@@ -452,32 +463,35 @@ def make_ws_conv1d(
             for ph, wo in T.grid(NPH if PH2 else 0, nWB):
                 table_block(xs_t, xs16, phi, sh, P_t, nVB * VB, Lrem, ph, wo)
         # ---- 3. diagonal sums of L/G blocks for all N filters (+ fused affine + ReLU)
-        for i, tv in T.grid(N if PH3 and pool == 1 else 0, TV):
+        for io, tv in T.grid(N if PH3 and pool == 1 else 0, TV):
             acc2 = T.alloc_buffer((1, VL), AT, scope="local")
-            diagonal(P_t, acc2, 0, i, tv)
+            diagonal(P_t, acc2, 0, order(io), tv)
             for ln in T.vectorized(VL):
                 if EPI:
-                    y[b, i, t0 + tv * VL + ln] = stored(
-                        T.Cast(dtype, acc2[0, ln]) * scale[i] + shift[i], RELU, oq, dtype
+                    y[b, order(io), t0 + tv * VL + ln] = stored(
+                        T.Cast(dtype, acc2[0, ln]) * scale[order(io)] + shift[order(io)],
+                        RELU,
+                        oq,
+                        dtype,
                     )
                 else:
-                    y[b, i, t0 + tv * VL + ln] = acc2[0, ln]
+                    y[b, order(io), t0 + tv * VL + ln] = acc2[0, ln]
         # ---- 3. (pool) GP vectors' sums at a time, their windows' extrema merged, then
         # the epilogue once per window: a·v + b is monotonic in v (a >= 0: the max of the
         # window's values is the value of its max; a < 0: of its min), as are ReLU and the
         # quantization
         if pool > 1:
-            for i, tg in T.grid(N if PH3 else 0, TV // GP):
+            for io, tg in T.grid(N if PH3 else 0, TV // GP):
                 accs = T.alloc_buffer((GP, VL), AT, scope="local")
                 for g in T.unroll(GP):
-                    diagonal(P_t, accs, g, i, tg * GP + g)
+                    diagonal(P_t, accs, g, order(io), tg * GP + g)
                 if EPI:
-                    if scale[i] >= T.Cast(dtype, 0):
-                        pooled(accs, y, yp, scale, shift, b, t0, i, tg, True)
+                    if scale[order(io)] >= T.Cast(dtype, 0):
+                        pooled(accs, y, yp, scale, shift, b, t0, order(io), tg, True)
                     else:
-                        pooled(accs, y, yp, scale, shift, b, t0, i, tg, False)
+                        pooled(accs, y, yp, scale, shift, b, t0, order(io), tg, False)
                 else:
-                    pooled(accs, y, yp, scale, shift, b, t0, i, tg, True)
+                    pooled(accs, y, yp, scale, shift, b, t0, order(io), tg, True)
         # ---- 3b. (pool) the tile's pooled outputs, quantized, in whole vectors
         for i, jv in T.grid(N if PH3 and W2 > 1 else 0, TT // pool // PV):
             for ln in T.vectorized(PV):

@@ -285,7 +285,7 @@ def make_ws_conv1d(
     info = dict(
         TT=TT, VB=VB, WB=WB, WT=WT, n_tiles=n_tiles, Lrem=Lrem, To=To, Ls=Ls, Cs=Cs, pmadd=PM, G=G
     )
-    info["filter_order"] = FO
+    info["filter_order"] = FO  # stage 3 visits filters FO apart in turn
     info["out_shape"] = (B, N, Tp)
     info["pool"] = pool
     if plan_only:
@@ -464,34 +464,33 @@ def make_ws_conv1d(
                 table_block(xs_t, xs16, phi, sh, P_t, nVB * VB, Lrem, ph, wo)
         # ---- 3. diagonal sums of L/G blocks for all N filters (+ fused affine + ReLU)
         for io, tv in T.grid(N if PH3 and pool == 1 else 0, TV):
+            i = order(io)
             acc2 = T.alloc_buffer((1, VL), AT, scope="local")
-            diagonal(P_t, acc2, 0, order(io), tv)
+            diagonal(P_t, acc2, 0, i, tv)
             for ln in T.vectorized(VL):
                 if EPI:
-                    y[b, order(io), t0 + tv * VL + ln] = stored(
-                        T.Cast(dtype, acc2[0, ln]) * scale[order(io)] + shift[order(io)],
-                        RELU,
-                        oq,
-                        dtype,
+                    y[b, i, t0 + tv * VL + ln] = stored(
+                        T.Cast(dtype, acc2[0, ln]) * scale[i] + shift[i], RELU, oq, dtype
                     )
                 else:
-                    y[b, order(io), t0 + tv * VL + ln] = acc2[0, ln]
+                    y[b, i, t0 + tv * VL + ln] = acc2[0, ln]
         # ---- 3. (pool) GP vectors' sums at a time, their windows' extrema merged, then
         # the epilogue once per window: a·v + b is monotonic in v (a >= 0: the max of the
         # window's values is the value of its max; a < 0: of its min), as are ReLU and the
         # quantization
         if pool > 1:
             for io, tg in T.grid(N if PH3 else 0, TV // GP):
+                i = order(io)
                 accs = T.alloc_buffer((GP, VL), AT, scope="local")
                 for g in T.unroll(GP):
-                    diagonal(P_t, accs, g, order(io), tg * GP + g)
+                    diagonal(P_t, accs, g, i, tg * GP + g)
                 if EPI:
-                    if scale[order(io)] >= T.Cast(dtype, 0):
-                        pooled(accs, y, yp, scale, shift, b, t0, order(io), tg, True)
+                    if scale[i] >= T.Cast(dtype, 0):
+                        pooled(accs, y, yp, scale, shift, b, t0, i, tg, True)
                     else:
-                        pooled(accs, y, yp, scale, shift, b, t0, order(io), tg, False)
+                        pooled(accs, y, yp, scale, shift, b, t0, i, tg, False)
                 else:
-                    pooled(accs, y, yp, scale, shift, b, t0, order(io), tg, True)
+                    pooled(accs, y, yp, scale, shift, b, t0, i, tg, True)
         # ---- 3b. (pool) the tile's pooled outputs, quantized, in whole vectors
         for i, jv in T.grid(N if PH3 and W2 > 1 else 0, TT // pool // PV):
             for ln in T.vectorized(PV):
